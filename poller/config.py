@@ -1,0 +1,290 @@
+"""Settings of one poller process, read once at start-up from the environment.
+
+`load_settings()` is the only entry point. A missing or invalid value raises `ConfigError` with
+one line naming the variable; the CLI turns that into exit code 2. Secrets are `SecretStr`, and
+the broker password is masked in every rendering of the DSN.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    Field,
+    PositiveFloat,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from poller.errors import ConfigError
+
+__all__ = ["AmqpUrl", "PollerSettings", "load_settings", "mask_dsn", "parse_dsn"]
+
+ENV_PREFIX = "USM_POLLER_"
+DSN_ENV = "US_AMQP_DSN"
+DSN_ALIASES = (DSN_ENV, "USM_POLLER_AMQP_DSN")
+#: Query options a broker URL may carry. Anything else is refused, in particular every
+#: option that would turn certificate verification off.
+_URL_OPTIONS = frozenset({"cafile", "certfile", "keyfile", "server_hostname"})
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpUrl:
+    """One broker node, parsed from the DSN. `repr` never shows the password."""
+
+    scheme: Literal["amqp", "amqps"]
+    host: str
+    port: int
+    vhost: str
+    username: str
+    password: SecretStr
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    server_hostname: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "amqps"
+
+    def masked(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{self.username}:***@{host}:{self.port}/{quote(self.vhost, safe='')}"
+
+
+def parse_dsn(dsn: str) -> list[AmqpUrl]:
+    """Split a comma-separated DSN into broker URLs; raise ValueError without echoing it."""
+    urls = [part.strip() for part in dsn.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("is empty")
+    return [_parse_url(url, n) for n, url in enumerate(urls, 1)]
+
+
+def _parse_url(url: str, n: int) -> AmqpUrl:
+    where = f"URL {n}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{where} is not a valid URL") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("amqp", "amqps"):
+        raise ValueError(f"{where} must start with amqp:// or amqps://")
+    if not parts.hostname:
+        raise ValueError(f"{where} has no host")
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    vhost = unquote(path) if path else "/"
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in _URL_OPTIONS:
+            raise ValueError(
+                f"{where} has the unsupported option {key!r} "
+                f"(allowed: {', '.join(sorted(_URL_OPTIONS))}; TLS verification cannot be off)"
+            )
+        options[key] = value
+    if scheme == "amqp" and {"cafile", "certfile", "keyfile"} & options.keys():
+        raise ValueError(f"{where} has TLS options but is not amqps://")
+    return AmqpUrl(
+        scheme="amqps" if scheme == "amqps" else "amqp",
+        host=parts.hostname,
+        port=port or (5671 if scheme == "amqps" else 5672),
+        vhost=vhost,
+        username=unquote(parts.username) if parts.username else "guest",
+        password=SecretStr(unquote(parts.password) if parts.password else "guest"),
+        cafile=options.get("cafile"),
+        certfile=options.get("certfile"),
+        keyfile=options.get("keyfile"),
+        server_hostname=options.get("server_hostname"),
+    )
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with every password replaced by `***`, for display."""
+    try:
+        return ",".join(url.masked() for url in parse_dsn(dsn))
+    except ValueError:
+        return "<invalid>"
+
+
+SatelliteId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class PollerSettings(BaseSettings):
+    """Every setting of DESIGN §6; env names are `USM_POLLER_<FIELD>` unless aliased."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    amqp_dsn: SecretStr = Field(validation_alias=AliasChoices(*DSN_ALIASES, "amqp_dsn"))
+    satellite_id: SatelliteId
+    concurrency: int = Field(default=64, ge=1, le=10_000)
+    declare: bool = True
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    heartbeat: int = Field(default=30, ge=0, le=3600)
+    heartbeat_interval: PositiveFloat = 10.0
+    credentials_file: Path | None = None
+    known_hosts: Path | None = None
+    shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
+    max_job_bytes: int = Field(default=262_144, ge=1024, le=64 * 1024 * 1024)
+    max_output_bytes: int = Field(default=4_194_304, ge=1024, le=1024 * 1024 * 1024)
+    per_device_concurrency: int = Field(default=4, ge=1, le=1000)
+    snmp_backend: Literal["auto", "pysnmp", "netsnmp"] = "auto"
+    snmp_timeout: PositiveFloat = Field(default=2.0, le=60)
+    snmp_retries: int = Field(default=2, ge=0, le=10)
+    state_dir: Path = Path("/tmp/usm-poller")  # noqa: S108 - a tmpfs in the container; see docs
+    ssh_tofu_file: Path | None = None
+    health_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    worker_name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    config_file: Path | None = None
+
+    @field_validator("amqp_dsn")
+    @classmethod
+    def _check_dsn(cls, value: SecretStr) -> SecretStr:
+        parse_dsn(value.get_secret_value())
+        return value
+
+    @field_validator("log_level", "log_format", "queue_type", "snmp_backend", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def amqp_urls(self) -> list[AmqpUrl]:
+        return parse_dsn(self.amqp_dsn.get_secret_value())
+
+    @property
+    def amqp_username(self) -> str:
+        return self.amqp_urls[0].username
+
+    @property
+    def worker(self) -> str:
+        """This replica's name: the container's hostname unless set."""
+        return self.worker_name or socket.gethostname()
+
+    @property
+    def health_path(self) -> Path:
+        return self.health_file or self.state_dir / "health.json"
+
+    @property
+    def tofu_path(self) -> Path:
+        return self.ssh_tofu_file or self.state_dir / f"known_hosts.tofu.{self.satellite_id}"
+
+    def ssl_context(self, url: AmqpUrl) -> ssl.SSLContext | None:
+        """A verifying TLS context for an `amqps://` URL (CA, optional client certificate)."""
+        if not url.tls:
+            return None
+        cafile = url.cafile or (str(self.tls_ca_file) if self.tls_ca_file else None)
+        context = ssl.create_default_context(cafile=cafile)
+        certfile = url.certfile or (str(self.tls_cert_file) if self.tls_cert_file else None)
+        keyfile = url.keyfile or (str(self.tls_key_file) if self.tls_key_file else None)
+        if certfile:
+            context.load_cert_chain(certfile, keyfile)
+        return context
+
+    def public_view(self) -> dict[str, str | int | float | bool | None]:
+        """Effective settings by env name, for `poller config show`: secrets masked."""
+        out: dict[str, str | int | float | bool | None] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "amqp_dsn":
+                out[DSN_ENV] = mask_dsn(value.get_secret_value())
+                continue
+            if isinstance(value, SecretStr):
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[env_name(name)] = value
+        return out
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the YAML config file, which arrives as init values.
+        return env_settings, init_settings
+
+
+def env_name(field: str) -> str:
+    if field == "amqp_dsn":
+        return DSN_ENV
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings() -> PollerSettings:
+    """Read the settings (environment, then the optional YAML config file); raise `ConfigError`."""
+    file_values = _read_config_file(os.environ.get(f"{ENV_PREFIX}CONFIG_FILE"))
+    try:
+        return PollerSettings(**file_values)
+    except ValidationError as exc:
+        raise ConfigError(_first_problem(exc)) from None
+
+
+def _read_config_file(path: str | None) -> dict[str, Any]:
+    var = f"{ENV_PREFIX}CONFIG_FILE"
+    if not path:
+        return {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{var}: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{var}: {path} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{var}: {path} must hold a mapping of settings")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).upper()
+        if name in DSN_ALIASES:
+            values["amqp_dsn"] = value
+        else:
+            values[name.removeprefix(ENV_PREFIX).lower()] = value
+    return values
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """One line: the variable's env name and what is wrong, never the value itself."""
+    err = exc.errors(include_input=False, include_url=False)[0]
+    field = str(err["loc"][0]) if err["loc"] else ""
+    if field.upper() in DSN_ALIASES:
+        field = "amqp_dsn"
+    name = env_name(field) if field else "settings"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = "is required but not set"
+    elif err["type"] == "extra_forbidden":
+        message = f"is not a known setting (in {ENV_PREFIX}CONFIG_FILE)"
+    return f"{name}: {message}"

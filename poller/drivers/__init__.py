@@ -1,0 +1,53 @@
+"""Driver registry: which class runs which job kind.
+
+Registration is explicit (no decorators, nothing at import time). `build_drivers` instantiates
+each class once per process and maps every kind it serves to that instance.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING
+
+from poller.drivers.base import Driver, DriverFactory
+from poller.errors import UnknownJobKindError
+from poller.wire import JobKind
+
+if TYPE_CHECKING:
+    from poller.config import PollerSettings
+
+__all__ = ["DRIVERS", "build_drivers", "get_driver"]
+
+
+def _registry() -> dict[JobKind, type[DriverFactory]]:
+    from poller.drivers.snmp import SnmpDriver  # noqa: PLC0415 - keeps pysnmp off import time
+
+    classes: list[type[DriverFactory]] = [SnmpDriver]
+    return {kind: cls for cls in classes for kind in cls.kinds}
+
+
+#: Filled on first use by `build_drivers`.
+DRIVERS: dict[JobKind, type[DriverFactory]] = {}
+
+
+def build_drivers(settings: PollerSettings) -> dict[str, Driver]:
+    """One instance of every driver class, keyed by each job kind it runs."""
+    if not DRIVERS:
+        DRIVERS.update(_registry())
+    instances: dict[type[DriverFactory], Driver] = {}
+    out: dict[str, Driver] = {}
+    for kind, cls in DRIVERS.items():
+        if cls not in instances:
+            instances[cls] = cls.from_settings(settings)
+        out[kind.value] = instances[cls]
+    return out
+
+
+def get_driver(drivers: dict[str, Driver], kind: str) -> Driver:
+    """The driver for `kind`, or `UnknownJobKindError` naming the nearest known kind."""
+    try:
+        return drivers[kind]
+    except KeyError:
+        near = difflib.get_close_matches(kind, list(drivers), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise UnknownJobKindError(f"this poller has no driver for {kind!r}{hint}") from None

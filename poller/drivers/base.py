@@ -1,0 +1,60 @@
+"""The driver seam: what every job-kind driver implements, and helpers they share."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from pydantic import JsonValue
+
+from poller.wire import CliAuth, JobKind, JobRequest, SnmpAuth
+
+if TYPE_CHECKING:
+    from poller.config import PollerSettings
+
+__all__ = ["Auth", "Data", "Driver", "DriverFactory", "JobContext"]
+
+#: What a driver returns: the result's `data` object.
+Data = dict[str, JsonValue]
+#: Resolved credentials for a job (inline `auth`, or looked up from `credential_ref`).
+Auth = SnmpAuth | CliAuth
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What the runner tells a driver about the job it is running."""
+
+    #: Event-loop time (`loop.time()`) by which the whole job must be finished. The runner also
+    #: enforces it with `asyncio.timeout_at`; drivers use it to size per-request timeouts.
+    deadline: float
+    #: Cap on collected output; past it a driver raises `OutputTooLargeError` with partial data.
+    max_output_bytes: int
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+
+class Driver(Protocol):
+    """Runs jobs of one or more kinds. One instance per process, shared by all jobs.
+
+    `run` returns the result's `data` on success and raises a `JobError` subclass on a device
+    failure (with partial data in `exc.data`). It must not catch `asyncio.CancelledError`, and
+    it must bound every network wait by `ctx.deadline`.
+    """
+
+    kinds: ClassVar[frozenset[JobKind]]
+
+    async def run(self, job: JobRequest, auth: Auth | None, ctx: JobContext) -> Data: ...
+
+    async def aclose(self) -> None: ...
+
+
+class DriverFactory(Protocol):
+    """A driver class: built once per process from the settings."""
+
+    kinds: ClassVar[frozenset[JobKind]]
+
+    @classmethod
+    def from_settings(cls, settings: PollerSettings) -> Driver: ...
