@@ -64,7 +64,9 @@ class AmqpUrl:
 
     def masked(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{self.username}:***@{host}:{self.port}/{quote(self.vhost, safe='')}"
+        return (
+            f"{self.scheme}://{self.username}:***@{host}:{self.port}/{quote(self.vhost, safe='')}"
+        )
 
 
 def parse_dsn(dsn: str) -> list[AmqpUrl]:
@@ -153,6 +155,9 @@ class PollerSettings(BaseSettings):
     snmp_retries: int = Field(default=2, ge=0, le=10)
     state_dir: Path = Path("/tmp/usm-poller")  # noqa: S108 - a tmpfs in the container; see docs
     ssh_tofu_file: Path | None = None
+    ssh_idle_timeout: float = Field(default=60.0, ge=0, le=86_400)
+    ssh_max_connections: int = Field(default=256, ge=1, le=100_000)
+    ssh_sessions_per_device: int = Field(default=4, ge=1, le=1000)
     health_file: Path | None = None
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -240,11 +245,15 @@ def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
-def load_settings() -> PollerSettings:
-    """Read the settings (environment, then the optional YAML config file); raise `ConfigError`."""
-    file_values = _read_config_file(os.environ.get(f"{ENV_PREFIX}CONFIG_FILE"))
+def load_settings(defaults: dict[str, Any] | None = None) -> PollerSettings:
+    """Read the settings: environment, then the YAML config file, then `defaults`.
+
+    Raises `ConfigError` with one line naming the variable.
+    """
+    values = dict(defaults or {})
+    values |= _read_config_file(os.environ.get(f"{ENV_PREFIX}CONFIG_FILE"))
     try:
-        return PollerSettings(**file_values)
+        return PollerSettings(**values)
     except ValidationError as exc:
         raise ConfigError(_first_problem(exc)) from None
 

@@ -56,15 +56,15 @@ class CredentialStore:
         for name, value in data.items():
             if not isinstance(value, dict):
                 raise ConfigError(f"{_SETTING}: entry {name!r} must be a mapping")
-            model: type[SnmpAuth | CliAuth] = SnmpAuth if value.keys() <= _SNMP_FIELDS else CliAuth
+            snmp = value.keys() <= _SNMP_FIELDS
+            model: type[SnmpAuth | CliAuth] = SnmpAuth if snmp else CliAuth
             try:
                 entries[str(name)] = model.model_validate(value)
             except ValidationError as exc:
                 err = exc.errors(include_input=False, include_url=False)[0]
                 where = ".".join(str(p) for p in err["loc"]) or "entry"
-                raise ConfigError(
-                    f"{_SETTING}: entry {name!r}: {where}: {err['msg'].removeprefix('Value error, ')}"
-                ) from None
+                reason = err["msg"].removeprefix("Value error, ")
+                raise ConfigError(f"{_SETTING}: entry {name!r}: {where}: {reason}") from None
         return cls(entries)
 
     def resolve(self, job: JobRequest) -> SnmpAuth | CliAuth | None:

@@ -255,6 +255,13 @@ class _JobBase(_Model):
     credential_ref: Name | None = None
     meta: dict[str, JsonValue] | None = None
 
+    @field_validator("v", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be the number 1")  # noqa: TRY004 - pydantic wants ValueError
+        return value
+
     @field_validator("meta")
     @classmethod
     def _meta_size(cls, value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:

@@ -1,0 +1,597 @@
+"""RabbitMQ for the worker, on pika's `AsyncioConnection`: the only importer of pika.
+
+pika's asyncio adapter is callback based; this module turns it into a few awaitables, each with
+a timeout, and owns everything that must survive a lost connection:
+
+* `Broker.run()` keeps a connection up: it connects over the configured URLs in turn with
+  exponential backoff and jitter, opens a channel with publisher confirms, declares the topology
+  (optional), sets the prefetch and consumes; when the connection drops it does all of it again.
+* Deliveries reach the worker through the `on_delivery` callback as `Delivery` objects. Each
+  remembers the channel generation it came from: acks for a channel that is gone are dropped
+  (the broker has already put those jobs back in the queue).
+* `publish()` resolves when the broker confirms the message. Confirms are pipelined: sequence
+  numbers map to futures and `multiple=True` acks resolve every future up to the tag. A nack, a
+  return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`.
+
+Everything here runs on the event loop's thread; nothing calls pika from another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from poller import __version__
+from poller.config import AmqpUrl
+from poller.errors import BrokerUnavailableError, PublishNotConfirmedError
+from poller.logging import get_logger
+
+__all__ = ["Broker", "BrokerOptions", "Delivery", "Topology", "UnroutableError"]
+
+log = get_logger("poller.broker")
+
+
+class UnroutableError(PublishNotConfirmedError):
+    """A mandatory message matched no queue and came back (basic.return)."""
+
+
+class ChannelClosedError(BrokerUnavailableError):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"channel closed by the broker: {code} {text}")
+        self.reply_code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One job message as received."""
+
+    body: bytes
+    delivery_tag: int
+    generation: int
+    redelivered: bool
+    message_id: str | None
+    correlation_id: str | None
+    reply_to: str | None
+    headers: Mapping[str, Any]
+
+    @property
+    def delivery_count(self) -> int:
+        """Earlier deliveries of this message, from the quorum queue's header or the flag."""
+        count = self.headers.get("x-delivery-count")
+        if isinstance(count, int) and count >= 0:
+            return count
+        return 1 if self.redelivered else 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    arguments: Mapping[str, Any]
+    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """What to declare after every (re)connect. Names come from `poller.wire`."""
+
+    exchanges: tuple[tuple[str, str], ...] = ()  # (name, type)
+    queues: tuple[QueueSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerOptions:
+    connection_name: str
+    heartbeat: int = 30
+    prefetch: int = 64
+    declare: bool = True
+    connect_timeout: float = 15.0
+    operation_timeout: float = 15.0
+    publish_timeout: float = 30.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    blocked_timeout: float = 300.0
+    ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[None]
+    message_id: str | None
+    returned: bool = False
+
+
+class Broker:
+    """A self-healing connection that consumes one queue and publishes with confirms."""
+
+    def __init__(
+        self,
+        urls: list[AmqpUrl],
+        options: BrokerOptions,
+        *,
+        queue: str,
+        topology: Topology,
+        on_delivery: Callable[[Delivery], None],
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one broker URL is needed")
+        self._urls = urls
+        self._opts = options
+        self._queue = queue
+        self._topology = topology
+        self._on_delivery = on_delivery
+        self._conn: Any = None
+        self._channel: Any = None
+        self._url: AmqpUrl = urls[0]
+        self.generation = 0
+        self._seq = 0
+        self._pending: dict[int, _Pending] = {}
+        self._waiters: set[asyncio.Future[Any]] = set()
+        self._consumer_tag: str | None = None
+        self._lost: asyncio.Event = asyncio.Event()
+        self._ready: asyncio.Event = asyncio.Event()
+        self._closing = False
+        self._close_waiter: asyncio.Future[None] | None = None
+        self.connected = False
+        self.consuming = False
+        self.blocked = False
+        self.reconnects = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def username(self) -> str:
+        """The user of the node we are connected to (results carry it as `user_id`)."""
+        return self._url.username
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Stay connected and consuming until `close()`; never returns before that."""
+        attempts = 0
+        url_cycle = self._url_cycle()
+        while not self._closing:
+            url_index, url = next(url_cycle)
+            try:
+                await self._connect(url_index, url)
+                await self._setup()
+            except (BrokerUnavailableError, OSError, pika.exceptions.AMQPError) as exc:
+                attempts += 1
+                await self._drop_connection()
+                delay = self._backoff(attempts)
+                log.warning(
+                    "broker_connect_failed",
+                    broker=url.masked(),
+                    error=_describe(exc),
+                    retry_in_s=round(delay, 2),
+                    attempt=attempts,
+                )
+                await self._sleep_unless_closing(delay)
+                continue
+            if attempts or self.reconnects:
+                log.info("broker_reconnected", broker=url.masked(), after_attempts=attempts)
+            else:
+                log.info("broker_connected", broker=url.masked(), queue=self._queue)
+            attempts = 0
+            self._ready.set()
+            await self._lost.wait()
+            self._ready.clear()
+            if self._closing:
+                break
+            self.reconnects += 1
+            await self._sleep_unless_closing(self._backoff(1))
+
+    def _url_cycle(self) -> Iterator[tuple[int, AmqpUrl]]:
+        return itertools.cycle(enumerate(self._urls))
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter, capped: replicas must not reconnect in step."""
+        ceiling = min(self._opts.backoff_max, self._opts.backoff_initial * 2 ** (attempt - 1))
+        return random.uniform(self._opts.backoff_initial / 2, max(ceiling, 0.01))  # noqa: S311
+
+    async def _sleep_unless_closing(self, delay: float) -> None:
+        if self._closing:
+            return
+        self._lost.clear()
+        try:
+            async with asyncio.timeout(delay):
+                await self._lost.wait()
+        except TimeoutError:
+            pass
+
+    async def stop_consuming(self, timeout: float = 5.0) -> None:
+        """Cancel the consumer: no new deliveries; running jobs can still be acked."""
+        channel, tag = self._channel, self._consumer_tag
+        self.consuming = False
+        if channel is None or tag is None or not channel.is_open:
+            return
+        self._consumer_tag = None
+        try:
+            await self._rpc(channel, channel.basic_cancel, timeout, consumer_tag=tag)
+        except (BrokerUnavailableError, TimeoutError) as exc:
+            log.warning("broker_cancel_failed", error=_describe(exc))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection cleanly; unacked deliveries return to the queue."""
+        self._closing = True
+        self._lost.set()
+        conn = self._conn
+        if conn is None or conn.is_closed:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._close_waiter = done
+        if not conn.is_closing:
+            conn.close(reply_code=200, reply_text="poller shutting down")
+        try:
+            async with asyncio.timeout(timeout):
+                await done
+        except TimeoutError:
+            log.warning("broker_close_timed_out")
+
+    # ---------------------------------------------------------------- connecting
+
+    def _parameters(self, url_index: int, url: AmqpUrl) -> pika.ConnectionParameters:
+        ssl_options = None
+        context = self._opts.ssl_contexts.get(url_index)
+        if context is not None:
+            ssl_options = pika.SSLOptions(context, url.server_hostname or url.host)
+        return pika.ConnectionParameters(
+            host=url.host,
+            port=url.port,
+            virtual_host=url.vhost,
+            credentials=pika.PlainCredentials(url.username, url.password.get_secret_value()),
+            heartbeat=self._opts.heartbeat,
+            blocked_connection_timeout=self._opts.blocked_timeout,
+            connection_attempts=1,
+            socket_timeout=self._opts.connect_timeout,
+            stack_timeout=self._opts.connect_timeout,
+            ssl_options=ssl_options,
+            client_properties={
+                "connection_name": self._opts.connection_name,
+                "product": "satellite-poller",
+                "version": __version__,
+            },
+        )
+
+    async def _connect(self, url_index: int, url: AmqpUrl) -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._url = url
+        self._lost.clear()
+
+        def on_open(_conn: Any) -> None:
+            if not opened.done():
+                opened.set_result(None)
+
+        def on_open_error(_conn: Any, exc: BaseException) -> None:
+            if not opened.done():
+                opened.set_exception(BrokerUnavailableError(_describe(exc)))
+
+        self._conn = AsyncioConnection(
+            self._parameters(url_index, url),
+            on_open_callback=on_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=loop,
+        )
+        try:
+            async with asyncio.timeout(self._opts.connect_timeout + 1):
+                await opened
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"no connection within {self._opts.connect_timeout:g} s"
+            ) from None
+        self.connected = True
+        self._conn.add_on_connection_blocked_callback(self._on_blocked)
+        self._conn.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    async def _setup(self) -> None:
+        if self._opts.declare:
+            await self._declare()
+        channel = await self._open_channel()
+        self._seq = 0
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
+        await self._rpc(channel, channel.confirm_delivery, ack_nack_callback=self._on_confirm)
+        await self._rpc(channel, channel.basic_qos, prefetch_count=self._opts.prefetch)
+        self.generation += 1
+        self._channel = channel
+        generation = self.generation
+        consumed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.add(consumed)
+        try:
+            self._consumer_tag = channel.basic_consume(
+                self._queue,
+                lambda ch, method, props, body: self._on_message(generation, method, props, body),
+                callback=lambda frame: _resolve(consumed, frame),
+            )
+            async with asyncio.timeout(self._opts.operation_timeout):
+                await consumed
+        except TimeoutError:
+            raise BrokerUnavailableError("basic.consume was not confirmed in time") from None
+        finally:
+            self._waiters.discard(consumed)
+        self.consuming = True
+
+    async def _open_channel(self) -> Any:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Any] = loop.create_future()
+        self._waiters.add(opened)
+        try:
+            channel = self._conn.channel(on_open_callback=lambda ch: _resolve(opened, ch))
+            channel.add_on_close_callback(self._on_channel_closed)
+            async with asyncio.timeout(self._opts.operation_timeout):
+                return await opened
+        except TimeoutError:
+            raise BrokerUnavailableError("channel did not open in time") from None
+        finally:
+            self._waiters.discard(opened)
+
+    async def _rpc(
+        self,
+        channel: Any,
+        method: Callable[..., Any],
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a pika channel method that reports completion through a callback, and wait."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._channel_waiters(channel).add(future)
+        try:
+            method(**kwargs, callback=lambda frame=None: _resolve(future, frame))
+            async with asyncio.timeout(timeout or self._opts.operation_timeout):
+                return await future
+        finally:
+            self._channel_waiters(channel).discard(future)
+
+    def _channel_waiters(self, channel: Any) -> set[asyncio.Future[Any]]:
+        waiters: set[asyncio.Future[Any]] | None = getattr(channel, "_usm_waiters", None)
+        if waiters is None:
+            waiters = set()
+            channel._usm_waiters = waiters
+        return waiters
+
+    async def _declare(self) -> None:
+        """Declare exchanges and queues; one that exists with other arguments is kept."""
+        channel = await self._open_channel()
+        try:
+            for name, kind in self._topology.exchanges:
+                channel = await self._tolerant(
+                    channel,
+                    "exchange",
+                    name,
+                    "exchange_declare",
+                    exchange=name,
+                    exchange_type=kind,
+                    durable=True,
+                )
+            for spec in self._topology.queues:
+                channel = await self._tolerant(
+                    channel,
+                    "queue",
+                    spec.name,
+                    "queue_declare",
+                    queue=spec.name,
+                    durable=True,
+                    arguments=dict(spec.arguments),
+                )
+                for exchange, key in spec.bindings:
+                    await self._rpc(
+                        channel,
+                        channel.queue_bind,
+                        queue=spec.name,
+                        exchange=exchange,
+                        routing_key=key,
+                    )
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    async def _tolerant(
+        self, channel: Any, what: str, name: str, method: str, **kwargs: Any
+    ) -> Any:
+        """Run one declaration; on 406 (exists, other arguments) warn and go on, new channel."""
+        try:
+            await self._rpc(channel, getattr(channel, method), **kwargs)
+        except ChannelClosedError as exc:
+            if exc.reply_code not in (403, 406):
+                raise
+            log.warning(
+                "declare_skipped",
+                object=what,
+                name=name,
+                reason="exists with other arguments" if exc.reply_code == 406 else "access refused",
+                broker_says=str(exc),
+            )
+            return await self._open_channel()
+        return channel
+
+    async def _drop_connection(self) -> None:
+        conn = self._conn
+        self._conn = None  # late callbacks of this connection are ignored from now on
+        self.connected = False
+        self.consuming = False
+        if conn is not None and not conn.is_closed and not conn.is_closing:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                conn.close()
+        self._channel = None
+
+    # ---------------------------------------------------------------- callbacks
+
+    def _on_connection_closed(self, conn: Any, exc: BaseException) -> None:
+        if conn is not self._conn:
+            return
+        was_connected = self.connected
+        self.connected = False
+        self.consuming = False
+        self._channel = None
+        self._fail_pending(BrokerUnavailableError(f"connection lost: {_describe(exc)}"))
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_exception(BrokerUnavailableError(f"connection lost: {_describe(exc)}"))
+        if self._close_waiter is not None and not self._close_waiter.done():
+            self._close_waiter.set_result(None)
+        if was_connected and not self._closing:
+            log.warning("broker_connection_lost", error=_describe(exc))
+        self._lost.set()
+
+    def _on_channel_closed(self, channel: Any, exc: BaseException) -> None:
+        code = getattr(exc, "reply_code", 0)
+        text = getattr(exc, "reply_text", str(exc))
+        error = ChannelClosedError(code, text)
+        for waiter in list(self._channel_waiters(channel)):
+            if not waiter.done():
+                waiter.set_exception(error)
+        if channel is self._channel:
+            self._channel = None
+            self.consuming = False
+            self._fail_pending(error)
+            if not self._closing:
+                log.warning("broker_channel_closed", reply_code=code, reply_text=text)
+                # The consuming channel is gone: rebuild everything on a fresh connection.
+                if self._conn is not None and self._conn.is_open:
+                    self._conn.close(reply_code=200, reply_text="rebuilding channel")
+
+    def _on_blocked(self, _conn: Any, _frame: Any) -> None:
+        self.blocked = True
+        log.warning("broker_blocked", reason="the broker refuses publishes (memory or disk alarm)")
+
+    def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
+        self.blocked = False
+        log.info("broker_unblocked")
+
+    def _on_consumer_cancelled(self, _frame: Any) -> None:
+        self.consuming = False
+        log.warning("consumer_cancelled", queue=self._queue, reason="queue deleted or failed over")
+        if self._conn is not None and self._conn.is_open and not self._closing:
+            self._conn.close(reply_code=200, reply_text="consumer cancelled, re-consuming")
+
+    def _on_message(self, generation: int, method: Any, props: Any, body: bytes) -> None:
+        self._on_delivery(
+            Delivery(
+                body=body,
+                delivery_tag=method.delivery_tag,
+                generation=generation,
+                redelivered=bool(method.redelivered),
+                message_id=props.message_id,
+                correlation_id=props.correlation_id,
+                reply_to=props.reply_to,
+                headers=props.headers or {},
+            )
+        )
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag: int = method.delivery_tag
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        tags = [t for t in self._pending if t <= tag] if method.multiple else [tag]
+        for t in tags:
+            pending = self._pending.pop(t, None)
+            if pending is None or pending.future.done():
+                continue
+            if not ok:
+                pending.future.set_exception(PublishNotConfirmedError("the broker nacked it"))
+            elif pending.returned:
+                pending.future.set_exception(UnroutableError("no queue is bound for it"))
+            else:
+                pending.future.set_result(None)
+
+    def _on_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
+        for pending in self._pending.values():
+            if pending.message_id == props.message_id and not pending.returned:
+                pending.returned = True
+                return
+
+    def _fail_pending(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for item in pending.values():
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    # ---------------------------------------------------------------- publishing and acks
+
+    def publish_nowait(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        *,
+        mandatory: bool = True,
+    ) -> asyncio.Future[None]:
+        """Publish and return a future that resolves on the broker's confirm."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            raise BrokerUnavailableError("not connected")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        self._seq += 1
+        self._pending[self._seq] = _Pending(future, properties.message_id)
+        return future
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        *,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish and wait for the confirm (`PublishNotConfirmedError` otherwise)."""
+        future = self.publish_nowait(exchange, routing_key, body, properties, mandatory=mandatory)
+        try:
+            async with asyncio.timeout(self._opts.publish_timeout):
+                await future
+        except TimeoutError:
+            raise PublishNotConfirmedError(
+                f"no confirm within {self._opts.publish_timeout:g} s"
+            ) from None
+
+    def _usable(self, delivery: Delivery) -> Any:
+        channel = self._channel
+        if channel is None or delivery.generation != self.generation or not channel.is_open:
+            log.debug("ack_dropped", reason="channel gone; the broker redelivers it")
+            return None
+        return channel
+
+    def ack(self, delivery: Delivery) -> None:
+        channel = self._usable(delivery)
+        if channel is not None:
+            channel.basic_ack(delivery.delivery_tag)
+
+    def reject(self, delivery: Delivery, *, requeue: bool) -> None:
+        """`requeue=False` dead-letters the job; `True` puts it back for another worker."""
+        channel = self._usable(delivery)
+        if channel is not None:
+            channel.basic_reject(delivery.delivery_tag, requeue=requeue)
+
+
+def properties(**kwargs: Any) -> pika.BasicProperties:
+    """AMQP message properties (kept here so that no other module imports pika)."""
+    return pika.BasicProperties(**kwargs)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, secret-free description of a connection error."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]

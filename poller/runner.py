@@ -1,0 +1,203 @@
+"""One job in, one `JobResult` out. No AMQP and no sockets here: drivers do the I/O.
+
+The runner applies the delivery rules that do not need the broker (expired, outcome unknown),
+resolves credentials, bounds the job by its deadline, limits jobs at once per device, and turns
+every device failure into an error result. An unexpected exception (a bug) is not turned into a
+result here: it propagates, so that the worker can requeue the job (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import JsonValue
+
+from poller.credentials import CredentialStore
+from poller.drivers import get_driver
+from poller.drivers.base import Driver, JobContext
+from poller.errors import (
+    DeviceTimeoutError,
+    ExpiredError,
+    JobError,
+    OutcomeUnknownError,
+)
+from poller.wire import ErrorInfo, JobRequest, JobResult, now
+
+__all__ = ["Attempt", "DeviceLimiter", "Runner", "error_result"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """How often this job has been delivered: from the broker's flags and headers."""
+
+    number: int = 1
+    redelivered: bool = False
+
+
+class DeviceLimiter:
+    """At most `limit` jobs at once against one device (keyed by host address)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    def active(self) -> int:
+        return len(self._slots)
+
+    def slot(self, device: str) -> _Slot:
+        """`async with limiter.slot(host):` waits for a free slot for that device."""
+        return _Slot(self, device)
+
+    def _enter(self, device: str) -> asyncio.Semaphore:
+        sem, users = self._slots.get(device) or (asyncio.Semaphore(self._limit), 0)
+        self._slots[device] = (sem, users + 1)
+        return sem
+
+    def _leave(self, device: str) -> None:
+        sem, users = self._slots[device]
+        if users <= 1:
+            del self._slots[device]
+        else:
+            self._slots[device] = (sem, users - 1)
+
+
+class _Slot:
+    __slots__ = ("_device", "_limiter", "_sem")
+
+    def __init__(self, limiter: DeviceLimiter, device: str) -> None:
+        self._limiter = limiter
+        self._device = device
+        self._sem = limiter._enter(device)
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._sem.acquire()
+        except BaseException:
+            self._limiter._leave(self._device)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+        self._limiter._leave(self._device)
+
+
+def error_result(
+    *,
+    job_id: str,
+    kind: str,
+    satellite_id: str,
+    worker: str,
+    code: str,
+    message: str,
+    retryable: bool = False,
+    attempt: Attempt,
+    started_at: datetime,
+    started_monotonic: float,
+    data: dict[str, JsonValue] | None = None,
+    meta: dict[str, JsonValue] | None = None,
+) -> JobResult:
+    """An error result; also used by the worker for jobs that could not be decoded."""
+    return JobResult(
+        job_id=job_id,
+        kind=kind,
+        satellite_id=satellite_id,
+        worker=worker,
+        status="error",
+        data=data,
+        error=ErrorInfo(code=code, message=message, retryable=retryable),
+        attempt=attempt.number,
+        redelivered=attempt.redelivered,
+        started_at=started_at,
+        finished_at=now(),
+        duration_ms=round((time.monotonic() - started_monotonic) * 1000, 3),
+        meta=meta,
+    )
+
+
+class Runner:
+    """Runs decoded jobs with the drivers of this process."""
+
+    def __init__(
+        self,
+        *,
+        drivers: Mapping[str, Driver],
+        credentials: CredentialStore,
+        satellite_id: str,
+        worker: str,
+        per_device_concurrency: int = 4,
+        max_output_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self._drivers = dict(drivers)
+        self._credentials = credentials
+        self.satellite_id = satellite_id
+        self.worker = worker
+        self._limiter = DeviceLimiter(per_device_concurrency)
+        self._max_output_bytes = max_output_bytes
+
+    async def run(self, job: JobRequest, attempt: Attempt = Attempt()) -> JobResult:
+        """Run one job to a result. Device failures become error results; bugs propagate."""
+        started_at = now()
+        started = time.monotonic()
+        try:
+            data = await self._execute(job, attempt, started_at)
+        except JobError as exc:
+            return error_result(
+                job_id=job.id,
+                kind=job.kind,
+                satellite_id=self.satellite_id,
+                worker=self.worker,
+                code=exc.code,
+                message=exc.message,
+                retryable=exc.retryable,
+                attempt=attempt,
+                started_at=started_at,
+                started_monotonic=started,
+                data=exc.data,
+                meta=job.meta,
+            )
+        return JobResult(
+            job_id=job.id,
+            kind=job.kind,
+            satellite_id=self.satellite_id,
+            worker=self.worker,
+            status="ok",
+            data=data,
+            attempt=attempt.number,
+            redelivered=attempt.redelivered,
+            started_at=started_at,
+            finished_at=now(),
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            meta=job.meta,
+        )
+
+    async def _execute(
+        self, job: JobRequest, attempt: Attempt, started_at: datetime
+    ) -> dict[str, JsonValue]:
+        timeout = job.timeout
+        if job.not_after is not None:
+            left = (job.not_after - started_at).total_seconds()
+            if left <= 0:
+                raise ExpiredError(f"not_after {job.not_after.isoformat()} has passed; not run")
+            timeout = min(timeout, left)
+        if attempt.redelivered and not job.idempotent:
+            raise OutcomeUnknownError(
+                "delivered again after an earlier attempt may have run; not idempotent, not rerun"
+            )
+        driver = get_driver(self._drivers, job.kind)
+        auth = self._credentials.resolve(job)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes)
+        try:
+            async with asyncio.timeout_at(deadline), self._limiter.slot(job.target.host):
+                return await driver.run(job, auth, ctx)
+        except TimeoutError as exc:
+            if isinstance(exc, DeviceTimeoutError):
+                raise
+            raise DeviceTimeoutError(
+                f"no complete answer from {job.target.host} within {timeout:g} s"
+            ) from None

@@ -1,0 +1,464 @@
+"""Composition root of `poller run`: builds everything from the settings and runs the loop.
+
+For each delivery: decode → run the job under its deadline → publish the result and wait for
+its confirm → ack (DESIGN §5). A job that cannot be decoded gets an error result when its id is
+readable and is rejected to the dead-letter queue. A bug requeues the job; on its last delivery
+it is answered with `internal_error` and dead-lettered instead. SIGTERM stops consuming, lets
+running jobs finish within the grace period and returns the rest to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from datetime import datetime
+
+import structlog
+
+from poller import __version__, wire
+from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, UnroutableError
+from poller.broker import properties as amqp_properties
+from poller.config import PollerSettings
+from poller.credentials import CredentialStore
+from poller.drivers import build_drivers
+from poller.drivers.base import Driver
+from poller.errors import BrokerError, WireError
+from poller.health import WRITE_INTERVAL, HealthState, write_state
+from poller.logging import get_logger
+from poller.runner import Attempt, Runner, error_result
+
+__all__ = ["Worker", "build_topology", "run_worker"]
+
+log = get_logger("poller.worker")
+
+_SAFE_KIND = frozenset(k.value for k in wire.JobKind)
+
+
+def build_topology(satellite_id: str, queue_type: str) -> Topology:
+    """Everything this satellite's poller declares at start-up (DESIGN §3)."""
+    return Topology(
+        exchanges=(
+            (wire.jobs_exchange(), "direct"),
+            (wire.dead_letter_exchange(), "direct"),
+            (wire.results_exchange(), "topic"),
+            (wire.events_exchange(), "topic"),
+        ),
+        queues=(
+            QueueSpec(
+                wire.jobs_queue(satellite_id),
+                wire.jobs_queue_arguments(
+                    satellite_id, "classic" if queue_type == "classic" else "quorum"
+                ),
+                ((wire.jobs_exchange(), wire.jobs_routing_key(satellite_id)),),
+            ),
+            QueueSpec(
+                wire.dead_letter_queue(satellite_id),
+                {},
+                ((wire.dead_letter_exchange(), wire.jobs_routing_key(satellite_id)),),
+            ),
+            QueueSpec(
+                wire.results_queue(),
+                wire.results_queue_arguments(),
+                ((wire.results_exchange(), wire.results_binding_key()),),
+            ),
+        ),
+    )
+
+
+def _worker_name(settings: PollerSettings) -> str:
+    return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Worker:
+    """One poller process: a broker connection, a runner, heartbeats, health and signals."""
+
+    def __init__(
+        self,
+        settings: PollerSettings,
+        *,
+        drivers: Mapping[str, Driver],
+        credentials: CredentialStore,
+    ) -> None:
+        self._settings = settings
+        self.name = _worker_name(settings)
+        self._sid = settings.satellite_id
+        self._drivers = drivers
+        self._runner = Runner(
+            drivers=drivers,
+            credentials=credentials,
+            satellite_id=self._sid,
+            worker=self.name,
+            per_device_concurrency=settings.per_device_concurrency,
+            max_output_bytes=settings.max_output_bytes,
+        )
+        urls = settings.amqp_urls
+        self._broker = Broker(
+            urls,
+            BrokerOptions(
+                connection_name=f"poller {self._sid} {self.name}",
+                heartbeat=settings.heartbeat,
+                prefetch=settings.concurrency,
+                declare=settings.declare,
+                ssl_contexts={
+                    i: settings.ssl_context(url) for i, url in enumerate(urls) if url.tls
+                },
+            ),
+            queue=wire.jobs_queue(self._sid),
+            topology=build_topology(self._sid, settings.queue_type),
+            on_delivery=self._on_delivery,
+        )
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._draining = False
+        self._started_at = wire.now()
+        self.in_flight = 0
+        self.jobs_ok = 0
+        self.jobs_error = 0
+        self._loop_lag_ms = 0.0
+
+    @property
+    def broker(self) -> Broker:
+        return self._broker
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("shutdown_requested", grace_s=self._settings.shutdown_grace)
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Consume until SIGTERM/SIGINT, then drain; the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        structlog.contextvars.bind_contextvars(satellite_id=self._sid, worker=self.name)
+        log.info(
+            "poller_started",
+            version=__version__,
+            queue=wire.jobs_queue(self._sid),
+            concurrency=self._settings.concurrency,
+            drivers=sorted(self._drivers),
+        )
+        broker_task = asyncio.create_task(self._broker.run(), name="broker")
+        helpers = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self._lag_loop(), name="loop-lag"),
+        ]
+        stop_task = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({broker_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if broker_task in done:
+            exc = broker_task.exception()
+            log.error("broker_task_died", error=repr(exc))
+            code = 1
+        await self._shutdown(helpers)
+        stop_task.cancel()
+        broker_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BrokerError):
+            await broker_task
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("poller_stopped", jobs_ok=self.jobs_ok, jobs_error=self.jobs_error)
+        return code
+
+    async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
+        self._draining = True
+        await self._broker.stop_consuming()
+        running = set(self._tasks)
+        if running:
+            log.info("draining", in_flight=len(running), grace_s=self._settings.shutdown_grace)
+            _, pending = await asyncio.wait(running, timeout=self._settings.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("drain_timed_out", returned_to_queue=len(pending))
+                await asyncio.wait(pending, timeout=5)
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await self._broker.close()
+        for driver in {id(d): d for d in self._drivers.values()}.values():
+            try:
+                await asyncio.wait_for(driver.aclose(), timeout=5)
+            except Exception as exc:  # noqa: BLE001 - shutting down anyway; say what failed
+                log.warning("driver_close_failed", error=repr(exc))
+        await self._write_health()
+
+    # ------------------------------------------------------------------ deliveries
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        if self._draining:
+            self._broker.reject(delivery, requeue=True)
+            return
+        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        started = time.monotonic()
+        started_at = wire.now()
+        self.in_flight += 1
+        try:
+            async with self._slots:
+                await self._process(delivery, started, started_at)
+        except asyncio.CancelledError:
+            self._broker.reject(delivery, requeue=True)
+            log.warning("job_returned_to_queue", job_id=delivery.message_id, reason="shutdown")
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _process(self, delivery: Delivery, started: float, started_at: datetime) -> None:
+        try:
+            job = wire.decode_job(delivery.body, max_bytes=self._settings.max_job_bytes)
+        except WireError as exc:
+            await self._dead_letter(delivery, exc, started, started_at)
+            return
+        attempt = Attempt(
+            number=delivery.delivery_count + 1,
+            redelivered=delivery.redelivered or delivery.delivery_count > 0,
+        )
+        with structlog.contextvars.bound_contextvars(
+            job_id=job.id, kind=job.kind, device=job.target.host, attempt=attempt.number
+        ):
+            try:
+                result = await self._runner.run(job, attempt)
+            except Exception:
+                log.exception("job_crashed")
+                await self._on_bug(delivery, job, attempt, started, started_at)
+                return
+            await self._deliver(delivery, result)
+
+    async def _on_bug(
+        self,
+        delivery: Delivery,
+        job: wire.JobRequest,
+        attempt: Attempt,
+        started: float,
+        started_at: datetime,
+    ) -> None:
+        """Requeue; on the last delivery the queue allows, answer and dead-letter instead."""
+        counted = "x-delivery-count" in delivery.headers
+        last = attempt.number >= wire.DEFAULT_DELIVERY_LIMIT if counted else attempt.redelivered
+        if not last:
+            self._broker.reject(delivery, requeue=True)
+            log.info(
+                "job_finished",
+                outcome="requeued",
+                error_code="internal_error",
+                duration_ms=_ms(started),
+            )
+            return
+        result = error_result(
+            job_id=job.id,
+            kind=job.kind,
+            satellite_id=self._sid,
+            worker=self.name,
+            code="internal_error",
+            message="the poller failed on this job on every attempt; see its logs",
+            attempt=attempt,
+            started_at=started_at,
+            started_monotonic=started,
+            meta=job.meta,
+        )
+        await self._deliver(delivery, result, dead_letter=True)
+
+    async def _dead_letter(
+        self, delivery: Delivery, exc: WireError, started: float, started_at: datetime
+    ) -> None:
+        job_id = exc.job_id or delivery.message_id
+        attempt = Attempt(delivery.delivery_count + 1, delivery.redelivered)
+        if job_id:
+            result = error_result(
+                job_id=job_id[: wire.MAX_JOB_ID_CHARS],
+                kind=exc.kind or "unknown",
+                satellite_id=self._sid,
+                worker=self.name,
+                code=exc.error_code,
+                message=exc.message,
+                attempt=attempt,
+                started_at=started_at,
+                started_monotonic=started,
+            )
+            await self._deliver(delivery, result, dead_letter=True)
+            return
+        self._broker.reject(delivery, requeue=False)
+        self.jobs_error += 1
+        log.warning(
+            "job_finished",
+            outcome="dead_lettered",
+            error_code=exc.error_code,
+            reason=exc.message,
+            bytes=len(delivery.body),
+            duration_ms=_ms(started),
+        )
+
+    async def _deliver(
+        self, delivery: Delivery, result: wire.JobResult, *, dead_letter: bool = False
+    ) -> None:
+        """Publish the result, wait for its confirm, then ack (or dead-letter) the job."""
+        try:
+            await self._publish_result(result, delivery)
+        except UnroutableError:
+            if delivery.reply_to:
+                # The caller's reply queue is gone: nobody is waiting for this answer.
+                log.warning("result_unroutable", job_id=result.job_id, reply_to=delivery.reply_to)
+            else:
+                log.error(
+                    "result_unroutable",
+                    job_id=result.job_id,
+                    hint="no queue is bound to usm_poller.results for this routing key",
+                )
+                self._broker.reject(delivery, requeue=True)
+                return
+        except BrokerError as exc:
+            log.warning("result_not_confirmed", job_id=result.job_id, error=str(exc))
+            self._broker.reject(delivery, requeue=True)
+            return
+        if dead_letter:
+            self._broker.reject(delivery, requeue=False)
+        else:
+            self._broker.ack(delivery)
+        error = result.error
+        if error is None:
+            self.jobs_ok += 1
+        else:
+            self.jobs_error += 1
+        log.info(
+            "job_finished",
+            job_id=result.job_id,
+            kind=result.kind,
+            outcome="dead_lettered" if dead_letter else result.status,
+            error_code=error.code if error else None,
+            duration_ms=result.duration_ms,
+            **({"error": error.message} if error else {}),
+        )
+
+    async def _publish_result(self, result: wire.JobResult, delivery: Delivery) -> None:
+        kind = result.kind if result.kind in _SAFE_KIND else "unknown"
+        if delivery.reply_to:
+            key = wire.reply_routing_key(self._sid, delivery.reply_to)
+        else:
+            key = wire.result_routing_key(self._sid, kind)
+        props = amqp_properties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=result.job_id,
+            correlation_id=delivery.correlation_id,
+            type=result.kind,
+            user_id=self._broker.username,
+            timestamp=int(time.time()),
+            headers={"x-satellite-id": self._sid},
+        )
+        await self._broker.publish(wire.results_exchange(), key, wire.encode(result), props)
+
+    # ------------------------------------------------------------------ background loops
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self._settings.heartbeat_interval
+        last_jobs, last_t = 0, time.monotonic()
+        while True:
+            await self._broker.wait_ready(timeout=interval)
+            jobs = self.jobs_ok + self.jobs_error
+            t = time.monotonic()
+            rate = (jobs - last_jobs) / max(t - last_t, 1e-6)
+            last_jobs, last_t = jobs, t
+            if self._broker.connected:
+                self._send_heartbeat(rate)
+            await asyncio.sleep(interval)
+
+    def _send_heartbeat(self, jobs_per_s: float) -> None:
+        beat = wire.Heartbeat(
+            satellite_id=self._sid,
+            worker=self.name,
+            version=__version__,
+            hostname=socket.gethostname(),
+            started_at=self._started_at,
+            sent_at=wire.now(),
+            concurrency=self._settings.concurrency,
+            in_flight=self.in_flight,
+            jobs_ok=self.jobs_ok,
+            jobs_error=self.jobs_error,
+            jobs_per_s=round(jobs_per_s, 2),
+            loop_lag_ms=round(self._loop_lag_ms, 2),
+            rss_bytes=_rss_bytes(),
+        )
+        props = amqp_properties(
+            content_type="application/json",
+            delivery_mode=1,
+            type="heartbeat",
+            user_id=self._broker.username,
+            timestamp=int(time.time()),
+            headers={"x-satellite-id": self._sid},
+        )
+        try:
+            future = self._broker.publish_nowait(
+                wire.events_exchange(),
+                wire.heartbeat_routing_key(self._sid),
+                wire.encode(beat),
+                props,
+                mandatory=False,
+            )
+        except BrokerError:
+            return
+        future.add_done_callback(_ignore_outcome)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self._write_health()
+            await asyncio.sleep(WRITE_INTERVAL)
+
+    async def _write_health(self) -> None:
+        state = HealthState(
+            pid=os.getpid(),
+            connected=self._broker.connected,
+            consuming=self._broker.consuming and not self._draining,
+            updated=time.time(),
+            in_flight=self.in_flight,
+        )
+        try:
+            await asyncio.to_thread(write_state, self._settings.health_path, state)
+        except OSError as exc:
+            log.warning(
+                "health_file_not_written", path=str(self._settings.health_path), error=exc.strerror
+            )
+
+    async def _lag_loop(self) -> None:
+        """Event-loop lag: how late a short sleep wakes up (reported in heartbeats)."""
+        period = 0.5
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(period)
+            lag = (time.monotonic() - t - period) * 1000
+            self._loop_lag_ms = max(lag, 0.0) * 0.3 + self._loop_lag_ms * 0.7
+
+
+def _ignore_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not warn about it
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 3)
+
+
+async def run_worker(settings: PollerSettings) -> int:
+    """Build the worker from the settings and run it to completion."""
+    credentials = CredentialStore.load(settings.credentials_file)
+    drivers = build_drivers(settings)
+    worker = Worker(settings, drivers=drivers, credentials=credentials)
+    return await worker.run()

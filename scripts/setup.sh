@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Prepare this machine for the demo and the tests (Debian, run as root or with sudo):
+# Debian packages (Net-SNMP, OpenSSH server, RabbitMQ if absent), a virtualenv in .venv with the
+# project and its dev extras, and a running RabbitMQ at 127.0.0.1:5672.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+PYTHON=${PYTHON:-python3}
+
+apt_packages=(snmpd snmp openssh-server)
+command -v rabbitmq-server >/dev/null 2>&1 || apt_packages+=(rabbitmq-server)
+missing=()
+for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+# Debian's snmpd package starts a system agent on port 161; the demo and tests run their own.
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c 'import poller, satellite' >/dev/null
+
+bash scripts/rabbitmq.sh

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the whole test suite against real services (RabbitMQ, snmpd, sshd) on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,146 @@
+"""Settings: env names, defaults, one-line errors, masked secrets, the YAML file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from poller import __version__
+from poller.config import load_settings, mask_dsn, parse_dsn
+from poller.errors import ConfigError
+
+DSN = "amqp://sat7:pa55-w0rd-xyz@broker.example:5672/%2Fisp"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("USM_POLLER_", "US_AMQP")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("US_AMQP_DSN", DSN)
+    monkeypatch.setenv("USM_POLLER_SATELLITE_ID", "7")
+
+
+def test_two_variables_are_enough() -> None:
+    s = load_settings()
+    assert s.satellite_id == "7"
+    assert (s.concurrency, s.declare, s.queue_type, s.heartbeat) == (64, True, "quorum", 30)
+    assert (s.heartbeat_interval, s.shutdown_grace, s.max_job_bytes) == (10.0, 30.0, 262_144)
+    assert (s.max_output_bytes, s.per_device_concurrency, s.snmp_backend) == (4_194_304, 4, "auto")
+    [url] = s.amqp_urls
+    assert (url.host, url.port, url.vhost, url.username) == ("broker.example", 5672, "/isp", "sat7")
+
+
+def test_alternative_dsn_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("US_AMQP_DSN")
+    monkeypatch.setenv("USM_POLLER_AMQP_DSN", "amqp://u:p@h/")
+    assert load_settings().amqp_urls[0].host == "h"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("USM_POLLER_CONCURRENCY", "lots", "USM_POLLER_CONCURRENCY: "),
+        ("USM_POLLER_CONCURRENCY", "0", "USM_POLLER_CONCURRENCY: "),
+        ("USM_POLLER_QUEUE_TYPE", "stream", "USM_POLLER_QUEUE_TYPE: "),
+        ("USM_POLLER_SATELLITE_ID", "site 7", "USM_POLLER_SATELLITE_ID: "),
+        ("USM_POLLER_DECLARE", "maybe", "USM_POLLER_DECLARE: "),
+        ("US_AMQP_DSN", "http://u:secret-pw@h/", "US_AMQP_DSN: URL 1 must start with amqp"),
+        ("US_AMQP_DSN", "amqps://u:secret-pw@h/?verify=none", "US_AMQP_DSN: URL 1 has the "),
+        ("US_AMQP_DSN", "amqp://a/,amqp://u:secret-pw@/", "US_AMQP_DSN: URL 2 has no host"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str, expected: str) -> None:
+    os.environ[name] = value
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+    assert "secret-pw" not in message
+
+
+def test_missing_required_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("USM_POLLER_SATELLITE_ID")
+    with pytest.raises(ConfigError, match=r"^USM_POLLER_SATELLITE_ID: is required but not set$"):
+        load_settings()
+
+
+def test_several_urls_for_failover() -> None:
+    urls = parse_dsn("amqp://a:1@n1:5672/v, amqps://a:1@n2/v?cafile=/ca.pem")
+    assert [(u.host, u.port, u.tls, u.cafile) for u in urls] == [
+        ("n1", 5672, False, None),
+        ("n2", 5671, True, "/ca.pem"),
+    ]
+
+
+def test_tls_options_need_amqps() -> None:
+    with pytest.raises(ValueError, match="not amqps"):
+        parse_dsn("amqp://h/?cafile=/x")
+
+
+def test_password_is_masked_everywhere() -> None:
+    s = load_settings()
+    assert "pa55-w0rd-xyz" not in repr(s)
+    assert "pa55-w0rd-xyz" not in str(s.public_view())
+    assert "pa55-w0rd-xyz" not in repr(s.amqp_urls)
+    assert mask_dsn(DSN) == "amqp://sat7:***@broker.example:5672/%2Fisp"
+
+
+def test_yaml_file_gives_values_and_env_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "poller.yaml"
+    cfg.write_text(
+        "USM_POLLER_CONCURRENCY: 8\nper_device_concurrency: 2\nsatellite_id: from-file\n"
+    )
+    monkeypatch.setenv("USM_POLLER_CONFIG_FILE", str(cfg))
+    s = load_settings()
+    assert (s.concurrency, s.per_device_concurrency, s.satellite_id) == (8, 2, "7")
+
+
+def test_yaml_file_with_unknown_key_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "poller.yaml"
+    cfg.write_text("colour: blue\n")
+    monkeypatch.setenv("USM_POLLER_CONFIG_FILE", str(cfg))
+    with pytest.raises(ConfigError, match="is not a known setting"):
+        load_settings()
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "poller", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_exits_2_with_one_line_and_no_password() -> None:
+    env = dict(os.environ) | {"USM_POLLER_CONCURRENCY": "many"}
+    proc = run_cli("run", env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("poller: USM_POLLER_CONCURRENCY:")
+    assert "pa55" not in proc.stderr + proc.stdout
+
+
+def test_config_show_masks_the_password() -> None:
+    proc = run_cli("config", "show", env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert "US_AMQP_DSN" in proc.stdout
+    assert "amqp://sat7:***@broker.example" in proc.stdout
+    assert "pa55-w0rd-xyz" not in proc.stdout + proc.stderr
+
+
+def test_version() -> None:
+    proc = run_cli("--version", env=dict(os.environ))
+    assert proc.stdout.strip() == f"poller {__version__}"

@@ -1,0 +1,207 @@
+"""The runner with an in-memory driver: delivery rules, deadlines, per-device limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import pytest
+
+from poller import wire
+from poller.credentials import CredentialStore
+from poller.drivers.base import Auth, Data, JobContext
+from poller.errors import DeviceAuthError, SnmpError
+from poller.runner import Attempt, Runner
+from poller.wire import JobKind, JobRequest
+
+
+class MemoryDriver:
+    """Answers from a script keyed by host: a value, an exception, or a delay."""
+
+    kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.SNMP_GET, JobKind.SNMP_SET})
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Auth | None]] = []
+        self.active: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.delay = 0.0
+
+    async def run(self, job: JobRequest, auth: Auth | None, ctx: JobContext) -> Data:
+        host = job.target.host
+        self.calls.append((host, auth))
+        self.active[host] = self.active.get(host, 0) + 1
+        self.peak[host] = max(self.peak.get(host, 0), self.active[host])
+        try:
+            if host == "sleepy":
+                await asyncio.sleep(3600)
+            if host == "bad-auth":
+                raise DeviceAuthError("wrong v3 auth key")
+            if host == "partial":
+                raise SnmpError("noSuchName at index 2", data={"varbinds": [{"oid": "1.3"}]})
+            if host == "buggy":
+                raise RuntimeError("driver bug")
+            await asyncio.sleep(self.delay)
+            return {"varbinds": [], "remaining": round(ctx.remaining())}
+        finally:
+            self.active[host] -= 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+def make_job(host: str = "10.0.0.1", **changes: Any) -> JobRequest:
+    job = {
+        "v": 1,
+        "id": "job-1",
+        "kind": "snmp.get",
+        "target": {"host": host},
+        "auth": {"version": "2c", "community": "public"},
+        "params": {"oids": ["1.3.6.1.2.1.1.5.0"]},
+        "timeout": 5,
+        "meta": {"device_id": 7},
+    } | changes
+    return wire.decode_job(json.dumps(job).encode())
+
+
+@pytest.fixture
+def driver() -> MemoryDriver:
+    return MemoryDriver()
+
+
+@pytest.fixture
+def runner(driver: MemoryDriver) -> Runner:
+    store = CredentialStore({"core": wire.SnmpAuth(version="2c", community="from-file")})
+    return Runner(
+        drivers={"snmp.get": driver, "snmp.set": driver},
+        credentials=store,
+        satellite_id="7",
+        worker="w1",
+        per_device_concurrency=2,
+    )
+
+
+async def test_success_builds_an_ok_result(runner: Runner) -> None:
+    result = await runner.run(make_job())
+    assert result.status == "ok"
+    assert result.error is None
+    assert result.job_id == "job-1"
+    assert result.satellite_id == "7"
+    assert result.worker == "w1"
+    assert result.meta == {"device_id": 7}
+    assert result.attempt == 1
+    assert not result.redelivered
+    assert result.data == {"varbinds": [], "remaining": 5}
+
+
+async def test_device_error_becomes_error_result_with_partial_data(runner: Runner) -> None:
+    result = await runner.run(make_job("partial"))
+    assert result.status == "error"
+    assert result.error == wire.ErrorInfo(
+        code="snmp_error", message="noSuchName at index 2", retryable=False
+    )
+    assert result.data == {"varbinds": [{"oid": "1.3"}]}
+
+
+async def test_auth_failure_is_not_retryable(runner: Runner) -> None:
+    result = await runner.run(make_job("bad-auth"))
+    assert result.error is not None
+    assert (result.error.code, result.error.retryable) == ("auth_failed", False)
+
+
+async def test_deadline_turns_into_device_timeout(runner: Runner) -> None:
+    t0 = asyncio.get_running_loop().time()
+    result = await runner.run(make_job("sleepy", timeout=0.3))
+    elapsed = asyncio.get_running_loop().time() - t0
+    assert result.error is not None
+    assert (result.error.code, result.error.retryable) == ("device_timeout", True)
+    assert 0.3 <= elapsed < 0.6
+
+
+async def test_expired_job_is_not_run(runner: Runner, driver: MemoryDriver) -> None:
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    result = await runner.run(make_job(not_after=past))
+    assert result.error is not None
+    assert result.error.code == "expired"
+    assert driver.calls == []
+
+
+async def test_not_after_shortens_the_deadline(runner: Runner) -> None:
+    soon = (datetime.now(UTC) + timedelta(seconds=0.3)).isoformat()
+    result = await runner.run(make_job("sleepy", not_after=soon, timeout=30))
+    assert result.error is not None
+    assert result.error.code == "device_timeout"
+
+
+async def test_redelivered_non_idempotent_job_is_outcome_unknown(
+    runner: Runner, driver: MemoryDriver
+) -> None:
+    job = make_job(
+        kind="snmp.set",
+        params={"varbinds": [{"oid": "1.3.6.1.2.1.1.6.0", "type": "OctetString", "value": "x"}]},
+    )
+    result = await runner.run(job, Attempt(number=2, redelivered=True))
+    assert result.error is not None
+    assert result.error.code == "outcome_unknown"
+    assert (result.attempt, result.redelivered) == (2, True)
+    assert driver.calls == []
+
+
+async def test_redelivered_idempotent_job_runs_again(runner: Runner) -> None:
+    result = await runner.run(make_job(), Attempt(number=3, redelivered=True))
+    assert result.status == "ok"
+    assert (result.attempt, result.redelivered) == (3, True)
+
+
+async def test_credential_ref_is_resolved_from_the_store(
+    runner: Runner, driver: MemoryDriver
+) -> None:
+    job = json.loads(wire.encode(make_job()))
+    del job["auth"]
+    job["credential_ref"] = "core"
+    await runner.run(wire.decode_job(json.dumps(job).encode()))
+    auth = driver.calls[0][1]
+    assert isinstance(auth, wire.SnmpAuth)
+    assert auth.community is not None
+    assert auth.community.get_secret_value() == "from-file"
+
+
+async def test_unknown_credential_ref_is_credential_not_found(runner: Runner) -> None:
+    job = json.loads(wire.encode(make_job()))
+    del job["auth"]
+    job["credential_ref"] = "nope"
+    result = await runner.run(wire.decode_job(json.dumps(job).encode()))
+    assert result.error is not None
+    assert result.error.code == "credential_not_found"
+
+
+async def test_kind_without_driver_is_unknown_kind(runner: Runner) -> None:
+    job = make_job(kind="snmp.walk")
+    result = await runner.run(job)
+    assert result.error is not None
+    assert result.error.code == "unknown_kind"
+
+
+async def test_a_bug_propagates_for_the_worker_to_requeue(runner: Runner) -> None:
+    with pytest.raises(RuntimeError, match="driver bug"):
+        await runner.run(make_job("buggy"))
+
+
+async def test_per_device_limit_holds_and_other_devices_proceed(
+    runner: Runner, driver: MemoryDriver
+) -> None:
+    driver.delay = 0.05
+    jobs = [make_job("a") for _ in range(8)] + [make_job("b") for _ in range(2)]
+    results = await asyncio.gather(*(runner.run(j) for j in jobs))
+    assert all(r.status == "ok" for r in results)
+    assert driver.peak == {"a": 2, "b": 2}
+
+
+async def test_waiting_for_a_device_slot_counts_against_the_deadline(
+    runner: Runner, driver: MemoryDriver
+) -> None:
+    driver.delay = 1.0
+    jobs = [make_job("c", timeout=0.3) for _ in range(3)]
+    results = await asyncio.gather(*(runner.run(j) for j in jobs))
+    assert [r.error.code if r.error else "ok" for r in results] == ["device_timeout"] * 3

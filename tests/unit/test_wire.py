@@ -1,0 +1,200 @@
+"""Wire protocol v1: models, round trips, and decode errors that never leak or crash."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poller import wire
+from poller.errors import WireError
+from tests import strategies
+
+GOOD: dict[str, Any] = {
+    "v": 1,
+    "id": "5e0b2c1e",
+    "kind": "snmp.get",
+    "target": {"host": "10.20.0.15", "port": 161},
+    "auth": {"version": "2c", "community": "public"},
+    "params": {"oids": ["1.3.6.1.2.1.1.5.0", "1.3.6.1.2.1.1.3.0"]},
+    "timeout": 10.0,
+    "not_after": "2026-11-23T10:00:00Z",
+    "idempotent": True,
+    "meta": {"device_id": 1532},
+}
+
+
+def body(**changes: Any) -> bytes:
+    return json.dumps(GOOD | changes).encode()
+
+
+def test_design_example_decodes() -> None:
+    job = wire.decode_job(body())
+    assert isinstance(job, wire.SnmpGetJob)
+    assert job.params.oids == ["1.3.6.1.2.1.1.5.0", "1.3.6.1.2.1.1.3.0"]
+    assert job.meta == {"device_id": 1532}
+
+
+@given(strategies.jobs)
+@settings(max_examples=300)
+def test_every_job_round_trips(job: wire.JobRequest) -> None:
+    assert wire.decode_job(wire.encode(job)) == job
+
+
+@given(strategies.results())
+@settings(max_examples=200)
+def test_every_result_round_trips(result: wire.JobResult) -> None:
+    assert wire.decode_result(wire.encode(result)) == result
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=500)
+def test_arbitrary_bytes_only_raise_wire_error(raw: bytes) -> None:
+    with contextlib.suppress(WireError):
+        wire.decode_job(raw)
+
+
+@given(
+    st.recursive(
+        strategies.json_leaf,
+        lambda s: st.dictionaries(st.text(max_size=8), s) | st.lists(s),
+        max_leaves=30,
+    )
+)
+@settings(max_examples=300)
+def test_arbitrary_json_only_raises_wire_error(value: object) -> None:
+    with pytest.raises(WireError):
+        wire.decode_job(json.dumps(value).encode())
+
+
+@given(strategies.job_dicts(), st.sampled_from(["v", "id", "kind", "target", "params"]))
+def test_mangled_jobs_raise_wire_error(job: dict[str, Any], field: str) -> None:
+    job[field] = {"nested": [1, 2, None]}
+    with pytest.raises(WireError):
+        wire.decode_job(json.dumps(job).encode())
+
+
+def test_other_version_is_unsupported_version_with_id() -> None:
+    with pytest.raises(WireError) as info:
+        wire.decode_job(body(v=2))
+    assert info.value.error_code == "unsupported_version"
+    assert info.value.job_id == "5e0b2c1e"
+
+
+def test_boolean_version_is_not_version_one() -> None:
+    with pytest.raises(WireError) as info:
+        wire.decode_job(body(v=True))
+    assert info.value.error_code == "unsupported_version"
+
+
+def test_unknown_kind_suggests_the_nearest() -> None:
+    with pytest.raises(WireError) as info:
+        wire.decode_job(body(kind="snmp.gett"))
+    assert info.value.error_code == "unknown_kind"
+    assert "snmp.get" in info.value.message
+
+
+def test_unknown_field_is_rejected() -> None:
+    with pytest.raises(WireError) as info:
+        wire.decode_job(body(colour="blue"))
+    assert info.value.error_code == "invalid_job"
+    assert "colour" in info.value.message
+
+
+def test_oversize_body_is_rejected_unparsed() -> None:
+    with pytest.raises(WireError, match="exceeds the limit"):
+        wire.decode_job(b"{" + b" " * 2000 + b"}", max_bytes=1000)
+
+
+def test_invalid_job_message_never_repeats_secret_values() -> None:
+    raw = body(auth={"version": "3", "user": "u", "auth_key": "hunter2-secret-x", "priv_key": "s"})
+    with pytest.raises(WireError) as info:
+        wire.decode_job(raw)
+    assert "hunter2" not in str(info.value)
+
+
+def test_secrets_are_masked_in_repr_but_travel_in_the_body() -> None:
+    job = wire.decode_job(body(auth={"version": "2c", "community": "s3cr3t-community"}))
+    assert "s3cr3t-community" not in repr(job)
+    assert b"s3cr3t-community" in wire.encode(job)
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ({"version": "2c"}, "community"),
+        ({"version": "3"}, "user"),
+        (
+            {"version": "3", "user": "u", "security_level": "authPriv", "auth_key": "12345678"},
+            "priv_key",
+        ),
+        ({"version": "3", "user": "u", "auth_key": "short"}, "8 characters"),
+    ],
+)
+def test_snmp_auth_needs_what_its_version_needs(auth: dict[str, Any], message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        wire.decode_job(body(auth=auth))
+
+
+def test_auth_and_credential_ref_are_exclusive() -> None:
+    with pytest.raises(WireError, match="exactly one"):
+        wire.decode_job(body(credential_ref="core-v2"))
+    job = json.loads(body())
+    del job["auth"]
+    job["credential_ref"] = "core-v2"
+    assert wire.decode_job(json.dumps(job).encode()).credential_ref == "core-v2"
+
+
+def test_snmp_set_is_not_idempotent_by_default() -> None:
+    job = json.loads(body(kind="snmp.set"))
+    job["params"] = {
+        "varbinds": [{"oid": "1.3.6.1.2.1.1.6.0", "type": "OctetString", "value": "x"}]
+    }
+    del job["idempotent"]
+    assert wire.decode_job(json.dumps(job).encode()).idempotent is False
+
+
+def test_oids_are_normalised_and_checked() -> None:
+    job = wire.decode_job(body(params={"oids": [".1.3.6.1.2.1.1.5.0"]}))
+    assert isinstance(job, wire.SnmpGetJob)
+    assert job.params.oids == ["1.3.6.1.2.1.1.5.0"]
+    with pytest.raises(WireError):
+        wire.decode_job(body(params={"oids": ["iso.3.6"]}))
+
+
+def test_timestamps_are_utc_milliseconds_with_z() -> None:
+    job = wire.decode_job(body(not_after="2026-11-23T12:00:00.123456+02:00"))
+    assert b'"not_after":"2026-11-23T10:00:00.123Z"' in wire.encode(job)
+
+
+def test_names_follow_the_design() -> None:
+    assert wire.jobs_queue("7") == "usm_poller-sat-7"
+    assert wire.dead_letter_queue("7") == "usm_poller-sat-7.dlq"
+    assert wire.jobs_exchange() == "usm_poller.jobs"
+    assert wire.dead_letter_exchange() == "usm_poller.dlx"
+    assert wire.results_exchange() == wire.results_queue() == "usm_poller.results"
+    assert wire.events_exchange() == "usm_poller.events"
+    assert wire.result_routing_key("7", "snmp.get") == "result.7.snmp.get"
+    assert wire.reply_routing_key("7", "amq.gen-x") == "reply.7.amq.gen-x"
+    assert wire.heartbeat_routing_key("7") == "heartbeat.7"
+    assert wire.event_routing_key("7", "started") == "event.7.started"
+    with pytest.raises(ValueError, match="satellite id"):
+        wire.jobs_queue("bad id")
+
+
+def test_queue_arguments_for_quorum_and_classic() -> None:
+    quorum = wire.jobs_queue_arguments("7")
+    assert quorum == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 20,
+        "x-dead-letter-exchange": "usm_poller.dlx",
+        "x-dead-letter-routing-key": "7",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    classic = wire.jobs_queue_arguments("7", "classic")
+    assert classic == {"x-dead-letter-exchange": "usm_poller.dlx", "x-dead-letter-routing-key": "7"}
