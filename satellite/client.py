@@ -1,0 +1,316 @@
+"""`Client`: the Python API of the core side (declare satellites, submit jobs, call them).
+
+One kombu connection per client, failing over between the DSN's URLs; every broker wait is
+bounded (connect, each round trip, each publisher confirm, each result wait). A client is not
+thread-safe: use one per thread.
+
+```python
+with Client(load_core_settings()) as client:
+    client.declare(["7"])
+    job = build_job("snmp.get", target={"host": "10.0.0.1"},
+                    auth={"version": "2c", "community": "public"},
+                    params={"oids": ["1.3.6.1.2.1.1.5.0"]})
+    result = client.call("7", job, timeout=15)
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import kombu as _kombu
+from kombu.exceptions import OperationalError
+
+from poller.errors import BrokerUnavailableError
+from poller.wire import JobRequest, JobResult
+from satellite.config import CoreSettings, load_core_settings
+from satellite.dispatch import (
+    JobPublisher,
+    NoResultError,
+    ReplyQueue,
+    SenderCheck,
+    accept_any_sender,
+)
+from satellite.topology import DeclareReport, QueueType, core_topology, declare_topology
+
+__all__ = ["CALL_MARGIN_SECONDS", "Client"]
+
+log = logging.getLogger(__name__)
+#: kombu is only partly annotated (untyped calls fail `mypy --strict`): used through `Any`.
+kombu: Any = _kombu
+T = TypeVar("T")
+
+#: How much longer than the job's own deadline `call` waits by default.
+CALL_MARGIN_SECONDS = 10.0
+
+
+class Client:
+    """A connection to the core's broker; use as a context manager (or call `close()`)."""
+
+    def __init__(
+        self,
+        settings: CoreSettings | str | None = None,
+        *,
+        queue_type: QueueType = "quorum",
+        sender_check: SenderCheck = accept_any_sender,
+    ) -> None:
+        """`settings` may be a DSN string; None reads `US_AMQP_DSN`. Nothing connects yet."""
+        if settings is None or isinstance(settings, str):
+            settings = load_core_settings(settings)
+        self.settings = settings
+        self.queue_type: QueueType = queue_type
+        self._sender_check = sender_check
+        self._conn: Any = None
+        self._publisher: JobPublisher | None = None
+        self._reply: ReplyQueue | None = None
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Self:
+        return self.connect()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def connect(self) -> Self:
+        """Connect to the first node that answers; raise `BrokerUnavailableError`."""
+        self._connection()
+        return self
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._publisher = None
+        self._reply = None
+        if conn is not None:
+            self._close_quietly(conn)
+
+    @property
+    def connected_to(self) -> str | None:
+        """The node in use, password masked; None when not connected."""
+        if self._conn is None or not self._conn.connected:
+            return None
+        return str(self._conn.as_uri())
+
+    # ----------------------------------------------------------------------------- operations
+
+    def declare(
+        self,
+        satellite_ids: Iterable[str],
+        *,
+        queue_type: QueueType | None = None,
+        include_results_queue: bool = True,
+    ) -> DeclareReport:
+        """Declare the DESIGN §3 topology for these satellites (and the core's result queue).
+
+        Idempotent. Objects that exist with other arguments are reported as conflicts and
+        left alone. Raises `ValueError` for a bad satellite id, `BrokerError` otherwise.
+        """
+        topology = core_topology(
+            satellite_ids,
+            queue_type=queue_type or self.queue_type,
+            include_results_queue=include_results_queue,
+        )
+
+        def run() -> DeclareReport:
+            conn = self._connection()
+            opened: list[Any] = []
+
+            def open_channel() -> Any:
+                opened.append(conn.channel())
+                return opened[-1]
+
+            try:
+                return declare_topology(
+                    open_channel, topology, channel_errors=tuple(conn.channel_errors)
+                )
+            finally:
+                for channel in opened:
+                    self._close_quietly(channel)
+
+        return self._with_reconnect(run, retry=True)
+
+    def submit(
+        self,
+        satellite_id: str,
+        job: JobRequest,
+        *,
+        priority: int | None = None,
+        expiration: float | None = None,
+    ) -> str:
+        """Publish `job` to the satellite's queue (confirmed, mandatory); return its id.
+
+        A publish cut by a lost connection is retried once on a new connection, but only for
+        an idempotent job (the first attempt may have reached the queue).
+        """
+
+        self._with_reconnect(
+            lambda: self._publish(satellite_id, job, priority=priority, expiration=expiration),
+            retry=job.idempotent,
+        )
+        return job.id
+
+    def call(
+        self,
+        satellite_id: str,
+        job: JobRequest,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> JobResult:
+        """Publish `job` and wait for its result on this client's exclusive reply queue.
+
+        `timeout` defaults to the job's deadline plus `CALL_MARGIN_SECONDS`. Raises
+        `NoResultError` when nothing matching arrives in time (the job may still run).
+        """
+        wait = job.timeout + CALL_MARGIN_SECONDS if timeout is None else timeout
+        reply = self._with_reconnect(self._reply_queue, retry=True)
+        correlation_id = uuid.uuid4().hex
+        reply.expect(correlation_id, satellite_id=satellite_id, job_id=job.id)
+        try:
+            self._with_reconnect(
+                lambda: self._publish(
+                    satellite_id,
+                    job,
+                    reply_to=reply.name,
+                    correlation_id=correlation_id,
+                    priority=priority,
+                ),
+                retry=False,
+            )
+            result = self._with_reconnect(lambda: reply.wait(correlation_id, wait), retry=False)
+        finally:
+            reply.forget(correlation_id)
+        if result is None:
+            raise NoResultError(
+                f"no result for job {job.id} from satellite {satellite_id} within {wait:g} s",
+                job_id=job.id,
+            )
+        return result
+
+    # ----------------------------------------------------------------------------- plumbing
+
+    def _connection(self) -> Any:
+        if self._conn is not None and self._conn.connected:
+            return self._conn
+        self.close()
+        s = self.settings
+        conn = kombu.Connection(
+            s.kombu_urls(),
+            ssl=s.ssl_context() or False,
+            connect_timeout=s.connect_timeout,
+            heartbeat=s.heartbeat,
+            failover_strategy="round-robin",
+            transport_options={
+                "confirm_publish": True,
+                "read_timeout": s.operation_timeout,
+                "write_timeout": s.operation_timeout,
+                "client_properties": {"connection_name": s.connection_name},
+            },
+        )
+        try:
+            conn.ensure_connection(
+                errback=self._on_connect_error,
+                timeout=s.connect_retry_timeout,
+                interval_start=0.5,
+                interval_step=1.0,
+                interval_max=5.0,
+            )
+        except (OperationalError, *conn.connection_errors, *conn.channel_errors) as exc:
+            # A refused login (403) is one of py-amqp's channel errors.
+            self._close_quietly(conn)
+            raise BrokerUnavailableError(
+                f"cannot connect to {s.masked_dsn}: {self._scrub(str(exc))}"
+            ) from None
+        self._conn = conn
+        return conn
+
+    def _on_connect_error(self, exc: BaseException, interval: float) -> None:
+        log.warning(
+            "broker_connect_failed: %s; next try in %.1f s", self._scrub(str(exc)), interval
+        )
+
+    def _publish(
+        self,
+        satellite_id: str,
+        job: JobRequest,
+        *,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+        expiration: float | None = None,
+    ) -> None:
+        if self._publisher is None:
+            conn = self._connection()
+            self._publisher = JobPublisher(
+                conn.channel(),
+                confirm_timeout=self.settings.operation_timeout,
+                channel_errors=tuple(conn.channel_errors),
+            )
+        publisher = self._publisher
+        try:
+            publisher.publish(
+                satellite_id,
+                job,
+                reply_to=reply_to,
+                correlation_id=correlation_id,
+                priority=priority,
+                expiration=expiration,
+            )
+        finally:
+            if publisher.broken:
+                # A confirm may still arrive and would be taken for the next publish's.
+                self.close()
+
+    def _reply_queue(self) -> ReplyQueue:
+        if self._reply is None:
+            conn = self._connection()
+            self._reply = ReplyQueue(
+                conn,
+                conn.channel(),
+                channel_errors=tuple(conn.channel_errors),
+                sender_check=self._sender_check,
+            )
+        return self._reply
+
+    def _with_reconnect(self, run: Callable[[], T], *, retry: bool) -> T:
+        """Run `run()`; on a lost connection, reconnect and run it once more if `retry`.
+
+        A lost connection becomes `BrokerUnavailableError`.
+        """
+        for attempt in (1, 2):
+            conn = self._connection()
+            errors = (OperationalError, *conn.connection_errors)
+            try:
+                return run()
+            except errors as exc:
+                text = self._scrub(str(exc)) or type(exc).__name__
+                log.warning("broker_connection_lost: %s", text)
+                self.close()
+                if not retry or attempt == 2:
+                    raise BrokerUnavailableError(
+                        f"lost the connection to {self.settings.masked_dsn}: {text}"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _close_quietly(self, resource: Any) -> None:
+        try:
+            resource.close()
+        except Exception as exc:  # noqa: BLE001 - closing must never hide the real outcome
+            log.debug("close_failed: %s", self._scrub(str(exc)))
+
+    def _scrub(self, text: str) -> str:
+        """Library messages with any password of the DSN masked, to be safe."""
+        for url in self.settings.urls:
+            secret = url.password.get_secret_value()
+            if secret:
+                text = text.replace(secret, "***")
+        return text

@@ -1,0 +1,339 @@
+"""Jobs out, results back: build `JobRequest`s, publish them, and correlate the replies.
+
+- `build_job(kind, ...)` fills in the version and a fresh id and validates the job against the
+  wire models, raising `InvalidJobError` (field paths and reasons only, never input values).
+- `JobPublisher` publishes a job to `usm_poller.jobs` with the satellite id as routing key:
+  persistent, `mandatory`, and with a publisher confirm; an unroutable or nacked job raises
+  `PublishNotConfirmedError`.
+- `ReplyQueue` is an exclusive, auto-delete queue bound on `usm_poller.results` with
+  `reply.*.<its name>`; `wait()` returns the result that matches a correlation id.
+
+Who sent a result is checked by a `SenderCheck` (satellite id and the AMQP `user_id` that the
+broker vouches for); the default accepts any sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import kombu as _kombu
+from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
+from pydantic import JsonValue, TypeAdapter, ValidationError
+
+from poller.errors import BrokerError, PollerError, PublishNotConfirmedError, WireError
+from poller.wire import (
+    PROTOCOL_VERSION,
+    JobKind,
+    JobRequest,
+    JobResult,
+    Target,
+    decode_result,
+    jobs_exchange,
+    jobs_routing_key,
+    reply_binding_key,
+    results_exchange,
+)
+
+__all__ = [
+    "InvalidJobError",
+    "JobPublisher",
+    "NoResultError",
+    "ReplyQueue",
+    "SenderCheck",
+    "build_job",
+    "new_job_id",
+    "reply_queue_name",
+]
+
+log = logging.getLogger(__name__)
+#: kombu is only partly annotated (untyped calls fail `mypy --strict`): used through `Any`.
+kombu: Any = _kombu
+
+_JOB_ADAPTER: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
+CONTENT_TYPE = "application/json"
+PERSISTENT = 2
+REPLY_QUEUE_PREFIX = "satellite-reply-"
+
+
+class InvalidJobError(PollerError, ValueError):
+    """The job does not validate against the wire models; the message names fields only."""
+
+    code = "invalid_job"
+
+
+class NoResultError(PollerError, TimeoutError):
+    """No matching result arrived within the timeout (the job may still run later)."""
+
+    code = "no_result"
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def reply_queue_name() -> str:
+    """A fresh name for an RPC reply queue: no dots, so it is one word of a topic key."""
+    return f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
+
+
+def build_job(
+    kind: str | JobKind,
+    *,
+    target: Target | Mapping[str, Any],
+    auth: Mapping[str, Any] | None = None,
+    credential_ref: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    not_after: datetime | None = None,
+    idempotent: bool | None = None,
+    meta: Mapping[str, JsonValue] | None = None,
+    job_id: str | None = None,
+) -> JobRequest:
+    """A validated job of `kind`; fields left as None take the wire protocol's defaults."""
+    body: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": job_id if job_id is not None else new_job_id(),
+        "kind": str(kind),
+        "target": target.model_dump() if isinstance(target, Target) else dict(target),
+    }
+    optional = {
+        "auth": dict(auth) if auth is not None else None,
+        "credential_ref": credential_ref,
+        "params": dict(params) if params is not None else None,
+        "timeout": timeout,
+        "not_after": not_after,
+        "idempotent": idempotent,
+        "meta": dict(meta) if meta is not None else None,
+    }
+    body |= {key: value for key, value in optional.items() if value is not None}
+    try:
+        return _JOB_ADAPTER.validate_python(body)
+    except ValidationError as exc:
+        raise InvalidJobError(f"invalid {kind} job: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
+    """Field paths and reasons only: input values are never repeated (they may be secrets)."""
+    kinds = {k.value for k in JobKind}
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:limit]:
+        loc = ".".join(str(p) for p in err["loc"] if p not in kinds)
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {message}" if loc else message)
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing
+
+
+class JobPublisher:
+    """Publishes jobs on one confirm-mode channel and turns returns and nacks into errors."""
+
+    def __init__(
+        self,
+        channel: Any,
+        *,
+        confirm_timeout: float,
+        channel_errors: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self._confirm_timeout = confirm_timeout
+        self._channel_errors = channel_errors
+        self.broken = False
+        """Set when a confirm timed out: the channel must not be used again."""
+        self._returned: list[str] = []
+        self._producer = kombu.Producer(channel, auto_declare=False, on_return=self._on_return)
+
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        message_id = getattr(message, "properties", {}).get("message_id")
+        log.debug(
+            "job_returned: %s (exchange %r, routing key %r)",
+            getattr(exc, "reply_text", exc),
+            exchange,
+            routing_key,
+        )
+        self._returned.append(str(message_id))
+
+    def publish(
+        self,
+        satellite_id: str,
+        job: JobRequest,
+        *,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+        expiration: float | None = None,
+    ) -> None:
+        """Publish and wait for the confirm; raise `PublishNotConfirmedError` when not taken."""
+        routing_key = jobs_routing_key(satellite_id)
+        properties: dict[str, Any] = {"message_id": job.id, "type": job.kind}
+        if reply_to is not None:
+            properties["reply_to"] = reply_to
+        if correlation_id is not None:
+            properties["correlation_id"] = correlation_id
+        self._returned.clear()
+        try:
+            self._producer.publish(
+                job.model_dump_json().encode(),
+                exchange=jobs_exchange(),
+                routing_key=routing_key,
+                content_type=CONTENT_TYPE,
+                content_encoding="utf-8",
+                delivery_mode=PERSISTENT,
+                mandatory=True,
+                priority=priority,
+                expiration=expiration,
+                retry=False,
+                timeout=self._confirm_timeout,
+                confirm_timeout=self._confirm_timeout,
+                **properties,
+            )
+        except self._channel_errors as exc:
+            text = getattr(exc, "reply_text", None) or str(exc)
+            raise PublishNotConfirmedError(
+                f"the broker refused job {job.id} for satellite {satellite_id}: {text} "
+                "(run `satellite declare` first?)"
+            ) from exc
+        except MessageNacked:
+            raise PublishNotConfirmedError(
+                f"the broker refused job {job.id} for satellite {satellite_id} "
+                "(queue full or unavailable)"
+            ) from None
+        except TimeoutError:
+            self.broken = True
+            raise PublishNotConfirmedError(
+                f"no publisher confirm for job {job.id} within {self._confirm_timeout:g} s"
+            ) from None
+        if job.id in self._returned:
+            raise PublishNotConfirmedError(
+                f"job {job.id} was not routed: no queue is bound to {jobs_exchange()} with key "
+                f"{routing_key!r} (run `satellite declare {satellite_id}`)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+class SenderCheck(Protocol):
+    """Decides whether a result really comes from the satellite it names.
+
+    `user_id` is the AMQP `user_id` property, which RabbitMQ checks against the publishing
+    connection's user; None when the publisher did not set it.
+    """
+
+    def __call__(self, satellite_id: str, user_id: str | None) -> bool: ...
+
+
+def accept_any_sender(satellite_id: str, user_id: str | None) -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Expected:
+    satellite_id: str
+    job_id: str
+
+
+class ReplyQueue:
+    """An exclusive reply queue for this connection and the results that arrived on it."""
+
+    def __init__(
+        self,
+        connection: Any,
+        channel: Any,
+        *,
+        channel_errors: tuple[type[BaseException], ...],
+        sender_check: SenderCheck = accept_any_sender,
+    ) -> None:
+        self.name = reply_queue_name()
+        self._connection = connection
+        self._sender_check = sender_check
+        self._expected: dict[str, _Expected] = {}
+        self._results: dict[str, JobResult] = {}
+        queue = kombu.Queue(
+            self.name,
+            exchange=kombu.Exchange(results_exchange(), type="topic", no_declare=True),
+            routing_key=reply_binding_key(self.name),
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+            queue_arguments={"x-queue-type": "classic"},
+        )
+        try:
+            self._consumer = kombu.Consumer(
+                channel, queues=[queue], on_message=self._on_message, no_ack=True
+            )
+            self._consumer.consume()
+        except channel_errors as exc:
+            text = getattr(exc, "reply_text", None) or str(exc)
+            raise BrokerError(
+                f"cannot set up the reply queue: {text} (run `satellite declare` first?)"
+            ) from exc
+
+    def expect(self, correlation_id: str, *, satellite_id: str, job_id: str) -> None:
+        self._expected[correlation_id] = _Expected(satellite_id, job_id)
+
+    def forget(self, correlation_id: str) -> None:
+        self._expected.pop(correlation_id, None)
+        self._results.pop(correlation_id, None)
+
+    def wait(self, correlation_id: str, timeout: float) -> JobResult | None:
+        """The result for `correlation_id`, or None after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while correlation_id not in self._results:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                self._connection.drain_events(timeout=min(remaining, 1.0))
+            except TimeoutError:
+                continue
+        return self._results[correlation_id]
+
+    def _on_message(self, message: Any) -> None:
+        properties: Mapping[str, Any] = message.properties
+        correlation_id = str(properties.get("correlation_id") or "")
+        expected = self._expected.get(correlation_id)
+        if expected is None or correlation_id in self._results:
+            log.info("result_ignored: no caller waits for correlation id %r", correlation_id)
+            return
+        try:
+            result = decode_result(message.body)
+        except WireError as exc:
+            log.warning("result_invalid: %s", exc)
+            return
+        if (result.job_id, result.satellite_id) != (expected.job_id, expected.satellite_id):
+            log.warning(
+                "result_mismatched: job %r from satellite %r for job %r on satellite %r",
+                result.job_id,
+                result.satellite_id,
+                expected.job_id,
+                expected.satellite_id,
+            )
+            return
+        user_id = properties.get("user_id")
+        if not self._sender_check(result.satellite_id, user_id):
+            log.warning(
+                "result_rejected: satellite %r sent by broker user %r",
+                result.satellite_id,
+                user_id,
+            )
+            return
+        self._results[correlation_id] = result
+
+    def cancel(self) -> None:
+        self._consumer.cancel()

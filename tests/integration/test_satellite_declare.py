@@ -1,0 +1,112 @@
+"""`Client.declare` against the real broker: what it creates, idempotence, conflicts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import kombu as _kombu
+import pytest
+
+from poller.wire import jobs_queue, jobs_queue_arguments
+from satellite.client import Client
+from satellite.config import CoreSettings
+from satellite.topology import Outcome
+from tests.support.rabbitmq import (
+    AmqpVhost,
+    list_bindings,
+    list_exchanges,
+    list_queues,
+    queue_arguments,
+)
+
+kombu: Any = _kombu
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sat_id() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def client(amqp_vhost: AmqpVhost) -> Iterator[Client]:
+    settings = CoreSettings.from_dsn(amqp_vhost.dsn, connect_timeout=5, operation_timeout=5)
+    with Client(settings) as client:
+        yield client
+
+
+def test_declare_creates_the_design_topology(
+    client: Client, amqp_vhost: AmqpVhost, sat_id: str
+) -> None:
+    report = client.declare([sat_id])
+    assert report.ok
+    outcomes = {(item.object, item.name): item.outcome for item in report.items}
+    assert outcomes[("queue", jobs_queue(sat_id))] is Outcome.CREATED
+    assert outcomes[("queue", f"{jobs_queue(sat_id)}.dlq")] is Outcome.CREATED
+
+    exchanges = {row["name"]: row for row in list_exchanges(amqp_vhost.name)}
+    for name, kind in [
+        ("usm_poller.jobs", "direct"),
+        ("usm_poller.dlx", "direct"),
+        ("usm_poller.results", "topic"),
+        ("usm_poller.events", "topic"),
+    ]:
+        assert exchanges[name]["type"] == kind
+        assert exchanges[name]["durable"] is True
+
+    queues = {row["name"]: row for row in list_queues(amqp_vhost.name)}
+    args = queue_arguments(amqp_vhost.name)
+    assert args[jobs_queue(sat_id)] == jobs_queue_arguments(sat_id)
+    assert args[jobs_queue(sat_id)]["x-delivery-limit"] == 20
+    assert queues[jobs_queue(sat_id)]["type"] == "quorum"
+    assert queues[jobs_queue(sat_id)]["durable"] is True
+    assert args[f"{jobs_queue(sat_id)}.dlq"] == {}
+    assert queues[f"{jobs_queue(sat_id)}.dlq"]["durable"] is True
+    assert queues["usm_poller.results"]["type"] == "quorum"
+
+    bindings = set(list_bindings(amqp_vhost.name))
+    assert {
+        ("usm_poller.jobs", jobs_queue(sat_id), sat_id),
+        ("usm_poller.dlx", f"{jobs_queue(sat_id)}.dlq", sat_id),
+        ("usm_poller.results", "usm_poller.results", "result.#"),
+    } <= bindings
+
+
+def test_declare_twice_is_idempotent(client: Client, sat_id: str) -> None:
+    client.declare([sat_id])
+    again = client.declare([sat_id, sat_id])
+    assert again.ok
+    assert {item.outcome for item in again.items if item.object != "binding"} == {Outcome.EXISTS}
+    assert len([item for item in again.items if item.object == "queue"]) == 3
+
+
+def test_classic_queue_type(client: Client, amqp_vhost: AmqpVhost, sat_id: str) -> None:
+    assert client.declare([sat_id], queue_type="classic").ok
+    args = queue_arguments(amqp_vhost.name)[jobs_queue(sat_id)]
+    assert args == jobs_queue_arguments(sat_id, "classic")
+    assert "x-queue-type" not in args
+
+
+def test_existing_queue_with_other_arguments_is_reported(
+    client: Client, amqp_vhost: AmqpVhost, sat_id: str
+) -> None:
+    with kombu.Connection(amqp_vhost.dsn, connect_timeout=5) as conn:
+        conn.channel().queue_declare(queue=jobs_queue(sat_id), durable=True, auto_delete=False)
+    report = client.declare([sat_id])
+    assert not report.ok
+    [conflict] = report.conflicts
+    assert conflict.name == jobs_queue(sat_id)
+    assert "PRECONDITION_FAILED" in (conflict.detail or "")
+    assert queue_arguments(amqp_vhost.name)[jobs_queue(sat_id)] == {}  # left alone
+    assert ("usm_poller.jobs", jobs_queue(sat_id), sat_id) in list_bindings(amqp_vhost.name)
+    # The rest of the declare went on, and the client is still usable.
+    assert report.items[-1].outcome is Outcome.BOUND
+    assert client.declare([f"{sat_id}-b"]).ok
+
+
+def test_quorum_queue_declared_as_classic_is_a_conflict(client: Client, sat_id: str) -> None:
+    client.declare([sat_id])
+    report = client.declare([sat_id], queue_type="classic")
+    assert [item.name for item in report.conflicts] == [jobs_queue(sat_id)]
