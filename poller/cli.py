@@ -113,14 +113,49 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- exec
 
 
-def _add_exec_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=ALL_KINDS, help="job kind")
-    p.add_argument("items", nargs="*", metavar="OID", help="OIDs; for snmp.set OID=TYPE:VALUE")
-    p.add_argument("--host", required=True, help="device address or name")
-    p.add_argument("--port", type=int, help="device port (161 for SNMP, 22 SSH, 23 telnet)")
-    p.add_argument("--timeout", type=float, default=10.0, help="whole-job deadline, s (10)")
-    p.add_argument("--id", help="job id (a random UUID by default)")
-    p.add_argument("--credential-ref", help="name in USM_POLLER_CREDENTIALS_FILE instead of auth")
+def _add_exec_arguments(exec_: argparse.ArgumentParser) -> None:
+    kinds = exec_.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind in ALL_KINDS:
+        p = kinds.add_parser(kind, help=_KIND_HELP[kind])
+        p.add_argument("--host", required=True, help="device address or name")
+        p.add_argument(
+            "--port",
+            type=int,
+            required=kind == "tcp.connect",
+            help="device port (161 for SNMP, 22 SSH, 23 telnet)",
+        )
+        p.add_argument("--timeout", type=float, default=10.0, help="whole-job deadline, s (10)")
+        p.add_argument("--id", help="job id (a random UUID by default)")
+        if kind in SNMP_KINDS or kind in CLI_KINDS:
+            p.add_argument("--credential-ref", help="entry of USM_POLLER_CREDENTIALS_FILE")
+        if kind in SNMP_KINDS:
+            _add_snmp_arguments(p, kind)
+        elif kind in CLI_KINDS:
+            _add_cli_arguments(p, kind)
+        elif kind == "icmp.ping":
+            p.add_argument("--count", type=int, help="echo requests (3)")
+            p.add_argument("--interval", type=float, help="seconds between them (0.2)")
+            p.add_argument("--size", type=int, help="payload bytes (56)")
+
+
+_KIND_HELP = {
+    "snmp.get": "SNMP GET of OIDs",
+    "snmp.getnext": "SNMP GETNEXT of OIDs",
+    "snmp.walk": "SNMP walk of subtrees",
+    "snmp.set": "SNMP SET of OID=TYPE:VALUE",
+    "ssh.exec": "commands over SSH exec channels",
+    "ssh.cli": "commands in an interactive SSH CLI session",
+    "telnet.cli": "commands in an interactive telnet CLI session",
+    "icmp.ping": "ICMP echo",
+    "tcp.connect": "TCP connect to --port",
+}
+
+
+def _add_snmp_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+    if kind == "snmp.set":
+        p.add_argument("items", nargs="+", metavar="OID=TYPE:VALUE", help="varbinds to set")
+    else:
+        p.add_argument("items", nargs="+", metavar="OID", help="numeric OIDs")
     snmp = p.add_argument_group("SNMP")
     snmp.add_argument("-v", "--snmp-version", choices=("1", "2c", "3"), default="2c")
     snmp.add_argument("-c", "--community", help="v1/v2c community (or --community-file)")
@@ -136,21 +171,29 @@ def _add_exec_arguments(p: argparse.ArgumentParser) -> None:
     snmp.add_argument("-X", "--priv-key", help="v3 privacy passphrase (or --priv-key-file)")
     snmp.add_argument("--priv-key-file", type=Path)
     snmp.add_argument("-n", "--context", default="", help="v3 context name")
-    snmp.add_argument("--max-repetitions", type=int, help="walk: GETBULK max-repetitions (25)")
-    snmp.add_argument("--max-varbinds", type=int, help="walk: stop after this many (200000)")
+    if kind == "snmp.walk":
+        snmp.add_argument("--max-repetitions", type=int, help="GETBULK max-repetitions (25)")
+        snmp.add_argument("--max-varbinds", type=int, help="stop after this many (200000)")
+
+
+def _add_cli_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     cli = p.add_argument_group("SSH and telnet")
     cli.add_argument("--username")
     cli.add_argument("--password-file", type=Path, help="file holding the password")
-    cli.add_argument("--private-key-file", type=Path)
-    cli.add_argument("--enable-password-file", type=Path)
-    cli.add_argument("--host-key", help="pinned OpenSSH public key of the device")
-    cli.add_argument("--platform", default="generic", help="CLI platform (generic, cisco_ios...)")
-    cli.add_argument("--command", action="append", default=[], dest="commands")
-    cli.add_argument("--enable", action="store_true", help="enter privileged mode first")
-    ping = p.add_argument_group("icmp.ping")
-    ping.add_argument("--count", type=int)
-    ping.add_argument("--interval", type=float)
-    ping.add_argument("--size", type=int)
+    cli.add_argument("--enable-password-file", type=Path, help="file holding the enable secret")
+    if kind.startswith("ssh."):
+        cli.add_argument("--private-key-file", type=Path)
+        cli.add_argument("--host-key", help="pinned OpenSSH public key of the device")
+    if kind != "ssh.exec":
+        cli.add_argument("--platform", default="generic", help="generic, cisco_ios, ...")
+        cli.add_argument("--enable", action="store_true", help="enter privileged mode first")
+    cli.add_argument(
+        "--command",
+        action="append",
+        required=True,
+        dest="commands",
+        help="a command to run (repeatable)",
+    )
 
 
 def _secret(value: str | None, path: Path | None, what: str) -> str | None:
@@ -197,9 +240,9 @@ def _cli_auth(args: argparse.Namespace) -> dict[str, Any]:
     auth = {
         "username": args.username,
         "password": _secret(None, args.password_file, "password"),
-        "private_key": _secret(None, args.private_key_file, "private-key"),
+        "private_key": _secret(None, getattr(args, "private_key_file", None), "private-key"),
         "enable_password": _secret(None, args.enable_password_file, "enable-password"),
-        "host_key": args.host_key,
+        "host_key": getattr(args, "host_key", None),
     }
     return {k: v for k, v in auth.items() if v is not None}
 
@@ -236,7 +279,7 @@ def build_exec_job(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "params": _params(args),
     }
-    if args.credential_ref:
+    if getattr(args, "credential_ref", None):
         job["credential_ref"] = args.credential_ref
     elif args.kind in SNMP_KINDS:
         job["auth"] = _snmp_auth(args)

@@ -1,0 +1,108 @@
+"""`poller exec`: one job run locally against the real snmpd, no broker involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from tests.support.snmpd import Snmpd
+
+
+def poller_exec(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_POLLER_", "US_AMQP"))}
+    return subprocess.run(
+        [sys.executable, "-m", "poller", "exec", *args],
+        env=env | {"USM_POLLER_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def result_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(proc.stdout)
+    return data
+
+
+def test_exec_snmp_get_v2c_prints_the_result(snmpd: Snmpd) -> None:
+    proc = poller_exec(
+        "snmp.get",
+        "--host",
+        snmpd.host,
+        "--port",
+        str(snmpd.port),
+        "--community",
+        snmpd.community,
+        "1.3.6.1.2.1.1.5.0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = result_of(proc)
+    assert result["status"] == "ok"
+    assert result["data"]["varbinds"][0]["value"] == snmpd.sys_name
+    assert result["satellite_id"] == "local"
+
+
+def test_exec_snmp_walk_v3_with_key_files(snmpd: Snmpd, tmp_path: Any) -> None:
+    user = snmpd.v3_users["sha-aes"]
+    assert user.auth_key and user.priv_key
+    (tmp_path / "auth").write_text(user.auth_key + "\n")
+    (tmp_path / "priv").write_text(user.priv_key + "\n")
+    proc = poller_exec(
+        "snmp.walk",
+        "--host",
+        snmpd.host,
+        "--port",
+        str(snmpd.port),
+        "-v",
+        "3",
+        "-u",
+        user.user,
+        "-a",
+        "SHA",
+        "--auth-key-file",
+        str(tmp_path / "auth"),
+        "-x",
+        "AES",
+        "--priv-key-file",
+        str(tmp_path / "priv"),
+        "--max-varbinds",
+        "5",
+        "1.3.6.1.2.1.1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = result_of(proc)
+    assert len(result["data"]["varbinds"]) == 5
+    assert user.auth_key not in proc.stdout + proc.stderr
+
+
+def test_exec_device_failure_exits_1_with_an_error_result(snmpd: Snmpd) -> None:
+    proc = poller_exec(
+        "snmp.get",
+        "--host",
+        snmpd.host,
+        "--port",
+        str(snmpd.port),
+        "--community",
+        "not-the-community",
+        "--timeout",
+        "1",
+        "1.3.6.1.2.1.1.5.0",
+    )
+    assert proc.returncode == 1
+    result = result_of(proc)
+    assert result["error"]["code"] == "device_timeout"
+    assert "not-the-community" not in proc.stdout + proc.stderr
+
+
+def test_exec_bad_arguments_exit_2_with_one_line() -> None:
+    proc = poller_exec("snmp.set", "--host", "127.0.0.1", "--community", "c", "1.3.6.1=oops")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("poller: snmp.set varbind")
+    assert proc.stderr.count("\n") == 1
+    proc = poller_exec("snmp.get", "--host", "127.0.0.1", "--community", "c", "not-an-oid")
+    assert proc.returncode == 2
+    assert "params.oids" in proc.stderr
