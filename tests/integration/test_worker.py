@@ -402,3 +402,34 @@ def test_check_reports_health_and_secrets_never_reach_the_logs(
         assert check.returncode == 1
     finally:
         rabbitmqctl("delete_user", user)
+
+
+def test_fails_over_to_the_next_broker_url(
+    start_poller: PollerFactory,
+    client: JobClient,
+    snmpd: Snmpd,
+    sid: str,
+    amqp_vhost: AmqpVhost,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    dead = f"amqp://guest:guest@127.0.0.1:{dead_port}/x"
+    poller = start_poller(sid, amqp_dsn=f"{dead},{amqp_vhost.dsn}")
+    client.publish(snmp_job(snmpd.host, snmpd.port, job_id="via-second"))
+    assert client.by_id(1)["via-second"].status == "ok"
+    failed = poller.events("broker_connect_failed")
+    assert all(":***@" in e["broker"] for e in failed)
+
+
+def test_deleted_queue_is_declared_again_and_consumed(
+    start_poller: PollerFactory, client: JobClient, snmpd: Snmpd, sid: str
+) -> None:
+    poller = start_poller(sid)
+    client._ch.queue_delete(wire.jobs_queue(sid))
+    deadline = time.monotonic() + 30
+    while not poller.events("broker_reconnected") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert poller.events("consumer_cancelled")
+    client.publish(snmp_job(snmpd.host, snmpd.port, job_id="after-delete"))
+    assert client.by_id(1)["after-delete"].status == "ok"

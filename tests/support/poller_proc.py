@@ -103,6 +103,8 @@ class PollerFactory:
             "USM_POLLER_HEARTBEAT_INTERVAL": "1",
             "USM_POLLER_WORKER_NAME": f"poller-{satellite_id}-{n}",
         }
+        if "amqp_dsn" in settings:
+            env["US_AMQP_DSN"] = str(settings.pop("amqp_dsn"))
         env |= {f"USM_POLLER_{k.upper()}": str(v) for k, v in settings.items()}
         with log_path.open("ab") as log_file:
             proc = subprocess.Popen(
