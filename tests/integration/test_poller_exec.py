@@ -48,7 +48,8 @@ def test_exec_snmp_get_v2c_prints_the_result(snmpd: Snmpd) -> None:
 
 def test_exec_snmp_walk_v3_with_key_files(snmpd: Snmpd, tmp_path: Any) -> None:
     user = snmpd.v3_users["sha-aes"]
-    assert user.auth_key and user.priv_key
+    assert user.auth_key
+    assert user.priv_key
     (tmp_path / "auth").write_text(user.auth_key + "\n")
     (tmp_path / "priv").write_text(user.priv_key + "\n")
     proc = poller_exec(
