@@ -29,6 +29,10 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorPhaseErrorBase,
+)
 
 from poller import __version__
 from poller.config import AmqpUrl
@@ -591,7 +595,22 @@ def _resolve(future: asyncio.Future[Any], value: Any) -> None:
         future.set_result(value)
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The underlying errors of pika's connection-workflow wrappers (they say nothing alone)."""
+    if isinstance(exc, AMQPConnectionWorkflowFailed):
+        return [cause for inner in exc.exceptions for cause in _causes(inner)]
+    if isinstance(exc, AMQPConnectorPhaseErrorBase):
+        return _causes(exc.exception)
+    if (
+        isinstance(exc, pika.exceptions.AMQPConnectionError)
+        and len(exc.args) == 1
+        and isinstance(exc.args[0], BaseException)
+    ):
+        return _causes(exc.args[0])
+    return [exc]
+
+
 def _describe(exc: BaseException) -> str:
-    """A short, secret-free description of a connection error."""
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
+    """A short, secret-free description of a connection error, naming its real cause."""
+    parts = dict.fromkeys(f"{type(c).__name__}: {str(c) or repr(c)}" for c in _causes(exc))
+    return "; ".join(parts)[:300]

@@ -23,6 +23,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import (
@@ -99,7 +100,7 @@ def _parse_url(url: str, n: int) -> AmqpUrl:
                 f"(allowed: {', '.join(sorted(_URL_OPTIONS))}; TLS verification cannot be off)"
             )
         options[key] = value
-    if scheme == "amqp" and {"cafile", "certfile", "keyfile"} & options.keys():
+    if scheme == "amqp" and options:
         raise ValueError(f"{where} has TLS options but is not amqps://")
     return AmqpUrl(
         scheme="amqps" if scheme == "amqps" else "amqp",
@@ -150,6 +151,9 @@ class PollerSettings(BaseSettings):
     max_job_bytes: int = Field(default=262_144, ge=1024, le=64 * 1024 * 1024)
     max_output_bytes: int = Field(default=4_194_304, ge=1024, le=1024 * 1024 * 1024)
     per_device_concurrency: int = Field(default=4, ge=1, le=1000)
+    quarantine_after: int = Field(default=3, ge=0, le=1000)
+    quarantine_seconds: PositiveFloat = Field(default=30.0, le=86_400)
+    quarantine_max_seconds: PositiveFloat = Field(default=300.0, le=86_400)
     snmp_backend: Literal["auto", "pysnmp", "netsnmp"] = "auto"
     snmp_timeout: PositiveFloat = Field(default=2.0, le=60)
     snmp_retries: int = Field(default=2, ge=0, le=10)
@@ -171,6 +175,14 @@ class PollerSettings(BaseSettings):
     @classmethod
     def _check_dsn(cls, value: SecretStr) -> SecretStr:
         parse_dsn(value.get_secret_value())
+        return value
+
+    @field_validator("quarantine_max_seconds")
+    @classmethod
+    def _max_not_below_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("quarantine_seconds")
+        if isinstance(base, float) and value < base:
+            raise ValueError(f"must be at least {ENV_PREFIX}QUARANTINE_SECONDS ({base:g})")
         return value
 
     @field_validator("log_level", "log_format", "queue_type", "snmp_backend", mode="before")
@@ -199,16 +211,40 @@ class PollerSettings(BaseSettings):
     def tofu_path(self) -> Path:
         return self.ssh_tofu_file or self.state_dir / f"known_hosts.tofu.{self.satellite_id}"
 
-    def ssl_context(self, url: AmqpUrl) -> ssl.SSLContext | None:
-        """A verifying TLS context for an `amqps://` URL (CA, optional client certificate)."""
-        if not url.tls:
-            return None
+    def ssl_contexts(self) -> dict[int, ssl.SSLContext]:
+        """A verifying TLS context for every `amqps://` URL, by its 0-based index in the DSN.
+
+        Raises `ConfigError` naming the setting when a file is missing or unusable.
+        """
+        urls = self.amqp_urls
+        if not any(url.tls for url in urls):
+            for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{env_name(name)}: is set but {DSN_ENV} has no amqps:// URL")
+            return {}
+        return {n: self._ssl_context(url, n + 1) for n, url in enumerate(urls) if url.tls}
+
+    def _ssl_context(self, url: AmqpUrl, n: int) -> ssl.SSLContext:
+        if url.certfile or url.keyfile:
+            where = f"{DSN_ENV} (URL {n})"
+            certfile, keyfile = url.certfile, url.keyfile
+        else:
+            where = f"{env_name('tls_cert_file')}/{env_name('tls_key_file')}"
+            certfile = str(self.tls_cert_file) if self.tls_cert_file else None
+            keyfile = str(self.tls_key_file) if self.tls_key_file else None
+        if keyfile and not certfile:
+            raise ConfigError(f"{where}: a key file without a certificate file")
         cafile = url.cafile or (str(self.tls_ca_file) if self.tls_ca_file else None)
-        context = ssl.create_default_context(cafile=cafile)
-        certfile = url.certfile or (str(self.tls_cert_file) if self.tls_cert_file else None)
-        keyfile = url.keyfile or (str(self.tls_key_file) if self.tls_key_file else None)
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            source = f"{DSN_ENV} (URL {n}) cafile" if url.cafile else env_name("tls_ca_file")
+            raise ConfigError(f"{source}: cannot load {cafile}: {_reason(exc)}") from None
         if certfile:
-            context.load_cert_chain(certfile, keyfile)
+            try:
+                context.load_cert_chain(certfile, keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"{where}: cannot load {certfile}: {_reason(exc)}") from None
         return context
 
     def public_view(self) -> dict[str, str | int | float | bool | None]:
@@ -256,6 +292,10 @@ def load_settings(defaults: dict[str, Any] | None = None) -> PollerSettings:
         return PollerSettings(**values)
     except ValidationError as exc:
         raise ConfigError(_first_problem(exc)) from None
+
+
+def _reason(exc: OSError) -> str:
+    return str(getattr(exc, "reason", None) or exc.strerror or type(exc).__name__)
 
 
 def _read_config_file(path: str | None) -> dict[str, Any]:

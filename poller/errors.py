@@ -13,6 +13,7 @@ PollerError
     ├── UnknownJobKindError             no driver for the kind in this process
     ├── CredentialNotFoundError
     ├── DeviceUnreachableError          retryable
+    │   └── DeviceQuarantinedError      retryable: answered at once, the device is quarantined
     ├── DeviceTimeoutError              retryable (also a TimeoutError)
     ├── DeviceAuthError                 not retryable
     ├── HostKeyMismatchError            not retryable
@@ -40,6 +41,7 @@ __all__ = [
     "CredentialNotFoundError",
     "DeviceAuthError",
     "DeviceCommandError",
+    "DeviceQuarantinedError",
     "DeviceTimeoutError",
     "DeviceUnreachableError",
     "ExpiredError",
@@ -139,6 +141,14 @@ class CredentialNotFoundError(JobError):
 class DeviceUnreachableError(JobError):
     code = "device_unreachable"
     retryable = True
+
+
+class DeviceQuarantinedError(DeviceUnreachableError):
+    """Answered at once because the device is quarantined after repeated timeouts (DESIGN §5).
+
+    Same code as `DeviceUnreachableError` on the wire; the runner tells it apart so that a
+    refusal by the quarantine is not taken as a sign of life from the device.
+    """
 
 
 class DeviceTimeoutError(JobError, TimeoutError):

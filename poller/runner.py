@@ -20,14 +20,19 @@ from poller.credentials import CredentialStore
 from poller.drivers import get_driver
 from poller.drivers.base import Driver, JobContext
 from poller.errors import (
+    DeviceQuarantinedError,
     DeviceTimeoutError,
     ExpiredError,
     JobError,
     OutcomeUnknownError,
 )
+from poller.logging import get_logger
+from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
 from poller.wire import ErrorInfo, JobRequest, JobResult, now
 
 __all__ = ["Attempt", "DeviceLimiter", "Runner", "error_result"]
+
+log = get_logger("poller.runner")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,7 @@ class Runner:
         worker: str,
         per_device_concurrency: int = 4,
         max_output_bytes: int = 4 * 1024 * 1024,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self._drivers = dict(drivers)
         self._credentials = credentials
@@ -137,6 +143,8 @@ class Runner:
         self.worker = worker
         self._limiter = DeviceLimiter(per_device_concurrency)
         self._max_output_bytes = max_output_bytes
+        #: Dead-device circuit breaker (DESIGN §5); its entries go into every heartbeat.
+        self.quarantine = quarantine if quarantine is not None else Quarantine()
 
     async def run(self, job: JobRequest, attempt: Attempt = Attempt()) -> JobResult:
         """Run one job to a result. Device failures become error results; bugs propagate."""
@@ -192,12 +200,42 @@ class Runner:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes)
+        ticket = self.quarantine.admit(job.target.host)
+        outcome, error, reached = Outcome.NEUTRAL, "", False
         try:
             async with asyncio.timeout_at(deadline), self._limiter.slot(job.target.host):
-                return await driver.run(job, auth, ctx)
+                self.quarantine.check(ticket)
+                reached = True
+                data = await driver.run(job, auth, ctx)
+                outcome = classify(None, job.kind, data)
+                return data
         except TimeoutError as exc:
-            if isinstance(exc, DeviceTimeoutError):
-                raise
-            raise DeviceTimeoutError(
-                f"no complete answer from {job.target.host} within {timeout:g} s"
-            ) from None
+            if not isinstance(exc, DeviceTimeoutError):
+                exc = DeviceTimeoutError(
+                    f"no complete answer from {job.target.host} within {timeout:g} s"
+                )
+            # A job that timed out while queued for its device slot says nothing about it.
+            outcome, error = (Outcome.TIMEOUT if reached else Outcome.NEUTRAL), exc.message
+            raise exc from None
+        except DeviceQuarantinedError:
+            raise
+        except JobError as exc:
+            outcome, error = classify(exc.code, job.kind, exc.data), exc.message
+            raise
+        finally:
+            self._settle(ticket, outcome, error)
+
+    def _settle(self, ticket: Ticket, outcome: Outcome, error: str) -> None:
+        change = self.quarantine.settle(ticket, outcome, error)
+        if change is Change.QUARANTINED or change is Change.EXTENDED:
+            until = self.quarantine.until(ticket.device)
+            log.warning(
+                "device_quarantined",
+                device=ticket.device,
+                until=until.isoformat() if until else None,
+                after_timeouts=self.quarantine.after,
+                probe=ticket.probe,
+                last_error=error,
+            )
+        elif change is Change.RELEASED:
+            log.info("device_released", device=ticket.device, probe=ticket.probe)

@@ -30,6 +30,7 @@ from poller.drivers.base import Driver
 from poller.errors import BrokerError, WireError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.logging import get_logger
+from poller.quarantine import Quarantine
 from poller.runner import Attempt, Runner, error_result
 
 __all__ = ["Worker", "build_topology", "run_worker"]
@@ -103,6 +104,11 @@ class Worker:
             worker=self.name,
             per_device_concurrency=settings.per_device_concurrency,
             max_output_bytes=settings.max_output_bytes,
+            quarantine=Quarantine(
+                after=settings.quarantine_after,
+                cooldown=settings.quarantine_seconds,
+                max_cooldown=settings.quarantine_max_seconds,
+            ),
         )
         urls = settings.amqp_urls
         self._broker = Broker(
@@ -112,9 +118,7 @@ class Worker:
                 heartbeat=settings.heartbeat,
                 prefetch=settings.concurrency,
                 declare=settings.declare,
-                ssl_contexts={
-                    i: settings.ssl_context(url) for i, url in enumerate(urls) if url.tls
-                },
+                ssl_contexts=settings.ssl_contexts(),
             ),
             queue=wire.jobs_queue(self._sid),
             topology=build_topology(self._sid, settings.queue_type),
@@ -396,6 +400,7 @@ class Worker:
             jobs_per_s=round(jobs_per_s, 2),
             loop_lag_ms=round(self._loop_lag_ms, 2),
             rss_bytes=_rss_bytes(),
+            quarantine=self._runner.quarantine.entries(),
         )
         props = amqp_properties(
             content_type="application/json",

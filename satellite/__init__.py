@@ -1,4 +1,6 @@
-"""satellite: the core-side toolkit of the satellite poller (declare, submit, call).
+"""satellite: the core-side toolkit of the satellite poller.
+
+Declare and provision satellites, submit and call jobs, follow results, fleet status, DLQ replay.
 
 `Client` is the Python API; `satellite.cli` is the command line built on it.
 """
@@ -7,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from satellite.client import Client
 from satellite.config import CoreSettings, load_core_settings
-from satellite.dispatch import InvalidJobError, NoResultError, build_job
+from satellite.dispatch import InvalidJobError, NoResultError, SenderPolicy, build_job
 from satellite.topology import DeclareReport, Outcome
 
 try:
@@ -22,6 +24,7 @@ __all__ = [
     "InvalidJobError",
     "NoResultError",
     "Outcome",
+    "SenderPolicy",
     "__version__",
     "build_job",
     "load_core_settings",

@@ -2,11 +2,13 @@
 
 Exit codes (stable, documented in docs/core.md):
 
-- 0: done (`call`: the result's status is `ok`)
-- 1: `call`: the result's status is `error`; `declare`: some object exists with other arguments
+- 0: done (`call`: the result's status is `ok`; `status`: every satellite is healthy)
+- 1: `call`: the result's status is `error`; `declare`: some object exists with other
+  arguments; `status`: some satellite has no consumer, no heartbeat or a growing queue;
+  `submit --file`, `dlq replay`: some job was not taken; `dlq show`: no such job
 - 2: a bad argument or setting (one line on stderr)
 - 3: `call`: no result within `--timeout`
-- 4: the broker is unreachable or did not take the job (unroutable, refused, no confirm)
+- 4: the broker or its management API is unreachable or refused (or did not take the job)
 - 130: interrupted (Ctrl-C)
 """
 
@@ -17,16 +19,27 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any, NoReturn, TextIO
 
 from poller.errors import BrokerError, ConfigError
 from poller.wire import JobKind, JobRequest, JobResult, validate_satellite_id
-from satellite import __version__
+from satellite import __version__, render
+from satellite.bulk import DEFAULT_WINDOW, open_jobs_file
 from satellite.client import Client
-from satellite.config import DSN_ENV, load_core_settings
-from satellite.dispatch import InvalidJobError, NoResultError
+from satellite.config import DSN_ENV, CoreSettings, load_core_settings
+from satellite.dispatch import InvalidJobError, NoResultError, SenderPolicy
 from satellite.jobargs import KIND_OPTIONS, add_job_arguments, job_from_args
+from satellite.management import MANAGEMENT_ENV, ManagementApi, ManagementSettings
+from satellite.provision import (
+    DEFAULT_MAX_CHANNELS,
+    DEFAULT_MAX_CONNECTIONS,
+    provision_satellite,
+    revoke_satellite,
+)
+from satellite.status import FleetView, SatelliteStatus, satellite_status
 from satellite.topology import DeclareReport, Outcome, core_topology
 
 __all__ = ["EXIT_BROKER", "EXIT_ERROR", "EXIT_NO_RESULT", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -38,8 +51,21 @@ EXIT_NO_RESULT = 3
 EXIT_BROKER = 4
 EXIT_INTERRUPTED = 130
 
-Handler = Callable[[argparse.Namespace, Client], int]
-Prepare = Callable[[argparse.Namespace], None]
+TRUSTED_USERS_ENV = "USM_TRUSTED_USERS"
+JOB_QUEUE_PREFIX = "usm_poller-sat-"
+DLQ_SUFFIX = ".dlq"
+DEFAULT_LISTEN = 12.0
+"""Seconds `status` listens for heartbeats: a little more than the default interval (10 s)."""
+
+#: Options every command has; their defaults are filled in after parsing (see `_Parser`).
+COMMON_DEFAULTS: dict[str, Any] = {
+    "dsn": None,
+    "connect_timeout": None,
+    "operation_timeout": None,
+    "management_url": None,
+    "trust_user": [],
+    "json": False,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,12 +83,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="satellite", description="Core-side toolkit of the satellite poller.")
-    parser.add_argument("--version", action="version", version=f"satellite {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    common = _Parser(add_help=False)
+def _common_options() -> _Parser:
+    # Defaults are SUPPRESSed so that a subcommand's parser does not overwrite an option given
+    # before its name (argparse copies every default of a sub-parser onto the namespace).
+    common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
     broker = common.add_argument_group("broker")
     broker.add_argument(
         "--dsn", help=f"broker URL(s), comma-separated for failover (default: ${DSN_ENV})"
@@ -74,9 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up connecting after S seconds, all nodes and retries included (30)",
     )
     broker.add_argument(
-        "--operation-timeout", type=float, metavar="S", help="per broker round trip (10)"
+        "--operation-timeout",
+        type=float,
+        metavar="S",
+        help="per broker round trip or HTTP request (10)",
+    )
+    broker.add_argument(
+        "--management-url",
+        metavar="URL",
+        help=f"RabbitMQ management API (default: ${MANAGEMENT_ENV}, else http://<DSN host>:15672"
+        " with the DSN's user)",
+    )
+    broker.add_argument(
+        "--trust-user",
+        action="append",
+        metavar="USER",
+        help="also accept results and heartbeats sent by this broker user for any satellite "
+        f"(repeatable; also ${TRUSTED_USERS_ENV}, comma-separated; '*' trusts everyone)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="satellite", description="Core-side toolkit of the satellite poller.")
+    parser.add_argument("--version", action="version", version=f"satellite {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common_options()
 
     declare = commands.add_parser(
         "declare", parents=[common], help="declare exchanges and queues for satellites"
@@ -89,8 +137,54 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not declare the core's usm_poller.results queue",
     )
-    declare.set_defaults(handler=_declare, prepare=_prepare_declare)
+    declare.set_defaults(handler=_declare, prepare=_prepare_ids)
 
+    _add_provision(commands, common)
+    _add_jobs(commands, common)
+    _add_results(commands, common)
+    _add_status(commands, common)
+    _add_dlq(commands, common)
+    return parser
+
+
+def _add_provision(commands: Any, common: _Parser) -> None:
+    provision = commands.add_parser(
+        "provision",
+        parents=[common],
+        help="create a satellite's broker user (or rotate its password); print its DSN",
+    )
+    provision.add_argument("satellite_ids", nargs=1, metavar="ID")
+    provision.add_argument("--tls", action="store_true", help="give an amqps:// DSN (port 5671)")
+    provision.add_argument("--rotate", action="store_true", help="set a new password")
+    provision.add_argument(
+        "--disconnect",
+        action="store_true",
+        help="with --rotate: close the user's open connections now",
+    )
+    provision.add_argument(
+        "--broker-host", metavar="HOST", help="host in the DSN (default: the core's DSN host)"
+    )
+    provision.add_argument("--broker-port", type=int, metavar="P", help="port in the DSN")
+    provision.add_argument(
+        "--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N"
+    )
+    provision.add_argument(
+        "--max-channels",
+        type=int,
+        default=DEFAULT_MAX_CHANNELS,
+        metavar="N",
+        help="over all of the user's connections",
+    )
+    provision.set_defaults(handler=_provision, prepare=_prepare_ids)
+
+    revoke = commands.add_parser(
+        "revoke", parents=[common], help="delete a satellite's broker user (closes its connections)"
+    )
+    revoke.add_argument("satellite_ids", nargs=1, metavar="ID")
+    revoke.set_defaults(handler=_revoke, prepare=_prepare_ids)
+
+
+def _add_jobs(commands: Any, common: _Parser) -> None:
     submit_opts = _Parser(add_help=False)
     submit_opts.add_argument("--priority", type=int, choices=range(10), metavar="0-9")
     submit_opts.add_argument(
@@ -104,14 +198,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for the result (default: the job's timeout + 10)",
     )
-
     for name, handler, extra, text in (
-        ("submit", _submit, submit_opts, "publish one job and print its id"),
+        ("submit", _submit, submit_opts, "publish jobs (one, or --file) and print their ids"),
         ("call", _call, call_opts, "publish one job and wait for its result"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=text, parents=[common] if name == "submit" else [])
         sub.add_argument("satellite_id", metavar="ID")
-        kinds = sub.add_subparsers(dest="kind", metavar="KIND", required=True)
+        if name == "submit":
+            sub.add_argument(
+                "--file",
+                metavar="JOBS.jsonl",
+                help="submit every job of this file (one JSON job per line; - for stdin)",
+            )
+            sub.add_argument(
+                "--window",
+                type=int,
+                default=DEFAULT_WINDOW,
+                metavar="N",
+                help=f"unconfirmed jobs in flight at most ({DEFAULT_WINDOW})",
+            )
+            sub.add_argument(
+                "--no-progress", dest="progress", action="store_false", help="no progress bar"
+            )
+        kinds = sub.add_subparsers(dest="kind", metavar="KIND", required=name == "call")
         for kind, options in KIND_OPTIONS.items():
             kind_parser = kinds.add_parser(
                 kind.value, parents=[common, extra], help=options.help, description=options.help
@@ -119,31 +228,154 @@ def build_parser() -> argparse.ArgumentParser:
             add_job_arguments(kind_parser)
             options.add_arguments(kind_parser)
         sub.set_defaults(handler=handler, prepare=_prepare_job)
-    return parser
+
+
+def _add_results(commands: Any, common: _Parser) -> None:
+    results = commands.add_parser(
+        "results", parents=[common], help="print results from the core's result queue, once each"
+    )
+    results.add_argument(
+        "--follow", "-f", action="store_true", help="keep waiting for new results (Ctrl-C stops)"
+    )
+    results.add_argument(
+        "--satellite",
+        action="append",
+        metavar="ID",
+        dest="satellites",
+        help="only this satellite's results (repeatable); others stay in the queue",
+    )
+    results.add_argument(
+        "--for", dest="duration", type=float, metavar="S", help="with --follow: stop after S s"
+    )
+    results.set_defaults(handler=_results, prepare=_prepare_results)
+
+
+def _add_status(commands: Any, common: _Parser) -> None:
+    status = commands.add_parser(
+        "status", parents=[common], help="queues, replicas, heartbeats and replica advice"
+    )
+    status.add_argument("satellite_ids", nargs="*", metavar="ID", help="default: every satellite")
+    status.add_argument(
+        "--listen",
+        type=float,
+        default=DEFAULT_LISTEN,
+        metavar="S",
+        help=f"seconds to collect heartbeats ({DEFAULT_LISTEN:g}; more than the poller's "
+        "USM_POLLER_HEARTBEAT_INTERVAL)",
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=5.0,
+        type=float,
+        metavar="S",
+        help="refresh every S seconds (5) until Ctrl-C",
+    )
+    status.set_defaults(handler=_status, prepare=_prepare_ids)
+
+
+def _add_dlq(commands: Any, common: _Parser) -> None:
+    dlq = commands.add_parser("dlq", help="dead-lettered jobs of a satellite")
+    actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", parents=[common], help="list dead-lettered jobs")
+    listing.add_argument("satellite_ids", nargs=1, metavar="ID")
+    listing.set_defaults(handler=_dlq_list)
+    show = actions.add_parser("show", parents=[common], help="one dead letter, secrets masked")
+    show.add_argument("satellite_ids", nargs=1, metavar="ID")
+    show.add_argument("job_id", metavar="JOB_ID")
+    show.set_defaults(handler=_dlq_show)
+    replay = actions.add_parser(
+        "replay", parents=[common], help="publish dead letters to the job queue again"
+    )
+    replay.add_argument("satellite_ids", nargs=1, metavar="ID")
+    replay.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    replay.set_defaults(handler=_dlq_replay)
+    purge = actions.add_parser("purge", parents=[common], help="delete every dead letter")
+    purge.add_argument("satellite_ids", nargs=1, metavar="ID")
+    purge.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    purge.set_defaults(handler=_dlq_purge)
+    dlq.set_defaults(prepare=_prepare_ids)
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+class Context:
+    """What a command needs, made on first use: settings, a broker client, the management API."""
+
+    def __init__(self, args: argparse.Namespace, environ: dict[str, str]) -> None:
+        self.args = args
+        self.environ = environ
+        self._client: Client | None = None
+        self._api: ManagementApi | None = None
+
+    @cached_property
+    def settings(self) -> CoreSettings:
+        return load_core_settings(
+            self.args.dsn,
+            environ=self.environ,
+            connect_timeout=self.args.connect_timeout,
+            operation_timeout=self.args.operation_timeout,
+        )
+
+    @cached_property
+    def sender_policy(self) -> SenderPolicy:
+        env = [u.strip() for u in self.environ.get(TRUSTED_USERS_ENV, "").split(",")]
+        return SenderPolicy.trusting(self.settings.username, *self.args.trust_user, *env)
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.settings, sender_check=self.sender_policy).connect()
+        return self._client
+
+    @property
+    def api(self) -> ManagementApi:
+        if self._api is None:
+            management = ManagementSettings.resolve(
+                self.settings,
+                self.args.management_url,
+                environ=self.environ,
+                timeout=self.args.operation_timeout,
+            )
+            self._api = ManagementApi(management)
+        return self._api
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._api is not None:
+            self._api.close()
+
+
+Handler = Callable[[argparse.Namespace, Context], int]
+Prepare = Callable[[argparse.Namespace], None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="satellite: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    for name, default in COMMON_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     handler: Handler = args.handler
     prepare: Prepare = args.prepare
+    context = Context(args, dict(os.environ))
     try:
         prepare(args)  # every argument is checked before connecting
-        settings = load_core_settings(
-            args.dsn,
-            connect_timeout=args.connect_timeout,
-            operation_timeout=args.operation_timeout,
-        )
-        with Client(settings) as client:
-            return handler(args, client)
+        context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
+        return handler(args, context)
     except (ConfigError, InvalidJobError) as exc:
         return _fail(args, EXIT_USAGE, "usage", str(exc))
     except NoResultError as exc:
         return _fail(args, EXIT_NO_RESULT, exc.code, str(exc), job_id=exc.job_id)
     except BrokerError as exc:
-        return _fail(args, EXIT_BROKER, "broker", str(exc))
+        return _fail(args, EXIT_BROKER, getattr(exc, "code", "broker"), str(exc))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        context.close()
 
 
 def _fail(args: argparse.Namespace, code: int, kind: str, message: str, **extra: str) -> int:
@@ -154,21 +386,21 @@ def _fail(args: argparse.Namespace, code: int, kind: str, message: str, **extra:
 
 
 def _print_json(value: Any, out: TextIO | None = None, *, indent: int | None = None) -> None:
-    print(json.dumps(value, indent=indent), file=out or sys.stdout)
+    print(json.dumps(value, indent=indent), file=out or sys.stdout, flush=True)
 
 
 # ------------------------------------------------------------------------------------ commands
 
 
-def _prepare_declare(args: argparse.Namespace) -> None:
+def _prepare_ids(args: argparse.Namespace) -> None:
     try:
         core_topology(args.satellite_ids)
     except ValueError as exc:
         raise ConfigError(f"ID {exc}") from None
 
 
-def _declare(args: argparse.Namespace, client: Client) -> int:
-    report = client.declare(
+def _declare(args: argparse.Namespace, ctx: Context) -> int:
+    report = ctx.client.declare(
         args.satellite_ids,
         queue_type=args.queue_type,
         include_results_queue=args.results_queue,
@@ -196,17 +428,64 @@ def _print_report(report: DeclareReport) -> None:
         )
 
 
+def _provision(args: argparse.Namespace, ctx: Context) -> int:
+    if args.disconnect and not args.rotate:
+        raise ConfigError("--disconnect: only with --rotate")
+    for name in ("max_connections", "max_channels"):
+        if not 1 <= getattr(args, name) <= 100_000:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be 1-100000")
+    done = provision_satellite(
+        ctx.api,
+        args.satellite_ids[0],
+        host=args.broker_host or ctx.settings.urls[0].host,
+        port=args.broker_port,
+        tls=args.tls,
+        rotate=args.rotate,
+        disconnect=args.disconnect,
+        max_connections=args.max_connections,
+        max_channels=args.max_channels,
+    )
+    if args.json:
+        _print_json(done.as_dict())
+    else:
+        render.provisioned(done, vhost=ctx.api.vhost)
+    return EXIT_OK
+
+
+def _revoke(args: argparse.Namespace, ctx: Context) -> int:
+    done = revoke_satellite(ctx.api, args.satellite_ids[0])
+    if args.json:
+        _print_json(done.as_dict())
+    elif done.deleted:
+        print(f"deleted broker user {done.user}; closed {done.closed_connections} connection(s)")
+    else:
+        print(f"no broker user {done.user}; closed {done.closed_connections} connection(s)")
+    return EXIT_OK
+
+
 def _prepare_job(args: argparse.Namespace) -> None:
     try:
         validate_satellite_id(args.satellite_id)
     except ValueError as exc:
         raise ConfigError(f"ID {args.satellite_id!r}: {exc}") from None
+    file = getattr(args, "file", None)
+    if args.kind is None:
+        if file is None:
+            raise ConfigError("submit: give a KIND and its options, or --file JOBS.jsonl")
+        if not 1 <= args.window <= 100_000:
+            raise ConfigError("--window: must be 1-100000")
+        args.jobs = open_jobs_file(file)
+        return
+    if file is not None:
+        raise ConfigError("--file: cannot be combined with a KIND")
     args.job = job_from_args(JobKind(args.kind), args, os.environ)
 
 
-def _submit(args: argparse.Namespace, client: Client) -> int:
+def _submit(args: argparse.Namespace, ctx: Context) -> int:
+    if args.kind is None:
+        return _submit_file(args, ctx)
     job: JobRequest = args.job
-    job_id = client.submit(
+    job_id = ctx.client.submit(
         args.satellite_id, job, priority=args.priority, expiration=args.expiration
     )
     if args.json:
@@ -216,13 +495,165 @@ def _submit(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def _call(args: argparse.Namespace, client: Client) -> int:
+def _submit_file(args: argparse.Namespace, ctx: Context) -> int:
+    jobs: list[JobRequest] = args.jobs
+    show = args.progress and not args.json and sys.stderr.isatty()
+    with render.progress_bar(len(jobs), enabled=show, label="submitting") as advance:
+        report = ctx.client.submit_many(
+            args.satellite_id, jobs, window=args.window, progress=advance
+        )
+    if args.json:
+        _print_json({**report.as_dict(), "satellite_id": args.satellite_id})
+    else:
+        print(
+            f"submitted {report.submitted} of {len(jobs)} job(s) to satellite "
+            f"{args.satellite_id} in {report.seconds:.2f} s ({report.rate:,.0f} jobs/s)"
+        )
+        for job_id, reason in report.failed[:20]:
+            print(f"not taken: {job_id}: {reason}", file=sys.stderr)
+        if len(report.failed) > 20:
+            print(f"... and {len(report.failed) - 20} more not taken", file=sys.stderr)
+    return EXIT_OK if not report.failed else EXIT_ERROR
+
+
+def _call(args: argparse.Namespace, ctx: Context) -> int:
     job: JobRequest = args.job
-    result: JobResult = client.call(
+    result: JobResult = ctx.client.call(
         args.satellite_id, job, timeout=args.timeout, priority=args.priority
     )
     _print_json(result.model_dump(mode="json"), indent=None if args.json else 2)
     return EXIT_OK if result.status == "ok" else EXIT_ERROR
+
+
+def _prepare_results(args: argparse.Namespace) -> None:
+    for sid in args.satellites or ():
+        try:
+            validate_satellite_id(sid)
+        except ValueError as exc:
+            raise ConfigError(f"--satellite {sid!r}: {exc}") from None
+    if args.duration is not None and not args.follow:
+        raise ConfigError("--for: only with --follow")
+
+
+def _results(args: argparse.Namespace, ctx: Context) -> int:
+    until = time.monotonic() + args.duration if args.duration is not None else None
+    printer = render.ResultPrinter(json_lines=args.json)
+    with ctx.client.result_reader(args.satellites) as reader:
+        try:
+            for received in reader.read(follow=args.follow, until=until):
+                printer.print(received)
+        finally:
+            stats = reader.stats
+            if not args.json:
+                print(render.read_summary(stats), file=sys.stderr)
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, ctx: Context) -> int:
+    if args.listen <= 0 or (args.watch is not None and args.watch <= 0):
+        raise ConfigError("--listen/--watch: must be more than 0 seconds")
+    fleet = FleetView()
+    listener = ctx.client.heartbeat_listener(fleet, args.satellite_ids or None)
+    try:
+        listener.listen(args.listen)
+        while True:
+            statuses = _collect_status(args, ctx, fleet)
+            code = EXIT_OK if all(s.ok for s in statuses) else EXIT_ERROR
+            if args.json:
+                _print_json({"ok": code == EXIT_OK, "satellites": [s.as_dict() for s in statuses]})
+            else:
+                render.status(statuses, clear=args.watch is not None)
+            if args.watch is None:
+                return code
+            listener.listen(args.watch)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        listener.close()
+
+
+def _collect_status(
+    args: argparse.Namespace, ctx: Context, fleet: FleetView
+) -> list[SatelliteStatus]:
+    queues = {str(q.get("name")): q for q in ctx.api.queues()}
+    ids = list(args.satellite_ids)
+    if not ids:
+        found = {
+            name.removeprefix(JOB_QUEUE_PREFIX).removesuffix(DLQ_SUFFIX)
+            for name in queues
+            if name.startswith(JOB_QUEUE_PREFIX)
+        }
+        ids = sorted(found | set(fleet.satellites()))
+    max_age = None if args.watch is None else max(3 * args.watch, 3 * args.listen)
+    statuses = []
+    for sid in ids:
+        name = f"{JOB_QUEUE_PREFIX}{sid}"
+        counts = ctx.client.queue_counts(name)
+        queue = ctx.api.queue(name) if counts is not None else None
+        if counts is not None and queue is None:
+            queue = {"name": name}  # not in the management API's statistics yet
+        statuses.append(
+            satellite_status(
+                sid,
+                counts=counts,
+                queue=queue,
+                dlq=queues.get(name + DLQ_SUFFIX),
+                fleet=fleet,
+                core_version=__version__,
+                heartbeat_max_age=max_age,
+            )
+        )
+    return statuses
+
+
+def _dlq_list(args: argparse.Namespace, ctx: Context) -> int:
+    letters = ctx.client.dead_letters(args.satellite_ids[0])
+    if args.json:
+        _print_json({"ok": True, "dead_letters": [letter.summary() for letter in letters]})
+    else:
+        render.dead_letters(letters)
+    return EXIT_OK
+
+
+def _dlq_show(args: argparse.Namespace, ctx: Context) -> int:
+    letter = ctx.client.dead_letter(args.satellite_ids[0], args.job_id)
+    if letter is None:
+        return _fail(args, EXIT_ERROR, "not_found", f"no dead letter with job id {args.job_id}")
+    _print_json(letter.details(), indent=None if args.json else 2)
+    return EXIT_OK
+
+
+def _dlq_replay(args: argparse.Namespace, ctx: Context) -> int:
+    if bool(args.job_ids) == args.all:
+        raise ConfigError("dlq replay: give JOB_IDs or --all (not both)")
+    report = ctx.client.replay(args.satellite_ids[0], args.job_ids or None)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(f"replayed {len(report.replayed)} job(s) to satellite {args.satellite_ids[0]}")
+        for job_id, reason in report.failed:
+            print(f"not replayed: {job_id}: {reason} (left in the DLQ)", file=sys.stderr)
+        for job_id in report.not_found:
+            print(f"not in the DLQ: {job_id}", file=sys.stderr)
+    return EXIT_OK if not report.failed and not report.not_found else EXIT_ERROR
+
+
+def _dlq_purge(args: argparse.Namespace, ctx: Context) -> int:
+    sid = args.satellite_ids[0]
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("dlq purge: pass --yes (stdin is not a terminal to ask on)")
+        count = len(ctx.client.dead_letters(sid))
+        answer = input(f"Delete {count} dead-lettered job(s) of satellite {sid}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_ERROR
+    purged = ctx.client.purge_dead_letters(sid)
+    if args.json:
+        _print_json({"ok": True, "purged": purged, "satellite_id": sid})
+    else:
+        print(f"purged {purged} dead-lettered job(s) of satellite {sid}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

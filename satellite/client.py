@@ -16,25 +16,36 @@ with Client(load_core_settings()) as client:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import kombu as _kombu
 from kombu.exceptions import OperationalError
 
-from poller.errors import BrokerUnavailableError
+from poller.errors import BrokerError, BrokerUnavailableError
 from poller.wire import JobRequest, JobResult
+from satellite.bulk import DEFAULT_WINDOW, BulkPublisher, BulkReport, Progress
 from satellite.config import CoreSettings, load_core_settings
 from satellite.dispatch import (
     JobPublisher,
     NoResultError,
     ReplyQueue,
     SenderCheck,
-    accept_any_sender,
+    SenderPolicy,
 )
+from satellite.dlq import (
+    DeadLetter,
+    ReplayReport,
+    purge_dead_letters,
+    read_dead_letters,
+    replay_dead_letters,
+)
+from satellite.results import ResultReader
+from satellite.status import FleetView, HeartbeatListener
 from satellite.topology import DeclareReport, QueueType, core_topology, declare_topology
 
 __all__ = ["CALL_MARGIN_SECONDS", "Client"]
@@ -56,14 +67,19 @@ class Client:
         settings: CoreSettings | str | None = None,
         *,
         queue_type: QueueType = "quorum",
-        sender_check: SenderCheck = accept_any_sender,
+        sender_check: SenderCheck | None = None,
     ) -> None:
-        """`settings` may be a DSN string; None reads `US_AMQP_DSN`. Nothing connects yet."""
+        """`settings` may be a DSN string; None reads `US_AMQP_DSN`. Nothing connects yet.
+
+        `sender_check` decides which results and heartbeats are believed; the default is
+        `SenderPolicy` trusting the satellite's own `sat-<id>` user and this client's own
+        broker user.
+        """
         if settings is None or isinstance(settings, str):
             settings = load_core_settings(settings)
         self.settings = settings
         self.queue_type: QueueType = queue_type
-        self._sender_check = sender_check
+        self.sender_check: SenderCheck = sender_check or SenderPolicy.trusting(settings.username)
         self._conn: Any = None
         self._publisher: JobPublisher | None = None
         self._reply: ReplyQueue | None = None
@@ -196,12 +212,128 @@ class Client:
             )
         return result
 
+    def submit_many(
+        self,
+        satellite_id: str,
+        jobs: Iterable[JobRequest],
+        *,
+        window: int = DEFAULT_WINDOW,
+        progress: Progress | None = None,
+    ) -> BulkReport:
+        """Publish many jobs with up to `window` publisher confirms outstanding.
+
+        Uses a connection of its own (not retried: a lost connection raises
+        `BrokerUnavailableError` and the report of what was confirmed is lost with it; jobs
+        are identified by id, so resubmitting the file is safe for idempotent jobs).
+        """
+        conn = self._open(confirm_publish=False)
+        try:
+            publisher = BulkPublisher(
+                conn, window=window, confirm_timeout=self.settings.operation_timeout
+            )
+            try:
+                return publisher.publish_all(satellite_id, jobs, progress=progress)
+            except (OperationalError, *conn.connection_errors) as exc:
+                raise BrokerUnavailableError(
+                    f"lost the connection to {self.settings.masked_dsn}: "
+                    f"{self._scrub(str(exc)) or type(exc).__name__}"
+                ) from None
+        finally:
+            self._close_quietly(conn)
+
+    @contextlib.contextmanager
+    def result_reader(self, satellites: Collection[str] | None = None) -> Iterator[ResultReader]:
+        """A reader of the core's result queue (see `satellite.results`); closed on exit."""
+        conn = self._connection()
+        reader = ResultReader(conn.channel(), sender_check=self.sender_check, satellites=satellites)
+        try:
+            yield reader
+        finally:
+            self._close_quietly(reader)
+
+    def dead_letters(self, satellite_id: str) -> list[DeadLetter]:
+        """Every message of the satellite's DLQ (all stay in it)."""
+        channel = self._connection().channel()
+        try:
+            return list(read_dead_letters(channel, satellite_id))
+        finally:
+            self._close_quietly(channel)
+
+    def dead_letter(self, satellite_id: str, job_id: str) -> DeadLetter | None:
+        """The dead letter of `job_id` (it stays in the DLQ), or None."""
+        channel = self._connection().channel()
+        try:
+            for letter in read_dead_letters(channel, satellite_id):
+                if letter.job_id == job_id:
+                    return letter
+            return None
+        finally:
+            self._close_quietly(channel)
+
+    def replay(
+        self,
+        satellite_id: str,
+        job_ids: Collection[str] | None = None,
+        *,
+        on_replayed: Callable[[DeadLetter], None] | None = None,
+    ) -> ReplayReport:
+        """Move dead letters (the chosen ids, or all) back to the job queue, confirm then ack."""
+        channel = self._connection().channel()
+        try:
+            return replay_dead_letters(
+                channel,
+                satellite_id,
+                job_ids=job_ids,
+                confirm_timeout=self.settings.operation_timeout,
+                on_replayed=on_replayed,
+            )
+        finally:
+            self._close_quietly(channel)
+
+    def purge_dead_letters(self, satellite_id: str) -> int:
+        channel = self._connection().channel()
+        try:
+            return purge_dead_letters(channel, satellite_id)
+        finally:
+            self._close_quietly(channel)
+
+    def queue_counts(self, queue: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of `queue` from a passive declare; None when missing."""
+        conn = self._connection()
+        channel = conn.channel()
+        try:
+            ok = channel.queue_declare(queue=queue, passive=True)
+        except tuple(conn.channel_errors) as exc:
+            if getattr(exc, "reply_code", None) == 404:
+                return None
+            raise BrokerError(f"queue {queue}: {getattr(exc, 'reply_text', exc)}") from exc
+        finally:
+            self._close_quietly(channel)
+        return int(ok.message_count), int(ok.consumer_count)
+
+    def heartbeat_listener(
+        self, fleet: FleetView, satellite_ids: Iterable[str] | None = None
+    ) -> HeartbeatListener:
+        """Start taking heartbeats into `fleet` (call `listen(seconds)` on it; close it)."""
+        conn = self._connection()
+        return HeartbeatListener(
+            conn,
+            conn.channel(),
+            fleet=fleet,
+            sender_check=self.sender_check,
+            satellite_ids=satellite_ids,
+        )
+
     # ----------------------------------------------------------------------------- plumbing
 
     def _connection(self) -> Any:
         if self._conn is not None and self._conn.connected:
             return self._conn
         self.close()
+        self._conn = self._open(confirm_publish=True)
+        return self._conn
+
+    def _open(self, *, confirm_publish: bool) -> Any:
         s = self.settings
         conn = kombu.Connection(
             s.kombu_urls(),
@@ -210,7 +342,7 @@ class Client:
             heartbeat=s.heartbeat,
             failover_strategy="round-robin",
             transport_options={
-                "confirm_publish": True,
+                "confirm_publish": confirm_publish,
                 "read_timeout": s.operation_timeout,
                 "write_timeout": s.operation_timeout,
                 "client_properties": {"connection_name": s.connection_name},
@@ -230,7 +362,6 @@ class Client:
             raise BrokerUnavailableError(
                 f"cannot connect to {s.masked_dsn}: {self._scrub(str(exc))}"
             ) from None
-        self._conn = conn
         return conn
 
     def _on_connect_error(self, exc: BaseException, interval: float) -> None:
@@ -277,7 +408,7 @@ class Client:
                 conn,
                 conn.channel(),
                 channel_errors=tuple(conn.channel_errors),
-                sender_check=self._sender_check,
+                sender_check=self.sender_check,
             )
         return self._reply
 

@@ -9,7 +9,10 @@
   `reply.*.<its name>`; `wait()` returns the result that matches a correlation id.
 
 Who sent a result is checked by a `SenderCheck` (satellite id and the AMQP `user_id` that the
-broker vouches for); the default accepts any sender.
+broker vouches for). `SenderPolicy` is the rule `Client` applies by default: the satellite's own
+provisioned user `sat-<id>`, or a user the core trusts for every satellite (by default the core's
+own broker user, so that pollers run with the core's credentials, e.g. `guest` in a lab, work).
+`satellite_of_key` reads the satellite id out of a result's routing key.
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ __all__ = [
     "NoResultError",
     "ReplyQueue",
     "SenderCheck",
+    "SenderPolicy",
     "build_job",
     "new_job_id",
     "reply_queue_name",
+    "satellite_of_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,8 @@ _JOB_ADAPTER: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 REPLY_QUEUE_PREFIX = "satellite-reply-"
+#: Broker users of provisioned satellites are `sat-<id>` (see `satellite.provision`).
+USER_PREFIX = "sat-"
 
 
 class InvalidJobError(PollerError, ValueError):
@@ -243,6 +250,40 @@ def accept_any_sender(satellite_id: str, user_id: str | None) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class SenderPolicy:
+    """Accept a result of satellite `<id>` when its `user_id` is `sat-<id>` or a trusted user.
+
+    `trusted_users` may publish for any satellite (shared legacy users, the core's own user);
+    `"*"` among them accepts every sender, even one without `user_id` (not recommended).
+    """
+
+    trusted_users: frozenset[str] = frozenset()
+
+    @classmethod
+    def trusting(cls, *users: str) -> SenderPolicy:
+        return cls(frozenset(user for user in users if user))
+
+    def __call__(self, satellite_id: str, user_id: str | None) -> bool:
+        if "*" in self.trusted_users:
+            return True
+        if not user_id:
+            return False
+        return user_id == f"{USER_PREFIX}{satellite_id}" or user_id in self.trusted_users
+
+    def describe(self) -> str:
+        users = ", ".join(sorted(self.trusted_users)) or "none"
+        return f"sat-<id> for its own satellite; trusted for all: {users}"
+
+
+def satellite_of_key(routing_key: str) -> str | None:
+    """The satellite id in `result.<id>.<kind>`, `reply.<id>.<queue>` or `heartbeat.<id>`."""
+    parts = routing_key.split(".")
+    if len(parts) >= 2 and parts[0] in ("result", "reply", "heartbeat", "event"):
+        return parts[1]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class _Expected:
     satellite_id: str
     job_id: str
@@ -315,6 +356,14 @@ class ReplyQueue:
             result = decode_result(message.body)
         except WireError as exc:
             log.warning("result_invalid: %s", exc)
+            return
+        key_satellite = satellite_of_key(str(message.delivery_info.get("routing_key", "")))
+        if key_satellite != result.satellite_id:
+            log.warning(
+                "result_rejected: satellite %r in the body, %r in the routing key",
+                result.satellite_id,
+                key_satellite,
+            )
             return
         if (result.job_id, result.satellite_id) != (expected.job_id, expected.satellite_id):
             log.warning(

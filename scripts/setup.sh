@@ -31,3 +31,4 @@ fi
 .venv/bin/python -c 'import poller, satellite' >/dev/null
 
 bash scripts/rabbitmq.sh
+bash scripts/rabbitmq-management.sh

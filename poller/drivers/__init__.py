@@ -20,9 +20,19 @@ __all__ = ["DRIVERS", "build_drivers", "get_driver"]
 
 
 def _registry() -> dict[JobKind, type[DriverFactory]]:
+    from poller.drivers.cli import CliDriver  # noqa: PLC0415 - keeps scrapli off import time
+    from poller.drivers.icmp import IcmpDriver  # noqa: PLC0415 - keeps icmplib off import time
     from poller.drivers.snmp import SnmpDriver  # noqa: PLC0415 - keeps pysnmp off import time
+    from poller.drivers.ssh import SshExecDriver  # noqa: PLC0415 - keeps asyncssh off import time
+    from poller.drivers.tcp import TcpDriver  # noqa: PLC0415 - imported like the others
 
-    classes: list[type[DriverFactory]] = [SnmpDriver]
+    classes: list[type[DriverFactory]] = [
+        SnmpDriver,
+        SshExecDriver,
+        CliDriver,
+        IcmpDriver,
+        TcpDriver,
+    ]
     return {kind: cls for cls in classes for kind in cls.kinds}
 
 

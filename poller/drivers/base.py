@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import JsonValue
 
+from poller.errors import DeviceTimeoutError, DeviceUnreachableError
 from poller.wire import CliAuth, JobKind, JobRequest, SnmpAuth
 
 if TYPE_CHECKING:
     from poller.config import PollerSettings
 
-__all__ = ["Auth", "Data", "Driver", "DriverFactory", "JobContext"]
+__all__ = ["Auth", "Data", "Driver", "DriverFactory", "JobContext", "resolve_host"]
 
 #: What a driver returns: the result's `data` object.
 Data = dict[str, JsonValue]
@@ -58,3 +61,33 @@ class DriverFactory(Protocol):
 
     @classmethod
     def from_settings(cls, settings: PollerSettings) -> Driver: ...
+
+
+async def resolve_host(
+    host: str, deadline: float, *, data: Data | None = None
+) -> tuple[socket.AddressFamily, str]:
+    """The address family and first address of `host`: literals at once, names via the loop.
+
+    `loop.getaddrinfo` runs in the default executor, so a slow DNS server never blocks the
+    event loop, and the wait is bounded by `deadline` (event-loop time). A name that does not
+    resolve is `DeviceUnreachableError` (with `data`), a resolver that does not answer in time
+    is `DeviceTimeoutError`.
+    """
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return (socket.AF_INET6 if literal.version == 6 else socket.AF_INET), host
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(deadline):
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise DeviceTimeoutError(f"no answer from the resolver for {host!r}", data=data) from None
+    except OSError as exc:
+        raise DeviceUnreachableError(
+            f"cannot resolve {host!r}: {exc.strerror or exc}", data=data
+        ) from None
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return socket.AddressFamily(family), str(sockaddr[0])

@@ -1,10 +1,10 @@
 """SNMP driver: `snmp.get`, `snmp.getnext`, `snmp.walk` and `snmp.set` over a pluggable backend.
 
-The driver turns a job into calls on an `SnmpBackend` (the pysnmp backend today; Net-SNMP through
-ezsnmp later) and owns what every backend shares: the pure helpers that render varbinds as
-DESIGN §4 says, convert set values, check walk progress, size per-request timeouts from the job
-deadline, name error statuses and cap the output. Only `poller.drivers.snmp_pysnmp` imports
-pysnmp.
+The driver turns a job into calls on an `SnmpBackend` (Net-SNMP through ezsnmp, or pysnmp) and
+owns what every backend shares: the pure helpers that render varbinds as DESIGN §4 says, convert
+set values, check walk progress, size per-request timeouts from the job deadline, name error
+statuses and cap the output. Only `poller.drivers.snmp_pysnmp` imports pysnmp and only
+`poller.drivers.snmp_netsnmp` imports ezsnmp.
 """
 
 from __future__ import annotations
@@ -399,11 +399,13 @@ class SnmpBackend(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SnmpOptions:
-    """Driver options: per-request timeout (seconds), retries, and which backend to use."""
+    """Driver options: per-request timeout (seconds), retries, which backend to use, and the
+    size of the Net-SNMP backend's thread pool."""
 
     timeout: float = 2.0
     retries: int = 2
     backend: Literal["auto", "pysnmp", "netsnmp"] = "auto"
+    threads: int = 32
 
     @classmethod
     def from_settings(cls, settings: PollerSettings) -> Self:
@@ -411,15 +413,23 @@ class SnmpOptions:
             timeout=settings.snmp_timeout,
             retries=settings.snmp_retries,
             backend=settings.snmp_backend,
+            threads=min(32, settings.concurrency),
         )
 
 
-def _make_backend(name: str) -> SnmpBackend:
-    if name == "netsnmp":
-        raise ConfigError(
-            "USM_POLLER_SNMP_BACKEND=netsnmp: the Net-SNMP backend is not available yet; "
-            "use auto or pysnmp"
-        )
+def _make_backend(options: SnmpOptions) -> SnmpBackend:
+    """The backend `options.backend` names; `auto` prefers Net-SNMP when ezsnmp imports."""
+    if options.backend in ("auto", "netsnmp"):
+        try:
+            from poller.drivers.snmp_netsnmp import NetsnmpBackend  # noqa: PLC0415 - optional
+        except ImportError as exc:
+            if options.backend == "netsnmp":
+                raise ConfigError(
+                    "USM_POLLER_SNMP_BACKEND=netsnmp needs the ezsnmp package, which cannot be "
+                    f"imported ({exc}); install it or set USM_POLLER_SNMP_BACKEND=auto or pysnmp"
+                ) from None
+        else:
+            return NetsnmpBackend(threads=options.threads)
     from poller.drivers.snmp_pysnmp import PysnmpBackend  # noqa: PLC0415 - pysnmp on first use
 
     return PysnmpBackend()
@@ -436,7 +446,7 @@ class SnmpDriver:
         self, options: SnmpOptions | None = None, *, backend: SnmpBackend | None = None
     ) -> None:
         self.options = options or SnmpOptions()
-        self.backend = backend if backend is not None else _make_backend(self.options.backend)
+        self.backend = backend if backend is not None else _make_backend(self.options)
 
     @classmethod
     def from_settings(cls, settings: PollerSettings) -> SnmpDriver:

@@ -61,9 +61,12 @@ def satellite(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
     secret_user: BrokerUser,
+    amqp_vhost: AmqpVhost,
 ) -> Iterator[Any]:
     """Runs `satellite ARGS` in-process with `US_AMQP_DSN` set; asserts no password leaked."""
     monkeypatch.setenv("US_AMQP_DSN", secret_user.dsn)
+    # The stand-in poller publishes as the test broker user, not as a provisioned `sat-<id>`.
+    monkeypatch.setenv("USM_TRUSTED_USERS", amqp_vhost.username)
     runs: list[Run] = []
 
     def run(*argv: str) -> Run:

@@ -1,4 +1,10 @@
-"""The SNMP driver against a real Net-SNMP snmpd on loopback (see tests/support/snmpd.py)."""
+"""The SNMP driver against a real Net-SNMP snmpd on loopback (see tests/support/snmpd.py).
+
+One contract suite for both backends: the `driver` fixture is parametrized over `BACKENDS`, so
+every behaviour test runs against pysnmp and against Net-SNMP (ezsnmp) with the same assertions.
+Where the backends differ on purpose (docs/drivers/snmp.md, "Backends"), a test asserts the
+documented difference for each.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from pydantic import JsonValue
@@ -67,9 +73,23 @@ def v3(v3user: V3User, /, **override: str) -> dict[str, JsonValue]:
     return auth
 
 
+BACKENDS = ["pysnmp", "netsnmp"]
+Backend = Literal["pysnmp", "netsnmp"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    name: Backend = request.param
+    return name
+
+
 @pytest.fixture
-async def driver() -> AsyncIterator[SnmpDriver]:
-    drv = SnmpDriver(SnmpOptions(timeout=1.0, retries=1))
+async def driver(backend: Backend) -> AsyncIterator[SnmpDriver]:
+    drv = SnmpDriver(SnmpOptions(timeout=1.0, retries=1, backend=backend))
+    assert (
+        type(drv.backend).__name__
+        == {"pysnmp": "PysnmpBackend", "netsnmp": "NetsnmpBackend"}[backend]
+    )
     yield drv
     await drv.aclose()
 

@@ -54,8 +54,10 @@ def test_alternative_dsn_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
         ("US_AMQP_DSN", "amqp://a/,amqp://u:secret-pw@/", "US_AMQP_DSN: URL 2 has no host"),
     ],
 )
-def test_bad_value_names_the_variable(name: str, value: str, expected: str) -> None:
-    os.environ[name] = value
+def test_bad_value_names_the_variable(
+    name: str, value: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)  # restored afterwards, unlike os.environ[name] = value
     with pytest.raises(ConfigError) as info:
         load_settings()
     message = str(info.value)
@@ -144,3 +146,33 @@ def test_config_show_masks_the_password() -> None:
 def test_version() -> None:
     proc = run_cli("--version", env=dict(os.environ))
     assert proc.stdout.strip() == f"poller {__version__}"
+
+
+def test_missing_ca_file_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("US_AMQP_DSN", "amqps://u:p@h/")
+    monkeypatch.setenv("USM_POLLER_TLS_CA_FILE", "/nonexistent/ca.pem")
+    with pytest.raises(ConfigError, match=r"^USM_POLLER_TLS_CA_FILE: cannot load /nonexistent"):
+        load_settings().ssl_contexts()
+
+
+def test_key_without_certificate_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("US_AMQP_DSN", "amqps://u:p@h/?keyfile=/k.pem")
+    with pytest.raises(ConfigError, match="key file without a certificate"):
+        load_settings().ssl_contexts()
+
+
+def test_tls_settings_need_an_amqps_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USM_POLLER_TLS_CA_FILE", "/ca.pem")
+    with pytest.raises(ConfigError, match="has no amqps:// URL"):
+        load_settings().ssl_contexts()
+    monkeypatch.setenv("US_AMQP_DSN", "amqp://u:p@h/?server_hostname=x")
+    with pytest.raises(ConfigError, match="TLS options but is not amqps"):
+        load_settings()
+
+
+def test_verifying_context_for_amqps() -> None:
+    os.environ["US_AMQP_DSN"] = "amqp://u:p@a/,amqps://u:p@b/"
+    contexts = load_settings().ssl_contexts()
+    assert list(contexts) == [1]
+    assert contexts[1].check_hostname
+    assert contexts[1].verify_mode.name == "CERT_REQUIRED"

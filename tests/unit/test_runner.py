@@ -13,6 +13,7 @@ from poller import wire
 from poller.credentials import CredentialStore
 from poller.drivers.base import Auth, Data, JobContext
 from poller.errors import DeviceAuthError, SnmpError
+from poller.quarantine import Quarantine
 from poller.runner import Attempt, Runner
 from poller.wire import JobKind, JobRequest
 
@@ -205,3 +206,119 @@ async def test_waiting_for_a_device_slot_counts_against_the_deadline(
     jobs = [make_job("c", timeout=0.3) for _ in range(3)]
     results = await asyncio.gather(*(runner.run(j) for j in jobs))
     assert [r.error.code if r.error else "ok" for r in results] == ["device_timeout"] * 3
+
+
+# ------------------------------------------------------------------ dead-device quarantine
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker_runner(
+    driver: MemoryDriver | SwitchDriver, clock: FakeClock, *, per_device: int = 2
+) -> Runner:
+    return Runner(
+        drivers={"snmp.get": driver},
+        credentials=CredentialStore({}),
+        satellite_id="7",
+        worker="w1",
+        per_device_concurrency=per_device,
+        quarantine=Quarantine(after=2, cooldown=30, max_cooldown=300, clock=clock),
+    )
+
+
+async def test_a_dead_device_is_quarantined_and_answered_at_once(driver: MemoryDriver) -> None:
+    clock = FakeClock()
+    runner = breaker_runner(driver, clock)
+    for _ in range(2):
+        result = await runner.run(make_job("sleepy", timeout=0.05))
+        assert result.error is not None
+        assert result.error.code == "device_timeout"
+    calls = len(driver.calls)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    refused = await runner.run(make_job("sleepy", timeout=5))
+    assert loop.time() - t0 < 0.05
+    assert len(driver.calls) == calls  # the driver was not even asked
+    assert refused.error is not None
+    assert (refused.error.code, refused.error.retryable) == ("device_unreachable", True)
+    assert "quarantined until" in refused.error.message
+    assert (await runner.run(make_job("healthy"))).status == "ok"
+    (entry,) = runner.quarantine.entries()
+    assert entry.device == "sleepy"
+    assert "within 0.05 s" in entry.last_error
+
+
+async def test_jobs_queued_for_a_dead_device_are_answered_when_it_is_quarantined(
+    driver: MemoryDriver,
+) -> None:
+    runner = breaker_runner(driver, FakeClock(), per_device=2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    first = [runner.run(make_job("sleepy", timeout=0.2)) for _ in range(2)]
+    queued = [runner.run(make_job("sleepy", timeout=10)) for _ in range(4)]
+    results = await asyncio.gather(*first, *queued)
+    assert loop.time() - t0 < 1.0  # not the 10 s deadline of the queued jobs
+    codes = [r.error.code if r.error else "ok" for r in results]
+    assert codes == ["device_timeout"] * 2 + ["device_unreachable"] * 4
+    assert len(driver.calls) == 2
+
+
+async def test_timing_out_while_queued_behind_a_slow_device_does_not_quarantine_it(
+    driver: MemoryDriver,
+) -> None:
+    runner = breaker_runner(driver, FakeClock(), per_device=1)
+    driver.delay = 0.3
+    slow = asyncio.ensure_future(runner.run(make_job("busy", timeout=5)))
+    await asyncio.sleep(0.01)
+    queued = await asyncio.gather(*(runner.run(make_job("busy", timeout=0.05)) for _ in range(3)))
+    assert {r.error.code for r in queued if r.error} == {"device_timeout"}
+    assert (await slow).status == "ok"
+    assert runner.quarantine.entries() == []
+
+
+class SwitchDriver:
+    """A device that is dead (silent) until `dead` is set to False."""
+
+    kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.SNMP_GET})
+
+    def __init__(self) -> None:
+        self.dead = True
+        self.calls = 0
+
+    async def run(self, job: JobRequest, auth: Auth | None, ctx: JobContext) -> Data:
+        self.calls += 1
+        if self.dead:
+            await asyncio.sleep(3600)
+        return {"varbinds": []}
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_one_probe_after_the_cool_down_releases_a_recovered_device() -> None:
+    clock = FakeClock()
+    device = SwitchDriver()
+    runner = breaker_runner(device, clock)
+    for _ in range(2):
+        await runner.run(make_job("flappy", timeout=0.05))
+    assert (await runner.run(make_job("flappy"))).error is not None
+    assert device.calls == 2
+    clock.now += 30
+    # The probe still times out: the cool-down doubles.
+    probe = await runner.run(make_job("flappy", timeout=0.05))
+    assert probe.error is not None
+    assert probe.error.code == "device_timeout"
+    assert device.calls == 3
+    (entry,) = runner.quarantine.entries()
+    assert (entry.until - entry.since).total_seconds() == 30 + 60
+    clock.now += 60
+    device.dead = False
+    assert (await runner.run(make_job("flappy"))).status == "ok"
+    assert runner.quarantine.entries() == []
+    assert (await runner.run(make_job("flappy"))).status == "ok"

@@ -1,0 +1,808 @@
+"""The Net-SNMP backend of the SNMP driver, on ezsnmp 2.x: the only module that imports ezsnmp.
+
+ezsnmp 2.x runs Net-SNMP's own `snmpget`/`snmpgetnext`/`snmpbulkget`/`snmpset` code in-process
+from an argument vector: every call parses its options, opens its own Net-SNMP session, sends,
+waits, closes, and returns the varbinds as Net-SNMP prints them. The calls block, so they run in a
+bounded thread pool and never on the event loop. There is no session object to share between
+threads or jobs: what a "cached session" would hold here is the argument vector, which is
+immutable and cached per credential identity (with the SNMPv3 master keys, computed once).
+
+What is shared is Net-SNMP's process-wide state, and this module is written around it:
+
+- Output options are globals that each call sets and clears again, so a concurrent call may
+  print an OID as `iso.3.6.1...` instead of `.1.3.6.1...`: `_numeric_oid` reads both. OCTET
+  STRINGs always print in hex (`-Ox` sets the format and nothing clears it), so bytes are exact.
+- `-Cf` (do not "fix" a PDU after an error-status) is a process-wide toggle: it is flipped once,
+  when the process first uses ezsnmp, and never passed again (see `_prepare_process`).
+- Net-SNMP's SNMPv3 user table keeps one key set per (engine ID, user name) and ignores the keys
+  of later requests. `_UsmGate` lets requests of one user name run together only while they use
+  the same keys; other keys wait until the table is quiet, the user is removed from it, and the
+  new keys take its place. The first request of a new identity (it discovers the agent's engine
+  ID and adds the user to the table) runs one at a time.
+- Net-SNMP reads `/etc/snmp`, MIB directories and a persistent-state directory when it starts,
+  and state written there by one process can break SNMPv3 discovery in the next. The first use
+  points `SNMPCONFPATH`, `SNMP_PERSISTENT_DIR`, `MIBDIRS` at a private empty directory and loads
+  no MIB, so the output is numeric and nothing persists between runs.
+
+A call that outlives its job's deadline is abandoned by the event loop (the runner's timeout
+cancels the await) and finishes on its own thread, bounded by the per-request timeout and
+retries; it keeps its `_UsmGate` slot until then, so it cannot be pulled out from under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import ipaddress
+import os
+import re
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import ezsnmp
+from ezsnmp import netsnmp as ezsnmp_calls
+from ezsnmp import sessionbase as ezsnmp_base
+from pydantic import SecretStr
+
+from poller.drivers.snmp import (
+    ERROR_STATUS_NAMES,
+    OutputBudget,
+    SetValue,
+    SmiType,
+    SnmpTarget,
+    Varbind,
+    WalkResult,
+    format_oid,
+    parse_oid,
+    plan_timeout,
+    render_varbind,
+    snmp_status_error,
+    walk_step,
+)
+from poller.errors import (
+    DeviceAuthError,
+    DeviceTimeoutError,
+    DeviceUnreachableError,
+    JobError,
+    SnmpError,
+)
+from poller.wire import SnmpAuth
+
+__all__ = ["NetsnmpBackend"]
+
+#: Most OIDs sent in one GET/GETNEXT PDU; longer lists are split (and halved again on tooBig).
+MAX_OIDS_PER_PDU = 64
+_TOO_BIG = 1
+_NO_SUCH_NAME = 2
+
+_AUTH_NAMES = {
+    "MD5": "MD5",
+    "SHA": "SHA",
+    "SHA224": "SHA-224",
+    "SHA256": "SHA-256",
+    "SHA384": "SHA-384",
+    "SHA512": "SHA-512",
+}
+_AUTH_HASHES = {
+    "MD5": "md5",
+    "SHA": "sha1",
+    "SHA224": "sha224",
+    "SHA256": "sha256",
+    "SHA384": "sha384",
+    "SHA512": "sha512",
+}
+_PRIV_NAMES = {"DES": "DES", "AES": "AES", "AES192": "AES-192", "AES256": "AES-256"}
+#: Defaults when a job gives a key but no protocol: the defaults of Net-SNMP and pysnmp.
+_DEFAULT_AUTH = "MD5"
+_DEFAULT_PRIV = "DES"
+#: RFC 3414 A.2: a pass phrase becomes a master key by hashing 1 MiB of its repetitions.
+_KU_LENGTH = 1_048_576
+
+#: Net-SNMP's reason texts for SNMPv3 failures → the same messages as the pysnmp backend.
+_AUTH_FAILURES: tuple[tuple[str, str], ...] = (
+    ("unknown user name", "the agent does not know this SNMPv3 user (usmStatsUnknownUserNames)"),
+    ("authentication failure", "wrong SNMPv3 auth key or auth protocol (usmStatsWrongDigests)"),
+    ("decryption error", "wrong SNMPv3 priv key or priv protocol (usmStatsDecryptionErrors)"),
+    (
+        "unsupported security level",
+        "the agent does not allow this security level for this user (usmStatsUnsupportedSecLevels)",
+    ),
+    ("not in time window", "SNMPv3 time window not synchronised (usmStatsNotInTimeWindows)"),
+)
+
+#: Net-SNMP's printed type names → SMI names (see `_decode` for the values).
+_SMI_BY_NETSNMP: dict[str, SmiType] = {
+    "INTEGER": "Integer",
+    "STRING": "OctetString",
+    "Hex-STRING": "OctetString",
+    '""': "OctetString",
+    "OID": "ObjectIdentifier",
+    "IpAddress": "IpAddress",
+    "Network Address": "IpAddress",
+    "Counter32": "Counter32",
+    "Gauge32": "Gauge32",
+    "UInteger32": "Gauge32",
+    "Timeticks": "TimeTicks",
+    "Opaque": "Opaque",
+    "OPAQUE": "Opaque",
+    "Counter64": "Counter64",
+    "NULL": "Null",
+    "NOSUCHOBJECT": "noSuchObject",
+    "NOSUCHINSTANCE": "noSuchInstance",
+}
+_END_OF_MIB_VIEW = "No more variables left in this MIB View"
+
+#: `snmpset` type letters; Counter32, Counter64 and Opaque have none (see docs/drivers/snmp.md).
+_SET_LETTERS = {
+    "Integer": "i",
+    "Gauge32": "u",
+    "Unsigned32": "u",
+    "TimeTicks": "t",
+    "IpAddress": "a",
+    "ObjectIdentifier": "o",
+}
+
+# Net-SNMP's Opaque special types (draft-perkins-opaque), re-encoded from their printed value.
+_OPAQUE_FLOAT = re.compile(r"^(Float|Double):\s*(\S+)$")
+_OPAQUE_INT = re.compile(r"^(I64|Int64|U64|UInt64|Counter64):\s*(-?\d+)$")
+_OPAQUE_TAGS = {"I64": 0x7A, "Int64": 0x7A, "U64": 0x7B, "UInt64": 0x7B, "Counter64": 0x76}
+_TIMETICKS = re.compile(r"^\((\d+)\)")
+_ENUM = re.compile(r"\((-?\d+)\)$")
+_REASON = re.compile(r"Reason:\s*\(?([A-Za-z]+)")
+_FAILED = re.compile(r"Failed object:\s*(\S+)")
+
+_CallKind = Literal["get", "next", "bulk", "set"]
+_Row = tuple[str, str, str]  # (oid, Net-SNMP type, printed value)
+
+
+# --------------------------------------------------------------------------------------------
+# Process-wide Net-SNMP set-up
+
+
+class _Process:
+    """Net-SNMP's state is per process, and so are its set-up and the SNMPv3 gate."""
+
+    lock = threading.Lock()
+    gate: _UsmGate | None = None
+
+
+def _prepare_process() -> _UsmGate:
+    """Isolate Net-SNMP's configuration and turn PDU fixing off, once; the process's gate."""
+    with _Process.lock:
+        if _Process.gate is not None:
+            return _Process.gate
+        private = tempfile.mkdtemp(prefix="usm-netsnmp-")
+        os.environ["SNMPCONFPATH"] = private
+        os.environ["SNMP_PERSISTENT_DIR"] = private
+        os.environ["MIBDIRS"] = private
+        os.environ["MIBS"] = ""
+        # The first call initialises Net-SNMP; its `-Cf` flips "do not fix PDUs" on for good
+        # (it is a process-wide toggle that nothing resets). No object name: nothing is sent.
+        with suppress(ezsnmp.GenericError):
+            ezsnmp_calls.snmpget(["-Cf", "-v", "2c", "-c", "-", "udp:127.0.0.1:9"])
+        _Process.gate = _UsmGate(functools.partial(_purge_user, f"unix:{private}/no-agent"))
+        return _Process.gate
+
+
+def _purge_user(address: str, user: str) -> None:
+    """Remove every entry of SNMPv3 user `user` from Net-SNMP's user table.
+
+    ezsnmp's own `SessionBase` does exactly this around each of its SNMPv3 operations; here the
+    operation goes to a Unix socket that does not exist, so nothing is sent. The raw SWIG
+    object is used because its destructor does not shut Net-SNMP down.
+    """
+    base = ezsnmp_base.SessionBase(
+        address,
+        "",
+        "3",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "noAuthNoPriv",
+        "",
+        user,
+        "",
+        "",
+        "",
+        "0",
+        "1",
+        "",
+        "",
+        False,
+        False,
+        True,
+        False,
+        True,
+        "",
+    )
+    with suppress(ezsnmp_base.ConnectionErrorBase):
+        base.get(["1.3.6.1.2.1.1.3.0"])
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _master_key(hash_name: str, passphrase: str) -> str:
+    """RFC 3414 password-to-key (Ku) in hex; Net-SNMP localises it per engine itself."""
+    raw = passphrase.encode()
+    digest = hashlib.new(hash_name)
+    digest.update((raw * (_KU_LENGTH // len(raw) + 1))[:_KU_LENGTH])
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    """The credential part of the argument vector, and what the USM gate needs to know."""
+
+    args: tuple[str, ...]
+    user: str = ""
+    fingerprint: str = ""
+    secrets: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(auth: SnmpAuth) -> _Identity:
+    if auth.version in ("1", "2c"):
+        community = _secret(auth.community)
+        return _Identity(("-v", auth.version, "-c", community), secrets=(community,))
+    level = auth.effective_security_level
+    args = ["-v", "3", "-u", auth.user or "", "-l", level]
+    secrets: list[str] = []
+    if level in ("authNoPriv", "authPriv"):
+        proto = auth.auth_protocol or _DEFAULT_AUTH
+        key = _secret(auth.auth_key)
+        args += ["-a", _AUTH_NAMES[proto], "-3m", _master_key(_AUTH_HASHES[proto], key)]
+        secrets.append(key)
+        if level == "authPriv":
+            priv = auth.priv_protocol or _DEFAULT_PRIV
+            priv_key = _secret(auth.priv_key)
+            args += ["-x", _PRIV_NAMES[priv], "-3M", _master_key(_AUTH_HASHES[proto], priv_key)]
+            secrets.append(priv_key)
+    if auth.context:
+        args += ["-n", auth.context]
+    fingerprint = hashlib.sha256("\0".join(args).encode()).hexdigest()
+    return _Identity(tuple(args), auth.user or "", fingerprint, tuple(secrets))
+
+
+# --------------------------------------------------------------------------------------------
+# The SNMPv3 user-table gate
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """One request's slot in the gate; `ok` is set when the agent answered."""
+
+    new: bool
+    ok: bool = False
+
+
+@dataclass(slots=True)
+class _UsmGate:
+    """Serialises changes to Net-SNMP's SNMPv3 user table against the requests that use it.
+
+    Requests whose user name is in the table with the same keys share it. A request with other
+    keys for that name waits until no SNMPv3 request is running, removes the name from the table
+    and then runs. The first request of a (device, user, keys) identity runs alone among first
+    requests (engine-ID discovery adds to the table). All waits end at the job's deadline.
+    """
+
+    purge: Callable[[str], None]
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    discovery: threading.Lock = field(default_factory=threading.Lock)
+    readers: int = 0
+    purging: int = 0
+    keys: dict[str, str] = field(default_factory=dict)
+    known: set[tuple[str, int, str, str]] = field(default_factory=set)
+
+    @contextmanager
+    def use(self, device: tuple[str, int], ident: _Identity, deadline: float) -> Iterator[_Ticket]:
+        key = (device[0], device[1], ident.user, ident.fingerprint)
+        with self.cond:
+            self._enter(ident, deadline)
+            ticket = _Ticket(new=key not in self.known)
+        try:
+            if ticket.new and not self.discovery.acquire(timeout=_left(deadline)):
+                raise _deadline_error(device)
+            try:
+                yield ticket
+            finally:
+                if ticket.new:
+                    self.discovery.release()
+        finally:
+            with self.cond:
+                self.readers -= 1
+                if ticket.ok and self.keys.get(ident.user) == ident.fingerprint:
+                    self.known.add(key)
+                self.cond.notify_all()
+
+    def _enter(self, ident: _Identity, deadline: float) -> None:
+        """Take a reader slot (the condition is held), purging the user name first if needed."""
+        for _ in range(1_000_000):  # bounded: every round waits or finishes
+            current = self.keys.get(ident.user)
+            if current is not None and current != ident.fingerprint:
+                self.purging += 1
+                try:
+                    self._wait(lambda: self.readers == 0, deadline)
+                    if self.keys.get(ident.user) not in (None, ident.fingerprint):
+                        self.purge(ident.user)
+                        self.keys.pop(ident.user, None)
+                        self.known = {k for k in self.known if k[2] != ident.user}
+                finally:
+                    self.purging -= 1
+                    self.cond.notify_all()
+                continue
+            if self.purging:
+                self._wait(lambda: self.purging == 0, deadline)
+                continue
+            self.keys[ident.user] = ident.fingerprint
+            self.readers += 1
+            return
+        raise RuntimeError("SNMPv3 gate did not settle")
+
+    def _wait(self, predicate: Callable[[], bool], deadline: float) -> None:
+        if not self.cond.wait_for(predicate, timeout=_left(deadline)):
+            raise DeviceTimeoutError(
+                "waited until the job deadline for other SNMPv3 requests to change keys"
+            )
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _deadline_error(device: tuple[str, int]) -> DeviceTimeoutError:
+    return DeviceTimeoutError(f"no SNMP response from {device[0]}:{device[1]} before the deadline")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding Net-SNMP's printed varbinds
+
+
+def _numeric_oid(printed: str) -> str:
+    """`.1.3.6.1.2` or `iso.3.6.1.2` (a concurrent call cleared `-On`) → `1.3.6.1.2`."""
+    text = printed.strip()
+    if text.startswith("iso"):
+        text = "1" + text[3:]
+    text = text.removeprefix(".")
+    try:
+        return format_oid(parse_oid(text))
+    except ValueError:
+        raise SnmpError(f"Net-SNMP printed an OID that is not numeric: {printed!r}") from None
+
+
+def _opaque_bytes(value: str) -> bytes:
+    """The BER content of an Opaque, rebuilt from Net-SNMP's printed form."""
+    match = _OPAQUE_FLOAT.match(value)
+    if match:
+        if match[1] == "Float":
+            return b"\x9f\x78\x04" + struct.pack(">f", float(match[2]))
+        return b"\x9f\x79\x08" + struct.pack(">d", float(match[2]))
+    match = _OPAQUE_INT.match(value)
+    if match:
+        number = int(match[2])
+        size = max(1, (number.bit_length() + 8) // 8)
+        signed = match[1] in ("I64", "Int64")
+        body = number.to_bytes(size, "big", signed=signed or number < 0)
+        if not signed and body[0] & 0x80:
+            body = b"\x00" + body
+        return bytes([0x9F, _OPAQUE_TAGS[match[1]], len(body)]) + body
+    return bytes.fromhex("".join(value.split()))
+
+
+def _decode(row: _Row) -> tuple[Varbind, bool]:
+    """One printed varbind → the rendered varbind, and whether it is endOfMibView."""
+    printed_oid, kind, value = row
+    oid = _numeric_oid(printed_oid)
+    if kind.startswith(_END_OF_MIB_VIEW):
+        return render_varbind(oid, "endOfMibView", None), True
+    smi = _SMI_BY_NETSNMP.get(kind)
+    if smi is None:
+        raise SnmpError(f"agent returned a value of an unsupported SMI type at {oid} ({kind})")
+    try:
+        return _render(oid, smi, kind, value), False
+    except ValueError:
+        raise SnmpError(f"cannot read Net-SNMP's {kind} value at {oid}") from None
+
+
+def _octets(kind: str, value: str) -> bytes:
+    return bytes.fromhex("".join(value.split())) if kind == "Hex-STRING" else value.encode()
+
+
+def _ticks(_kind: str, value: str) -> int:
+    match = _TIMETICKS.match(value)  # "(429) 0:00:04.29"
+    return int(match[1] if match else value)
+
+
+def _integer(_kind: str, value: str) -> int:
+    match = _ENUM.search(value)  # "up(1)" when a MIB names the value
+    return int(match[1] if match else value)
+
+
+def _unsigned(_kind: str, value: str) -> int:
+    return int(value)
+
+
+def _object_id(_kind: str, value: str) -> str:
+    return _numeric_oid(value)
+
+
+def _ip_address(_kind: str, value: str) -> str | bytes:
+    # SNMPv1 NetworkAddress prints as 7F:00:00:01.
+    return bytes.fromhex(value.replace(":", "")) if ":" in value else value
+
+
+def _opaque(_kind: str, value: str) -> bytes:
+    return _opaque_bytes(value)
+
+
+def _no_value(_kind: str, _value: str) -> None:
+    return None
+
+
+_VALUES: dict[str, Callable[[str, str], int | bytes | str | None]] = {
+    "OctetString": _octets,
+    "TimeTicks": _ticks,
+    "Integer": _integer,
+    "Counter32": _unsigned,
+    "Gauge32": _unsigned,
+    "Counter64": _unsigned,
+    "ObjectIdentifier": _object_id,
+    "IpAddress": _ip_address,
+    "Opaque": _opaque,
+}
+
+
+def _render(oid: str, smi: SmiType, kind: str, value: str) -> Varbind:
+    return render_varbind(oid, smi, _VALUES.get(smi, _no_value)(kind, value))
+
+
+# --------------------------------------------------------------------------------------------
+# One blocking call
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A response: its varbinds as printed, or the error-status and the OID it names."""
+
+    rows: list[_Row]
+    status: int = 0
+    failed_oid: str | None = None
+
+
+def _status_number(message: str) -> int:
+    match = _REASON.search(message)
+    name = match[1] if match else ""
+    if name == "genError":
+        name = "genErr"
+    return (
+        ERROR_STATUS_NAMES.index(name)
+        if name in ERROR_STATUS_NAMES
+        else ERROR_STATUS_NAMES.index("genErr")
+    )
+
+
+def _packet_answer(message: str) -> _Answer:
+    failed = _FAILED.search(message)
+    oid = _numeric_oid(failed[1]) if failed else None
+    return _Answer([], _status_number(message), oid)
+
+
+def _scrub(message: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "***")
+    return " ".join(message.split())
+
+
+def _error(exc: Exception, where: str, ident: _Identity, user: str) -> JobError:
+    """Map an ezsnmp exception to our error tree (never naming a secret)."""
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, ezsnmp.TimeoutError) or "timeout" in lowered:
+        return DeviceTimeoutError(f"no SNMP response from {where}")
+    for needle, message in _AUTH_FAILURES:
+        if needle in lowered:
+            named = f" for user {user!r}" if user else ""
+            return DeviceAuthError(f"{where}: {message}{named}")
+    if isinstance(exc, ezsnmp.ConnectionError):
+        return DeviceUnreachableError(f"{where}: {_scrub(text, ident.secrets)}")
+    return SnmpError(f"{where}: {_scrub(text, ident.secrets)}")
+
+
+_CALLS: dict[_CallKind, Callable[[list[str]], Any]] = {
+    "get": ezsnmp_calls.snmpget,
+    "next": ezsnmp_calls.snmpgetnext,
+    "bulk": ezsnmp_calls.snmpbulkget,
+    "set": ezsnmp_calls.snmpset,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Everything one blocking request needs; built on the loop, run in a pool thread."""
+
+    kind: _CallKind
+    device: tuple[str, int]
+    peer: str
+    ident: _Identity
+    user: str
+    names: list[str]
+    timeout: float
+    retries: int
+    deadline: float  # time.monotonic() clock
+    max_repetitions: int = 0
+
+    def argv(self, timeout: float, retries: int) -> list[str]:
+        args = ["-On", "-Ox", "-t", f"{timeout:g}", "-r", str(retries)]
+        if self.kind == "bulk":
+            args.append(f"-Cr{self.max_repetitions}")
+        return [*args, *self.ident.args, self.peer, *self.names]
+
+
+def _run_sync(call: _Call, gate: _UsmGate) -> _Answer:
+    """Run one request on this pool thread; SNMPv3 requests go through the gate."""
+    if _left(call.deadline) <= 0:
+        raise _deadline_error(call.device)
+    if not call.ident.fingerprint:
+        return _exchange_sync(call, call.timeout, call.retries)
+    with gate.use(call.device, call.ident, call.deadline) as ticket:
+        timeout, retries = call.timeout, call.retries
+        if ticket.new:  # engine-ID discovery is one more exchange under the same timeout
+            timeout, retries = plan_timeout(_left(call.deadline) / 2, timeout, retries)
+        answer = _exchange_sync(call, timeout, retries)
+        ticket.ok = True
+        return answer
+
+
+def _exchange_sync(call: _Call, timeout: float, retries: int) -> _Answer:
+    timeout, retries = plan_timeout(_left(call.deadline), timeout, retries)
+    where = f"{call.device[0]}:{call.device[1]}"
+    try:
+        results = _CALLS[call.kind](call.argv(timeout, retries))
+    except ezsnmp.PacketError as exc:
+        text = str(exc)
+        if "Reason:" in text:
+            return _packet_answer(text)
+        raise _error(exc, where, call.ident, call.user) from None
+    except ezsnmp.GenericError as exc:  # every ezsnmp exception derives from it
+        raise _error(exc, where, call.ident, call.user) from None
+    return _Answer([(f"{r.oid}.{r.index}" if r.index else r.oid, r.type, r.value) for r in results])
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+
+
+class NetsnmpBackend:
+    """`SnmpBackend` on Net-SNMP through ezsnmp, in a bounded thread pool."""
+
+    def __init__(self, *, threads: int = 32) -> None:
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---------------------------------------------------------------------------------------
+    # SnmpBackend
+
+    async def get(self, target: SnmpTarget, oids: Sequence[str]) -> list[Varbind]:
+        return await self._per_oid(target, oids, "get")
+
+    async def getnext(self, target: SnmpTarget, oids: Sequence[str]) -> list[Varbind]:
+        return await self._per_oid(target, oids, "next")
+
+    async def set(self, target: SnmpTarget, varbinds: Sequence[SetValue]) -> list[Varbind]:
+        oids = [oid for oid, _, _ in varbinds]
+        names: list[str] = []
+        for index, (oid, smi, value) in enumerate(varbinds):
+            names += ["." + oid, *_set_argument(index, oid, smi, value)]
+        answer = await self._request(target, "set", names)
+        if answer.status:
+            raise snmp_status_error(answer.status, _position(answer, oids), oids, [])
+        budget = OutputBudget(target.max_output_bytes)
+        budget.extend([_decode(row)[0] for row in answer.rows])
+        return budget.varbinds
+
+    async def walk(
+        self,
+        target: SnmpTarget,
+        roots: Sequence[str],
+        *,
+        max_repetitions: int,
+        max_varbinds: int,
+    ) -> WalkResult:
+        budget = OutputBudget(target.max_output_bytes)
+        try:
+            for root in roots:
+                if await self._walk_root(target, root, budget, max_repetitions, max_varbinds):
+                    return WalkResult(budget.varbinds, truncated=True)
+        except JobError as exc:
+            if exc.data is None:
+                exc.data = {"varbinds": list(budget.varbinds)}
+            raise
+        return WalkResult(budget.varbinds, truncated=False)
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            # Requests still running finish on their own, bounded by their timeouts.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------------------------------
+    # Requests
+
+    async def _per_oid(
+        self, target: SnmpTarget, oids: Sequence[str], kind: Literal["get", "next"]
+    ) -> list[Varbind]:
+        """GET or GETNEXT of many OIDs, in PDUs of at most `MAX_OIDS_PER_PDU` (halved on tooBig)."""
+        budget = OutputBudget(target.max_output_bytes)
+        chunk = MAX_OIDS_PER_PDU
+        start = 0
+        try:
+            while start < len(oids):
+                part = list(oids[start : start + chunk])
+                answer = await self._request(target, kind, ["." + oid for oid in part])
+                if answer.status == _TOO_BIG and len(part) > 1:
+                    chunk = max(1, len(part) // 2)
+                    continue
+                if answer.status:
+                    index = _position(answer, part)
+                    raise snmp_status_error(
+                        answer.status, index, oids, budget.varbinds, offset=start
+                    )
+                budget.extend([_decode(row)[0] for row in answer.rows])
+                start += len(part)
+        except JobError as exc:
+            if exc.data is None:
+                exc.data = {"varbinds": list(budget.varbinds)}
+            raise
+        return budget.varbinds
+
+    async def _walk_root(
+        self,
+        target: SnmpTarget,
+        root: str,
+        budget: OutputBudget,
+        max_repetitions: int,
+        max_varbinds: int,
+    ) -> bool:
+        """Walk one subtree into `budget`; True when `max_varbinds` cut the walk short."""
+        base = parse_oid(root)
+        last = base
+        bulk = target.auth.version != "1"
+        repetitions = max_repetitions
+        for _ in range(10_000_000):  # bounded: every round advances or stops
+            left = max_varbinds - len(budget.varbinds)
+            reps = max(1, min(repetitions, left + 1))
+            kind: _CallKind = "bulk" if bulk else "next"
+            answer = await self._request(target, kind, ["." + format_oid(last)], reps)
+            empty_bulk = bulk and not answer.status and not answer.rows
+            if (answer.status == _TOO_BIG or empty_bulk) and bulk and reps > 1:
+                # snmpbulkget drops an error-status without an index (tooBig) into an empty
+                # answer: ask for less, as for tooBig.
+                repetitions = max(1, reps // 2)
+                continue
+            if answer.status == _NO_SUCH_NAME and not bulk:
+                return False  # SNMPv1 end of the MIB view
+            if answer.status:
+                raise snmp_status_error(answer.status, 1, [format_oid(last)], budget.varbinds)
+            decoded = [_decode(row) for row in answer.rows]
+            returned = [(parse_oid(str(vb["oid"])), end) for vb, end in decoded]
+            step = walk_step(base, last, returned)
+            for position, (_oid, at) in enumerate(step.accepted):
+                if position >= left:
+                    return True
+                budget.add(decoded[at][0])
+            if step.non_increasing:
+                raise SnmpError(
+                    f"agent returned a non-increasing OID after {format_oid(last)} "
+                    f"while walking {root}",
+                    data={"varbinds": list(budget.varbinds)},
+                )
+            if step.next_oid is None:
+                return False
+            last = step.next_oid
+        return False
+
+    async def _request(
+        self, target: SnmpTarget, kind: _CallKind, names: list[str], max_repetitions: int = 0
+    ) -> _Answer:
+        """Run one request in the pool, never waiting past the deadline."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(target.deadline):
+                peer, address = await _resolve(target)
+                call = _Call(
+                    kind=kind,
+                    device=address,
+                    peer=peer,
+                    ident=_identity(target.auth),
+                    user=target.auth.user or "",
+                    names=names,
+                    timeout=target.timeout,
+                    retries=target.retries,
+                    deadline=time.monotonic() + (target.deadline - loop.time()),
+                    max_repetitions=max_repetitions,
+                )
+                pool, gate = await self._ready()
+                return await loop.run_in_executor(pool, _run_sync, call, gate)
+        except DeviceTimeoutError:
+            raise
+        except TimeoutError:
+            raise DeviceTimeoutError(
+                f"no SNMP response from {target.host}:{target.port} before the job deadline"
+            ) from None
+
+    async def _ready(self) -> tuple[ThreadPoolExecutor, _UsmGate]:
+        gate = _Process.gate or await asyncio.to_thread(_prepare_process)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="netsnmp")
+        return self._pool, gate
+
+
+def _position(answer: _Answer, oids: Sequence[str]) -> int:
+    """1-based position of the OID the error-status names (its first occurrence), else 0."""
+    if answer.failed_oid is None:
+        return 0
+    for number, oid in enumerate(oids, start=1):
+        if format_oid(parse_oid(oid)) == answer.failed_oid:
+            return number
+    return 0
+
+
+def _set_argument(index: int, oid: str, smi: str, value: int | bytes | str) -> tuple[str, str]:
+    """`snmpset`'s type letter and value text for one checked set value."""
+    if smi in ("OctetString",) and isinstance(value, bytes):
+        return ("x", value.hex()) if value else ("s", "")
+    letter = _SET_LETTERS.get(smi)
+    if letter is None:
+        raise SnmpError(
+            f"varbinds[{index}] ({oid}): the netsnmp backend cannot send {smi} in a SET "
+            "(Net-SNMP's snmpset has no such type); use USM_POLLER_SNMP_BACKEND=pysnmp"
+        )
+    if smi == "ObjectIdentifier":
+        return letter, "." + str(value)
+    return letter, str(value)
+
+
+async def _resolve(target: SnmpTarget) -> tuple[str, tuple[str, int]]:
+    """Net-SNMP's transport address for the agent (IPv4 preferred), and (address, port)."""
+    host = target.host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return _peer(str(ip), target.port, ip.version == 6), (str(ip), target.port)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, target.port, type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise DeviceUnreachableError(
+            f"cannot resolve host name {host!r}: {exc.args[-1] if exc.args else exc}"
+        ) from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    if not infos:
+        raise DeviceUnreachableError(f"host name {host!r} has no address")
+    family, _type, _proto, _name, sockaddr = infos[0]
+    address = str(sockaddr[0])
+    return _peer(address, target.port, family == socket.AF_INET6), (address, target.port)
+
+
+def _peer(address: str, port: int, ipv6: bool) -> str:
+    return f"udp6:[{address}]:{port}" if ipv6 else f"udp:{address}:{port}"

@@ -1,0 +1,222 @@
+"""Dead-device circuit breaker: quarantine a device after consecutive timeouts (DESIGN §5).
+
+A device is a target host address. After `after` consecutive `device_timeout` outcomes it is
+quarantined for a cool-down; jobs for it are refused at once (`DeviceQuarantinedError`, code
+`device_unreachable`, retryable) instead of waiting out their deadline. When the cool-down ends,
+one probe job is let through while the others are still refused: a timeout doubles the
+cool-down (up to `max_cooldown`), any sign of life releases the device.
+
+Pure bookkeeping: no I/O, no asyncio, and the clock (epoch seconds) is injected, so it is tested
+without sleeping. The runner asks `admit` before a job, `check` again once the job holds its
+per-device slot, and reports the outcome with `settle`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+
+from pydantic import JsonValue
+
+from poller.errors import DeviceQuarantinedError
+from poller.wire import QuarantineEntry, format_timestamp
+
+__all__ = ["Change", "Outcome", "Quarantine", "Ticket", "classify"]
+
+#: Error codes that say nothing about the device: the job never reached it, or the poller
+#: itself failed. They neither count as a timeout nor release a quarantine.
+_NEUTRAL_CODES = frozenset(
+    {
+        "invalid_job",
+        "unsupported_version",
+        "unknown_kind",
+        "expired",
+        "outcome_unknown",
+        "credential_not_found",
+        "ping_not_permitted",
+        "internal_error",
+    }
+)
+
+
+class Outcome(Enum):
+    """What one finished job says about its device."""
+
+    TIMEOUT = "timeout"  # silence: counts towards (or extends) a quarantine
+    ALIVE = "alive"  # the device answered something: its record is cleared
+    NEUTRAL = "neutral"  # no evidence either way
+
+
+class Change(Enum):
+    """A transition worth a log line, returned by `Quarantine.settle`."""
+
+    QUARANTINED = "quarantined"
+    EXTENDED = "extended"  # the probe timed out too: a longer cool-down
+    RELEASED = "released"
+
+
+def classify(code: str | None, kind: str, data: Mapping[str, JsonValue] | None = None) -> Outcome:
+    """The breaker's reading of a job's outcome: its error code (None when ok) and its data.
+
+    A ping that got no reply at all is a normal result (packet loss 1.0), but it is no sign of
+    life either, so it is neutral: it neither releases the device nor counts as a timeout.
+    """
+    if code is None:
+        if kind == "icmp.ping" and data is not None and data.get("received") == 0:
+            return Outcome.NEUTRAL
+        return Outcome.ALIVE
+    if code == "device_timeout":
+        return Outcome.TIMEOUT
+    if code in _NEUTRAL_CODES:
+        return Outcome.NEUTRAL
+    return Outcome.ALIVE
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Permission for one job to run against `device`; `probe` when it tests a quarantine."""
+
+    device: str
+    probe: bool = False
+
+
+@dataclass(slots=True)
+class _Record:
+    timeouts: int = 0
+    last_error: str = ""
+    touched: float = 0.0
+    since: float | None = None  # set while quarantined
+    until: float = 0.0
+    cooldown: float = 0.0
+    probing: bool = False
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+class Quarantine:
+    """Per-device consecutive-timeout counters and quarantines of one process."""
+
+    def __init__(
+        self,
+        *,
+        after: int = 3,
+        cooldown: float = 30.0,
+        max_cooldown: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        max_tracked: int = 100_000,
+    ) -> None:
+        """`after` = 0 turns the breaker off (every job is admitted, nothing is recorded)."""
+        if after < 0 or cooldown <= 0 or max_cooldown < cooldown:
+            raise ValueError("need after >= 0 and 0 < cooldown <= max_cooldown")
+        self.after = after
+        self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self._clock = clock
+        self._max_tracked = max_tracked
+        self._records: dict[str, _Record] = {}
+
+    def admit(self, device: str) -> Ticket:
+        """A ticket to run a job for `device`, or `DeviceQuarantinedError` to answer at once."""
+        record = self._records.get(device)
+        if record is None or record.since is None:
+            return Ticket(device)
+        if record.probing or self._clock() < record.until:
+            raise self._refusal(device, record)
+        record.probing = True
+        return Ticket(device, probe=True)
+
+    def check(self, ticket: Ticket) -> None:
+        """Refuse a job admitted earlier if its device was quarantined while it waited."""
+        if ticket.probe:
+            return
+        record = self._records.get(ticket.device)
+        if record is not None and record.since is not None:
+            raise self._refusal(ticket.device, record)
+
+    def settle(self, ticket: Ticket, outcome: Outcome, error: str = "") -> Change | None:
+        """Record how the job of `ticket` ended; the resulting transition, if any."""
+        record = self._records.get(ticket.device)
+        if ticket.probe and record is not None:
+            record.probing = False
+        if outcome is Outcome.NEUTRAL or self.after == 0:
+            return None
+        if outcome is Outcome.ALIVE:
+            if record is None:
+                return None
+            del self._records[ticket.device]
+            return Change.RELEASED if record.since is not None else None
+        if record is None:
+            self._prune()
+            record = self._records[ticket.device] = _Record()
+        return self._timed_out(record, ticket, error)
+
+    def _timed_out(self, record: _Record, ticket: Ticket, error: str) -> Change | None:
+        now = self._clock()
+        record.timeouts += 1
+        record.last_error = error
+        record.touched = now
+        if record.since is None:
+            if record.timeouts < self.after:
+                return None
+            record.since = now
+            record.cooldown = self.cooldown
+            record.until = now + self.cooldown
+            return Change.QUARANTINED
+        if not ticket.probe:
+            return None  # a job that was already running when the quarantine began
+        record.cooldown = min(record.cooldown * 2, self.max_cooldown)
+        record.until = now + record.cooldown
+        return Change.EXTENDED
+
+    def is_quarantined(self, device: str) -> bool:
+        record = self._records.get(device)
+        return record is not None and record.since is not None
+
+    def until(self, device: str) -> datetime | None:
+        """End of the device's current cool-down (UTC), or None when it is not quarantined."""
+        record = self._records.get(device)
+        if record is None or record.since is None:
+            return None
+        return _utc(record.until)
+
+    def entries(self, limit: int = 1000) -> list[QuarantineEntry]:
+        """Quarantined devices, longest-quarantined first, for the heartbeat."""
+        held = sorted(
+            ((r.since, device, r) for device, r in self._records.items() if r.since is not None),
+            key=lambda item: (item[0], item[1]),
+        )
+        return [
+            QuarantineEntry(
+                device=device,
+                since=_utc(since),
+                until=_utc(record.until),
+                last_error=record.last_error[:500],
+            )
+            for since, device, record in held[:limit]
+        ]
+
+    def _refusal(self, device: str, record: _Record) -> DeviceQuarantinedError:
+        until = format_timestamp(_utc(record.until))
+        since = format_timestamp(_utc(record.since or record.until))
+        if record.probing and self._clock() >= record.until:
+            when = f"quarantined since {since}; its cool-down ended at {until} and a probe job "
+            when += "is checking it now"
+        else:
+            when = f"quarantined until {until} (since {since})"
+        return DeviceQuarantinedError(
+            f"device {device} is {when} after {record.timeouts} consecutive timeouts; "
+            "answered without contacting it"
+        )
+
+    def _prune(self) -> None:
+        """Forget the oldest unquarantined counters when too many devices are tracked."""
+        if len(self._records) < self._max_tracked:
+            return
+        idle = sorted((r.touched, device) for device, r in self._records.items() if r.since is None)
+        for _touched, device in idle[: max(1, len(idle) // 2)]:
+            del self._records[device]

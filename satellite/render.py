@@ -1,0 +1,221 @@
+"""Human output of the `satellite` command line: tables and a progress bar (rich).
+
+Every function here prints for people; `--json` output is built by the commands themselves from
+the objects' `as_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from poller.wire import JobResult
+from satellite.dlq import DeadLetter
+from satellite.provision import Provisioned
+from satellite.results import ReadStats, ReceivedResult
+from satellite.status import SatelliteStatus, uptime_text
+
+__all__ = [
+    "ResultPrinter",
+    "dead_letters",
+    "progress_bar",
+    "provisioned",
+    "read_summary",
+    "status",
+    "summarize",
+]
+
+SUMMARY_CHARS = 70
+
+
+def _console(stderr: bool = False) -> Console:
+    # Built per call: tests and pipes swap sys.stdout, and rich caches the stream it found.
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160  # pipes and files: do not squeeze tables to 80
+    return Console(file=stream, highlight=False, soft_wrap=True, width=width)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, *, enabled: bool, label: str) -> Iterator[Callable[[int], None]]:
+    """A function to advance a progress bar on stderr by n (a no-op when not `enabled`)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def provisioned(done: Provisioned, *, vhost: str) -> None:
+    out = _console()
+    verb = "created" if done.created else "updated"
+    out.print(f"{verb} broker user {done.user} (vhost {vhost!r})")
+    perms = done.permissions
+    out.print(f"  configure  {escape(perms.configure)}")
+    out.print(f"  write      {escape(perms.write)}")
+    out.print(f"  read       {escape(perms.read)}")
+    out.print(
+        f"  topic      write {escape(perms.topic_write)} on {', '.join(perms.topic_exchanges)}"
+    )
+    out.print(f"  limits     {done.max_connections} connections, {done.max_channels} channels")
+    if done.closed_connections:
+        out.print(f"  closed {done.closed_connections} connection(s) using the old password")
+    if done.dsn is None:
+        out.print("password unchanged (run with --rotate for a new one and a new DSN)")
+        return
+    out.print("settings for the site (the password is shown only now; it is stored nowhere):")
+    print(f"US_AMQP_DSN={done.dsn}")
+    print(f"USM_POLLER_SATELLITE_ID={done.satellite_id}")
+    print("USM_POLLER_DECLARE=false")
+
+
+def summarize(result: JobResult) -> str:
+    """One short line about a result: the error, or the first value gathered."""
+    if result.error is not None:
+        text = f"{result.error.code}: {result.error.message}"
+    else:
+        data: Any = result.data or {}
+        varbinds = data.get("varbinds") if isinstance(data, dict) else None
+        if isinstance(varbinds, list) and varbinds:
+            first = varbinds[0]
+            text = f"{first.get('oid')} = {first.get('value')}"
+            if len(varbinds) > 1:
+                text += f" (+{len(varbinds) - 1} more)"
+        else:
+            text = json.dumps(data, separators=(",", ":"))
+    return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
+
+
+class ResultPrinter:
+    """Prints results as they arrive: JSON lines, or aligned columns under one header."""
+
+    def __init__(self, *, json_lines: bool) -> None:
+        self._json = json_lines
+        self._header = False
+
+    def print(self, received: ReceivedResult) -> None:
+        if self._json:
+            print(json.dumps(received.as_dict()), flush=True)
+            return
+        if not self._header:
+            print(f"{'finished':<24} {'satellite':<12} {'job id':<36} {'kind':<12} status")
+            self._header = True
+        r = received.result
+        finished = r.finished_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        print(
+            f"{finished:<24} {r.satellite_id:<12} {r.job_id:<36} {r.kind:<12} "
+            f"{r.status:<5} {r.duration_ms:>8.1f} ms  {summarize(r)}",
+            flush=True,
+        )
+
+
+def read_summary(stats: ReadStats) -> str:
+    parts = [f"{stats.delivered} result(s)"]
+    for count, what in (
+        (stats.duplicates, "duplicate(s) dropped"),
+        (stats.rejected, "rejected (sender or satellite mismatch)"),
+        (stats.invalid, "invalid dropped"),
+        (stats.held, "of other satellites left in the queue"),
+    ):
+        if count:
+            parts.append(f"{count} {what}")
+    return "; ".join(parts)
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
+    out = _console()
+    if clear and out.is_terminal:
+        out.clear()
+    if not statuses:
+        out.print("no satellites (no job queues, no heartbeats)")
+    for sat in statuses:
+        mark = "[green]ok[/green]" if sat.ok else "[red]PROBLEM[/red]"
+        out.print(f"[bold]satellite {escape(sat.satellite_id)}[/bold]  {mark}")
+        q = sat.queue
+        if q is not None:
+            out.print(
+                f"  queue {q.name}: {q.ready} ready, {q.unacked} unacked, "
+                f"{q.consumers} consumer(s); in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
+                f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered"
+            )
+        if sat.replicas:
+            table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 2))
+            for column in (
+                "replica", "host", "version", "uptime", "jobs/s", "in flight",
+                "loop lag", "memory", "quarantined", "last seen",
+            ):  # fmt: skip
+                table.add_column(column)
+            for replica in sat.replicas:
+                b = replica.heartbeat
+                table.add_row(
+                    escape(b.worker),
+                    escape(b.hostname),
+                    escape(b.version),
+                    uptime_text((b.sent_at - b.started_at).total_seconds()),
+                    f"{b.jobs_per_s:.1f}",
+                    f"{b.in_flight}/{b.concurrency}",
+                    f"{b.loop_lag_ms:.1f} ms",
+                    _bytes(b.rss_bytes),
+                    str(len(b.quarantine)),
+                    f"{replica.age():.0f} s ago",
+                )
+            out.print(table)
+        if sat.advice is not None:
+            out.print(f"  replicas: {sat.advice.replicas}; advice: [bold]{sat.advice.verdict}[/]")
+        for problem in sat.problems:
+            out.print(f"  [red]problem:[/red] {escape(problem)}")
+        for warning in sat.warnings:
+            out.print(f"  [yellow]warning:[/yellow] {escape(warning)}")
+
+
+def dead_letters(letters: Sequence[DeadLetter]) -> None:
+    out = _console()
+    if not letters:
+        out.print("no dead-lettered jobs")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("job id", "kind", "reason", "count", "dead-lettered at", "size"):
+        table.add_column(column)
+    for letter in letters:
+        row = letter.summary()
+        table.add_row(
+            escape(str(row["job_id"])),
+            escape(str(row["kind"])),
+            escape(str(row["reason"])),
+            str(row["count"]),
+            str(row["time"] or ""),
+            f"{row['size']} B",
+        )
+    out.print(table)
+    out.print(f"{len(letters)} dead-lettered job(s)")
