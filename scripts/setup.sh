@@ -9,7 +9,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 PYTHON=${PYTHON:-python3}
 
-apt_packages=(snmpd snmp openssh-server)
+apt_packages=(snmpd snmp openssh-server iproute2)
 command -v rabbitmq-server >/dev/null 2>&1 || apt_packages+=(rabbitmq-server)
 missing=()
 for p in "${apt_packages[@]}"; do
