@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -19,24 +18,11 @@ import pytest
 
 from poller import wire
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
-from tests.support.rabbitmq import AmqpVhost
 from tests.support.snmpd import Snmpd
 
 DEAD_SNMP = [f"127.0.0.{n}" for n in range(11, 19)]
 DEAD_TCP = [f"127.0.0.{n}" for n in range(21, 23)]
 DEAD_TIMEOUT = 2.0
-
-
-@pytest.fixture
-def sid() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def client(amqp_vhost: AmqpVhost, sid: str) -> Iterator[JobClient]:
-    c = JobClient(amqp_vhost.dsn, sid)
-    yield c
-    c.close()
 
 
 def silent_udp(stack: ExitStack, host: str) -> int:

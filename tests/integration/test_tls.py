@@ -9,7 +9,6 @@ published over the node's plain AMQP port, the way the core's side would on its 
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,11 +29,6 @@ REFUSED_WINDOW = 5.0
 
 
 @pytest.fixture
-def sid() -> str:
-    return f"tls{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
 def pollers(tls_broker: TlsBroker, tmp_path: Path) -> Iterator[PollerFactory]:
     """`poller run` processes whose default DSN is the private node's plain port."""
     factory = PollerFactory(tls_broker.plain, tmp_path)
@@ -48,15 +42,6 @@ def client(tls_broker: TlsBroker, sid: str) -> Iterator[JobClient]:
     c = JobClient(tls_broker.plain.dsn, sid)
     yield c
     c.close()
-
-
-@pytest.fixture
-def silent_udp_port() -> Iterator[int]:
-    """A UDP port where nothing ever answers: an SNMP job there ends in device_timeout."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
 
 
 def tls_connections(broker: TlsBroker) -> dict[str, dict[str, Any]]:

@@ -8,10 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from poller import wire
 from tests.support.poller_proc import JobClient, PollerFactory, data, snmp_job
@@ -20,27 +17,6 @@ from tests.support.snmpd import Snmpd
 
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
 SYS_UPTIME = "1.3.6.1.2.1.1.3.0"
-
-
-@pytest.fixture
-def sid() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def client(amqp_vhost: AmqpVhost, sid: str) -> Iterator[JobClient]:
-    c = JobClient(amqp_vhost.dsn, sid)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def silent_udp_port() -> Iterator[int]:
-    """A UDP port where nothing ever answers (bound by us, never read)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
 
 
 def v3_auth(snmpd: Snmpd, name: str, **override: str) -> dict[str, Any]:

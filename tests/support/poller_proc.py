@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,6 +129,29 @@ def start_poller(amqp_vhost: AmqpVhost, tmp_path: Path) -> Iterator[PollerFactor
     yield factory
     for poller in factory.started:
         poller.kill()
+
+
+@pytest.fixture
+def sid() -> str:
+    """A satellite id of its own for each test."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def client(amqp_vhost: AmqpVhost, sid: str) -> Iterator[JobClient]:
+    """The core's side for the test's satellite, on the session's vhost."""
+    c = JobClient(amqp_vhost.dsn, sid)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def silent_udp_port() -> Iterator[int]:
+    """A UDP port where nothing ever answers (bound by the test, never read)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()
 
 
 @dataclass
