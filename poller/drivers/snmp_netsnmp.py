@@ -32,11 +32,13 @@ retries; it keeps its `_UsmGate` slot until then, so it cannot be pulled out fro
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import hashlib
 import ipaddress
 import os
 import re
+import shutil
 import socket
 import struct
 import tempfile
@@ -181,6 +183,7 @@ def _prepare_process() -> _UsmGate:
         if _Process.gate is not None:
             return _Process.gate
         private = tempfile.mkdtemp(prefix="usm-netsnmp-")
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
         os.environ["SNMPCONFPATH"] = private
         os.environ["SNMP_PERSISTENT_DIR"] = private
         os.environ["MIBDIRS"] = private
@@ -226,8 +229,11 @@ def _purge_user(address: str, user: str) -> None:
         True,
         "",
     )
-    with suppress(ezsnmp_base.ConnectionErrorBase):
+    try:
         base.get(["1.3.6.1.2.1.1.3.0"])
+    except Exception as exc:  # the SWIG class is not importable: ezsnmp matches it by name too
+        if type(exc).__name__ != "ConnectionErrorBase":
+            raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,12 +381,17 @@ def _deadline_error(device: tuple[str, int]) -> DeviceTimeoutError:
 # Decoding Net-SNMP's printed varbinds
 
 
+_ROOT_NAMES = {"ccitt": "0", "iso": "1", "joint-iso-ccitt": "2"}
+
+
 def _numeric_oid(printed: str) -> str:
-    """`.1.3.6.1.2` or `iso.3.6.1.2` (a concurrent call cleared `-On`) → `1.3.6.1.2`."""
-    text = printed.strip()
-    if text.startswith("iso"):
-        text = "1" + text[3:]
-    text = text.removeprefix(".")
+    """`.1.3.6.1.2`, `iso.3.6.1.2` or `.iso.3.6.1.2` → `1.3.6.1.2`.
+
+    The symbolic forms appear when a concurrent call changed Net-SNMP's output options (no MIB
+    is loaded, so only the roots have names).
+    """
+    first, _, rest = printed.strip().removeprefix(".").partition(".")
+    text = f"{_ROOT_NAMES.get(first, first)}.{rest}" if rest else _ROOT_NAMES.get(first, first)
     try:
         return format_oid(parse_oid(text))
     except ValueError:
@@ -749,7 +760,9 @@ class NetsnmpBackend:
             ) from None
 
     async def _ready(self) -> tuple[ThreadPoolExecutor, _UsmGate]:
-        gate = _Process.gate or await asyncio.to_thread(_prepare_process)
+        gate = _Process.gate
+        if gate is None:
+            gate = await asyncio.to_thread(_prepare_process)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="netsnmp")
         return self._pool, gate

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -73,8 +74,8 @@ def v3(v3user: V3User, /, **override: str) -> dict[str, JsonValue]:
     return auth
 
 
-BACKENDS = ["pysnmp", "netsnmp"]
 Backend = Literal["pysnmp", "netsnmp"]
+BACKENDS: tuple[Backend, ...] = ("pysnmp", "netsnmp")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -602,3 +603,149 @@ async def test_host_names_are_resolved(driver: SnmpDriver, snmpd: Snmpd) -> None
         driver, "snmp.get", {"oids": [SYS_NAME]}, v2c(snmpd), host="localhost", port=snmpd.port
     )
     assert by_oid(data)[SYS_NAME]["value"] == snmpd.sys_name
+
+
+# --------------------------------------------------------------------------------------------
+# Both backends side by side, their documented differences, and Net-SNMP under concurrency
+
+#: Values that do not change while the agent runs (no counters, no uptime, nothing set above).
+STABLE = [
+    SYS_DESCR,
+    SYS_OBJECT_ID,
+    SYS_NAME,
+    "1.3.6.1.2.1.1.7.0",  # sysServices
+    "1.3.6.1.2.1.1.9.1.2.1",  # sysORID.1
+    "1.3.6.1.2.1.1.9.1.3.1",  # sysORDescr.1
+    "1.3.6.1.2.1.2.2.1.1.1",  # ifIndex.1
+    "1.3.6.1.2.1.2.2.1.2.1",  # ifDescr.1
+    "1.3.6.1.2.1.2.2.1.5.1",  # ifSpeed.1
+    "1.3.6.1.2.1.2.2.1.6.1",  # ifPhysAddress.1 (empty on lo)
+    "1.3.6.1.2.1.4.20.1.1.127.0.0.1",  # ipAdEntAddr
+    "1.3.6.1.2.1.1.99.0",  # noSuchObject
+    "1.3.6.1.2.1.1.5.1",  # noSuchInstance
+]
+
+
+@pytest.fixture
+async def both() -> AsyncIterator[dict[Backend, SnmpDriver]]:
+    drivers: dict[Backend, SnmpDriver] = {
+        name: SnmpDriver(SnmpOptions(timeout=1.0, retries=1, backend=name))
+        for name in ("pysnmp", "netsnmp")
+    }
+    yield drivers
+    for drv in drivers.values():
+        await drv.aclose()
+
+
+async def test_both_backends_render_the_same_varbinds_byte_for_byte(
+    both: dict[Backend, SnmpDriver], snmpd: Snmpd
+) -> None:
+    auths = [v1(snmpd), v2c(snmpd), v3(snmpd.v3_users["sha256-aes192"])]
+    for auth in auths:
+        oids = STABLE if auth["version"] != "1" else STABLE[:-2]  # v1: noSuchName, tested above
+        params: dict[str, JsonValue] = {"oids": list[JsonValue](oids)}
+        got = {
+            name: await run(drv, "snmp.get", params, auth, port=snmpd.port)
+            for name, drv in both.items()
+        }
+        assert got["netsnmp"] == got["pysnmp"]
+        walks = {
+            name: await run(drv, "snmp.walk", {"oids": [IF_TABLE + ".1.2"]}, auth, port=snmpd.port)
+            for name, drv in both.items()
+        }
+        assert walks["netsnmp"] == walks["pysnmp"]
+    empty = by_oid(got["netsnmp"])["1.3.6.1.2.1.2.2.1.6.1"]
+    assert empty == {"oid": "1.3.6.1.2.1.2.2.1.6.1", "type": "OctetString", "value": "", "hex": ""}
+
+
+async def test_opaque_floats_agree_to_the_printed_precision_on_both_backends(
+    both: dict[Backend, SnmpDriver], snmpd: Snmpd
+) -> None:
+    """Documented difference: Net-SNMP decodes an Opaque float and prints it with 6 decimals.
+
+    The netsnmp backend re-encodes that text as the same BER (tag 9f78, 4 bytes), so `hex` is
+    the agent's up to the last bits of the float; pysnmp passes the agent's bytes through.
+    """
+    oids: list[JsonValue] = [f"1.3.6.1.4.1.2021.10.1.6.{n}" for n in (1, 2, 3)]  # laLoadFloat
+    for _attempt in range(5):  # the load average may change between the two requests
+        got = {
+            name: varbinds(await run(drv, "snmp.get", {"oids": oids}, v2c(snmpd), port=snmpd.port))
+            for name, drv in both.items()
+        }
+        floats = {
+            name: [struct.unpack(">f", bytes.fromhex(vb["hex"])[3:])[0] for vb in vbs]
+            for name, vbs in got.items()
+        }
+        if floats["netsnmp"] == pytest.approx(floats["pysnmp"], abs=5e-7):
+            break
+    for name in BACKENDS:
+        assert all(vb["type"] == "Opaque" and vb["value"] is None for vb in got[name])
+        assert all(vb["hex"].startswith("9f7804") and len(vb["hex"]) == 14 for vb in got[name])
+    assert floats["netsnmp"] == pytest.approx(floats["pysnmp"], abs=5e-7)
+
+
+@pytest.mark.parametrize("smi", ["Counter32", "Counter64", "Opaque"])
+async def test_set_of_a_type_snmpset_cannot_send_differs_by_backend(
+    driver: SnmpDriver, backend: Backend, snmpd: Snmpd, smi: str
+) -> None:
+    """Documented difference: Net-SNMP's snmpset has no Counter32, Counter64 or Opaque type.
+
+    The netsnmp backend refuses before sending anything; pysnmp sends it and the agent refuses.
+    """
+    value: JsonValue = "00" if smi == "Opaque" else 5
+    params: dict[str, JsonValue] = {
+        "varbinds": [{"oid": SYS_LOCATION, "type": smi, "value": value, "hex": smi == "Opaque"}]
+    }
+    auth = v2c(snmpd, snmpd.write_community)
+    if backend == "netsnmp":
+        with pytest.raises(SnmpError, match=f"netsnmp backend cannot send {smi}.*pysnmp"):
+            await run(driver, "snmp.set", params, auth, port=snmpd.port)
+    else:
+        with pytest.raises(SnmpError, match=r"agent answered (wrongType|notWritable)"):
+            await run(driver, "snmp.set", params, auth, port=snmpd.port)
+
+
+async def test_netsnmp_200_gets_at_concurrency_32_across_identities_are_all_right(
+    snmpd: Snmpd,
+) -> None:
+    """No cross-talk between threads, v2c and v3 identities (and no crash of the process)."""
+    pysnmp = SnmpDriver(SnmpOptions(timeout=1.0, retries=1, backend="pysnmp"))
+    params: dict[str, JsonValue] = {"oids": list[JsonValue](STABLE)}
+    expected = by_oid(await run(pysnmp, "snmp.get", params, v2c(snmpd), port=snmpd.port))
+    await pysnmp.aclose()
+
+    netsnmp = SnmpDriver(SnmpOptions(timeout=2.0, retries=1, backend="netsnmp", threads=32))
+    users = [
+        "noauth",
+        "md5",
+        "sha",
+        "sha256",
+        "sha-des",
+        "sha-aes",
+        "sha256-aes192",
+        "sha512-aes256",
+    ]
+    identities = [
+        v2c(snmpd),
+        v2c(snmpd, snmpd.write_community),  # read-write, limited to the system group
+        *(v3(snmpd.v3_users[label]) for label in users),
+    ]
+    limit = asyncio.Semaphore(32)
+
+    async def one(n: int) -> tuple[list[str], Data]:
+        auth = identities[n % len(identities)]
+        pool = STABLE[:6] if auth.get("community") == snmpd.write_community else STABLE
+        start = n % len(pool)
+        oids = (pool[start:] + pool[:start])[: 1 + n % len(pool)]
+        async with limit:
+            data = await run(
+                netsnmp, "snmp.get", {"oids": list[JsonValue](oids)}, auth, port=snmpd.port
+            )
+        return oids, data
+
+    try:
+        results = await asyncio.gather(*(one(n) for n in range(200)))
+    finally:
+        await netsnmp.aclose()
+    for oids, data in results:
+        assert varbinds(data) == [expected[oid] for oid in oids]

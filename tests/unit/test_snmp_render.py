@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -449,15 +450,22 @@ async def test_driver_refuses_non_snmp_credentials() -> None:
         await driver.run(job, None, JobContext(deadline=1.0, max_output_bytes=10_000))
 
 
-def test_netsnmp_backend_is_not_available_yet() -> None:
-    with pytest.raises(ConfigError, match="netsnmp"):
+@pytest.mark.parametrize(
+    ("choice", "chosen"),
+    [("auto", "NetsnmpBackend"), ("netsnmp", "NetsnmpBackend"), ("pysnmp", "PysnmpBackend")],
+)
+def test_backend_choice_prefers_netsnmp_when_ezsnmp_imports(choice: str, chosen: str) -> None:
+    driver = SnmpDriver(SnmpOptions(backend=choice))  # type: ignore[arg-type]
+    assert type(driver.backend).__name__ == chosen
+
+
+def test_without_ezsnmp_auto_falls_back_to_pysnmp_and_netsnmp_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "poller.drivers.snmp_netsnmp", None)  # import → ImportError
+    assert type(SnmpDriver(SnmpOptions(backend="auto")).backend).__name__ == "PysnmpBackend"
+    with pytest.raises(ConfigError, match="USM_POLLER_SNMP_BACKEND=netsnmp needs the ezsnmp"):
         SnmpDriver(SnmpOptions(backend="netsnmp"))
-
-
-@pytest.mark.parametrize("backend", ["auto", "pysnmp"])
-def test_auto_and_pysnmp_select_the_pysnmp_backend(backend: str) -> None:
-    driver = SnmpDriver(SnmpOptions(backend=backend))  # type: ignore[arg-type]
-    assert type(driver.backend).__name__ == "PysnmpBackend"
 
 
 def test_secrets_stay_out_of_the_target_repr() -> None:
