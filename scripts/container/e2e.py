@@ -1,0 +1,743 @@
+"""CI container tier: the real image under the real `docker compose`, against the real broker.
+
+Run by scripts/container/e2e.sh after scripts/container/setup.sh (podman behind the `docker`
+CLI) with the project's virtualenv: `.venv/bin/python scripts/container/e2e.py`.
+
+What it does, in order, failing loudly (with `docker compose logs`) at the first broken promise:
+
+1. `docker compose config -q` of compose.yaml (and that it refuses to run without the two
+   required variables) and of compose.demo.yaml; compose.yaml's image tag is the version.
+2. `docker compose build`; the image runs as uid 10001, has the version label, a HEALTHCHECK
+   running `poller check`, and no exposed port.
+3. A fresh vhost on the machine's RabbitMQ (127.0.0.1:5672), a Net-SNMP `snmpd` on
+   127.0.0.1 and a UDP port there that never answers (a dead device); `docker compose up -d`
+   with 3 replicas (scripts/container/compose.ci.yaml: slirp4netns, where 10.0.2.2 is the
+   host's loopback).
+4. 3 consumers on the satellite queue; 30 `snmp.get` jobs answered, by at least 2 replicas.
+5. In every container: `poller check` exits 0, the processes run as uid 10001 without
+   capabilities and with no-new-privileges, the root is read-only, nothing listens on TCP.
+6. One container's main process SIGKILLed from the host while it runs a job (for a device that
+   never answers, so the job lasts its whole deadline) and others flow: it is restarted by the
+   restart policy and consumes again, its job is redelivered and answered by another replica,
+   and every job gets its result (none lost, none dead-lettered).
+7. `docker compose down` while every replica runs such a job: each one finishes its job,
+   publishes the result and exits 0 on SIGTERM, well within the grace period.
+
+Everything it starts (containers, the vhost, snmpd, the log follower) is removed at the end,
+by name or PID.
+"""
+
+# ruff: noqa: S603, S108 - a CI driver: it runs fixed tools, and /tmp is the container's tmpfs
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from poller import __version__, wire  # noqa: E402 - after the path set-up above
+
+COMPOSE_FILES = ("compose.yaml", "scripts/container/compose.ci.yaml")
+REPLICAS = 3
+UID = 10001
+HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns: the host's 127.0.0.1
+SYS_NAME = "e2e-device"
+SYS_NAME_OID = "1.3.6.1.2.1.1.5.0"
+SILENT_JOB_TIMEOUT = 3.0
+PREFIX = "usm-e2e-"
+t0 = time.monotonic()
+
+
+class TierError(AssertionError):
+    """A broken promise of the container tier."""
+
+
+def say(message: str) -> None:
+    print(f"[container-tier +{time.monotonic() - t0:5.1f}s] {message}", flush=True)
+
+
+PASSED: list[str] = []
+
+
+def passed(message: str) -> None:
+    """One of the tier's checks passed."""
+    PASSED.append(message)
+    say(f"PASS {message}")
+
+
+def check(condition: object, message: str) -> None:
+    if not condition:
+        raise TierError(message)
+
+
+def run(
+    args: Sequence[str],
+    *,
+    timeout: float = 120,
+    ok: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command (never through a shell); by default fail when it exits non-zero."""
+    try:
+        done = subprocess.run(
+            list(args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise TierError(f"`{' '.join(args)}` took more than {timeout} s") from None
+    if ok and done.returncode != 0:
+        raise TierError(
+            f"`{' '.join(args)}` exited {done.returncode}:\n{done.stdout}\n{done.stderr}".rstrip()
+        )
+    return done
+
+
+def wait_for(what: str, probe: Any, timeout: float, interval: float = 0.25) -> Any:
+    """Call `probe()` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TierError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------------ services
+
+
+def rabbitmqctl(*args: str) -> str:
+    return run(["rabbitmqctl", "-q", *args], timeout=60).stdout
+
+
+@contextlib.contextmanager
+def fresh_vhost() -> Iterator[str]:
+    """A vhost for this run, guest with full permissions; deleted afterwards."""
+    for line in rabbitmqctl("list_vhosts", "name").split():
+        match = re.fullmatch(rf"{PREFIX}(\d+)-[0-9a-f]{{6}}", line)
+        if match and not pid_alive(int(match.group(1))):
+            rabbitmqctl("delete_vhost", line)  # left by a run that was killed
+    name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
+        say(f"deleted vhost {name}")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def snmp_agent() -> Iterator[int]:
+    """Net-SNMP `snmpd` on 127.0.0.1 (v2c community `public`), as nobody; stopped by PID."""
+    binary = shutil.which("snmpd") or "/usr/sbin/snmpd"
+    check(Path(binary).exists(), "snmpd is not installed (apt-get install snmpd snmp)")
+    workdir = Path(tempfile.mkdtemp(prefix="usm-e2e-snmpd-"))
+    workdir.chmod(0o755)
+    port = free_udp_port()
+    (workdir / "snmpd.conf").write_text(
+        f"agentAddress udp:127.0.0.1:{port}\nrocommunity public 127.0.0.1\nsysName {SYS_NAME}\n"
+    )
+    persist = workdir / "persist"
+    persist.mkdir()
+    cmd = [binary, "-f", "-Lf", str(workdir / "snmpd.log"), "-I", "-smux", "-C"]
+    cmd += ["-c", str(workdir / "snmpd.conf")]
+    if os.geteuid() == 0:
+        shutil.chown(persist, "nobody", "nogroup")
+        cmd += ["-u", "nobody", "-g", "nogroup"]
+    env = {"PATH": "/usr/sbin:/usr/bin:/bin", "MIBS": ":", "SNMP_PERSISTENT_DIR": str(persist)}
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        snmpget = shutil.which("snmpget")
+        if snmpget:
+            probe = [snmpget, "-v2c", "-c", "public", "-t", "0.3", "-r", "0"]
+            probe += [f"127.0.0.1:{port}", SYS_NAME_OID]
+            wait_for(
+                "snmpd to answer",
+                lambda: run(probe, ok=False, env=env).returncode == 0,
+                timeout=15,
+            )
+        else:
+            time.sleep(1)
+        check(proc.poll() is None, f"snmpd exited {proc.returncode}")
+        yield port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def silent_udp_port() -> Iterator[int]:
+    """A UDP port on 127.0.0.1 that takes datagrams and never answers: a device that is down.
+
+    An SNMP job against it runs for its whole deadline (`SILENT_JOB_TIMEOUT`), which makes it
+    reliably in flight when a replica is killed or stopped.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port
+
+
+# ------------------------------------------------------------------------------------ compose
+
+
+@dataclass
+class Compose:
+    project: str
+    env: dict[str, str]
+    files: Sequence[str] = COMPOSE_FILES
+    seen: set[str] = field(default_factory=set)
+
+    def argv(self, *args: str) -> list[str]:
+        out = ["docker", "compose", "-p", self.project]
+        for f in self.files:
+            out += ["-f", f]
+        return [*out, *args]
+
+    def __call__(
+        self, *args: str, timeout: float = 300, ok: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return run(self.argv(*args), timeout=timeout, ok=ok, env=self.env)
+
+    def container_ids(self) -> list[str]:
+        ids: list[str] = self("ps", "-q").stdout.split()
+        self.seen.update(ids)
+        return ids
+
+    def stop_exec_monitors(self) -> None:
+        """Stop the `conmon` monitors that podman leaves after `docker exec` in a container
+        that was restarted (they would linger for 5 minutes): by PID, ours only."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not argv[0].endswith(b"conmon") or b"--exec" not in argv or b"-c" not in argv:
+                continue
+            container = argv[argv.index(b"-c") + 1].decode(errors="replace")
+            if container in self.seen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc.name), signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def following_logs(self) -> Iterator[Path]:
+        """`docker compose logs -f` of the project into a file, for as long as the block runs.
+
+        Followed rather than read at the end, so that the logs of replicas removed by
+        `docker compose down` are kept too.
+        """
+        with tempfile.NamedTemporaryFile(prefix="usm-e2e-logs-", suffix=".log") as out:
+            proc = subprocess.Popen(
+                self.argv("logs", "--follow", "--no-color", "--timestamps"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env=self.env,
+            )
+            try:
+                yield Path(out.name)
+            finally:
+                proc.terminate()  # the PID we started
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+
+def inspect(container: str, template: str) -> str:
+    return run(["docker", "inspect", "-f", template, container], timeout=30).stdout.strip()
+
+
+def podman_json(*args: str) -> Any:
+    return json.loads(run(["podman", *args, "--format", "json"], timeout=30).stdout or "null")
+
+
+def remove_stale_projects() -> None:
+    """Containers of tier runs that were killed before they could clean up."""
+    rows = podman_json("ps", "-a", "--filter", "label=com.docker.compose.project")
+    stale = set()
+    for row in rows or []:
+        project = (row.get("Labels") or {}).get("com.docker.compose.project", "")
+        match = re.fullmatch(rf"{PREFIX}(\d+)", project)
+        if match and not pid_alive(int(match.group(1))):
+            stale.add(row["Id"])
+    if stale:
+        say(f"removing {len(stale)} container(s) left by killed runs")
+        run(["podman", "rm", "-f", "-t", "2", *sorted(stale)], timeout=120, ok=False)
+
+
+# ------------------------------------------------------------------------------------ the core
+
+
+@dataclass
+class Core:
+    """The core's side: publish jobs to the satellite, collect their results."""
+
+    dsn: str
+    satellite_id: str
+    results: dict[str, list[wire.JobResult]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        params = pika.URLParameters(self.dsn)
+        params.connection_attempts = 3
+        self._conn = pika.BlockingConnection(params)
+        self._ch = self._conn.channel()
+
+    def close(self) -> None:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            self._conn.close()
+
+    def consumers(self) -> int:
+        """Consumers on the satellite queue (0 while the queue does not exist yet)."""
+        try:
+            ch = self._conn.channel()
+            ok = ch.queue_declare(wire.jobs_queue(self.satellite_id), passive=True)
+            count: int = ok.method.consumer_count
+            ch.close()
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+        return count
+
+    def depth(self, queue: str) -> int:
+        ok = self._ch.queue_declare(queue, passive=True)
+        depth: int = ok.method.message_count
+        return depth
+
+    def listen(self) -> None:
+        """Bind a private queue to this satellite's results (the pollers declared the exchange)."""
+        self._ch.confirm_delivery()
+        self._queue = self._ch.queue_declare("", exclusive=True).method.queue
+        key = f"result.{self.satellite_id}.#"
+        self._ch.queue_bind(self._queue, wire.results_exchange(), key)
+
+    def publish_snmp_get(self, host: str, port: int) -> str:
+        return self.publish(host, port, "snmp.get", {"oids": [SYS_NAME_OID]}, timeout=10)
+
+    def publish_silent(self, host: str, port: int) -> str:
+        """An `snmp.get` of a device that never answers: a `device_timeout` after its deadline."""
+        params = {"oids": [SYS_NAME_OID]}
+        return self.publish(host, port, "snmp.get", params, timeout=SILENT_JOB_TIMEOUT)
+
+    def publish(
+        self, host: str, port: int, kind: str, params: dict[str, Any], *, timeout: float
+    ) -> str:
+        job_id = str(uuid.uuid4())
+        job = {
+            "v": 1,
+            "id": job_id,
+            "kind": kind,
+            "target": {"host": host, "port": port},
+            "auth": {"version": "2c", "community": "public"},
+            "params": params,
+            "timeout": timeout,
+        }
+        props = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, message_id=job_id
+        )
+        self._ch.basic_publish(
+            wire.jobs_exchange(),
+            wire.jobs_routing_key(self.satellite_id),
+            json.dumps(job).encode(),
+            props,
+            mandatory=True,
+        )
+        return job_id
+
+    def drain(self) -> None:
+        while True:
+            method, _props, body = self._ch.basic_get(self._queue, auto_ack=True)
+            if method is None:
+                return
+            result = wire.decode_result(body)
+            self.results.setdefault(result.job_id, []).append(result)
+
+    def wait_results(self, ids: Sequence[str], timeout: float) -> dict[str, wire.JobResult]:
+        """The first result of every job in `ids`; fail naming the missing ones."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.drain()
+            if all(i in self.results for i in ids):
+                return {i: self.results[i][0] for i in ids}
+            self._conn.sleep(0.1)
+        missing = [i for i in ids if i not in self.results]
+        raise TierError(f"{len(missing)} of {len(ids)} jobs got no result in {timeout} s")
+
+
+def assert_ok(results: dict[str, wire.JobResult], silent: Sequence[str] = ()) -> Counter[str]:
+    """Every result is the expected one; the number of jobs each worker answered.
+
+    Jobs in `silent` went to the device that never answers: `device_timeout`. The others read
+    sysName from snmpd: `ok`.
+    """
+    for result in results.values():
+        if result.job_id in silent:
+            code = result.error.code if result.error else None
+            check(
+                result.status == "error" and code == "device_timeout",
+                f"job {result.job_id} to the silent device answered {result.status}/{code}",
+            )
+            continue
+        check(
+            result.status == "ok",
+            f"job {result.job_id} answered {result.status}: {result.error}",
+        )
+        data: dict[str, Any] = result.model_dump(mode="json")["data"] or {}
+        varbinds = data.get("varbinds") or [{}]
+        check(
+            varbinds[0].get("value") == SYS_NAME,
+            f"job {result.job_id}: unexpected data {result.data}",
+        )
+    return Counter(r.worker for r in results.values())
+
+
+# ------------------------------------------------------------------------------------ the tier
+
+
+def validate_compose_files(env: dict[str, str]) -> None:
+    base = {k: v for k, v in env.items() if k not in ("US_AMQP_DSN", "USM_POLLER_SATELLITE_ID")}
+    refused = run(["docker", "compose", "-f", "compose.yaml", "config", "-q"], ok=False, env=base)
+    check(
+        refused.returncode != 0 and "required variable US" in refused.stderr,
+        "compose.yaml must refuse to run without US_AMQP_DSN and USM_POLLER_SATELLITE_ID",
+    )
+    env = base | {"US_AMQP_DSN": "amqp://u:p@broker:5672/%2f", "USM_POLLER_SATELLITE_ID": "ci"}
+    for files in (("compose.yaml",), COMPOSE_FILES, ("compose.demo.yaml",)):
+        argv = ["docker", "compose"] + [a for f in files for a in ("-f", f)]
+        run([*argv, "config", "-q"], env=env)
+    config = json.loads(
+        run(
+            ["docker", "compose", "-f", "compose.yaml", "config", "--format", "json"], env=env
+        ).stdout
+    )
+    poller = config["services"]["poller"]
+    image = poller["image"]
+    check(
+        image.endswith(f":{__version__}"),
+        f"compose.yaml's image {image} is not tagged with the version {__version__}",
+    )
+    check("ports" not in poller, "compose.yaml must not publish ports")
+    passed(f"compose files valid (compose.yaml, CI override, compose.demo.yaml); image {image}")
+
+
+def check_image(image: str) -> None:
+    info = podman_json("image", "inspect", image)[0]
+    config = info.get("Config") or {}
+    labels = info.get("Labels") or config.get("Labels") or {}
+    version = labels.get("org.opencontainers.image.version")
+    check(version == __version__, f"image version label {version!r}, expected {__version__}")
+    check(config.get("User") == f"{UID}:{UID}", f"image user is {config.get('User')!r}")
+    check(not config.get("ExposedPorts"), f"image exposes {config.get('ExposedPorts')}")
+    health = (info.get("Healthcheck") or info.get("HealthCheck") or {}).get("Test") or []
+    check(health[1:3] == ["poller", "check"], f"image HEALTHCHECK is {health!r}")
+    passed(f"image {image}: {info['Size'] / 1e6:.0f} MB, user {UID}, HEALTHCHECK {health[1:]}")
+
+
+def check_container(container: str) -> None:
+    short = container[:12]
+    pid = int(inspect(container, "{{.State.Pid}}"))
+    check(pid > 0, f"{short} is not running")
+
+    # the health file is rewritten every 2 s: a fresh start gets a few periods to pass
+    def healthy() -> bool:
+        done = run(["docker", "exec", container, "poller", "check"], ok=False, timeout=30)
+        return done.returncode == 0
+
+    wait_for(f"`poller check` to exit 0 in {short}", healthy, timeout=20, interval=1)
+    uid = run(["docker", "exec", container, "id", "-u"], timeout=30).stdout.strip()
+    check(uid == str(UID), f"{short} runs as uid {uid}")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for p in [pid, *map(int, children)]:
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+        )
+        uids = set(status["Uid"].split())
+        check(uids == {str(UID)}, f"{short}: process {p} has uids {uids}")
+        check(int(status["CapEff"], 16) == 0, f"{short}: process {p} has capabilities")
+        check(status["NoNewPrivs"].strip() == "1", f"{short}: process {p} may gain privileges")
+    check(inspect(container, "{{.HostConfig.ReadonlyRootfs}}") == "true", f"{short}: root rw")
+    wrote = run(["docker", "exec", container, "touch", "/probe"], ok=False, timeout=30)
+    check(wrote.returncode != 0 and "Read-only" in wrote.stderr, f"{short}: / is writable")
+    tmp = run(["docker", "exec", container, "touch", "/tmp/probe"], ok=False, timeout=30)
+    check(tmp.returncode == 0, f"{short}: /tmp is not writable: {tmp.stderr}")
+    ping = run(["docker", "exec", container, "cat", "/proc/sys/net/ipv4/ping_group_range"])
+    check(ping.stdout.split() == ["0", "2147483647"], f"{short}: ping_group_range {ping.stdout}")
+    logs = run(["docker", "logs", container], timeout=30)
+    check(
+        "ping_not_permitted" not in logs.stdout + logs.stderr,
+        f"{short}: the poller says icmp.ping is not permitted",
+    )
+    tcp = run(["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], timeout=30).stdout.strip()
+    check(not tcp, f"{short}: TCP sockets listening inside the container:\n{tcp}")
+    established = run(["nsenter", "-t", str(pid), "-n", "ss", "-Htn"], timeout=30).stdout
+    check(
+        f"{HOST_FROM_CONTAINER}:5672" in established,
+        f"{short}: no connection to the broker:\n{established}",
+    )
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where the replicas send their SNMP jobs (the host's loopback, seen through slirp)."""
+
+    snmp_port: int  # snmpd: answers at once
+    silent_port: int  # nothing answers: a job runs for its whole deadline
+
+    def gets(self, core: Core, n: int) -> list[str]:
+        return [core.publish_snmp_get(HOST_FROM_CONTAINER, self.snmp_port) for _ in range(n)]
+
+    def silent(self, core: Core, n: int) -> list[str]:
+        return [core.publish_silent(HOST_FROM_CONTAINER, self.silent_port) for _ in range(n)]
+
+
+def crash_one(compose: Compose, core: Core, targets: Targets) -> None:
+    """SIGKILL one container's main process while jobs flow; it must come back, none lost."""
+    victim = compose.container_ids()[0]
+    short = victim[:12]
+    # Round-robin gives every replica one job for the silent device, which runs for
+    # SILENT_JOB_TIMEOUT: the victim is in the middle of its job when it is killed, so that job
+    # must be redelivered and answered by another replica.
+    silent = targets.silent(core, REPLICAS)
+    ids = silent + targets.gets(core, 30)
+    pid = int(inspect(victim, "{{.State.Pid}}"))
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    say(f"SIGKILLed {short}'s main process (host PID {pid}) with a job in flight")
+    ids += targets.gets(core, 30)
+
+    def restarted() -> str | None:
+        state = inspect(victim, "{{.RestartCount}} {{.State.Status}} {{.State.Pid}}").split()
+        if int(state[0]) >= 1 and state[1] == "running" and int(state[2]) not in (0, pid):
+            return state[2]
+        return None
+
+    new_pid = wait_for(f"{short} to be restarted", restarted, timeout=60)
+    say(f"{short} restarted by its restart policy (host PID {new_pid})")
+    wait_for(f"{REPLICAS} consumers again", lambda: core.consumers() == REPLICAS, timeout=60)
+    check_container(victim)
+    ids += targets.gets(core, 60)
+    results = core.wait_results(ids, timeout=60)
+    workers = assert_ok(results, silent)
+    after = [
+        r
+        for r in results.values()
+        if r.worker.startswith(short) and r.finished_at.timestamp() > killed_at
+    ]
+    check(after, f"the restarted {short} answered no job after its restart: {dict(workers)}")
+    redelivered = [r for r in results.values() if r.redelivered]
+    check(
+        any(r.job_id in silent for r in redelivered),
+        "the job the killed replica was running was not redelivered",
+    )
+    check(
+        all(
+            not r.worker.startswith(short) or r.finished_at.timestamp() > killed_at
+            for r in redelivered
+        ),
+        "a redelivered job was answered by the killed replica before it died",
+    )
+    dlq = core.depth(wire.dead_letter_queue(core.satellite_id))
+    check(dlq == 0, f"{dlq} job(s) dead-lettered")
+    passed(
+        f"crash: all {len(ids)} jobs answered, {len(redelivered)} of them redelivered from "
+        f"the killed replica, none dead-lettered; the restarted replica answered {len(after)} "
+        f"after its restart; by worker {dict(workers)}"
+    )
+
+
+def died_exit_codes(since: str) -> dict[str, str]:
+    """{container name: exit code} of the containers that stopped since `since` (podman)."""
+    argv = ["podman", "events", "--stream=false", "--since", since, "--filter", "event=died"]
+    out = run([*argv, "--format", "{{.Name}} {{.ContainerExitCode}}"], timeout=30).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def stop_all(compose: Compose, names: list[str], core: Core, targets: Targets) -> None:
+    """`docker compose down` while every replica runs a job: each finishes it and exits 0."""
+    running = targets.silent(core, REPLICAS)
+    time.sleep(0.5)
+    since = str(int(time.time()) - 1)
+    started = time.monotonic()
+    compose("down", timeout=120)
+    took = time.monotonic() - started
+    results = core.wait_results(running, timeout=10)
+    assert_ok(results, running)
+    check(
+        not any(r.redelivered for r in results.values()),
+        "a job running at SIGTERM was not finished by its replica (redelivered)",
+    )
+    codes = died_exit_codes(since)
+    check(
+        all(codes.get(n) == "0" for n in names),
+        f"exit codes after SIGTERM: {codes} (expected 0 for each of {names})",
+    )
+    check(took < 30, f"`docker compose down` took {took:.0f} s: SIGTERM not handled?")
+    left = podman_json(
+        "ps", "-a", "--filter", f"label=com.docker.compose.project={compose.project}"
+    )
+    check(not left, f"containers left after down: {[c['Names'] for c in left]}")
+    passed(
+        f"`docker compose down` in {took:.1f} s with a {SILENT_JOB_TIMEOUT:.0f} s job running in "
+        f"each replica: each finished and answered its job, then exited 0 on SIGTERM "
+        f"({len(names)} replicas)"
+    )
+
+
+def build(env: dict[str, str]) -> Compose:
+    """`docker compose build` (the layers of earlier builds are kept as a cache)."""
+    # the build needs the two required variables set, not their real values
+    placeholders = {"US_AMQP_DSN": "amqp://build:build@build/", "USM_POLLER_SATELLITE_ID": "build"}
+    compose = Compose(f"{PREFIX}{os.getpid()}", env | placeholders)
+    started = time.monotonic()
+    build_start = str(int(time.time()) - 1)
+    compose("build", "--quiet", timeout=900)
+    say(f"docker compose build: {time.monotonic() - started:.0f} s")
+    # images and stages of earlier builds that this one did not reuse: keeps the cache bounded
+    run(["podman", "image", "prune", "-f", "--filter", f"until={build_start}"], timeout=120)
+    check_image(f"satellite-poller:{__version__}")
+    return compose
+
+
+def replicas_serve(compose: Compose, core: Core, targets: Targets) -> list[str]:
+    """3 consumers, 30 jobs answered by several replicas, each replica confined: their names."""
+    ids = compose.container_ids()
+    check(len(ids) == REPLICAS, f"{len(ids)} containers running, expected {REPLICAS}")
+    names = [inspect(c, "{{.Name}}").lstrip("/") for c in ids]
+    queue = wire.jobs_queue(core.satellite_id)
+    wait_for(f"{REPLICAS} consumers on {queue}", lambda: core.consumers() == REPLICAS, timeout=60)
+    passed(f"{REPLICAS} consumers on {queue}: {', '.join(names)}")
+    core.listen()
+    workers = assert_ok(core.wait_results(targets.gets(core, 30), timeout=60))
+    check(len(workers) >= 2, f"30 jobs answered by {dict(workers)}: expected >= 2 replicas")
+    passed(f"30 snmp.get jobs answered ok by {len(workers)} replicas: {dict(workers)}")
+    for container in ids:
+        check_container(container)
+    passed(
+        f"every replica: `poller check` 0, uid {UID}, no capabilities, "
+        "no-new-privileges, read-only root, unprivileged ICMP, no TCP listener"
+    )
+    return names
+
+
+def print_logs(logs: Path) -> None:
+    time.sleep(1)  # the follower's last lines
+    tail = logs.read_text(errors="replace").splitlines()[-400:]
+    print("\n===== docker compose logs (last 400 lines) =====", flush=True)
+    print("\n".join(tail), flush=True)
+    ps = run(["podman", "ps", "-a"], ok=False, timeout=30)
+    print(f"===== podman ps -a =====\n{ps.stdout}", flush=True)
+
+
+def tier(env: dict[str, str]) -> None:
+    validate_compose_files(env)
+    remove_stale_projects()
+    compose = build(env)
+    sid = f"e2e-{os.getpid()}"
+    with (
+        fresh_vhost() as vhost,
+        snmp_agent() as snmp_port,
+        silent_udp_port() as silent_port,
+        contextlib.ExitStack() as stack,
+    ):
+        targets = Targets(snmp_port, silent_port)
+        say(f"vhost {vhost}, snmpd on 127.0.0.1:{snmp_port}, silent device on :{silent_port}")
+        compose.env = env | {
+            "US_AMQP_DSN": f"amqp://guest:guest@{HOST_FROM_CONTAINER}:5672/{vhost}",
+            "USM_POLLER_SATELLITE_ID": sid,
+        }
+        core = Core(f"amqp://guest:guest@127.0.0.1:5672/{vhost}", sid)
+        stack.callback(core.close)
+        logs: Path | None = None
+        up = False
+        try:
+            compose("up", "-d", "--no-build", timeout=300)
+            up = True
+            logs = stack.enter_context(compose.following_logs())
+            names = replicas_serve(compose, core, targets)
+            crash_one(compose, core, targets)
+            stop_all(compose, names, core, targets)
+            up = False
+        except BaseException:
+            if logs is not None:
+                print_logs(logs)
+            raise
+        finally:
+            if up:
+                compose("down", "--timeout", "5", timeout=120, ok=False)
+            compose.stop_exec_monitors()
+
+
+def main() -> int:
+    env = dict(os.environ)
+    check(env.get("DOCKER_HOST"), "source scripts/container/env.sh first (DOCKER_HOST unset)")
+    try:
+        tier(env)
+    except Exception as exc:  # noqa: BLE001 - any failure fails the tier, with its reason
+        reason = str(exc) if isinstance(exc, TierError) else repr(exc)
+        print(f"\ncontainer tier FAILED: {reason}", file=sys.stderr, flush=True)
+        if not isinstance(exc, TierError):
+            traceback.print_exc()
+        print(f"container-tier: {len(PASSED)} passed, 1 failed", flush=True)
+        return 1
+    print(f"container-tier: {len(PASSED)} passed, 0 failed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
