@@ -3,6 +3,12 @@
     .venv/bin/python bench/run.py              # default: ~4 min, writes docs/performance.md
     .venv/bin/python bench/run.py --quick      # under a minute, writes too (say --no-write)
     .venv/bin/python bench/run.py --no-write --rounds 3 --seconds 2
+    .venv/bin/python bench/run.py --profile netsnmp [--profile-job walk]   # py-spy, hot path
+    .venv/bin/python bench/run.py --candidate /tmp/copy --skip bare,celery,celery-client --no-write
+
+`--candidate DIR` runs a second `poller run` from DIR (a directory holding a copy of the
+`poller/` package with a change) side by side with the repository's, to measure the change.
+Needs the `bench` extra (Celery; py-spy for `--profile`).
 
 It starts what it needs: a fresh RabbitMQ vhost on 127.0.0.1:5672 (guest, deleted at the end),
 a Net-SNMP `snmpd` on a free loopback port (as `nobody`), and the workers as subprocesses:
@@ -30,10 +36,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -217,7 +225,7 @@ class Driver:
         )
         await asyncio.wait_for(opened, 30)
         channel_open: asyncio.Future[Any] = loop.create_future()
-        self.conn.channel(on_open_callback=lambda ch: channel_open.set_result(ch))
+        self.conn.channel(on_open_callback=channel_open.set_result)
         self.ch = await asyncio.wait_for(channel_open, 30)
         await self._call(self.ch.confirm_delivery, ack_nack_callback=self._on_confirm)
         for name, kind in (
@@ -595,7 +603,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    vals = [v for v in values if v == v]  # drop NaN
+    vals = [v for v in values if not math.isnan(v)]
     if not vals:
         return "-"
     med = statistics.median(vals)
@@ -638,6 +646,18 @@ def get_job(host: str, port: int) -> dict[str, Any]:
     }
 
 
+def walk_job(host: str, port: int, root: str) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "id": "x",
+        "kind": "snmp.walk",
+        "target": {"host": host, "port": port},
+        "auth": {"version": "2c", "community": "public"},
+        "params": {"oids": [root], "max_repetitions": 25, "max_varbinds": 200000},
+        "timeout": 60.0,
+    }
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("pika", "pysnmp", "ezsnmp", "celery", "kombu", "amqp", "pydantic", "structlog"):
@@ -667,34 +687,58 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer and shorter rounds (< 60 s)")
     ap.add_argument("--rounds", type=int, help="rounds per cell (default 5; quick 3)")
-    ap.add_argument("--seconds", type=float, help="seconds per throughput round (3; quick 1)")
+    ap.add_argument("--seconds", type=float, help="seconds per throughput round (3; quick 0.7)")
     ap.add_argument("--window", type=int, default=64, help="jobs in flight for throughput")
-    ap.add_argument("--latency-jobs", type=int, help="jobs per window-1 round (300; quick 100)")
+    ap.add_argument("--latency-jobs", type=int, help="jobs per window-1 round (300; quick 40)")
     ap.add_argument("--walk-root", default="1.3.6.1.2.1", help="subtree walked")
     ap.add_argument("--celery-concurrency", type=int, default=4, help="prefork children")
     ap.add_argument("--queue-type", choices=["quorum", "classic"], default="quorum")
     ap.add_argument("--backends", default="auto", help="pysnmp,netsnmp or auto (all that work)")
-    ap.add_argument("--skip", default="", help="comma-separated families to leave out")
+    ap.add_argument(
+        "--skip", default="", help="leave out: poller, bare, celery, celery-client, walks"
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; docs untouched")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument(
+        "--candidate",
+        help="also run `poller run` from this directory (a copy with a change), side by side",
+    )
+    ap.add_argument(
+        "--profile",
+        choices=["pysnmp", "netsnmp"],
+        help="instead of the table: py-spy profile of `poller run` with this backend under load",
+    )
+    ap.add_argument("--profile-seconds", type=float, default=15.0, help="py-spy duration")
+    ap.add_argument(
+        "--profile-job", choices=["get", "walk"], default="get", help="what the profiled load is"
+    )
     args = ap.parse_args(argv)
     args.rounds = max(1, min(args.rounds or (3 if args.quick else 5), 20))
-    args.seconds = min(args.seconds or (1.0 if args.quick else 3.0), 30.0)
-    args.latency_jobs = min(args.latency_jobs or (100 if args.quick else 300), 5000)
-    skip = {s for s in args.skip.split(",") if s}
+    args.seconds = min(args.seconds or (0.7 if args.quick else 3.0), 30.0)
+    args.latency_jobs = min(args.latency_jobs or (40 if args.quick else 300), 5000)
+    args.walk_rounds = min(args.rounds, 2 if args.quick else 5)
+    args.warmup = 0.3 if args.quick else 1.0
+    args.skip = {s for s in args.skip.split(",") if s}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C: the vhost, agent and workers are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.profile:
+        return run_profile(args)
     started = time.monotonic()
     load_start = loadavg()
     print(f"load average at start: {load_start:.2f}", flush=True)
-
     if args.backends == "auto":
         backends = ["pysnmp"] + (["netsnmp"] if netsnmp_backend_works() else [])
     else:
         backends = [b for b in args.backends.split(",") if b]
-    libs = {"pysnmp": "pysnmp", "netsnmp": "ezsnmp"}
     if "netsnmp" in backends and not ezsnmp_importable():
         sys.exit("the netsnmp backend needs ezsnmp")
     print(f"SNMP backends: {', '.join(backends)}", flush=True)
@@ -702,182 +746,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     workdir = Path(tempfile.mkdtemp(prefix="bench-snmp-"))
     procs = Processes(workdir)
     loop = asyncio.new_event_loop()
-    broker_pids = pids_named("beam.smp")
     factory: PollerFactory | None = None
     try:
         with vhost() as vh, snmp_agent() as (host, port, agent_pid):
-            job = get_job(host, port)
             driver = Driver(vh.dsn)
             loop.run_until_complete(driver.start())
             factory = PollerFactory(vh, workdir)
-            cells: list[Cell] = []
-            pollers: dict[str, PollerProcess] = {}
-            starting: list[tuple[str, subprocess.Popen[bytes]]] = []
-            for backend in backends:
-                lib = libs[backend]
-                tag = backend
-                if "poller" not in skip:
-                    sid = f"bench-poller-{tag}"
-                    pollers[backend] = factory(
-                        sid,
-                        wait=False,
-                        concurrency=64,
-                        per_device_concurrency=64,
-                        snmp_backend=backend,
-                        heartbeat_interval=10,
-                        queue_type=args.queue_type,
-                        log_level="info",
-                    )
-                    pp = pollers[backend]
-                    cells.append(
-                        Cell(
-                            f"poller/{backend}",
-                            "poller",
-                            lib,
-                            f"poller, {backend} backend",
-                            lambda pp=pp: [pp.pid],
-                            poller_source(sid, job),
-                        )
-                    )
-                common = ["--dsn", vh.dsn, "--lib", lib]
-                if "bare" not in skip:
-                    sid = f"bench-bare-{tag}"
-                    queue = wire.jobs_queue(sid)
-                    loop.run_until_complete(driver.declare_jobs_queue(queue, sid, args.queue_type))
-                    proc = procs.start(
-                        f"bare-{tag}",
-                        [
-                            sys.executable,
-                            str(WORKERS),
-                            "bare",
-                            *common,
-                            "--queue",
-                            queue,
-                            "--sid",
-                            sid,
-                        ],
-                    )
-                    starting.append((f"bare-{tag}", proc))
-                    cells.append(
-                        Cell(
-                            f"bare/{lib}",
-                            "bare",
-                            lib,
-                            f"bare pika worker, {lib}",
-                            lambda proc=proc: [proc.pid],
-                            poller_source(sid, job),
-                        )
-                    )
-                if "celery" not in skip or "celery-client" not in skip:
-                    sid = f"bench-celery-{tag}"
-                    queue = wire.jobs_queue(sid)
-                    qargs = wire.jobs_queue_arguments(
-                        sid, "classic" if args.queue_type == "classic" else "quorum"
-                    )
-                    celery_common = [
-                        *common,
-                        "--queue",
-                        queue,
-                        "--sid",
-                        sid,
-                        "--queue-arguments",
-                        json.dumps(qargs),
-                    ]
-                    worker = procs.start(
-                        f"celery-{tag}",
-                        [
-                            sys.executable,
-                            str(WORKERS),
-                            "celery",
-                            *celery_common,
-                            f"--concurrency={args.celery_concurrency}",
-                        ],
-                    )
-                    loop.run_until_complete(driver.declare_jobs_queue(queue, sid, args.queue_type))
-                    tree = lambda worker=worker: process_tree(worker.pid)  # noqa: E731
-                    if "celery" not in skip:
-                        cells.append(
-                            Cell(
-                                f"celery/{lib}",
-                                "celery",
-                                lib,
-                                f"Celery prefork x{args.celery_concurrency}, {lib}, our driver",
-                                tree,
-                                celery_source(sid, job, "bench.snmp_get"),
-                            )
-                        )
-                    if "celery-client" not in skip:
-                        client = procs.start(
-                            f"celery-client-{tag}",
-                            [
-                                sys.executable,
-                                str(WORKERS),
-                                "celery-client",
-                                *celery_common,
-                                "--job-template",
-                                json.dumps(job),
-                            ],
-                            stdin=True,
-                        )
-                        starting.append((f"celery-client-{tag}", client))
-                        cells.append(
-                            Cell(
-                                f"celery-client/{lib}",
-                                "celery-client",
-                                lib,
-                                f"Celery prefork x{args.celery_concurrency}, {lib}, `apply_async`",
-                                tree,
-                                client=client,
-                            )
-                        )
-            for name, proc in starting:
-                procs.wait_ready(name, proc)
-            for pp in pollers.values():
-                pp.wait_ready(timeout=60)
-            rss_idle = {b: rss_mb(pp.pid) for b, pp in pollers.items()}
-            bench = Bench(args, driver, loop, broker_pids, agent_pid, job)
+            bench = Bench(
+                args, driver, loop, pids_named("beam.smp"), agent_pid, get_job(host, port)
+            )
+            setup = start_workers(bench, vh, factory, procs, backends)
             print(f"started in {time.monotonic() - started:.1f} s; work dir {workdir}", flush=True)
-
-            # Warm-up: sessions, engines, connections, JIT-free but cache-warm code paths.
-            for cell in cells:
-                warm = bench.measure(cell, window=args.window, seconds=0.5, max_jobs=2000)
-                if warm.jobs == 0 or warm.errors:
-                    sys.exit(f"{cell.key}: warm-up failed ({warm.jobs} jobs, {warm.errors} errors)")
-            rss_warm = {b: rss_mb(pp.pid) for b, pp in pollers.items()}
-
-            for r in range(args.rounds):
-                for cell in cells:
-                    s = bench.measure(
-                        cell, window=args.window, seconds=args.seconds, max_jobs=200_000
-                    )
-                    cell.throughput.append(s)
-                    print(
-                        f"round {r + 1} {cell.key:22s} {s.rate:7.0f} jobs/s "
-                        f"worker {s.per_job_ms(s.worker_cpu):.3f} ms/job "
-                        f"broker {s.per_job_ms(s.broker_cpu):.3f} ms/job "
-                        f"busy {s.busy_cores:.2f} cores "
-                        f"(jobs {s.jobs} err {s.errors} lost {s.lost})",
-                        flush=True,
-                    )
-            for r in range(args.rounds):
-                for cell in cells:
-                    s = bench.measure(cell, window=1, seconds=10, max_jobs=args.latency_jobs)
-                    cell.latency.append(s)
-                    print(
-                        f"latency {r + 1} {cell.key:22s} p50 {pct(s.latencies, 0.5) * 1000:.2f} ms "
-                        f"p99 {pct(s.latencies, 0.99) * 1000:.2f} ms ({s.jobs} jobs)",
-                        flush=True,
-                    )
-            walks = run_walks(bench, pollers, host, port, args)
-            rss_end = {b: rss_mb(pp.pid) for b, pp in pollers.items()}
-            jobs_done = {
-                b: sum(
-                    c.jobs for cell in cells if cell.key == f"poller/{b}" for c in cell.throughput
-                )
-                for b in pollers
-            }
+            walks = run_cells(bench, setup, host, port)
             loop.run_until_complete(driver.close())
-            for pp in pollers.values():
+            for pp in setup.pollers.values():
                 pp.terminate(timeout=30)
     finally:
         procs.stop_all()
@@ -888,15 +770,360 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     load_end = loadavg()
-    memory = {"idle": rss_idle, "warm": rss_warm, "end": rss_end, "jobs": jobs_done}
     report = render(
-        args, cells, walks, memory, load_start, load_end, time.monotonic() - started, backends
+        args,
+        setup,
+        walks=walks,
+        load_start=load_start,
+        load_end=load_end,
+        runtime=time.monotonic() - started,
+        backends=backends,
     )
     print()
     print(report)
     if not args.no_write:
         write_section(report)
         print(f"\nwritten to {DOC.relative_to(ROOT)} under '{HEADING}'")
+    return 0
+
+
+LIBS = {"pysnmp": "pysnmp", "netsnmp": "ezsnmp"}
+
+
+@dataclass
+class Setup:
+    cells: list[Cell] = field(default_factory=list)
+    pollers: dict[str, PollerProcess] = field(default_factory=dict)  # cell key → process
+    rss: dict[str, dict[str, float]] = field(default_factory=dict)  # moment → cell key → MB
+    jobs: dict[str, int] = field(default_factory=dict)  # cell key → jobs run in the rounds
+
+
+def start_poller(
+    bench: Bench, factory: PollerFactory, sid: str, backend: str, path: str | None
+) -> PollerProcess:
+    """`poller run` for one cell; from `path` (PYTHONPATH first) for a candidate copy."""
+    saved = os.environ.get("PYTHONPATH")
+    if path:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(path).resolve()), str(ROOT)])
+    try:
+        return factory(
+            sid,
+            wait=False,
+            concurrency=64,
+            per_device_concurrency=64,
+            snmp_backend=backend,
+            heartbeat_interval=10,
+            queue_type=bench.args.queue_type,
+            log_level="info",
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def start_workers(
+    bench: Bench,
+    vh: AmqpVhost,
+    factory: PollerFactory,
+    procs: Processes,
+    backends: list[str],
+) -> Setup:
+    """Start every worker of the matrix at once; return when all are ready."""
+    args, job, setup = bench.args, bench.job, Setup()
+    starting: list[tuple[str, subprocess.Popen[bytes]]] = []
+    qtype = "classic" if args.queue_type == "classic" else "quorum"
+    for backend in backends:
+        lib = LIBS[backend]
+        variants = [("poller", None)] + ([("candidate", args.candidate)] if args.candidate else [])
+        for name, path in variants if "poller" not in args.skip else []:
+            key, sid = f"{name}/{backend}", f"bench-{name}-{backend}"
+            pp = start_poller(bench, factory, sid, backend, path)
+            setup.pollers[key] = pp
+            setup.cells.append(
+                Cell(
+                    key,
+                    "poller",
+                    lib,
+                    f"{name}, {backend} backend",
+                    lambda pp=pp: [pp.pid],
+                    poller_source(sid, job),
+                )
+            )
+        common = [sys.executable, str(WORKERS)]
+        if "bare" not in args.skip:
+            sid = f"bench-bare-{backend}"
+            queue = wire.jobs_queue(sid)
+            bench.loop.run_until_complete(bench.driver.declare_jobs_queue(queue, sid, qtype))
+            opts = ["--dsn", vh.dsn, "--lib", lib, "--queue", queue, "--sid", sid]
+            proc = procs.start(f"bare-{backend}", [*common, "bare", *opts])
+            starting.append((f"bare-{backend}", proc))
+            setup.cells.append(
+                Cell(
+                    f"bare/{lib}",
+                    "bare",
+                    lib,
+                    f"bare pika worker, {lib}",
+                    lambda proc=proc: [proc.pid],
+                    poller_source(sid, job),
+                )
+            )
+        if {"celery", "celery-client"} <= args.skip:
+            continue
+        sid = f"bench-celery-{backend}"
+        queue = wire.jobs_queue(sid)
+        qargs = json.dumps(wire.jobs_queue_arguments(sid, qtype))
+        opts = [
+            "--dsn",
+            vh.dsn,
+            "--lib",
+            lib,
+            "--queue",
+            queue,
+            "--sid",
+            sid,
+            "--queue-arguments",
+            qargs,
+        ]
+        n = args.celery_concurrency
+        worker = procs.start(f"celery-{backend}", [*common, "celery", *opts, f"--concurrency={n}"])
+        bench.loop.run_until_complete(bench.driver.declare_jobs_queue(queue, sid, qtype))
+
+        def tree(worker: subprocess.Popen[bytes] = worker) -> list[int]:
+            return process_tree(worker.pid)
+
+        if "celery" not in args.skip:
+            setup.cells.append(
+                Cell(
+                    f"celery/{lib}",
+                    "celery",
+                    lib,
+                    f"Celery prefork x{n}, {lib}, our driver",
+                    tree,
+                    celery_source(sid, job, "bench.snmp_get"),
+                )
+            )
+        if "celery-client" not in args.skip:
+            client = procs.start(
+                f"celery-client-{backend}",
+                [*common, "celery-client", *opts, "--job-template", json.dumps(job)],
+                stdin=True,
+            )
+            starting.append((f"celery-client-{backend}", client))
+            setup.cells.append(
+                Cell(
+                    f"celery-client/{lib}",
+                    "celery-client",
+                    lib,
+                    f"Celery prefork x{n}, {lib}, `apply_async`",
+                    tree,
+                    client=client,
+                )
+            )
+    for name, proc in starting:
+        procs.wait_ready(name, proc)
+    for pp in setup.pollers.values():
+        pp.wait_ready(timeout=60)
+    setup.rss["idle"] = {k: rss_mb(pp.pid) for k, pp in setup.pollers.items()}
+    return setup
+
+
+def run_cells(bench: Bench, setup: Setup, host: str, port: int) -> dict[str, list[WalkSample]]:
+    """Warm-up, interleaved throughput rounds, latency rounds, walks."""
+    args, cells = bench.args, setup.cells
+    for cell in cells:  # sessions, engines, connections, thread pools
+        warm = bench.measure(cell, window=args.window, seconds=args.warmup, max_jobs=5000)
+        if warm.jobs == 0 or warm.errors:
+            sys.exit(f"{cell.key}: warm-up failed ({warm.jobs} jobs, {warm.errors} errors)")
+    setup.rss["warm"] = {k: rss_mb(pp.pid) for k, pp in setup.pollers.items()}
+    for r in range(args.rounds):
+        for cell in cells:
+            s = bench.measure(cell, window=args.window, seconds=args.seconds, max_jobs=200_000)
+            cell.throughput.append(s)
+            print(
+                f"round {r + 1} {cell.key:22s} {s.rate:7.0f} jobs/s "
+                f"worker {s.per_job_ms(s.worker_cpu):.3f} ms/job "
+                f"broker {s.per_job_ms(s.broker_cpu):.3f} ms/job "
+                f"busy {s.busy_cores:.2f} cores (jobs {s.jobs} err {s.errors} lost {s.lost})",
+                flush=True,
+            )
+    for r in range(args.rounds):
+        for cell in cells:
+            s = bench.measure(cell, window=1, seconds=10, max_jobs=args.latency_jobs)
+            cell.latency.append(s)
+            print(
+                f"latency {r + 1} {cell.key:22s} p50 {pct(s.latencies, 0.5) * 1000:.2f} ms "
+                f"p99 {pct(s.latencies, 0.99) * 1000:.2f} ms ({s.jobs} jobs)",
+                flush=True,
+            )
+    walks = {} if "walks" in args.skip else run_walks(bench, setup.pollers, host, port, args)
+    setup.rss["end"] = {k: rss_mb(pp.pid) for k, pp in setup.pollers.items()}
+    setup.jobs = {c.key: sum(s.jobs for s in c.throughput + c.latency) for c in cells}
+    return walks
+
+
+# ------------------------------------------------------------------------------------------
+# Profile (issue 8, item 2): where `poller run` spends its CPU per job
+
+#: (category, pattern on a py-spy frame "function (file:line)"); a sample goes to the category
+#: of the innermost frame that matches one of these; generic frames only when none does.
+PROFILE_RULES: list[tuple[str, str]] = [
+    ("log (structlog: job_finished, bound context)", r"structlog/|poller/logging\.py"),
+    ("decode + validate the job (pydantic)", r"decode_job|_JOB_ADAPTER"),
+    ("encode the result (model_dump_json)", r"model_dump_json|encode \(poller/wire"),
+    (
+        "build the result (JobResult, timestamps)",
+        r"JobResult|error_result|BaseModel\.__init__|now \(poller/wire",
+    ),
+    ("confirm handling", r"_on_confirm"),
+    ("ack", r"Broker\.ack|basic_ack"),
+    (
+        "publish (properties, basic_publish, frames)",
+        r"publish|BasicProperties|amqp_properties|properties \(poller/broker",
+    ),
+    (
+        "receive (frames, delivery, task start)",
+        r"_on_socket_readable|_proto_data_received|_on_message|_on_delivery",
+    ),
+    ("socket writes (pika transport)", r"_on_socket_writable|_produce \(pika"),
+    ("SNMP driver and backend", r"poller/drivers/|ezsnmp|pysnmp|pyasn1"),
+    (
+        "runner (deadline, device limiter, quarantine)",
+        r"poller/runner\.py|poller/quarantine\.py|poller/credentials\.py",
+    ),
+    ("worker task (_handle, _process, _deliver)", r"poller/worker\.py"),
+]
+GENERIC_RULES: list[tuple[str, str]] = [
+    (
+        "thread-pool hand-off",
+        r"concurrent/futures|threading\.py|_write_to_self|call_soon_threadsafe",
+    ),
+    ("event loop (select, scheduling)", r"asyncio/|selectors\.py"),
+]
+
+
+def summarise_profile(
+    raw: Path, top: int = 25
+) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]], list[tuple[str, float]]]:
+    """(samples, categories, top self functions, top inclusive poller/pika functions) in %."""
+    semantic = [(name, re.compile(p)) for name, p in PROFILE_RULES]
+    generic = [(name, re.compile(p)) for name, p in GENERIC_RULES]
+    total = 0
+    categories: dict[str, int] = {}
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        if " " not in line:
+            continue
+        stack, count_text = line.rsplit(" ", 1)
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        category = None
+        for rules in (semantic, generic):
+            for frame in reversed(frames):
+                category = next((name for name, rx in rules if rx.search(frame)), None)
+                if category:
+                    break
+            if category:
+                break
+        category = category or "other"
+        categories[category] = categories.get(category, 0) + count
+
+    def ranked(d: dict[str, int], keep: Callable[[str], bool], n: int) -> list[tuple[str, float]]:
+        items = sorted(((k, v) for k, v in d.items() if keep(k)), key=lambda kv: -kv[1])
+        return [(k, v / total * 100) for k, v in items[:n]]
+
+    interesting = re.compile(r"poller/|pika/|structlog|pydantic|ezsnmp|pysnmp")
+    return (
+        total,
+        ranked(categories, lambda _k: True, 50),
+        ranked(own, lambda _k: True, top),
+        ranked(inclusive, lambda k: bool(interesting.search(k)), top * 2),
+    )
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """py-spy (`--gil`: the thread holding the GIL, i.e. Python CPU) on a loaded poller."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        sys.exit("py-spy is needed: .venv/bin/pip install py-spy")
+    backend = args.profile
+    workdir = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    loop = asyncio.new_event_loop()
+    factory: PollerFactory | None = None
+    try:
+        with vhost() as vh, snmp_agent() as (host, port, _agent_pid):
+            driver = Driver(vh.dsn)
+            loop.run_until_complete(driver.start())
+            factory = PollerFactory(vh, workdir)
+            sid = f"bench-poller-{backend}"
+            bench = Bench(args, driver, loop, [], 0, get_job(host, port))
+            pp = start_poller(bench, factory, sid, backend, args.candidate)
+            pp.wait_ready(timeout=60)
+            if args.profile_job == "walk":
+                source, window = poller_source(sid, walk_job(host, port, args.walk_root)), 1
+            else:
+                source, window = poller_source(sid, get_job(host, port)), args.window
+            loop.run_until_complete(driver.round(source, window=window, seconds=1.0, max_jobs=5000))
+            raw = workdir / "py-spy.txt"
+            seconds = min(args.profile_seconds, 60.0)
+            spy_proc = subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pp.pid),
+                    "--duration",
+                    str(int(seconds)),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--function",
+                    "--gil",
+                    "--nonblocking",
+                    "-o",
+                    str(raw),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+            cpu0 = cpu_seconds([pp.pid])
+            rr = loop.run_until_complete(
+                driver.round(source, window=window, seconds=seconds - 1, max_jobs=1_000_000)
+            )
+            cpu = cpu_seconds([pp.pid]) - cpu0
+            spy_proc.wait(timeout=seconds + 60)
+            loop.run_until_complete(driver.close())
+            pp.terminate(timeout=30)
+    finally:
+        for p in factory.started if factory is not None else []:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                p.kill()
+        loop.close()
+    total, categories, own, inclusive = summarise_profile(raw)
+    print(
+        f"poller ({backend}) under load: {rr.jobs / rr.elapsed:.0f} jobs/s, "
+        f"{cpu / max(rr.jobs, 1) * 1000:.3f} ms worker CPU per job; py-spy --gil: {total} samples"
+    )
+    print("\nwhere the GIL-holding time goes (% of samples):")
+    for name, share in categories:
+        print(f"  {share:5.1f}%  {name}")
+    print("\ntop functions by own time:")
+    for name, share in own:
+        print(f"  {share:5.1f}%  {name}")
+    print("\ntop poller/pika/structlog/pydantic/SNMP functions, inclusive:")
+    for name, share in inclusive:
+        print(f"  {share:5.1f}%  {name}")
+    print(f"\nraw stacks: {raw}" if args.keep else "")
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
@@ -918,18 +1145,10 @@ def run_walks(
     port: int,
     args: argparse.Namespace,
 ) -> dict[str, list[WalkSample]]:
-    walk_job = {
-        "v": 1,
-        "id": "x",
-        "kind": "snmp.walk",
-        "target": {"host": host, "port": port},
-        "auth": {"version": "2c", "community": "public"},
-        "params": {"oids": [args.walk_root], "max_repetitions": 25, "max_varbinds": 200000},
-        "timeout": 60.0,
-    }
+    job = walk_job(host, port, args.walk_root)
     out: dict[str, list[WalkSample]] = {"snmpbulkwalk": []}
-    for backend in pollers:
-        out[f"poller/{backend}"] = []
+    for key in pollers:
+        out[key] = []
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MIBS": ":", "HOME": "/nonexistent"}
     cmd = [
         shutil.which("snmpbulkwalk") or "/usr/bin/snmpbulkwalk",
@@ -945,30 +1164,36 @@ def run_walks(
         f"{host}:{port}",
         args.walk_root,
     ]
-    for r in range(args.rounds):
+    for r in range(args.walk_rounds):
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, timeout=120, check=False)
         elapsed = time.perf_counter() - t0
-        lines = done.stdout.count(b"\n")
-        out["snmpbulkwalk"].append(WalkSample(lines, elapsed))
-        for backend in pollers:
-            sid = f"bench-poller-{backend}"
+        # One varbind per line that starts with an OID (a multi-line string value adds lines).
+        oids = done.stdout.count(b"\n.") + done.stdout.startswith(b".")
+        if done.returncode == 0:
+            out["snmpbulkwalk"].append(WalkSample(oids, elapsed))
+        else:
+            print(f"snmpbulkwalk failed ({done.returncode}): {done.stderr[:200]!r}", flush=True)
+        for key in pollers:
+            sid = "bench-" + key.replace("/", "-")
             rr = bench.loop.run_until_complete(
                 bench.driver.round(
-                    poller_source(sid, walk_job), window=1, seconds=60, max_jobs=1, keep_bodies=True
+                    poller_source(sid, job), window=1, seconds=60, max_jobs=1, keep_bodies=True
                 )
             )
             if not rr.bodies:
-                sys.exit(f"poller/{backend}: no walk result")
+                sys.exit(f"{key}: no walk result")
             result = json.loads(rr.bodies[0])
             if result["status"] != "ok":
-                sys.exit(f"poller/{backend}: walk failed: {result['error']}")
+                sys.exit(f"{key}: walk failed: {result['error']}")
             n = len(result["data"]["varbinds"])
-            out[f"poller/{backend}"].append(WalkSample(n, rr.elapsed, result["duration_ms"]))
+            out[key].append(WalkSample(n, rr.elapsed, result["duration_ms"]))
         print(
             f"walk {r + 1}: "
             + ", ".join(
-                f"{k} {v[-1].oids} OIDs in {v[-1].seconds * 1000:.0f} ms" for k, v in out.items()
+                f"{k} {v[-1].oids} OIDs in {v[-1].seconds * 1000:.0f} ms"
+                for k, v in out.items()
+                if v
             ),
             flush=True,
         )
@@ -983,70 +1208,76 @@ def _paired(a: list[Sample], b: list[Sample], f: Callable[[Sample, Sample], floa
     return [f(x, y) for x, y in zip(a, b, strict=False) if x.jobs and y.jobs]
 
 
-def _ratio_line(name: str, values: list[float], target: float, higher: bool) -> str:
+def _rate(a: Sample, b: Sample) -> float:
+    return a.rate / b.rate
+
+
+def _cpu(a: Sample, b: Sample) -> float:
+    return a.per_job_ms(a.worker_cpu) / b.per_job_ms(b.worker_cpu)
+
+
+def _ratio_line(name: str, values: list[float], goal: str, target: float, higher: bool) -> str:
     if not values:
-        return f"| {name} | - | {'>=' if higher else '<='} {target:g} | not measured |"
+        return f"| {name} | not measured | {goal} | - |"
     med = statistics.median(values)
-    ok = med >= target if higher else med <= target
-    if ok:
+    if (med >= target) if higher else (med <= target):
         verdict = "met"
     elif higher:
-        verdict = f"missed by {(1 - med / target) * 100:.0f}%"
+        verdict = f"**missed** by {(1 - med / target) * 100:.0f}% (needs {target / med:.2f}x)"
     else:
-        verdict = f"missed by {(med / target - 1) * 100:.0f}%"
-    shown = f"{med:.2f}x ({min(values):.2f}-{max(values):.2f})"
-    return f"| {name} | {shown} | {'>=' if higher else '<='} {target:g}x | {verdict} |"
+        verdict = f"**missed** by {(med / target - 1) * 100:.0f}% (needs {med / target:.2f}x less)"
+    return f"| {name} | {med:.2f}x ({min(values):.2f}-{max(values):.2f}) | {goal} | {verdict} |"
 
 
-def render(  # noqa: C901, PLR0912, PLR0915 - one report
-    args: argparse.Namespace,
-    cells: list[Cell],
-    walks: dict[str, list[WalkSample]],
-    memory: dict[str, dict[str, Any]],
-    load_start: float,
-    load_end: float,
-    runtime: float,
-    backends: list[str],
-) -> str:
+def _header(
+    args: argparse.Namespace, load_start: float, load_end: float, runtime: float
+) -> list[str]:
     v = versions()
     today = datetime.now(UTC).date().isoformat()
-    lines = [
+    mode = " --quick" if args.quick else ""
+    cores = os.cpu_count()
+    return [
         HEADING,
         "",
-        f"`bench/run.py` (`.venv/bin/python bench/run.py{' --quick' if args.quick else ''}`), "
-        f"{today}, on {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}); "
-        f"load average (1 min) {load_start:.2f} at the start and {load_end:.2f} at the end; "
-        f"{runtime:.0f} s in all. Versions: "
+        f"`.venv/bin/python bench/run.py{mode}`, {today}, on {platform.machine()}, {cores} cores "
+        f"({cpu_model()}); load average (1 min) {load_start:.2f} at the start and "
+        f"{load_end:.2f} at the end; {runtime:.0f} s in all. Versions: "
         + ", ".join(f"{k} {val}" for k, val in v.items())
         + ".",
         "",
-        f"Setup: RabbitMQ on loopback (a fresh vhost), Net-SNMP `snmpd` on loopback, everything on "
-        f"the same {os.cpu_count()} cores: broker, driver, agent and the worker under test. Each "
-        f"job is an `snmp.get` of sysName.0 (v2c). Every job queue is a {args.queue_type} queue "
-        "with the poller's arguments; every worker publishes its result to `usm_poller.results` "
-        "(quorum queue) with a publisher confirm and then acks the job. Throughput: window "
+        f"Setup: RabbitMQ and Net-SNMP `snmpd` on loopback, on the same {cores} cores as the "
+        "driver and the worker under test. Each job is an `snmp.get` of sysName.0 (v2c). Every "
+        f"job queue is a {args.queue_type} queue with the poller's arguments; every worker "
+        "publishes its result to `usm_poller.results` (a quorum queue, read by the driver) with "
+        "a publisher confirm and acks the job after the confirm. Throughput: "
         f"{args.window} jobs in flight, {args.rounds} rounds of {args.seconds:g} s per cell, "
-        f"interleaved; latency: window 1, {args.latency_jobs} jobs per round (publish to result "
-        "received by the driver). Worker CPU per job: utime+stime of the worker's processes "
-        "(Celery's prefork children included) over the round, divided by its jobs; broker CPU is "
-        "RabbitMQ's `beam.smp`. Figures are medians with min-max over the rounds.",
+        f"interleaved across cells; latency: 1 job in flight, {args.latency_jobs} jobs per round, "
+        "publish to result received. Worker CPU per job: utime+stime of the worker's processes "
+        "(Celery's prefork children included) over the round, divided by its jobs; broker CPU "
+        "is RabbitMQ's `beam.smp`; busy cores is the whole machine. Medians (min-max) over the "
+        "rounds.",
         "",
-        "Workers: **poller** = `poller run` with concurrency 64 and "
-        "`USM_POLLER_PER_DEVICE_CONCURRENCY=64` (every job goes to the one agent; the default of "
-        "4 would cap one device), JSON logs with one `job_finished` line per job at info. "
-        "**bare** = `bench/snmp_workers.py bare`, a pika `AsyncioConnection` worker with only "
-        "`json.loads`, the GET, a hand-built result of the same shape, confirm, ack (ezsnmp: "
-        "sessions per thread, 4 threads; pysnmp: one engine), prefetch 64. **Celery** = prefork "
+        "Workers: **poller** = `poller run`, concurrency 64, "
+        "`USM_POLLER_PER_DEVICE_CONCURRENCY=64` (every job goes to the one agent; the default 4 "
+        "would cap it), JSON logs with one `job_finished` line per job. **bare** = "
+        "`bench/snmp_workers.py bare`: pika `AsyncioConnection`, `json.loads`, the GET, a "
+        "hand-built result of the same shape, confirm, ack; ezsnmp sessions cached per thread "
+        "(4 threads) or one pysnmp engine; prefetch 64. **Celery** = prefork "
         f"x{args.celery_concurrency}, `acks_late`, prefetch multiplier 4, py-amqp with "
-        "`confirm_publish`, log level WARNING (no per-task line); the task publishes the same "
+        "`confirm_publish`, log level WARNING (no line per task); the task publishes the same "
         "result body to `usm_poller.results` itself and returns nothing (`ignore_result`), so "
-        "its order is ours: execute, publish, confirm, ack. *our driver* = Celery protocol-2 "
-        "messages published by the same driver as every other cell; *`apply_async`* = a client "
-        "process calling `task.apply_async` with the same window (py-amqp waits for each "
-        "publish's confirm) and reading the results with kombu.",
+        "its order is ours: execute, publish, confirm, ack. *our driver*: Celery protocol-2 "
+        "messages published by the same driver as every other cell; *`apply_async`*: a client "
+        "process calls `task.apply_async` with the same window (py-amqp waits for each "
+        "publish's confirm) and reads the results with kombu.",
         "",
-        "| worker | SNMP library | jobs/s | worker CPU/job | broker CPU/job | driver or client "
-        "CPU/job | busy cores | p50 (window 1) | p99 (window 1) |",
+    ]
+
+
+def _table(cells: list[Cell]) -> list[str]:
+    lines = [
+        "| worker | SNMP library | jobs/s | worker CPU/job | broker CPU/job "
+        "| driver or client CPU/job | busy cores | p50, 1 in flight | p99, 1 in flight |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for cell in cells:
@@ -1061,116 +1292,100 @@ def render(  # noqa: C901, PLR0912, PLR0915 - one report
             f"| {spread([pct(s.latencies, 0.99) * 1000 for s in lat], '{:.2f}')} ms |"
         )
     errors = sum(s.errors + s.lost for c in cells for s in c.throughput + c.latency)
-    lines += ["", f"Errors or lost jobs over all rounds: {errors}.", ""]
+    return [*lines, "", f"Error results or lost jobs over all rounds: {errors}.", ""]
 
-    # Walks
-    lines += [
-        f"Walks of {args.walk_root} (GETBULK, max-repetitions 25, v2c), {args.rounds} rounds, "
-        "interleaved. `snmpbulkwalk` is timed as a whole process (start-up included); the poller "
-        "end to end (publish to result received, including the result's transfer) and by its own "
-        "`duration_ms`.",
+
+def _walk_table(args: argparse.Namespace, walks: dict[str, list[WalkSample]]) -> list[str]:
+    if not walks:
+        return []
+    lines = [
+        f"Walks of {args.walk_root} (GETBULK, max-repetitions 25, v2c), {args.walk_rounds} rounds, "
+        "interleaved. `snmpbulkwalk` is timed as a whole process (start-up included); the "
+        "poller end to end (publish to result received, the result's transfer included) and "
+        "by its own `duration_ms`.",
         "",
         "| walker | OIDs | seconds | OIDs/s end to end | OIDs/s in the worker |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for key, samples in walks.items():
-        if not samples:
-            continue
-        rates = [s.oids / s.seconds for s in samples if s.seconds > 0]
-        inner = [s.oids / (s.run_ms / 1000) for s in samples if s.run_ms]
-        lines.append(
-            f"| {key} | {spread([float(s.oids) for s in samples])} "
-            f"| {spread([s.seconds for s in samples], '{:.3f}')} "
-            f"| {spread(rates)} | {spread(inner) if inner else '-'} |"
-        )
+        if samples:
+            rates = [s.oids / s.seconds for s in samples if s.seconds > 0]
+            inner = [s.oids / (s.run_ms / 1000) for s in samples if s.run_ms]
+            lines.append(
+                f"| {key} | {spread([float(s.oids) for s in samples])} "
+                f"| {spread([s.seconds for s in samples], '{:.3f}')} "
+                f"| {spread(rates)} | {spread(inner) if inner else '-'} |"
+            )
+    return [*lines, ""]
 
-    # Targets (item 4 of issue 8)
-    by = {c.key: c for c in cells}
-    lines += [
-        "",
-        "Targets (issue 8, item 4), as medians of per-round ratios (min-max), same run:",
+
+def _targets(setup: Setup, walks: dict[str, list[WalkSample]], backends: list[str]) -> list[str]:
+    by = {c.key: c for c in setup.cells}
+    lines = [
+        "Targets (issue 8, item 4), per replica, as medians (min-max) of per-round ratios of "
+        "the same run:",
         "",
         "| target | measured | goal | verdict |",
         "| --- | ---: | ---: | --- |",
     ]
-    for backend in backends:
-        lib = {"pysnmp": "pysnmp", "netsnmp": "ezsnmp"}[backend]
-        p = by.get(f"poller/{backend}")
-        if p is None:
+    for key, p in by.items():
+        if p.family != "poller":
             continue
-        bare, cel, cc = (
-            by.get(f"bare/{lib}"),
-            by.get(f"celery/{lib}"),
-            by.get(f"celery-client/{lib}"),
-        )
-
-        def rate(a: Sample, b: Sample) -> float:
-            return a.rate / b.rate
-
-        def cpu(a: Sample, b: Sample) -> float:
-            return a.per_job_ms(a.worker_cpu) / b.per_job_ms(b.worker_cpu)
-
-        if bare:
-            lines.append(
-                _ratio_line(
-                    f"{backend}: poller jobs/s vs bare floor",
-                    _paired(p.throughput, bare.throughput, rate),
-                    0.85,
-                    True,
-                )
-            )
-        if cel:
-            lines.append(
-                _ratio_line(
-                    f"{backend}: poller jobs/s vs Celery, our driver",
-                    _paired(p.throughput, cel.throughput, rate),
-                    1.6,
-                    True,
-                )
-            )
-        if cc:
-            lines.append(
-                _ratio_line(
-                    f"{backend}: poller jobs/s vs Celery, `apply_async`",
-                    _paired(p.throughput, cc.throughput, rate),
-                    2.0,
-                    True,
-                )
-            )
-        if cel:
-            lines.append(
-                _ratio_line(
-                    f"{backend}: poller CPU/job vs Celery's (our driver)",
-                    _paired(p.throughput, cel.throughput, cpu),
-                    1 / 3,
-                    False,
-                )
-            )
-        if bare:
-            lines.append(
-                _ratio_line(
-                    f"{backend}: poller CPU/job vs the bare floor's",
-                    _paired(p.throughput, bare.throughput, cpu),
-                    1.3,
-                    False,
-                )
-            )
-        pw, bw = walks.get(f"poller/{backend}", []), walks.get("snmpbulkwalk", [])
-        walk_ratios = [
-            (a.oids / a.seconds) / (b.oids / b.seconds) for a, b in zip(pw, bw, strict=False)
+        lib = p.lib
+        bare, cel = by.get(f"bare/{lib}"), by.get(f"celery/{lib}")
+        client = by.get(f"celery-client/{lib}")
+        checks: list[tuple[str, Cell | None, Callable[[Sample, Sample], float], str, float, bool]]
+        checks = [
+            ("jobs/s vs the bare floor", bare, _rate, ">= 0.85x", 0.85, True),
+            ("jobs/s vs Celery, our driver", cel, _rate, ">= 1.6x", 1.6, True),
+            ("jobs/s vs Celery, `apply_async`", client, _rate, ">= 2x", 2.0, True),
+            ("CPU/job vs Celery's (our driver)", cel, _cpu, "<= 0.33x", 1 / 3, False),
+            ("CPU/job vs the bare floor's", bare, _cpu, "<= 1.3x", 1.3, False),
         ]
-        lines.append(_ratio_line(f"{backend}: walk OIDs/s vs snmpbulkwalk", walk_ratios, 0.3, True))
-    for backend, idle in memory["idle"].items():
-        end, warm, jobs = memory["end"][backend], memory["warm"][backend], memory["jobs"][backend]
-        ok = "met" if idle <= 80 else f"missed by {idle - 80:.0f} MB"
-        lines.append(f"| {backend}: RSS of an idle replica | {idle:.1f} MB | <= 80 MB | {ok} |")
-        growth = end - warm
-        ok = "met" if abs(growth) <= 5 else f"missed by {abs(growth) - 5:.1f} MB"
-        lines.append(
-            f"| {backend}: RSS growth after warm-up, over {jobs:,} jobs (goal: 100k) "
-            f"| {growth:+.1f} MB ({warm:.1f} to {end:.1f}) | +-5 MB | {ok} |"
-        )
-    return "\n".join(lines) + "\n"
+        for name, other, f, goal, target, higher in checks:
+            if other is not None:
+                values = _paired(p.throughput, other.throughput, f)
+                lines.append(_ratio_line(f"{key}: {name}", values, goal, target, higher))
+        mine, ref = walks.get(key, []), walks.get("snmpbulkwalk", [])
+        if mine and ref:
+            ratios = [
+                (a.oids / a.seconds) / (b.oids / b.seconds) for a, b in zip(mine, ref, strict=False)
+            ]
+            lines.append(
+                _ratio_line(f"{key}: walk OIDs/s vs snmpbulkwalk", ratios, ">= 0.3x", 0.3, True)
+            )
+        idle = setup.rss.get("idle", {}).get(key)
+        warm, end = setup.rss.get("warm", {}).get(key), setup.rss.get("end", {}).get(key)
+        if idle is not None:
+            ok = "met" if idle <= 80 else f"**missed** by {idle - 80:.0f} MB"
+            lines.append(f"| {key}: RSS of an idle replica | {idle:.1f} MB | <= 80 MB | {ok} |")
+        if warm is not None and end is not None:
+            growth = end - warm
+            ok = "met" if abs(growth) <= 5 else f"**missed** by {abs(growth) - 5:.1f} MB"
+            jobs = setup.jobs.get(key, 0)
+            lines.append(
+                f"| {key}: RSS after warm-up to the end, over {jobs:,} jobs (goal: over 100k) "
+                f"| {growth:+.1f} MB ({warm:.1f} to {end:.1f}) | +-5 MB | {ok} |"
+            )
+    del backends
+    return [*lines, ""]
+
+
+def render(
+    args: argparse.Namespace,
+    setup: Setup,
+    *,
+    walks: dict[str, list[WalkSample]],
+    load_start: float,
+    load_end: float,
+    runtime: float,
+    backends: list[str],
+) -> str:
+    lines = _header(args, load_start, load_end, runtime)
+    lines += _table(setup.cells)
+    lines += _walk_table(args, walks)
+    lines += _targets(setup, walks, backends)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def write_section(section: str) -> None:

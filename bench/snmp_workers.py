@@ -433,54 +433,71 @@ def run_celery_client(args: argparse.Namespace) -> None:
     consumer = Consumer(
         conn.channel(), queues=[results], callbacks=[on_result], no_ack=True, accept=["json"]
     )
-    consumer.consume()
-    # Warm the producer pool so that the first apply_async does not pay for the connection.
-    counter = 0
     print("ready", flush=True)
     for line in sys.stdin:
         parts = line.split()
         if not parts or parts[0] != "run":
             break
-        window, seconds, max_jobs = int(parts[1]), float(parts[2]), int(parts[3])
         state.update(sent={}, lat=[], errors=0, done=0)
-        published = 0
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
-        end = t0 + seconds
-        last = t0
-        while True:
-            now = time.perf_counter()
-            while len(state["sent"]) < window and published < max_jobs and now < end:
-                counter += 1
-                job = dict(template, id=f"cc-{os.getpid()}-{counter}")
-                state["sent"][job["id"]] = time.perf_counter()
-                task.apply_async((job,), task_id=job["id"])
-                published += 1
-            if not state["sent"]:
-                break
-            if time.perf_counter() > end + 15:
-                break
-            before = state["done"]
-            try:
-                conn.drain_events(timeout=1.0)
-            except TimeoutError:
-                continue
-            if state["done"] != before:
-                last = time.perf_counter()
-        print(
-            json.dumps(
-                {
-                    "jobs": state["done"],
-                    "errors": state["errors"],
-                    "lost": len(state["sent"]),
-                    "elapsed": last - t0,
-                    "latencies": state["lat"],
-                    "client_cpu": time.process_time() - cpu0,
-                }
-            ),
-            flush=True,
-        )
+        # Consume only during a round: the bench's driver reads the same queue otherwise.
+        consumer.consume()
+        try:
+            figures = _client_round(
+                conn,
+                task,
+                template,
+                state,
+                window=int(parts[1]),
+                seconds=float(parts[2]),
+                max_jobs=int(parts[3]),
+            )
+        finally:
+            consumer.cancel()
+        print(json.dumps(figures), flush=True)
     conn.release()
+
+
+def _client_round(
+    conn: Any,
+    task: Any,
+    template: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    window: int,
+    seconds: float,
+    max_jobs: int,
+) -> dict[str, Any]:
+    """`window` apply_async calls in flight until `max_jobs` or `seconds`; then the last ones."""
+    published = 0
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    last = t0
+    while time.perf_counter() < end + 15:
+        now = time.perf_counter()
+        while len(state["sent"]) < window and published < max_jobs and now < end:
+            state["counter"] = state.get("counter", 0) + 1
+            job = dict(template, id=f"cc-{os.getpid()}-{state['counter']}")
+            state["sent"][job["id"]] = time.perf_counter()
+            task.apply_async((job,), task_id=job["id"])
+            published += 1
+        if not state["sent"]:
+            break
+        before = state["done"]
+        try:
+            conn.drain_events(timeout=1.0)
+        except TimeoutError:
+            continue
+        if state["done"] != before:
+            last = time.perf_counter()
+    return {
+        "jobs": state["done"],
+        "errors": state["errors"],
+        "lost": len(state["sent"]),
+        "elapsed": last - t0,
+        "latencies": state["lat"],
+        "client_cpu": time.process_time() - cpu0,
+    }
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Literal, TextIO
 
+import pydantic_core
 import structlog
 from structlog.typing import Processor
 
@@ -43,7 +44,7 @@ def configure_logging(
     ]
     renderer: Processor
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_to_json)
         shared.append(structlog.processors.dict_tracebacks)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
@@ -65,6 +66,11 @@ def configure_logging(
     root.setLevel(numeric)
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+def _to_json(obj: object, **_: object) -> str:
+    """structlog's serializer: pydantic-core's JSON encoder, ~4x faster than `json.dumps`."""
+    return pydantic_core.to_json(obj, fallback=repr).decode()
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

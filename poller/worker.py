@@ -236,16 +236,17 @@ class Worker:
             number=delivery.delivery_count + 1,
             redelivered=delivery.redelivered or delivery.delivery_count > 0,
         )
-        with structlog.contextvars.bound_contextvars(
+        # Each delivery runs in its own task, whose context copy dies with it: bind, no reset.
+        structlog.contextvars.bind_contextvars(
             job_id=job.id, kind=job.kind, device=job.target.host, attempt=attempt.number
-        ):
-            try:
-                result = await self._runner.run(job, attempt)
-            except Exception:
-                log.exception("job_crashed")
-                await self._on_bug(delivery, job, attempt, started, started_at)
-                return
-            await self._deliver(delivery, result)
+        )
+        try:
+            result = await self._runner.run(job, attempt)
+        except Exception:
+            log.exception("job_crashed")
+            await self._on_bug(delivery, job, attempt, started, started_at)
+            return
+        await self._deliver(delivery, result)
 
     async def _on_bug(
         self,

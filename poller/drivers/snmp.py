@@ -176,9 +176,32 @@ def render_varbind(oid: str, smi_type: SmiType, value: int | bytes | str | None)
     raise ValueError(f"unknown SMI type {smi_type!r}")
 
 
+def _json_len(value: JsonValue) -> int:
+    """`len(json.dumps(value, ensure_ascii=False).encode())`, without json for plain values."""
+    if value is None:
+        return 4
+    if isinstance(value, bool):
+        return 4 if value else 5
+    if isinstance(value, int):
+        return len(str(value))
+    if (
+        isinstance(value, str)
+        and value.isascii()
+        and value.isprintable()
+        and '"' not in value
+        and "\\" not in value
+    ):
+        return len(value) + 2
+    return len(json.dumps(value, ensure_ascii=False).encode())
+
+
 def varbind_json_size(varbind: Varbind) -> int:
     """Bytes this varbind adds to the result body (its JSON plus a separating comma)."""
-    return len(json.dumps(varbind, ensure_ascii=False).encode()) + 1
+    # json.dumps's default separators: '{"k": v, "k": v}' plus one comma.
+    size = 2 + 2 * (len(varbind) - 1) + 1 if varbind else 3
+    for key, value in varbind.items():
+        size += len(key) + 4 + _json_len(value)
+    return size
 
 
 #: A set value after checking: the SMI type to send and its Python value.

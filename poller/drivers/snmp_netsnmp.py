@@ -384,12 +384,17 @@ def _deadline_error(device: tuple[str, int]) -> DeviceTimeoutError:
 _ROOT_NAMES = {"ccitt": "0", "iso": "1", "joint-iso-ccitt": "2"}
 
 
+_PLAIN_OID = re.compile(r"\.?(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))+")
+
+
 def _numeric_oid(printed: str) -> str:
     """`.1.3.6.1.2`, `iso.3.6.1.2` or `.iso.3.6.1.2` → `1.3.6.1.2`.
 
     The symbolic forms appear when a concurrent call changed Net-SNMP's output options (no MIB
     is loaded, so only the roots have names).
     """
+    if _PLAIN_OID.fullmatch(printed):  # what Net-SNMP prints with -On: no parsing needed
+        return printed.removeprefix(".")
     first, _, rest = printed.strip().removeprefix(".").partition(".")
     text = f"{_ROOT_NAMES.get(first, first)}.{rest}" if rest else _ROOT_NAMES.get(first, first)
     try:
@@ -793,15 +798,22 @@ def _set_argument(index: int, oid: str, smi: str, value: int | bytes | str) -> t
     return letter, str(value)
 
 
-async def _resolve(target: SnmpTarget) -> tuple[str, tuple[str, int]]:
-    """Net-SNMP's transport address for the agent (IPv4 preferred), and (address, port)."""
-    host = target.host.strip("[]")
+@functools.lru_cache(maxsize=4096)
+def _literal(host: str, port: int) -> tuple[str, tuple[str, int]] | None:
+    """`_resolve` for an IP address literal (no lookup), cached; None for a host name."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        pass
-    else:
-        return _peer(str(ip), target.port, ip.version == 6), (str(ip), target.port)
+        return None
+    return _peer(str(ip), port, ip.version == 6), (str(ip), port)
+
+
+async def _resolve(target: SnmpTarget) -> tuple[str, tuple[str, int]]:
+    """Net-SNMP's transport address for the agent (IPv4 preferred), and (address, port)."""
+    host = target.host.strip("[]")
+    literal = _literal(host, target.port)
+    if literal is not None:
+        return literal
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, target.port, type=socket.SOCK_DGRAM)

@@ -74,6 +74,15 @@ def _settings() -> tuple[str, int, str, str]:
     )
 
 
+#: Debian's wrapper runs `su rabbitmq -s /bin/sh`; variables that the test process picked up
+#: (Net-SNMP's, once the netsnmp backend has run in it) have made that `su` ignore `-s` and run
+#: the account's nologin shell. rabbitmqctl needs none of them.
+_CTL_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+}
+
+
 def rabbitmqctl(*args: str, timeout: float = RABBITMQCTL_TIMEOUT) -> str:
     """Run `rabbitmqctl ARGS` and return its stdout; raise `RuntimeError` on failure."""
     exe = shutil.which("rabbitmqctl")
@@ -81,7 +90,12 @@ def rabbitmqctl(*args: str, timeout: float = RABBITMQCTL_TIMEOUT) -> str:
         raise RuntimeError("rabbitmqctl is not on PATH")
     try:
         done = subprocess.run(
-            [exe, *args], capture_output=True, text=True, timeout=timeout, check=False
+            [exe, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=_CTL_ENV,
         )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} took more than {timeout} s") from None
