@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, Self, get_args
 
 from pydantic import JsonValue
 
 from poller.drivers.base import Auth, Data, JobContext
-from poller.errors import ConfigError, OutputTooLargeError, SnmpError
+from poller.errors import ConfigError, JobError, OutputTooLargeError, SnmpError
 from poller.wire import (
     JobKind,
     JobRequest,
@@ -389,6 +389,24 @@ class WalkResult:
     varbinds: list[Varbind]
     #: True when the walk stopped at `max_varbinds` before the end of its subtrees.
     truncated: bool
+
+
+async def walk_roots(
+    roots: Sequence[str], budget: OutputBudget, walk_root: Callable[[str], Awaitable[bool]]
+) -> WalkResult:
+    """Walk `roots` in order with a backend's `walk_root` (True: `max_varbinds` reached).
+
+    A `JobError` on the way keeps what was gathered so far as its data.
+    """
+    try:
+        for root in roots:
+            if await walk_root(root):
+                return WalkResult(budget.varbinds, truncated=True)
+    except JobError as exc:
+        if exc.data is None:
+            exc.data = {"varbinds": list(budget.varbinds)}
+        raise
+    return WalkResult(budget.varbinds, truncated=False)
 
 
 class SnmpBackend(Protocol):

@@ -68,6 +68,7 @@ from poller.drivers.snmp import (
     plan_timeout,
     render_varbind,
     snmp_status_error,
+    walk_roots,
     walk_step,
 )
 from poller.errors import (
@@ -643,15 +644,11 @@ class NetsnmpBackend:
         max_varbinds: int,
     ) -> WalkResult:
         budget = OutputBudget(target.max_output_bytes)
-        try:
-            for root in roots:
-                if await self._walk_root(target, root, budget, max_repetitions, max_varbinds):
-                    return WalkResult(budget.varbinds, truncated=True)
-        except JobError as exc:
-            if exc.data is None:
-                exc.data = {"varbinds": list(budget.varbinds)}
-            raise
-        return WalkResult(budget.varbinds, truncated=False)
+        return await walk_roots(
+            roots,
+            budget,
+            lambda root: self._walk_root(target, root, budget, max_repetitions, max_varbinds),
+        )
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
