@@ -80,7 +80,7 @@ class Cell:
 async def measure(
     target: Target, *, reuse: bool, in_flight: int, limit: int, seconds: float, state: Path
 ) -> Cell:
-    host_keys = SshHostKeys(known_hosts=None, tofu_path=state / "tofu")
+    host_keys = SshHostKeys(known_hosts_file=None, tofu_path=state / "tofu")
     pooled = SshExecDriver(host_keys, sessions_per_device=max(4, in_flight))
     job = SshExecJob(
         v=1,

@@ -7,7 +7,7 @@ check, credentials) from `SshHostKeys.connect_kwargs` and maps SSH failures with
 - a pinned `auth.host_key` wins; else an entry for the host in `USM_POLLER_KNOWN_HOSTS`; else
   trust-on-first-use in `USM_POLLER_SSH_TOFU_FILE` (first-seen keys are reported in the result);
 - the key is checked during key exchange, before any credential is sent;
-- nothing ever connects with `known_hosts=None`.
+- asyncssh's host-key check is never switched off.
 
 Connections are pooled per (host, port, user, credential digest, host-key expectation): jobs
 share one connection per key, each command on its own channel, at most
@@ -282,35 +282,35 @@ class SshConnectKwargs(TypedDict):
 class SshHostKeys:
     """The host-key policy, shared by `ssh.exec` and `ssh.cli` of one process."""
 
-    def __init__(self, *, known_hosts: Path | None, tofu_path: Path) -> None:
-        self._known_hosts_path = known_hosts
-        self._known_hosts: asyncssh.SSHKnownHosts | None = None
-        self._known_hosts_mtime: float | None = None
-        self._known_hosts_checked = float("-inf")
+    def __init__(self, *, known_hosts_file: Path | None, tofu_path: Path) -> None:
+        self._known_db_path = known_hosts_file
+        self._known_db: asyncssh.SSHKnownHosts | None = None
+        self._known_db_mtime: float | None = None
+        self._known_db_checked = float("-inf")
         self.tofu = TofuStore(tofu_path)
 
     async def _current_known_hosts(self) -> asyncssh.SSHKnownHosts | None:
-        path = self._known_hosts_path
+        path = self._known_db_path
         if path is None:
             return None
         now = time.monotonic()
-        if now - self._known_hosts_checked < _KNOWN_HOSTS_RECHECK:
-            return self._known_hosts
-        self._known_hosts_checked = now
+        if now - self._known_db_checked < _KNOWN_HOSTS_RECHECK:
+            return self._known_db
+        self._known_db_checked = now
         try:
             mtime = (await asyncio.to_thread(path.stat)).st_mtime
         except OSError:
             log.warning("ssh_known_hosts_unreadable", file=str(path))
-            self._known_hosts, self._known_hosts_mtime = None, None
+            self._known_db, self._known_db_mtime = None, None
             return None
-        if mtime != self._known_hosts_mtime:
+        if mtime != self._known_db_mtime:
             try:
-                self._known_hosts = await asyncio.to_thread(_load_known_hosts, path)
+                self._known_db = await asyncio.to_thread(_load_known_hosts, path)
             except (ValueError, asyncssh.KeyImportError):
                 log.warning("ssh_known_hosts_invalid", file=str(path))
-                self._known_hosts = None
-            self._known_hosts_mtime = mtime
-        return self._known_hosts
+                self._known_db = None
+            self._known_db_mtime = mtime
+        return self._known_db
 
     async def check_for(self, host: str, port: int, pinned: str | None) -> HostKeyCheck:
         """The expectation for a connection to host:port: pinned, known_hosts or TOFU."""
@@ -373,7 +373,7 @@ def shared_host_keys(settings: PollerSettings) -> SshHostKeys:
     """The process's `SshHostKeys` for these settings."""
     key = (settings.known_hosts, settings.tofu_path)
     if key not in _SHARED:
-        _SHARED[key] = SshHostKeys(known_hosts=key[0], tofu_path=key[1])
+        _SHARED[key] = SshHostKeys(known_hosts_file=key[0], tofu_path=key[1])
     return _SHARED[key]
 
 

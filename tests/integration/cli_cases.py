@@ -63,7 +63,7 @@ class CliContract:
 
     @pytest.fixture
     async def driver(self, tmp_path: Path) -> AsyncIterator[CliDriver]:
-        drv = CliDriver(SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu"))
+        drv = CliDriver(SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu"))
         yield drv
         await drv.aclose()
 

@@ -49,7 +49,7 @@ FAKE_AUTH = CliAuth(username=fake_devices.USERNAME, password=SecretStr(fake_devi
 
 @pytest.fixture
 async def driver(tmp_path: Path) -> AsyncIterator[SshExecDriver]:
-    drv = SshExecDriver(SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu"))
+    drv = SshExecDriver(SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu"))
     yield drv
     await drv.aclose()
 
@@ -145,7 +145,7 @@ async def test_a_job_with_another_secret_does_not_ride_on_the_pooled_connection(
 
 async def test_sessions_per_device_are_limited(sshd_server: SshdServer, tmp_path: Path) -> None:
     drv = SshExecDriver(
-        SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu"), sessions_per_device=2
+        SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu"), sessions_per_device=2
     )
     auth = key_auth(sshd_server)
     try:
@@ -162,7 +162,9 @@ async def test_sessions_per_device_are_limited(sshd_server: SshdServer, tmp_path
 
 
 async def test_idle_connections_are_closed(tmp_path: Path) -> None:
-    drv = SshExecDriver(SshHostKeys(known_hosts=None, tofu_path=tmp_path / "t"), idle_timeout=0.2)
+    drv = SshExecDriver(
+        SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "t"), idle_timeout=0.2
+    )
     try:
         async with fake_ssh_device("cisco_ios") as device:
             await run(drv, "127.0.0.1", device.port, ["show empty"], FAKE_AUTH)
@@ -176,7 +178,9 @@ async def test_idle_connections_are_closed(tmp_path: Path) -> None:
 
 
 async def test_connection_cap_closes_idle_connections_first(tmp_path: Path) -> None:
-    drv = SshExecDriver(SshHostKeys(known_hosts=None, tofu_path=tmp_path / "t"), max_connections=1)
+    drv = SshExecDriver(
+        SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "t"), max_connections=1
+    )
     try:
         async with fake_ssh_device("cisco_ios") as one, fake_ssh_device("zte") as two:
             await run(drv, "127.0.0.1", one.port, ["show empty"], FAKE_AUTH)

@@ -69,7 +69,7 @@ def sshd_auth(server: SshdServer, host_key: str | None = None) -> CliAuth:
 async def test_pinned_key_is_accepted_and_a_wrong_pin_is_a_mismatch(
     sshd_server: SshdServer, tmp_path: Path
 ) -> None:
-    drv = SshExecDriver(SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu"))
+    drv = SshExecDriver(SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu"))
     try:
         good = sshd_auth(sshd_server, sshd_server.host_key)
         data = await drv.run(exec_job(sshd_server.port, good), good, ctx())
@@ -90,7 +90,7 @@ async def test_known_hosts_entry_is_used_and_enforced(
     known = tmp_path / "known_hosts"
     spec = f"[127.0.0.1]:{sshd_server.port}"
     known.write_text(f"{spec} {sshd_server.host_key}\n")
-    drv = SshExecDriver(SshHostKeys(known_hosts=known, tofu_path=tmp_path / "tofu"))
+    drv = SshExecDriver(SshHostKeys(known_hosts_file=known, tofu_path=tmp_path / "tofu"))
     try:
         auth = sshd_auth(sshd_server)
         data = await drv.run(exec_job(sshd_server.port, auth), auth, ctx())
@@ -98,7 +98,7 @@ async def test_known_hosts_entry_is_used_and_enforced(
     finally:
         await drv.aclose()
     known.write_text(f"{spec} {sshd_server.other_host_key}\n")
-    drv = SshExecDriver(SshHostKeys(known_hosts=known, tofu_path=tmp_path / "tofu"))
+    drv = SshExecDriver(SshHostKeys(known_hosts_file=known, tofu_path=tmp_path / "tofu"))
     try:
         with pytest.raises(JobError) as info:
             await drv.run(exec_job(sshd_server.port, auth), auth, ctx())
@@ -112,7 +112,7 @@ async def test_tofu_records_the_first_key_and_reports_it_once(
 ) -> None:
     tofu = tmp_path / "state" / "tofu"
     auth = sshd_auth(sshd_server)
-    drv = SshExecDriver(SshHostKeys(known_hosts=None, tofu_path=tofu), idle_timeout=0)
+    drv = SshExecDriver(SshHostKeys(known_hosts_file=None, tofu_path=tofu), idle_timeout=0)
     try:
         first = await drv.run(exec_job(sshd_server.port, auth), auth, ctx())
         second = await drv.run(exec_job(sshd_server.port, auth), auth, ctx())
@@ -129,7 +129,7 @@ async def test_tofu_records_the_first_key_and_reports_it_once(
 async def test_a_swapped_key_after_tofu_is_a_mismatch_with_zero_auth_attempts(
     kind: str, tmp_path: Path
 ) -> None:
-    keys = SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu")
+    keys = SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu")
     drv: SshExecDriver | CliDriver = SshExecDriver(keys) if kind == "ssh.exec" else CliDriver(keys)
     build = exec_job if kind == "ssh.exec" else cli_job
     auth = fake_auth()
@@ -151,7 +151,7 @@ async def test_a_swapped_key_after_tofu_is_a_mismatch_with_zero_auth_attempts(
 
 @pytest.mark.parametrize("kind", ["ssh.exec", "ssh.cli"])
 async def test_a_pinned_key_mismatch_sends_no_credentials(kind: str, tmp_path: Path) -> None:
-    keys = SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu")
+    keys = SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu")
     drv: SshExecDriver | CliDriver = SshExecDriver(keys) if kind == "ssh.exec" else CliDriver(keys)
     build = exec_job if kind == "ssh.exec" else cli_job
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
@@ -172,7 +172,7 @@ async def test_a_pinned_key_mismatch_sends_no_credentials(kind: str, tmp_path: P
 async def test_a_job_pinning_another_key_does_not_ride_on_a_pooled_connection(
     tmp_path: Path,
 ) -> None:
-    drv = SshExecDriver(SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu"))
+    drv = SshExecDriver(SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu"))
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
     try:
         async with fake_ssh_device("cisco_ios") as device:
@@ -187,7 +187,7 @@ async def test_a_job_pinning_another_key_does_not_ride_on_a_pooled_connection(
 
 
 async def test_an_invalid_pinned_key_is_refused(tmp_path: Path) -> None:
-    drv = SshExecDriver(SshHostKeys(known_hosts=None, tofu_path=tmp_path / "tofu"))
+    drv = SshExecDriver(SshHostKeys(known_hosts_file=None, tofu_path=tmp_path / "tofu"))
     auth = fake_auth("ssh-ed25519 not-base64")
     with pytest.raises(JobError) as info:
         await drv.run(exec_job(1, auth), auth, ctx())
