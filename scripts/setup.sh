@@ -11,6 +11,8 @@ PYTHON=${PYTHON:-python3}
 
 apt_packages=(snmpd snmp openssh-server iproute2)
 command -v rabbitmq-server >/dev/null 2>&1 || apt_packages+=(rabbitmq-server)
+# Debian's own python3 needs python3-venv for `python3 -m venv` (pyenv builds have it).
+"$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_packages+=(python3-venv)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
