@@ -391,6 +391,71 @@ class WalkResult:
     truncated: bool
 
 
+@dataclass(frozen=True, slots=True)
+class WalkPage:
+    """One GETNEXT/GETBULK answer as a backend hands it to `walk_subtree`."""
+
+    status: int  # SNMP error-status (0: none)
+    index: int  # error-index (1-based; 0: none)
+    #: In answer order: (OID, endOfMibView?, the rendered varbind).
+    rows: list[tuple[tuple[int, ...], bool, Varbind]]
+    #: The backend saw no error but no rows either for a GETBULK (Net-SNMP folds an
+    #: error-status without an index into that): treated like tooBig.
+    empty_bulk: bool = False
+
+
+#: fetch(start OID, max-repetitions, bulk?) → the agent's answer.
+WalkFetch = Callable[[tuple[int, ...], int, bool], Awaitable[WalkPage]]
+
+_TOO_BIG = 1
+_NO_SUCH_NAME = 2
+
+
+async def walk_subtree(
+    fetch: WalkFetch,
+    root: str,
+    budget: OutputBudget,
+    *,
+    bulk: bool,
+    max_repetitions: int,
+    max_varbinds: int,
+) -> bool:
+    """Walk one subtree into `budget`; True when `max_varbinds` cut the walk short.
+
+    GETBULK (halving max-repetitions on tooBig) or GETNEXT; stops at the end of the subtree, at
+    endOfMibView, at SNMPv1's noSuchName, and raises `SnmpError` on a non-increasing OID.
+    """
+    base = parse_oid(root)
+    last = base
+    repetitions = max_repetitions
+    for _ in range(10_000_000):  # bounded: every round advances or stops
+        left = max_varbinds - len(budget.varbinds)
+        reps = max(1, min(repetitions, left + 1))
+        page = await fetch(last, reps, bulk)
+        if (page.status == _TOO_BIG or page.empty_bulk) and bulk and reps > 1:
+            repetitions = max(1, reps // 2)
+            continue
+        if page.status == _NO_SUCH_NAME and not bulk:
+            return False  # SNMPv1 end of the MIB view
+        if page.status:
+            raise snmp_status_error(page.status, page.index, [format_oid(last)], budget.varbinds)
+        step = walk_step(base, last, [(oid, end) for oid, end, _ in page.rows])
+        for position, (_oid, at) in enumerate(step.accepted):
+            if position >= left:
+                return True
+            budget.add(page.rows[at][2])
+        if step.non_increasing:
+            raise SnmpError(
+                f"agent returned a non-increasing OID after {format_oid(last)} "
+                f"while walking {root}",
+                data={"varbinds": list(budget.varbinds)},
+            )
+        if step.next_oid is None:
+            return False
+        last = step.next_oid
+    return False
+
+
 async def walk_roots(
     roots: Sequence[str], budget: OutputBudget, walk_root: Callable[[str], Awaitable[bool]]
 ) -> WalkResult:

@@ -62,6 +62,7 @@ from poller.drivers.snmp import (
     SmiType,
     SnmpTarget,
     Varbind,
+    WalkPage,
     WalkResult,
     format_oid,
     parse_oid,
@@ -69,7 +70,7 @@ from poller.drivers.snmp import (
     render_varbind,
     snmp_status_error,
     walk_roots,
-    walk_step,
+    walk_subtree,
 )
 from poller.errors import (
     DeviceAuthError,
@@ -85,7 +86,6 @@ __all__ = ["NetsnmpBackend"]
 #: Most OIDs sent in one GET/GETNEXT PDU; longer lists are split (and halved again on tooBig).
 MAX_OIDS_PER_PDU = 64
 _TOO_BIG = 1
-_NO_SUCH_NAME = 2
 
 _AUTH_NAMES = {
     "MD5": "MD5",
@@ -695,42 +695,27 @@ class NetsnmpBackend:
         max_varbinds: int,
     ) -> bool:
         """Walk one subtree into `budget`; True when `max_varbinds` cut the walk short."""
-        base = parse_oid(root)
-        last = base
-        bulk = target.auth.version != "1"
-        repetitions = max_repetitions
-        for _ in range(10_000_000):  # bounded: every round advances or stops
-            left = max_varbinds - len(budget.varbinds)
-            reps = max(1, min(repetitions, left + 1))
+
+        async def fetch(last: tuple[int, ...], reps: int, bulk: bool) -> WalkPage:
             kind: _CallKind = "bulk" if bulk else "next"
             answer = await self._request(target, kind, ["." + format_oid(last)], reps)
+            rows = []
+            for row in answer.rows:
+                varbind, end = _decode(row)
+                rows.append((parse_oid(str(varbind["oid"])), end, varbind))
             empty_bulk = bulk and not answer.status and not answer.rows
-            if (answer.status == _TOO_BIG or empty_bulk) and bulk and reps > 1:
-                # snmpbulkget drops an error-status without an index (tooBig) into an empty
-                # answer: ask for less, as for tooBig.
-                repetitions = max(1, reps // 2)
-                continue
-            if answer.status == _NO_SUCH_NAME and not bulk:
-                return False  # SNMPv1 end of the MIB view
-            if answer.status:
-                raise snmp_status_error(answer.status, 1, [format_oid(last)], budget.varbinds)
-            decoded = [_decode(row) for row in answer.rows]
-            returned = [(parse_oid(str(vb["oid"])), end) for vb, end in decoded]
-            step = walk_step(base, last, returned)
-            for position, (_oid, at) in enumerate(step.accepted):
-                if position >= left:
-                    return True
-                budget.add(decoded[at][0])
-            if step.non_increasing:
-                raise SnmpError(
-                    f"agent returned a non-increasing OID after {format_oid(last)} "
-                    f"while walking {root}",
-                    data={"varbinds": list(budget.varbinds)},
-                )
-            if step.next_oid is None:
-                return False
-            last = step.next_oid
-        return False
+            # snmpbulkget reports an error-status without an index (tooBig) as an empty answer;
+            # the failing varbind of a GETNEXT/GETBULK is always the first one.
+            return WalkPage(answer.status, 1, rows, empty_bulk=empty_bulk)
+
+        return await walk_subtree(
+            fetch,
+            root,
+            budget,
+            bulk=target.auth.version != "1",
+            max_repetitions=max_repetitions,
+            max_varbinds=max_varbinds,
+        )
 
     async def _request(
         self, target: SnmpTarget, kind: _CallKind, names: list[str], max_repetitions: int = 0

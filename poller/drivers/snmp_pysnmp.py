@@ -38,14 +38,14 @@ from poller.drivers.snmp import (
     SmiType,
     SnmpTarget,
     Varbind,
+    WalkPage,
     WalkResult,
     format_oid,
-    parse_oid,
     plan_timeout,
     render_varbind,
     snmp_status_error,
     walk_roots,
-    walk_step,
+    walk_subtree,
 )
 from poller.errors import (
     DeviceAuthError,
@@ -61,7 +61,6 @@ __all__ = ["PysnmpBackend"]
 #: Most OIDs sent in one GET/GETNEXT PDU; longer lists are split (and halved again on tooBig).
 MAX_OIDS_PER_PDU = 64
 _TOO_BIG = 1
-_NO_SUCH_NAME = 2
 
 _AUTH_PROTOCOLS = {
     "MD5": usm.USM_AUTH_HMAC96_MD5,
@@ -359,41 +358,25 @@ class PysnmpBackend:
         max_varbinds: int,
     ) -> bool:
         """Walk one subtree into `budget`; True when `max_varbinds` cut the walk short."""
-        base = parse_oid(root)
-        last = base
-        bulk = target.auth.version != "1"
-        repetitions = max_repetitions
-        for _ in range(10_000_000):  # bounded: every round advances or stops
-            left = max_varbinds - len(budget.varbinds)
-            reps = max(1, min(repetitions, left + 1))
+
+        async def fetch(last: tuple[int, ...], reps: int, bulk: bool) -> WalkPage:
             request = [(rfc1902.ObjectName(format_oid(last)), rfc1902.Null(""))]
             pdu = _Pdu("bulk", request, reps) if bulk else _Pdu("next", request)
             status, index, answer = await self._request(target, pdu)
-            if status == _TOO_BIG and bulk and reps > 1:
-                repetitions = max(1, reps // 2)
-                continue
-            if status == _NO_SUCH_NAME and not bulk:
-                return False  # SNMPv1 end of the MIB view
-            if status:
-                raise snmp_status_error(status, index, [format_oid(last)], budget.varbinds)
-            returned = [
-                (tuple(name), value.tagSet == rfc1905.EndOfMibView.tagSet) for name, value in answer
+            rows = [
+                (tuple(name), value.tagSet == rfc1905.EndOfMibView.tagSet, _decode(name, value))
+                for name, value in answer
             ]
-            step = walk_step(base, last, returned)
-            for position, (_oid, at) in enumerate(step.accepted):
-                if position >= left:
-                    return True
-                budget.add(_decode(*answer[at]))
-            if step.non_increasing:
-                raise SnmpError(
-                    f"agent returned a non-increasing OID after {format_oid(last)} "
-                    f"while walking {root}",
-                    data={"varbinds": list(budget.varbinds)},
-                )
-            if step.next_oid is None:
-                return False
-            last = step.next_oid
-        return False
+            return WalkPage(status, index, rows)
+
+        return await walk_subtree(
+            fetch,
+            root,
+            budget,
+            bulk=target.auth.version != "1",
+            max_repetitions=max_repetitions,
+            max_varbinds=max_varbinds,
+        )
 
     async def _request(self, target: SnmpTarget, pdu: _Pdu) -> _Raw:
         """Send one PDU (with retries) and wait for its answer, never past the deadline."""
