@@ -28,8 +28,6 @@ import argparse
 import contextlib
 import os
 import platform
-import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -42,15 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import snmpd as snmpd_support  # noqa: E402
-from tests.support.poller_proc import JobClient, PollerFactory, snmp_job  # noqa: E402
-from tests.support.rabbitmq import (  # noqa: E402
-    AmqpVhost,
-    rabbitmq_unavailable_reason,
-    rabbitmqctl,
-)
+from common import DOC, snmp_agent, vhost, write_section  # noqa: E402
 
-DOC = ROOT / "docs" / "performance.md"
+from tests.support.poller_proc import JobClient, PollerFactory, snmp_job  # noqa: E402
+
 HEADING = "## Dead devices"
 DEAD_JOBS = 1000
 DEAD_DEVICES = [f"127.0.1.{n}" for n in range(1, 51)]
@@ -73,39 +66,6 @@ class Cell:
             return float("nan")
         ordered = sorted(self.healthy)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-@contextlib.contextmanager
-def vhost() -> Iterator[AmqpVhost]:
-    reason = rabbitmq_unavailable_reason()
-    if reason:
-        sys.exit(f"RabbitMQ is needed: {reason}")
-    name = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield AmqpVhost(name, "127.0.0.1", 5672, "guest", "guest")
-    finally:
-        rabbitmqctl("delete_vhost", name)
-
-
-@contextlib.contextmanager
-def snmp_agent() -> Iterator[tuple[str, int]]:
-    binary = shutil.which("snmpd") or "/usr/sbin/snmpd"
-    workdir = Path(tempfile.mkdtemp(prefix="bench-snmpd-"))
-    workdir.chmod(0o755)
-    port = snmpd_support._free_udp_port()
-    proc = snmpd_support._start(binary, workdir, port)
-    try:
-        deadline = time.monotonic() + 10
-        while not snmpd_support._answers(port):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                sys.exit("snmpd did not start")
-            time.sleep(0.05)
-        yield "127.0.0.1", port
-    finally:
-        snmpd_support._stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -286,16 +246,6 @@ def notes(cells: list[Cell], args: argparse.Namespace) -> list[str]:
     return out
 
 
-def write_section(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rate", type=float, default=100, help="healthy jobs per second")
@@ -308,10 +258,11 @@ def main() -> None:
     cells: list[Cell] = []
     with (
         vhost() as vh,
-        snmp_agent() as agent,
+        snmp_agent() as (agent_host, agent_port, _agent_pid),
         dead_devices() as dead,
         tempfile.TemporaryDirectory(prefix="bench-poller-") as tmp,
     ):
+        agent = (agent_host, agent_port)
         factory = PollerFactory(vh, Path(tmp))
         try:
             sid = f"bench{uuid.uuid4().hex[:8]}"
@@ -336,7 +287,7 @@ def main() -> None:
     print()
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(HEADING, section)
         print(f"written to {DOC.relative_to(ROOT)} under {HEADING!r}")
 
 

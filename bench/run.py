@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -61,16 +61,15 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import DOC, snmp_agent, vhost, write_section  # noqa: E402
+
 from poller import wire  # noqa: E402
-from tests.support import snmpd as snmpd_support  # noqa: E402
 from tests.support.poller_proc import PollerFactory, PollerProcess  # noqa: E402
 from tests.support.rabbitmq import (  # noqa: E402
     AmqpVhost,
-    rabbitmq_unavailable_reason,
     rabbitmqctl,
 )
 
-DOC = ROOT / "docs" / "performance.md"
 HEADING = "## SNMP jobs and walks"
 WORKERS = Path(__file__).resolve().parent / "snmp_workers.py"
 GET_OID = "1.3.6.1.2.1.1.5.0"  # sysName.0
@@ -415,40 +414,6 @@ def celery_source(sid: str, job: dict[str, Any], task: str) -> JobSource:
 # Services
 
 
-@contextlib.contextmanager
-def vhost() -> Iterator[AmqpVhost]:
-    reason = rabbitmq_unavailable_reason()
-    if reason:
-        sys.exit(f"RabbitMQ is needed: {reason}")
-    name = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield AmqpVhost(name, "127.0.0.1", 5672, "guest", "guest")
-    finally:
-        rabbitmqctl("delete_vhost", name)
-
-
-@contextlib.contextmanager
-def snmp_agent() -> Iterator[tuple[str, int, int]]:
-    """(host, port, pid) of a Net-SNMP agent on loopback, running as nobody."""
-    binary = shutil.which("snmpd") or "/usr/sbin/snmpd"
-    workdir = Path(tempfile.mkdtemp(prefix="bench-snmpd-"))
-    workdir.chmod(0o755)
-    port = snmpd_support._free_udp_port()
-    proc = snmpd_support._start(binary, workdir, port)
-    try:
-        deadline = time.monotonic() + 10
-        while not snmpd_support._answers(port):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                sys.exit("snmpd did not start")
-            time.sleep(0.05)
-        yield "127.0.0.1", port, proc.pid
-    finally:
-        snmpd_support._stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 class Processes:
     """Subprocesses started here; stopped by PID (and their recorded children) at the end."""
 
@@ -782,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     if not args.no_write:
-        write_section(report)
+        write_section(HEADING, report)
         print(f"\nwritten to {DOC.relative_to(ROOT)} under '{HEADING}'")
     return 0
 
@@ -1386,17 +1351,6 @@ def render(
     lines += _walk_table(args, walks)
     lines += _targets(setup, walks, backends)
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def write_section(section: str) -> None:
-    """Replace (or append) this benchmark's section of docs/performance.md; others stay."""
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

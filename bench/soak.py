@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import write_section
 from run import (
-    DOC,
     Driver,
     get_job,
     loadavg,
@@ -45,6 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit", type=float, default=600.0, help="seconds per backend at most")
     ap.add_argument("--no-write", action="store_true", help="print only")
     return ap.parse_args(argv)
+
+
+def blocks(jobs: int) -> list[int]:
+    """`jobs` in blocks of `BLOCK` (the last one shorter)."""
+    return [BLOCK] * (jobs // BLOCK) + ([jobs % BLOCK] if jobs % BLOCK else [])
 
 
 def soak(args: argparse.Namespace, backend: str) -> list[tuple[int, float, float]]:
@@ -71,7 +75,7 @@ def soak(args: argparse.Namespace, backend: str) -> list[tuple[int, float, float
                 source = poller_source(sid, get_job(host, port))
                 deadline = time.monotonic() + args.limit
                 done = 0
-                for size in [args.warmup] + [BLOCK] * -(-args.jobs // BLOCK):
+                for size in [args.warmup, *blocks(args.jobs)]:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         print(f"{backend}: time limit reached after {done} jobs")
@@ -121,16 +125,6 @@ def render(results: dict[str, list[tuple[int, float, float]]], load: tuple[float
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_load = loadavg()
@@ -139,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results, (start_load, loadavg()))
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(HEADING, section)
     return 0
 
 

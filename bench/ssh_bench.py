@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,13 +39,14 @@ from pydantic import SecretStr
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import DOC, write_section  # noqa: E402
+
 from poller.drivers.base import JobContext  # noqa: E402
 from poller.drivers.ssh import SshExecDriver, SshHostKeys  # noqa: E402
 from poller.wire import CliAuth, SshExecJob  # noqa: E402
 from tests.support import fake_devices  # noqa: E402
 from tests.support.sshd import free_port, start_sshd  # noqa: E402
 
-DOC = ROOT / "docs" / "performance.md"
 HEADING = "## SSH"
 
 
@@ -212,16 +212,6 @@ def table(cells: list[Cell], args: argparse.Namespace) -> str:
     return "\n".join([*lines, "", *notes, ""])
 
 
-def write_section(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commands", type=int, default=500, help="commands per cell at most")
@@ -240,7 +230,7 @@ def main() -> None:
     print()
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(HEADING, section)
         print(f"written to {DOC.relative_to(ROOT)}")
 
 
