@@ -127,6 +127,10 @@ def mask_dsn(dsn: str) -> str:
 SatelliteId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+#: Default prefetch per run slot (`USM_POLLER_PREFETCH` unset): room for jobs that wait.
+PREFETCH_PER_SLOT = 8
+
+
 class PollerSettings(BaseSettings):
     """Every setting of DESIGN §6; env names are `USM_POLLER_<FIELD>` unless aliased."""
 
@@ -141,6 +145,7 @@ class PollerSettings(BaseSettings):
     amqp_dsn: SecretStr = Field(validation_alias=AliasChoices(*DSN_ALIASES, "amqp_dsn"))
     satellite_id: SatelliteId
     concurrency: int = Field(default=64, ge=1, le=10_000)
+    prefetch: int | None = Field(default=None, ge=1, le=65_535)
     declare: bool = True
     queue_type: Literal["quorum", "classic"] = "quorum"
     heartbeat: int = Field(default=30, ge=0, le=3600)
@@ -197,6 +202,15 @@ class PollerSettings(BaseSettings):
     @property
     def amqp_username(self) -> str:
         return self.amqp_urls[0].username
+
+    @property
+    def effective_prefetch(self) -> int:
+        """Unacked jobs the broker may hand this process: `prefetch`, or 8 x concurrency.
+
+        Larger than the concurrency on purpose: jobs waiting for a slot (their device is busy
+        or untrusted) must not stop jobs for other devices from being delivered.
+        """
+        return self.prefetch or min(65_535, self.concurrency * PREFETCH_PER_SLOT)
 
     @property
     def worker(self) -> str:
@@ -259,6 +273,8 @@ class PollerSettings(BaseSettings):
                 value = "***"
             elif isinstance(value, Path):
                 value = str(value)
+            elif name == "prefetch" and value is None:
+                value = self.effective_prefetch
             out[env_name(name)] = value
         return out
 

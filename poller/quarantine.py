@@ -4,7 +4,8 @@ A device is a target host address. After `after` consecutive `device_timeout` ou
 quarantined for a cool-down; jobs for it are refused at once (`DeviceQuarantinedError`, code
 `device_unreachable`, retryable) instead of waiting out their deadline. When the cool-down ends,
 one probe job is let through while the others are still refused: a timeout doubles the
-cool-down (up to `max_cooldown`), any sign of life releases the device.
+cool-down (up to `max_cooldown`), any sign of life releases the device. It also remembers which
+devices answered last time (`trusted`): jobs for the others may hold only part of the run slots.
 
 Pure bookkeeping: no I/O, no asyncio, and the clock (epoch seconds) is injected, so it is tested
 without sleeping. The runner asks `admit` before a job, `check` again once the job holds its
@@ -110,7 +111,8 @@ class Quarantine:
         clock: Callable[[], float] = time.time,
         max_tracked: int = 100_000,
     ) -> None:
-        """`after` = 0 turns the breaker off (every job is admitted, nothing is recorded)."""
+        """`after` = 0 turns the breaker off: every job is admitted, and only which devices
+        answered is recorded (for `trusted`)."""
         if after < 0 or cooldown <= 0 or max_cooldown < cooldown:
             raise ValueError("need after >= 0 and 0 < cooldown <= max_cooldown")
         self.after = after
@@ -119,6 +121,8 @@ class Quarantine:
         self._clock = clock
         self._max_tracked = max_tracked
         self._records: dict[str, _Record] = {}
+        #: Devices whose last telling outcome was a sign of life, oldest first.
+        self._alive: dict[str, None] = {}
 
     def admit(self, device: str) -> Ticket:
         """A ticket to run a job for `device`, or `DeviceQuarantinedError` to answer at once."""
@@ -138,12 +142,23 @@ class Quarantine:
         if record is not None and record.since is not None:
             raise self._refusal(ticket.device, record)
 
+    def trusted(self, device: str) -> bool:
+        """Whether the device's last telling outcome here was a sign of life.
+
+        Devices never seen, and devices whose last job timed out, are untrusted: the runner
+        lets their jobs hold only part of its run slots (`poller.admission`).
+        """
+        return device in self._alive
+
     def settle(self, ticket: Ticket, outcome: Outcome, error: str = "") -> Change | None:
         """Record how the job of `ticket` ended; the resulting transition, if any."""
         record = self._records.get(ticket.device)
         if ticket.probe and record is not None:
             record.probing = False
-        if outcome is Outcome.NEUTRAL or self.after == 0:
+        if outcome is Outcome.NEUTRAL:
+            return None
+        self._remember(ticket.device, alive=outcome is Outcome.ALIVE)
+        if self.after == 0:
             return None
         if outcome is Outcome.ALIVE:
             if record is None:
@@ -212,6 +227,16 @@ class Quarantine:
             f"device {device} is {when} after {record.timeouts} consecutive timeouts; "
             "answered without contacting it"
         )
+
+    def _remember(self, device: str, *, alive: bool) -> None:
+        alive_set = self._alive
+        alive_set.pop(device, None)
+        if not alive:
+            return
+        if len(alive_set) >= self._max_tracked:
+            for oldest in list(alive_set)[: max(1, len(alive_set) // 4)]:
+                del alive_set[oldest]
+        alive_set[device] = None
 
     def _prune(self) -> None:
         """Forget the oldest unquarantined counters when too many devices are tracked."""

@@ -1,8 +1,9 @@
 """One job in, one `JobResult` out. No AMQP and no sockets here: drivers do the I/O.
 
 The runner applies the delivery rules that do not need the broker (expired, outcome unknown),
-resolves credentials, bounds the job by its deadline, limits jobs at once per device, and turns
-every device failure into an error result. An unexpected exception (a bug) is not turned into a
+resolves credentials, bounds the job by its deadline, waits for its run slot and device slot
+(`poller.admission`: dead devices cannot take every slot), and turns every device failure into
+an error result. An unexpected exception (a bug) is not turned into a
 result here: it propagates, so that the worker can requeue the job (DESIGN §5).
 """
 
@@ -16,6 +17,7 @@ from datetime import datetime
 
 from pydantic import JsonValue
 
+from poller.admission import Admission, NotStarted
 from poller.credentials import CredentialStore
 from poller.drivers import get_driver
 from poller.drivers.base import Driver, JobContext
@@ -30,7 +32,7 @@ from poller.logging import get_logger
 from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
 from poller.wire import ErrorInfo, JobRequest, JobResult, now
 
-__all__ = ["Attempt", "DeviceLimiter", "Runner", "error_result"]
+__all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
 
 log = get_logger("poller.runner")
 
@@ -43,51 +45,17 @@ class Attempt:
     redelivered: bool = False
 
 
-class DeviceLimiter:
-    """At most `limit` jobs at once against one device (keyed by host address)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
-
-    def active(self) -> int:
-        return len(self._slots)
-
-    def slot(self, device: str) -> _Slot:
-        """`async with limiter.slot(host):` waits for a free slot for that device."""
-        return _Slot(self, device)
-
-    def _enter(self, device: str) -> asyncio.Semaphore:
-        sem, users = self._slots.get(device) or (asyncio.Semaphore(self._limit), 0)
-        self._slots[device] = (sem, users + 1)
-        return sem
-
-    def _leave(self, device: str) -> None:
-        sem, users = self._slots[device]
-        if users <= 1:
-            del self._slots[device]
-        else:
-            self._slots[device] = (sem, users - 1)
-
-
-class _Slot:
-    __slots__ = ("_device", "_limiter", "_sem")
-
-    def __init__(self, limiter: DeviceLimiter, device: str) -> None:
-        self._limiter = limiter
-        self._device = device
-        self._sem = limiter._enter(device)
-
-    async def __aenter__(self) -> None:
-        try:
-            await self._sem.acquire()
-        except BaseException:
-            self._limiter._leave(self._device)
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._sem.release()
-        self._limiter._leave(self._device)
+def _timeout_error(
+    exc: TimeoutError, host: str, timeout: float, *, reached: bool
+) -> DeviceTimeoutError:
+    if not reached:
+        return DeviceTimeoutError(
+            f"not started within {timeout:g} s: no free slot (the poller was at its "
+            f"concurrency, or {host} at its per-device limit); nothing was sent"
+        )
+    if isinstance(exc, DeviceTimeoutError):
+        return exc
+    return DeviceTimeoutError(f"no complete answer from {host} within {timeout:g} s")
 
 
 def error_result(
@@ -133,6 +101,7 @@ class Runner:
         credentials: CredentialStore,
         satellite_id: str,
         worker: str,
+        concurrency: int = 64,
         per_device_concurrency: int = 4,
         max_output_bytes: int = 4 * 1024 * 1024,
         quarantine: Quarantine | None = None,
@@ -141,13 +110,28 @@ class Runner:
         self._credentials = credentials
         self.satellite_id = satellite_id
         self.worker = worker
-        self._limiter = DeviceLimiter(per_device_concurrency)
         self._max_output_bytes = max_output_bytes
         #: Dead-device circuit breaker (DESIGN §5); its entries go into every heartbeat.
         self.quarantine = quarantine if quarantine is not None else Quarantine()
+        #: Run slots and device slots; untrusted devices get half the run slots at most.
+        self.admission = Admission(
+            concurrency=concurrency,
+            per_device=per_device_concurrency,
+            trusted=self.quarantine.trusted,
+        )
+
+    def close(self) -> int:
+        """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
+
+        Jobs that are not idempotent still run: returned, they would come back redelivered and
+        could only be answered `outcome_unknown`.
+        """
+        return self.admission.close()
 
     async def run(self, job: JobRequest, attempt: Attempt = Attempt()) -> JobResult:
-        """Run one job to a result. Device failures become error results; bugs propagate."""
+        """Run one job to a result. Device failures become error results; bugs propagate, and
+        so does `NotStarted` (shutting down: the job never started and goes back to the queue).
+        """
         started_at = now()
         started = time.monotonic()
         try:
@@ -203,20 +187,20 @@ class Runner:
         ticket = self.quarantine.admit(job.target.host)
         outcome, error, reached = Outcome.NEUTRAL, "", False
         try:
-            async with asyncio.timeout_at(deadline), self._limiter.slot(job.target.host):
+            async with (
+                asyncio.timeout_at(deadline),
+                self.admission.lease(job.target.host, returnable=job.idempotent),
+            ):
                 self.quarantine.check(ticket)
                 reached = True
                 data = await driver.run(job, auth, ctx)
                 outcome = classify(None, job.kind, data)
                 return data
-        except TimeoutError as exc:
-            if not isinstance(exc, DeviceTimeoutError):
-                exc = DeviceTimeoutError(
-                    f"no complete answer from {job.target.host} within {timeout:g} s"
-                )
-            # A job that timed out while queued for its device slot says nothing about it.
-            outcome, error = (Outcome.TIMEOUT if reached else Outcome.NEUTRAL), exc.message
-            raise exc from None
+        except TimeoutError as timeout_exc:
+            failure = _timeout_error(timeout_exc, job.target.host, timeout, reached=reached)
+            # A job that timed out while queued for its slots says nothing about its device.
+            outcome, error = (Outcome.TIMEOUT if reached else Outcome.NEUTRAL), failure.message
+            raise failure from None
         except DeviceQuarantinedError:
             raise
         except JobError as exc:

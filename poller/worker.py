@@ -31,7 +31,7 @@ from poller.errors import BrokerError, WireError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.logging import get_logger
 from poller.quarantine import Quarantine
-from poller.runner import Attempt, Runner, error_result
+from poller.runner import Attempt, NotStarted, Runner, error_result
 
 __all__ = ["Worker", "build_topology", "run_worker"]
 
@@ -102,6 +102,7 @@ class Worker:
             credentials=credentials,
             satellite_id=self._sid,
             worker=self.name,
+            concurrency=settings.concurrency,
             per_device_concurrency=settings.per_device_concurrency,
             max_output_bytes=settings.max_output_bytes,
             quarantine=Quarantine(
@@ -116,7 +117,7 @@ class Worker:
             BrokerOptions(
                 connection_name=f"poller {self._sid} {self.name}",
                 heartbeat=settings.heartbeat,
-                prefetch=settings.concurrency,
+                prefetch=settings.effective_prefetch,
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
             ),
@@ -124,7 +125,6 @@ class Worker:
             topology=build_topology(self._sid, settings.queue_type),
             on_delivery=self._on_delivery,
         )
-        self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._draining = False
@@ -154,6 +154,7 @@ class Worker:
             version=__version__,
             queue=wire.jobs_queue(self._sid),
             concurrency=self._settings.concurrency,
+            prefetch=self._settings.effective_prefetch,
             drivers=sorted(self._drivers),
         )
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
@@ -182,6 +183,9 @@ class Worker:
     async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
         self._draining = True
         await self._broker.stop_consuming()
+        waiting = self._runner.close()
+        if waiting:
+            log.info("returning_unstarted_jobs", count=waiting)
         running = set(self._tasks)
         if running:
             log.info("draining", in_flight=len(running), grace_s=self._settings.shutdown_grace)
@@ -217,8 +221,10 @@ class Worker:
         started_at = wire.now()
         self.in_flight += 1
         try:
-            async with self._slots:
-                await self._process(delivery, started, started_at)
+            await self._process(delivery, started, started_at)
+        except NotStarted:
+            self._broker.reject(delivery, requeue=True)
+            log.info("job_returned_to_queue", job_id=delivery.message_id, reason="shutdown")
         except asyncio.CancelledError:
             self._broker.reject(delivery, requeue=True)
             log.warning("job_returned_to_queue", job_id=delivery.message_id, reason="shutdown")
@@ -242,6 +248,8 @@ class Worker:
         )
         try:
             result = await self._runner.run(job, attempt)
+        except NotStarted:
+            raise
         except Exception:
             log.exception("job_crashed")
             await self._on_bug(delivery, job, attempt, started, started_at)

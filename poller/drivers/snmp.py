@@ -519,7 +519,8 @@ class SnmpOptions:
             timeout=settings.snmp_timeout,
             retries=settings.snmp_retries,
             backend=settings.snmp_backend,
-            threads=min(32, settings.concurrency),
+            # A thread per run slot: jobs of silent devices block theirs until the deadline.
+            threads=min(256, settings.concurrency),
         )
 
 

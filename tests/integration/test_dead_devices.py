@@ -8,6 +8,7 @@ drops new SYNs). The healthy device is the real Net-SNMP agent.
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -144,3 +145,75 @@ def test_dead_devices_are_quarantined_and_healthy_jobs_all_succeed(
     assert {by_id[i]["device"] for i in healthy_ids} == {snmpd.host}
     warnings = [line for line in poller.events("device_quarantined") if line["level"] == "warning"]
     assert {line["device"] for line in warnings} == set(dead_devices)
+
+
+def test_a_wave_of_jobs_for_unknown_silent_devices_does_not_hold_up_healthy_ones(
+    start_poller: PollerFactory, client: JobClient, snmpd: Snmpd, sid: str
+) -> None:
+    """The cold case: dead devices the poller has never seen, queued ahead of healthy jobs.
+
+    With 8 run slots, 60 jobs for 12 silent devices (5 each, 4 s deadline) would hold every
+    slot for 4 s if they could; they may hold half (untrusted devices), and the prefetch window
+    is larger than the concurrency, so the healthy jobs queued behind them are delivered and run
+    at once instead of waiting for the dead ones' deadlines.
+    """
+    start_poller(sid, concurrency=8)
+    warm = snmp_job(snmpd.host, snmpd.port, job_id="warm")
+    client.publish(warm)  # the healthy device answers once: it is trusted from then on
+    assert client.collect_ids([warm["id"]], timeout=20)[0].result.status == "ok"
+    with ExitStack() as stack:
+        hosts = [f"127.0.2.{n}" for n in range(1, 13)]
+        ports = {host: silent_udp(stack, host) for host in hosts}
+        dead_ids = []
+        for n in range(60):
+            host = hosts[n % len(hosts)]
+            job = snmp_job(host, ports[host], job_id=f"cold-dead-{n}", timeout=4)
+            dead_ids.append(job["id"])
+            client.publish(job)
+        sent: dict[str, float] = {}
+        for n in range(20):
+            job = snmp_job(snmpd.host, snmpd.port, job_id=f"cold-ok-{n}", timeout=10)
+            sent[job["id"]] = time.time()
+            client.publish(job)
+        received = client.collect_ids(list(sent), 20)
+        results = {r.result.job_id: r.result for r in received if r.result.job_id in sent}
+        assert set(results) == set(sent)
+        waited = {i: results[i].finished_at.timestamp() - sent[i] for i in sent}
+        assert all(r.status == "ok" for r in results.values())
+        # Not the 4 s the dead jobs ahead of them take: they were never behind them.
+        assert max(waited.values()) < 2.0, sorted(waited.values())[-3:]
+        received = client.collect_ids(dead_ids, 30)
+        dead = {r.result.job_id: r.result for r in received if r.result.job_id in dead_ids}
+    assert set(dead) == set(dead_ids)
+    for result in dead.values():
+        assert result.error is not None
+        assert result.error.code in {"device_timeout", "device_unreachable"}
+        assert result.duration_ms <= 4 * 1.2 * 1000
+
+
+def test_sigterm_returns_the_jobs_still_waiting_for_a_slot_at_once(
+    start_poller: PollerFactory, client: JobClient, sid: str, silent_udp_port: int
+) -> None:
+    """Draining finishes running jobs only; jobs that never started go back to the queue."""
+    poller = start_poller(sid, concurrency=2, shutdown_grace=20)
+    ids = [f"wait-{n}" for n in range(10)]
+    for job_id in ids:
+        client.publish(snmp_job("127.0.0.1", silent_udp_port, job_id=job_id, timeout=6))
+    queue = wire.jobs_queue(sid)
+    deadline = time.monotonic() + 10
+    while client.queue_depth(queue) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.queue_depth(queue) == 0  # all 10 delivered: 1 running (untrusted), 9 waiting
+    poller.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while client.queue_depth(queue) < 9 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.queue_depth(queue) == 9
+    assert poller.proc.poll() is None  # still finishing the one job it started
+    assert poller.terminate(timeout=30) == 0
+    (returned,) = poller.events("returning_unstarted_jobs")
+    assert returned["count"] == 9
+    (result,) = client.collect(1, timeout=10)
+    assert result.result.error is not None
+    assert result.result.error.code == "device_timeout"
+    assert client.queue_depth(queue) == 9

@@ -14,7 +14,7 @@ from poller.credentials import CredentialStore
 from poller.drivers.base import Auth, Data, JobContext
 from poller.errors import DeviceAuthError, SnmpError
 from poller.quarantine import Quarantine
-from poller.runner import Attempt, Runner
+from poller.runner import Attempt, NotStarted, Runner
 from poller.wire import JobKind, JobRequest
 
 
@@ -35,7 +35,7 @@ class MemoryDriver:
         self.active[host] = self.active.get(host, 0) + 1
         self.peak[host] = max(self.peak.get(host, 0), self.active[host])
         try:
-            if host == "sleepy":
+            if host.startswith("sleepy"):
                 await asyncio.sleep(3600)
             if host == "bad-auth":
                 raise DeviceAuthError("wrong v3 auth key")
@@ -206,6 +206,50 @@ async def test_waiting_for_a_device_slot_counts_against_the_deadline(
     jobs = [make_job("c", timeout=0.3) for _ in range(3)]
     results = await asyncio.gather(*(runner.run(j) for j in jobs))
     assert [r.error.code if r.error else "ok" for r in results] == ["device_timeout"] * 3
+
+
+async def test_jobs_of_silent_devices_leave_run_slots_to_devices_that_answer(
+    driver: MemoryDriver,
+) -> None:
+    runner = Runner(
+        drivers={"snmp.get": driver},
+        credentials=CredentialStore({}),
+        satellite_id="7",
+        worker="w1",
+        concurrency=4,
+    )
+    assert (await runner.run(make_job("healthy"))).status == "ok"  # it answered: trusted
+    dead = [asyncio.ensure_future(runner.run(make_job(f"sleepy-{n}"))) for n in range(10)]
+    await asyncio.sleep(0.01)
+    assert runner.admission.running == 2  # half the slots, however many dead jobs wait
+    results = await asyncio.wait_for(
+        asyncio.gather(*(runner.run(make_job("healthy")) for _ in range(20))), timeout=2
+    )
+    assert all(r.status == "ok" for r in results)
+    assert not any(task.done() for task in dead)
+    # Shutting down: the jobs that never started are refused, the running ones carry on.
+    assert runner.close() == 8
+    outcomes = await asyncio.gather(*dead[2:], return_exceptions=True)
+    assert all(isinstance(o, NotStarted) for o in outcomes)
+    assert not dead[0].done()
+    for task in dead[:2]:
+        task.cancel()
+    await asyncio.gather(*dead[:2], return_exceptions=True)
+    with pytest.raises(NotStarted):
+        await runner.run(make_job("healthy"))
+
+
+async def test_a_job_that_never_got_a_slot_says_so(runner: Runner, driver: MemoryDriver) -> None:
+    driver.delay = 1.0
+    first = asyncio.ensure_future(runner.run(make_job("d")))
+    second = asyncio.ensure_future(runner.run(make_job("d")))
+    await asyncio.sleep(0.01)
+    late = await runner.run(make_job("d", timeout=0.1))
+    assert late.error is not None
+    assert late.error.code == "device_timeout"
+    assert "not started within 0.1 s" in late.error.message
+    assert runner.quarantine.entries() == []
+    assert [r.status for r in await asyncio.gather(first, second)] == ["ok", "ok"]
 
 
 # ------------------------------------------------------------------ dead-device quarantine
