@@ -403,7 +403,9 @@ class Worker:
             started_at=self._started_at,
             sent_at=wire.now(),
             concurrency=self._settings.concurrency,
-            in_flight=self.in_flight,
+            # Running jobs (holding a run slot), not the ones waiting for a slot: the core's
+            # replica advice divides this by jobs/s to get the service time.
+            in_flight=self._runner.admission.running,
             jobs_ok=self.jobs_ok,
             jobs_error=self.jobs_error,
             jobs_per_s=round(jobs_per_s, 2),
