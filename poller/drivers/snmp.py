@@ -411,6 +411,82 @@ _TOO_BIG = 1
 _NO_SUCH_NAME = 2
 
 
+class SubtreeWalk:
+    """One subtree walk in progress: where it stands, and what each answer does to it.
+
+    `page()` fetches the next GETBULK/GETNEXT answer through the backend's `fetch` and applies
+    it; `apply()` takes rows the backend got some other way (the Net-SNMP backend streams them
+    from `snmpbulkwalk`), so a walk can change how it fetches half-way and keep its semantics:
+    rows go into `budget` in walk order, `last` is the OID the next page starts from.
+    """
+
+    def __init__(
+        self,
+        fetch: WalkFetch,
+        root: str,
+        budget: OutputBudget,
+        *,
+        bulk: bool,
+        max_repetitions: int,
+        max_varbinds: int,
+    ) -> None:
+        self.fetch = fetch
+        self.root = root
+        self.base = parse_oid(root)
+        self.last = self.base
+        self.budget = budget
+        self.bulk = bulk
+        self.repetitions = max_repetitions
+        self.max_varbinds = max_varbinds
+
+    @property
+    def left(self) -> int:
+        """Varbinds `max_varbinds` still allows (over all roots: the budget is shared)."""
+        return self.max_varbinds - len(self.budget.varbinds)
+
+    async def page(self) -> bool | None:
+        """Fetch and apply the next page: True or False when the walk of this subtree is over
+        (True: `max_varbinds` cut it short), None when it goes on.
+
+        GETBULK halves max-repetitions on tooBig; SNMPv1's noSuchName ends the walk.
+        """
+        reps = max(1, min(self.repetitions, self.left + 1))
+        page = await self.fetch(self.last, reps, self.bulk)
+        if (page.status == _TOO_BIG or page.empty_bulk) and self.bulk and reps > 1:
+            self.repetitions = max(1, reps // 2)
+            return None
+        if page.status == _NO_SUCH_NAME and not self.bulk:
+            return False  # SNMPv1 end of the MIB view
+        if page.status:
+            raise snmp_status_error(
+                page.status, page.index, [format_oid(self.last)], self.budget.varbinds
+            )
+        return self.apply(page.rows)
+
+    def apply(self, rows: Sequence[tuple[tuple[int, ...], bool, Varbind]]) -> bool | None:
+        """Apply answer rows that follow `last` in walk order (as `page()` returns).
+
+        Stops at the end of the subtree, at endOfMibView and on an empty answer; raises
+        `SnmpError` on a non-increasing OID, with the varbinds gathered so far.
+        """
+        left = self.left
+        step = walk_step(self.base, self.last, [(oid, end) for oid, end, _ in rows])
+        for position, (_oid, at) in enumerate(step.accepted):
+            if position >= left:
+                return True
+            self.budget.add(rows[at][2])
+        if step.non_increasing:
+            raise SnmpError(
+                f"agent returned a non-increasing OID after {format_oid(self.last)} "
+                f"while walking {self.root}",
+                data={"varbinds": list(self.budget.varbinds)},
+            )
+        if step.next_oid is None:
+            return False
+        self.last = step.next_oid
+        return None
+
+
 async def walk_subtree(
     fetch: WalkFetch,
     root: str,
@@ -425,34 +501,13 @@ async def walk_subtree(
     GETBULK (halving max-repetitions on tooBig) or GETNEXT; stops at the end of the subtree, at
     endOfMibView, at SNMPv1's noSuchName, and raises `SnmpError` on a non-increasing OID.
     """
-    base = parse_oid(root)
-    last = base
-    repetitions = max_repetitions
+    walk = SubtreeWalk(
+        fetch, root, budget, bulk=bulk, max_repetitions=max_repetitions, max_varbinds=max_varbinds
+    )
     for _ in range(10_000_000):  # bounded: every round advances or stops
-        left = max_varbinds - len(budget.varbinds)
-        reps = max(1, min(repetitions, left + 1))
-        page = await fetch(last, reps, bulk)
-        if (page.status == _TOO_BIG or page.empty_bulk) and bulk and reps > 1:
-            repetitions = max(1, reps // 2)
-            continue
-        if page.status == _NO_SUCH_NAME and not bulk:
-            return False  # SNMPv1 end of the MIB view
-        if page.status:
-            raise snmp_status_error(page.status, page.index, [format_oid(last)], budget.varbinds)
-        step = walk_step(base, last, [(oid, end) for oid, end, _ in page.rows])
-        for position, (_oid, at) in enumerate(step.accepted):
-            if position >= left:
-                return True
-            budget.add(page.rows[at][2])
-        if step.non_increasing:
-            raise SnmpError(
-                f"agent returned a non-increasing OID after {format_oid(last)} "
-                f"while walking {root}",
-                data={"varbinds": list(budget.varbinds)},
-            )
-        if step.next_oid is None:
-            return False
-        last = step.next_oid
+        done = await walk.page()
+        if done is not None:
+            return done
     return False
 
 

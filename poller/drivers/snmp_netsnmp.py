@@ -27,6 +27,13 @@ What is shared is Net-SNMP's process-wide state, and this module is written arou
 A call that outlives its job's deadline is abandoned by the event loop (the runner's timeout
 cancels the await) and finishes on its own thread, bounded by the per-request timeout and
 retries; it keeps its `_UsmGate` slot until then, so it cannot be pulled out from under it.
+
+Walks start page by page like that, and a subtree that is still going after
+`program_after_pages` pages is handed to Net-SNMP's `snmpbulkwalk` (`snmpwalk` on SNMPv1) as a
+child process (`poller.drivers.snmp_netsnmp_walk`): one session for the whole subtree instead of
+one program run per page. Its printed rows go through the same decoding and the same
+`SubtreeWalk` as the pages, and whatever the program cannot finish (an error-status, an
+unexpected failure) is handed back to the page-by-page walk from the last OID it delivered.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from poller.drivers.snmp import (
     SetValue,
     SmiType,
     SnmpTarget,
+    SubtreeWalk,
     Varbind,
     WalkPage,
     WalkResult,
@@ -70,7 +78,13 @@ from poller.drivers.snmp import (
     render_varbind,
     snmp_status_error,
     walk_roots,
-    walk_subtree,
+)
+from poller.drivers.snmp_netsnmp_walk import (
+    Row,
+    WalkChild,
+    WalkPrograms,
+    WalkStalledError,
+    walk_argv,
 )
 from poller.errors import (
     DeviceAuthError,
@@ -143,6 +157,8 @@ _SMI_BY_NETSNMP: dict[str, SmiType] = {
     "NOSUCHINSTANCE": "noSuchInstance",
 }
 _END_OF_MIB_VIEW = "No more variables left in this MIB View"
+#: Values after which `snmpbulkwalk` stops (as at endOfMibView) where the page walk goes on.
+_STOPS_THE_PROGRAM = frozenset({"noSuchObject", "noSuchInstance"})
 
 #: `snmpset` type letters; Counter32, Counter64 and Opaque have none (see docs/drivers/snmp.md).
 _SET_LETTERS = {
@@ -164,7 +180,12 @@ _REASON = re.compile(r"Reason:\s*\(?([A-Za-z]+)")
 _FAILED = re.compile(r"Failed object:\s*(\S+)")
 
 _CallKind = Literal["get", "next", "bulk", "set"]
-_Row = tuple[str, str, str]  # (oid, Net-SNMP type, printed value)
+_Row = Row  # (oid, Net-SNMP type, printed value)
+
+#: Pages of a subtree walked in-process before the rest goes to `snmpbulkwalk`: starting the
+#: program costs ~5 ms of CPU and ~10 ms in all, a page in-process ~1-3 ms, so short walks
+#: (most of them) stay in-process and long ones pay the start once.
+PROGRAM_AFTER_PAGES = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +307,46 @@ def _identity(auth: SnmpAuth) -> _Identity:
         args += ["-n", auth.context]
     fingerprint = hashlib.sha256("\0".join(args).encode()).hexdigest()
     return _Identity(tuple(args), auth.user or "", fingerprint, tuple(secrets))
+
+
+def _conf_string(text: str) -> str | None:
+    """`text` as a quoted snmp.conf value; None if a line of the file cannot hold it."""
+    if any(c in text for c in "\0\r\n"):
+        return None
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@functools.lru_cache(maxsize=4096)
+def _walk_conf(auth: SnmpAuth) -> str | None:
+    """The `snmp.conf` of a walk program for these credentials (see snmp.conf(5)).
+
+    The same settings as `_identity`'s options, SNMPv3 keys as RFC 3414 master keys. None when a
+    community, user or context cannot be written in the file (a line break or NUL in it): such
+    walks stay in-process.
+    """
+    lines = ["dontLoadHostConfig true"]
+    if auth.version in ("1", "2c"):
+        community = _conf_string(_secret(auth.community))
+        if community is None:
+            return None
+        lines += [f"defVersion {auth.version}", f"defCommunity {community}"]
+        return "\n".join(lines) + "\n"
+    user, context = _conf_string(auth.user or ""), _conf_string(auth.context)
+    if user is None or context is None:
+        return None
+    level = auth.effective_security_level
+    lines += ["defVersion 3", f"defSecurityName {user}", f"defSecurityLevel {level}"]
+    if level in ("authNoPriv", "authPriv"):
+        proto = auth.auth_protocol or _DEFAULT_AUTH
+        key = _master_key(_AUTH_HASHES[proto], _secret(auth.auth_key))
+        lines += [f"defAuthType {_AUTH_NAMES[proto]}", f"defAuthMasterKey 0x{key}"]
+        if level == "authPriv":
+            priv = auth.priv_protocol or _DEFAULT_PRIV
+            priv_key = _master_key(_AUTH_HASHES[proto], _secret(auth.priv_key))
+            lines += [f"defPrivType {_PRIV_NAMES[priv]}", f"defPrivMasterKey 0x{priv_key}"]
+    if auth.context:
+        lines.append(f"defContext {context}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +487,25 @@ def _opaque_bytes(value: str) -> bytes:
 def _decode(row: _Row) -> tuple[Varbind, bool]:
     """One printed varbind → the rendered varbind, and whether it is endOfMibView."""
     printed_oid, kind, value = row
-    oid = _numeric_oid(printed_oid)
+    return _decode_at(_numeric_oid(printed_oid), kind, value)
+
+
+def _decode_numbered(row: _Row) -> tuple[tuple[int, ...], Varbind, bool]:
+    """`_decode` for a walk program's rows, with the OID as numbers too (parsed once)."""
+    printed_oid, kind, value = row
+    if printed_oid.startswith("."):  # -On in a process of its own: always ".1.3.6..."
+        text = printed_oid[1:]
+        try:
+            oid = tuple(map(int, text.split(".")))
+        except ValueError:
+            pass
+        else:
+            return (oid, *_decode_at(text, kind, value))
+    varbind, end = _decode(row)
+    return parse_oid(str(varbind["oid"])), varbind, end
+
+
+def _decode_at(oid: str, kind: str, value: str) -> tuple[Varbind, bool]:
     if kind.startswith(_END_OF_MIB_VIEW):
         return render_varbind(oid, "endOfMibView", None), True
     smi = _SMI_BY_NETSNMP.get(kind)
@@ -608,11 +687,22 @@ def _exchange_sync(call: _Call, timeout: float, retries: int) -> _Answer:
 
 
 class NetsnmpBackend:
-    """`SnmpBackend` on Net-SNMP through ezsnmp, in a bounded thread pool."""
+    """`SnmpBackend` on Net-SNMP through ezsnmp, in a bounded thread pool.
 
-    def __init__(self, *, threads: int = 32) -> None:
+    `program_after_pages`: pages of a subtree walked in-process before the rest of it goes to
+    `snmpbulkwalk`/`snmpwalk` (None: never; 0: from the start). The programs are looked up on
+    PATH here, once; without them every walk stays in-process.
+    """
+
+    def __init__(
+        self, *, threads: int = 32, program_after_pages: int | None = PROGRAM_AFTER_PAGES
+    ) -> None:
         self.threads = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
+        self.programs = WalkPrograms.find()
+        self.program_after_pages = program_after_pages
+        # Walk programs running at once: as many as pool threads, like the in-process calls.
+        self._children = asyncio.Semaphore(self.threads)
 
     # ---------------------------------------------------------------------------------------
     # SnmpBackend
@@ -694,7 +784,11 @@ class NetsnmpBackend:
         max_repetitions: int,
         max_varbinds: int,
     ) -> bool:
-        """Walk one subtree into `budget`; True when `max_varbinds` cut the walk short."""
+        """Walk one subtree into `budget`; True when `max_varbinds` cut the walk short.
+
+        Page by page in-process; a subtree still going after `program_after_pages` pages goes
+        on in a walk program when one is installed (`_walk_program`).
+        """
 
         async def fetch(last: tuple[int, ...], reps: int, bulk: bool) -> WalkPage:
             kind: _CallKind = "bulk" if bulk else "next"
@@ -708,7 +802,7 @@ class NetsnmpBackend:
             # the failing varbind of a GETNEXT/GETBULK is always the first one.
             return WalkPage(answer.status, 1, rows, empty_bulk=empty_bulk)
 
-        return await walk_subtree(
+        walk = SubtreeWalk(
             fetch,
             root,
             budget,
@@ -716,6 +810,71 @@ class NetsnmpBackend:
             max_repetitions=max_repetitions,
             max_varbinds=max_varbinds,
         )
+        program = self.programs.bulk if walk.bulk else self.programs.next
+        for page in range(10_000_000):  # bounded: every round advances or stops
+            if program is not None and page == self.program_after_pages:
+                done = await self._walk_program(target, walk, program)
+                if done is not None:
+                    return done
+            done = await walk.page()
+            if done is not None:
+                return done
+        return False
+
+    async def _walk_program(
+        self, target: SnmpTarget, walk: SubtreeWalk, program: str
+    ) -> bool | None:
+        """Go on with `walk` in a walk program: True or False when the subtree is done (as
+        `SubtreeWalk.page`), None to hand it back to the page-by-page walk at `walk.last`.
+
+        Timeouts, SNMPv3 authentication failures and non-increasing OIDs raise as they do in
+        the page walk; an error-status or any other failure of the program hands the walk back,
+        and the next page (asked again in-process) reports it, or halves max-repetitions on
+        tooBig. Killed at the deadline: `DeviceTimeoutError`, with the varbinds so far.
+        """
+        conf = _walk_conf(target.auth)
+        if conf is None:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(target.deadline):
+                peer, address = await _resolve(target)
+                timeout, retries = plan_timeout(
+                    target.deadline - loop.time(), target.timeout, target.retries
+                )
+                argv = walk_argv(
+                    program,
+                    bulk=walk.bulk,
+                    peer=peer,
+                    root=walk.root,
+                    timeout=timeout,
+                    retries=retries,
+                    max_repetitions=max(1, min(walk.repetitions, walk.left + 1)),
+                )
+                # The longest a program may print nothing: SNMPv3 discovery and one request.
+                stall = 2 * timeout * (retries + 1) + 1.0
+                async with self._children:
+                    try:
+                        child = await WalkChild.start(argv, conf, stall=stall)
+                    except OSError:
+                        return None  # it cannot run here after all: page by page
+                    async with child:
+                        try:
+                            done, stopped = await _stream(child, walk)
+                        except WalkStalledError:
+                            return None  # going round in circles: page by page from here
+                        if done is not None:
+                            return done
+                        code, said = await child.finish()
+        except DeviceTimeoutError:
+            raise
+        except TimeoutError:
+            raise DeviceTimeoutError(
+                f"no SNMP response from {target.host}:{target.port} before the job deadline"
+            ) from None
+        done = _program_outcome(code, said, walk, f"{address[0]}:{address[1]}", target.auth.user)
+        # The program stops after a page with noSuchObject/noSuchInstance; the walk goes on.
+        return None if stopped else done
 
     async def _request(
         self, target: SnmpTarget, kind: _CallKind, names: list[str], max_repetitions: int = 0
@@ -753,6 +912,59 @@ class NetsnmpBackend:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="netsnmp")
         return self._pool, gate
+
+
+async def _stream(child: WalkChild, walk: SubtreeWalk) -> tuple[bool | None, bool]:
+    """Feed a walk program's rows to `walk`: True or False when the walk of the subtree is over,
+    None when the program's output ended first (see `_program_outcome`); and whether the
+    program stopped at an exception value (noSuchObject, noSuchInstance), which the page walk
+    takes like any other value and walks on from.
+
+    The program starts at the root: rows up to `walk.last`, which are in the budget already,
+    are skipped (what follows `walk.last` is what the next page would have brought).
+    """
+    resume = walk.last
+    skipping = resume != walk.base
+    stopped = False
+    while (rows := await child.rows()) is not None:
+        batch: list[tuple[tuple[int, ...], bool, Varbind]] = []
+        for row in rows:
+            oid, varbind, end = _decode_numbered(row)
+            if skipping:
+                if oid <= resume:
+                    continue
+                skipping = False
+            batch.append((oid, end, varbind))
+            stopped = stopped or varbind["type"] in _STOPS_THE_PROGRAM
+        if batch:
+            done = walk.apply(batch)
+            if done is not None:
+                return done, stopped
+    return None, stopped
+
+
+def _program_outcome(
+    code: int, said: str, walk: SubtreeWalk, where: str, user: str | None
+) -> bool | None:
+    """What a walk program's exit means once its rows are in: False (the subtree is done),
+    None (hand the walk back to the page-by-page walk), or the error it raises."""
+    text = "\n".join(line for line in said.splitlines() if not line.startswith("Created directory"))
+    lowered = text.lower()
+    if "error in packet" in lowered:
+        return None  # an error-status: asked again in-process, which reports it as usual
+    if "oid not increasing" in lowered:
+        raise SnmpError(
+            f"agent returned a non-increasing OID after {format_oid(walk.last)} "
+            f"while walking {walk.root}",
+            data={"varbinds": list(walk.budget.varbinds)},
+        )
+    if "timeout" in lowered:
+        raise DeviceTimeoutError(f"no SNMP response from {where}")
+    for needle, message in _AUTH_FAILURES:
+        if needle in lowered:
+            named = f" for user {user!r}" if user else ""
+            raise DeviceAuthError(f"{where}: {message}{named}")
+    return False if code == 0 else None
 
 
 def _position(answer: _Answer, oids: Sequence[str]) -> int:
