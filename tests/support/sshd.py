@@ -89,7 +89,6 @@ def start_sshd(max_sessions: int = 64) -> Iterator[SshdServer]:
     if os.geteuid() != 0:
         _unavailable("sshd needs root for privilege separation")
     workdir = Path(tempfile.mkdtemp(prefix="usm-sshd-"))
-    created_run = False
     proc: subprocess.Popen[bytes] | None = None
     try:
         _, host_key = keygen(workdir / "host_key")
@@ -109,10 +108,9 @@ def start_sshd(max_sessions: int = 64) -> Iterator[SshdServer]:
             "AllowAgentForwarding no\nPermitTunnel no\n"
             f"MaxStartups 200:30:400\nMaxSessions {max_sessions}\n"
         )
-        run_dir = Path("/run/sshd")
-        if not run_dir.is_dir():
-            run_dir.mkdir(mode=0o755, parents=True)
-            created_run = True
+        # sshd's privilege-separation directory. Never removed again: another test session's
+        # sshd may be using it (without it, sshd resets every new connection).
+        Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
         subprocess.run([SSHD, "-t", "-f", str(config)], check=True, timeout=30)
         log = (workdir / "sshd.log").open("wb")
         proc = subprocess.Popen(
@@ -138,9 +136,6 @@ def start_sshd(max_sessions: int = 64) -> Iterator[SshdServer]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        if created_run:
-            with contextlib.suppress(OSError):
-                Path("/run/sshd").rmdir()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
