@@ -11,7 +11,9 @@ a timeout, and owns everything that must survive a lost connection:
   (the broker has already put those jobs back in the queue).
 * `publish()` resolves when the broker confirms the message. Confirms are pipelined: sequence
   numbers map to futures and `multiple=True` acks resolve every future up to the tag. A nack, a
-  return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`.
+  return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`;
+  so does a confirm that takes longer than `publish_timeout`. One timer watches every pending
+  publish (the oldest one's deadline), not one timer per publish: publishes are the hot path.
 
 Everything here runs on the event loop's thread; nothing calls pika from another thread.
 """
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import pika
 import pika.exceptions
@@ -54,9 +58,13 @@ class ChannelClosedError(BrokerUnavailableError):
         self.reply_code = code
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One job message as received."""
+#: The headers of a delivery that has none (shared: nobody may change it).
+_NO_HEADERS: Mapping[str, Any] = MappingProxyType({})
+_BASIC_ACK = pika.spec.Basic.Ack
+
+
+class Delivery(NamedTuple):
+    """One job message as received (immutable; a named tuple because one is made per job)."""
 
     body: bytes
     delivery_tag: int
@@ -110,6 +118,8 @@ class BrokerOptions:
 class _Pending:
     future: asyncio.Future[None]
     message_id: str | None
+    #: Loop time after which `publish()` gives up on the confirm; None: `publish_nowait`, no limit.
+    deadline: float | None = None
     returned: bool = False
 
 
@@ -137,7 +147,9 @@ class Broker:
         self._url: AmqpUrl = urls[0]
         self.generation = 0
         self._seq = 0
+        #: Publishes awaiting their confirm by sequence number, oldest first (dict order).
         self._pending: dict[int, _Pending] = {}
+        self._expiry: asyncio.TimerHandle | None = None
         self._waiters: set[asyncio.Future[Any]] = set()
         self._consumer_tag: str | None = None
         self._lost: asyncio.Event = asyncio.Event()
@@ -320,7 +332,7 @@ class Broker:
         try:
             self._consumer_tag = channel.basic_consume(
                 self._queue,
-                lambda ch, method, props, body: self._on_message(generation, method, props, body),
+                functools.partial(self._on_message, generation),
                 callback=lambda frame: _resolve(consumed, frame),
             )
             async with asyncio.timeout(self._opts.operation_timeout):
@@ -484,27 +496,39 @@ class Broker:
         if self._conn is not None and self._conn.is_open and not self._closing:
             self._conn.close(reply_code=200, reply_text="consumer cancelled, re-consuming")
 
-    def _on_message(self, generation: int, method: Any, props: Any, body: bytes) -> None:
+    def _on_message(
+        self, generation: int, _channel: Any, method: Any, props: Any, body: bytes
+    ) -> None:
+        # Positional, in field order: this runs once per job.
         self._on_delivery(
             Delivery(
-                body=body,
-                delivery_tag=method.delivery_tag,
-                generation=generation,
-                redelivered=bool(method.redelivered),
-                message_id=props.message_id,
-                correlation_id=props.correlation_id,
-                reply_to=props.reply_to,
-                headers=props.headers or {},
+                body,
+                method.delivery_tag,
+                generation,
+                bool(method.redelivered),
+                props.message_id,
+                props.correlation_id,
+                props.reply_to,
+                props.headers or _NO_HEADERS,
             )
         )
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         tag: int = method.delivery_tag
-        ok = isinstance(method, pika.spec.Basic.Ack)
-        tags = [t for t in self._pending if t <= tag] if method.multiple else [tag]
+        ok = isinstance(method, _BASIC_ACK)
+        pendings = self._pending
+        if method.multiple:
+            # Sequence numbers enter `_pending` in increasing order: stop at the first above.
+            tags = []
+            for t in pendings:
+                if t > tag:
+                    break
+                tags.append(t)
+        else:
+            tags = [tag]
         for t in tags:
-            pending = self._pending.pop(t, None)
+            pending = pendings.pop(t, None)
             if pending is None or pending.future.done():
                 continue
             if not ok:
@@ -526,6 +550,22 @@ class Broker:
             if not item.future.done():
                 item.future.set_exception(error)
 
+    def _expire(self) -> None:
+        """Fail the publishes whose confirm is overdue; wait for the next deadline."""
+        self._expiry = None
+        now = asyncio.get_running_loop().time()
+        for pending in self._pending.values():
+            deadline = pending.deadline
+            if deadline is None or pending.future.done():
+                continue
+            if deadline > now:
+                # Deadlines grow with the sequence numbers: the rest are later still.
+                self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire)
+                return
+            pending.future.set_exception(
+                PublishNotConfirmedError(f"no confirm within {self._opts.publish_timeout:g} s")
+            )
+
     # ---------------------------------------------------------------- publishing and acks
 
     def publish_nowait(
@@ -538,13 +578,32 @@ class Broker:
         mandatory: bool = True,
     ) -> asyncio.Future[None]:
         """Publish and return a future that resolves on the broker's confirm."""
+        return self._publish(exchange, routing_key, body, properties, mandatory=mandatory)
+
+    def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        *,
+        mandatory: bool,
+        timeout: float | None = None,
+    ) -> asyncio.Future[None]:
         channel = self._channel
         if channel is None or not channel.is_open:
             raise BrokerUnavailableError("not connected")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         self._seq += 1
-        self._pending[self._seq] = _Pending(future, properties.message_id)
+        if timeout is None:
+            self._pending[self._seq] = _Pending(future, properties.message_id)
+        else:
+            deadline = loop.time() + timeout
+            self._pending[self._seq] = _Pending(future, properties.message_id, deadline)
+            if self._expiry is None:
+                self._expiry = loop.call_at(deadline, self._expire)
         return future
 
     async def publish(
@@ -556,15 +615,15 @@ class Broker:
         *,
         mandatory: bool = True,
     ) -> None:
-        """Publish and wait for the confirm (`PublishNotConfirmedError` otherwise)."""
-        future = self.publish_nowait(exchange, routing_key, body, properties, mandatory=mandatory)
-        try:
-            async with asyncio.timeout(self._opts.publish_timeout):
-                await future
-        except TimeoutError:
-            raise PublishNotConfirmedError(
-                f"no confirm within {self._opts.publish_timeout:g} s"
-            ) from None
+        """Publish and wait for the confirm (`PublishNotConfirmedError` otherwise).
+
+        No confirm within `publish_timeout` raises `PublishNotConfirmedError` as well; the
+        shared timer of `_expire` enforces it.
+        """
+        timeout = self._opts.publish_timeout
+        await self._publish(
+            exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
+        )
 
     def _usable(self, delivery: Delivery) -> Any:
         channel = self._channel

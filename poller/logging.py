@@ -3,19 +3,32 @@
 Configured once, by the CLI, before anything else logs. Standard-library loggers (pika, pysnmp,
 asyncssh) go through the same renderer. Secrets never reach a log: settings and wire models keep
 them in `SecretStr`, and job bodies are never logged.
+
+The JSON lines of structlog loggers are rendered by one fused processor, `JsonLineRenderer`: it
+does in one call what the chain `merge_contextvars` → `add_log_level` → `TimeStamper(iso, utc)` →
+`dict_tracebacks` → `JSONRenderer` does in five (the stdlib bridge still runs that chain), and
+returns the line as bytes, which `LineWriter` writes straight to the stream's binary buffer.
+Every worker writes one `job_finished` line per job, so this is on the hot path; the output is
+byte for byte that of the chain (tests/unit/test_logging.py holds it to that).
 """
 
 from __future__ import annotations
 
+import codecs
+import contextvars
 import logging
 import sys
-from typing import Literal, TextIO
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, BinaryIO, Literal, TextIO
 
 import pydantic_core
 import structlog
-from structlog.typing import Processor
+from structlog.contextvars import STRUCTLOG_KEY_PREFIX, STRUCTLOG_KEY_PREFIX_LEN
+from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["JsonLineRenderer", "LineWriter", "configure_logging", "get_logger"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -43,15 +56,25 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Processor
+    processors: list[Processor]
+    logger_factory: Callable[..., WrappedLogger]
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_to_json)
         shared.append(structlog.processors.dict_tracebacks)
+        binary = _utf8_buffer(out)
+        processors = [JsonLineRenderer(as_bytes=binary is not None)]
+        if binary is not None:
+            logger_factory = _LineWriterFactory(LineWriter(binary, text=out))
+        else:
+            logger_factory = structlog.WriteLoggerFactory(file=out)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        processors = [*shared, renderer]
+        logger_factory = structlog.WriteLoggerFactory(file=out)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(out)
@@ -74,4 +97,181 @@ def _to_json(obj: object, **_: object) -> str:
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)  # type: ignore[no-any-return]
+    """structlog's lazy logger, which also keeps its log methods once structlog caches them."""
+    return _Logger(name)
+
+
+#: Methods of a bound logger that `_Logger` keeps once structlog caches the bound logger.
+_LOG_METHODS = frozenset(
+    (
+        "debug",
+        "info",
+        "warning",
+        "warn",
+        "error",
+        "err",
+        "exception",
+        "critical",
+        "fatal",
+        "msg",
+        "log",
+    )
+)
+
+
+class _Logger:
+    """`structlog.get_logger(name)` whose log methods are looked up once, not on every call.
+
+    structlog's lazy proxy (with `cache_logger_on_first_use`, as `configure_logging` sets)
+    builds its bound logger on first use and keeps it for good, but every `log.info` still goes
+    through the proxy's `__getattr__`. Once the proxy keeps its bound logger, this keeps that
+    logger's methods as attributes: the same methods, without the detour. Before that (structlog
+    not configured, or configured without the cache) every call asks the proxy, as before.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._proxy = structlog.get_logger(name)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_proxy":  # not set yet (a copy made without __init__): no recursion
+            raise AttributeError(name)
+        value = getattr(self._proxy, name)
+        if name in _LOG_METHODS and _loggers_are_cached():
+            setattr(self, name, value)
+        return value
+
+    def __repr__(self) -> str:
+        return repr(self._proxy)
+
+
+def _loggers_are_cached() -> bool:
+    return structlog.is_configured() and bool(structlog.get_config()["cache_logger_on_first_use"])
+
+
+# ------------------------------------------------------------------------------------------
+# The JSON fast path
+
+
+#: `structlog.processors.add_log_level`'s mapping of method names to level names.
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}
+_MAX_KNOWN_VARS = 1024
+
+
+class _UtcClock:
+    """`TimeStamper(fmt="iso", utc=True)`'s text, with the date and time of day made once a second.
+
+    `datetime.now(UTC).isoformat()` spells microseconds only when they are not 0, and ends in
+    `+00:00`, which TimeStamper replaces with `Z`; this does the same from `time.time_ns()`.
+    """
+
+    __slots__ = ("_cached", "_time_ns")
+
+    def __init__(self, time_ns: Callable[[], int] = time.time_ns) -> None:
+        self._time_ns = time_ns
+        self._cached: tuple[int, str] = (-1, "")
+
+    def __call__(self) -> str:
+        second, ns = divmod(self._time_ns(), 1_000_000_000)
+        cached = self._cached  # one (second, text) pair: threads never mix two seconds
+        if cached[0] != second:
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._cached = cached
+        micro = ns // 1000
+        return f"{cached[1]}.{micro:06d}Z" if micro else f"{cached[1]}Z"
+
+
+class JsonLineRenderer:
+    """The JSON chain of `configure_logging` as one processor; returns the rendered line.
+
+    Same result as `merge_contextvars`, `add_log_level`, `TimeStamper(fmt="iso", utc=True)`,
+    `dict_tracebacks` and `JSONRenderer` (pydantic-core, `repr` for what JSON cannot hold) in
+    that order: the same keys in the same order, the same values. Bytes when `as_bytes`, else
+    the text.
+    """
+
+    __slots__ = ("_as_bytes", "_keys", "_now")
+
+    def __init__(self, *, as_bytes: bool = True) -> None:
+        self._as_bytes = as_bytes
+        self._now = _UtcClock()
+        #: Context variable → its event-dict key, or None when it is not structlog's.
+        self._keys: dict[contextvars.ContextVar[Any], str | None] = {}
+
+    def __call__(
+        self, logger: WrappedLogger, method_name: str, event_dict: EventDict
+    ) -> bytes | str:
+        # merge_contextvars: the bound context-local values, in the context's own order.
+        keys = self._keys
+        for var, value in contextvars.copy_context().items():
+            try:
+                key = keys[var]
+            except KeyError:
+                key = self._learn(var)
+            if key is not None and value is not Ellipsis:
+                event_dict.setdefault(key, value)
+        event_dict["level"] = _LEVEL_NAMES.get(method_name, method_name)
+        event_dict["timestamp"] = self._now()
+        if "exc_info" in event_dict:
+            event_dict = structlog.processors.dict_tracebacks(logger, method_name, event_dict)
+        line = pydantic_core.to_json(event_dict, fallback=repr)
+        return line if self._as_bytes else line.decode()
+
+    def _learn(self, var: contextvars.ContextVar[Any]) -> str | None:
+        name = var.name
+        key = name[STRUCTLOG_KEY_PREFIX_LEN:] if name.startswith(STRUCTLOG_KEY_PREFIX) else None
+        if len(self._keys) >= _MAX_KNOWN_VARS:  # variables made on the fly: do not grow forever
+            self._keys.clear()
+        self._keys[var] = key
+        return key
+
+
+class LineWriter:
+    """structlog's wrapped logger for rendered bytes: each line is one write to the binary stream.
+
+    `text`, the text stream over `binary` (sys.stderr over sys.stderr.buffer), is flushed first
+    so that a line written through it before this one also comes out before it.
+    """
+
+    __slots__ = ("_binary", "_lock", "_text")
+
+    def __init__(self, binary: BinaryIO, *, text: TextIO | None = None) -> None:
+        self._binary = binary
+        self._text = text
+        self._lock = threading.Lock()
+
+    def msg(self, line: bytes) -> None:
+        """Write `line` and a newline, and flush."""
+        with self._lock:
+            if self._text is not None:
+                self._text.flush()
+            self._binary.write(line + b"\n")
+            self._binary.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _LineWriterFactory:
+    """structlog's logger factory: one shared `LineWriter` (positional arguments are ignored)."""
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+
+    def __call__(self, *_args: Any) -> LineWriter:
+        return self._writer
+
+
+def _utf8_buffer(stream: TextIO) -> BinaryIO | None:
+    """The binary buffer under a UTF-8 text stream (what the bytes can go to as they are)."""
+    binary = getattr(stream, "buffer", None)
+    encoding = getattr(stream, "encoding", None)
+    if binary is None or not isinstance(encoding, str):
+        return None
+    try:
+        if codecs.lookup(encoding).name != "utf-8":
+            return None
+    except LookupError:
+        return None
+    return binary  # type: ignore[no-any-return]

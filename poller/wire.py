@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Self
 
+import pydantic_core
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -88,8 +89,22 @@ class JobKind(StrEnum):
 
 
 def format_timestamp(value: datetime) -> str:
-    """RFC 3339 in UTC with milliseconds and a `Z`, as every timestamp on the wire."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 in UTC with milliseconds and a `Z`, as every timestamp on the wire.
+
+    The text of `value.astimezone(UTC).isoformat(timespec="milliseconds")` with `Z` for
+    `+00:00`, spelled out: `isoformat` with `timespec` costs ~4x as much, and every result
+    carries two timestamps.
+    """
+    utc = value.astimezone(UTC)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 - the fastest spelling
+        utc.year,
+        utc.month,
+        utc.day,
+        utc.hour,
+        utc.minute,
+        utc.second,
+        utc.microsecond // 1000,
+    )
 
 
 def _reveal(value: SecretStr) -> str:
@@ -181,7 +196,11 @@ class SnmpOidParams(_Model):
     @field_validator("oids")
     @classmethod
     def _oids(cls, value: list[str]) -> list[str]:
-        return [_normalise_oid(oid) for oid in value]
+        match = _OID_RE.match
+        for oid in value:
+            if match(oid) is None:
+                raise ValueError("not a numeric OID such as 1.3.6.1.2.1.1.5.0")
+        return [oid.removeprefix(".") for oid in value]
 
 
 class SnmpWalkParams(SnmpOidParams):
@@ -265,7 +284,7 @@ class _JobBase(_Model):
     @field_validator("meta")
     @classmethod
     def _meta_size(cls, value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
-        if value is not None and len(json.dumps(value)) > MAX_META_BYTES:
+        if value is not None and not _meta_is_small(value):
             raise ValueError(f"meta is larger than {MAX_META_BYTES} bytes")
         return value
 
@@ -278,6 +297,27 @@ class _JobBase(_Model):
         elif (auth is None) == (self.credential_ref is None):
             raise ValueError("give exactly one of auth and credential_ref")
         return self
+
+
+#: `json.dumps` writes at most this many characters per byte of pydantic-core's compact JSON of
+#: the same value: 6 for a character it escapes as `\u007f` that pydantic-core writes as is;
+#: `", "` and `": "` for `,` and `:`, and `1e-07` for `1e-7`, stay below it.
+_DUMPS_CHARS_PER_COMPACT_BYTE = 6
+
+
+def _meta_is_small(value: dict[str, JsonValue]) -> bool:
+    """`len(json.dumps(value)) <= MAX_META_BYTES`, usually without running `json.dumps`.
+
+    The limit is on `json.dumps`'s text; pydantic-core's compact JSON is ~6x cheaper to make, and
+    when even 6 characters per byte of it stay within the limit, `json.dumps` would too.
+    """
+    try:
+        compact = len(pydantic_core.to_json(value))
+    except (ValueError, RecursionError):  # pragma: no cover - defer to json.dumps below
+        compact = MAX_META_BYTES
+    if compact * _DUMPS_CHARS_PER_COMPACT_BYTE <= MAX_META_BYTES:
+        return True
+    return len(json.dumps(value)) <= MAX_META_BYTES
 
 
 class SnmpGetJob(_JobBase):
@@ -343,6 +383,9 @@ JobRequest = Annotated[
 ]
 
 _JOB_ADAPTER: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
+#: The adapter's compiled validator, called directly: `TypeAdapter.validate_json` only adds
+#: keyword handling around it, on every job.
+_JOB_VALIDATOR = _JOB_ADAPTER.validator
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,8 +444,12 @@ _RESULT_ADAPTER: TypeAdapter[JobResult] = TypeAdapter(JobResult)
 
 
 def encode(model: BaseModel) -> bytes:
-    """Serialise any wire model to its JSON body (secrets in clear: the body is the message)."""
-    return model.model_dump_json().encode()
+    """Serialise any wire model to its JSON body (secrets in clear: the body is the message).
+
+    The bytes of `model.model_dump_json().encode()`, from the model's serializer straight:
+    `model_dump_json` decodes its bytes to text, which would only be encoded again.
+    """
+    return model.__pydantic_serializer__.to_json(model)
 
 
 def decode_result(body: bytes) -> JobResult:
@@ -417,11 +464,12 @@ def decode_job(body: bytes, *, max_bytes: int | None = None) -> JobRequest:
     if max_bytes is not None and len(body) > max_bytes:
         raise WireError(f"job body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
     try:
-        return _JOB_ADAPTER.validate_json(body)
+        job: JobRequest = _JOB_VALIDATOR.validate_json(body)
     except ValidationError as exc:
         raise _classify(body, exc) from None
     except Exception as exc:  # noqa: BLE001 - the contract is: WireError and nothing else
         raise WireError(f"job body could not be parsed ({type(exc).__name__})") from None
+    return job
 
 
 def _classify(body: bytes, exc: ValidationError) -> WireError:

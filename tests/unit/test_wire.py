@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pydantic_core
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -198,3 +200,97 @@ def test_queue_arguments_for_quorum_and_classic() -> None:
     }
     classic = wire.jobs_queue_arguments("7", "classic")
     assert classic == {"x-dead-letter-exchange": "usm_poller.dlx", "x-dead-letter-routing-key": "7"}
+
+
+# ------------------------------------------------------------------------------------------
+# The fast paths give what the plain spellings gave
+
+
+def _isoformat_timestamp(value: datetime) -> str:
+    """The spelling `format_timestamp` had before it was made faster."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-9, minutes=-30))]
+        ),
+    )
+)
+@settings(max_examples=500)
+def test_format_timestamp_is_isoformat_in_utc_with_milliseconds(value: datetime) -> None:
+    assert wire.format_timestamp(value) == _isoformat_timestamp(value)
+
+
+@given(strategies.jobs)
+@settings(max_examples=200)
+def test_encode_gives_the_bytes_of_model_dump_json_for_jobs(job: wire.JobRequest) -> None:
+    assert wire.encode(job) == job.model_dump_json().encode()
+
+
+@given(strategies.results())
+@settings(max_examples=200)
+def test_encode_gives_the_bytes_of_model_dump_json_for_results(result: wire.JobResult) -> None:
+    assert wire.encode(result) == result.model_dump_json().encode()
+
+
+_awkward = ["\x7f", "\x01", "\n", "é", "漢", "\U0001f600", "a", '"', "\\"]
+_meta_leaf = st.one_of(
+    strategies.json_leaf,
+    st.text(st.sampled_from(_awkward), max_size=40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e15, -1e15, 1e16, 1e-7, 5e-324, 2**70]),
+)
+_meta_values = st.dictionaries(
+    st.text(max_size=10),
+    st.recursive(
+        _meta_leaf,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=10), st.dictionaries(st.text(max_size=8), inner, max_size=6)
+        ),
+        max_leaves=20,
+    ),
+    max_size=6,
+)
+
+
+def _agrees_with_json_dumps(value: dict[str, Any]) -> None:
+    chars = len(json.dumps(value))
+    assert chars <= wire._DUMPS_CHARS_PER_COMPACT_BYTE * len(pydantic_core.to_json(value))
+    assert wire._meta_is_small(value) is (chars <= wire.MAX_META_BYTES)
+
+
+@given(_meta_values)
+@settings(max_examples=150)
+def test_meta_size_check_agrees_with_json_dumps(value: dict[str, Any]) -> None:
+    _agrees_with_json_dumps(value)
+
+
+@given(st.text(st.sampled_from(_awkward), min_size=2000, max_size=6000), st.integers(0, 2))
+@settings(max_examples=100)
+def test_meta_size_check_agrees_with_json_dumps_on_large_metas(text: str, copies: int) -> None:
+    _agrees_with_json_dumps({"k": text, "more": [text[: len(text) // 3]] * copies})
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_meta_size_limit_is_on_json_dumps_text(extra: int) -> None:
+    # {"k": "xxx..."} is 9 characters around the value in json.dumps; \x7f takes 6 there.
+    escaped = (wire.MAX_META_BYTES - 9 + extra) // 6
+    meta = {"k": "\x7f" * escaped + "x" * ((wire.MAX_META_BYTES - 9 + extra) % 6)}
+    assert len(json.dumps(meta)) == wire.MAX_META_BYTES + extra
+    if extra > 0:
+        with pytest.raises(WireError, match="meta is larger"):
+            wire.decode_job(body(meta=meta))
+    else:
+        assert wire.decode_job(body(meta=meta)).meta == meta
+
+
+def test_bad_oid_message_is_unchanged() -> None:
+    with pytest.raises(WireError) as info:
+        wire.decode_job(body(params={"oids": ["1.3.6.1.2.1.1.5.0", "1.3.x"]}))
+    assert info.value.message == (
+        "invalid job: params.oids: Value error, not a numeric OID such as 1.3.6.1.2.1.1.5.0"
+    )

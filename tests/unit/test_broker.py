@@ -1,0 +1,217 @@
+"""`Broker` against the real RabbitMQ: confirms, the publish deadline, deliveries and acks.
+
+A small TCP relay between the broker and `Broker` can hold back what the broker sends, so that
+confirms are late for real (the broker is never mocked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pika
+import pytest
+
+from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, UnroutableError
+from poller.broker import properties as amqp_properties
+from poller.config import parse_dsn
+from poller.errors import PublishNotConfirmedError
+from tests.support.rabbitmq import AmqpVhost
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Relay:
+    """A TCP relay to the broker whose broker-to-client direction can be held back."""
+
+    target: tuple[str, int]
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        self.flowing.set()
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        for task in (
+            asyncio.create_task(self._pump(reader, up_writer, gated=False)),
+            asyncio.create_task(self._pump(up_reader, writer, gated=True)),
+        ):
+            self._tasks.add(task)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gated: bool
+    ) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                if gated:
+                    await self.flowing.wait()
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+def _queue_topology(queue: str, exchange: str) -> Topology:
+    return Topology(
+        exchanges=((exchange, "topic"),),
+        queues=(QueueSpec(queue, {"x-queue-type": "quorum"}, ((exchange, "#"),)),),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_broker(
+    dsn: str,
+    *,
+    queue: str,
+    topology: Topology,
+    on_delivery: Callable[[Delivery], None] = lambda _d: None,
+    publish_timeout: float = 30.0,
+) -> AsyncIterator[Broker]:
+    broker = Broker(
+        parse_dsn(dsn),
+        BrokerOptions(connection_name="test_broker", publish_timeout=publish_timeout),
+        queue=queue,
+        topology=topology,
+        on_delivery=on_delivery,
+    )
+    task = asyncio.create_task(broker.run())
+    try:
+        assert await broker.wait_ready(15), "the broker connection did not come up"
+        yield broker
+    finally:
+        await broker.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _names() -> tuple[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return f"test-broker-{tag}", f"test-broker-x-{tag}"
+
+
+def _props(message_id: str) -> pika.BasicProperties:
+    return amqp_properties(content_type="application/json", delivery_mode=2, message_id=message_id)
+
+
+async def test_pipelined_publishes_are_each_confirmed(amqp_vhost: AmqpVhost) -> None:
+    queue, exchange = _names()
+    async with running_broker(
+        amqp_vhost.dsn, queue=queue, topology=_queue_topology(queue, exchange)
+    ) as broker:
+        await asyncio.gather(
+            *(broker.publish(exchange, "k", b"{}", _props(f"m{i}")) for i in range(300))
+        )
+        # Confirms came back (many with multiple=True); nothing is left waiting.
+        assert broker._pending == {}
+
+
+async def test_unroutable_mandatory_publish_fails_and_the_next_one_is_confirmed(
+    amqp_vhost: AmqpVhost,
+) -> None:
+    queue, exchange = _names()
+    async with running_broker(
+        amqp_vhost.dsn, queue=queue, topology=_queue_topology(queue, exchange)
+    ) as broker:
+        with pytest.raises(UnroutableError):
+            await broker.publish("amq.topic", "nobody.listens", b"{}", _props("lost"))
+        await broker.publish(exchange, "k", b"{}", _props("kept"))
+
+
+async def test_each_publish_fails_at_its_own_deadline_when_confirms_are_late(
+    amqp_vhost: AmqpVhost,
+) -> None:
+    queue, exchange = _names()
+    relay = Relay((amqp_vhost.host, amqp_vhost.port))
+    await relay.start()
+    dsn = amqp_vhost.dsn.replace(f":{amqp_vhost.port}/", f":{relay.port}/")
+    timeout = 0.4
+    try:
+        async with running_broker(
+            dsn, queue=queue, topology=_queue_topology(queue, exchange), publish_timeout=timeout
+        ) as broker:
+            loop = asyncio.get_running_loop()
+            relay.flowing.clear()  # confirms (and everything else from the broker) held back
+
+            async def timed_publish(n: int) -> tuple[float, float, BaseException | None]:
+                await asyncio.sleep(n * 0.15)
+                sent = loop.time()
+                try:
+                    await broker.publish(exchange, "k", b"{}", _props(f"late{n}"))
+                except PublishNotConfirmedError as exc:
+                    return sent, loop.time(), exc
+                return sent, loop.time(), None
+
+            unbounded = broker.publish_nowait(exchange, "k", b"{}", _props("nowait"))
+            async with asyncio.timeout(10):
+                outcomes = await asyncio.gather(*(timed_publish(n) for n in range(3)))
+            for sent, failed, exc in outcomes:
+                assert exc is not None
+                assert str(exc) == f"no confirm within {timeout:g} s"
+                assert timeout - 0.01 <= failed - sent < timeout + 1.0
+            # `publish_nowait` has no deadline: still waiting, and confirmed once the broker's
+            # frames flow again; the late confirms of the failed publishes change nothing.
+            assert not unbounded.done()
+            relay.flowing.set()
+            await asyncio.wait_for(unbounded, 10)
+            await broker.publish(exchange, "k", b"{}", _props("after"))
+            assert broker._pending == {}
+    finally:
+        await relay.close()
+
+
+async def test_deliveries_carry_properties_and_redelivery_counts(amqp_vhost: AmqpVhost) -> None:
+    queue, exchange = _names()
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_queue_topology(queue, exchange),
+        on_delivery=got.put_nowait,
+    ) as broker:
+        await broker.publish(
+            exchange,
+            "k",
+            b'{"a": 1}',
+            amqp_properties(
+                message_id="j1", correlation_id="c1", reply_to="r1", headers={"x-h": "v"}
+            ),
+        )
+        await broker.publish(exchange, "k", b"{}", amqp_properties(message_id="j2"))
+        first = await asyncio.wait_for(got.get(), 10)
+        second = await asyncio.wait_for(got.get(), 10)
+        assert (first.body, first.message_id, first.correlation_id, first.reply_to) == (
+            b'{"a": 1}',
+            "j1",
+            "c1",
+            "r1",
+        )
+        assert first.headers["x-h"] == "v"
+        assert (first.redelivered, first.delivery_count, first.generation) == (False, 0, 1)
+        assert (second.message_id, second.correlation_id, second.reply_to) == ("j2", None, None)
+        assert second.delivery_count == 0
+        broker.ack(first)
+        broker.reject(second, requeue=True)
+        again = await asyncio.wait_for(got.get(), 10)
+        assert again.message_id == "j2"
+        assert again.delivery_count == 1
+        broker.ack(again)
+        assert got.empty()
