@@ -770,6 +770,9 @@ def start_poller(
     saved = os.environ.get("PYTHONPATH")
     if path:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(path).resolve()), str(ROOT)])
+        # `python -m` puts the working directory first, ahead of PYTHONPATH: without this the
+        # candidate would run the repository's own `poller` when started from its root.
+        os.environ["PYTHONSAFEPATH"] = "1"
     try:
         return factory(
             sid,
@@ -782,6 +785,7 @@ def start_poller(
             log_level="info",
         )
     finally:
+        os.environ.pop("PYTHONSAFEPATH", None)
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
         else:
