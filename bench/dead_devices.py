@@ -1,11 +1,12 @@
 """Dead-device benchmark: healthy-job latency with and without 1,000 dead-device jobs queued.
 
     .venv/bin/python bench/dead_devices.py              # writes docs/performance.md
-    .venv/bin/python bench/dead_devices.py --no-write --seconds 3
+    .venv/bin/python bench/dead_devices.py --no-write --seconds 3 --rounds 1
 
-Side by side in one run, against the real RabbitMQ (a vhost of its own), the real Net-SNMP agent
-and real `poller run` processes (default settings: concurrency 64, 4 jobs at once per device,
-prefetch 512):
+Side by side in one run (every scenario in each of `--rounds` rounds, a fresh poller per
+round; the table gives medians and ranges), against the real RabbitMQ (a vhost of its own),
+the real Net-SNMP agent and real `poller run` processes (default settings: concurrency 64, 4
+jobs at once per device, prefetch 512):
 
 - healthy only: `snmp.get` jobs to snmpd at `--rate` jobs/s for `--seconds`;
 - the same stream with 1,000 `snmp.get` jobs to dead devices mixed in (50 loopback addresses
@@ -30,6 +31,7 @@ import contextlib
 import os
 import platform
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -183,75 +185,158 @@ def baseline(cells: list[Cell]) -> Cell:
     return min((c for c in cells if c.name.startswith("healthy only")), key=lambda c: c.pct(0.99))
 
 
-def table(cells: list[Cell], args: argparse.Namespace) -> str:
-    base = baseline(cells)
+def median_range(values: list[float], fmt: str = "{:.1f}") -> str:
+    """'median (min-max)' of per-round figures; just the figure for a single round."""
+    if not values:
+        return "-"
+    mid = statistics.median(values)
+    if len(values) == 1:
+        return fmt.format(mid)
+    return f"{fmt.format(mid)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One scenario over every round."""
+
+    name: str
+    cells: list[Cell]
+    ratios: list[float]  # per round: healthy p99 / that round's healthy-only p99
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios) if self.ratios else float("nan")
+
+
+def rows(rounds: list[list[Cell]]) -> list[Row]:
+    names = [c.name for c in rounds[0]]
+    out = []
+    for name in names:
+        cells, ratios = [], []
+        for cells_of_round in rounds:
+            cell = next(c for c in cells_of_round if c.name == name)
+            base = baseline(cells_of_round)
+            cells.append(cell)
+            if cell.healthy and base.healthy:
+                ratios.append(cell.pct(0.99) / base.pct(0.99))
+        out.append(Row(name, cells, ratios))
+    return out
+
+
+def table(rounds: list[list[Cell]], args: argparse.Namespace) -> str:
     lines = [
         HEADING,
         "",
         f"`bench/dead_devices.py` on {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}, RabbitMQ and Net-SNMP "
-        "snmpd on loopback, one `poller run` with the default settings (concurrency 64, 4 jobs "
-        "at once per device, prefetch 512, quarantine after 3 timeouts). Healthy stream: "
-        f"`snmp.get` to snmpd at {args.rate:g} jobs/s for {args.seconds:g} s. Dead devices: "
-        f"{DEAD_JOBS} `snmp.get` jobs to {len(DEAD_DEVICES)} loopback addresses that never answer, "
-        f"timeout {args.dead_timeout:g} s, mixed evenly into the same {args.seconds:g} s. "
-        "Latency = publish → the result's `finished_at` (queue wait + run). The healthy-only "
-        "stream runs before and after the dead-device cells (the machine is shared); ratios "
-        "are against the one with the lower p99. Load average (1 min) at the start and end "
-        f"of the run: {args.load_start:.1f} and {os.getloadavg()[0]:.1f}; on a busy machine "
+        "snmpd on loopback, a new `poller run` per round with the default settings "
+        "(concurrency 64, 4 jobs at once per device, prefetch 512, quarantine after 3 "
+        f"timeouts). Healthy stream: `snmp.get` to snmpd at {args.rate:g} jobs/s for "
+        f"{args.seconds:g} s (the agent has answered the poller before: it is trusted). Dead "
+        f"devices: {DEAD_JOBS} `snmp.get` jobs to {len(DEAD_DEVICES)} loopback addresses that "
+        f"never answer, timeout {args.dead_timeout:g} s, mixed evenly into the same "
+        f"{args.seconds:g} s. Latency = publish → the result's `finished_at` (queue wait + "
+        "run); run time = the result's `duration_ms` (in the poller). The healthy-only stream "
+        "runs before and after the dead-device cells of each round (the machine is shared); "
+        "each round's ratios are against the one with the lower p99. Figures are medians "
+        f"(min-max) of {len(rounds)} rounds. Load average (1 min) at the start and end of "
+        f"the run: {args.load_start:.1f} and {os.getloadavg()[0]:.1f}; on a busy machine "
         "every figure here grows with the queueing, so compare rows of the same run only.",
         "",
         "| scenario | healthy p50 | healthy p99 | p99 vs healthy only | healthy p99 run time | "
-        "healthy ok | dead answered | dead outcomes | dead p99 run time |",
+        "healthy ok | dead answered | dead outcomes (all rounds) | dead p99 run time |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
-    for c in cells:
-        ratio = c.pct(0.99) / base.pct(0.99) if base.healthy else float("nan")
-        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(c.dead_codes.items())) or "-"
-        dead_p99 = f"{c.dead_p99:.0f} ms" if c.dead_p99 is not None else "-"
+    for row in rows(rounds):
+        cells = row.cells
+        codes: dict[str, int] = {}
+        for c in cells:
+            for code, n in c.dead_codes.items():
+                codes[code] = codes.get(code, 0) + n
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(codes.items())) or "-"
+        dead_p99 = [c.dead_p99 for c in cells if c.dead_p99 is not None]
         lines.append(
-            f"| {c.name} | {c.pct(0.5):.1f} ms | {c.pct(0.99):.1f} ms | {ratio:.1f}x | "
-            f"{c.pct(0.99, c.healthy_run):.1f} ms | {c.healthy_ok}/{c.healthy_sent} | "
-            f"{c.dead_answered}/{c.dead_sent} | {outcomes} | {dead_p99} |"
+            f"| {row.name} | {median_range([c.pct(0.5) for c in cells])} ms | "
+            f"{median_range([c.pct(0.99) for c in cells])} ms | "
+            f"{median_range(row.ratios, '{:.1f}x')} | "
+            f"{median_range([c.pct(0.99, c.healthy_run) for c in cells])} ms | "
+            f"{sum(c.healthy_ok for c in cells)}/{sum(c.healthy_sent for c in cells)} | "
+            f"{sum(c.dead_answered for c in cells)}/{sum(c.dead_sent for c in cells)} | "
+            f"{outcomes} | {median_range(dead_p99, '{:.0f}')} ms |"
         )
-    lines += ["", *notes(cells, args), ""]
+    lines += ["", *notes(rows(rounds), args), ""]
     return "\n".join(lines)
 
 
-def notes(cells: list[Cell], args: argparse.Namespace) -> list[str]:
-    by = {c.name: c for c in cells}
-    base = baseline(cells)
+def notes(table_rows: list[Row], args: argparse.Namespace) -> list[str]:
+    by = {r.name: r for r in table_rows}
     out = []
     warm = by.get("dead devices, warm (quarantined)")
-    if warm and base.healthy and warm.healthy:
-        goal = "meets" if warm.pct(0.99) <= 2 * base.pct(0.99) else "misses"
+    if warm and warm.ratios:
+        goal = "meets" if warm.ratio <= 2 else "misses"
         out.append(
-            f"- Warm (the steady state of periodic polling): healthy p99 is "
-            f"{warm.pct(0.99) / base.pct(0.99):.1f}x the healthy-only p99, which {goal} the "
-            "goal of at most 2x; the dead devices' jobs are answered at once "
-            '(`device_unreachable`, retryable, "quarantined until ...").'
+            f"- Warm (the steady state of periodic polling): healthy p99 is {warm.ratio:.1f}x "
+            f"the healthy-only p99 (median of the rounds), which {goal} the goal of at most "
+            "2x; the dead devices' jobs are answered at once (`device_unreachable`, "
+            'retryable, "quarantined until ...").'
         )
     cold = by.get("dead devices, cold")
-    if cold and base.healthy and cold.healthy:
-        goal = "meets" if cold.pct(0.99) <= 2 * base.pct(0.99) else "misses"
+    if cold and cold.ratios:
+        goal = "meets" if cold.ratio <= 2 else "misses"
         out.append(
-            f"- Cold (devices the poller has never seen): healthy p99 is "
-            f"{cold.pct(0.99) / base.pct(0.99):.1f}x the healthy-only p99, which {goal} the "
-            "goal of at most 2x. Until a dead device has timed out 3 times its jobs wait out "
-            f"their {args.dead_timeout:g} s, but jobs of devices that have not answered yet may "
-            "hold only half of the 64 run slots, and the prefetch window (8 x 64) is wide "
-            "enough for the healthy jobs to be delivered past the waiting ones. What is left "
-            "is the CPU the dead jobs' answers cost (every one is a result, a log line and a "
-            "confirm) on the same 2 cores as the broker."
+            f"- Cold (dead devices the poller has never seen): healthy p99 is {cold.ratio:.1f}x "
+            f"the healthy-only p99, which {goal} the goal of at most 2x. Until a dead device "
+            f"has timed out 3 times its jobs wait out their {args.dead_timeout:g} s, but jobs "
+            "of devices that have not answered yet may hold only half of the 64 run slots, and "
+            "the prefetch window (8 x 64) is wide enough for the healthy jobs to be delivered "
+            "past the waiting ones. What is left is the CPU the dead jobs' answers cost (each "
+            "is a result, a log line and a confirm) and Net-SNMP's threads waiting on silent "
+            "devices, on the same 2 cores as the broker."
         )
     off = by.get("dead devices, quarantine off")
     if off:
+        ok = sum(c.healthy_ok for c in off.cells)
+        sent = sum(c.healthy_sent for c in off.cells)
         out.append(
-            f"- Quarantine off: every dead job waits out its {args.dead_timeout:g} s (or is "
-            "answered `not started` when it waited that long for a slot); the healthy jobs "
-            f"keep their half of the slots ({off.healthy_ok}/{off.healthy_sent} ok)."
+            f"- Quarantine off (`USM_POLLER_QUARANTINE_AFTER=0`): every dead job waits out its "
+            f"{args.dead_timeout:g} s (or is answered `not started` when it waited that long "
+            f"for a slot); the healthy jobs keep their half of the slots ({ok}/{sent} ok)."
         )
     return out
+
+
+def run_round(
+    factory: PollerFactory,
+    dsn: str,
+    agent: tuple[str, int],
+    dead: dict[str, int],
+    args: argparse.Namespace,
+) -> list[Cell]:
+    """Every scenario once, each poller started fresh and stopped after its cells."""
+    cells: list[Cell] = []
+    sid = f"bench{uuid.uuid4().hex[:8]}"
+    client = JobClient(dsn, sid)
+    poller = factory(sid, quarantine_seconds=300)
+    try:
+        run_cell("warm-up (not reported)", client, agent, None, args)
+        cells.append(run_cell("healthy only (before)", client, agent, None, args))
+        cells.append(run_cell("dead devices, cold", client, agent, dead, args))
+        warm_up(client, dead, args)
+        cells.append(run_cell("dead devices, warm (quarantined)", client, agent, dead, args))
+        cells.append(run_cell("healthy only (after)", client, agent, None, args))
+    finally:
+        client.close()
+        poller.kill()
+    sid_off = f"bench{uuid.uuid4().hex[:8]}"
+    client = JobClient(dsn, sid_off)
+    poller = factory(sid_off, quarantine_after=0)
+    try:
+        run_cell("warm-up (not reported)", client, agent, None, args)
+        cells.append(run_cell("dead devices, quarantine off", client, agent, dead, args))
+    finally:
+        client.close()
+        poller.kill()
+    return cells
 
 
 def main() -> None:
@@ -260,38 +345,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each stream")
     parser.add_argument("--dead-timeout", type=float, default=2.0, help="dead jobs' timeout")
     parser.add_argument("--limit", type=float, default=25.0, help="seconds per cell at most")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario")
     parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
     args = parser.parse_args()
     args.load_start = os.getloadavg()[0]
-    cells: list[Cell] = []
+    rounds: list[list[Cell]] = []
     with (
         vhost() as vh,
         snmp_agent() as (agent_host, agent_port, _agent_pid),
         dead_devices() as dead,
         tempfile.TemporaryDirectory(prefix="bench-poller-") as tmp,
     ):
-        agent = (agent_host, agent_port)
         factory = PollerFactory(vh, Path(tmp))
         try:
-            sid = f"bench{uuid.uuid4().hex[:8]}"
-            client = JobClient(vh.dsn, sid)
-            factory(sid, quarantine_seconds=300)
-            run_cell("warm-up (not reported)", client, agent, None, args)
-            cells.append(run_cell("healthy only (before)", client, agent, None, args))
-            cells.append(run_cell("dead devices, cold", client, agent, dead, args))
-            warm_up(client, dead, args)
-            cells.append(run_cell("dead devices, warm (quarantined)", client, agent, dead, args))
-            cells.append(run_cell("healthy only (after)", client, agent, None, args))
-            client.close()
-            sid_off = f"bench{uuid.uuid4().hex[:8]}"
-            client = JobClient(vh.dsn, sid_off)
-            factory(sid_off, quarantine_after=0)
-            cells.append(run_cell("dead devices, quarantine off", client, agent, dead, args))
-            client.close()
+            for r in range(max(1, args.rounds)):
+                print(f"round {r + 1} of {args.rounds}", flush=True)
+                rounds.append(run_round(factory, vh.dsn, (agent_host, agent_port), dead, args))
         finally:
             for poller in factory.started:
                 poller.kill()
-    section = table(cells, args)
+    section = table(rounds, args)
     print()
     print(section)
     if not args.no_write:
