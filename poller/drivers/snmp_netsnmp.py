@@ -52,7 +52,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -62,6 +61,7 @@ from ezsnmp import netsnmp as ezsnmp_calls
 from ezsnmp import sessionbase as ezsnmp_base
 from pydantic import SecretStr
 
+from poller.drivers.pool import CallPool
 from poller.drivers.snmp import (
     ERROR_STATUS_NAMES,
     OutputBudget,
@@ -698,7 +698,7 @@ class NetsnmpBackend:
         self, *, threads: int = 32, program_after_pages: int | None = PROGRAM_AFTER_PAGES
     ) -> None:
         self.threads = max(1, threads)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: CallPool | None = None
         self.programs = WalkPrograms.find()
         self.program_after_pages = program_after_pages
         # Walk programs running at once: as many as pool threads, like the in-process calls.
@@ -744,7 +744,7 @@ class NetsnmpBackend:
         pool, self._pool = self._pool, None
         if pool is not None:
             # Requests still running finish on their own, bounded by their timeouts.
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
 
     # ---------------------------------------------------------------------------------------
     # Requests
@@ -897,7 +897,7 @@ class NetsnmpBackend:
                     max_repetitions=max_repetitions,
                 )
                 pool, gate = await self._ready()
-                return await loop.run_in_executor(pool, _run_sync, call, gate)
+                return await pool.submit(_run_sync, call, gate)
         except DeviceTimeoutError:
             raise
         except TimeoutError:
@@ -905,12 +905,12 @@ class NetsnmpBackend:
                 f"no SNMP response from {target.host}:{target.port} before the job deadline"
             ) from None
 
-    async def _ready(self) -> tuple[ThreadPoolExecutor, _UsmGate]:
+    async def _ready(self) -> tuple[CallPool, _UsmGate]:
         gate = _Process.gate
         if gate is None:
             gate = await asyncio.to_thread(_prepare_process)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="netsnmp")
+            self._pool = CallPool(self.threads, name="netsnmp")
         return self._pool, gate
 
 
