@@ -22,7 +22,13 @@ What is shared is Net-SNMP's process-wide state, and this module is written arou
 - Net-SNMP reads `/etc/snmp`, MIB directories and a persistent-state directory when it starts,
   and state written there by one process can break SNMPv3 discovery in the next. The first use
   points `SNMPCONFPATH`, `SNMP_PERSISTENT_DIR`, `MIBDIRS` at a private empty directory and loads
-  no MIB, so the output is numeric and nothing persists between runs.
+  no MIB, so the output is numeric and nothing persists between runs. The directory is the
+  process's own under `<tmp>/usm-netsnmp.<uid>/`, locked while the process lives; those of
+  killed processes are removed by the next one (`_private_directory`).
+- ezsnmp leaks a log handler and (v1/v2c) a copy of the community on every call. The handlers
+  are freed through Net-SNMP itself every `TRIM_EVERY` requests, and Net-SNMP's default
+  community is kept at the community in use so that requests can leave `-c` out (`_Native`,
+  `_DefaultCommunity`).
 
 A call that outlives its job's deadline is abandoned by the event loop (the runner's timeout
 cancels the await) and finishes on its own thread, bounded by the per-request timeout and
@@ -40,13 +46,17 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ctypes
+import fcntl
 import functools
 import hashlib
 import ipaddress
+import itertools
 import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -197,6 +207,13 @@ class _Process:
 
     lock = threading.Lock()
     gate: _UsmGate | None = None
+    #: This process's private directory (SNMPCONFPATH...), and the descriptor that locks it.
+    private: str | None = None
+    private_lock: int | None = None
+    native: _Native | None = None
+    community: _DefaultCommunity
+    calls = itertools.count(1)
+    trimming = threading.Lock()
 
 
 def _prepare_process() -> _UsmGate:
@@ -204,8 +221,9 @@ def _prepare_process() -> _UsmGate:
     with _Process.lock:
         if _Process.gate is not None:
             return _Process.gate
-        private = tempfile.mkdtemp(prefix="usm-netsnmp-")
-        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        private, lock = _private_directory(tempfile.gettempdir())
+        atexit.register(_remove_private, private, lock)
+        _Process.private, _Process.private_lock = private, lock
         os.environ["SNMPCONFPATH"] = private
         os.environ["SNMP_PERSISTENT_DIR"] = private
         os.environ["MIBDIRS"] = private
@@ -214,6 +232,11 @@ def _prepare_process() -> _UsmGate:
         # (it is a process-wide toggle that nothing resets). No object name: nothing is sent.
         with suppress(ezsnmp.GenericError):
             ezsnmp_calls.snmpget(["-Cf", "-v", "2c", "-c", "-", "udp:127.0.0.1:9"])
+        native = _Native.load()
+        _Process.native = native
+        _Process.community = _DefaultCommunity(
+            native.set_default_community if native is not None else None
+        )
         _Process.gate = _UsmGate(functools.partial(_purge_user, f"unix:{private}/no-agent"))
         return _Process.gate
 
@@ -251,11 +274,380 @@ def _purge_user(address: str, user: str) -> None:
         True,
         "",
     )
+    held = _Process.community.hold()  # its session reads the default community too
     try:
         base.get(["1.3.6.1.2.1.1.3.0"])
     except Exception as exc:  # the SWIG class is not importable: ezsnmp matches it by name too
         if type(exc).__name__ != "ConnectionErrorBase":
             raise
+    finally:
+        _Process.community.leave(held)
+
+
+# --------------------------------------------------------------------------------------------
+# The private directory
+
+
+#: `<temp>/usm-netsnmp.<uid>/`: one directory per process under it (`_private_directory`).
+#: The dot keeps it apart from the `usm-netsnmp-XXXXXXXX` directories of earlier versions.
+_PARENT_NAME = "usm-netsnmp.{uid}"
+
+
+def _private_directory(base: str) -> tuple[str, int | None]:
+    """A new private directory for this process's Net-SNMP configuration and state, and the
+    descriptor that locks it (keep it open until the directory is removed: `_remove_private`).
+
+    It is `<base>/usm-netsnmp.<uid>/<pid>-<random>`, mode 0700, and stays locked (`flock`) for
+    as long as this process lives, whatever ends it. Directories under the same parent that
+    nobody holds are left over from processes that were killed: they are removed here first.
+    The lock, not the PID, says whether a process still lives: PIDs are reused, and one PID
+    number can be two processes in two PID namespaces that share `/tmp`.
+
+    The parent must be a real directory of ours (not a symbolic link, not another user's);
+    if it is not (another user made it first), the directory is a one-off `mkdtemp` in `base`
+    as before, with no lock (None), and only `_remove_private` at exit removes it.
+    """
+    parent = os.path.join(base, _PARENT_NAME.format(uid=os.getuid()))
+    try:
+        parent_fd = _own_directory(parent)
+    except OSError:
+        return tempfile.mkdtemp(prefix="usm-netsnmp-", dir=base), None
+    try:
+        _remove_abandoned(parent_fd)
+        for _ in range(100):  # bounded: another process removes it only if it starts as we do
+            private = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent)
+            try:
+                lock = _lock_directory(private)
+            except OSError:  # no flock on this file system
+                shutil.rmtree(private, ignore_errors=True)
+                break
+            if lock is not None:
+                return private, lock
+    finally:
+        os.close(parent_fd)
+    return tempfile.mkdtemp(prefix="usm-netsnmp-", dir=base), None
+
+
+def _own_directory(path: str) -> int:
+    """An open descriptor of directory `path` (made if missing), which must be ours and 0700."""
+    with suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # a symbolic link: ELOOP
+    st = os.fstat(fd)
+    ours = st.st_uid == os.getuid()
+    if ours and stat.S_IMODE(st.st_mode) != 0o700:
+        try:
+            os.fchmod(fd, 0o700)
+        except OSError:
+            ours = False
+    if not ours:
+        os.close(fd)
+        raise PermissionError(f"{path} is not a private directory of uid {os.getuid()}")
+    return fd
+
+
+def _lock_directory(path: str) -> int | None:
+    """Lock our new directory `path` for this process's life: its descriptor, or None if a
+    process sweeping the parent took it first (it removes it: make another). OSError if the
+    file system has no `flock`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None  # removed already
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st = os.fstat(fd)
+        if st.st_nlink and os.lstat(path).st_ino == st.st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass  # being removed, or removed
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def _remove_abandoned(parent_fd: int) -> None:
+    """Remove the directories under the parent that no living process holds."""
+    with os.scandir(parent_fd) as entries:
+        names = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+    for name in names:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        except OSError:
+            continue  # gone already
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: its process lives
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(name, dir_fd=parent_fd, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _remove_private(path: str, lock: int | None) -> None:
+    """Remove our private directory (at exit), then let go of its lock."""
+    shutil.rmtree(path, ignore_errors=True)
+    if lock is not None:
+        os.close(lock)
+
+
+# --------------------------------------------------------------------------------------------
+# ezsnmp's per-call leaks, undone through libnetsnmp itself
+
+#: Net-SNMP constants (default_store.h, snmp_logging.h), the same from 5.7 to 5.10.
+_DS_LIBRARY_ID = 0
+_DS_LIB_COMMUNITY = 7
+_LOGHANDLER_NONE = 6
+_LOG_DEBUG = 7
+#: Newest log handlers always left in Net-SNMP's list (new ones are linked in before them).
+_KEEP_HANDLERS = 8
+#: Requests between two trims of the log handler list: at most ~80 KB of handlers meanwhile.
+TRIM_EVERY = 1024
+
+
+class _LogHandler(ctypes.Structure):
+    """Net-SNMP's `struct netsnmp_log_handler_s` (snmp_logging.h, unchanged from 5.7 to 5.10)."""
+
+    _fields_ = (
+        ("enabled", ctypes.c_int),
+        ("priority", ctypes.c_int),
+        ("pri_max", ctypes.c_int),
+        ("type", ctypes.c_int),
+        ("token", ctypes.c_void_p),
+        ("handler", ctypes.c_void_p),
+        ("imagic", ctypes.c_int),
+        ("magic", ctypes.c_void_p),
+        ("next", ctypes.c_void_p),
+        ("prev", ctypes.c_void_p),
+    )
+
+
+class _Native:
+    """The libnetsnmp that ezsnmp loaded, through ctypes: what undoes ezsnmp's per-call leaks.
+
+    Every ezsnmp 2.5 call (valgrind on a bare loop of `ezsnmp.netsnmp.snmpget`) leaves behind:
+
+    - a 64-byte log handler: each call registers a new "no logging" handler
+      (`netsnmp_register_loghandler(NETSNMP_LOGHANDLER_NONE, 0)`) and nothing removes it.
+      `trim_log_handlers` frees all but the newest few, every `TRIM_EVERY` requests.
+    - the community of a v1/v2c request: `snmp_parse_args` copies `-c`'s value (`strdup`, to
+      zero the argument) and the copy is never freed. A request that has no `-c` uses Net-SNMP's
+      default community (`defCommunity`) instead, which is not copied: `_DefaultCommunity` sets
+      that to the community in use so that requests can leave `-c` out.
+
+    `load` returns None when ezsnmp's library does not have the symbols this needs; then
+    requests run exactly as ezsnmp runs them, leaks included.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._set_string = lib.netsnmp_ds_set_string
+        self._set_string.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_char_p)
+        self._set_string.restype = ctypes.c_int
+        self._head = lib.get_logh_head
+        self._head.argtypes = ()
+        self._head.restype = ctypes.c_void_p
+        self._remove = lib.netsnmp_remove_loghandler
+        self._remove.argtypes = (ctypes.c_void_p,)
+        self._remove.restype = ctypes.c_int
+        self._null = ctypes.cast(lib.log_handler_null, ctypes.c_void_p).value
+        # Its "index" into the list by priority: since 5.10 no longer exported.
+        try:
+            self._priorities: ctypes.Array[ctypes.c_void_p] | None = (
+                ctypes.c_void_p * (_LOG_DEBUG + 1)
+            ).in_dll(lib, "logh_priorities")
+        except ValueError:
+            self._priorities = None
+
+    @classmethod
+    def load(cls) -> _Native | None:
+        """ezsnmp's own libnetsnmp (already loaded: nothing new is loaded), or None."""
+        try:
+            from ezsnmp import _netsnmpbase  # noqa: PLC0415 - the extension that links it
+
+            # Symbols looked up through the extension resolve to the libnetsnmp it links. PyDLL:
+            # the calls are short and never block, so they keep the GIL (no hand-over per call).
+            lib = ctypes.PyDLL(_netsnmpbase.__file__, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
+            return cls(lib)
+        except (ImportError, OSError, AttributeError, ValueError):
+            return None
+
+    def set_default_community(self, community: bytes | None) -> None:
+        """Net-SNMP's `defCommunity` (None: unset). Only while no request can read it."""
+        self._set_string(_DS_LIBRARY_ID, _DS_LIB_COMMUNITY, community)
+
+    def trim_log_handlers(self) -> int:
+        """Free ezsnmp's "no logging" handlers but the newest `_KEEP_HANDLERS`; how many.
+
+        Safe while requests run: ezsnmp links each new handler in at the head of the list
+        (they all have priority 0) and touches nothing else; only handlers further down are
+        unlinked and freed, by Net-SNMP's own `netsnmp_remove_loghandler`. Nothing reads those
+        but a message logged at LOG_EMERG (client code logs them only while parsing MIB files,
+        and no MIB is loaded) or code that changes the logging set-up (none runs here). A
+        handler that is not exactly one of ezsnmp's (enabled, priority 0, no maximum, type
+        NONE, `log_handler_null`, no token or data), or that the priority index points at, is
+        left where it is. ~1 microsecond per handler (ctypes).
+        """
+        node = self._head()
+        for _ in range(_KEEP_HANDLERS):
+            if not node:
+                return 0
+            node = _LogHandler.from_address(node).next
+        if not node:
+            return 0
+        indexed = {p for p in self._priorities if p} if self._priorities is not None else set()
+        handler_at, remove, null = _LogHandler.from_address, self._remove, self._null
+        freed = 0
+        node = handler_at(node).next
+        while node:
+            handler = handler_at(node)
+            after = handler.next
+            if (
+                handler.handler == null
+                and handler.type == _LOGHANDLER_NONE
+                and handler.enabled == 1
+                and not (handler.priority or handler.pri_max or handler.token or handler.magic)
+                and node not in indexed
+            ):
+                remove(node)
+                freed += 1
+            node = after
+        return freed
+
+    def handlers(self) -> int:
+        """How many log handlers Net-SNMP has (for tests and diagnostics)."""
+        count, node = 0, self._head()
+        while node:
+            count += 1
+            node = _LogHandler.from_address(node).next
+        return count
+
+
+def _after_call() -> None:
+    """Every `TRIM_EVERY` requests, one pool thread trims the log handler list."""
+    native = _Process.native
+    if native is None or next(_Process.calls) % TRIM_EVERY:
+        return
+    if _Process.trimming.acquire(blocking=False):
+        try:
+            native.trim_log_handlers()
+        finally:
+            _Process.trimming.release()
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What `_DefaultCommunity.enter` gave a request: a hold on the setting, and whether the
+    setting is the request's community (it leaves `-c` out)."""
+
+    hold: bool
+    omit: bool
+
+
+_NOT_HELD = _Held(hold=False, omit=False)
+_HELD = _Held(hold=True, omit=False)
+_HELD_OMIT = _Held(hold=True, omit=True)
+
+
+class _DefaultCommunity:
+    """Net-SNMP's default community (`defCommunity`), kept at a community in use so that v1/v2c
+    requests with that community can leave `-c` out (and do not leak a copy of it).
+
+    Net-SNMP reads the setting without copying it (a pointer into its own storage) from the
+    start of a request until its session is open: in a v1/v2c request without `-c`, and in every
+    session whose community is empty, which includes every SNMPv3 session. Changing the setting
+    frees the old text, so it changes only while no such request runs (`held` is 0): a request
+    with another community then takes it over; while others hold it, a request with another
+    community passes `-c` as before. A request with an empty community needs the setting unset
+    (`-c ""` would take the default): it waits for the holders to finish, and SNMPv3 requests
+    wait with it, never past their deadline.
+
+    Disabled (every request passes `-c`) when `set_value` is None.
+    """
+
+    __slots__ = ("cond", "held", "lock", "set_value", "unsetting", "value")
+
+    def __init__(self, set_value: Callable[[bytes | None], None] | None) -> None:
+        self.set_value = set_value
+        self.lock = threading.Lock()  # taken directly on the fast path: no Python-level call
+        self.cond = threading.Condition(self.lock)
+        self.value: bytes | None = None  # None: unset, as Net-SNMP starts
+        self.held = 0
+        self.unsetting = 0  # requests with an empty community waiting for the holders
+
+    def enter(self, ident: _Identity, deadline: float) -> _Held:
+        """Before a request with these credentials. Pair it with `leave`."""
+        if self.set_value is None:
+            return _NOT_HELD
+        if ident.community is None:  # SNMPv3
+            return self._enter_any(deadline)
+        wanted = ident.c_community
+        if not wanted:  # empty; None: ezsnmp refuses it before Net-SNMP reads anything
+            return _NOT_HELD if wanted is None else self._enter_unset(deadline)
+        with self.lock:
+            if self.unsetting or (self.value != wanted and self.held):
+                return _NOT_HELD
+            if self.value != wanted:
+                self._set(wanted)
+            self.held += 1
+        return _HELD_OMIT
+
+    def _enter_any(self, deadline: float) -> _Held:
+        with self.cond:
+            if self.unsetting:
+                self._wait(lambda: not self.unsetting, deadline)
+            self.held += 1
+        return _HELD
+
+    def _enter_unset(self, deadline: float) -> _Held:
+        with self.cond:
+            self.unsetting += 1
+            try:
+                self._wait(lambda: self.value is None or not self.held, deadline)
+                if self.value is not None:
+                    self._set(None)
+                self.held += 1
+            finally:
+                self.unsetting -= 1
+                self.cond.notify_all()
+        return _HELD
+
+    def hold(self) -> _Held:
+        """`enter` for an SNMPv3 session that must not wait (the gate's purge)."""
+        if self.set_value is None:
+            return _NOT_HELD
+        with self.lock:
+            self.held += 1
+        return _HELD
+
+    def leave(self, held: _Held) -> None:
+        if held.hold:
+            with self.lock:
+                self.held -= 1
+                if not self.held and self.unsetting:
+                    self.cond.notify_all()
+
+    def _set(self, value: bytes | None) -> None:
+        assert self.set_value is not None
+        self.set_value(value)
+        self.value = value
+
+    def _wait(self, predicate: Callable[[], bool], deadline: float) -> None:
+        if not self.cond.wait_for(predicate, timeout=_left(deadline)):
+            raise DeviceTimeoutError(
+                "waited until the job deadline for requests with another community to finish"
+            )
+
+
+def _c_string(text: str) -> bytes | None:
+    """`text` as the C string Net-SNMP gets from ezsnmp (up to a NUL), None if there is none."""
+    try:
+        return text.encode().partition(b"\0")[0]
+    except UnicodeEncodeError:  # ezsnmp refuses it before Net-SNMP sees anything
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,19 +669,30 @@ def _master_key(hash_name: str, passphrase: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Identity:
-    """The credential part of the argument vector, and what the USM gate needs to know."""
+    """The credential part of the argument vector, and what the USM gate needs to know.
+
+    `community` (v1/v2c) is not in `args`: `_Call.argv` adds `-c` unless Net-SNMP's default
+    community is this one (see `_DefaultCommunity`).
+    """
 
     args: tuple[str, ...]
     user: str = ""
     fingerprint: str = ""
     secrets: tuple[str, ...] = ()
+    community: str | None = None
+    c_community: bytes | None = None  # `community` as Net-SNMP sees it (`_c_string`)
 
 
 @functools.lru_cache(maxsize=4096)
 def _identity(auth: SnmpAuth) -> _Identity:
     if auth.version in ("1", "2c"):
         community = _secret(auth.community)
-        return _Identity(("-v", auth.version, "-c", community), secrets=(community,))
+        return _Identity(
+            ("-v", auth.version),
+            secrets=(community,),
+            community=community,
+            c_community=_c_string(community),
+        )
     level = auth.effective_security_level
     args = ["-v", "3", "-u", auth.user or "", "-l", level]
     secrets: list[str] = []
@@ -645,11 +1048,15 @@ class _Call:
     deadline: float  # time.monotonic() clock
     max_repetitions: int = 0
 
-    def argv(self, timeout: float, retries: int) -> list[str]:
+    def argv(self, timeout: float, retries: int, *, community: bool = True) -> list[str]:
+        """ezsnmp's argument vector; `community=False` leaves `-c` out (see `_DefaultCommunity`)."""
         args = ["-On", "-Ox", "-t", f"{timeout:g}", "-r", str(retries)]
         if self.kind == "bulk":
             args.append(f"-Cr{self.max_repetitions}")
-        return [*args, *self.ident.args, self.peer, *self.names]
+        args += self.ident.args
+        if community and self.ident.community is not None:
+            args += ("-c", self.ident.community)
+        return [*args, self.peer, *self.names]
 
 
 def _run_sync(call: _Call, gate: _UsmGate) -> _Answer:
@@ -670,8 +1077,9 @@ def _run_sync(call: _Call, gate: _UsmGate) -> _Answer:
 def _exchange_sync(call: _Call, timeout: float, retries: int) -> _Answer:
     timeout, retries = plan_timeout(_left(call.deadline), timeout, retries)
     where = f"{call.device[0]}:{call.device[1]}"
+    held = _Process.community.enter(call.ident, call.deadline)
     try:
-        results = _CALLS[call.kind](call.argv(timeout, retries))
+        results = _CALLS[call.kind](call.argv(timeout, retries, community=not held.omit))
     except ezsnmp.PacketError as exc:
         text = str(exc)
         if "Reason:" in text:
@@ -679,6 +1087,9 @@ def _exchange_sync(call: _Call, timeout: float, retries: int) -> _Answer:
         raise _error(exc, where, call.ident, call.user) from None
     except ezsnmp.GenericError as exc:  # every ezsnmp exception derives from it
         raise _error(exc, where, call.ident, call.user) from None
+    finally:
+        _Process.community.leave(held)
+        _after_call()
     return _Answer([(f"{r.oid}.{r.index}" if r.index else r.oid, r.type, r.value) for r in results])
 
 
@@ -853,9 +1264,12 @@ class NetsnmpBackend:
                 )
                 # The longest a program may print nothing: SNMPv3 discovery and one request.
                 stall = 2 * timeout * (retries + 1) + 1.0
+                await self._ready()  # the private directory, for the program's own
                 async with self._children:
                     try:
-                        child = await WalkChild.start(argv, conf, stall=stall)
+                        child = await WalkChild.start(
+                            argv, conf, stall=stall, parent=_Process.private
+                        )
                     except OSError:
                         return None  # it cannot run here after all: page by page
                     async with child:

@@ -133,9 +133,10 @@ def _row(lines: list[str]) -> Row:
     return oid, kind, printed
 
 
-def _private_conf(conf: str) -> str:
-    """A new 0700 directory holding `snmp.conf` (0600) with `conf`; its path."""
-    directory = tempfile.mkdtemp(prefix="usm-walk-")  # 0700, a fresh name, O_EXCL
+def _private_conf(conf: str, parent: str | None = None) -> str:
+    """A new 0700 directory (in `parent`, else the temporary directory) holding `snmp.conf`
+    (0600) with `conf`; its path."""
+    directory = tempfile.mkdtemp(prefix="usm-walk-", dir=parent)  # 0700, a fresh name, O_EXCL
     try:
         path = os.path.join(directory, "snmp.conf")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -168,9 +169,13 @@ class WalkChild:
         self._eof = False
 
     @classmethod
-    async def start(cls, argv: list[str], conf: str, *, stall: float) -> WalkChild:
-        """Start `argv` with `conf` as its only configuration. Raises OSError if it cannot."""
-        directory = _private_conf(conf)
+    async def start(
+        cls, argv: list[str], conf: str, *, stall: float, parent: str | None = None
+    ) -> WalkChild:
+        """Start `argv` with `conf` as its only configuration, in a new directory in `parent`
+        (the backend's private directory, so that nothing outlives a killed poller; default:
+        the temporary directory). Raises OSError if it cannot."""
+        directory = _private_conf(conf, parent)
         env = {
             "SNMPCONFPATH": directory,
             "SNMP_PERSISTENT_DIR": directory,
