@@ -406,6 +406,8 @@ class WalkPage:
 
 #: fetch(start OID, max-repetitions, bulk?) → the agent's answer.
 WalkFetch = Callable[[tuple[int, ...], int, bool], Awaitable[WalkPage]]
+#: `before_page(walk, page number)` of `walk_subtree`: True/False ends the walk, None goes on.
+WalkHook = Callable[["SubtreeWalk", int], Awaitable[bool | None]]
 
 _TOO_BIG = 1
 _NO_SUCH_NAME = 2
@@ -495,16 +497,23 @@ async def walk_subtree(
     bulk: bool,
     max_repetitions: int,
     max_varbinds: int,
+    before_page: WalkHook | None = None,
 ) -> bool:
     """Walk one subtree into `budget`; True when `max_varbinds` cut the walk short.
 
     GETBULK (halving max-repetitions on tooBig) or GETNEXT; stops at the end of the subtree, at
     endOfMibView, at SNMPv1's noSuchName, and raises `SnmpError` on a non-increasing OID.
+    `before_page(walk, n)` runs before page `n` and may finish the walk another way (True or
+    False, as `SubtreeWalk.page`) or leave it to the page (None).
     """
     walk = SubtreeWalk(
         fetch, root, budget, bulk=bulk, max_repetitions=max_repetitions, max_varbinds=max_varbinds
     )
-    for _ in range(10_000_000):  # bounded: every round advances or stops
+    for page in range(10_000_000):  # bounded: every round advances or stops
+        if before_page is not None:
+            done = await before_page(walk, page)
+            if done is not None:
+                return done
         done = await walk.page()
         if done is not None:
             return done

@@ -88,6 +88,7 @@ from poller.drivers.snmp import (
     render_varbind,
     snmp_status_error,
     walk_roots,
+    walk_subtree,
 )
 from poller.drivers.snmp_netsnmp_walk import (
     Row,
@@ -1213,24 +1214,23 @@ class NetsnmpBackend:
             # the failing varbind of a GETNEXT/GETBULK is always the first one.
             return WalkPage(answer.status, 1, rows, empty_bulk=empty_bulk)
 
-        walk = SubtreeWalk(
+        bulk = target.auth.version != "1"
+        program = self.programs.bulk if bulk else self.programs.next
+
+        async def hand_over(walk: SubtreeWalk, page: int) -> bool | None:
+            if program is None or page != self.program_after_pages:
+                return None
+            return await self._walk_program(target, walk, program)
+
+        return await walk_subtree(
             fetch,
             root,
             budget,
-            bulk=target.auth.version != "1",
+            bulk=bulk,
             max_repetitions=max_repetitions,
             max_varbinds=max_varbinds,
+            before_page=hand_over,
         )
-        program = self.programs.bulk if walk.bulk else self.programs.next
-        for page in range(10_000_000):  # bounded: every round advances or stops
-            if program is not None and page == self.program_after_pages:
-                done = await self._walk_program(target, walk, program)
-                if done is not None:
-                    return done
-            done = await walk.page()
-            if done is not None:
-                return done
-        return False
 
     async def _walk_program(
         self, target: SnmpTarget, walk: SubtreeWalk, program: str
