@@ -239,8 +239,13 @@ def test_sigkill_mid_batch_then_restart_answers_everything(
     poller = start_poller(sid, concurrency=8)
     ids = [f"k-{n}" for n in range(40)]
     for job_id in ids:
-        client.publish(snmp_job("127.0.0.1", silent_udp_port, job_id=job_id, timeout=0.5))
-    client.collect(8, timeout=20)
+        client.publish(snmp_job("127.0.0.1", silent_udp_port, job_id=job_id, timeout=5))
+    # Kill once the poller holds every job (running or waiting for a slot) and before the
+    # first one can time out: all 40 are unacknowledged at the kill.
+    deadline = time.monotonic() + 4
+    while client.queue_depth(f"usm_poller-sat-{sid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.queue_depth(f"usm_poller-sat-{sid}") == 0
     poller.kill()
     start_poller(sid, concurrency=16)
     results = client.collect_ids(ids, timeout=60)
@@ -248,9 +253,8 @@ def test_sigkill_mid_batch_then_restart_answers_everything(
     for r in results:
         by_id.setdefault(r.result.job_id, []).append(r.result)
     assert sorted(by_id) == sorted(ids)
-    redelivered = [rs[-1] for rs in by_id.values() if rs[-1].redelivered]
-    assert redelivered, "the jobs in flight at the kill come back flagged as redelivered"
-    assert all(r.attempt >= 2 for r in redelivered)
+    assert all(len(rs) == 1 for rs in by_id.values()), "nothing was answered before the kill"
+    assert all(rs[0].redelivered and rs[0].attempt >= 2 for rs in by_id.values())
 
 
 def test_non_idempotent_redelivery_is_outcome_unknown(
