@@ -289,9 +289,11 @@ def notes(table_rows: list[Row], args: argparse.Namespace) -> list[str]:
             f"has timed out 3 times its jobs wait out their {args.dead_timeout:g} s, but jobs "
             "of devices that have not answered yet may hold only half of the 64 run slots, and "
             "the prefetch window (8 x 64) is wide enough for the healthy jobs to be delivered "
-            "past the waiting ones. What is left is the CPU the dead jobs' answers cost (each "
-            "is a result, a log line and a confirm) and Net-SNMP's threads waiting on silent "
-            "devices, on the same 2 cores as the broker."
+            "past the waiting ones. When a device is quarantined, the jobs waiting for it are "
+            "answered at once, through a low-priority lane (one answer per event-loop "
+            "iteration) so that the burst does not hold up the healthy jobs; what is left is "
+            "the CPU those answers cost (a result, a log line and a confirm each) on the same "
+            "2 cores as the broker."
         )
     off = by.get("dead devices, quarantine off")
     if off:

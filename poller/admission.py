@@ -22,10 +22,11 @@ around `lease`); a waiter that is cancelled leaves the queue.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 __all__ = ["Admission", "Lease", "NotStarted"]
@@ -35,15 +36,34 @@ class NotStarted(Exception):  # noqa: N818 - a state, not a failure of the job
     """The job was not started because the process is shutting down: return it to the queue."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Waiter:
-    device: str
+    seq: int  # arrival order
     future: asyncio.Future[bool]  # result: whether the grant counts as untrusted
     returnable: bool
 
 
+@dataclass(slots=True, eq=False)
+class _Device:
+    """One host address with jobs running or waiting."""
+
+    name: str
+    running: int = 0
+    waiters: deque[_Waiter] = field(default_factory=deque)
+    lane: bool | None = None  # the lane (untrusted?) of its valid entry; None: in no lane
+    gen: int = 0  # bumped whenever it is filed again: older entries are stale
+
+
 class Admission:
-    """Run slots and per-device slots of one process (see the module docstring)."""
+    """Run slots and per-device slots of one process (see the module docstring).
+
+    Waiting jobs are kept per device; a device with waiting jobs and a free device slot has one
+    entry in one of two lanes, trusted and untrusted, ordered by its oldest waiting job. A
+    release looks at the heads of the lanes only, so it costs O(log n) however many jobs of
+    dead devices wait behind a full untrusted share (a scan of every waiter was measurable on a
+    loaded replica). Entries go stale instead of being removed; a lane is compacted when stale
+    entries outnumber the devices.
+    """
 
     def __init__(
         self,
@@ -62,8 +82,11 @@ class Admission:
         self._trusted = trusted
         self._running = 0
         self._untrusted_running = 0
-        self._devices: dict[str, int] = {}
-        self._waiters: deque[_Waiter] = deque()
+        self._waiting = 0
+        self._devices: dict[str, _Device] = {}
+        # Lanes by "untrusted?": heaps of (oldest waiter's seq, gen, device).
+        self._lanes: dict[bool, list[tuple[int, int, _Device]]] = {False: [], True: []}
+        self._seq = itertools.count()
         self._closed = False
 
     @property
@@ -74,12 +97,12 @@ class Admission:
     @property
     def waiting(self) -> int:
         """Jobs waiting for a slot."""
-        return len(self._waiters)
+        return self._waiting
 
     @property
     def devices(self) -> int:
         """Devices with at least one job running."""
-        return len(self._devices)
+        return sum(1 for d in self._devices.values() if d.running)
 
     def lease(self, device: str, *, returnable: bool = True) -> Lease:
         """`async with admission.lease(host):` holds a run slot and a slot of `host`."""
@@ -88,16 +111,24 @@ class Admission:
     async def acquire(self, device: str, *, returnable: bool = True) -> bool:
         """Wait for both slots; whether they count as untrusted.
 
-        Raises `NotStarted` once closed, unless the job is not `returnable`.
+        Raises `NotStarted` once closed, unless the job is not `returnable`, and whatever
+        `refuse` set for the device's waiting jobs.
         """
         if self._closed and returnable:
             raise NotStarted
-        untrusted = not self._trusted(device)
-        if self._may_run(device, untrusted):
-            self._take(device, untrusted)
-            return untrusted
-        waiter = _Waiter(device, asyncio.get_running_loop().create_future(), returnable)
-        self._waiters.append(waiter)
+        dev = self._devices.get(device)
+        if dev is None:
+            dev = self._devices[device] = _Device(device)
+        if not dev.waiters:
+            untrusted = not self._trusted(device)
+            if self._may_run(dev, untrusted):
+                self._take(dev, untrusted)
+                return untrusted
+        waiter = _Waiter(next(self._seq), asyncio.get_running_loop().create_future(), returnable)
+        dev.waiters.append(waiter)
+        self._waiting += 1
+        if dev.lane is None:
+            self._file(dev)
         try:
             return await waiter.future
         except BaseException:
@@ -105,9 +136,13 @@ class Admission:
             if future.done() and not future.cancelled() and future.exception() is None:
                 # Granted, but cancelled before it could resume: hand the slots on.
                 self.release(device, future.result())
-            else:
-                with suppress(ValueError):  # already handed out by close()
-                    self._waiters.remove(waiter)
+            elif future.cancelled() and waiter in dev.waiters:
+                # Still queued (refused waiters, and cancelled ones a grant skipped, are not).
+                dev.waiters.remove(waiter)
+                self._waiting -= 1
+                if not dev.waiters:
+                    dev.lane = None
+                    self._forget_if_idle(dev)
             raise
 
     def release(self, device: str, untrusted: bool) -> None:
@@ -115,59 +150,145 @@ class Admission:
         self._running -= 1
         if untrusted:
             self._untrusted_running -= 1
-        left = self._devices[device] - 1
-        if left:
-            self._devices[device] = left
+        dev = self._devices[device]
+        dev.running -= 1
+        if dev.waiters and dev.lane is None:
+            self._file(dev)
         else:
-            del self._devices[device]
-        if self._waiters:
+            self._forget_if_idle(dev)
+        if self._waiting:
             self._wake()
+
+    def refile(self, device: str) -> None:
+        """The device's trust changed: its waiting jobs move to the lane that now applies."""
+        dev = self._devices.get(device)
+        if dev is not None and dev.lane is not None and dev.lane != (not self._trusted(device)):
+            self._file(dev)
+            self._wake()
+
+    def refuse(self, device: str, fail: Callable[[asyncio.Future[bool]], None]) -> int:
+        """Take every job waiting for `device` out of the queue; how many there were.
+
+        Each one's future goes to `fail`, which resolves it with an exception, now or on a
+        later iteration (`poller.pacing.Trickle.fail`); its job then raises that from
+        `acquire`. For a device just quarantined: its queued jobs are answered at once instead
+        of each taking a slot in turn only to be refused.
+        """
+        dev = self._devices.get(device)
+        if dev is None or not dev.waiters:
+            return 0
+        waiters = [w for w in dev.waiters if not w.future.done()]
+        self._waiting -= len(dev.waiters)
+        dev.waiters.clear()
+        dev.lane = None
+        self._forget_if_idle(dev)
+        for waiter in waiters:
+            fail(waiter.future)
+        return len(waiters)
 
     def close(self) -> int:
         """Refuse returnable waiters and later `acquire`s with `NotStarted`; how many waited."""
         self._closed = True
         refused = 0
-        kept: deque[_Waiter] = deque()
-        for waiter in self._waiters:
-            if waiter.future.done():
-                continue
-            if waiter.returnable:
-                waiter.future.set_exception(NotStarted())
-                refused += 1
-            else:
-                kept.append(waiter)
-        self._waiters = kept
+        for dev in list(self._devices.values()):
+            kept: deque[_Waiter] = deque()
+            for waiter in dev.waiters:
+                if waiter.future.done():
+                    continue
+                if waiter.returnable:
+                    waiter.future.set_exception(NotStarted())
+                    refused += 1
+                else:
+                    kept.append(waiter)
+            self._waiting -= len(dev.waiters) - len(kept)
+            dev.waiters = kept
+            if kept and dev.lane is not None:
+                self._file(dev)  # its oldest waiter may have changed
+            elif not kept:
+                dev.lane = None
+                self._forget_if_idle(dev)
         return refused
 
-    def _may_run(self, device: str, untrusted: bool) -> bool:
+    def _may_run(self, dev: _Device, untrusted: bool) -> bool:
         if self._running >= self.concurrency:
             return False
         if untrusted and self._untrusted_running >= self.untrusted:
             return False
-        return self._devices.get(device, 0) < self.per_device
+        return dev.running < self.per_device
 
-    def _take(self, device: str, untrusted: bool) -> None:
+    def _take(self, dev: _Device, untrusted: bool) -> None:
         self._running += 1
         if untrusted:
             self._untrusted_running += 1
-        self._devices[device] = self._devices.get(device, 0) + 1
+        dev.running += 1
+
+    def _forget_if_idle(self, dev: _Device) -> None:
+        if not dev.running and not dev.waiters and self._devices.get(dev.name) is dev:
+            del self._devices[dev.name]
+            dev.lane = None
+
+    def _file(self, dev: _Device) -> None:
+        """(Re)file a device with waiting jobs and a free device slot in its lane."""
+        if dev.running >= self.per_device:
+            dev.lane = None  # filed again when one of its jobs ends
+            return
+        dev.gen += 1
+        dev.lane = not self._trusted(dev.name)
+        lane = self._lanes[dev.lane]
+        heapq.heappush(lane, (dev.waiters[0].seq, dev.gen, dev))
+        if len(lane) > 2 * len(self._devices) + 64:
+            self._compact(lane)
+
+    def _compact(self, lane: list[tuple[int, int, _Device]]) -> None:
+        lane[:] = [e for e in lane if self._valid(e)]
+        heapq.heapify(lane)
+
+    def _valid(self, entry: tuple[int, int, _Device]) -> bool:
+        _seq, gen, dev = entry
+        return gen == dev.gen and dev.lane is not None and self._devices.get(dev.name) is dev
+
+    def _head(self, untrusted: bool) -> tuple[int, int, _Device] | None:
+        """The lane's oldest valid entry (stale ones are dropped), left in place."""
+        lane = self._lanes[untrusted]
+        while lane:
+            entry = lane[0]
+            dev = entry[2]
+            if not self._valid(entry) or dev.lane != untrusted:
+                heapq.heappop(lane)
+                continue
+            if entry[0] != dev.waiters[0].seq or (not self._trusted(dev.name)) != untrusted:
+                heapq.heappop(lane)
+                self._file(dev)  # its oldest waiter left, or its trust changed
+                continue
+            return entry
+        return None
 
     def _wake(self) -> None:
-        """Grant slots to the waiters that may run now, oldest first."""
-        kept: deque[_Waiter] = deque()
-        waiters = self._waiters
-        while waiters and self._running < self.concurrency:
-            waiter = waiters.popleft()
-            if waiter.future.done():
+        """Grant slots to the oldest waiters that may run now, while run slots are free."""
+        while self._running < self.concurrency and self._waiting:
+            best, untrusted = self._head(False), False
+            if self._untrusted_running < self.untrusted:
+                other = self._head(True)
+                if other is not None and (best is None or other[0] < best[0]):
+                    best, untrusted = other, True
+            if best is None:
+                return
+            heapq.heappop(self._lanes[untrusted])
+            dev = best[2]
+            waiter = dev.waiters.popleft()
+            self._waiting -= 1
+            if waiter.future.done():  # cancelled; its task has not resumed to leave the queue
+                if dev.waiters:
+                    self._file(dev)
+                else:
+                    dev.lane = None
+                    self._forget_if_idle(dev)
                 continue
-            untrusted = not self._trusted(waiter.device)
-            if self._may_run(waiter.device, untrusted):
-                self._take(waiter.device, untrusted)
-                waiter.future.set_result(untrusted)
-            else:
-                kept.append(waiter)
-        kept.extend(waiters)
-        self._waiters = kept
+            self._take(dev, untrusted)
+            dev.lane = None
+            if dev.waiters:
+                self._file(dev)
+            waiter.future.set_result(untrusted)
 
 
 class Lease:

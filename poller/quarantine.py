@@ -138,9 +138,16 @@ class Quarantine:
         """Refuse a job admitted earlier if its device was quarantined while it waited."""
         if ticket.probe:
             return
-        record = self._records.get(ticket.device)
-        if record is not None and record.since is not None:
-            raise self._refusal(ticket.device, record)
+        refusal = self.refusal(ticket.device)
+        if refusal is not None:
+            raise refusal
+
+    def refusal(self, device: str) -> DeviceQuarantinedError | None:
+        """The answer for a job of `device` while it is quarantined; None when it is not."""
+        record = self._records.get(device)
+        if record is None or record.since is None:
+            return None
+        return self._refusal(device, record)
 
     def trusted(self, device: str) -> bool:
         """Whether the device's last telling outcome here was a sign of life.

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from pydantic import JsonValue
 
@@ -29,6 +30,7 @@ from poller.errors import (
     OutcomeUnknownError,
 )
 from poller.logging import get_logger
+from poller.pacing import Trickle
 from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
 from poller.wire import ErrorInfo, JobRequest, JobResult, now
 
@@ -119,6 +121,8 @@ class Runner:
             per_device=per_device_concurrency,
             trusted=self.quarantine.trusted,
         )
+        #: Answers for quarantined devices come in bursts: a few per event-loop iteration.
+        self._refusals = Trickle(per_turn=1)
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -184,7 +188,11 @@ class Runner:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes)
-        ticket = self.quarantine.admit(job.target.host)
+        try:
+            ticket = self.quarantine.admit(job.target.host)
+        except DeviceQuarantinedError:
+            await self._refusals.turn()  # no device contacted: a low-priority answer
+            raise
         outcome, error, reached = Outcome.NEUTRAL, "", False
         try:
             async with (
@@ -210,16 +218,31 @@ class Runner:
             self._settle(ticket, outcome, error)
 
     def _settle(self, ticket: Ticket, outcome: Outcome, error: str) -> None:
-        change = self.quarantine.settle(ticket, outcome, error)
+        device = ticket.device
+        quarantine = self.quarantine
+        was_trusted = quarantine.trusted(device)
+        change = quarantine.settle(ticket, outcome, error)
+        if quarantine.trusted(device) is not was_trusted:
+            self.admission.refile(device)
         if change is Change.QUARANTINED or change is Change.EXTENDED:
-            until = self.quarantine.until(ticket.device)
+            until = quarantine.until(device)
+            # Its jobs already waiting for a slot are answered now, not each in its turn.
+            refused = self.admission.refuse(
+                device, partial(self._refusals.fail, error=partial(_refusal, quarantine, device))
+            )
             log.warning(
                 "device_quarantined",
-                device=ticket.device,
+                device=device,
                 until=until.isoformat() if until else None,
-                after_timeouts=self.quarantine.after,
+                after_timeouts=quarantine.after,
                 probe=ticket.probe,
                 last_error=error,
+                waiting_jobs_answered=refused,
             )
         elif change is Change.RELEASED:
-            log.info("device_released", device=ticket.device, probe=ticket.probe)
+            log.info("device_released", device=device, probe=ticket.probe)
+
+
+def _refusal(quarantine: Quarantine, device: str) -> BaseException:
+    refusal = quarantine.refusal(device)
+    return refusal if refusal is not None else DeviceQuarantinedError(f"{device} is quarantined")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -166,3 +167,112 @@ async def test_close_lets_jobs_that_must_not_be_returned_run() -> None:
     assert log == ["a", "set"]
     await not_idempotent("later")  # a non-idempotent job is never turned away
     assert log[-1] == "later"
+
+
+def fail_now(future: asyncio.Future[bool]) -> None:
+    future.set_exception(ConnectionRefusedError("quarantined"))
+
+
+async def test_refuse_answers_a_devices_waiting_jobs_at_once() -> None:
+    admission = Admission(concurrency=2, per_device=1)
+    gate, log = asyncio.Event(), list[str]()
+    running = holder(admission, "dead", gate, log)
+    other = holder(admission, "live", gate, log)
+    waiting = [holder(admission, "dead", gate, log) for _ in range(3)]
+    await settle()
+    assert admission.refuse("dead", fail_now) == 3
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, ConnectionRefusedError) for r in results)
+    assert (admission.running, admission.waiting) == (2, 0)
+    assert admission.refuse("nobody", fail_now) == 0
+    gate.set()
+    await asyncio.gather(running, other)
+    assert log == ["dead", "live"]
+    assert (admission.running, admission.devices) == (0, 0)
+
+
+async def test_refile_moves_a_device_that_became_trusted_ahead_at_once() -> None:
+    trusted: set[str] = set()
+    admission = Admission(concurrency=4, per_device=4, untrusted=1, trusted=trusted.__contains__)
+    gate, log = asyncio.Event(), list[str]()
+    blocker = holder(admission, "dead", gate, log)  # takes the untrusted share
+    await settle()
+    new = [holder(admission, "new", gate, log) for _ in range(2)]
+    await settle()
+    assert log == ["dead"]
+    trusted.add("new")
+    admission.refile("new")  # no slot was released: refile alone lets them run
+    await settle()
+    assert log == ["dead", "new", "new"]
+    gate.set()
+    await asyncio.gather(blocker, *new)
+
+
+async def test_stale_entries_do_not_pile_up_behind_a_full_untrusted_share() -> None:
+    admission = Admission(concurrency=2, per_device=1, untrusted=1, trusted=lambda d: False)
+    gate, log = asyncio.Event(), list[str]()
+    blocker = holder(admission, "dead-0", gate, log)
+    await settle()
+    for n in range(2000):  # jobs of other dead devices that wait, then time out
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0), admission.lease(f"dead-{n % 50 + 1}"):
+                pass
+    assert admission.waiting == 0
+    assert sum(len(lane) for lane in admission._lanes.values()) <= 2 * 50 + 64
+    gate.set()
+    await blocker
+    assert (admission.running, admission.devices) == (0, 0)
+
+
+async def test_random_schedules_keep_every_rule() -> None:
+    """Random arrivals, cancels, releases and trust flips; after each step the caps hold, the
+    counters agree, and no waiting job could run (none is left behind while allowed)."""
+    rng = random.Random(20261123)
+    devices = [f"d{n}" for n in range(12)]
+    trusted = set(devices[:6])
+    admission = Admission(concurrency=6, per_device=2, untrusted=3, trusted=trusted.__contains__)
+    granted: list[tuple[str, asyncio.Future[bool]]] = []
+    waiting: list[tuple[str, asyncio.Future[bool]]] = []
+    held: list[tuple[str, bool]] = []
+    for _step in range(3000):
+        action = rng.random()
+        if action < 0.45:
+            device = rng.choice(devices)
+            waiting.append((device, asyncio.ensure_future(admission.acquire(device))))
+        elif action < 0.75 and held:
+            device, untrusted = held.pop(rng.randrange(len(held)))
+            admission.release(device, untrusted)
+        elif action < 0.85 and waiting:
+            waiting.pop(rng.randrange(len(waiting)))[1].cancel()
+        elif action < 0.9:
+            device = rng.choice(devices)
+            trusted.symmetric_difference_update({device})
+            admission.refile(device)
+        elif action < 0.93:
+            device = rng.choice(devices)
+            admission.refuse(device, fail_now)
+        await settle()
+        still = []
+        for device, future in waiting:
+            if not future.done():
+                still.append((device, future))
+            elif not future.cancelled() and future.exception() is None:
+                held.append((device, future.result()))
+                granted.append((device, future))
+        waiting = still
+        per_device: dict[str, int] = {}
+        for device, _ in held:
+            per_device[device] = per_device.get(device, 0) + 1
+        untrusted_held = sum(1 for _, u in held if u)
+        assert admission.running == len(held) <= 6
+        assert untrusted_held <= 3
+        assert max(per_device.values(), default=0) <= 2
+        assert admission.waiting == len(waiting)
+        for device, _ in waiting:
+            could = (
+                len(held) < 6
+                and per_device.get(device, 0) < 2
+                and (device in trusted or untrusted_held < 3)
+            )
+            assert not could, f"{device} waits though it may run"
+    assert len(granted) > 500

@@ -313,6 +313,38 @@ async def test_jobs_queued_for_a_dead_device_are_answered_when_it_is_quarantined
     assert len(driver.calls) == 2
 
 
+async def test_quarantine_answers_the_waiting_jobs_without_waiting_for_a_slot(
+    driver: MemoryDriver,
+) -> None:
+    runner = Runner(
+        drivers={"snmp.get": driver},
+        credentials=CredentialStore({}),
+        satellite_id="7",
+        worker="w1",
+        concurrency=2,  # one slot for untrusted devices
+        quarantine=Quarantine(after=1, clock=FakeClock()),
+    )
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    first = asyncio.ensure_future(runner.run(make_job("sleepy-a", timeout=0.2)))
+    await asyncio.sleep(0.01)
+    other = asyncio.ensure_future(runner.run(make_job("sleepy-b", timeout=10)))
+    queued = [asyncio.ensure_future(runner.run(make_job("sleepy-a", timeout=10))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert runner.admission.waiting == 4
+    assert (await first).error is not None
+    # sleepy-a is quarantined: its 3 jobs are answered now, though sleepy-b (queued ahead of
+    # them) took the freed slot and holds it for 10 s.
+    results = await asyncio.wait_for(asyncio.gather(*queued), timeout=1)
+    assert loop.time() - t0 < 1
+    assert {r.error.code for r in results if r.error} == {"device_unreachable"}
+    assert all("quarantined until" in r.error.message for r in results if r.error)
+    assert (runner.admission.running, runner.admission.waiting) == (1, 0)
+    assert [host for host, _ in driver.calls] == ["sleepy-a", "sleepy-b"]
+    other.cancel()
+    await asyncio.gather(other, return_exceptions=True)
+
+
 async def test_timing_out_while_queued_behind_a_slow_device_does_not_quarantine_it(
     driver: MemoryDriver,
 ) -> None:

@@ -1,0 +1,103 @@
+"""The low-priority lane: a few callers per event-loop iteration, in order, none lost."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+import pytest
+
+from poller.pacing import Trickle
+
+
+async def test_a_burst_goes_through_a_few_per_iteration_in_order() -> None:
+    lane = Trickle(per_turn=3)
+    passed: list[tuple[int, int]] = []  # (caller, iteration it passed on)
+    iteration = 0
+
+    async def count_iterations() -> None:
+        nonlocal iteration
+        while len(passed) < 10:
+            await asyncio.sleep(0)
+            iteration += 1
+
+    async def caller(n: int) -> None:
+        await lane.turn()
+        passed.append((n, iteration))
+
+    counter = asyncio.ensure_future(count_iterations())
+    await asyncio.wait_for(asyncio.gather(*(caller(n) for n in range(10))), timeout=5)
+    await counter
+    assert [n for n, _ in passed] == list(range(10))
+    per_iteration: dict[int, int] = {}
+    for _, it in passed:
+        per_iteration[it] = per_iteration.get(it, 0) + 1
+    assert max(per_iteration.values()) <= 3
+    assert len(per_iteration) >= 4
+    assert lane.waiting == 0
+
+
+async def test_other_work_runs_between_the_turns() -> None:
+    lane = Trickle(per_turn=2)
+    log: list[str] = []
+
+    async def answer(n: int) -> None:
+        await lane.turn()
+        log.append(f"answer-{n}")
+
+    async def live_job() -> None:
+        await asyncio.sleep(0)
+        log.append("live")
+
+    await asyncio.gather(*(answer(n) for n in range(8)), live_job())
+    assert log.index("live") < log.index("answer-7")  # not behind the whole burst
+
+
+async def test_a_cancelled_caller_gives_its_turn_on() -> None:
+    lane = Trickle(per_turn=1)
+    first = asyncio.ensure_future(lane.turn())
+    doomed = asyncio.ensure_future(lane.turn())
+    last = asyncio.ensure_future(lane.turn())
+    await asyncio.sleep(0)
+    doomed.cancel()
+    await asyncio.wait_for(asyncio.gather(first, last), timeout=2)
+    assert doomed.cancelled()
+    assert lane.waiting == 0
+
+
+async def test_an_idle_lane_lets_a_caller_through_at_once() -> None:
+    lane = Trickle(per_turn=1)
+    for _ in range(3):
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert lane.waiting == 0
+        turn = lane.turn().__await__()
+        with pytest.raises(StopIteration):  # done without yielding to the loop
+            turn.send(None)
+
+
+async def test_fail_resolves_futures_in_the_lanes_order_and_skips_cancelled_ones() -> None:
+    lane = Trickle(per_turn=1)
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[None]] = [loop.create_future() for _ in range(4)]
+    for n, future in enumerate(futures):
+        lane.fail(future, partial(ConnectionRefusedError, f"refused {n}"))
+    assert futures[0].done()  # the idle lane had room on this iteration
+    assert not any(f.done() for f in futures[1:])
+    futures[2].cancel()
+    await asyncio.sleep(0)
+    assert futures[1].done()
+    assert not futures[3].done()
+    await asyncio.sleep(0)
+    assert futures[3].done()
+    assert [str(f.exception()) for f in futures if not f.cancelled()] == [
+        "refused 0",
+        "refused 1",
+        "refused 3",
+    ]
+    assert lane.waiting == 0
+
+
+def test_per_turn_is_checked() -> None:
+    with pytest.raises(ValueError, match="per_turn"):
+        Trickle(per_turn=0)
