@@ -121,7 +121,7 @@ class Runner:
             per_device=per_device_concurrency,
             trusted=self.quarantine.trusted,
         )
-        #: Answers for quarantined devices come in bursts: a few per event-loop iteration.
+        #: Answers for quarantined devices come in bursts: one per event-loop iteration.
         self._refusals = Trickle(per_turn=1)
 
     def close(self) -> int:
