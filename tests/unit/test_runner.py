@@ -264,15 +264,21 @@ class FakeClock:
 
 
 def breaker_runner(
-    driver: MemoryDriver | SwitchDriver, clock: FakeClock, *, per_device: int = 2
+    driver: MemoryDriver | SwitchDriver,
+    clock: FakeClock,
+    *,
+    per_device: int = 2,
+    concurrency: int = 64,
+    after: int = 2,
 ) -> Runner:
     return Runner(
         drivers={"snmp.get": driver},
         credentials=CredentialStore({}),
         satellite_id="7",
         worker="w1",
+        concurrency=concurrency,
         per_device_concurrency=per_device,
-        quarantine=Quarantine(after=2, cooldown=30, max_cooldown=300, clock=clock),
+        quarantine=Quarantine(after=after, cooldown=30, max_cooldown=300, clock=clock),
     )
 
 
@@ -316,14 +322,8 @@ async def test_jobs_queued_for_a_dead_device_are_answered_when_it_is_quarantined
 async def test_quarantine_answers_the_waiting_jobs_without_waiting_for_a_slot(
     driver: MemoryDriver,
 ) -> None:
-    runner = Runner(
-        drivers={"snmp.get": driver},
-        credentials=CredentialStore({}),
-        satellite_id="7",
-        worker="w1",
-        concurrency=2,  # one slot for untrusted devices
-        quarantine=Quarantine(after=1, clock=FakeClock()),
-    )
+    # concurrency 2: one slot for untrusted devices
+    runner = breaker_runner(driver, FakeClock(), concurrency=2, after=1)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     first = asyncio.ensure_future(runner.run(make_job("sleepy-a", timeout=0.2)))
