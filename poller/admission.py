@@ -141,8 +141,7 @@ class Admission:
                 dev.waiters.remove(waiter)
                 self._waiting -= 1
                 if not dev.waiters:
-                    dev.lane = None
-                    self._forget_if_idle(dev)
+                    self._emptied(dev)
             raise
 
     def release(self, device: str, untrusted: bool) -> None:
@@ -152,10 +151,10 @@ class Admission:
             self._untrusted_running -= 1
         dev = self._devices[device]
         dev.running -= 1
-        if dev.waiters and dev.lane is None:
+        if not dev.waiters:
+            self._emptied(dev)
+        elif dev.lane is None:
             self._file(dev)
-        else:
-            self._forget_if_idle(dev)
         if self._waiting:
             self._wake()
 
@@ -180,8 +179,7 @@ class Admission:
         waiters = [w for w in dev.waiters if not w.future.done()]
         self._waiting -= len(dev.waiters)
         dev.waiters.clear()
-        dev.lane = None
-        self._forget_if_idle(dev)
+        self._emptied(dev)
         for waiter in waiters:
             fail(waiter.future)
         return len(waiters)
@@ -202,11 +200,10 @@ class Admission:
                     kept.append(waiter)
             self._waiting -= len(dev.waiters) - len(kept)
             dev.waiters = kept
-            if kept and dev.lane is not None:
+            if not kept:
+                self._emptied(dev)
+            elif dev.lane is not None:
                 self._file(dev)  # its oldest waiter may have changed
-            elif not kept:
-                dev.lane = None
-                self._forget_if_idle(dev)
         return refused
 
     def _may_run(self, dev: _Device, untrusted: bool) -> bool:
@@ -222,10 +219,11 @@ class Admission:
             self._untrusted_running += 1
         dev.running += 1
 
-    def _forget_if_idle(self, dev: _Device) -> None:
-        if not dev.running and not dev.waiters and self._devices.get(dev.name) is dev:
+    def _emptied(self, dev: _Device) -> None:
+        """The device has no waiting job (left): out of the lanes, forgotten once idle too."""
+        dev.lane = None
+        if not dev.running and self._devices.get(dev.name) is dev:
             del self._devices[dev.name]
-            dev.lane = None
 
     def _file(self, dev: _Device) -> None:
         """(Re)file a device with waiting jobs and a free device slot in its lane."""
@@ -253,7 +251,7 @@ class Admission:
         while lane:
             entry = lane[0]
             dev = entry[2]
-            if not self._valid(entry) or dev.lane != untrusted:
+            if not self._valid(entry):  # a valid entry is always in its device's lane
                 heapq.heappop(lane)
                 continue
             if entry[0] != dev.waiters[0].seq or (not self._trusted(dev.name)) != untrusted:
@@ -281,8 +279,7 @@ class Admission:
                 if dev.waiters:
                     self._file(dev)
                 else:
-                    dev.lane = None
-                    self._forget_if_idle(dev)
+                    self._emptied(dev)
                 continue
             self._take(dev, untrusted)
             dev.lane = None
