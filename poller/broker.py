@@ -6,6 +6,10 @@ a timeout, and owns everything that must survive a lost connection:
 * `Broker.run()` keeps a connection up: it connects over the configured URLs in turn with
   exponential backoff and jitter, opens a channel with publisher confirms, declares the topology
   (optional), sets the prefetch and consumes; when the connection drops it does all of it again.
+* A second, *spare* consumer on the same queue and channel (`open_spare`, `close_spare`) gives
+  the worker a wider window for a while: RabbitMQ applies a prefetch to the consumers created
+  after it and cannot change a consumer's window (nor, on quorum queues, the channel's), so the
+  window grows by adding a consumer with a window of its own.
 * Deliveries reach the worker through the `on_delivery` callback as `Delivery` objects. Each
   remembers the channel generation it came from: acks for a channel that is gone are dropped
   (the broker has already put those jobs back in the queue).
@@ -152,6 +156,8 @@ class Broker:
         self._expiry: asyncio.TimerHandle | None = None
         self._waiters: set[asyncio.Future[Any]] = set()
         self._consumer_tag: str | None = None
+        self._spare_tag: str | None = None
+        self._spare_changing = False
         self._lost: asyncio.Event = asyncio.Event()
         self._ready: asyncio.Event = asyncio.Event()
         self._closing = False
@@ -230,16 +236,62 @@ class Broker:
             pass
 
     async def stop_consuming(self, timeout: float = 5.0) -> None:
-        """Cancel the consumer: no new deliveries; running jobs can still be acked."""
-        channel, tag = self._channel, self._consumer_tag
+        """Cancel the consumers: no new deliveries; running jobs can still be acked."""
+        channel, tags = self._channel, (self._consumer_tag, self._spare_tag)
         self.consuming = False
-        if channel is None or tag is None or not channel.is_open:
+        self._consumer_tag = self._spare_tag = None
+        if channel is None or not channel.is_open:
             return
-        self._consumer_tag = None
+        for tag in tags:
+            if tag is None:
+                continue
+            try:
+                await self._rpc(channel, channel.basic_cancel, timeout, consumer_tag=tag)
+            except (BrokerUnavailableError, TimeoutError) as exc:
+                log.warning("broker_cancel_failed", error=_describe(exc))
+
+    @property
+    def spare_open(self) -> bool:
+        """Whether the spare consumer is consuming (on the current channel)."""
+        return self._spare_tag is not None
+
+    async def open_spare(self, prefetch: int) -> bool:
+        """Start the spare consumer with a window of `prefetch` jobs; whether it started.
+
+        Its deliveries go to `on_delivery` like the others and are acked on the same channel.
+        Nothing happens while not consuming, while the spare is open or while it is changing.
+        """
+        channel = self._channel
+        if not self.consuming or channel is None or self._spare_tag or self._spare_changing:
+            return False
+        self._spare_changing = True
+        try:
+            # Applies to consumers started from now on: the spare, not the main consumer.
+            await self._rpc(channel, channel.basic_qos, prefetch_count=prefetch)
+            if not self.consuming or channel is not self._channel:
+                return False
+            tag = await self._consume(channel, self.generation)
+            if not self.consuming or channel is not self._channel:
+                # Stopped meanwhile (the channel is still ours): cancel what was started.
+                if channel.is_open:
+                    await self._rpc(channel, channel.basic_cancel, consumer_tag=tag)
+                return False
+            self._spare_tag = tag
+            return True
+        finally:
+            self._spare_changing = False
+
+    async def close_spare(self, timeout: float = 5.0) -> None:
+        """Cancel the spare consumer; jobs it delivered are acked as usual."""
+        channel, tag = self._channel, self._spare_tag
+        if channel is None or tag is None or self._spare_changing or not channel.is_open:
+            return
+        self._spare_changing = True
+        self._spare_tag = None
         try:
             await self._rpc(channel, channel.basic_cancel, timeout, consumer_tag=tag)
-        except (BrokerUnavailableError, TimeoutError) as exc:
-            log.warning("broker_cancel_failed", error=_describe(exc))
+        finally:
+            self._spare_changing = False
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the connection cleanly; unacked deliveries return to the queue."""
@@ -326,11 +378,16 @@ class Broker:
         await self._rpc(channel, channel.basic_qos, prefetch_count=self._opts.prefetch)
         self.generation += 1
         self._channel = channel
-        generation = self.generation
+        self._spare_tag = None
+        self._consumer_tag = await self._consume(channel, self.generation)
+        self.consuming = True
+
+    async def _consume(self, channel: Any, generation: int) -> str:
+        """basic.consume on the jobs queue, confirmed; the consumer tag."""
         consumed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.add(consumed)
         try:
-            self._consumer_tag = channel.basic_consume(
+            tag: str = channel.basic_consume(
                 self._queue,
                 functools.partial(self._on_message, generation),
                 callback=lambda frame: _resolve(consumed, frame),
@@ -341,7 +398,7 @@ class Broker:
             raise BrokerUnavailableError("basic.consume was not confirmed in time") from None
         finally:
             self._waiters.discard(consumed)
-        self.consuming = True
+        return tag
 
     async def _open_channel(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -441,6 +498,7 @@ class Broker:
         self._conn = None  # late callbacks of this connection are ignored from now on
         self.connected = False
         self.consuming = False
+        self._spare_tag = None
         if conn is not None and not conn.is_closed and not conn.is_closing:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 conn.close()
@@ -454,6 +512,7 @@ class Broker:
         was_connected = self.connected
         self.connected = False
         self.consuming = False
+        self._spare_tag = None
         self._channel = None
         self._fail_pending(BrokerUnavailableError(f"connection lost: {_describe(exc)}"))
         for waiter in list(self._waiters):
@@ -475,6 +534,7 @@ class Broker:
         if channel is self._channel:
             self._channel = None
             self.consuming = False
+            self._spare_tag = None
             self._fail_pending(error)
             if not self._closing:
                 log.warning("broker_channel_closed", reply_code=code, reply_text=text)
@@ -492,6 +552,7 @@ class Broker:
 
     def _on_consumer_cancelled(self, _frame: Any) -> None:
         self.consuming = False
+        self._spare_tag = None
         log.warning("consumer_cancelled", queue=self._queue, reason="queue deleted or failed over")
         if self._conn is not None and self._conn.is_open and not self._closing:
             self._conn.close(reply_code=200, reply_text="consumer cancelled, re-consuming")

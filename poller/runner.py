@@ -121,7 +121,8 @@ class Runner:
             per_device=per_device_concurrency,
             trusted=self.quarantine.trusted,
         )
-        #: Answers for quarantined devices come in bursts: one per event-loop iteration.
+        #: Answers that contact no device (quarantined, not started in time) come in bursts:
+        #: one per event-loop iteration.
         self._refusals = Trickle(per_turn=1)
 
     def close(self) -> int:
@@ -208,6 +209,9 @@ class Runner:
             failure = _timeout_error(timeout_exc, job.target.host, timeout, reached=reached)
             # A job that timed out while queued for its slots says nothing about its device.
             outcome, error = (Outcome.TIMEOUT if reached else Outcome.NEUTRAL), failure.message
+            if not reached:
+                # Jobs delivered together expire together: no device contacted, low priority.
+                await self._refusals.turn()
             raise failure from None
         except DeviceQuarantinedError:
             raise

@@ -5,6 +5,12 @@ its confirm → ack (DESIGN §5). A job that cannot be decoded gets an error res
 readable and is rejected to the dead-letter queue. A bug requeues the job; on its last delivery
 it is answered with `internal_error` and dead-lettered instead. SIGTERM stops consuming, lets
 running jobs finish within the grace period and returns the rest to the queue.
+
+The prefetch window bounds the jobs this process holds. Jobs parked behind their device (its
+per-device limit, or the share of run slots for devices that have not answered yet) hold part
+of it while run slots are free; when they fill half of it, a spare consumer opens with a
+window of `SPARE_WINDOWS` times the prefetch, so that jobs for live devices keep arriving past
+a burst of jobs for dead ones; it closes once few jobs wait.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ __all__ = ["Worker", "build_topology", "run_worker"]
 log = get_logger("poller.worker")
 
 _SAFE_KIND = frozenset(k.value for k in wire.JobKind)
+
+#: The spare consumer's window, in prefetch windows (docs/operations.md, "Dead devices").
+SPARE_WINDOWS = 3
+#: How often the spare window is looked at besides on every delivery, in seconds.
+WINDOW_CHECK_INTERVAL = 0.5
+#: The spare stays open at least this long (seconds): a burst that comes and goes around the
+#: thresholds does not open and close it on every delivery.
+SPARE_MIN_OPEN = 5.0
 
 
 def build_topology(satellite_id: str, queue_type: str) -> Topology:
@@ -133,6 +147,14 @@ class Worker:
         self.jobs_ok = 0
         self.jobs_error = 0
         self._loop_lag_ms = 0.0
+        prefetch = settings.effective_prefetch
+        #: Jobs waiting for a slot (with run slots free) that open the spare consumer, and
+        #: those few enough to close it again.
+        self._widen_at = max(1, prefetch // 2)
+        self._narrow_at = prefetch // 8
+        self._spare_prefetch = min(65_535, prefetch * SPARE_WINDOWS)
+        self._window_task: asyncio.Task[None] | None = None
+        self._spare_since = 0.0
 
     @property
     def broker(self) -> Broker:
@@ -162,6 +184,7 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._health_loop(), name="health"),
             asyncio.create_task(self._lag_loop(), name="loop-lag"),
+            asyncio.create_task(self._window_loop(), name="window"),
         ]
         stop_task = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({broker_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -215,6 +238,59 @@ class Worker:
         task = asyncio.get_running_loop().create_task(self._handle(delivery))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._check_window()
+
+    # ------------------------------------------------------------------ the spare window
+
+    def _check_window(self) -> None:
+        """Open or close the spare consumer when the jobs waiting for a slot say so."""
+        if self._window_task is not None or self._draining:
+            return
+        admission = self._runner.admission
+        if self._broker.spare_open:
+            if (
+                admission.waiting <= self._narrow_at
+                and time.monotonic() - self._spare_since >= SPARE_MIN_OPEN
+            ):
+                self._window_task = asyncio.create_task(self._narrow(), name="window-narrow")
+        elif admission.waiting >= self._widen_at and admission.running < admission.concurrency:
+            # Run slots are free, so these jobs wait for their devices, not for capacity.
+            self._window_task = asyncio.create_task(self._widen(), name="window-widen")
+
+    async def _widen(self) -> None:
+        admission = self._runner.admission
+        waiting, running = admission.waiting, admission.running
+        try:
+            opened = await self._broker.open_spare(self._spare_prefetch)
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("window_change_failed", change="widen", error=str(exc))
+            return
+        finally:
+            self._window_task = None
+        if opened:
+            self._spare_since = time.monotonic()
+            log.info(
+                "window_widened",
+                waiting=waiting,
+                running=running,
+                prefetch=self._settings.effective_prefetch,
+                spare_prefetch=self._spare_prefetch,
+            )
+
+    async def _narrow(self) -> None:
+        try:
+            await self._broker.close_spare()
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("window_change_failed", change="narrow", error=str(exc))
+            return
+        finally:
+            self._window_task = None
+        log.info("window_narrowed", waiting=self._runner.admission.waiting)
+
+    async def _window_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WINDOW_CHECK_INTERVAL)
+            self._check_window()
 
     async def _handle(self, delivery: Delivery) -> None:
         started = time.monotonic()

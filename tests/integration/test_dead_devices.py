@@ -191,6 +191,56 @@ def test_a_wave_of_jobs_for_unknown_silent_devices_does_not_hold_up_healthy_ones
         assert result.duration_ms <= 4 * 1.2 * 1000
 
 
+def test_a_burst_of_dead_jobs_larger_than_the_window_does_not_hold_up_healthy_ones(
+    start_poller: PollerFactory, client: JobClient, snmpd: Snmpd, sid: str
+) -> None:
+    """More jobs for unknown silent devices than the prefetch window holds, queued first.
+
+    With 8 run slots and a window of 16, the first 16 of the 60 dead jobs would fill the window
+    (4 running, the rest waiting for their devices) and the healthy jobs behind them would not
+    be delivered before those time out. Once half the window waits with run slots free, a
+    spare consumer widens it, so the healthy jobs arrive and run at once.
+    """
+    poller = start_poller(sid, concurrency=8, prefetch=16)
+    warm = snmp_job(snmpd.host, snmpd.port, job_id="warm")
+    client.publish(warm)
+    assert client.collect_ids([warm["id"]], timeout=20)[0].result.status == "ok"
+    with ExitStack() as stack:
+        hosts = [f"127.0.3.{n}" for n in range(1, 13)]
+        ports = {host: silent_udp(stack, host) for host in hosts}
+        dead_ids = []
+        for n in range(60):
+            host = hosts[n % len(hosts)]
+            job = snmp_job(host, ports[host], job_id=f"burst-dead-{n}", timeout=4)
+            dead_ids.append(job["id"])
+            client.publish(job)
+        sent: dict[str, float] = {}
+        for n in range(10):
+            job = snmp_job(snmpd.host, snmpd.port, job_id=f"burst-ok-{n}", timeout=10)
+            sent[job["id"]] = time.time()
+            client.publish(job)
+        received = client.collect_ids(list(sent), 20)
+        results = {r.result.job_id: r.result for r in received if r.result.job_id in sent}
+        assert set(results) == set(sent)
+        assert all(r.status == "ok" for r in results.values())
+        waited = [results[i].finished_at.timestamp() - sent[i] for i in sent]
+        # Not the 4 s of the dead jobs that filled the window ahead of them.
+        assert max(waited) < 2.0, sorted(waited)[-3:]
+        received = client.collect_ids(dead_ids, 30)
+        dead = {r.result.job_id: r.result for r in received if r.result.job_id in dead_ids}
+    assert set(dead) == set(dead_ids)
+    for result in dead.values():
+        assert result.error is not None
+        assert result.error.code in {"device_timeout", "device_unreachable"}
+        assert result.duration_ms <= 4 * 1.2 * 1000
+    (widened,) = poller.events("window_widened")
+    assert (widened["prefetch"], widened["spare_prefetch"]) == (16, 48)
+    deadline = time.monotonic() + 10
+    while not poller.events("window_narrowed") and time.monotonic() < deadline:
+        time.sleep(0.1)  # nothing waits any more: the spare closes within a check interval
+    assert poller.events("window_narrowed")
+
+
 def test_sigterm_returns_the_jobs_still_waiting_for_a_slot_at_once(
     start_poller: PollerFactory, client: JobClient, sid: str, silent_udp_port: int
 ) -> None:

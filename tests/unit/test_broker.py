@@ -69,10 +69,10 @@ class Relay:
             writer.close()
 
 
-def _queue_topology(queue: str, exchange: str) -> Topology:
+def _queue_topology(queue: str, exchange: str, queue_type: str = "quorum") -> Topology:
     return Topology(
         exchanges=((exchange, "topic"),),
-        queues=(QueueSpec(queue, {"x-queue-type": "quorum"}, ((exchange, "#"),)),),
+        queues=(QueueSpec(queue, {"x-queue-type": queue_type}, ((exchange, "#"),)),),
     )
 
 
@@ -84,10 +84,13 @@ async def running_broker(
     topology: Topology,
     on_delivery: Callable[[Delivery], None] = lambda _d: None,
     publish_timeout: float = 30.0,
+    prefetch: int = 64,
 ) -> AsyncIterator[Broker]:
     broker = Broker(
         parse_dsn(dsn),
-        BrokerOptions(connection_name="test_broker", publish_timeout=publish_timeout),
+        BrokerOptions(
+            connection_name="test_broker", publish_timeout=publish_timeout, prefetch=prefetch
+        ),
         queue=queue,
         topology=topology,
         on_delivery=on_delivery,
@@ -215,3 +218,69 @@ async def test_deliveries_carry_properties_and_redelivery_counts(amqp_vhost: Amq
         assert again.delivery_count == 1
         broker.ack(again)
         assert got.empty()
+
+
+async def _take(got: asyncio.Queue[Delivery], count: int) -> list[Delivery]:
+    return [await asyncio.wait_for(got.get(), 10) for _ in range(count)]
+
+
+async def _nothing_more(got: asyncio.Queue[Delivery], seconds: float = 0.5) -> None:
+    with contextlib.suppress(TimeoutError):
+        extra = await asyncio.wait_for(got.get(), seconds)
+        raise AssertionError(f"delivered beyond the window: {extra.message_id}")
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_the_spare_consumer_widens_the_window_and_its_jobs_stay_ackable(
+    amqp_vhost: AmqpVhost, queue_type: str
+) -> None:
+    queue, exchange = _names()
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_queue_topology(queue, exchange, queue_type),
+        on_delivery=got.put_nowait,
+        prefetch=2,
+    ) as broker:
+        for i in range(10):
+            await broker.publish(exchange, "k", b"{}", _props(f"m{i}"))
+        held = await _take(got, 2)
+        await _nothing_more(got)  # the main consumer's window is full
+        assert await broker.open_spare(3)
+        assert broker.spare_open
+        assert not await broker.open_spare(3)  # one spare at a time
+        held += await _take(got, 3)
+        await _nothing_more(got)  # 2 + 3 unacked: both windows are full
+        await broker.close_spare()
+        assert not broker.spare_open
+        for delivery in held:  # those of the cancelled spare are acked like the others
+            broker.ack(delivery)
+        rest: list[Delivery] = []
+        for batch in (2, 2, 1):  # only the main consumer's window of 2 from now on
+            taken = await _take(got, batch)
+            await _nothing_more(got, 0.3)
+            for delivery in taken:
+                broker.ack(delivery)
+            rest += taken
+        ids = [d.message_id for d in held + rest]
+        assert sorted(ids) == sorted(f"m{i}" for i in range(10))  # each once: acks were taken
+        assert not any(d.redelivered for d in held + rest)
+
+
+async def test_stop_consuming_cancels_the_spare_consumer_too(amqp_vhost: AmqpVhost) -> None:
+    queue, exchange = _names()
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_queue_topology(queue, exchange),
+        on_delivery=got.put_nowait,
+        prefetch=1,
+    ) as broker:
+        assert await broker.open_spare(1)
+        await broker.stop_consuming()
+        assert not broker.spare_open
+        assert not await broker.open_spare(1)  # not consuming: no spare either
+        await broker.publish(exchange, "k", b"{}", _props("after-stop"))
+        await _nothing_more(got)
