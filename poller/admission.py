@@ -15,8 +15,12 @@ that never started go back to the queue at once instead of being started during 
 A job that is not idempotent is not returnable: the broker would mark it redelivered, and a
 redelivered job that is not idempotent is never run (DESIGN §5), so it runs during the drain.
 
-Pure asyncio bookkeeping: no I/O, no clocks. Deadlines are the caller's (`asyncio.timeout`
-around `lease`); a waiter that is cancelled leaves the queue.
+A waiter may have a deadline (loop time): when it comes, the waiter leaves the queue and its
+future goes to the caller's `expire` (`poller.pacing.Trickle.fail`: a `TimeoutError` a few
+loop iterations later). Jobs delivered together have the same deadline; cancelling hundreds of
+waiting tasks in one loop iteration stalled the jobs of live devices for tens of
+milliseconds. A waiter that is cancelled leaves the queue too. No I/O; no clock but the loop's
+timers for those deadlines.
 """
 
 from __future__ import annotations
@@ -36,11 +40,25 @@ class NotStarted(Exception):  # noqa: N818 - a state, not a failure of the job
     """The job was not started because the process is shutting down: return it to the queue."""
 
 
+_Expire = Callable[[asyncio.Future[bool]], None]
+
+
+def _time_out(future: asyncio.Future[bool]) -> None:
+    future.set_exception(TimeoutError())
+
+
 @dataclass(slots=True, eq=False)
 class _Waiter:
     seq: int  # arrival order
     future: asyncio.Future[bool]  # result: whether the grant counts as untrusted
     returnable: bool
+    expiry: asyncio.TimerHandle | None = None  # its deadline's timer
+
+    def leave(self) -> None:
+        """Out of the queue (granted, refused, cancelled): its deadline no longer applies."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
 
 
 @dataclass(slots=True, eq=False)
@@ -104,15 +122,30 @@ class Admission:
         """Devices with at least one job running."""
         return sum(1 for d in self._devices.values() if d.running)
 
-    def lease(self, device: str, *, returnable: bool = True) -> Lease:
+    def lease(
+        self,
+        device: str,
+        *,
+        returnable: bool = True,
+        deadline: float | None = None,
+        expire: _Expire = _time_out,
+    ) -> Lease:
         """`async with admission.lease(host):` holds a run slot and a slot of `host`."""
-        return Lease(self, device, returnable)
+        return Lease(self, device, returnable, deadline, expire)
 
-    async def acquire(self, device: str, *, returnable: bool = True) -> bool:
+    async def acquire(
+        self,
+        device: str,
+        *,
+        returnable: bool = True,
+        deadline: float | None = None,
+        expire: _Expire = _time_out,
+    ) -> bool:
         """Wait for both slots; whether they count as untrusted.
 
-        Raises `NotStarted` once closed, unless the job is not `returnable`, and whatever
-        `refuse` set for the device's waiting jobs.
+        Raises `NotStarted` once closed, unless the job is not `returnable`, whatever `refuse`
+        set for the device's waiting jobs, and, still waiting at `deadline` (loop time), what
+        `expire` sets on its future (by default `TimeoutError` at once).
         """
         if self._closed and returnable:
             raise NotStarted
@@ -124,7 +157,10 @@ class Admission:
             if self._may_run(dev, untrusted):
                 self._take(dev, untrusted)
                 return untrusted
-        waiter = _Waiter(next(self._seq), asyncio.get_running_loop().create_future(), returnable)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(next(self._seq), loop.create_future(), returnable)
+        if deadline is not None:
+            waiter.expiry = loop.call_at(deadline, self._expire, dev, waiter, expire)
         dev.waiters.append(waiter)
         self._waiting += 1
         if dev.lane is None:
@@ -138,11 +174,24 @@ class Admission:
                 self.release(device, future.result())
             elif future.cancelled() and waiter in dev.waiters:
                 # Still queued (refused waiters, and cancelled ones a grant skipped, are not).
-                dev.waiters.remove(waiter)
-                self._waiting -= 1
-                if not dev.waiters:
-                    self._emptied(dev)
+                self._remove(dev, waiter)
             raise
+
+    def _remove(self, dev: _Device, waiter: _Waiter) -> None:
+        """Take one waiter out of its device's queue (its lane entry goes stale if it led)."""
+        waiter.leave()
+        dev.waiters.remove(waiter)
+        self._waiting -= 1
+        if not dev.waiters:
+            self._emptied(dev)
+
+    def _expire(self, dev: _Device, waiter: _Waiter, expire: _Expire) -> None:
+        """Its deadline came while it waited: out of the queue, its future to `expire`."""
+        waiter.expiry = None
+        if waiter.future.done() or waiter not in dev.waiters:
+            return
+        self._remove(dev, waiter)
+        expire(waiter.future)
 
     def release(self, device: str, untrusted: bool) -> None:
         """Give back the slots of one `acquire`; wakes the waiters that may now run."""
@@ -177,6 +226,8 @@ class Admission:
         if dev is None or not dev.waiters:
             return 0
         waiters = [w for w in dev.waiters if not w.future.done()]
+        for waiter in dev.waiters:
+            waiter.leave()
         self._waiting -= len(dev.waiters)
         dev.waiters.clear()
         self._emptied(dev)
@@ -192,8 +243,10 @@ class Admission:
             kept: deque[_Waiter] = deque()
             for waiter in dev.waiters:
                 if waiter.future.done():
+                    waiter.leave()
                     continue
                 if waiter.returnable:
+                    waiter.leave()
                     waiter.future.set_exception(NotStarted())
                     refused += 1
                 else:
@@ -274,6 +327,7 @@ class Admission:
             heapq.heappop(self._lanes[untrusted])
             dev = best[2]
             waiter = dev.waiters.popleft()
+            waiter.leave()
             self._waiting -= 1
             if waiter.future.done():  # cancelled; its task has not resumed to leave the queue
                 if dev.waiters:
@@ -291,16 +345,27 @@ class Admission:
 class Lease:
     """The slots of one job while it runs; see `Admission.lease`."""
 
-    __slots__ = ("_admission", "_device", "_returnable", "_untrusted")
+    __slots__ = ("_admission", "_deadline", "_device", "_expire", "_returnable", "_untrusted")
 
-    def __init__(self, admission: Admission, device: str, returnable: bool) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        device: str,
+        returnable: bool,
+        deadline: float | None,
+        expire: _Expire,
+    ) -> None:
         self._admission = admission
         self._device = device
         self._returnable = returnable
+        self._deadline = deadline
+        self._expire = expire
         self._untrusted = False
 
     async def __aenter__(self) -> None:
-        self._untrusted = await self._admission.acquire(self._device, returnable=self._returnable)
+        self._untrusted = await self._admission.acquire(
+            self._device, returnable=self._returnable, deadline=self._deadline, expire=self._expire
+        )
 
     async def __aexit__(
         self,

@@ -124,6 +124,7 @@ class Runner:
         #: Answers that contact no device (quarantined, not started in time) come in bursts:
         #: one per event-loop iteration.
         self._refusals = Trickle(per_turn=1)
+        self._not_started = partial(self._refusals.fail, error=TimeoutError)
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -195,11 +196,16 @@ class Runner:
             await self._refusals.turn()  # no device contacted: a low-priority answer
             raise
         outcome, error, reached = Outcome.NEUTRAL, "", False
+        lease = self.admission.lease(
+            job.target.host,
+            returnable=job.idempotent,
+            # Still waiting for its slots at the deadline: answered through the low-priority
+            # lane (jobs delivered together expire together; no device was contacted).
+            deadline=deadline,
+            expire=self._not_started,
+        )
         try:
-            async with (
-                asyncio.timeout_at(deadline),
-                self.admission.lease(job.target.host, returnable=job.idempotent),
-            ):
+            async with lease, asyncio.timeout_at(deadline):
                 self.quarantine.check(ticket)
                 reached = True
                 data = await driver.run(job, auth, ctx)
@@ -209,9 +215,6 @@ class Runner:
             failure = _timeout_error(timeout_exc, job.target.host, timeout, reached=reached)
             # A job that timed out while queued for its slots says nothing about its device.
             outcome, error = (Outcome.TIMEOUT if reached else Outcome.NEUTRAL), failure.message
-            if not reached:
-                # Jobs delivered together expire together: no device contacted, low priority.
-                await self._refusals.turn()
             raise failure from None
         except DeviceQuarantinedError:
             raise

@@ -9,6 +9,11 @@ then settles every call that finished since, in one pass.
 Threads start on demand, up to `threads`, like `ThreadPoolExecutor`. A call whose future was
 cancelled before a thread took it is skipped; one that is running when its future is cancelled
 finishes on its thread (a blocking call cannot be interrupted) and its outcome is dropped.
+Such abandoned calls do not count against `threads`: up to as many threads again may start for
+them, so that calls somebody still waits for do not queue behind them. (A job that times out
+against a dead device abandons its SNMP call until Net-SNMP's own timeout ends it; when a
+whole burst of such jobs timed out at once, the healthy jobs' calls waited behind theirs for
+tens of milliseconds.)
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class CallPool:
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting for work (under _lock)
         self._done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._busy: set[asyncio.Future[Any]] = set()  # futures of calls running (under _lock)
+        self._watched: set[asyncio.Future[Any]] = set()  # busy futures with `_on_busy_done`
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -57,17 +64,44 @@ class CallPool:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((future, fn, args))
+        self._grow(watch=True)
+        return future
+
+    def _grow(self, *, watch: bool = False) -> None:
+        """Start a thread if calls wait, none is idle and the cap allows one.
+
+        With `watch`, when every thread is taken, a later cancel of a running call starts one
+        for the calls queued by then (each busy future is watched once).
+        """
         with self._lock:
-            start = self._idle == 0 and len(self._threads) < self.max_threads
+            start = self._idle == 0 and len(self._threads) < self._cap()
             if start:
                 self._idle += 1  # counted now, so that the next submit does not start another
+            busy = list(self._busy) if watch and self._idle == 0 and not start else []
         if start:
             thread = threading.Thread(
                 target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
             )
             self._threads.append(thread)
             thread.start()
-        return future
+        for running in busy:
+            if not running.done() and running not in self._watched:
+                self._watched.add(running)
+                running.add_done_callback(self._on_busy_done)
+
+    def _on_busy_done(self, future: asyncio.Future[Any]) -> None:
+        self._watched.discard(future)
+        if future.cancelled() and not self._closed and self._queue.qsize():
+            self._grow()
+
+    def _cap(self) -> int:
+        """Threads allowed now (under `_lock`): `max_threads` plus the abandoned calls."""
+        threads = len(self._threads)
+        if threads < self.max_threads:
+            return self.max_threads
+        # Only looked at when every thread is taken; `cancelled()` is read on the loop's thread.
+        abandoned = sum(1 for future in self._busy if future.cancelled())
+        return self.max_threads + min(abandoned, self.max_threads)
 
     def shutdown(self) -> None:
         """Stop the threads once they are idle; calls not yet started are cancelled."""
@@ -91,6 +125,8 @@ class CallPool:
             item = get()
             with lock:
                 self._idle -= 1
+                if item is not None:
+                    self._busy.add(item[0])
             if item is None:
                 return
             future, fn, args = item
@@ -106,6 +142,7 @@ class CallPool:
                 except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                     outcome = (future, None, exc)
             with lock:
+                self._busy.discard(future)
                 self._done.append(outcome)
                 first = len(self._done) == 1
                 self._idle += 1

@@ -173,6 +173,10 @@ def fail_now(future: asyncio.Future[bool]) -> None:
     future.set_exception(ConnectionRefusedError("quarantined"))
 
 
+def time_out(future: asyncio.Future[bool]) -> None:
+    future.set_exception(TimeoutError())
+
+
 async def test_refuse_answers_a_devices_waiting_jobs_at_once() -> None:
     admission = Admission(concurrency=2, per_device=1)
     gate, log = asyncio.Event(), list[str]()
@@ -189,6 +193,47 @@ async def test_refuse_answers_a_devices_waiting_jobs_at_once() -> None:
     await asyncio.gather(running, other)
     assert log == ["dead", "live"]
     assert (admission.running, admission.devices) == (0, 0)
+
+
+async def test_a_waiter_leaves_the_queue_at_its_deadline() -> None:
+    admission = Admission(concurrency=1, per_device=1)
+    gate, log = asyncio.Event(), list[str]()
+    running = holder(admission, "a", gate, log)
+    await settle()
+    loop = asyncio.get_running_loop()
+    expired: list[asyncio.Future[bool]] = []
+
+    def expire(future: asyncio.Future[bool]) -> None:
+        expired.append(future)
+        future.set_exception(TimeoutError())
+
+    late = asyncio.ensure_future(admission.acquire("b", deadline=loop.time() + 0.05, expire=expire))
+    patient = asyncio.ensure_future(admission.acquire("c", deadline=loop.time() + 5, expire=expire))
+    await settle()
+    assert admission.waiting == 2
+    with pytest.raises(TimeoutError):
+        await late
+    assert len(expired) == 1
+    assert admission.waiting == 1  # out of the queue when its time came
+    gate.set()
+    await running
+    assert await patient is False  # the freed slot went to the one still waiting
+    admission.release("c", False)
+    assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
+    assert len(expired) == 1
+
+
+async def test_the_default_expiry_is_a_timeout_error() -> None:
+    admission = Admission(concurrency=1, per_device=1)
+    gate, log = asyncio.Event(), list[str]()
+    running = holder(admission, "a", gate, log)
+    await settle()
+    deadline = asyncio.get_running_loop().time() + 0.01
+    with pytest.raises(TimeoutError):
+        await admission.acquire("b", deadline=deadline)
+    gate.set()
+    await running
+    assert (admission.running, admission.waiting) == (0, 0)
 
 
 async def test_refile_moves_a_device_that_became_trusted_ahead_at_once() -> None:
@@ -224,21 +269,47 @@ async def test_stale_entries_do_not_pile_up_behind_a_full_untrusted_share() -> N
     assert (admission.running, admission.devices) == (0, 0)
 
 
+def sort_out(
+    waiting: list[tuple[str, asyncio.Future[bool]]],
+    held: list[tuple[str, bool]],
+    granted: list[tuple[str, asyncio.Future[bool]]],
+    expired: int,
+) -> tuple[list[tuple[str, asyncio.Future[bool]]], int]:
+    """Move the granted ones to `held`; those still waiting, and the count of expired ones."""
+    still = []
+    for device, future in waiting:
+        if not future.done():
+            still.append((device, future))
+        elif not future.cancelled() and future.exception() is None:
+            held.append((device, future.result()))
+            granted.append((device, future))
+        elif not future.cancelled() and isinstance(future.exception(), TimeoutError):
+            expired += 1
+    return still, expired
+
+
 async def test_random_schedules_keep_every_rule() -> None:
-    """Random arrivals, cancels, releases and trust flips; after each step the caps hold, the
-    counters agree, and no waiting job could run (none is left behind while allowed)."""
+    """Random arrivals, deadlines, cancels, releases, trust flips and refusals; after each step
+    the caps hold, the counters agree, and no waiting job could run (none is left behind while
+    allowed)."""
     rng = random.Random(20261123)
+    loop = asyncio.get_running_loop()
     devices = [f"d{n}" for n in range(12)]
     trusted = set(devices[:6])
     admission = Admission(concurrency=6, per_device=2, untrusted=3, trusted=trusted.__contains__)
     granted: list[tuple[str, asyncio.Future[bool]]] = []
     waiting: list[tuple[str, asyncio.Future[bool]]] = []
     held: list[tuple[str, bool]] = []
+    expired = 0
     for _step in range(3000):
         action = rng.random()
         if action < 0.45:
             device = rng.choice(devices)
-            waiting.append((device, asyncio.ensure_future(admission.acquire(device))))
+            # Some with a deadline: passed already (it comes on the next loop iteration, within
+            # this step) or an hour away (its timer must go when the waiter leaves otherwise).
+            deadline = rng.choice([None, None, None, loop.time() - 1, loop.time() + 3600])
+            acquire = admission.acquire(device, deadline=deadline, expire=time_out)
+            waiting.append((device, asyncio.ensure_future(acquire)))
         elif action < 0.75 and held:
             device, untrusted = held.pop(rng.randrange(len(held)))
             admission.release(device, untrusted)
@@ -252,14 +323,7 @@ async def test_random_schedules_keep_every_rule() -> None:
             device = rng.choice(devices)
             admission.refuse(device, fail_now)
         await settle()
-        still = []
-        for device, future in waiting:
-            if not future.done():
-                still.append((device, future))
-            elif not future.cancelled() and future.exception() is None:
-                held.append((device, future.result()))
-                granted.append((device, future))
-        waiting = still
+        waiting, expired = sort_out(waiting, held, granted, expired)
         per_device: dict[str, int] = {}
         for device, _ in held:
             per_device[device] = per_device.get(device, 0) + 1
@@ -276,3 +340,4 @@ async def test_random_schedules_keep_every_rule() -> None:
             )
             assert not could, f"{device} waits though it may run"
     assert len(granted) > 500
+    assert expired > 50

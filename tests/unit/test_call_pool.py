@@ -93,6 +93,30 @@ async def test_a_running_call_outlives_its_cancelled_future() -> None:
     pool.shutdown()
 
 
+async def test_calls_abandoned_while_running_do_not_hold_up_the_others() -> None:
+    pool = CallPool(1)
+    gate = threading.Event()
+    live = pool.submit(gate.wait, 5)
+    await asyncio.sleep(0.05)
+    queued = pool.submit(int, "1")
+    await asyncio.sleep(0.05)
+    assert not queued.done()  # the one thread is busy with a call somebody waits for
+    assert pool.threads == 1
+    live.cancel()  # abandoned: it still blocks its thread
+    assert await asyncio.wait_for(queued, 2) == 1  # so a thread started past the cap for it
+    assert pool.threads == 2
+    second = pool.submit(gate.wait, 5)
+    await asyncio.sleep(0.05)
+    second.cancel()  # abandoned too, but the extra threads are capped at max_threads
+    last = pool.submit(int, "2")
+    await asyncio.sleep(0.1)
+    assert not last.done()
+    assert pool.threads == 2
+    gate.set()
+    assert await asyncio.wait_for(last, 2) == 2
+    pool.shutdown()
+
+
 async def test_shutdown_cancels_queued_calls_and_refuses_new_ones() -> None:
     pool = CallPool(1)
     gate = threading.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -250,6 +251,38 @@ async def test_a_job_that_never_got_a_slot_says_so(runner: Runner, driver: Memor
     assert "not started within 0.1 s" in late.error.message
     assert runner.quarantine.entries() == []
     assert [r.status for r in await asyncio.gather(first, second)] == ["ok", "ok"]
+
+
+async def test_jobs_that_never_got_a_slot_are_answered_one_per_loop_iteration(
+    runner: Runner, driver: MemoryDriver
+) -> None:
+    """Jobs delivered together expire together: their answers go through the low-priority
+    lane, not all in the loop iteration where their deadline comes."""
+    driver.delay = 1.0
+    busy = [asyncio.ensure_future(runner.run(make_job("d"))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    late = [
+        asyncio.ensure_future(runner.run(make_job("d", id=f"late-{n}", timeout=0.05)))
+        for n in range(10)
+    ]
+    await asyncio.wait(late, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    answered = [sum(t.done() for t in late)]
+    for _ in range(100):
+        if answered[-1] == len(late):
+            break
+        await asyncio.sleep(0)  # one loop iteration
+        answered.append(sum(t.done() for t in late))
+    assert answered[-1] == len(late)
+    steps = [b - a for a, b in itertools.pairwise(answered)]
+    # A few by the time `asyncio.wait` has resumed us; then one or two per iteration.
+    assert answered[0] <= 4, answered
+    assert max(steps) <= 2, answered
+    for task in late:
+        error = task.result().error
+        assert error is not None
+        assert error.code == "device_timeout"
+        assert "not started within 0.05 s" in error.message
+    assert [r.status for r in await asyncio.gather(*busy)] == ["ok", "ok"]
 
 
 # ------------------------------------------------------------------ dead-device quarantine
