@@ -147,6 +147,48 @@ def test_dead_devices_are_quarantined_and_healthy_jobs_all_succeed(
     assert {line["device"] for line in warnings} == set(dead_devices)
 
 
+def healthy_behind_dead(
+    client: JobClient, snmpd: Snmpd, *, subnet: str, tag: str, healthy: int
+) -> None:
+    """60 jobs for 12 unknown silent devices (4 s deadline), then `healthy` jobs for snmpd.
+
+    The healthy device answers once first (it is trusted from then on). Every healthy job must
+    be answered ok within 2 s of its publish (not after the dead ones' 4 s), and every dead one
+    answered within its deadline x 1.2.
+    """
+    warm = snmp_job(snmpd.host, snmpd.port, job_id="warm")
+    client.publish(warm)
+    assert client.collect_ids([warm["id"]], timeout=20)[0].result.status == "ok"
+    with ExitStack() as stack:
+        hosts = [f"{subnet}.{n}" for n in range(1, 13)]
+        ports = {host: silent_udp(stack, host) for host in hosts}
+        dead_ids = []
+        for n in range(60):
+            host = hosts[n % len(hosts)]
+            job = snmp_job(host, ports[host], job_id=f"{tag}-dead-{n}", timeout=4)
+            dead_ids.append(job["id"])
+            client.publish(job)
+        sent: dict[str, float] = {}
+        for n in range(healthy):
+            job = snmp_job(snmpd.host, snmpd.port, job_id=f"{tag}-ok-{n}", timeout=10)
+            sent[job["id"]] = time.time()
+            client.publish(job)
+        received = client.collect_ids(list(sent), 20)
+        results = {r.result.job_id: r.result for r in received if r.result.job_id in sent}
+        assert set(results) == set(sent)
+        assert all(r.status == "ok" for r in results.values())
+        waited = [results[i].finished_at.timestamp() - sent[i] for i in sent]
+        # Not the 4 s the dead jobs ahead of them take: they were never behind them.
+        assert max(waited) < 2.0, sorted(waited)[-3:]
+        received = client.collect_ids(dead_ids, 30)
+        dead = {r.result.job_id: r.result for r in received if r.result.job_id in dead_ids}
+    assert set(dead) == set(dead_ids)
+    for result in dead.values():
+        assert result.error is not None
+        assert result.error.code in {"device_timeout", "device_unreachable"}
+        assert result.duration_ms <= 4 * 1.2 * 1000
+
+
 def test_a_wave_of_jobs_for_unknown_silent_devices_does_not_hold_up_healthy_ones(
     start_poller: PollerFactory, client: JobClient, snmpd: Snmpd, sid: str
 ) -> None:
@@ -158,37 +200,7 @@ def test_a_wave_of_jobs_for_unknown_silent_devices_does_not_hold_up_healthy_ones
     at once instead of waiting for the dead ones' deadlines.
     """
     start_poller(sid, concurrency=8)
-    warm = snmp_job(snmpd.host, snmpd.port, job_id="warm")
-    client.publish(warm)  # the healthy device answers once: it is trusted from then on
-    assert client.collect_ids([warm["id"]], timeout=20)[0].result.status == "ok"
-    with ExitStack() as stack:
-        hosts = [f"127.0.2.{n}" for n in range(1, 13)]
-        ports = {host: silent_udp(stack, host) for host in hosts}
-        dead_ids = []
-        for n in range(60):
-            host = hosts[n % len(hosts)]
-            job = snmp_job(host, ports[host], job_id=f"cold-dead-{n}", timeout=4)
-            dead_ids.append(job["id"])
-            client.publish(job)
-        sent: dict[str, float] = {}
-        for n in range(20):
-            job = snmp_job(snmpd.host, snmpd.port, job_id=f"cold-ok-{n}", timeout=10)
-            sent[job["id"]] = time.time()
-            client.publish(job)
-        received = client.collect_ids(list(sent), 20)
-        results = {r.result.job_id: r.result for r in received if r.result.job_id in sent}
-        assert set(results) == set(sent)
-        waited = {i: results[i].finished_at.timestamp() - sent[i] for i in sent}
-        assert all(r.status == "ok" for r in results.values())
-        # Not the 4 s the dead jobs ahead of them take: they were never behind them.
-        assert max(waited.values()) < 2.0, sorted(waited.values())[-3:]
-        received = client.collect_ids(dead_ids, 30)
-        dead = {r.result.job_id: r.result for r in received if r.result.job_id in dead_ids}
-    assert set(dead) == set(dead_ids)
-    for result in dead.values():
-        assert result.error is not None
-        assert result.error.code in {"device_timeout", "device_unreachable"}
-        assert result.duration_ms <= 4 * 1.2 * 1000
+    healthy_behind_dead(client, snmpd, subnet="127.0.2", tag="cold", healthy=20)
 
 
 def test_a_burst_of_dead_jobs_larger_than_the_window_does_not_hold_up_healthy_ones(
@@ -202,37 +214,7 @@ def test_a_burst_of_dead_jobs_larger_than_the_window_does_not_hold_up_healthy_on
     spare consumer widens it, so the healthy jobs arrive and run at once.
     """
     poller = start_poller(sid, concurrency=8, prefetch=16)
-    warm = snmp_job(snmpd.host, snmpd.port, job_id="warm")
-    client.publish(warm)
-    assert client.collect_ids([warm["id"]], timeout=20)[0].result.status == "ok"
-    with ExitStack() as stack:
-        hosts = [f"127.0.3.{n}" for n in range(1, 13)]
-        ports = {host: silent_udp(stack, host) for host in hosts}
-        dead_ids = []
-        for n in range(60):
-            host = hosts[n % len(hosts)]
-            job = snmp_job(host, ports[host], job_id=f"burst-dead-{n}", timeout=4)
-            dead_ids.append(job["id"])
-            client.publish(job)
-        sent: dict[str, float] = {}
-        for n in range(10):
-            job = snmp_job(snmpd.host, snmpd.port, job_id=f"burst-ok-{n}", timeout=10)
-            sent[job["id"]] = time.time()
-            client.publish(job)
-        received = client.collect_ids(list(sent), 20)
-        results = {r.result.job_id: r.result for r in received if r.result.job_id in sent}
-        assert set(results) == set(sent)
-        assert all(r.status == "ok" for r in results.values())
-        waited = [results[i].finished_at.timestamp() - sent[i] for i in sent]
-        # Not the 4 s of the dead jobs that filled the window ahead of them.
-        assert max(waited) < 2.0, sorted(waited)[-3:]
-        received = client.collect_ids(dead_ids, 30)
-        dead = {r.result.job_id: r.result for r in received if r.result.job_id in dead_ids}
-    assert set(dead) == set(dead_ids)
-    for result in dead.values():
-        assert result.error is not None
-        assert result.error.code in {"device_timeout", "device_unreachable"}
-        assert result.duration_ms <= 4 * 1.2 * 1000
+    healthy_behind_dead(client, snmpd, subnet="127.0.3", tag="burst", healthy=10)
     (widened,) = poller.events("window_widened")
     assert (widened["prefetch"], widened["spare_prefetch"]) == (16, 48)
     deadline = time.monotonic() + 10
