@@ -7,6 +7,7 @@ each class once per process and maps every kind it serves to that instance.
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import TYPE_CHECKING
 
 from poller.drivers.base import Driver, DriverFactory
@@ -17,6 +18,10 @@ if TYPE_CHECKING:
     from poller.config import PollerSettings
 
 __all__ = ["DRIVERS", "build_drivers", "get_driver"]
+
+# cryptography 51 deprecates DSA and warns when asyncssh (drivers.ssh) merely names the DSA key
+# types at import: five lines on stderr at every start, about no key in use. Only those go.
+warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"asyncssh(\.|$)")
 
 
 def _registry() -> dict[JobKind, type[DriverFactory]]:
