@@ -25,7 +25,16 @@ from pydantic import JsonValue
 from poller.errors import DeviceQuarantinedError
 from poller.wire import QuarantineEntry, format_timestamp
 
-__all__ = ["Change", "Outcome", "Quarantine", "Ticket", "classify"]
+__all__ = ["SILENCE_EVIDENCE", "Change", "Outcome", "Quarantine", "Ticket", "classify", "weigh"]
+
+#: Seconds of silence (at most; half the job's timeout when that is shorter) that make a timeout
+#: count against a device that answered its last job. A job that got its slot just before its
+#: deadline, behind the other jobs of its device, times out after a few milliseconds: that says
+#: nothing about the device, and three of them in a row would quarantine a live but busy one.
+#: Against a device that has not answered (never seen, or its last job timed out) every timeout
+#: counts: its waiting jobs are the oldest ones, those that start with little time left, and a
+#: dead device must still be quarantined after its first few jobs.
+SILENCE_EVIDENCE = 1.0
 
 #: Error codes that say nothing about the device: the job never reached it, or the poller
 #: itself failed. They neither count as a timeout nor release a quarantine.
@@ -74,6 +83,22 @@ def classify(code: str | None, kind: str, data: Mapping[str, JsonValue] | None =
     if code in _NEUTRAL_CODES:
         return Outcome.NEUTRAL
     return Outcome.ALIVE
+
+
+def weigh(outcome: Outcome, silent_for: float, timeout: float, *, trusted: bool) -> Outcome:
+    """`outcome`, unless it is a timeout of a `trusted` device (one that answered its last job)
+    after too short a wait to tell (`SILENCE_EVIDENCE`).
+
+    `silent_for` is how long the job had the device (seconds, from its start against the
+    device to its end); `timeout` is the job's whole deadline.
+    """
+    if (
+        trusted
+        and outcome is Outcome.TIMEOUT
+        and silent_for < min(SILENCE_EVIDENCE, timeout / 2)
+    ):
+        return Outcome.NEUTRAL
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)

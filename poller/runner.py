@@ -31,7 +31,7 @@ from poller.errors import (
 )
 from poller.logging import get_logger
 from poller.pacing import Trickle
-from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
+from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify, weigh
 from poller.wire import ErrorInfo, JobRequest, JobResult, now
 
 __all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
@@ -48,8 +48,9 @@ class Attempt:
 
 
 def _timeout_error(
-    exc: TimeoutError, host: str, timeout: float, *, reached: bool
+    exc: TimeoutError, host: str, timeout: float, *, reached: bool, had: float
 ) -> DeviceTimeoutError:
+    """`had`: seconds the job had its device (it started late when it waited for a slot)."""
     if not reached:
         return DeviceTimeoutError(
             f"not started within {timeout:g} s: no free slot (the poller was at its "
@@ -57,6 +58,11 @@ def _timeout_error(
         )
     if isinstance(exc, DeviceTimeoutError):
         return exc
+    if had < timeout * 0.9:
+        return DeviceTimeoutError(
+            f"no complete answer from {host} in the {had:.3g} s left of {timeout:g} s "
+            "(the rest went waiting for a slot)"
+        )
     return DeviceTimeoutError(f"no complete answer from {host} within {timeout:g} s")
 
 
@@ -195,7 +201,7 @@ class Runner:
         except DeviceQuarantinedError:
             await self._refusals.turn()  # no device contacted: a low-priority answer
             raise
-        outcome, error, reached = Outcome.NEUTRAL, "", False
+        outcome, error, reached, contacted = Outcome.NEUTRAL, "", False, 0.0
         lease = self.admission.lease(
             job.target.host,
             returnable=job.idempotent,
@@ -207,12 +213,18 @@ class Runner:
         try:
             async with lease, asyncio.timeout_at(deadline):
                 self.quarantine.check(ticket)
-                reached = True
+                reached, contacted = True, loop.time()
                 data = await driver.run(job, auth, ctx)
                 outcome = classify(None, job.kind, data)
                 return data
         except TimeoutError as timeout_exc:
-            failure = _timeout_error(timeout_exc, job.target.host, timeout, reached=reached)
+            failure = _timeout_error(
+                timeout_exc,
+                job.target.host,
+                timeout,
+                reached=reached,
+                had=loop.time() - contacted if reached else 0.0,
+            )
             # A job that timed out while queued for its slots says nothing about its device.
             outcome, error = (Outcome.TIMEOUT if reached else Outcome.NEUTRAL), failure.message
             raise failure from None
@@ -222,6 +234,15 @@ class Runner:
             outcome, error = classify(exc.code, job.kind, exc.data), exc.message
             raise
         finally:
+            if reached:
+                # A job that got its slots just before its deadline: its timeout may be no
+                # evidence against its device.
+                outcome = weigh(
+                    outcome,
+                    loop.time() - contacted,
+                    timeout,
+                    trusted=self.quarantine.trusted(ticket.device),
+                )
             self._settle(ticket, outcome, error)
 
     def _settle(self, ticket: Ticket, outcome: Outcome, error: str) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from poller.errors import DeviceQuarantinedError, DeviceUnreachableError
-from poller.quarantine import Change, Outcome, Quarantine, classify
+from poller.quarantine import SILENCE_EVIDENCE, Change, Outcome, Quarantine, classify, weigh
 
 T0 = 1_800_000_000.0
 
@@ -212,3 +212,23 @@ def test_classify_reads_outcomes_as_the_docs_say(
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="cooldown"):
         Quarantine(cooldown=60, max_cooldown=30)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "silent_for", "timeout", "expected"),
+    [
+        (Outcome.TIMEOUT, 0.005, 10.0, Outcome.NEUTRAL),  # started just before its deadline
+        (Outcome.TIMEOUT, SILENCE_EVIDENCE - 0.01, 10.0, Outcome.NEUTRAL),
+        (Outcome.TIMEOUT, SILENCE_EVIDENCE, 10.0, Outcome.TIMEOUT),
+        (Outcome.TIMEOUT, 0.25, 0.5, Outcome.TIMEOUT),  # half of a short deadline is enough
+        (Outcome.TIMEOUT, 0.2, 0.5, Outcome.NEUTRAL),
+        (Outcome.ALIVE, 0.001, 10.0, Outcome.ALIVE),  # an answer is an answer, however quick
+        (Outcome.NEUTRAL, 5.0, 10.0, Outcome.NEUTRAL),
+    ],
+)
+def test_a_timeout_of_a_device_that_answered_counts_only_after_enough_silence(
+    outcome: Outcome, silent_for: float, timeout: float, expected: Outcome
+) -> None:
+    assert weigh(outcome, silent_for, timeout, trusted=True) is expected
+    # A device that has not answered yet: every outcome stands.
+    assert weigh(outcome, silent_for, timeout, trusted=False) is outcome

@@ -391,6 +391,28 @@ async def test_timing_out_while_queued_behind_a_slow_device_does_not_quarantine_
     assert runner.quarantine.entries() == []
 
 
+async def test_jobs_that_got_their_slot_just_before_the_deadline_do_not_quarantine(
+    driver: MemoryDriver,
+) -> None:
+    # A live device, slow under a burst: the jobs behind its per-device limit start late and
+    # time out after a fraction of their deadline. Two in a row would quarantine it (after=2).
+    runner = breaker_runner(driver, FakeClock(), per_device=2, after=2)
+    driver.delay = 0.3
+    results = await asyncio.gather(*(runner.run(make_job("busy", timeout=0.5)) for _ in range(4)))
+    assert [r.status for r in results] == ["ok", "ok", "error", "error"]
+    late = [r.error for r in results[2:] if r.error]
+    assert [e.code for e in late] == ["device_timeout"] * 2
+    assert all("s left of 0.5 s (the rest went waiting for a slot)" in e.message for e in late)
+    assert runner.quarantine.entries() == []
+    assert runner.quarantine.trusted("busy")
+    # The same silence with the whole deadline to answer in counts.
+    driver.delay = 1.0
+    await asyncio.gather(*(runner.run(make_job("busy", timeout=0.2)) for _ in range(2)))
+    (entry,) = runner.quarantine.entries()
+    assert entry.device == "busy"
+    assert "within 0.2 s" in entry.last_error
+
+
 class SwitchDriver:
     """A device that is dead (silent) until `dead` is set to False."""
 
