@@ -92,11 +92,7 @@ def weigh(outcome: Outcome, silent_for: float, timeout: float, *, trusted: bool)
     `silent_for` is how long the job had the device (seconds, from its start against the
     device to its end); `timeout` is the job's whole deadline.
     """
-    if (
-        trusted
-        and outcome is Outcome.TIMEOUT
-        and silent_for < min(SILENCE_EVIDENCE, timeout / 2)
-    ):
+    if trusted and outcome is Outcome.TIMEOUT and silent_for < min(SILENCE_EVIDENCE, timeout / 2):
         return Outcome.NEUTRAL
     return outcome
 
