@@ -14,6 +14,7 @@ per-device slot, and reports the outcome with `settle`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -178,11 +179,24 @@ class Quarantine:
         """
         return device in self._alive
 
-    def settle(self, ticket: Ticket, outcome: Outcome, error: str = "") -> Change | None:
-        """Record how the job of `ticket` ended; the resulting transition, if any."""
+    def settle(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        error: str = "",
+        *,
+        silent_for: float = math.inf,
+        timeout: float = math.inf,
+    ) -> Change | None:
+        """Record how the job of `ticket` ended; the resulting transition, if any.
+
+        `silent_for`: how long the job had the device; `timeout`: its whole deadline (seconds).
+        A timeout after too short a wait may not count (`weigh`).
+        """
         record = self._records.get(ticket.device)
         if ticket.probe and record is not None:
             record.probing = False
+        outcome = weigh(outcome, silent_for, timeout, trusted=ticket.device in self._alive)
         if outcome is Outcome.NEUTRAL:
             return None
         self._remember(ticket.device, alive=outcome is Outcome.ALIVE)

@@ -10,6 +10,7 @@ result here: it propagates, so that the worker can requeue the job (DESIGN §5).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from poller.errors import (
 )
 from poller.logging import get_logger
 from poller.pacing import Trickle
-from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify, weigh
+from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
 from poller.wire import ErrorInfo, JobRequest, JobResult, now
 
 __all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
@@ -48,10 +49,10 @@ class Attempt:
 
 
 def _timeout_error(
-    exc: TimeoutError, host: str, timeout: float, *, reached: bool, had: float
+    exc: TimeoutError, host: str, timeout: float, *, had: float | None
 ) -> DeviceTimeoutError:
-    """`had`: seconds the job had its device (it started late when it waited for a slot)."""
-    if not reached:
+    """`had`: seconds the job had its device (less when it waited for a slot; None: never)."""
+    if had is None:
         return DeviceTimeoutError(
             f"not started within {timeout:g} s: no free slot (the poller was at its "
             f"concurrency, or {host} at its per-device limit); nothing was sent"
@@ -201,7 +202,8 @@ class Runner:
         except DeviceQuarantinedError:
             await self._refusals.turn()  # no device contacted: a low-priority answer
             raise
-        outcome, error, reached, contacted = Outcome.NEUTRAL, "", False, 0.0
+        outcome, error = Outcome.NEUTRAL, ""
+        contacted: float | None = None  # loop time the job went to its device
         lease = self.admission.lease(
             job.target.host,
             returnable=job.idempotent,
@@ -213,20 +215,15 @@ class Runner:
         try:
             async with lease, asyncio.timeout_at(deadline):
                 self.quarantine.check(ticket)
-                reached, contacted = True, loop.time()
+                contacted = loop.time()
                 data = await driver.run(job, auth, ctx)
                 outcome = classify(None, job.kind, data)
                 return data
         except TimeoutError as timeout_exc:
-            failure = _timeout_error(
-                timeout_exc,
-                job.target.host,
-                timeout,
-                reached=reached,
-                had=loop.time() - contacted if reached else 0.0,
-            )
+            had = None if contacted is None else loop.time() - contacted
+            failure = _timeout_error(timeout_exc, job.target.host, timeout, had=had)
             # A job that timed out while queued for its slots says nothing about its device.
-            outcome, error = (Outcome.TIMEOUT if reached else Outcome.NEUTRAL), failure.message
+            outcome, error = (Outcome.NEUTRAL if had is None else Outcome.TIMEOUT), failure.message
             raise failure from None
         except DeviceQuarantinedError:
             raise
@@ -234,22 +231,19 @@ class Runner:
             outcome, error = classify(exc.code, job.kind, exc.data), exc.message
             raise
         finally:
-            if reached:
-                # A job that got its slots just before its deadline: its timeout may be no
-                # evidence against its device.
-                outcome = weigh(
-                    outcome,
-                    loop.time() - contacted,
-                    timeout,
-                    trusted=self.quarantine.trusted(ticket.device),
-                )
-            self._settle(ticket, outcome, error)
+            # A timeout after too short a time with the device may not count (read only then).
+            silent_for = math.inf
+            if outcome is Outcome.TIMEOUT and contacted is not None:
+                silent_for = loop.time() - contacted
+            self._settle(ticket, outcome, error, silent_for, timeout)
 
-    def _settle(self, ticket: Ticket, outcome: Outcome, error: str) -> None:
+    def _settle(
+        self, ticket: Ticket, outcome: Outcome, error: str, silent_for: float, timeout: float
+    ) -> None:
         device = ticket.device
         quarantine = self.quarantine
         was_trusted = quarantine.trusted(device)
-        change = quarantine.settle(ticket, outcome, error)
+        change = quarantine.settle(ticket, outcome, error, silent_for=silent_for, timeout=timeout)
         if quarantine.trusted(device) is not was_trusted:
             self.admission.refile(device)
         if change is Change.QUARANTINED or change is Change.EXTENDED:
