@@ -564,6 +564,20 @@ def results_binding_key() -> str:
     return "result.#"
 
 
+def history_queue() -> str:
+    """The core service's ingest queue (DESIGN §10): every result, apart from the core's own."""
+    return "usm_poller.history"
+
+
+def history_binding_keys() -> tuple[str, ...]:
+    """`usm_poller.history` gets results and RPC replies alike."""
+    return ("result.#", "reply.#")
+
+
+def history_queue_arguments() -> dict[str, str | int]:
+    return {"x-queue-type": "quorum"}
+
+
 def events_exchange() -> str:
     return "usm_poller.events"
 

@@ -25,7 +25,7 @@ import pytest
 
 from satellite.service.settings import DatabaseUrl, parse_database_url
 
-__all__ = ["db_url", "pg_database", "postgres_unavailable_reason"]
+__all__ = ["db_url", "pg_admin", "pg_database", "postgres_unavailable_reason"]
 
 _DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432"
 
@@ -34,17 +34,19 @@ def _server() -> str:
     return os.environ.get("TEST_POSTGRES_URL", _DEFAULT_SERVER).rstrip("/")
 
 
-async def _admin(sql: str) -> None:
+async def pg_admin(*statements: str) -> None:
+    """Run statements on the server's `postgres` database, one after the other."""
     conn = await asyncpg.connect(f"{_server()}/postgres", timeout=10)
     try:
-        await conn.execute(sql, timeout=30)
+        for sql in statements:
+            await conn.execute(sql, timeout=30)
     finally:
         await conn.close(timeout=10)
 
 
 def postgres_unavailable_reason() -> str | None:
     try:
-        asyncio.run(_admin("SELECT 1"))
+        asyncio.run(pg_admin("SELECT 1"))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         return f"no PostgreSQL at {_server()} ({type(exc).__name__}: {exc})"
     return None
@@ -59,11 +61,11 @@ def pg_database() -> Iterator[str]:
             pytest.fail(f"PostgreSQL is required in CI: {reason}")
         pytest.skip(f"PostgreSQL is not available: {reason}")
     name = f"t_core_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
     try:
         yield f"{_server()}/{name}"
     finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _reset(url: str) -> None:

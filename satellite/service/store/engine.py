@@ -1,5 +1,8 @@
 """The history store's engine: driver settings per database, and migrations at start-up.
 
+Statement parameters are hidden from SQLAlchemy's error messages: they hold results, which
+never reach a log.
+
 SQLite gets WAL, `busy_timeout` and `synchronous=NORMAL` on every connection (one writer at a
 time; readers never block it). Migrations run through Alembic from the package's own
 `migrations/` directory; on PostgreSQL an advisory lock makes replicas that start together run
@@ -38,7 +41,10 @@ def connect(db: DatabaseUrl, *, pool_size: int = 5) -> AsyncEngine:
     """An async engine for the store (no connection is made until first use)."""
     if db.dialect == "sqlite":
         engine = create_async_engine(
-            db.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_pre_ping=True
+            db.url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_pre_ping=True,
+            hide_parameters=True,
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -48,6 +54,7 @@ def connect(db: DatabaseUrl, *, pool_size: int = 5) -> AsyncEngine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=CONNECT_TIMEOUT_S,
+        hide_parameters=True,
         connect_args={
             "timeout": CONNECT_TIMEOUT_S,
             "command_timeout": STATEMENT_TIMEOUT_S,
