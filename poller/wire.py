@@ -578,6 +578,16 @@ def history_queue_arguments() -> dict[str, str | int]:
     return {"x-queue-type": "quorum"}
 
 
+def core_reply_queue(replica: str) -> str:
+    """A `satellite serve` replica's own queue for the results of jobs it waits for."""
+    return f"usm_poller.core-reply.{validate_satellite_id(replica)}"
+
+
+def core_reply_queue_arguments() -> dict[str, str | int]:
+    """A classic queue the broker deletes 10 minutes after its replica is gone."""
+    return {"x-expires": 600_000}
+
+
 def events_exchange() -> str:
     return "usm_poller.events"
 

@@ -1,0 +1,166 @@
+"""Composition root of `satellite serve`: settings → store (migrated) → broker → ingest → HTTP.
+
+The only place that builds objects from settings. `Core.start()` opens the history store (and
+migrates it), starts the ingest of `usm_poller.history`, this replica's reply queue (which also
+publishes jobs) and the housekeeping loop (overdue sweep, retention); `create_app()` builds the
+FastAPI application over them; `run()` serves it on `USM_CORE_LISTEN` until SIGTERM or SIGINT
+and then stops in order: stop listening and finish the requests in flight, commit and ack what
+was ingested, close the broker connections and the store; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+
+from poller import __version__
+from poller.broker import BrokerOptions
+from poller.logging import get_logger
+from satellite.service.api import health, jobs
+from satellite.service.api.problems import install_problem_handlers
+from satellite.service.ingest import Ingest
+from satellite.service.jobs import JobService, Waiters
+from satellite.service.replies import Replies
+from satellite.service.settings import CoreSettings
+from satellite.service.store import Store
+
+__all__ = ["Core", "create_app", "replica_name"]
+
+log = get_logger("satellite.service")
+
+#: Seconds between overdue sweeps, and between retention passes.
+OVERDUE_EVERY = 15.0
+RETENTION_EVERY = 3600.0
+#: The SIGTERM budget (DESIGN §10: exit within 30 s): requests in flight, then the ingest.
+HTTP_DRAIN_SECONDS = 20.0
+INGEST_DRAIN_SECONDS = 5.0
+
+
+def replica_name() -> str:
+    """This process's name among the replicas: host, pid and a random part (one word)."""
+    host = "".join(c if c.isalnum() or c in "_-" else "-" for c in socket.gethostname())[:32]
+    return f"{host or 'core'}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Core:
+    """Everything one replica runs besides HTTP."""
+
+    settings: CoreSettings
+    store: Store
+    ingest: Ingest
+    replies: Replies
+    jobs: JobService
+    waiters: Waiters
+    replica: str
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, settings: CoreSettings, *, replica: str | None = None) -> Core:
+        """Open the store (migrating it) and start ingest, replies and housekeeping."""
+        replica = replica or replica_name()
+        store = await Store.open(settings.database)
+        broker = settings.broker()
+        urls = list(broker.urls)
+        context = broker.ssl_context()
+        contexts = {n: context for n, url in enumerate(urls) if url.tls and context is not None}
+        waiters = Waiters()
+        ingest = Ingest(
+            store,
+            urls,
+            BrokerOptions(
+                connection_name=f"satellite-serve {replica} ingest",
+                prefetch=settings.ingest_batch * 2,
+                ssl_contexts=contexts,
+            ),
+            batch=settings.ingest_batch,
+            linger=settings.ingest_linger_ms / 1000,
+            on_committed=waiters.notify,
+        )
+        replies = Replies(
+            urls,
+            BrokerOptions(
+                connection_name=f"satellite-serve {replica} api",
+                prefetch=256,
+                ssl_contexts=contexts,
+            ),
+            replica=replica,
+            waiters=waiters,
+        )
+        service = JobService(store, replies.broker, waiters, reply_queue=replies.queue)
+        core = cls(settings, store, ingest, replies, service, waiters, replica)
+        core.tasks = [
+            asyncio.create_task(ingest.run(), name="ingest"),
+            asyncio.create_task(replies.broker.run(), name="replies"),
+            asyncio.create_task(core._housekeeping(), name="housekeeping"),
+        ]
+        return core
+
+    async def readiness(self) -> dict[str, bool]:
+        store_ok = await self.store.ping(timeout=3.0)
+        return {
+            "store": store_ok,
+            "broker": self.replies.broker.connected and self.ingest.broker.consuming,
+        }
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_purge = loop.time() + 60.0
+        while True:
+            await asyncio.sleep(OVERDUE_EVERY)
+            try:
+                overdue = await self.store.mark_overdue(self.settings.overdue_grace)
+                if overdue:
+                    log.info("jobs_overdue", count=overdue)
+                if loop.time() >= next_purge:
+                    next_purge = loop.time() + RETENTION_EVERY
+                    purged = await self.store.purge(self.settings.retention_days)
+                    log.info("history_purged", rows=purged, days=self.settings.retention_days)
+            except Exception as exc:  # noqa: BLE001 - housekeeping must outlive a bad moment
+                log.warning("housekeeping_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+
+    async def stop(self) -> None:
+        """Commit and ack what was ingested, close both connections and the store."""
+        ingest_task, _replies, housekeeping = self.tasks
+        housekeeping.cancel()
+        await self.ingest.stop(timeout=INGEST_DRAIN_SECONDS)
+        try:
+            async with asyncio.timeout(INGEST_DRAIN_SECONDS):
+                await asyncio.shield(ingest_task)
+        except TimeoutError:
+            log.warning("ingest_drain_timed_out", left=self.ingest.backlog)
+            ingest_task.cancel()
+        await self.ingest.close(timeout=2.0)
+        await self.replies.broker.close(timeout=2.0)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.store.close()
+        log.info("core_stopped", results_ingested=self.ingest.stats.results)
+
+
+def create_app(core: Core) -> FastAPI:
+    """The HTTP API v1 over a started `Core`."""
+    app = FastAPI(
+        title="satellite serve",
+        summary="Jobs for the satellite pollers over HTTP, and their history",
+        version=__version__,
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+    )
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.state.jobs = core.jobs
+    app.state.readiness = core.readiness
+    return app

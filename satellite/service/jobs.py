@@ -1,0 +1,273 @@
+"""Jobs through the service: validate, record `queued`, publish with a confirm, wait for results.
+
+The layer below the HTTP routers (no HTTP here) and above the store and the broker:
+
+* `JobService.submit()` fills in `v` and `id` when missing, validates the job with the wire's own
+  decoder (so the API refuses exactly what a poller would, with the wire's codes), records it
+  `queued`, then publishes it to `usm_poller.jobs` and waits for the broker's confirm. A publish
+  that is not confirmed (broker down, no queue for the satellite) turns the row into `error`
+  with code `not_published`: a job is never left `queued` when no poller can ever answer it.
+* A caller that waits (`Prefer: wait=N`) gets its result through this replica's reply queue:
+  the job carries `reply_to`, the poller publishes the result as `reply.<sat>.<queue>`, which
+  reaches this replica's exclusive-by-name queue and, through `reply.#`, the history.
+* `get()` with a wait long-polls: woken by results this replica ingests or receives as replies,
+  and re-reading the store meanwhile for results another replica ingested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from poller import wire
+from poller.broker import Broker, UnroutableError, properties
+from poller.errors import BrokerError, WireError
+from poller.logging import get_logger
+from satellite.service.store import JobExistsError, JobFilter, JobRecord, Page, QueuedJob, Store
+
+__all__ = [
+    "MAX_WAIT_SECONDS",
+    "JobService",
+    "JobSubmitError",
+    "Submitted",
+    "Waiters",
+]
+
+log = get_logger("satellite.service.jobs")
+
+MAX_WAIT_SECONDS = 60.0
+#: How often a long poll re-reads the store (results another replica ingested).
+POLL_INTERVAL = 0.5
+
+
+class JobSubmitError(Exception):
+    """A submit the service refuses; `code` is stable, `status` the HTTP status it maps to."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, *, retry_after: int | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    record: JobRecord
+    answered: bool
+    """True when the result is in `record` (it arrived within the wait)."""
+
+
+class Waiters:
+    """Futures of callers waiting for a job's result, woken by ingest commits and replies."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Future[wire.JobResult]]] = {}
+
+    def watch(self, job_id: str) -> asyncio.Future[wire.JobResult]:
+        future: asyncio.Future[wire.JobResult] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(job_id, set()).add(future)
+        return future
+
+    def forget(self, job_id: str, future: asyncio.Future[wire.JobResult]) -> None:
+        futures = self._waiting.get(job_id)
+        if futures is not None:
+            futures.discard(future)
+            if not futures:
+                del self._waiting[job_id]
+
+    def notify(self, results: Iterable[wire.JobResult]) -> None:
+        for result in results:
+            for future in self._waiting.pop(result.job_id, ()):
+                if not future.done():
+                    future.set_result(result)
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self._waiting.values())
+
+
+def prepare_job(body: bytes | dict[str, Any], *, max_bytes: int) -> wire.JobRequest:
+    """The job in `body` with `v` and `id` filled in when missing; `WireError` when invalid."""
+    if isinstance(body, bytes):
+        if len(body) > max_bytes:
+            raise WireError(f"the job is {len(body)} bytes; the limit is {max_bytes} bytes")
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError):
+            raise WireError("the body is not valid UTF-8 JSON") from None
+    else:
+        raw = body
+    if not isinstance(raw, dict):
+        raise WireError("the body must be a JSON object (one job)")
+    raw.setdefault("v", wire.PROTOCOL_VERSION)
+    if raw.get("id") is None:
+        raw["id"] = str(uuid.uuid4())
+    return wire.decode_job(json.dumps(raw).encode())
+
+
+def merged(record: JobRecord, result: wire.JobResult) -> JobRecord:
+    """The record as it will be once `result` is stored (for an answer the store has not yet)."""
+    return record.model_copy(
+        update={
+            "status": result.status,
+            "error_code": result.error.code if result.error else None,
+            "started_at": result.started_at,
+            "finished_at": result.finished_at,
+            "attempt": result.attempt,
+            "redelivered": result.redelivered,
+            "worker": result.worker,
+            "duration_ms": result.duration_ms,
+            "answers": record.answers + 1,
+            "result": result.model_dump(mode="json"),
+        }
+    )
+
+
+class JobService:
+    """Submit, look up and wait for jobs; one per replica."""
+
+    def __init__(
+        self,
+        store: Store,
+        publisher: Broker,
+        waiters: Waiters,
+        *,
+        reply_queue: str,
+        max_job_bytes: int = 262_144,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.waiters = waiters
+        self.reply_queue = reply_queue
+        self.max_job_bytes = max_job_bytes
+
+    async def submit(
+        self,
+        satellite_id: str,
+        body: bytes | dict[str, Any],
+        *,
+        source: str = "api",
+        wait: float | None = None,
+    ) -> Submitted:
+        """Validate, record, publish; wait up to `wait` s for the result. `JobSubmitError`."""
+        try:
+            wire.validate_satellite_id(satellite_id)
+        except ValueError as exc:
+            raise JobSubmitError(404, "unknown_satellite", str(exc)) from None
+        try:
+            job = prepare_job(body, max_bytes=self.max_job_bytes)
+        except WireError as exc:
+            raise JobSubmitError(422, exc.error_code, exc.message) from None
+        now = self.store.clock()
+        queued = QueuedJob(
+            id=job.id,
+            satellite_id=satellite_id,
+            kind=job.kind,
+            host=job.target.host,
+            port=job.target.port,
+            source=source,
+            submitted_at=now,
+            timeout=job.timeout,
+        )
+        try:
+            await self.store.record_queued(queued)
+        except JobExistsError:
+            raise JobSubmitError(
+                409, "job_exists", f"a job with id {job.id!r} was submitted already"
+            ) from None
+        waiting = self.waiters.watch(job.id) if wait else None
+        try:
+            await self._publish(satellite_id, job, reply=wait is not None and wait > 0)
+            record = await self.store.get_job(job.id)
+            assert record is not None
+            if waiting is None or wait is None:
+                return Submitted(record, answered=False)
+            return await self._wait(record, waiting, min(wait, MAX_WAIT_SECONDS))
+        finally:
+            if waiting is not None:
+                self.waiters.forget(job.id, waiting)
+
+    async def _publish(self, satellite_id: str, job: wire.JobRequest, *, reply: bool) -> None:
+        props = properties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=job.id,
+            type=job.kind,
+            reply_to=self.reply_queue if reply else None,
+        )
+        try:
+            await self.publisher.publish(
+                wire.jobs_exchange(), wire.jobs_routing_key(satellite_id), wire.encode(job), props
+            )
+        except BrokerError as exc:
+            await self.store.mark_not_published(job.id)
+            log.warning(
+                "job_not_published",
+                job_id=job.id,
+                satellite_id=satellite_id,
+                reason=str(exc)[:200],
+            )
+            if isinstance(exc, UnroutableError):
+                raise JobSubmitError(
+                    404,
+                    "unknown_satellite",
+                    f"no queue is bound for satellite {satellite_id!r} "
+                    "(declare it with `satellite declare`, or start its pollers)",
+                ) from None
+            raise JobSubmitError(
+                503, "broker_unavailable", f"the broker did not take the job: {exc}", retry_after=5
+            ) from None
+
+    async def _wait(
+        self, record: JobRecord, waiting: asyncio.Future[wire.JobResult], wait: float
+    ) -> Submitted:
+        try:
+            async with asyncio.timeout(wait):
+                result = await asyncio.shield(waiting)
+        except TimeoutError:
+            latest = await self.store.get_job(record.id)
+            if latest is not None and latest.status not in ("queued", "overdue"):
+                return Submitted(latest, answered=True)
+            return Submitted(latest or record, answered=False)
+        latest = await self.store.get_job(record.id)
+        if latest is not None and latest.answers > 0:
+            return Submitted(latest, answered=True)
+        return Submitted(merged(latest or record, result), answered=True)
+
+    async def search(self, where: JobFilter, *, limit: int, cursor: str | None) -> Page:
+        """A page of the history, newest first; `ValueError` for a cursor that is not ours."""
+        return await self.store.search(where, limit=limit, cursor=cursor)
+
+    async def get(self, job_id: str, *, wait: float = 0.0) -> JobRecord | None:
+        """The job's record; with `wait`, up to that many seconds until it is no longer queued."""
+        record = await self.store.get_job(job_id)
+        if record is None or wait <= 0 or record.status != "queued":
+            return record
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait, MAX_WAIT_SECONDS)
+        waiting = self.waiters.watch(job_id)
+        try:
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(min(left, POLL_INTERVAL)):
+                        result = await asyncio.shield(waiting)
+                except TimeoutError:
+                    pass
+                else:
+                    latest = await self.store.get_job(job_id)
+                    if latest is not None and latest.answers > 0:
+                        return latest
+                    return merged(latest or record, result)
+                latest = await self.store.get_job(job_id)
+                if latest is None or latest.status != "queued":
+                    return latest
+                record = latest
+        finally:
+            self.waiters.forget(job_id, waiting)
+        return record

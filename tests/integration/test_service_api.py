@@ -1,0 +1,234 @@
+"""HTTP API v1 in process (httpx over ASGI) on a started `Core`: real broker, real store (both
+databases), and a real `poller run` against snmpd where a job must be answered."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from satellite.cli import main as satellite_cli
+from satellite.service.app import Core, create_app
+from satellite.service.settings import DatabaseUrl, load_settings
+from satellite.service.store.queries import NOT_PUBLISHED
+from tests.support.poller_proc import PollerFactory, snmp_job
+from tests.support.rabbitmq import AmqpVhost
+from tests.support.snmpd import Snmpd
+
+pytestmark = pytest.mark.integration
+
+SECRET = f"community-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def core(amqp_vhost: AmqpVhost, db_url: DatabaseUrl) -> AsyncIterator[Core]:
+    settings = load_settings(
+        {
+            "US_AMQP_DSN": amqp_vhost.dsn,
+            "USM_CORE_DB": db_url.url.render_as_string(hide_password=False),
+        }
+    )
+    started = await Core.start(settings)
+    assert await started.replies.broker.wait_ready(30)
+    assert await started.ingest.broker.wait_ready(30)
+    yield started
+    await started.stop()
+
+
+@pytest.fixture
+async def api(core: Core) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(core))
+    async with httpx.AsyncClient(transport=transport, base_url="http://core", timeout=90) as c:
+        yield c
+
+
+def job(host: str = "127.0.0.1", port: int = 161, **kw: Any) -> dict[str, Any]:
+    body = snmp_job(host, port, community=SECRET, **kw)
+    del body["v"]
+    if "job_id" not in kw:
+        del body["id"]
+    return body
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"].endswith("/" + code)
+    assert body["title"]
+    assert SECRET not in response.text
+    return body
+
+
+async def test_health_readiness_and_openapi(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"store": True, "broker": True}
+    spec = (await api.get("/v1/openapi.json")).json()
+    assert {"/v1/satellites/{satellite_id}/jobs", "/v1/jobs/{job_id}", "/v1/jobs"} <= set(
+        spec["paths"]
+    )
+
+
+async def test_readiness_fails_when_the_broker_is_gone(core: Core, api: httpx.AsyncClient) -> None:
+    await core.replies.broker.close()
+    body = assert_problem(await api.get("/readyz"), 503, "not_ready")
+    assert body["checks"]["broker"] is False
+
+
+async def test_a_job_without_prefer_is_queued_202_with_location(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    await declare_satellite(core, sid)
+    response = await api.post(f"/v1/satellites/{sid}/jobs", json=job())
+    assert response.status_code == 202, response.text
+    record = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{record['id']}"
+    assert (record["status"], record["source"], record["satellite_id"]) == ("queued", "api", sid)
+    assert (record["host"], record["port"], record["kind"]) == ("127.0.0.1", 161, "snmp.get")
+    assert record["result"] is None
+    uuid.UUID(record["id"])  # the service filled the id in
+    again = await api.get(response.headers["location"])
+    assert again.json()["status"] == "queued"
+    found = await api.get("/v1/jobs", params={"satellite": sid})
+    assert [r["id"] for r in found.json()["items"]] == [record["id"]]
+    # The same id twice is a conflict.
+    conflict = await api.post(f"/v1/satellites/{sid}/jobs", json=job() | {"id": record["id"]})
+    assert_problem(conflict, 409, "job_exists")
+
+
+async def declare_satellite(core: Core, sid: str) -> None:
+    """The satellite's queues, made by the real `satellite declare`."""
+    dsn = core.settings.amqp_dsn.get_secret_value()
+    code = await asyncio.to_thread(satellite_cli, ["declare", sid, "--dsn", dsn])
+    assert code == 0
+
+
+async def test_a_satellite_without_a_queue_is_404_and_the_job_is_not_left_queued(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    response = await api.post(f"/v1/satellites/{sid}/jobs", json=job(job_id="nowhere-" + sid))
+    assert_problem(response, 404, "unknown_satellite")
+    record = await core.store.get_job("nowhere-" + sid)
+    assert record is not None
+    assert (record.status, record.error_code) == ("error", NOT_PUBLISHED)
+
+
+async def test_a_broker_that_is_down_is_503_with_retry_after_and_nothing_queued(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    await core.replies.broker.close()
+    response = await api.post(f"/v1/satellites/{sid}/jobs", json=job() | {"id": f"down-{sid}"})
+    assert_problem(response, 503, "broker_unavailable")
+    assert response.headers["retry-after"] == "5"
+    record = await core.store.get_job(f"down-{sid}")
+    assert record is not None
+    assert record.status == "error"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "path"),
+    [
+        (
+            {"kind": "snmp.get", "target": {"host": "h"}, "params": {"oids": ["1.3.6"]}},
+            "invalid_job",
+            "auth",
+        ),
+        ({"kind": "snmp.gte", "target": {"host": "h"}}, "unknown_kind", None),
+        ({"v": 2, "kind": "snmp.get", "target": {"host": "h"}}, "unsupported_version", None),
+        (
+            {
+                "kind": "snmp.get",
+                "target": {"host": "h"},
+                "auth": {"version": "2c", "community": SECRET},
+                "params": {"oids": [SECRET]},
+            },
+            "invalid_job",
+            "params.oids",
+        ),
+    ],
+)
+async def test_an_invalid_job_is_422_with_the_wire_code_and_paths_never_values(
+    api: httpx.AsyncClient, sid: str, body: dict[str, Any], code: str, path: str | None
+) -> None:
+    problem = assert_problem(await api.post(f"/v1/satellites/{sid}/jobs", json=body), 422, code)
+    if path is not None:
+        assert path in problem["detail"]
+
+
+async def test_a_body_that_is_not_json_or_too_large_is_refused(
+    api: httpx.AsyncClient, sid: str
+) -> None:
+    url = f"/v1/satellites/{sid}/jobs"
+    assert_problem(await api.post(url, content=b"{not json"), 422, "invalid_job")
+    assert_problem(await api.post(url, content=b"[1, 2]"), 422, "invalid_job")
+    assert_problem(await api.post(url, content=b" " * 300_000), 413, "too_large")
+
+
+async def test_unknown_jobs_and_bad_queries_are_problems(api: httpx.AsyncClient) -> None:
+    assert_problem(await api.get("/v1/jobs/no-such-job"), 404, "job_not_found")
+    assert_problem(await api.get("/v1/jobs", params={"limit": 0}), 422, "invalid_request")
+    assert_problem(await api.get("/v1/jobs", params={"cursor": "xyz"}), 422, "invalid_cursor")
+    assert_problem(await api.get("/v1/nothing-here"), 404, "not_found")
+
+
+async def test_prefer_wait_returns_the_answer_from_a_real_poller(
+    core: Core,
+    api: httpx.AsyncClient,
+    start_poller: PollerFactory,
+    snmpd: Snmpd,
+    sid: str,
+) -> None:
+    await asyncio.to_thread(start_poller, sid)
+    body = job(snmpd.host, snmpd.port)
+    body["auth"]["community"] = snmpd.community
+    response = await api.post(
+        f"/v1/satellites/{sid}/jobs", json=body, headers={"Prefer": "wait=30"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["preference-applied"] == "wait=30"
+    record = response.json()
+    assert record["status"] == "ok"
+    assert record["answers"] >= 1
+    assert record["result"]["data"]["varbinds"][0]["value"] == snmpd.sys_name
+    # The history's copy arrives through usm_poller.history (reply.#) as well.
+    for _ in range(100):
+        stored = await core.store.get_job(record["id"])
+        if stored is not None and stored.answers:
+            break
+        await asyncio.sleep(0.1)
+    assert stored is not None
+    assert (stored.status, stored.source, stored.answers) == ("ok", "api", 1)
+    found = await api.get("/v1/jobs", params={"satellite": sid, "status": "ok"})
+    assert [r["id"] for r in found.json()["items"]] == [record["id"]]
+
+
+async def test_prefer_wait_that_runs_out_is_202_and_a_long_poll_gets_the_answer(
+    core: Core,
+    api: httpx.AsyncClient,
+    start_poller: PollerFactory,
+    snmpd: Snmpd,
+    sid: str,
+) -> None:
+    await declare_satellite(core, sid)
+    body = job(snmpd.host, snmpd.port)
+    body["auth"]["community"] = snmpd.community
+    response = await api.post(
+        f"/v1/satellites/{sid}/jobs", json=body, headers={"Prefer": "respond-async, wait=1"}
+    )
+    assert response.status_code == 202, response.text
+    location = response.headers["location"]
+    still = await api.get(location, params={"wait": 0.5})
+    assert still.json()["status"] == "queued"
+    poll = asyncio.create_task(api.get(location, params={"wait": 45}))
+    await asyncio.to_thread(start_poller, sid)
+    answered = await poll
+    assert answered.status_code == 200
+    assert answered.json()["status"] == "ok"
