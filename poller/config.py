@@ -8,7 +8,6 @@ the broker password is masked in every rendering of the DSN.
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,11 +210,6 @@ class PollerSettings(BaseSettings):
         or untrusted) must not stop jobs for other devices from being delivered.
         """
         return self.prefetch or min(65_535, self.concurrency * PREFETCH_PER_SLOT)
-
-    @property
-    def worker(self) -> str:
-        """This replica's name: the container's hostname unless set."""
-        return self.worker_name or socket.gethostname()
 
     @property
     def health_path(self) -> Path:

@@ -35,6 +35,7 @@ from poller.drivers import build_drivers
 from poller.drivers.base import Driver
 from poller.errors import BrokerError, WireError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
+from poller.identity import default_worker_name
 from poller.logging import get_logger
 from poller.quarantine import Quarantine
 from poller.runner import Attempt, NotStarted, Runner, error_result
@@ -86,7 +87,8 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
 
 
 def _worker_name(settings: PollerSettings) -> str:
-    return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+    """`USM_POLLER_WORKER_NAME`, else a name unique to this process start (poller/identity.py)."""
+    return settings.worker_name or default_worker_name()
 
 
 def _rss_bytes() -> int:
