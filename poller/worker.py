@@ -108,7 +108,10 @@ class Worker:
         *,
         drivers: Mapping[str, Driver],
         credentials: CredentialStore,
+        health_interval: float = WRITE_INTERVAL,
     ) -> None:
+        """`health_interval`: seconds between health-file rewrites besides those on every
+        change of the broker state (a test seam; `poller check` allows `health.MAX_AGE`)."""
         self._settings = settings
         self.name = _worker_name(settings)
         self._sid = settings.satellite_id
@@ -140,7 +143,12 @@ class Worker:
             queue=wire.jobs_queue(self._sid),
             topology=build_topology(self._sid, settings.queue_type),
             on_delivery=self._on_delivery,
+            on_state=self._health_changed,
         )
+        self._health_interval = health_interval
+        #: Set when the health file is out of date; the health loop writes it (one write at a
+        #: time: changes during a write make one more write, not a pile of them).
+        self._health_dirty = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._draining = False
@@ -207,6 +215,7 @@ class Worker:
 
     async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
         self._draining = True
+        self._health_changed()
         await self._broker.stop_consuming()
         waiting = self._runner.close()
         if waiting:
@@ -511,10 +520,18 @@ class Worker:
             return
         future.add_done_callback(_ignore_outcome)
 
+    def _health_changed(self) -> None:
+        """The broker state (or draining) changed: have the health loop write the file now."""
+        self._health_dirty.set()
+
     async def _health_loop(self) -> None:
+        """Write the health file on every state change, and every `health_interval` seconds."""
         while True:
+            self._health_dirty.clear()
             await self._write_health()
-            await asyncio.sleep(WRITE_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._health_interval):
+                    await self._health_dirty.wait()
 
     async def _write_health(self) -> None:
         state = HealthState(

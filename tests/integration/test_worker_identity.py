@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import subprocess
 import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from poller import __version__, wire
+from poller.config import PollerSettings
+from poller.credentials import CredentialStore
+from poller.health import HealthState, check
 from poller.identity import container_id
+from poller.worker import Worker
 from satellite.status import FleetView, satellite_status
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
+from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.snmpd import Snmpd
 
 HOSTNAME = "vm-7"
@@ -87,3 +98,80 @@ def test_replicas_with_one_hostname_and_pid_get_distinct_names(
     results = client.collect_ids(ids, timeout=60)
     assert {r.result.job_id for r in results} == set(ids)
     assert {r.result.worker for r in results} <= set(names)
+
+
+def _close_connections_of(vhost: AmqpVhost, user: str) -> None:
+    """Close every connection of `user` from the broker's side (`rabbitmqctl close_connection`)."""
+    for _ in range(100):
+        # Text, not JSON: the JSON formatter writes pids in a form close_connection refuses.
+        rows = rabbitmqctl("list_connections", "-p", vhost.name, "user", "pid", "-q")
+        rows_split = (row.partition("\t") for row in rows.splitlines())
+        pids = [pid for name, _, pid in rows_split if name == user]
+        if pids:
+            for pid in pids:
+                rabbitmqctl("close_connection", pid, "test: connection lost")
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no connection of {user} to close")
+
+
+def _read_health(path: Path) -> HealthState | None:
+    try:
+        return HealthState(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+async def _health_becomes(
+    path: Path, wanted: Callable[[HealthState], bool], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = await asyncio.to_thread(_read_health, path)
+        if seen is not None and wanted(seen):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the health file did not change as expected within {timeout} s: {seen}")
+
+
+async def test_health_file_is_written_when_the_broker_state_changes(
+    amqp_vhost: AmqpVhost, sid: str, tmp_path: Path
+) -> None:
+    """Not on the timer: with rewrites an hour apart, the file still follows the connection."""
+    user, password = f"health-{sid}", f"pw-{uuid.uuid4().hex}"
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, password)
+    try:
+        await asyncio.to_thread(
+            rabbitmqctl, "set_permissions", "-p", amqp_vhost.name, user, ".*", ".*", ".*"
+        )
+        health = tmp_path / "health.json"
+        settings = PollerSettings(
+            amqp_dsn=SecretStr(amqp_vhost.dsn_for(user, password)),
+            satellite_id=sid,
+            health_file=health,
+            state_dir=tmp_path,
+            heartbeat_interval=60,
+        )
+        worker = Worker(
+            settings, drivers={}, credentials=CredentialStore.load(None), health_interval=3600
+        )
+        run = asyncio.create_task(worker.run())
+        try:
+            await _health_becomes(health, lambda s: s.connected and s.consuming, timeout=20)
+            healthy, reason = check(health)
+            assert healthy, reason
+            # The broker drops the connection and (permissions gone) refuses it from now on.
+            await asyncio.to_thread(rabbitmqctl, "clear_permissions", "-p", amqp_vhost.name, user)
+            await asyncio.to_thread(_close_connections_of, amqp_vhost, user)
+            await _health_becomes(health, lambda s: not s.connected, timeout=20)
+            healthy, reason = check(health)
+            assert not healthy
+            assert "not connected to the broker" in reason
+        finally:
+            worker.request_stop()
+            assert await asyncio.wait_for(run, timeout=60) == 0
+        healthy, reason = check(health)
+        assert not healthy, "a stopped worker's file says so (written at shutdown)"
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)
