@@ -1,4 +1,4 @@
-"""Replica names and the health file of the real `poller run` process (issue 13, part 2)."""
+"""Replica names, the health file and start-up warnings of the real `poller run` (issue 13)."""
 
 from __future__ import annotations
 
@@ -175,3 +175,17 @@ async def test_health_file_is_written_when_the_broker_state_changes(
         assert not healthy, "a stopped worker's file says so (written at shutdown)"
     finally:
         await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+
+
+def test_poller_run_warns_once_about_a_misspelt_variable_and_runs(
+    start_poller: PollerFactory, sid: str
+) -> None:
+    poller = start_poller(sid, concurency="secret-looking-value")
+    [warning] = poller.events("unknown_setting_ignored")
+    assert warning["level"] == "warning"
+    assert warning["variable"] == "USM_POLLER_CONCURENCY"
+    assert warning["did_you_mean"] == "USM_POLLER_CONCURRENCY"
+    assert "secret-looking-value" not in poller.log_text()
+    [started] = poller.events("poller_started")
+    assert started["concurrency"] == 64
+    assert poller.terminate() == 0
