@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import structlog
@@ -149,6 +150,9 @@ class Worker:
         #: Set when the health file is out of date; the health loop writes it (one write at a
         #: time: changes during a write make one more write, not a pile of them).
         self._health_dirty = asyncio.Event()
+        #: Its own thread: a write never waits behind the default executor's calls (name
+        #: lookups of devices, which a slow DNS server can hold for seconds each).
+        self._health_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-file")
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._draining = False
@@ -239,6 +243,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - shutting down anyway; say what failed
                 log.warning("driver_close_failed", error=repr(exc))
         await self._write_health()
+        self._health_writer.shutdown(wait=False)
 
     # ------------------------------------------------------------------ deliveries
 
@@ -542,7 +547,9 @@ class Worker:
             in_flight=self.in_flight,
         )
         try:
-            await asyncio.to_thread(write_state, self._settings.health_path, state)
+            await asyncio.get_running_loop().run_in_executor(
+                self._health_writer, write_state, self._settings.health_path, state
+            )
         except OSError as exc:
             log.warning(
                 "health_file_not_written", path=str(self._settings.health_path), error=exc.strerror

@@ -6,9 +6,11 @@ import asyncio
 import json
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,12 +125,16 @@ def _read_health(path: Path) -> HealthState | None:
 
 
 async def _health_becomes(
-    path: Path, wanted: Callable[[HealthState], bool], timeout: float
+    path: Path,
+    wanted: Callable[[HealthState], bool],
+    timeout: float,
+    executor: ThreadPoolExecutor | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     seen = None
+    loop = asyncio.get_running_loop()
     while time.monotonic() < deadline:
-        seen = await asyncio.to_thread(_read_health, path)
+        seen = await loop.run_in_executor(executor, _read_health, path)
         if seen is not None and wanted(seen):
             return
         await asyncio.sleep(0.02)
@@ -157,20 +163,33 @@ async def test_health_file_is_written_when_the_broker_state_changes(
             settings, drivers={}, credentials=CredentialStore.load(None), health_interval=3600
         )
         run = asyncio.create_task(worker.run())
+        dedicated = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test")
         try:
             await _health_becomes(health, lambda s: s.connected and s.consuming, timeout=20)
             healthy, reason = check(health)
             assert healthy, reason
             # The broker drops the connection and (permissions gone) refuses it from now on.
             await asyncio.to_thread(rabbitmqctl, "clear_permissions", "-p", amqp_vhost.name, user)
-            await asyncio.to_thread(_close_connections_of, amqp_vhost, user)
-            await _health_becomes(health, lambda s: not s.connected, timeout=20)
+            # Meanwhile every thread of the default executor is busy (as with name lookups
+            # against a dead DNS server): the health file has a thread of its own.
+            release = threading.Event()
+            loop = asyncio.get_running_loop()
+            held = [loop.run_in_executor(None, release.wait, 60) for _ in range(40)]
+            try:
+                await loop.run_in_executor(dedicated, _close_connections_of, amqp_vhost, user)
+                await _health_becomes(
+                    health, lambda s: not s.connected, timeout=20, executor=dedicated
+                )
+            finally:
+                release.set()
+                await asyncio.gather(*held)
             healthy, reason = check(health)
             assert not healthy
             assert "not connected to the broker" in reason
         finally:
             worker.request_stop()
             assert await asyncio.wait_for(run, timeout=60) == 0
+            dedicated.shutdown()
         healthy, reason = check(health)
         assert not healthy, "a stopped worker's file says so (written at shutdown)"
     finally:
