@@ -39,6 +39,7 @@ __all__ = [
     "AmqpUrl",
     "PollerSettings",
     "UnknownVariable",
+    "known_variables",
     "load_settings",
     "mask_dsn",
     "parse_dsn",
