@@ -31,6 +31,7 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -47,7 +48,6 @@ import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from poller.errors import ConfigError
-from poller.logging import get_logger
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -81,7 +81,7 @@ _HEADER = (
     "# was printed once by `satellite token create`. Change with `satellite token create|revoke`.\n"
 )
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 
 class TokensError(ConfigError):
@@ -195,7 +195,7 @@ class TokensFile:
         The lookup is by hash, so its timing depends only on the SHA-256 of the candidate, which
         tells an attacker nothing about any stored token; the final comparison is constant-time.
         """
-        self._refresh()
+        self._refresh(log_errors=True)
         if not _TOKEN.match(token):
             return None
         digest = hash_token(token)
@@ -204,7 +204,7 @@ class TokensFile:
             return None
         return found
 
-    def _refresh(self) -> None:
+    def _refresh(self, *, log_errors: bool = False) -> None:
         with self._lock:
             try:
                 signature: _Signature | None = _signature(os.stat(self.path))
@@ -212,7 +212,7 @@ class TokensFile:
                 signature = None
             except OSError as exc:
                 error = self._error_for(f"cannot read: {exc.strerror}")
-                self._fail(error, None)
+                self._fail(error, None, log_errors)
                 raise error from None
             if self._loaded and signature == self._signature:
                 if self._error is not None:
@@ -221,16 +221,18 @@ class TokensFile:
             try:
                 tokens, signature = self._read()
             except TokensError as exc:
-                self._fail(exc, signature)
+                self._fail(exc, signature, log_errors)
                 raise
             self._tokens = tokens
             self._by_hash = {token.hash: token for token in tokens}
             self._signature, self._loaded, self._error = signature, True, None
-            log.info("tokens_loaded", path=str(self.path), tokens=len(tokens))
+            log.info("tokens_loaded path=%s tokens=%d", self.path, len(tokens))
 
-    def _fail(self, error: TokensError, signature: _Signature | None) -> None:
-        if self._error is None or str(self._error) != str(error):
-            log.error("tokens_file_invalid", error=str(error))
+    def _fail(self, error: TokensError, signature: _Signature | None, log_errors: bool) -> None:
+        # The service logs a new problem once (every refused request is logged by auth); the
+        # CLI does not: the exception is its one line.
+        if log_errors and (self._error is None or str(self._error) != str(error)):
+            log.error("tokens_file_invalid: %s", error)
         self._tokens, self._by_hash = [], {}
         self._signature, self._loaded, self._error = signature, True, error
 
@@ -303,7 +305,6 @@ class TokensFile:
             scope_set = frozenset(s for s in SCOPES if s in wanted)
             tokens.append(Token(name, hash_token(clear), scope_set, created))
             self._write(tokens)
-        log.info("token_created", name=name, scopes=sorted(scope_set, key=_RANK.__getitem__))
         return clear
 
     def revoke(self, name: str) -> Token | None:
@@ -314,7 +315,6 @@ class TokensFile:
             if len(kept) == len(tokens):
                 return None
             self._write(kept)
-        log.info("token_revoked", name=name)
         return next(token for token in tokens if token.name == name)
 
     @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from structlog.testing import capture_logs
 
 from poller.errors import ConfigError
 from satellite.service.tokens import (
@@ -138,13 +138,13 @@ def test_the_service_sees_changes_without_a_restart(path: Path) -> None:
         assert service.verify(again) is None
 
 
-def test_an_unchanged_file_is_read_once(path: Path) -> None:
+def test_an_unchanged_file_is_read_once(path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clear = TokensFile(path).create("nagios", ["read"])
     service = TokensFile(path)
-    with capture_logs() as logs:
-        for _ in range(50):
-            assert service.verify(clear) is not None
-    assert [entry["event"] for entry in logs] == ["tokens_loaded"]
+    caplog.set_level(logging.INFO, "satellite.service.tokens")
+    for _ in range(50):
+        assert service.verify(clear) is not None
+    assert caplog.messages == [f"tokens_loaded path={path} tokens=1"]
 
 
 def test_writes_keep_the_mode_and_owner_of_an_existing_file(path: Path) -> None:
@@ -228,17 +228,20 @@ def test_an_empty_file_has_no_tokens(path: Path) -> None:
     assert TokensFile(path).list() == []
 
 
-def test_a_broken_file_fails_closed_until_fixed(path: Path) -> None:
+def test_a_broken_file_fails_closed_until_fixed(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     service = TokensFile(path)
     clear = TokensFile(path).create("nagios", ["read"])
     good = path.read_text()
     assert service.verify(clear) is not None
     path.write_text(good + "  oops: [\n")  # a hand edit gone wrong
-    with capture_logs() as logs:
-        for _ in range(3):
-            with pytest.raises(TokensError, match=r"tokens\.yaml: line \d+: "):
-                service.verify(clear)
-    assert [entry["event"] for entry in logs] == ["tokens_file_invalid"]  # logged once
+    caplog.set_level(logging.INFO, "satellite.service.tokens")
+    for _ in range(3):
+        with pytest.raises(TokensError, match=r"tokens\.yaml: line \d+: "):
+            service.verify(clear)
+    assert len(caplog.messages) == 1  # logged once
+    assert caplog.messages[0].startswith(f"tokens_file_invalid: USM_CORE_TOKENS_FILE: {path}: line")
     path.write_text(good)
     assert service.verify(clear) is not None
 
