@@ -452,3 +452,29 @@ async def test_the_callers_signal_handlers_stay_in_place(sock_dir: Path) -> None
         assert seen == []  # nothing re-raised on the way out either
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize(("proxy_headers", "expected"), [(False, "127.0.0.1"), (True, "192.0.2.7")])
+async def test_forwarded_headers_are_ignored_unless_configured(
+    proxy_headers: bool, expected: str
+) -> None:
+    async def client(request: Request) -> PlainTextResponse:
+        assert request.client is not None
+        return PlainTextResponse(request.client.host)
+
+    sockets = bind_all([TcpAddress("127.0.0.1", 0)])
+    host, port = sockets[0].getsockname()
+    app = Starlette(routes=[Route("/client", client)])
+    server = ApiServer(app, sockets, proxy_headers=proxy_headers, forwarded_allow_ips="127.0.0.1")
+    ready = asyncio.Event()
+    task = asyncio.create_task(server.serve(ready))
+    try:
+        async with asyncio.timeout(WAIT):
+            await ready.wait()
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=WAIT) as http:
+            response = await http.get("/client", headers={"X-Forwarded-For": "192.0.2.7"})
+        assert response.text == expected
+    finally:
+        server.stop()
+        async with asyncio.timeout(WAIT):
+            await task
