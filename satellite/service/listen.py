@@ -448,6 +448,9 @@ class ApiServer:
             raise ServeError("the application's start-up failed (see the log above)") from None
         finally:
             self._stopping()
+            # After a graceful stop these are closed already; after a cancellation they are not.
+            for listener in getattr(self._server, "servers", []):
+                listener.close()
             for sock in self._sockets:
                 sock.close()
 

@@ -478,3 +478,23 @@ async def test_forwarded_headers_are_ignored_unless_configured(
         server.stop()
         async with asyncio.timeout(WAIT):
             await task
+
+
+async def test_cancelling_serve_closes_everything_at_once(sock_dir: Path) -> None:
+    path = sock_dir / "api.sock"
+    sockets = bind_all([UnixAddress(str(path)), TcpAddress("127.0.0.1", 0)])
+    tcp = sockets[1].getsockname()
+    server = ApiServer(make_app(), sockets)
+    ready = asyncio.Event()
+    serving = asyncio.create_task(server.serve(ready))
+    async with asyncio.timeout(WAIT):
+        await ready.wait()
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert not path.exists()
+    assert _refused(tcp)
+    assert all(sock.fileno() == -1 for sock in sockets)
+    # The asyncio servers are closed too (else their selector entries outlive the closed
+    # descriptors, whose numbers the next socket may get).
+    assert not any(listener.is_serving() for listener in server._server.servers)
