@@ -138,7 +138,10 @@ class Broker:
         queue: str,
         topology: Topology,
         on_delivery: Callable[[Delivery], None],
+        on_state: Callable[[], None] | None = None,
     ) -> None:
+        """`on_state` is called (on the loop, without arguments) whenever `connected` or
+        `consuming` changes; it must not block (the worker schedules a health-file write)."""
         if not urls:
             raise ValueError("at least one broker URL is needed")
         self._urls = urls
@@ -146,6 +149,9 @@ class Broker:
         self._queue = queue
         self._topology = topology
         self._on_delivery = on_delivery
+        self._on_state = on_state
+        self._connected = False
+        self._consuming = False
         self._conn: Any = None
         self._channel: Any = None
         self._url: AmqpUrl = urls[0]
@@ -162,10 +168,40 @@ class Broker:
         self._ready: asyncio.Event = asyncio.Event()
         self._closing = False
         self._close_waiter: asyncio.Future[None] | None = None
-        self.connected = False
-        self.consuming = False
         self.blocked = False
         self.reconnects = 0
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to a node is open (channel and consumer may still be missing)."""
+        return self._connected
+
+    @connected.setter
+    def connected(self, value: bool) -> None:
+        if value != self._connected:
+            self._connected = value
+            self._state_changed()
+
+    @property
+    def consuming(self) -> bool:
+        """Whether the job queue's consumer is confirmed on the current channel."""
+        return self._consuming
+
+    @consuming.setter
+    def consuming(self, value: bool) -> None:
+        if value != self._consuming:
+            self._consuming = value
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        if self._on_state is None:
+            return
+        try:
+            self._on_state()
+        except Exception as exc:  # noqa: BLE001 - a hook's bug must not break the connection
+            log.warning("state_hook_failed", error=repr(exc))
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -85,7 +85,22 @@ def _cmd_run(_args: argparse.Namespace) -> int:
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
+    _warn_unknown_variables()
     return asyncio.run(run_worker(settings))
+
+
+def _warn_unknown_variables(*, to_stderr: bool = False) -> None:
+    """One warning per `USM_POLLER_*` variable no setting reads: a log line, or a stderr line."""
+    from poller.config import unknown_variables  # noqa: PLC0415
+    from poller.logging import get_logger  # noqa: PLC0415
+
+    for unknown in unknown_variables():
+        if to_stderr:
+            print(f"poller: warning: {unknown.message()}", file=sys.stderr)
+        else:
+            get_logger("poller.config").warning(
+                "unknown_setting_ignored", variable=unknown.name, did_you_mean=unknown.suggestion
+            )
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -101,6 +116,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     from poller.config import load_settings  # noqa: PLC0415
 
     view = load_settings().public_view()
+    _warn_unknown_variables(to_stderr=True)  # after a failed load, its one line says it all
     if args.json:
         print(json.dumps(view, indent=2))
     else:

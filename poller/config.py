@@ -7,9 +7,10 @@ the broker password is masked in every rendering of the DSN.
 
 from __future__ import annotations
 
+import difflib
 import os
-import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,7 +35,16 @@ from pydantic_settings import (
 
 from poller.errors import ConfigError
 
-__all__ = ["AmqpUrl", "PollerSettings", "load_settings", "mask_dsn", "parse_dsn"]
+__all__ = [
+    "AmqpUrl",
+    "PollerSettings",
+    "UnknownVariable",
+    "known_variables",
+    "load_settings",
+    "mask_dsn",
+    "parse_dsn",
+    "unknown_variables",
+]
 
 ENV_PREFIX = "USM_POLLER_"
 DSN_ENV = "US_AMQP_DSN"
@@ -213,11 +223,6 @@ class PollerSettings(BaseSettings):
         return self.prefetch or min(65_535, self.concurrency * PREFETCH_PER_SLOT)
 
     @property
-    def worker(self) -> str:
-        """This replica's name: the container's hostname unless set."""
-        return self.worker_name or socket.gethostname()
-
-    @property
     def health_path(self) -> Path:
         return self.health_file or self.state_dir / "health.json"
 
@@ -300,14 +305,61 @@ def env_name(field: str) -> str:
 def load_settings(defaults: dict[str, Any] | None = None) -> PollerSettings:
     """Read the settings: environment, then the YAML config file, then `defaults`.
 
-    Raises `ConfigError` with one line naming the variable.
+    Raises `ConfigError` with one line naming the variable (and, when a required one is
+    missing, the misspelt variable that was probably meant for it).
     """
     values = dict(defaults or {})
     values |= _read_config_file(os.environ.get(f"{ENV_PREFIX}CONFIG_FILE"))
     try:
         return PollerSettings(**values)
     except ValidationError as exc:
-        raise ConfigError(_first_problem(exc)) from None
+        problem = _first_problem(exc)
+        name, _, message = problem.partition(": ")
+        if message == "is required but not set":
+            for unknown in unknown_variables():
+                if unknown.suggestion == name:
+                    problem += f" ({unknown.name} is set: a misspelling of it?)"
+                    break
+        raise ConfigError(problem) from None
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownVariable:
+    """A `USM_POLLER_*` environment variable that no setting reads (its value is never kept)."""
+
+    name: str
+    suggestion: str | None
+
+    def message(self) -> str:
+        hint = f"; did you mean {self.suggestion}?" if self.suggestion else ""
+        return f"{self.name} is not a known setting and is ignored{hint}"
+
+
+def known_variables() -> frozenset[str]:
+    """Every `USM_POLLER_*` variable the poller reads (`poller check` reads two of them too)."""
+    names = {env_name(field) for field in PollerSettings.model_fields}
+    return frozenset(n for n in (*names, *DSN_ALIASES) if n.startswith(ENV_PREFIX))
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[UnknownVariable]:
+    """The `USM_POLLER_*` variables set in `environ` that are no setting, with the nearest name.
+
+    Names are compared without regard to case, as the settings are read.
+    """
+    env = os.environ if environ is None else environ
+    known = known_variables()
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+    out = []
+    for name in sorted(env):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1)
+        if close:
+            out.append(UnknownVariable(name, suffixes[close[0]]))
+        else:
+            out.append(UnknownVariable(name, DSN_ENV if "DSN" in upper else None))
+    return out
 
 
 def _reason(exc: OSError) -> str:

@@ -1,6 +1,7 @@
 """Readiness state shared with `poller check`, through a small file instead of a port.
 
-The worker rewrites the file every couple of seconds; `poller check` (the container's
+The worker rewrites the file whenever its broker state changes (connected, consuming, lost) and
+every couple of seconds besides; `poller check` (the container's
 HEALTHCHECK) exits 0 only when the file is fresh, names a live process and says it is connected
 and consuming. No listening socket is ever opened.
 """
@@ -37,34 +38,64 @@ def write_state(path: Path, state: HealthState) -> None:
     tmp.replace(path)
 
 
+#: The variables that say where the health file is (`poller check` reads them too).
+HEALTH_FILE_ENV = "USM_POLLER_HEALTH_FILE"
+STATE_DIR_ENV = "USM_POLLER_STATE_DIR"
+DEFAULT_STATE_DIR = "/tmp/usm-poller"  # noqa: S108 - a tmpfs in the container; see docs
+
+
 def health_path_from_env(environ: dict[str, str] | None = None) -> Path:
     env = dict(os.environ if environ is None else environ)
-    explicit = env.get("USM_POLLER_HEALTH_FILE")
+    explicit = env.get(HEALTH_FILE_ENV)
     if explicit:
         return Path(explicit)
-    return Path(env.get("USM_POLLER_STATE_DIR") or "/tmp/usm-poller") / "health.json"  # noqa: S108
+    return Path(env.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR) / "health.json"
 
 
 def check(path: Path, *, max_age: float = MAX_AGE) -> tuple[bool, str]:  # noqa: PLR0911
-    """(healthy, reason) for the poller whose state file is `path`."""
+    """(healthy, reason) for the poller whose state file is `path`; the reason names the file.
+
+    A file written by another poller (or long ago) is the usual surprise when `poller check`
+    runs from another shell than the poller's: every reason says which file it read and how old
+    it is, and a stale file or a gone process says which variables point at another one.
+    """
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         state = HealthState(**raw)
     except FileNotFoundError:
-        return False, f"no health file at {path}: poller not running or not started yet"
+        return False, f"no health file at {path}: poller not running or not started yet{_HINT}"
     except (OSError, ValueError, TypeError):
         return False, f"health file {path} is unreadable"
     age = time.time() - state.updated
+    written = "just now" if age < 1 else f"{_duration(age)} ago"
+    where = f"(health file {path}, written {written})"
     if age > max_age:
-        return False, f"health file is {age:.0f} s old: the poller is stuck or gone"
+        return (
+            False,
+            f"health file {path} is {_duration(age)} old: the poller is stuck or gone{_HINT}",
+        )
     try:
         os.kill(state.pid, 0)
     except ProcessLookupError:
-        return False, f"process {state.pid} is gone"
+        return False, f"process {state.pid} is gone {where}{_HINT}"
     except PermissionError:
         pass  # exists, owned by someone else
     if not state.connected:
-        return False, "not connected to the broker"
+        return False, f"not connected to the broker {where}"
     if not state.consuming:
-        return False, "connected but not consuming"
-    return True, f"ok: connected and consuming, {state.in_flight} jobs in flight"
+        return False, f"connected but not consuming {where}"
+    return True, f"ok: connected and consuming, {state.in_flight} jobs in flight {where}"
+
+
+_HINT = (
+    f"; a poller started with {HEALTH_FILE_ENV} or {STATE_DIR_ENV} writes elsewhere: "
+    "set the same here"
+)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(seconds, 0.0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"

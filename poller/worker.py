@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import structlog
@@ -35,6 +36,7 @@ from poller.drivers import build_drivers
 from poller.drivers.base import Driver
 from poller.errors import BrokerError, WireError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
+from poller.identity import default_worker_name
 from poller.logging import get_logger
 from poller.quarantine import Quarantine
 from poller.runner import Attempt, NotStarted, Runner, error_result
@@ -86,7 +88,8 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
 
 
 def _worker_name(settings: PollerSettings) -> str:
-    return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+    """`USM_POLLER_WORKER_NAME`, else a name unique to this process start (poller/identity.py)."""
+    return settings.worker_name or default_worker_name()
 
 
 def _rss_bytes() -> int:
@@ -106,7 +109,10 @@ class Worker:
         *,
         drivers: Mapping[str, Driver],
         credentials: CredentialStore,
+        health_interval: float = WRITE_INTERVAL,
     ) -> None:
+        """`health_interval`: seconds between health-file rewrites besides those on every
+        change of the broker state (a test seam; `poller check` allows `health.MAX_AGE`)."""
         self._settings = settings
         self.name = _worker_name(settings)
         self._sid = settings.satellite_id
@@ -138,7 +144,15 @@ class Worker:
             queue=wire.jobs_queue(self._sid),
             topology=build_topology(self._sid, settings.queue_type),
             on_delivery=self._on_delivery,
+            on_state=self._health_changed,
         )
+        self._health_interval = health_interval
+        #: Set when the health file is out of date; the health loop writes it (one write at a
+        #: time: changes during a write make one more write, not a pile of them).
+        self._health_dirty = asyncio.Event()
+        #: Its own thread: a write never waits behind the default executor's calls (name
+        #: lookups of devices, which a slow DNS server can hold for seconds each).
+        self._health_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-file")
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._draining = False
@@ -205,6 +219,7 @@ class Worker:
 
     async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
         self._draining = True
+        self._health_changed()
         await self._broker.stop_consuming()
         waiting = self._runner.close()
         if waiting:
@@ -228,6 +243,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - shutting down anyway; say what failed
                 log.warning("driver_close_failed", error=repr(exc))
         await self._write_health()
+        self._health_writer.shutdown(wait=False)
 
     # ------------------------------------------------------------------ deliveries
 
@@ -509,10 +525,18 @@ class Worker:
             return
         future.add_done_callback(_ignore_outcome)
 
+    def _health_changed(self) -> None:
+        """The broker state (or draining) changed: have the health loop write the file now."""
+        self._health_dirty.set()
+
     async def _health_loop(self) -> None:
+        """Write the health file on every state change, and every `health_interval` seconds."""
         while True:
+            self._health_dirty.clear()
             await self._write_health()
-            await asyncio.sleep(WRITE_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._health_interval):
+                    await self._health_dirty.wait()
 
     async def _write_health(self) -> None:
         state = HealthState(
@@ -523,7 +547,9 @@ class Worker:
             in_flight=self.in_flight,
         )
         try:
-            await asyncio.to_thread(write_state, self._settings.health_path, state)
+            await asyncio.get_running_loop().run_in_executor(
+                self._health_writer, write_state, self._settings.health_path, state
+            )
         except OSError as exc:
             log.warning(
                 "health_file_not_written", path=str(self._settings.health_path), error=exc.strerror

@@ -39,6 +39,14 @@ from satellite.provision import (
     provision_satellite,
     revoke_satellite,
 )
+from satellite.service.tokens import (
+    DEFAULT_STATE_DIR,
+    SCOPES,
+    STATE_DIR_ENV,
+    TOKENS_ENV,
+    TokensFile,
+    default_tokens_path,
+)
 from satellite.status import FleetView, SatelliteStatus, satellite_status
 from satellite.topology import DeclareReport, Outcome, core_topology
 
@@ -144,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_results(commands, common)
     _add_status(commands, common)
     _add_dlq(commands, common)
+    _add_token(commands)
     return parser
 
 
@@ -364,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = Context(args, dict(os.environ))
     try:
         prepare(args)  # every argument is checked before connecting
-        context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
+        if getattr(args, "needs_broker", True):
+            context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
         return handler(args, context)
     except (ConfigError, InvalidJobError) as exc:
         return _fail(args, EXIT_USAGE, "usage", str(exc))
@@ -653,6 +663,102 @@ def _dlq_purge(args: argparse.Namespace, ctx: Context) -> int:
         _print_json({"ok": True, "purged": purged, "satellite_id": sid})
     else:
         print(f"purged {purged} dead-lettered job(s) of satellite {sid}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ tokens
+# `satellite token create|list|revoke`: the bearer tokens of `satellite serve` (DESIGN §10,
+# docs/core-service.md). Local file work only: no broker, no DSN needed.
+
+
+def _add_token(commands: Any) -> None:
+    token = commands.add_parser("token", help="bearer tokens of the core service's HTTP API")
+    actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
+    options = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    options.add_argument(
+        "--tokens-file",
+        metavar="F",
+        help=f"default: ${TOKENS_ENV}, else tokens.yaml in ${STATE_DIR_ENV} ({DEFAULT_STATE_DIR})",
+    )
+    options.add_argument("--json", action="store_true", help="machine-readable output")
+    create = actions.add_parser(
+        "create", parents=[options], help="add a token and print it (the only time it is shown)"
+    )
+    create.add_argument("name", metavar="NAME")
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        choices=SCOPES,
+        dest="scopes",
+        help="read, submit or admin (repeatable; admin implies submit implies read)",
+    )
+    create.set_defaults(handler=_token_create)
+    listing = actions.add_parser("list", parents=[options], help="names, scopes, creation times")
+    listing.set_defaults(handler=_token_list)
+    revoke = actions.add_parser("revoke", parents=[options], help="remove a token")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.set_defaults(handler=_token_revoke)
+    token.set_defaults(prepare=_prepare_token, needs_broker=False)
+
+
+def _prepare_token(args: argparse.Namespace) -> None:
+    if not hasattr(args, "tokens_file"):
+        args.tokens_file = None
+    elif not args.tokens_file:
+        raise ConfigError("--tokens-file: must not be empty")
+
+
+def _tokens_file(args: argparse.Namespace, ctx: Context) -> TokensFile:
+    if args.tokens_file is not None:
+        return TokensFile(args.tokens_file, label="--tokens-file")
+    from_state_dir = not ctx.environ.get(TOKENS_ENV) and ctx.environ.get(STATE_DIR_ENV)
+    label = STATE_DIR_ENV if from_state_dir else TOKENS_ENV
+    return TokensFile(default_tokens_path(ctx.environ), label=label)
+
+
+def _token_create(args: argparse.Namespace, ctx: Context) -> int:
+    tokens = _tokens_file(args, ctx)
+    clear = tokens.create(args.name, args.scopes)
+    if args.json:
+        _print_json({"name": args.name, "token": clear})
+    else:
+        print(clear, flush=True)
+        scopes = ", ".join(s for s in SCOPES if s in args.scopes)
+        print(
+            f"token {args.name!r} ({scopes}) added to {tokens.path}; it is not shown again",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _token_list(args: argparse.Namespace, ctx: Context) -> int:
+    found = _tokens_file(args, ctx).list()
+    if args.json:
+        _print_json({"ok": True, "tokens": [t.as_dict(with_hash=True) for t in found]})
+        return EXIT_OK
+    if not found:
+        print("no tokens")
+        return EXIT_OK
+    rows = [("NAME", "SCOPES", "CREATED")]
+    rows += [(t.name, ",".join(t.sorted_scopes), t.as_dict()["created_at"]) for t in found]
+    width = [max(len(row[i]) for row in rows) for i in range(2)]
+    for name, scopes, created in rows:
+        print(f"{name:<{width[0]}}  {scopes:<{width[1]}}  {created}")
+    return EXIT_OK
+
+
+def _token_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    tokens = _tokens_file(args, ctx)
+    revoked = tokens.revoke(args.name)
+    if revoked is None:
+        return _fail(
+            args, EXIT_ERROR, "not_found", f"no token named {args.name!r} in {tokens.path}"
+        )
+    if args.json:
+        _print_json({"ok": True, "revoked": revoked.name})
+    else:
+        print(f"revoked token {revoked.name!r}")
     return EXIT_OK
 
 

@@ -472,7 +472,20 @@ def validate_compose_files(env: dict[str, str]) -> None:
         f"compose.yaml's image {image} is not tagged with the version {__version__}",
     )
     check("ports" not in poller, "compose.yaml must not publish ports")
-    passed(f"compose files valid (compose.yaml, CI override, compose.demo.yaml); image {image}")
+    # The documented host-network override (docs/deploy.md): no sysctl left, the rest kept.
+    merge = ["docker", "compose", "-f", "compose.yaml", "-f", "compose.host-network.yaml"]
+    host = json.loads(run([*merge, "config", "--format", "json"], env=env).stdout)
+    host = host["services"]["poller"]
+    check(
+        host.get("network_mode") == "host" and not host.get("sysctls"),
+        f"compose.host-network.yaml: network_mode {host.get('network_mode')!r}, "
+        f"sysctls {host.get('sysctls')!r} (want host and none)",
+    )
+    check(host.get("cap_drop") == ["ALL"], "compose.host-network.yaml must keep cap_drop")
+    passed(
+        "compose files valid (compose.yaml, CI override, compose.demo.yaml, "
+        f"compose.host-network.yaml without sysctls); image {image}"
+    )
 
 
 def check_image(image: str) -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -89,8 +89,16 @@ class PollerFactory:
     started: list[PollerProcess] = field(default_factory=list)
 
     def __call__(
-        self, satellite_id: str, *, wait: bool = True, **settings: str | int | float
+        self,
+        satellite_id: str,
+        *,
+        wait: bool = True,
+        named: bool = True,
+        wrap: Sequence[str] = (),
+        **settings: str | int | float,
     ) -> PollerProcess:
+        """Start `poller run`; `named=False` leaves the worker name to its default, and `wrap`
+        is a command line to run it under (e.g. `unshare ... --`)."""
         n = len(self.started)
         health = self.tmp_path / f"health-{satellite_id}-{n}.json"
         log_path = self.tmp_path / f"poller-{satellite_id}-{n}.log"
@@ -102,14 +110,15 @@ class PollerFactory:
             "USM_POLLER_STATE_DIR": str(self.tmp_path / "state"),
             "USM_POLLER_LOG_FORMAT": "json",
             "USM_POLLER_HEARTBEAT_INTERVAL": "1",
-            "USM_POLLER_WORKER_NAME": f"poller-{satellite_id}-{n}",
         }
+        if named:
+            env["USM_POLLER_WORKER_NAME"] = f"poller-{satellite_id}-{n}"
         if "amqp_dsn" in settings:
             env["US_AMQP_DSN"] = str(settings.pop("amqp_dsn"))
         env |= {f"USM_POLLER_{k.upper()}": str(v) for k, v in settings.items()}
         with log_path.open("ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "poller", "run"],
+                [*wrap, sys.executable, "-m", "poller", "run"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
