@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -22,16 +23,18 @@ from fastapi import FastAPI
 
 from poller import __version__
 from poller.broker import BrokerOptions
-from poller.logging import get_logger
+from poller.logging import configure_logging, get_logger
 from satellite.service.api import health, jobs
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.ingest import Ingest
 from satellite.service.jobs import JobService, Waiters
+from satellite.service.listen import ApiServer, bind_all, parse_listen
 from satellite.service.replies import Replies
 from satellite.service.settings import CoreSettings
 from satellite.service.store import Store
+from satellite.service.tokens import TokensFile
 
-__all__ = ["Core", "create_app", "replica_name"]
+__all__ = ["Core", "create_app", "replica_name", "run"]
 
 log = get_logger("satellite.service")
 
@@ -148,8 +151,8 @@ class Core:
         log.info("core_stopped", results_ingested=self.ingest.stats.results)
 
 
-def create_app(core: Core) -> FastAPI:
-    """The HTTP API v1 over a started `Core`."""
+def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
+    """The HTTP API v1 over a started `Core`; `tokens` authenticates TCP (and unix on `token`)."""
     app = FastAPI(
         title="satellite serve",
         summary="Jobs for the satellite pollers over HTTP, and their history",
@@ -163,4 +166,44 @@ def create_app(core: Core) -> FastAPI:
     app.include_router(jobs.router)
     app.state.jobs = core.jobs
     app.state.readiness = core.readiness
+    app.state.tokens = tokens
+    app.state.unix_auth = core.settings.unix_auth
     return app
+
+
+async def run(settings: CoreSettings) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code (0 after a clean stop).
+
+    Raises `ConfigError` (exit 2) for an address that cannot be listened on or a tokens file
+    that cannot be read, before anything connects.
+    """
+    configure_logging(settings.log_format, settings.log_level)
+    tokens = TokensFile(settings.tokens_path)
+    await asyncio.to_thread(tokens.load)
+    sockets = await asyncio.to_thread(bind_all, parse_listen(settings.listen))
+    try:
+        core = await Core.start(settings)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    log.info(
+        "core_started",
+        replica=core.replica,
+        db=settings.database.masked,
+        listen=settings.listen,
+        version=__version__,
+    )
+    server = ApiServer(
+        create_app(core, tokens=tokens), sockets, shutdown_timeout=HTTP_DRAIN_SECONDS
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    try:
+        await server.serve()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await core.stop()
+    return 0

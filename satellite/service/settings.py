@@ -28,6 +28,7 @@ from poller.errors import ConfigError
 from satellite.config import DSN_ALIASES, DSN_ENV
 from satellite.config import CoreSettings as BrokerSettings
 from satellite.management import MANAGEMENT_ENV, ManagementSettings
+from satellite.service.listen import parse_listen
 
 __all__ = ["ENV_PREFIX", "CoreSettings", "DatabaseUrl", "load_settings", "parse_database_url"]
 
@@ -144,6 +145,11 @@ class CoreSettings(BaseSettings):
         path = (self.state_dir / HISTORY_FILE).absolute()
         return parse_database_url(f"sqlite:///{path}")
 
+    @property
+    def tokens_path(self) -> Path:
+        """`USM_CORE_TOKENS_FILE`, else `tokens.yaml` in the state directory."""
+        return self.tokens_file or self.state_dir / "tokens.yaml"
+
     def broker(self) -> BrokerSettings:
         """The broker as the `satellite` CLI reads it (cluster URLs, TLS, timeouts)."""
         return BrokerSettings.from_dsn(
@@ -161,7 +167,7 @@ class CoreSettings(BaseSettings):
             "db": self.database.masked,
             "state_dir": str(self.state_dir),
             "listen": self.listen,
-            "tokens_file": str(self.tokens_file) if self.tokens_file else None,
+            "tokens_file": str(self.tokens_path),
             "unix_auth": self.unix_auth,
             "retention_days": self.retention_days,
             "amqp_dsn": mask_dsn(self.amqp_dsn.get_secret_value()),
@@ -187,6 +193,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> CoreSettings:
     except ValidationError as exc:
         raise ConfigError(_first_problem(exc)) from None
     settings.management()
+    parse_listen(settings.listen)  # ListenError: one line naming USM_CORE_LISTEN
     return settings
 
 

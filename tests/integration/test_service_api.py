@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,7 @@ from satellite.cli import main as satellite_cli
 from satellite.service.app import Core, create_app
 from satellite.service.settings import DatabaseUrl, load_settings
 from satellite.service.store.queries import NOT_PUBLISHED
+from satellite.service.tokens import TokensFile
 from tests.support.poller_proc import PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.snmpd import Snmpd
@@ -39,11 +42,30 @@ async def core(amqp_vhost: AmqpVhost, db_url: DatabaseUrl) -> AsyncIterator[Core
     await started.stop()
 
 
+@dataclass
+class Tokens:
+    file: TokensFile
+    admin: str
+    reader: str
+
+
 @pytest.fixture
-async def api(core: Core) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(core))
-    async with httpx.AsyncClient(transport=transport, base_url="http://core", timeout=90) as c:
-        yield c
+def tokens(tmp_path: Path) -> Tokens:
+    file = TokensFile(tmp_path / "tokens.yaml")
+    return Tokens(file, file.create("tester", ["admin"]), file.create("reader", ["read"]))
+
+
+@pytest.fixture
+async def api(core: Core, tokens: Tokens) -> AsyncIterator[httpx.AsyncClient]:
+    """A client over TCP (as ASGI tells it) with an admin token."""
+    transport = httpx.ASGITransport(app=create_app(core, tokens=tokens.file))
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url="http://core:8480",  # a port: ASGI scope server [host, port] is TCP
+        timeout=90,
+        headers={"Authorization": f"Bearer {tokens.admin}"},
+    ) as client:
+        yield client
 
 
 def job(host: str = "127.0.0.1", port: int = 161, **kw: Any) -> dict[str, Any]:
@@ -75,6 +97,25 @@ async def test_health_readiness_and_openapi(api: httpx.AsyncClient) -> None:
     assert {"/v1/satellites/{satellite_id}/jobs", "/v1/jobs/{job_id}", "/v1/jobs"} <= set(
         spec["paths"]
     )
+
+
+async def test_tcp_needs_a_token_with_the_scope(
+    api: httpx.AsyncClient, tokens: Tokens, sid: str
+) -> None:
+    url = f"/v1/satellites/{sid}/jobs"
+    anonymous = {"Authorization": ""}
+    problem = assert_problem(await api.get("/v1/jobs", headers=anonymous), 401, "unauthorized")
+    assert problem["detail"]
+    bad = {"Authorization": "Bearer usm_" + "x" * 43}
+    assert_problem(await api.get("/v1/jobs", headers=bad), 401, "unauthorized")
+    reader = {"Authorization": f"Bearer {tokens.reader}"}
+    assert (await api.get("/v1/jobs", headers=reader)).status_code == 200
+    refused = await api.post(url, json=job(), headers=reader)
+    assert_problem(refused, 403, "forbidden")
+    assert "insufficient_scope" in refused.headers["www-authenticate"]
+    # Health and the API description need no token (load balancers, client generators).
+    for path in ("/healthz", "/readyz", "/v1/openapi.json"):
+        assert (await api.get(path, headers=anonymous)).status_code == 200
 
 
 async def test_readiness_fails_when_the_broker_is_gone(core: Core, api: httpx.AsyncClient) -> None:

@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from satellite.service.api.problems import PROBLEM_JSON, Problem
+from satellite.service.auth import require
 from satellite.service.jobs import MAX_WAIT_SECONDS, JobService, JobSubmitError
 from satellite.service.store import JobFilter, JobRecord
 
@@ -98,6 +99,8 @@ _JOB_BODY: dict[str, Any] = {
     responses={
         200: {"model": JobRecord, "description": "the result arrived within the wait"},
         202: {"model": JobRecord, "description": "queued; follow `Location`"},
+        401: _PROBLEM,
+        403: _PROBLEM,
         404: _PROBLEM,
         409: _PROBLEM,
         413: _PROBLEM,
@@ -105,6 +108,7 @@ _JOB_BODY: dict[str, Any] = {
         503: _PROBLEM,
     },
     openapi_extra=_JOB_BODY,
+    dependencies=[Depends(require("submit"))],
 )
 async def submit_job(
     satellite_id: str,
@@ -130,7 +134,8 @@ async def submit_job(
     "/jobs/{job_id}",
     summary="One job; `wait=N` long-polls up to N s (at most 60) while it is queued",
     response_model=JobRecord,
-    responses={404: _PROBLEM},
+    responses={401: _PROBLEM, 403: _PROBLEM, 404: _PROBLEM},
+    dependencies=[Depends(require("read"))],
 )
 async def get_job(
     job_id: str,
@@ -153,7 +158,8 @@ def _utc(value: datetime | None) -> datetime | None:
     "/jobs",
     summary="Search the history, newest first, with cursor pagination",
     response_model=JobPage,
-    responses={422: _PROBLEM},
+    responses={401: _PROBLEM, 403: _PROBLEM, 422: _PROBLEM},
+    dependencies=[Depends(require("read"))],
 )
 async def search_jobs(
     request: Request,

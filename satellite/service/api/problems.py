@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from satellite.service.auth import AuthProblem
+
 __all__ = ["PROBLEM_JSON", "Problem", "install_problem_handlers", "problem_response"]
 
 PROBLEM_JSON = "application/problem+json"
@@ -94,7 +96,13 @@ async def _validation(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(422, "invalid_request", detail, errors=errors)
 
 
+async def _auth(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AuthProblem)
+    return problem_response(exc.status, exc.code, exc.detail, headers=exc.headers)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem)
+    app.add_exception_handler(AuthProblem, _auth)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)

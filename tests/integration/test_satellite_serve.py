@@ -1,0 +1,177 @@
+"""`satellite serve` as a real process, with a real `poller run` and snmpd: submit over TCP (token)
+and over the unix socket (trusted) with `Prefer: wait`, find the jobs in the history, stop with
+SIGTERM (exit 0), restart and find them again, including a job another core published straight
+to AMQP while the service was down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from satellite.service.tokens import TokensFile
+from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
+from tests.support.rabbitmq import AmqpVhost
+from tests.support.snmpd import Snmpd
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    socket_path: Path
+    tcp_port: int = 0
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                lines.append({"event": "<unparsed>", "text": line})
+        return lines
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log_text()}")
+            for line in self.log_lines():
+                if line.get("event") == "listening":
+                    tcp = [a for a in line["addresses"] if a.startswith("tcp:")]
+                    self.tcp_port = int(tcp[0].rsplit(":", 1)[1])
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"serve not listening after {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def tcp(self, token: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.tcp_port}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=90,
+        )
+
+    def unix(self) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        return httpx.Client(transport=transport, base_url="http://localhost", timeout=90)
+
+
+@dataclass
+class ServeFactory:
+    vhost: AmqpVhost
+    tmp_path: Path
+    started: list[ServeProcess] = field(default_factory=list)
+
+    def __call__(self, **env: str) -> ServeProcess:
+        n = len(self.started)
+        log_path = self.tmp_path / f"serve-{n}.log"
+        socket_path = self.tmp_path / "run" / "api.sock"
+        socket_path.parent.mkdir(exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+        base |= {
+            "US_AMQP_DSN": self.vhost.dsn,
+            "USM_CORE_STATE_DIR": str(self.tmp_path / "state"),
+            "USM_CORE_LISTEN": f"unix:{socket_path},tcp:127.0.0.1:0",
+            "USM_CORE_LOG_FORMAT": "json",
+        }
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "satellite", "serve"],
+                env=base | env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        serve = ServeProcess(proc, log_path, socket_path)
+        self.started.append(serve)
+        serve.wait_listening()
+        return serve
+
+
+@pytest.fixture
+def start_serve(amqp_vhost: AmqpVhost, tmp_path: Path) -> Iterator[ServeFactory]:
+    factory = ServeFactory(amqp_vhost, tmp_path)
+    yield factory
+    for serve in factory.started:
+        if serve.proc.poll() is None:
+            serve.proc.kill()
+            serve.proc.wait(timeout=10)
+
+
+def test_submit_wait_search_stop_and_restart_keep_the_history(
+    *,
+    start_serve: ServeFactory,
+    start_poller: PollerFactory,
+    client: JobClient,
+    snmpd: Snmpd,
+    sid: str,
+    tmp_path: Path,
+) -> None:
+    tokens = TokensFile(tmp_path / "state" / "tokens.yaml")
+    token = tokens.create("e2e", ["submit"])
+    serve = start_serve()
+    start_poller(sid)
+    job = snmp_job(snmpd.host, snmpd.port, community=snmpd.community)
+    del job["v"], job["id"]
+
+    with serve.tcp(token) as tcp, serve.unix() as unix:
+        over_tcp = tcp.post(f"/v1/satellites/{sid}/jobs", json=job, headers={"Prefer": "wait=30"})
+        assert over_tcp.status_code == 200, over_tcp.text
+        assert over_tcp.json()["result"]["data"]["varbinds"][0]["value"] == snmpd.sys_name
+        over_unix = unix.post(f"/v1/satellites/{sid}/jobs", json=job, headers={"Prefer": "wait=30"})
+        assert over_unix.status_code == 200, over_unix.text
+        assert tcp.get("/v1/jobs").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{serve.tcp_port}/v1/jobs").status_code == 401
+        ids = {over_tcp.json()["id"], over_unix.json()["id"]}
+        for _ in range(100):
+            found = tcp.get("/v1/jobs", params={"satellite": sid}).json()["items"]
+            if {r["id"] for r in found if r["answers"] == 1} == ids:
+                break
+            time.sleep(0.1)
+        assert {(r["id"], r["status"], r["source"]) for r in found} == {
+            (job_id, "ok", "api") for job_id in ids
+        }
+
+    assert serve.terminate() == 0
+    assert any(line.get("event") == "core_stopped" for line in serve.log_lines())
+    assert not serve.socket_path.exists()
+
+    # While no replica runs, another core publishes a job straight to AMQP; its result waits
+    # in usm_poller.history.
+    direct = snmp_job(snmpd.host, snmpd.port, community=snmpd.community)
+    client.publish(direct)
+    seen = client.collect_ids([direct["id"]], timeout=30)
+    assert direct["id"] in {r.result.job_id for r in seen}
+
+    again = start_serve()
+    with again.tcp(token) as tcp:
+        for job_id in ids:
+            record = tcp.get(f"/v1/jobs/{job_id}").json()
+            assert (record["status"], record["answers"]) == ("ok", 1)
+        for _ in range(100):
+            response = tcp.get(f"/v1/jobs/{direct['id']}")
+            if response.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert response.status_code == 200, response.text
+        assert (response.json()["source"], response.json()["status"]) == ("amqp", "ok")
+    assert again.terminate() == 0
