@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from poller.wire import JobResult
+from poller.wire import JobResult, Timestamp
 from satellite.service.store.tables import jobs
 
 __all__ = [
@@ -73,12 +73,12 @@ class JobRecord(BaseModel):
     source: str
     status: Status
     error_code: str | None
-    created_at: datetime
-    submitted_at: datetime | None
-    deadline_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
+    created_at: Timestamp
+    submitted_at: Timestamp | None
+    deadline_at: Timestamp | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    updated_at: Timestamp
     attempt: int | None
     redelivered: bool | None
     worker: str | None
