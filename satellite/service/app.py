@@ -24,11 +24,14 @@ from fastapi import FastAPI
 from poller import __version__
 from poller.broker import BrokerOptions
 from poller.logging import configure_logging, get_logger
+from poller.wire import JobResult
 from satellite.service.api import health, jobs
+from satellite.service.api import metrics as metrics_api
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.ingest import Ingest
 from satellite.service.jobs import JobService, Waiters
 from satellite.service.listen import ApiServer, bind_all, parse_listen
+from satellite.service.metrics import ServiceMetrics
 from satellite.service.replies import Replies
 from satellite.service.settings import CoreSettings
 from satellite.service.store import Store
@@ -63,6 +66,7 @@ class Core:
     jobs: JobService
     waiters: Waiters
     replica: str
+    metrics: ServiceMetrics
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
@@ -75,6 +79,13 @@ class Core:
         context = broker.ssl_context()
         contexts = {n: context for n, url in enumerate(urls) if url.tls and context is not None}
         waiters = Waiters()
+        stats_holder: list[ServiceMetrics] = []
+
+        def committed(results: list[JobResult]) -> None:
+            waiters.notify(results)
+            for metrics in stats_holder:
+                metrics.on_committed(results)
+
         ingest = Ingest(
             store,
             urls,
@@ -85,8 +96,12 @@ class Core:
             ),
             batch=settings.ingest_batch,
             linger=settings.ingest_linger_ms / 1000,
-            on_committed=waiters.notify,
+            on_committed=committed,
         )
+        metrics = ServiceMetrics(
+            ingest.stats, backlog=lambda: ingest.backlog, waiting=waiters.__len__
+        )
+        stats_holder.append(metrics)
         replies = Replies(
             urls,
             BrokerOptions(
@@ -97,8 +112,10 @@ class Core:
             replica=replica,
             waiters=waiters,
         )
-        service = JobService(store, replies.broker, waiters, reply_queue=replies.queue)
-        core = cls(settings, store, ingest, replies, service, waiters, replica)
+        service = JobService(
+            store, replies.broker, waiters, reply_queue=replies.queue, metrics=metrics
+        )
+        core = cls(settings, store, ingest, replies, service, waiters, replica, metrics)
         core.tasks = [
             asyncio.create_task(ingest.run(), name="ingest"),
             asyncio.create_task(replies.broker.run(), name="replies"),
@@ -122,6 +139,7 @@ class Core:
                 overdue = await self.store.mark_overdue(self.settings.overdue_grace)
                 if overdue:
                     log.info("jobs_overdue", count=overdue)
+                self.metrics.overdue = await self.store.count_status("overdue")
                 if loop.time() >= next_purge:
                     next_purge = loop.time() + RETENTION_EVERY
                     purged = await self.store.purge(self.settings.retention_days)
@@ -164,7 +182,9 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(metrics_api.router)
     app.state.jobs = core.jobs
+    app.state.metrics = core.metrics
     app.state.readiness = core.readiness
     app.state.tokens = tokens
     app.state.unix_auth = core.settings.unix_auth

@@ -27,6 +27,7 @@ from poller import wire
 from poller.broker import Broker, UnroutableError, properties
 from poller.errors import BrokerError, WireError
 from poller.logging import get_logger
+from satellite.service.metrics import ServiceMetrics
 from satellite.service.store import JobExistsError, JobFilter, JobRecord, Page, QueuedJob, Store
 
 __all__ = [
@@ -140,12 +141,14 @@ class JobService:
         *,
         reply_queue: str,
         max_job_bytes: int = 262_144,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.waiters = waiters
         self.reply_queue = reply_queue
         self.max_job_bytes = max_job_bytes
+        self.metrics = metrics
 
     async def submit(
         self,
@@ -207,6 +210,9 @@ class JobService:
             )
         except BrokerError as exc:
             await self.store.mark_not_published(job.id)
+            if self.metrics is not None:
+                reason = "unroutable" if isinstance(exc, UnroutableError) else "broker"
+                self.metrics.not_published.labels(satellite_id, reason).inc()
             log.warning(
                 "job_not_published",
                 job_id=job.id,
@@ -223,6 +229,8 @@ class JobService:
             raise JobSubmitError(
                 503, "broker_unavailable", f"the broker did not take the job: {exc}", retry_after=5
             ) from None
+        if self.metrics is not None:
+            self.metrics.submitted.labels(satellite_id, job.kind).inc()
 
     async def _wait(
         self, record: JobRecord, waiting: asyncio.Future[wire.JobResult], wait: float

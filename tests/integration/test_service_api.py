@@ -116,6 +116,7 @@ async def test_tcp_needs_a_token_with_the_scope(
     # Health and the API description need no token (load balancers, client generators).
     for path in ("/healthz", "/readyz", "/v1/openapi.json"):
         assert (await api.get(path, headers=anonymous)).status_code == 200
+    assert_problem(await api.get("/metrics", headers=anonymous), 401, "unauthorized")
 
 
 async def test_readiness_fails_when_the_broker_is_gone(core: Core, api: httpx.AsyncClient) -> None:
@@ -249,6 +250,14 @@ async def test_prefer_wait_returns_the_answer_from_a_real_poller(
     assert (stored.status, stored.source, stored.answers) == ("ok", "api", 1)
     found = await api.get("/v1/jobs", params={"satellite": sid, "status": "ok"})
     assert [r["id"] for r in found.json()["items"]] == [record["id"]]
+    metrics = await api.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert f'satellite_core_jobs_submitted_total{{kind="snmp.get",satellite="{sid}"}} 1.0' in text
+    ingested = f'satellite_core_results_ingested_total{{kind="snmp.get",satellite="{sid}",'
+    assert f'{ingested}status="ok"}} 1.0' in text
+    assert "satellite_core_ingest_commits_total" in text
+    assert "satellite_core_jobs_overdue 0.0" in text
 
 
 async def test_prefer_wait_that_runs_out_is_202_and_a_long_poll_gets_the_answer(

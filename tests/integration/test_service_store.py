@@ -236,6 +236,7 @@ async def test_queued_jobs_past_deadline_and_grace_become_overdue(store: Store) 
     assert short is not None
     assert long is not None
     assert (short.status, long.status) == ("overdue", "queued")
+    assert (await store.count_status("overdue"), await store.count_status("queued")) == (1, 1)
     # A late answer still lands.
     await store.apply_results([result("short")])
     short = await store.get_job("short")

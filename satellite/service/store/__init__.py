@@ -23,6 +23,7 @@ from satellite.service.store.queries import (
     JobRecord,
     Page,
     QueuedJob,
+    Status,
 )
 
 __all__ = ["JobExistsError", "JobFilter", "JobRecord", "Page", "QueuedJob", "Store"]
@@ -80,6 +81,9 @@ class Store:
 
     async def mark_overdue(self, grace: float) -> int:
         return await queries.mark_overdue(self.engine, self.clock(), grace)
+
+    async def count_status(self, status: Status) -> int:
+        return await queries.count_status(self.engine, status)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         return await queries.get_job(self.engine, job_id)

@@ -41,6 +41,7 @@ __all__ = [
     "Page",
     "QueuedJob",
     "apply_results",
+    "count_status",
     "get_job",
     "mark_not_published",
     "mark_overdue",
@@ -254,6 +255,15 @@ async def mark_overdue(engine: AsyncEngine, now: datetime, grace: float) -> int:
             .values(status="overdue", updated_at=now)
         )
     return done.rowcount
+
+
+async def count_status(engine: AsyncEngine, status: Status) -> int:
+    """How many jobs have this status (the (status, created_at) index answers it)."""
+    async with engine.connect() as conn:
+        count = await conn.scalar(
+            sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status)
+        )
+    return int(count or 0)
 
 
 async def get_job(engine: AsyncEngine, job_id: str) -> JobRecord | None:
