@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI
 
 from poller import __version__
@@ -30,7 +31,7 @@ from satellite.service.api import metrics as metrics_api
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.ingest import Ingest
 from satellite.service.jobs import JobService, Waiters
-from satellite.service.listen import ApiServer, bind_all, parse_listen
+from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
 from satellite.service.metrics import ServiceMetrics
 from satellite.service.replies import Replies
 from satellite.service.settings import CoreSettings
@@ -203,9 +204,20 @@ async def run(settings: CoreSettings) -> int:
     sockets = await asyncio.to_thread(bind_all, parse_listen(settings.listen))
     try:
         core = await Core.start(settings)
+    except (OSError, TimeoutError, sa.exc.SQLAlchemyError) as exc:
+        close_all(sockets)
+        # The store could not be opened or migrated: one line, no URL (it may hold a password).
+        cause = getattr(exc, "orig", None) or exc
+        log.error(
+            "core_start_failed",
+            db=settings.database.masked,
+            error=f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[
+                :300
+            ],
+        )
+        return 1
     except BaseException:
-        for sock in sockets:
-            sock.close()
+        close_all(sockets)
         raise
     log.info(
         "core_started",

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,7 @@ class ServeFactory:
     tmp_path: Path
     started: list[ServeProcess] = field(default_factory=list)
 
-    def __call__(self, **env: str) -> ServeProcess:
+    def __call__(self, *, wait: bool = True, **env: str) -> ServeProcess:
         n = len(self.started)
         log_path = self.tmp_path / f"serve-{n}.log"
         socket_path = self.tmp_path / "run" / "api.sock"
@@ -103,7 +104,8 @@ class ServeFactory:
             )
         serve = ServeProcess(proc, log_path, socket_path)
         self.started.append(serve)
-        serve.wait_listening()
+        if wait:
+            serve.wait_listening()
         return serve
 
 
@@ -175,3 +177,16 @@ def test_submit_wait_search_stop_and_restart_keep_the_history(
         assert response.status_code == 200, response.text
         assert (response.json()["source"], response.json()["status"]) == ("amqp", "ok")
     assert again.terminate() == 0
+
+
+def test_a_database_that_cannot_be_reached_at_start_is_one_line_and_exit_1(
+    start_serve: ServeFactory,
+) -> None:
+    secret = "pw-" + uuid.uuid4().hex
+    serve = start_serve(wait=False, USM_CORE_DB=f"postgresql://core:{secret}@127.0.0.1:1/history")
+    assert serve.proc.wait(timeout=60) == 1
+    failed = [line for line in serve.log_lines() if line.get("event") == "core_start_failed"]
+    assert len(failed) == 1, serve.log_text()
+    assert failed[0]["db"] == "postgresql+asyncpg://core:***@127.0.0.1:1/history"
+    assert secret not in serve.log_text()
+    assert not serve.socket_path.exists()
