@@ -31,7 +31,9 @@ from satellite.service.metrics import ServiceMetrics
 from satellite.service.store import JobExistsError, JobFilter, JobRecord, Page, QueuedJob, Store
 
 __all__ = [
+    "MAX_BATCH_JOBS",
     "MAX_WAIT_SECONDS",
+    "BatchOutcome",
     "JobService",
     "JobSubmitError",
     "Submitted",
@@ -41,6 +43,8 @@ __all__ = [
 log = get_logger("satellite.service.jobs")
 
 MAX_WAIT_SECONDS = 60.0
+#: Most jobs in one batch request (larger batches: split them, or `satellite submit --file`).
+MAX_BATCH_JOBS = 1000
 #: How often a long poll re-reads the store (results another replica ingested).
 POLL_INTERVAL = 0.5
 
@@ -63,6 +67,14 @@ class Submitted:
     record: JobRecord
     answered: bool
     """True when the result is in `record` (it arrived within the wait)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What became of each job of a batch, in the order given."""
+
+    published: list[str]
+    not_published: list[str]
 
 
 class Waiters:
@@ -110,6 +122,27 @@ def prepare_job(body: bytes | dict[str, Any], *, max_bytes: int) -> wire.JobRequ
     if raw.get("id") is None:
         raw["id"] = str(uuid.uuid4())
     return wire.decode_job(json.dumps(raw).encode())
+
+
+def split_batch(body: bytes, *, ndjson: bool) -> list[Any]:
+    """The jobs of a batch body: a JSON array, or one JSON object per line (NDJSON)."""
+    if not ndjson:
+        try:
+            items = json.loads(body)
+        except (ValueError, RecursionError):
+            raise WireError("the body is not a valid JSON array (or send NDJSON)") from None
+        if not isinstance(items, list):
+            raise WireError("the body must be a JSON array of jobs (or NDJSON, one per line)")
+        return items
+    out = []
+    for n, line in enumerate(body.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except (ValueError, RecursionError):
+            raise WireError(f"line {n} is not valid JSON") from None
+    return out
 
 
 def merged(record: JobRecord, result: wire.JobResult) -> JobRecord:
@@ -196,14 +229,151 @@ class JobService:
             if waiting is not None:
                 self.waiters.forget(job.id, waiting)
 
-    async def _publish(self, satellite_id: str, job: wire.JobRequest, *, reply: bool) -> None:
-        props = properties(
+    async def submit_batch(
+        self,
+        satellite_id: str,
+        body: bytes,
+        *,
+        ndjson: bool = False,
+        source: str = "api",
+        confirm_timeout: float = 30.0,
+    ) -> BatchOutcome:
+        """Validate every job (all or nothing), record them, publish them with confirms."""
+        try:
+            wire.validate_satellite_id(satellite_id)
+        except ValueError as exc:
+            raise JobSubmitError(404, "unknown_satellite", str(exc)) from None
+        try:
+            items = split_batch(body, ndjson=ndjson)
+        except WireError as exc:
+            raise JobSubmitError(422, exc.error_code, exc.message) from None
+        if not items:
+            raise JobSubmitError(422, "invalid_job", "the batch holds no job")
+        if len(items) > MAX_BATCH_JOBS:
+            raise JobSubmitError(
+                422,
+                "batch_too_large",
+                f"the batch holds {len(items)} jobs; the limit is {MAX_BATCH_JOBS} per request",
+            )
+        batch = self._validate_batch(items)
+        now = self.store.clock()
+        queued = [
+            QueuedJob(
+                id=job.id,
+                satellite_id=satellite_id,
+                kind=job.kind,
+                host=job.target.host,
+                port=job.target.port,
+                source=source,
+                submitted_at=now,
+                timeout=job.timeout,
+            )
+            for job in batch
+        ]
+        try:
+            await self.store.record_queued_many(queued)
+        except JobExistsError as exc:
+            taken = ", ".join(repr(i) for i in exc.args[:5])
+            raise JobSubmitError(
+                409, "job_exists", f"{len(exc.args)} job id(s) were submitted already: {taken}"
+            ) from None
+        return await self._publish_batch(satellite_id, batch, confirm_timeout)
+
+    def _validate_batch(self, items: list[Any]) -> list[wire.JobRequest]:
+        batch: list[wire.JobRequest] = []
+        problems: list[str] = []
+        codes: set[str] = set()
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            try:
+                job = self._batch_item(item, seen)
+            except WireError as exc:
+                codes.add(exc.error_code)
+                if len(problems) < 10:
+                    problems.append(f"[{index}] {exc.message}")
+                continue
+            seen.add(job.id)
+            batch.append(job)
+        if problems:
+            code = codes.pop() if len(codes) == 1 else "invalid_job"
+            raise JobSubmitError(422, code, "; ".join(problems))
+        return batch
+
+    def _batch_item(self, item: object, seen: set[str]) -> wire.JobRequest:
+        if not isinstance(item, dict):
+            raise WireError("must be a JSON object (one job)")
+        job = prepare_job(item, max_bytes=self.max_job_bytes)
+        if job.id in seen:
+            raise WireError(f"the id {job.id!r} appears twice in the batch")
+        return job
+
+    async def _publish_batch(
+        self, satellite_id: str, batch: list[wire.JobRequest], confirm_timeout: float
+    ) -> BatchOutcome:
+        futures: dict[str, asyncio.Future[None]] = {}
+        failed: list[str] = []
+        unroutable = False
+        for job in batch:
+            try:
+                futures[job.id] = self.publisher.publish_nowait(
+                    wire.jobs_exchange(),
+                    wire.jobs_routing_key(satellite_id),
+                    wire.encode(job),
+                    self._properties(job, reply=False),
+                )
+            except BrokerError:
+                failed.append(job.id)
+        if futures:
+            await asyncio.wait(futures.values(), timeout=confirm_timeout)
+        published = []
+        for job_id, future in futures.items():
+            if not future.done():
+                future.cancel()
+                failed.append(job_id)
+            elif future.cancelled() or future.exception() is not None:
+                unroutable = unroutable or isinstance(future.exception(), UnroutableError)
+                failed.append(job_id)
+            else:
+                published.append(job_id)
+        if failed:
+            await self.store.mark_not_published_many(failed)
+            log.warning(
+                "jobs_not_published", satellite_id=satellite_id, count=len(failed), of=len(batch)
+            )
+        self._count_batch(satellite_id, batch, published, failed, unroutable=unroutable)
+        if not published:
+            raise _not_published(satellite_id, unroutable=unroutable)
+        return BatchOutcome(published, failed)
+
+    def _count_batch(
+        self,
+        satellite_id: str,
+        batch: list[wire.JobRequest],
+        published: list[str],
+        failed: list[str],
+        *,
+        unroutable: bool,
+    ) -> None:
+        if self.metrics is None:
+            return
+        kinds = {job.id: job.kind for job in batch}
+        for job_id in published:
+            self.metrics.submitted.labels(satellite_id, kinds[job_id]).inc()
+        if failed:
+            reason = "unroutable" if unroutable else "broker"
+            self.metrics.not_published.labels(satellite_id, reason).inc(len(failed))
+
+    def _properties(self, job: wire.JobRequest, *, reply: bool) -> Any:
+        return properties(
             content_type="application/json",
             delivery_mode=2,
             message_id=job.id,
             type=job.kind,
             reply_to=self.reply_queue if reply else None,
         )
+
+    async def _publish(self, satellite_id: str, job: wire.JobRequest, *, reply: bool) -> None:
+        props = self._properties(job, reply=reply)
         try:
             await self.publisher.publish(
                 wire.jobs_exchange(), wire.jobs_routing_key(satellite_id), wire.encode(job), props
@@ -219,15 +389,8 @@ class JobService:
                 satellite_id=satellite_id,
                 reason=str(exc)[:200],
             )
-            if isinstance(exc, UnroutableError):
-                raise JobSubmitError(
-                    404,
-                    "unknown_satellite",
-                    f"no queue is bound for satellite {satellite_id!r} "
-                    "(declare it with `satellite declare`, or start its pollers)",
-                ) from None
-            raise JobSubmitError(
-                503, "broker_unavailable", f"the broker did not take the job: {exc}", retry_after=5
+            raise _not_published(
+                satellite_id, unroutable=isinstance(exc, UnroutableError), reason=str(exc)
             ) from None
         if self.metrics is not None:
             self.metrics.submitted.labels(satellite_id, job.kind).inc()
@@ -279,3 +442,15 @@ class JobService:
         finally:
             self.waiters.forget(job_id, waiting)
         return record
+
+
+def _not_published(satellite_id: str, *, unroutable: bool, reason: str = "") -> JobSubmitError:
+    if unroutable:
+        return JobSubmitError(
+            404,
+            "unknown_satellite",
+            f"no queue is bound for satellite {satellite_id!r} "
+            "(declare it with `satellite declare`, or start its pollers)",
+        )
+    detail = f"the broker did not take the job: {reason}" if reason else "the broker is down"
+    return JobSubmitError(503, "broker_unavailable", detail, retry_after=5)

@@ -4,6 +4,8 @@ databases), and a real `poller run` against snmpd where a job must be answered."
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,12 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
+from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.service.app import Core, create_app
 from satellite.service.settings import DatabaseUrl, load_settings
 from satellite.service.store.queries import NOT_PUBLISHED
 from satellite.service.tokens import TokensFile
-from tests.support.poller_proc import PollerFactory, snmp_job
+from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.snmpd import Snmpd
 
@@ -282,3 +285,78 @@ async def test_prefer_wait_that_runs_out_is_202_and_a_long_poll_gets_the_answer(
     answered = await poll
     assert answered.status_code == 200
     assert answered.json()["status"] == "ok"
+
+
+async def test_a_batch_is_validated_whole_recorded_and_published(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    await declare_satellite(core, sid)
+    url = f"/v1/satellites/{sid}/jobs:batch"
+    jobs = [job(job_id=f"{sid}-b{n}") for n in range(5)] + [job() for _ in range(5)]
+    response = await api.post(url, json=jobs)
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["satellite_id"] == sid
+    assert accepted["not_published"] == []
+    assert len(accepted["ids"]) == 10
+    assert accepted["ids"][:5] == [f"{sid}-b{n}" for n in range(5)]
+    found = (await api.get("/v1/jobs", params={"satellite": sid, "limit": 100})).json()
+    assert {r["id"] for r in found["items"]} == set(accepted["ids"])
+    assert {r["status"] for r in found["items"]} == {"queued"}
+    depth = await asyncio.to_thread(queue_depth, core, sid)
+    assert depth == 10
+    # NDJSON works too; an id already used is a conflict and nothing of that batch is recorded.
+    lines = b"\n".join(json.dumps(j).encode() for j in [job(job_id=f"{sid}-n1"), job()])
+    ndjson = {"Content-Type": "application/x-ndjson"}
+    response = await api.post(url, content=lines, headers=ndjson)
+    assert response.status_code == 202, response.text
+    assert len(response.json()["ids"]) == 2
+    again = [job(job_id=f"{sid}-fresh"), job(job_id=f"{sid}-b0")]
+    assert_problem(await api.post(url, json=again), 409, "job_exists")
+    assert await core.store.get_job(f"{sid}-fresh") is None
+
+
+async def test_a_bad_batch_is_refused_whole_with_each_problem_indexed(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    url = f"/v1/satellites/{sid}/jobs:batch"
+    bad = [job(job_id=f"{sid}-ok"), {"kind": "snmp.gte", "target": {"host": "h"}}, 7]
+    problem = assert_problem(await api.post(url, json=bad), 422, "invalid_job")
+    assert "[1] unknown job kind" in problem["detail"]
+    assert "[2] must be a JSON object" in problem["detail"]
+    assert await core.store.get_job(f"{sid}-ok") is None
+    twice = [job(job_id="same"), job(job_id="same")]
+    assert (
+        "appears twice"
+        in assert_problem(await api.post(url, json=twice), 422, "invalid_job")["detail"]
+    )
+    assert_problem(await api.post(url, json=[]), 422, "invalid_job")
+    assert_problem(await api.post(url, json={"not": "a list"}), 422, "invalid_job")
+    problem = assert_problem(await api.post(url, json=[job()] * 1001), 422, "batch_too_large")
+    assert "limit is 1000" in problem["detail"]
+
+
+async def test_a_batch_for_a_satellite_without_a_queue_is_404_and_not_left_queued(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    response = await api.post(
+        f"/v1/satellites/{sid}/jobs:batch", json=[job(job_id=f"{sid}-x{n}") for n in range(3)]
+    )
+    assert_problem(response, 404, "unknown_satellite")
+    for n in range(3):
+        record = await core.store.get_job(f"{sid}-x{n}")
+        assert record is not None
+        assert (record.status, record.error_code) == ("error", NOT_PUBLISHED)
+
+
+def queue_depth(core: Core, sid: str) -> int:
+    client = JobClient(core.settings.amqp_dsn.get_secret_value(), sid)
+    try:
+        for _ in range(50):
+            depth = client.queue_depth(wire.jobs_queue(sid))
+            if depth >= 10:
+                return depth
+            time.sleep(0.1)
+        return depth
+    finally:
+        client.close()

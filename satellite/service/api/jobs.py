@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from satellite.service.api.problems import PROBLEM_JSON, Problem
 from satellite.service.auth import require
-from satellite.service.jobs import MAX_WAIT_SECONDS, JobService, JobSubmitError
+from satellite.service.jobs import MAX_BATCH_JOBS, MAX_WAIT_SECONDS, JobService, JobSubmitError
 from satellite.service.store import JobFilter, JobRecord
 
 __all__ = ["JobPage", "parse_prefer_wait", "router"]
@@ -23,6 +23,18 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 
 _PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "a problem document (RFC 9457)"}
 _WAIT_RE = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?\s*(?=$|[,;])", re.I)
+
+
+class BatchAccepted(BaseModel):
+    satellite_id: str
+    ids: list[str]
+    """The jobs published (confirmed by the broker), in the order given."""
+    not_published: list[str]
+    """Jobs the broker did not take (recorded as error `not_published`); submit them again."""
+
+
+#: Largest batch body (the number of jobs is limited too: `MAX_BATCH_JOBS`).
+MAX_BATCH_BYTES = 8 * 1024 * 1024
 
 
 class JobPage(BaseModel):
@@ -128,6 +140,46 @@ async def submit_job(
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait:g}"
     return _record_response(record, 200 if submitted.answered else 202, headers)
+
+
+@router.post(
+    "/satellites/{satellite_id}/jobs:batch",
+    summary=f"Submit up to {MAX_BATCH_JOBS} jobs: a JSON array, or NDJSON (one job per line)",
+    status_code=202,
+    response_model=BatchAccepted,
+    responses={
+        401: _PROBLEM,
+        403: _PROBLEM,
+        404: _PROBLEM,
+        409: _PROBLEM,
+        413: _PROBLEM,
+        422: _PROBLEM,
+        503: _PROBLEM,
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        }
+    },
+    dependencies=[Depends(require("submit"))],
+)
+async def submit_batch(satellite_id: str, request: Request) -> BatchAccepted:
+    service = _service(request)
+    body = await _read_body(request, MAX_BATCH_BYTES)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ndjson = content_type in ("application/x-ndjson", "application/jsonl", "application/ndjson")
+    try:
+        outcome = await service.submit_batch(satellite_id, body, ndjson=ndjson)
+    except JobSubmitError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+    return BatchAccepted(
+        satellite_id=satellite_id, ids=outcome.published, not_published=outcome.not_published
+    )
 
 
 @router.get(

@@ -73,6 +73,12 @@ class Store:
     async def record_queued(self, job: QueuedJob) -> None:
         await queries.record_queued(self.engine, job, self.clock())
 
+    async def record_queued_many(self, batch: Sequence[QueuedJob]) -> None:
+        await queries.record_queued_many(self.engine, batch, self.clock())
+
+    async def mark_not_published_many(self, ids: Sequence[str]) -> int:
+        return await queries.mark_not_published_many(self.engine, ids, self.clock())
+
     async def mark_not_published(self, job_id: str) -> bool:
         return await queries.mark_not_published(self.engine, job_id, self.clock())
 

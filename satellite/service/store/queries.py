@@ -44,9 +44,11 @@ __all__ = [
     "count_status",
     "get_job",
     "mark_not_published",
+    "mark_not_published_many",
     "mark_overdue",
     "purge_before",
     "record_queued",
+    "record_queued_many",
     "search",
 ]
 
@@ -144,7 +146,21 @@ async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> N
 
     An id left `not_published` by a failed submit may be submitted again: the row is reused.
     """
-    values = {
+    values = _queued_row(job, now)
+    async with engine.begin() as conn:
+        stmt = _insert(conn).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[jobs.c.id],
+            set_={k: v for k, v in values.items() if k != "id"},
+            where=(jobs.c.error_code == NOT_PUBLISHED) & (jobs.c.answers == 0),
+        )
+        done = await conn.execute(stmt)
+    if done.rowcount != 1:
+        raise JobExistsError(job.id)
+
+
+def _queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:
+    return {
         "id": job.id,
         "satellite_id": job.satellite_id,
         "kind": job.kind,
@@ -161,16 +177,42 @@ async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> N
         "lane": job.lane,
         "retry_of": job.retry_of,
     }
+
+
+async def record_queued_many(
+    engine: AsyncEngine, batch: Sequence[QueuedJob], now: datetime
+) -> None:
+    """Record a batch as `queued` in one transaction; `JobExistsError(*ids)` when ids are taken.
+
+    Ids left `not_published` by a failed submit are reused, as by `record_queued`.
+    """
+    ids = [job.id for job in batch]
+    # COALESCE: `NOT (NULL = ...)` is NULL, which would hide a taken id whose code is NULL.
+    reusable = (sa.func.coalesce(jobs.c.error_code, "") == NOT_PUBLISHED) & (jobs.c.answers == 0)
+    try:
+        async with engine.begin() as conn:
+            taken = await conn.scalars(sa.select(jobs.c.id).where(jobs.c.id.in_(ids) & ~reusable))
+            existing = list(taken)
+            if existing:
+                raise JobExistsError(*existing)
+            await conn.execute(jobs.delete().where(jobs.c.id.in_(ids) & reusable))
+            await conn.execute(jobs.insert(), [_queued_row(job, now) for job in batch])
+    except sa.exc.IntegrityError:
+        # Another replica recorded one of the ids between the check and the insert.
+        raise JobExistsError(*ids) from None
+
+
+async def mark_not_published_many(engine: AsyncEngine, ids: Sequence[str], now: datetime) -> int:
+    """`mark_not_published` for many ids in one statement; how many rows changed."""
+    if not ids:
+        return 0
     async with engine.begin() as conn:
-        stmt = _insert(conn).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[jobs.c.id],
-            set_={k: v for k, v in values.items() if k != "id"},
-            where=(jobs.c.error_code == NOT_PUBLISHED) & (jobs.c.answers == 0),
+        done = await conn.execute(
+            jobs.update()
+            .where(jobs.c.id.in_(ids) & (jobs.c.status == "queued") & (jobs.c.answers == 0))
+            .values(status="error", error_code=NOT_PUBLISHED, updated_at=now)
         )
-        done = await conn.execute(stmt)
-    if done.rowcount != 1:
-        raise JobExistsError(job.id)
+    return done.rowcount
 
 
 async def mark_not_published(engine: AsyncEngine, job_id: str, now: datetime) -> bool:
