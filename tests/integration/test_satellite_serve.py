@@ -5,6 +5,7 @@ to AMQP while the service was down."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,12 +15,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
+import pika
 import pytest
 
+from poller import wire
 from satellite.service.tokens import TokensFile
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
@@ -82,10 +87,13 @@ class ServeFactory:
     tmp_path: Path
     started: list[ServeProcess] = field(default_factory=list)
 
-    def __call__(self, *, wait: bool = True, **env: str) -> ServeProcess:
+    def __call__(
+        self, *, wait: bool = True, env: dict[str, str] | None = None, **more: str
+    ) -> ServeProcess:
+        env = (env or {}) | more
         n = len(self.started)
         log_path = self.tmp_path / f"serve-{n}.log"
-        socket_path = self.tmp_path / "run" / "api.sock"
+        socket_path = self.tmp_path / "run" / f"api-{n}.sock"
         socket_path.parent.mkdir(exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
         base |= {
@@ -190,3 +198,89 @@ def test_a_database_that_cannot_be_reached_at_start_is_one_line_and_exit_1(
     assert failed[0]["db"] == "postgresql+asyncpg://core:***@127.0.0.1:1/history"
     assert secret not in serve.log_text()
     assert not serve.socket_path.exists()
+
+
+def test_two_replicas_on_postgresql_ingest_every_result_once_while_one_is_killed(
+    start_serve: ServeFactory, pg_database: str, amqp_vhost: AmqpVhost, sid: str
+) -> None:
+    """2,000 results wait in usm_poller.history; two replicas share them; one is SIGKILLed
+    while both hold full windows. Every result ends up as exactly one row."""
+    asyncio.run(reset_schema(pg_database))
+    # Small commits (prefetch = 2 x batch) make the ingest slow enough to kill a replica in the
+    # middle of it, with deliveries held that it has not committed.
+    env = {
+        "USM_CORE_DB": pg_database,
+        "USM_CORE_INGEST_BATCH": "2",
+        "USM_CORE_INGEST_LINGER_MS": "0",
+    }
+    first = start_serve(env=env)  # declares the queue; stopped before the results come
+    assert first.terminate() == 0
+    ids = [f"{sid}-{n:04}" for n in range(2000)]
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_vhost.dsn))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+        for job_id in ids:
+            key = wire.result_routing_key(sid, "snmp.get")
+            channel.basic_publish(wire.results_exchange(), key, result_body(job_id, sid), props)
+    finally:
+        conn.close()
+    victim, survivor = start_serve(env=env), start_serve(env=env)
+    rows, answers = 0, 0
+    for _ in range(600):
+        rows, answers = asyncio.run(count_rows(pg_database, sid))
+        if rows >= 300:
+            break
+        time.sleep(0.05)
+    assert 0 < rows < len(ids), "the kill must land while results are still coming"
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(timeout=10)
+    for _ in range(600):
+        rows, answers = asyncio.run(count_rows(pg_database, sid))
+        if rows == len(ids):
+            break
+        time.sleep(0.1)
+    assert rows == len(ids)
+    assert answers >= len(ids)  # a copy redelivered after the kill counts as a second answer
+    assert survivor.terminate() == 0
+
+
+def result_body(job_id: str, sid: str) -> bytes:
+    now = datetime.now(UTC)
+    return wire.encode(
+        wire.JobResult(
+            job_id=job_id,
+            kind="snmp.get",
+            satellite_id=sid,
+            worker="w",
+            status="ok",
+            attempt=1,
+            redelivered=False,
+            started_at=now,
+            finished_at=now,
+            duration_ms=1.0,
+        )
+    )
+
+
+async def reset_schema(url: str) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public", timeout=30)
+    finally:
+        await conn.close(timeout=10)
+
+
+async def count_rows(url: str, sid: str) -> tuple[int, int]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*), coalesce(sum(answers), 0) FROM jobs WHERE satellite_id = $1",
+            sid,
+            timeout=10,
+        )
+    finally:
+        await conn.close(timeout=10)
+    assert row is not None
+    return int(row[0]), int(row[1])
