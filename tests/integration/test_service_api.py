@@ -21,6 +21,7 @@ from satellite.service.app import Core, create_app
 from satellite.service.settings import DatabaseUrl, load_settings
 from satellite.service.store.queries import NOT_PUBLISHED
 from satellite.service.tokens import TokensFile
+from tests.support.database import pg_admin
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.snmpd import Snmpd
@@ -349,14 +350,38 @@ async def test_a_batch_for_a_satellite_without_a_queue_is_404_and_not_left_queue
         assert (record.status, record.error_code) == ("error", NOT_PUBLISHED)
 
 
-def queue_depth(core: Core, sid: str) -> int:
+def queue_depth(core: Core, sid: str, expected: int = 10) -> int:
+    """The satellite's queue depth once it reaches `expected` (or after 5 s)."""
     client = JobClient(core.settings.amqp_dsn.get_secret_value(), sid)
     try:
         for _ in range(50):
             depth = client.queue_depth(wire.jobs_queue(sid))
-            if depth >= 10:
+            if depth >= expected:
                 return depth
             time.sleep(0.1)
         return depth
     finally:
         client.close()
+
+
+async def test_a_store_that_is_down_is_503_and_nothing_is_published(
+    core: Core, api: httpx.AsyncClient, db_url: DatabaseUrl, sid: str
+) -> None:
+    if db_url.dialect != "postgresql":
+        pytest.skip("PostgreSQL: its connections can be refused from outside")
+    await declare_satellite(core, sid)
+    name = db_url.url.database
+    await core.store.engine.dispose()
+    await pg_admin(
+        f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false',
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+    )
+    try:
+        response = await api.post(f"/v1/satellites/{sid}/jobs", json=job())
+        assert_problem(response, 503, "store_unavailable")
+        assert response.headers["retry-after"] == "5"
+        ready = assert_problem(await api.get("/readyz"), 503, "not_ready")
+        assert ready["checks"]["store"] is False
+    finally:
+        await pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    assert await asyncio.to_thread(queue_depth, core, sid, 0) == 0

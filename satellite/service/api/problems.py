@@ -10,14 +10,18 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from poller.logging import get_logger
 from satellite.service.auth import AuthProblem
 
 __all__ = ["PROBLEM_JSON", "Problem", "install_problem_handlers", "problem_response"]
+
+log = get_logger("satellite.service.api")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://satellite-poller.dev/problems/"
@@ -101,7 +105,20 @@ async def _auth(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status, exc.code, exc.detail, headers=exc.headers)
 
 
+async def _store(_request: Request, exc: Exception) -> JSONResponse:
+    """The history store failed (down, locked, timed out): nothing was published."""
+    cause = getattr(exc, "orig", None) or exc
+    log.warning("store_unavailable", error=type(cause).__name__)
+    return problem_response(
+        503,
+        "store_unavailable",
+        "the history store cannot be reached now; nothing was submitted",
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(sa.exc.SQLAlchemyError, _store)
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(AuthProblem, _auth)
     app.add_exception_handler(StarletteHTTPException, _http)
