@@ -26,9 +26,10 @@ from poller import __version__
 from poller.broker import BrokerOptions
 from poller.logging import configure_logging, get_logger
 from poller.wire import JobResult
-from satellite.service.api import health, jobs
+from satellite.service.api import health, jobs, satellites
 from satellite.service.api import metrics as metrics_api
 from satellite.service.api.problems import install_problem_handlers
+from satellite.service.deadletters import DeadLetters
 from satellite.service.ingest import Ingest
 from satellite.service.jobs import JobService, Waiters
 from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
@@ -183,9 +184,11 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(satellites.router)
     app.include_router(metrics_api.router)
     app.state.jobs = core.jobs
     app.state.metrics = core.metrics
+    app.state.dead_letters = DeadLetters(core.settings.broker())
     app.state.readiness = core.readiness
     app.state.tokens = tokens
     app.state.unix_auth = core.settings.unix_auth

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pika
 import pytest
 
 from poller import wire
@@ -385,3 +386,48 @@ async def test_a_store_that_is_down_is_503_and_nothing_is_published(
     finally:
         await pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
     assert await asyncio.to_thread(queue_depth, core, sid, 0) == 0
+
+
+async def test_the_dlq_is_listed_replayed_and_purged(
+    core: Core, api: httpx.AsyncClient, tokens: Tokens, sid: str
+) -> None:
+    await declare_satellite(core, sid)
+    letters = [job(job_id=f"{sid}-dead{n}") for n in range(3)]
+    await asyncio.to_thread(dead_letter, core, sid, letters)
+    url = f"/v1/satellites/{sid}/dlq"
+    listed = (await api.get(url)).json()
+    assert listed["satellite_id"] == sid
+    assert sorted(d["job_id"] for d in listed["dead_letters"]) == [
+        f"{sid}-dead{n}" for n in range(3)
+    ]
+    assert SECRET not in json.dumps(listed)
+    reader = {"Authorization": f"Bearer {tokens.reader}"}
+    assert_problem(
+        await api.post(f"{url}/replay", json={"all": True}, headers=reader), 403, "forbidden"
+    )
+    assert_problem(await api.post(f"{url}/replay", json={}), 422, "invalid_request")
+    replayed = (await api.post(f"{url}/replay", json={"ids": [f"{sid}-dead0", "nope"]})).json()
+    assert replayed["replayed"] == [f"{sid}-dead0"]
+    assert replayed["not_found"] == ["nope"]
+    assert await asyncio.to_thread(queue_depth, core, sid, 1) == 1
+    purged = (await api.delete(url)).json()
+    assert purged == {"satellite_id": sid, "purged": 2}
+    assert (await api.get(url)).json()["dead_letters"] == []
+    assert_problem(await api.get("/v1/satellites/nosuch-sat/dlq"), 404, "unknown_satellite")
+    assert_problem(await api.get("/v1/satellites/bad%20id/dlq"), 422, "invalid_request")
+
+
+def dead_letter(core: Core, sid: str, letters: list[dict[str, Any]]) -> None:
+    """Put jobs in the satellite's DLQ as the broker does: through usm_poller.dlx."""
+    conn = pika.BlockingConnection(pika.URLParameters(core.settings.amqp_dsn.get_secret_value()))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for letter in letters:
+            props = pika.BasicProperties(
+                content_type="application/json", delivery_mode=2, message_id=letter["id"]
+            )
+            body = json.dumps({"v": 1, **letter}).encode()
+            channel.basic_publish(wire.dead_letter_exchange(), sid, body, props)
+    finally:
+        conn.close()
