@@ -544,6 +544,13 @@ def jobs_routing_key(satellite_id: str) -> str:
     return validate_satellite_id(satellite_id)
 
 
+def satellite_of_jobs_queue(name: str) -> str | None:
+    """The satellite whose job queue is called `name`, or None (a DLQ, another queue)."""
+    prefix = "usm_poller-sat-"
+    rest = name[len(prefix) :] if name.startswith(prefix) else ""
+    return rest if SATELLITE_ID_RE.match(rest) else None
+
+
 def dead_letter_exchange() -> str:
     return "usm_poller.dlx"
 

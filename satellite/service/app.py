@@ -30,6 +30,7 @@ from satellite.service.api import health, jobs, satellites
 from satellite.service.api import metrics as metrics_api
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.deadletters import DeadLetters
+from satellite.service.fleet import FleetWatch
 from satellite.service.ingest import Ingest
 from satellite.service.jobs import JobService, Waiters
 from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
@@ -69,6 +70,7 @@ class Core:
     waiters: Waiters
     replica: str
     metrics: ServiceMetrics
+    fleet: FleetWatch
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
@@ -117,7 +119,9 @@ class Core:
         service = JobService(
             store, replies.broker, waiters, reply_queue=replies.queue, metrics=metrics
         )
-        core = cls(settings, store, ingest, replies, service, waiters, replica, metrics)
+        fleet = FleetWatch(broker, settings.management())
+        fleet.start()
+        core = cls(settings, store, ingest, replies, service, waiters, replica, metrics, fleet)
         core.tasks = [
             asyncio.create_task(ingest.run(), name="ingest"),
             asyncio.create_task(replies.broker.run(), name="replies"),
@@ -167,6 +171,7 @@ class Core:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await asyncio.to_thread(self.fleet.stop, 3.0)
         await self.store.close()
         log.info("core_stopped", results_ingested=self.ingest.stats.results)
 
@@ -189,6 +194,7 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     app.state.jobs = core.jobs
     app.state.metrics = core.metrics
     app.state.dead_letters = DeadLetters(core.settings.broker())
+    app.state.fleet = core.fleet
     app.state.readiness = core.readiness
     app.state.tokens = tokens
     app.state.unix_auth = core.settings.unix_auth

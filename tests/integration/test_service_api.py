@@ -18,6 +18,7 @@ import pytest
 
 from poller import wire
 from satellite.cli import main as satellite_cli
+from satellite.management import ManagementApi
 from satellite.service.app import Core, create_app
 from satellite.service.settings import DatabaseUrl, load_settings
 from satellite.service.store.queries import NOT_PUBLISHED
@@ -431,3 +432,27 @@ def dead_letter(core: Core, sid: str, letters: list[dict[str, Any]]) -> None:
             channel.basic_publish(wire.dead_letter_exchange(), sid, body, props)
     finally:
         conn.close()
+
+
+async def test_fleet_status_shows_a_running_poller(
+    core: Core,
+    api: httpx.AsyncClient,
+    start_poller: PollerFactory,
+    management_api: ManagementApi,
+    sid: str,
+) -> None:
+    await asyncio.to_thread(start_poller, sid)
+    record: dict[str, Any] = {}
+    for _ in range(150):
+        response = await api.get(f"/v1/satellites/{sid}")
+        if response.status_code == 200:
+            record = response.json()
+            if record["replicas"] and record["queue"] and record["queue"]["consumers"]:
+                break
+        await asyncio.sleep(0.2)
+    assert record["satellite_id"] == sid
+    assert [r["worker"] for r in record["replicas"]] == [f"poller-{sid}-0"]
+    assert record["queue"]["consumers"] >= 1
+    everything = (await api.get("/v1/satellites")).json()
+    assert sid in {s["satellite_id"] for s in everything["satellites"]}
+    assert_problem(await api.get("/v1/satellites/nosuch-sat"), 404, "unknown_satellite")

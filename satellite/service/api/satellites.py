@@ -1,4 +1,4 @@
-"""A satellite's dead-letter queue: list (read), replay and purge (admin)."""
+"""Satellites: fleet status (read); the dead-letter queue: list (read), replay and purge (admin)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from satellite.service.api.problems import PROBLEM_JSON, Problem
 from satellite.service.auth import require
 from satellite.service.deadletters import DeadLetterError, DeadLetters
+from satellite.service.fleet import FleetError, FleetWatch
 
 __all__ = ["router"]
 
@@ -38,6 +39,44 @@ class ReplayRequest(BaseModel):
         if (self.ids is not None) == self.all:
             raise ValueError('give either "ids": [...] or "all": true')
         return self
+
+
+def _fleet(request: Request) -> FleetWatch:
+    fleet: FleetWatch = request.app.state.fleet
+    return fleet
+
+
+def _fleet_problem(exc: FleetError) -> Problem:
+    headers = {"Retry-After": "5"} if exc.status == 503 else None
+    return Problem(exc.status, exc.code, exc.detail, headers=headers)
+
+
+@router.get(
+    "",
+    summary="Every satellite: what `satellite status --json` says",
+    responses={401: _PROBLEM, 403: _PROBLEM, 503: _PROBLEM},
+    dependencies=[Depends(require("read"))],
+)
+async def list_satellites(request: Request) -> dict[str, Any]:
+    try:
+        statuses = await _fleet(request).status()
+    except FleetError as exc:
+        raise _fleet_problem(exc) from None
+    return {"ok": all(s.ok for s in statuses), "satellites": [s.as_dict() for s in statuses]}
+
+
+@router.get(
+    "/{satellite_id}",
+    summary="One satellite: replicas from heartbeats, queue depth and rates, advice, DLQ",
+    responses=_ERRORS,
+    dependencies=[Depends(require("read"))],
+)
+async def get_satellite(satellite_id: SatelliteId, request: Request) -> dict[str, Any]:
+    try:
+        statuses = await _fleet(request).status(satellite_id)
+    except FleetError as exc:
+        raise _fleet_problem(exc) from None
+    return statuses[0].as_dict()
 
 
 def _dlq(request: Request) -> DeadLetters:
