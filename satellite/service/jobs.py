@@ -145,6 +145,11 @@ def split_batch(body: bytes, *, ndjson: bool) -> list[Any]:
     return out
 
 
+def kept_request(job: wire.JobRequest) -> dict[str, Any]:
+    """What the history keeps of a job for a retry: everything but its inline credentials."""
+    return job.model_dump(mode="json", exclude={"auth"}, exclude_none=True)
+
+
 def merged(record: JobRecord, result: wire.JobResult) -> JobRecord:
     """The record as it will be once `result` is stored (for an answer the store has not yet)."""
     return record.model_copy(
@@ -190,6 +195,7 @@ class JobService:
         *,
         source: str = "api",
         wait: float | None = None,
+        retry_of: str | None = None,
     ) -> Submitted:
         """Validate, record, publish; wait up to `wait` s for the result. `JobSubmitError`."""
         try:
@@ -210,6 +216,8 @@ class JobService:
             source=source,
             submitted_at=now,
             timeout=job.timeout,
+            retry_of=retry_of,
+            request=kept_request(job),
         )
         try:
             await self.store.record_queued(queued)
@@ -267,6 +275,7 @@ class JobService:
                 source=source,
                 submitted_at=now,
                 timeout=job.timeout,
+                request=kept_request(job),
             )
             for job in batch
         ]
@@ -410,6 +419,31 @@ class JobService:
         if latest is not None and latest.answers > 0:
             return Submitted(latest, answered=True)
         return Submitted(merged(latest or record, result), answered=True)
+
+    async def retry(self, job_id: str, *, wait: float | None = None) -> Submitted:
+        """Submit a recorded job again under a new id; the new record points at the old one."""
+        found = await self.store.get_request(job_id)
+        if found is None:
+            raise JobSubmitError(404, "job_not_found", f"no job {job_id!r} in the history")
+        record, request = found
+        if not isinstance(request, dict):
+            raise JobSubmitError(
+                409,
+                "not_retryable",
+                "the history has no request for this job (it was not submitted through the "
+                "service)",
+            )
+        body = dict(request, id=str(uuid.uuid4()))
+        try:
+            prepare_job(dict(body), max_bytes=self.max_job_bytes)
+        except WireError:
+            raise JobSubmitError(
+                409,
+                "not_retryable",
+                "the job carried its credentials inline and the history does not keep them: "
+                "submit it again (or use credential_ref)",
+            ) from None
+        return await self.submit(record.satellite_id, body, wait=wait, retry_of=record.id)
 
     async def search(self, where: JobFilter, *, limit: int, cursor: str | None) -> Page:
         """A page of the history, newest first; `ValueError` for a cursor that is not ours."""

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -456,3 +457,51 @@ async def test_fleet_status_shows_a_running_poller(
     everything = (await api.get("/v1/satellites")).json()
     assert sid in {s["satellite_id"] for s in everything["satellites"]}
     assert_problem(await api.get("/v1/satellites/nosuch-sat"), 404, "unknown_satellite")
+
+
+async def test_a_retry_publishes_the_job_again_under_a_new_id(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    await declare_satellite(core, sid)
+    by_ref = job()
+    del by_ref["auth"]
+    by_ref["credential_ref"] = "public-v2c"
+    first = (await api.post(f"/v1/satellites/{sid}/jobs", json=by_ref)).json()
+    response = await api.post(f"/v1/jobs/{first['id']}/retry")
+    assert response.status_code == 202, response.text
+    second = response.json()
+    assert second["id"] != first["id"]
+    assert second["retry_of"] == first["id"]
+    assert (second["kind"], second["host"], second["satellite_id"]) == (
+        "snmp.get",
+        "127.0.0.1",
+        sid,
+    )
+    assert response.headers["location"] == f"/v1/jobs/{second['id']}"
+    assert await asyncio.to_thread(queue_depth, core, sid, 2) == 2
+
+    inline = (await api.post(f"/v1/satellites/{sid}/jobs", json=job())).json()
+    kept = await core.store.get_request(inline["id"])
+    assert kept is not None
+    assert "auth" not in kept[1]
+    assert SECRET not in json.dumps(kept[1])
+    assert_problem(await api.post(f"/v1/jobs/{inline['id']}/retry"), 409, "not_retryable")
+    assert_problem(await api.post("/v1/jobs/no-such-job/retry"), 404, "job_not_found")
+    await core.store.apply_results([result_of("from-amqp-" + sid, sid)])
+    assert_problem(await api.post(f"/v1/jobs/from-amqp-{sid}/retry"), 409, "not_retryable")
+
+
+def result_of(job_id: str, sid: str) -> wire.JobResult:
+    now = datetime.now(UTC)
+    return wire.JobResult(
+        job_id=job_id,
+        kind="snmp.get",
+        satellite_id=sid,
+        worker="w",
+        status="ok",
+        attempt=1,
+        redelivered=False,
+        started_at=now,
+        finished_at=now,
+        duration_ms=1.0,
+    )

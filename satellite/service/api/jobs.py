@@ -14,7 +14,13 @@ from pydantic import BaseModel
 
 from satellite.service.api.problems import PROBLEM_JSON, Problem
 from satellite.service.auth import require
-from satellite.service.jobs import MAX_BATCH_JOBS, MAX_WAIT_SECONDS, JobService, JobSubmitError
+from satellite.service.jobs import (
+    MAX_BATCH_JOBS,
+    MAX_WAIT_SECONDS,
+    JobService,
+    JobSubmitError,
+    Submitted,
+)
 from satellite.service.store import JobFilter, JobRecord
 
 __all__ = ["JobPage", "parse_prefer_wait", "router"]
@@ -135,6 +141,10 @@ async def submit_job(
     except JobSubmitError as exc:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+    return _submitted_response(submitted, wait)
+
+
+def _submitted_response(submitted: Submitted, wait: float | None) -> JSONResponse:
     record = submitted.record
     headers = {"Location": f"/v1/jobs/{quote(record.id, safe='')}"}
     if wait is not None:
@@ -180,6 +190,36 @@ async def submit_batch(satellite_id: str, request: Request) -> BatchAccepted:
     return BatchAccepted(
         satellite_id=satellite_id, ids=outcome.published, not_published=outcome.not_published
     )
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    summary="Submit the job again under a new id (`Prefer: wait=N` as for a submit)",
+    status_code=202,
+    response_model=JobRecord,
+    responses={
+        200: {"model": JobRecord, "description": "the result arrived within the wait"},
+        202: {"model": JobRecord, "description": "queued; follow `Location`"},
+        401: _PROBLEM,
+        403: _PROBLEM,
+        404: _PROBLEM,
+        409: _PROBLEM,
+        503: _PROBLEM,
+    },
+    dependencies=[Depends(require("submit"))],
+)
+async def retry_job(
+    job_id: str,
+    request: Request,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    wait = parse_prefer_wait(prefer)
+    try:
+        submitted = await _service(request).retry(job_id, wait=wait)
+    except JobSubmitError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+    return _submitted_response(submitted, wait)
 
 
 @router.get(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -90,6 +91,9 @@ class Store:
 
     async def count_status(self, status: Status) -> int:
         return await queries.count_status(self.engine, status)
+
+    async def get_request(self, job_id: str) -> tuple[JobRecord, Any] | None:
+        return await queries.get_request(self.engine, job_id)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         return await queries.get_job(self.engine, job_id)

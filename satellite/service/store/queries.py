@@ -43,6 +43,7 @@ __all__ = [
     "apply_results",
     "count_status",
     "get_job",
+    "get_request",
     "mark_not_published",
     "mark_not_published_many",
     "mark_overdue",
@@ -106,6 +107,8 @@ class QueuedJob:
     timeout: float
     lane: str | None = None
     retry_of: str | None = None
+    request: dict[str, Any] | None = None
+    """The job as submitted, without `auth` (kept for a retry)."""
 
     @property
     def deadline_at(self) -> datetime:
@@ -138,7 +141,16 @@ def _insert(conn: AsyncConnection) -> Any:
 
 
 def _record(row: sa.Row[Any]) -> JobRecord:
-    return JobRecord.model_validate(dict(row._mapping))
+    values = dict(row._mapping)
+    values.pop("request", None)
+    return JobRecord.model_validate(values)
+
+
+async def get_request(engine: AsyncEngine, job_id: str) -> tuple[JobRecord, Any] | None:
+    """A job's record and the request kept for a retry (None when there is none)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(jobs.select().where(jobs.c.id == job_id))).first()
+    return None if row is None else (_record(row), row._mapping["request"])
 
 
 async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> None:
@@ -176,6 +188,7 @@ def _queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:
         "answers": 0,
         "lane": job.lane,
         "retry_of": job.retry_of,
+        "request": job.request,
     }
 
 

@@ -75,6 +75,8 @@ jobs = sa.Table(
     sa.Column("result", Json),
     sa.Column("lane", sa.String(16)),
     sa.Column("retry_of", sa.String(128)),
+    # The job as submitted through the service, without `auth` (credentials never stored).
+    sa.Column("request", Json),
     sa.Index(None, "created_at", "id"),
     sa.Index(None, "satellite_id", "created_at"),
     sa.Index(None, "host", "created_at"),
