@@ -48,7 +48,7 @@ log = get_logger("satellite.service")
 OVERDUE_EVERY = 15.0
 RETENTION_EVERY = 3600.0
 #: The SIGTERM budget (DESIGN §10: exit within 30 s): requests in flight, then the ingest.
-HTTP_DRAIN_SECONDS = 20.0
+HTTP_DRAIN_SECONDS = 18.0
 INGEST_DRAIN_SECONDS = 5.0
 
 
@@ -171,7 +171,7 @@ class Core:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await asyncio.to_thread(self.fleet.stop, 3.0)
+        await asyncio.to_thread(self.fleet.stop, 2.0)
         await self.store.close()
         log.info("core_stopped", results_ingested=self.ingest.stats.results)
 
@@ -239,8 +239,13 @@ async def run(settings: CoreSettings) -> int:
         create_app(core, tokens=tokens), sockets, shutdown_timeout=HTTP_DRAIN_SECONDS
     )
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        server.stop()
+        core.waiters.close()  # waiting requests answer now (202), not cancelled at the drain
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
+        loop.add_signal_handler(sig, stop)
     try:
         await server.serve()
     finally:

@@ -77,16 +77,33 @@ class BatchOutcome:
     not_published: list[str]
 
 
+class WaitEndedError(Exception):
+    """The replica is stopping: a waiting request answers now with what it has."""
+
+
 class Waiters:
     """Futures of callers waiting for a job's result, woken by ingest commits and replies."""
 
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[wire.JobResult]]] = {}
+        self._closed = False
 
     def watch(self, job_id: str) -> asyncio.Future[wire.JobResult]:
         future: asyncio.Future[wire.JobResult] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(WaitEndedError())
+            return future
         self._waiting.setdefault(job_id, set()).add(future)
         return future
+
+    def close(self) -> None:
+        """End every wait now (SIGTERM): callers answer 202 / the record as it is."""
+        self._closed = True
+        waiting, self._waiting = self._waiting, {}
+        for futures in waiting.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(WaitEndedError())
 
     def forget(self, job_id: str, future: asyncio.Future[wire.JobResult]) -> None:
         futures = self._waiting.get(job_id)
@@ -410,7 +427,7 @@ class JobService:
         try:
             async with asyncio.timeout(wait):
                 result = await asyncio.shield(waiting)
-        except TimeoutError:
+        except (TimeoutError, WaitEndedError):
             latest = await self.store.get_job(record.id)
             if latest is not None and latest.status not in ("queued", "overdue"):
                 return Submitted(latest, answered=True)
@@ -464,6 +481,8 @@ class JobService:
                         result = await asyncio.shield(waiting)
                 except TimeoutError:
                     pass
+                except WaitEndedError:
+                    return await self.store.get_job(job_id) or record
                 else:
                     latest = await self.store.get_job(job_id)
                     if latest is not None and latest.answers > 0:

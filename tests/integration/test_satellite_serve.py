@@ -6,6 +6,7 @@ to AMQP while the service was down."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 from schemathesis.core.result import Ok
 
 from poller import wire
+from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
@@ -327,3 +329,26 @@ def test_the_openapi_spec_holds_no_server_error(start_serve: ServeFactory, tmp_p
     assert {200, 401, 404, 422} <= set(calls)
     assert serve.terminate() == 0
     assert "Traceback" not in serve.log_text()
+
+
+def test_sigterm_answers_a_waiting_request_at_once_and_exits_0(
+    start_serve: ServeFactory, amqp_vhost: AmqpVhost, sid: str, tmp_path: Path
+) -> None:
+    assert satellite_cli(["declare", sid, "--dsn", amqp_vhost.dsn]) == 0
+    serve = start_serve()
+    job = snmp_job("127.0.0.1", 161)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, serve.unix() as unix:
+        waiting = pool.submit(
+            unix.post, f"/v1/satellites/{sid}/jobs", json=job, headers={"Prefer": "wait=60"}
+        )
+        for _ in range(100):  # the job is recorded: the request is waiting now
+            if unix.get(f"/v1/jobs/{job['id']}").status_code == 200:
+                break
+            time.sleep(0.1)
+        started = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        response = waiting.result(timeout=30)
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "queued"
+    assert serve.proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 15
