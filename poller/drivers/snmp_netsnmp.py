@@ -72,7 +72,7 @@ from ezsnmp import sessionbase as ezsnmp_base
 from pydantic import SecretStr
 
 from poller.drivers.pool import CallPool
-from poller.drivers.snmp import (
+from poller.drivers.snmp_base import (
     ERROR_STATUS_NAMES,
     OutputBudget,
     SetValue,

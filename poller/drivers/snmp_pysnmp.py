@@ -32,7 +32,7 @@ from pysnmp.hlapi.v3arch.asyncio.lcd import CommandGeneratorLcdConfigurator
 from pysnmp.proto import errind, rfc1902, rfc1905
 from pysnmp.proto.error import StatusInformation
 
-from poller.drivers.snmp import (
+from poller.drivers.snmp_base import (
     OutputBudget,
     SetValue,
     SmiType,

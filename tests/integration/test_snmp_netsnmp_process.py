@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: A child process using the backend; prints one JSON line, then waits as its mode says.
 CHILD = r"""
 import asyncio, json, os, sys, time
-from poller.drivers.snmp import SnmpTarget
+from poller.drivers.snmp_base import SnmpTarget
 from poller.drivers import snmp_netsnmp as netsnmp
 from poller.wire import SnmpAuth
 

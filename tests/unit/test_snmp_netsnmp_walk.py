@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from poller.drivers.snmp import OutputBudget, SubtreeWalk, Varbind, WalkPage, render_varbind
+from poller.drivers.snmp_base import OutputBudget, SubtreeWalk, Varbind, WalkPage, render_varbind
 from poller.drivers.snmp_netsnmp import (
     _decode,
     _master_key,
