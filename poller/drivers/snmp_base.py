@@ -17,7 +17,7 @@ from typing import Literal, Protocol, get_args
 
 from pydantic import JsonValue
 
-from poller.errors import JobError, OutputTooLargeError, SnmpError
+from poller.errors import DeviceTimeoutError, JobError, OutputTooLargeError, SnmpError
 from poller.wire import SetVarbind, SnmpAuth
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "error_status_name",
     "format_oid",
     "is_printable_text",
+    "no_response_error",
     "oid_in_subtree",
     "parse_oid",
     "plan_timeout",
@@ -252,6 +253,21 @@ def error_status_name(status: int) -> str:
     if 0 <= status < len(ERROR_STATUS_NAMES):
         return ERROR_STATUS_NAMES[status]
     return f"errorStatus({status})"
+
+
+def no_response_error(where: str, *, v3: bool, before_deadline: bool = False) -> DeviceTimeoutError:
+    """The `device_timeout` of an agent that did not answer, saying what else silence can mean.
+
+    Agents drop requests with a wrong community without a word (they only count them), and
+    some drop SNMPv3 requests they cannot authenticate or decrypt: from here that is a dead
+    device, so the message says so. It names the kind of credential only, never a value.
+    """
+    when = " before the job deadline" if before_deadline else ""
+    if v3:
+        why = "wrong SNMPv3 credentials can look the same as a dead device: agents may drop them"
+    else:
+        why = "a wrong community looks the same as a dead device: agents drop such requests"
+    return DeviceTimeoutError(f"no SNMP response from {where}{when} ({why})")
 
 
 def snmp_status_error(
