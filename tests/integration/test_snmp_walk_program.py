@@ -49,6 +49,7 @@ from tests.integration.test_snmp_driver import (  # the contract's walk tests, c
     v3,
     varbinds,
 )
+from tests.support.procs import read_cmdline
 from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
@@ -116,7 +117,7 @@ class Spawn:
     argv: list[str]
     env: dict[str, str]
     proc: asyncio.subprocess.Process
-    cmdline: list[str] | None  # /proc/<pid>/cmdline (None: it had ended already)
+    cmdline: list[str] | None  # /proc/<pid>/cmdline (None: it had ended already, reaped or not)
     dir_mode: int
     conf_mode: int
     conf: str
@@ -129,10 +130,7 @@ class Spawn:
 def _snapshot(argv: list[str], env: dict[str, str], proc: asyncio.subprocess.Process) -> Spawn:
     """What a just-started child shows: its /proc command line, its directory and conf."""
     directory = Path(env["SNMPCONFPATH"])
-    try:
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-    except FileNotFoundError:
-        cmdline = None
+    cmdline = read_cmdline(proc.pid)
     conf = directory / "snmp.conf"
     return Spawn(
         argv=argv,
