@@ -394,18 +394,21 @@ class TcpConnectJob(_JobBase):
     def _port_from_target(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data  # not an object: the model's own validation says so
-        params = data.get("params")
-        if isinstance(params, dict) and params.get("port") is not None:
-            return data
-        target = data.get("target")
-        port = target.get("port") if isinstance(target, dict) else getattr(target, "port", None)
+        params, target = data.get("params"), data.get("target")
+        if isinstance(params, dict):
+            if params.get("port") is not None:
+                return data
+        elif params is not None:
+            return data  # a TcpParams has its port; anything else the model reports
+        if isinstance(target, dict):
+            port = target.get("port")
+        elif isinstance(target, Target):
+            port = target.port
+        else:
+            return data  # no target (or not an object): the model reports it
         if port is None:
             raise ValueError("tcp.connect needs a port: target.port or params.port")
-        if params is None:
-            params = {}
-        elif not isinstance(params, dict):
-            return data  # the model reports that params is not an object
-        return data | {"params": params | {"port": port}}
+        return data | {"params": (params or {}) | {"port": port}}
 
 
 SnmpJob = SnmpGetJob | SnmpGetNextJob | SnmpWalkJob | SnmpSetJob

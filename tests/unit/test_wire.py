@@ -380,3 +380,12 @@ def test_tcp_connect_bad_target_port_is_refused(port: object) -> None:
     with pytest.raises(WireError) as info:
         wire.decode_job(raw)
     assert "target.port" in info.value.message
+
+
+def test_tcp_connect_built_from_models_finds_its_port_in_either_place() -> None:
+    target = wire.Target(host="h", port=443)
+    params = wire.TcpParams(port=22)
+    built = wire.TcpConnectJob(v=1, id="m", kind="tcp.connect", target=target, params=params)
+    assert built.params.port == 22
+    fields = {"v": 1, "id": "m", "kind": "tcp.connect", "target": target}
+    assert wire.TcpConnectJob.model_validate(fields).params.port == 443
