@@ -18,6 +18,7 @@ import pydantic_core
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -262,6 +263,18 @@ class TcpParams(_Model):
     port: int = Field(ge=1, le=65535)
 
 
+def _no_auth(value: object) -> None:
+    """`{}` and `null` mean "no credentials" (a core may send every job with the same keys)."""
+    if value is None or (isinstance(value, dict) and not value):
+        return None
+    raise ValueError("this kind takes no credentials: leave auth out, or send {} or null")
+
+
+#: `auth` of a kind that takes none: absent, `{}` or `null`, all read as None. Never written out,
+#: so a job built here decodes on pollers that refused the key.
+NoAuth = Annotated[None, BeforeValidator(_no_auth), Field(exclude=True)]
+
+
 class _JobBase(_Model):
     needs_auth: ClassVar[bool] = True
 
@@ -360,13 +373,42 @@ class CliJob(_JobBase):
 class PingJob(_JobBase):
     needs_auth = False
     kind: Literal["icmp.ping"]
+    auth: NoAuth = None
     params: PingParams = PingParams()
 
 
 class TcpConnectJob(_JobBase):
+    """The port is `params.port`, else `target.port` (as for every other kind).
+
+    Both are accepted, and `params.port` wins when both are given; the job is normalised to carry
+    it in `params.port`, which is also what pollers before `target.port` was read expect.
+    """
+
     needs_auth = False
     kind: Literal["tcp.connect"]
+    auth: NoAuth = None
     params: TcpParams
+
+    @model_validator(mode="before")
+    @classmethod
+    def _port_from_target(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # not an object: the model's own validation says so
+        params, target = data.get("params"), data.get("target")
+        if isinstance(params, dict):
+            if params.get("port") is not None:
+                return data
+        elif params is not None:
+            return data  # a TcpParams has its port; anything else the model reports
+        if isinstance(target, dict):
+            port = target.get("port")
+        elif isinstance(target, Target):
+            port = target.port
+        else:
+            return data  # no target (or not an object): the model reports it
+        if port is None:
+            raise ValueError("tcp.connect needs a port: target.port or params.port")
+        return data | {"params": (params or {}) | {"port": port}}
 
 
 SnmpJob = SnmpGetJob | SnmpGetNextJob | SnmpWalkJob | SnmpSetJob
