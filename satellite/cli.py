@@ -24,6 +24,9 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, NoReturn, TextIO
 
+from amqp.exceptions import AMQPError  # type: ignore[import-untyped]
+from kombu.exceptions import KombuError
+
 from poller.errors import BrokerError, ConfigError
 from poller.wire import JobKind, JobRequest, JobResult, validate_satellite_id
 from satellite import __version__, render
@@ -32,7 +35,12 @@ from satellite.client import Client
 from satellite.config import DSN_ENV, CoreSettings, load_core_settings
 from satellite.dispatch import InvalidJobError, NoResultError, SenderPolicy
 from satellite.jobargs import KIND_OPTIONS, add_job_arguments, job_from_args
-from satellite.management import MANAGEMENT_ENV, ManagementApi, ManagementSettings
+from satellite.management import (
+    MANAGEMENT_ENV,
+    ManagementApi,
+    ManagementError,
+    ManagementSettings,
+)
 from satellite.provision import (
     DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_CONNECTIONS,
@@ -40,7 +48,7 @@ from satellite.provision import (
     revoke_satellite,
 )
 from satellite.status import FleetView, SatelliteStatus, satellite_status
-from satellite.topology import DeclareReport, Outcome, core_topology
+from satellite.topology import DeclareReport, NotDeclaredError, Outcome, core_topology
 
 __all__ = ["EXIT_BROKER", "EXIT_ERROR", "EXIT_NO_RESULT", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -366,19 +374,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(args)  # every argument is checked before connecting
         context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
         return handler(args, context)
-    except (ConfigError, InvalidJobError) as exc:
-        return _fail(args, EXIT_USAGE, "usage", str(exc))
-    except NoResultError as exc:
-        return _fail(args, EXIT_NO_RESULT, exc.code, str(exc), job_id=exc.job_id)
-    except BrokerError as exc:
-        return _fail(args, EXIT_BROKER, getattr(exc, "code", "broker"), str(exc))
+    except (ConfigError, InvalidJobError, NoResultError, NotDeclaredError, BrokerError) as exc:
+        return _failed(args, context, exc)
+    except (AMQPError, KombuError) as exc:
+        # A refusal no command expected (a missing object, a permission): one line, not a trace.
+        text = _mask_secrets(context, str(getattr(exc, "reply_text", "") or exc))
+        return _fail(args, EXIT_BROKER, "broker", f"the broker refused: {text}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
         context.close()
 
 
+def _failed(args: argparse.Namespace, context: Context, exc: Exception) -> int:
+    """The exit code and `--json` error code of an expected failure (docs/core.md)."""
+    if isinstance(exc, ConfigError | InvalidJobError):
+        return _fail(args, EXIT_USAGE, "usage", str(exc))
+    if isinstance(exc, NoResultError):
+        return _fail(args, EXIT_NO_RESULT, "no_result", str(exc), job_id=exc.job_id)
+    if isinstance(exc, NotDeclaredError):
+        return _fail(args, EXIT_ERROR, "not_found", str(exc))
+    kind = "management" if isinstance(exc, ManagementError) else "broker"
+    return _fail(args, EXIT_BROKER, kind, _mask_secrets(context, str(exc)))
+
+
+def _mask_secrets(context: Context, text: str) -> str:
+    try:
+        urls = context.settings.urls
+    except ConfigError:
+        return text
+    for url in urls:
+        secret = url.password.get_secret_value()
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _fail(args: argparse.Namespace, code: int, kind: str, message: str, **extra: str) -> int:
+    """One line on stderr; with --json also `{"ok": false, "error": {"code": kind, ...}}`.
+
+    `kind` is one of the codes docs/core.md lists: usage, no_result, broker, management,
+    not_found.
+    """
     print(f"satellite: {message}", file=sys.stderr)
     if args.json:
         _print_json({"ok": False, "error": {"code": kind, "message": message, **extra}})

@@ -27,7 +27,7 @@ import kombu as _kombu
 from kombu.exceptions import OperationalError
 
 from poller.errors import BrokerError, BrokerUnavailableError
-from poller.wire import JobRequest, JobResult
+from poller.wire import JobRequest, JobResult, dead_letter_queue, results_queue
 from satellite.bulk import DEFAULT_WINDOW, BulkPublisher, BulkReport, Progress
 from satellite.config import CoreSettings, load_core_settings
 from satellite.dispatch import (
@@ -46,7 +46,14 @@ from satellite.dlq import (
 )
 from satellite.results import ResultReader
 from satellite.status import FleetView, HeartbeatListener
-from satellite.topology import DeclareReport, QueueType, core_topology, declare_topology
+from satellite.topology import (
+    NOT_FOUND,
+    DeclareReport,
+    NotDeclaredError,
+    QueueType,
+    core_topology,
+    declare_topology,
+)
 
 __all__ = ["CALL_MARGIN_SECONDS", "Client"]
 
@@ -243,32 +250,33 @@ class Client:
 
     @contextlib.contextmanager
     def result_reader(self, satellites: Collection[str] | None = None) -> Iterator[ResultReader]:
-        """A reader of the core's result queue (see `satellite.results`); closed on exit."""
-        conn = self._connection()
-        reader = ResultReader(conn.channel(), sender_check=self.sender_check, satellites=satellites)
-        try:
+        """A reader of the core's result queue (see `satellite.results`); closed on exit.
+
+        Raises `NotDeclaredError` when the result queue does not exist.
+        """
+        queue = results_queue()
+        with self._channel(
+            queue,
+            f"no result queue {queue}: run `satellite declare ID` (without --no-results-queue)",
+        ) as channel:
+            reader = ResultReader(channel, sender_check=self.sender_check, satellites=satellites)
             yield reader
-        finally:
-            self._close_quietly(reader)
 
     def dead_letters(self, satellite_id: str) -> list[DeadLetter]:
-        """Every message of the satellite's DLQ (all stay in it)."""
-        channel = self._connection().channel()
-        try:
+        """Every message of the satellite's DLQ (all stay in it).
+
+        Raises `NotDeclaredError` when the satellite has no DLQ.
+        """
+        with self._dlq_channel(satellite_id) as channel:
             return list(read_dead_letters(channel, satellite_id))
-        finally:
-            self._close_quietly(channel)
 
     def dead_letter(self, satellite_id: str, job_id: str) -> DeadLetter | None:
         """The dead letter of `job_id` (it stays in the DLQ), or None."""
-        channel = self._connection().channel()
-        try:
+        with self._dlq_channel(satellite_id) as channel:
             for letter in read_dead_letters(channel, satellite_id):
                 if letter.job_id == job_id:
                     return letter
             return None
-        finally:
-            self._close_quietly(channel)
 
     def replay(
         self,
@@ -278,8 +286,7 @@ class Client:
         on_replayed: Callable[[DeadLetter], None] | None = None,
     ) -> ReplayReport:
         """Move dead letters (the chosen ids, or all) back to the job queue, confirm then ack."""
-        channel = self._connection().channel()
-        try:
+        with self._dlq_channel(satellite_id) as channel:
             return replay_dead_letters(
                 channel,
                 satellite_id,
@@ -287,15 +294,10 @@ class Client:
                 confirm_timeout=self.settings.operation_timeout,
                 on_replayed=on_replayed,
             )
-        finally:
-            self._close_quietly(channel)
 
     def purge_dead_letters(self, satellite_id: str) -> int:
-        channel = self._connection().channel()
-        try:
+        with self._dlq_channel(satellite_id) as channel:
             return purge_dead_letters(channel, satellite_id)
-        finally:
-            self._close_quietly(channel)
 
     def queue_counts(self, queue: str) -> tuple[int, int] | None:
         """(ready messages, consumers) of `queue` from a passive declare; None when missing."""
@@ -322,9 +324,36 @@ class Client:
             fleet=fleet,
             sender_check=self.sender_check,
             satellite_ids=satellite_ids,
+            channel_errors=tuple(conn.channel_errors),
         )
 
     # ----------------------------------------------------------------------------- plumbing
+
+    def _dlq_channel(self, satellite_id: str) -> contextlib.AbstractContextManager[Any]:
+        queue = dead_letter_queue(satellite_id)
+        return self._channel(
+            queue,
+            f"no dead-letter queue for satellite {satellite_id}: "
+            f"run `satellite declare {satellite_id}`",
+        )
+
+    @contextlib.contextmanager
+    def _channel(self, queue: str, missing: str) -> Iterator[Any]:
+        """A channel, closed on exit; the broker's 404 for `queue` becomes `NotDeclaredError`.
+
+        Any other refusal (another object missing, permissions) is a `BrokerError` naming it.
+        """
+        conn = self._connection()
+        channel = conn.channel()
+        try:
+            yield channel
+        except tuple(conn.channel_errors) as exc:
+            text = self._scrub(str(getattr(exc, "reply_text", "") or exc))
+            if getattr(exc, "reply_code", None) == NOT_FOUND and f"'{queue}'" in text:
+                raise NotDeclaredError(missing, name=queue) from None
+            raise BrokerError(f"the broker refused: {text}") from None
+        finally:
+            self._close_quietly(channel)
 
     def _connection(self) -> Any:
         if self._conn is not None and self._conn.connected:

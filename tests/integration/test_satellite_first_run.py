@@ -1,0 +1,174 @@
+"""What a first-time operator meets with `satellite`: missing objects, error codes, slow brokers.
+
+Against the real broker: a vhost of its own where nothing was ever declared, and satellites
+that were never declared in the session's vhost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from satellite.cli import EXIT_BROKER, EXIT_ERROR, main
+from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
+
+pytestmark = pytest.mark.integration
+
+SYS_NAME = "1.3.6.1.2.1.1.5.0"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture(scope="module")
+def empty_vhost(amqp_vhost: AmqpVhost) -> Iterator[str]:
+    """The DSN of a vhost where nothing was ever declared (deleted at the end)."""
+    name = f"{amqp_vhost.name}-empty"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, amqp_vhost.username, ".*", ".*", ".*")
+        user, password = quote(amqp_vhost.username), quote(amqp_vhost.password)
+        yield f"amqp://{user}:{password}@{amqp_vhost.host}:{amqp_vhost.port}/{quote(name, safe='')}"
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def satellite(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], amqp_vhost: AmqpVhost
+) -> Any:
+    """Runs `satellite ARGS` in-process with `US_AMQP_DSN` set to the session's vhost."""
+    monkeypatch.setenv("US_AMQP_DSN", amqp_vhost.dsn)
+    monkeypatch.delenv("USM_MANAGEMENT_URL", raising=False)
+    monkeypatch.delenv("USM_TRUSTED_USERS", raising=False)
+
+    def run(*argv: str) -> Run:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+def satellite_process(*argv: str, env: dict[str, str] | None = None) -> Run:
+    """`satellite ARGS` as its own process (what an operator runs)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "satellite.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=base | (env or {}),
+        check=False,
+    )
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------ missing objects
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("dlq", "list"),
+        ("dlq", "show", "{sid}", "some-job"),
+        ("dlq", "replay", "{sid}", "--all"),
+        ("dlq", "purge", "{sid}", "--yes"),
+    ],
+    ids=["list", "show", "replay", "purge"],
+)
+def test_dlq_of_a_satellite_never_declared_is_one_line_and_exit_1(
+    satellite: Any, argv: tuple[str, ...]
+) -> None:
+    sid = f"never{uuid.uuid4().hex[:8]}"
+    args = [a.format(sid=sid) for a in argv]
+    if "{sid}" not in argv:
+        args.append(sid)
+    run = satellite(*args)
+    assert run.code == EXIT_ERROR
+    assert run.err == (
+        f"satellite: no dead-letter queue for satellite {sid}: run `satellite declare {sid}`\n"
+    )
+    assert run.out == ""
+    as_json = satellite(*args, "--json")
+    assert as_json.code == EXIT_ERROR
+    assert as_json.json()["error"]["code"] == "not_found"
+
+
+def test_dlq_list_as_a_process_prints_no_traceback(amqp_vhost: AmqpVhost) -> None:
+    sid = f"never{uuid.uuid4().hex[:8]}"
+    run = satellite_process("dlq", "list", sid, env={"US_AMQP_DSN": amqp_vhost.dsn})
+    assert run.code == EXIT_ERROR, run.err
+    assert run.err.count("\n") == 1
+    assert "Traceback" not in run.err
+    assert f"run `satellite declare {sid}`" in run.err
+
+
+def test_results_without_a_result_queue_says_what_to_run(satellite: Any, empty_vhost: str) -> None:
+    run = satellite("results", "--dsn", empty_vhost, "--json")
+    assert run.code == EXIT_ERROR
+    assert "Traceback" not in run.err
+    assert run.json()["error"]["code"] == "not_found"
+    assert "no result queue usm_poller.results: run `satellite declare" in run.err
+
+
+def test_status_on_an_empty_broker_reports_instead_of_failing(
+    satellite: Any, empty_vhost: str, management_api: Any
+) -> None:
+    sid = f"never{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    run = satellite("status", sid, "--dsn", empty_vhost, "--listen", "30", "--json")
+    assert time.monotonic() - started < 20  # nothing can be heard: it does not listen
+    assert run.code == EXIT_ERROR, run.err
+    problems = run.json()["satellites"][0]["problems"]
+    assert "no heartbeat" in problems
+
+
+def test_an_unexpected_refusal_is_one_line_exit_4(satellite: Any, empty_vhost: str) -> None:
+    run = satellite("call", "x1", "snmp.get", "--host", "h", "--community", "c", SYS_NAME,
+                    "--dsn", empty_vhost, "--timeout", "1", "--json")  # fmt: skip
+    assert run.code == EXIT_BROKER
+    assert "Traceback" not in run.err
+    assert "usm_poller.results" in run.err
+    assert run.json()["error"]["code"] == "broker"
+
+
+# ------------------------------------------------------------------------------ --json codes
+
+
+def test_broker_failures_report_code_broker(satellite: Any) -> None:
+    dsn = f"amqp://guest:guest@127.0.0.1:{closed_port()}/%2F"
+    run = satellite("declare", "x1", "--dsn", dsn, "--connect-timeout", "1", "--json")
+    assert run.code == EXIT_BROKER
+    assert run.json()["error"]["code"] == "broker"
+
+
+def test_management_failures_report_code_management(satellite: Any) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/"
+    run = satellite("provision", "x1", "--management-url", url, "--json")
+    assert run.code == EXIT_BROKER
+    assert run.json()["error"]["code"] == "management"
