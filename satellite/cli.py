@@ -211,7 +211,7 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
         ("call", _call, call_opts, "publish one job and wait for its result"),
     ):
         sub = commands.add_parser(name, help=text, parents=[common] if name == "submit" else [])
-        sub.add_argument("satellite_id", metavar="ID")
+        sub.add_argument("satellite_id", metavar="ID", type=_satellite_id_not_kind(name))
         if name == "submit":
             sub.add_argument(
                 "--file",
@@ -236,6 +236,21 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
             add_job_arguments(kind_parser)
             options.add_arguments(kind_parser)
         sub.set_defaults(handler=handler, prepare=_prepare_job)
+
+
+def _satellite_id_not_kind(command: str) -> Callable[[str], str]:
+    """The ID argument's type: a job kind there means the satellite ID was forgotten."""
+    kinds = {kind.value for kind in JobKind}
+
+    def check(text: str) -> str:
+        if text in kinds:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a job kind, but the first argument is the satellite ID: "
+                f"satellite {command} ID {text} ..."
+            )
+        return text
+
+    return check
 
 
 def _add_results(commands: Any, common: _Parser) -> None:
