@@ -235,6 +235,7 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
             )
             add_job_arguments(kind_parser)
             options.add_arguments(kind_parser)
+            kind_parser.set_defaults(parser=kind_parser)
         sub.set_defaults(handler=handler, prepare=_prepare_job)
 
 
@@ -378,7 +379,10 @@ Prepare = Callable[[argparse.Namespace], None]
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="satellite: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser (`satellite call ID snmp.get: error: ...`)
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     for name, default in COMMON_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)
