@@ -103,7 +103,7 @@ def _common_options() -> _Parser:
         "--connect-timeout",
         type=float,
         metavar="S",
-        help="give up connecting after S seconds, all nodes and retries included (30)",
+        help="give up connecting after S seconds, all nodes and retries included (10)",
     )
     broker.add_argument(
         "--operation-timeout",
@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
         return handler(args, context)
     except (ConfigError, InvalidJobError, NoResultError, NotDeclaredError, BrokerError) as exc:
-        return _failed(args, context, exc)
+        return _failed(args, exc)
     except (AMQPError, KombuError) as exc:
         # A refusal no command expected (a missing object, a permission): one line, not a trace.
         text = _mask_secrets(context, str(getattr(exc, "reply_text", "") or exc))
@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         context.close()
 
 
-def _failed(args: argparse.Namespace, context: Context, exc: Exception) -> int:
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
     """The exit code and `--json` error code of an expected failure (docs/core.md)."""
     if isinstance(exc, ConfigError | InvalidJobError):
         return _fail(args, EXIT_USAGE, "usage", str(exc))
@@ -414,7 +414,7 @@ def _failed(args: argparse.Namespace, context: Context, exc: Exception) -> int:
     if isinstance(exc, NotDeclaredError):
         return _fail(args, EXIT_ERROR, "not_found", str(exc))
     kind = "management" if isinstance(exc, ManagementError) else "broker"
-    return _fail(args, EXIT_BROKER, kind, _mask_secrets(context, str(exc)))
+    return _fail(args, EXIT_BROKER, kind, str(exc))  # our messages never hold a password
 
 
 def _mask_secrets(context: Context, text: str) -> str:

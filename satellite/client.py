@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from types import TracebackType
@@ -64,6 +66,62 @@ T = TypeVar("T")
 
 #: How much longer than the job's own deadline `call` waits by default.
 CALL_MARGIN_SECONDS = 10.0
+#: Seconds between connect attempts: doubling from the first up to the last.
+CONNECT_RETRY_START = 0.5
+CONNECT_RETRY_MAX = 4.0
+#: A connection still not made after this many seconds is announced (once).
+CONNECT_NOTICE_AFTER = 1.0
+
+
+def _is_refused_login(exc: BaseException) -> bool:
+    """A login or vhost the broker refused: trying again cannot help."""
+    return getattr(exc, "reply_code", None) in (403, 530) or "ACCESS_REFUSED" in str(exc)
+
+
+class _ConnectNotice:
+    """Says once that connecting takes a while (or failed once and is retried), then quiet.
+
+    A later failure is reported only when its reason differs from the last one reported.
+    """
+
+    def __init__(self, where: str, timeout: float) -> None:
+        self._where = where
+        self._timeout = timeout
+        self._said = False
+        self._reason: str | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(CONNECT_NOTICE_AFTER, self._slow)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _slow(self) -> None:
+        with self._lock:
+            if not self._said:
+                self._said = True
+                log.warning(
+                    "connecting to %s (giving up after %g s: --connect-timeout)...",
+                    self._where,
+                    self._timeout,
+                )
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            if reason == self._reason:
+                return
+            first = not self._said
+            self._said, self._reason = True, reason
+        if first:
+            log.warning(
+                "cannot connect to %s yet: %s; retrying for up to %g s (--connect-timeout)",
+                self._where,
+                reason,
+                self._timeout,
+            )
+        else:
+            log.warning("still cannot connect to %s: %s; retrying", self._where, reason)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class Client:
@@ -363,6 +421,13 @@ class Client:
         return self._conn
 
     def _open(self, *, confirm_publish: bool) -> Any:
+        """Connect, trying the nodes in turn until one answers or the connect timeout is over.
+
+        The whole attempt (every node, every retry, each handshake) ends within
+        `settings.connect_retry_timeout`. One warning says what is going on when it takes
+        longer than a moment (`CONNECT_NOTICE_AFTER`) or the first attempt fails; another
+        only when the reason changes; then `BrokerUnavailableError` with the last reason.
+        """
         s = self.settings
         conn = kombu.Connection(
             s.kombu_urls(),
@@ -377,26 +442,43 @@ class Client:
                 "client_properties": {"connection_name": s.connection_name},
             },
         )
+        notice = _ConnectNotice(s.masked_dsn, s.connect_retry_timeout)
+        started = time.monotonic()
+        deadline = started + s.connect_retry_timeout
+        errors = (OperationalError, *conn.connection_errors, *conn.channel_errors)
+        interval, attempts = CONNECT_RETRY_START, 0
         try:
-            conn.ensure_connection(
-                errback=self._on_connect_error,
-                timeout=s.connect_retry_timeout,
-                interval_start=0.5,
-                interval_step=1.0,
-                interval_max=5.0,
-            )
-        except (OperationalError, *conn.connection_errors, *conn.channel_errors) as exc:
-            # A refused login (403) is one of py-amqp's channel errors.
+            while True:
+                attempts += 1
+                # One node's handshake gets what is left of the whole timeout, at most its own.
+                conn.connect_timeout = max(0.1, min(s.connect_timeout, deadline - time.monotonic()))
+                try:
+                    conn.ensure_connection(max_retries=0)
+                except errors as exc:
+                    # A refused login (403) is one of py-amqp's channel errors.
+                    reason = self._scrub(str(exc)) or type(exc).__name__
+                    left = deadline - time.monotonic()
+                    if left <= 0 or _is_refused_login(exc):
+                        raise BrokerUnavailableError(
+                            f"cannot connect to {s.masked_dsn}: {reason}"
+                            + (
+                                f" (gave up after {attempts} attempts in "
+                                f"{time.monotonic() - started:.1f} s: --connect-timeout)"
+                                if attempts > 1
+                                else ""
+                            )
+                        ) from None
+                    notice.failed(reason)
+                    conn.maybe_switch_next()
+                    time.sleep(min(interval, left))
+                    interval = min(interval * 2, CONNECT_RETRY_MAX)
+                    continue
+                return conn
+        except BaseException:
             self._close_quietly(conn)
-            raise BrokerUnavailableError(
-                f"cannot connect to {s.masked_dsn}: {self._scrub(str(exc))}"
-            ) from None
-        return conn
-
-    def _on_connect_error(self, exc: BaseException, interval: float) -> None:
-        log.warning(
-            "broker_connect_failed: %s; next try in %.1f s", self._scrub(str(exc)), interval
-        )
+            raise
+        finally:
+            notice.cancel()
 
     def _publish(
         self,

@@ -172,3 +172,48 @@ def test_management_failures_report_code_management(satellite: Any) -> None:
     run = satellite("provision", "x1", "--management-url", url, "--json")
     assert run.code == EXIT_BROKER
     assert run.json()["error"]["code"] == "management"
+
+
+# ------------------------------------------------------------------------------ connect timeout
+
+
+def test_a_wrong_broker_port_fails_within_the_connect_timeout_in_two_lines() -> None:
+    dsn = f"amqp://core:pw-7f3a@127.0.0.1:{closed_port()}/%2F"
+    started = time.monotonic()
+    run = satellite_process("declare", "x1", env={"US_AMQP_DSN": dsn})
+    elapsed = time.monotonic() - started
+    assert run.code == EXIT_BROKER
+    assert elapsed < 20  # 10 s by default (it was 32.8 s); a shared CI machine is slow
+    lines = run.err.splitlines()
+    assert len(lines) == 2, run.err
+    assert lines[0].startswith("satellite: cannot connect to amqp://core:***@127.0.0.1:")
+    assert lines[0].endswith("retrying for up to 10 s (--connect-timeout)")
+    assert "Connection refused" in lines[1]
+    assert "--connect-timeout" in lines[1]
+    assert "pw-7f3a" not in run.err
+
+
+def test_a_broker_that_does_not_answer_is_announced_and_bounded() -> None:
+    with socket.socket() as silent:  # accepts TCP connections, never speaks AMQP
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        dsn = f"amqp://core:pw@127.0.0.1:{silent.getsockname()[1]}/%2F"
+        started = time.monotonic()
+        run = satellite_process("declare", "x1", "--connect-timeout", "3", env={"US_AMQP_DSN": dsn})
+        elapsed = time.monotonic() - started
+    assert run.code == EXIT_BROKER
+    assert elapsed < 12
+    lines = run.err.splitlines()
+    assert lines[0].startswith("satellite: connecting to amqp://core:***@127.0.0.1:")
+    assert lines[0].endswith("(giving up after 3 s: --connect-timeout)...")
+    assert len(lines) <= 3, run.err
+
+
+def test_a_dead_node_before_a_live_one_costs_one_line(amqp_vhost: AmqpVhost) -> None:
+    dead = f"amqp://guest:guest@127.0.0.1:{closed_port()}/%2F"
+    run = satellite_process(
+        "declare", f"f{uuid.uuid4().hex[:8]}", env={"US_AMQP_DSN": f"{dead},{amqp_vhost.dsn}"}
+    )
+    assert run.code == 0, run.err
+    assert len(run.err.splitlines()) == 1
+    assert "retrying" in run.err
