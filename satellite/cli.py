@@ -5,7 +5,8 @@ Exit codes (stable, documented in docs/core.md):
 - 0: done (`call`: the result's status is `ok`; `status`: every satellite is healthy)
 - 1: `call`: the result's status is `error`; `declare`: some object exists with other
   arguments; `status`: some satellite has no consumer, no heartbeat or a growing queue;
-  `submit --file`, `dlq replay`: some job was not taken; `dlq show`: no such job
+  `submit --file`, `dlq replay`: some job was not taken; `dlq show`: no such job; `dlq`,
+  `results`: the queue was never declared
 - 2: a bad argument or setting (one line on stderr)
 - 3: `call`: no result within `--timeout`
 - 4: the broker or its management API is unreachable or refused (or did not take the job)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -46,7 +47,8 @@ SUMMARY_CHARS = 70
 def _console(stderr: bool = False) -> Console:
     # Built per call: tests and pipes swap sys.stdout, and rich caches the stream it found.
     stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else 160  # pipes and files: do not squeeze tables to 80
+    # Pipes and files: do not squeeze tables to 80 columns, unless COLUMNS says how wide.
+    width = None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
     return Console(file=stream, highlight=False, soft_wrap=True, width=width)
 
 
@@ -205,15 +207,24 @@ def dead_letters(letters: Sequence[DeadLetter]) -> None:
         out.print("no dead-lettered jobs")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("job id", "kind", "reason", "count", "dead-lettered at", "size"):
-        table.add_column(column)
+    for column in ("job id", "kind", "reason", "count", "why", "dead-lettered at", "size"):
+        # Ids and times fold onto a second line rather than lose characters; so does "why".
+        table.add_column(column, overflow="fold")
     for letter in letters:
+        reason = letter.reason or "?"
+        if letter.first_reason and letter.first_reason != letter.reason:
+            reason += f" (first: {letter.first_reason})"
+        count = str(letter.count)
+        if letter.deliveries is not None:
+            count += f", {letter.deliveries} deliveries"
+        why = f"{letter.error_code}: {letter.why}" if letter.error_code else letter.why
         row = letter.summary()
         table.add_row(
-            escape(str(row["job_id"])),
-            escape(str(row["kind"])),
-            escape(str(row["reason"])),
-            str(row["count"]),
+            escape(str(row["job_id"] or "(no id)")),
+            escape(letter.kind_text),
+            escape(reason),
+            count,
+            escape(why),
             str(row["time"] or ""),
             f"{row['size']} B",
         )

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import pika
 import pytest
 
+from poller.wire import dead_letter_queue, jobs_exchange, jobs_queue
 from satellite.cli import EXIT_BROKER, EXIT_ERROR, main
+from tests.support.poller_proc import JobClient, PollerFactory
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 
 pytestmark = pytest.mark.integration
@@ -217,3 +220,74 @@ def test_a_dead_node_before_a_live_one_costs_one_line(amqp_vhost: AmqpVhost) -> 
     assert run.code == 0, run.err
     assert len(run.err.splitlines()) == 1
     assert "retrying" in run.err
+
+
+# ------------------------------------------------------------------------------ dlq: why
+
+
+def test_dlq_says_why_each_job_was_dead_lettered_as_the_poller_answered(
+    satellite: Any, client: JobClient, sid: str, start_poller: PollerFactory
+) -> None:
+    start_poller(sid)
+    client.publish(b"\x00 not json", message_id="garbage-1")
+    bad_oid = {
+        "v": 1,
+        "id": "bad-oid-1",
+        "kind": "snmp.get",
+        "target": {"host": "h"},
+        "auth": {"version": "2c", "community": "c"},
+        "params": {"oids": ["sysName"]},
+    }
+    client.publish(bad_oid)
+    client.publish({**bad_oid, "id": "future-1", "v": 2})
+    answered = {r.result.job_id: r.result for r in client.collect(3)}
+    deadline = time.monotonic() + 10
+    while client.queue_depth(dead_letter_queue(sid)) < 3:
+        assert time.monotonic() < deadline, "the rejected jobs did not reach the DLQ"
+        time.sleep(0.05)
+
+    rows = {
+        row["job_id"]: row for row in satellite("dlq", "list", sid, "--json").json()["dead_letters"]
+    }
+    assert set(rows) == set(answered) == {"garbage-1", "bad-oid-1", "future-1"}
+    for job_id, row in rows.items():
+        error = answered[job_id].error
+        assert error is not None
+        assert row["error_code"] == error.code  # what the poller answered with
+        assert (row["reason"], row["first_reason"], row["count"]) == ("rejected", "rejected", 1)
+    assert rows["garbage-1"]["kind"] is None
+    assert rows["garbage-1"]["body_is_json"] is False
+    assert rows["future-1"]["error_code"] == "unsupported_version"
+    assert "params.oids" in rows["bad-oid-1"]["why"]
+
+    table = satellite("dlq", "list", sid).out
+    garbage = next(line for line in table.splitlines() if line.startswith("garbage-1"))
+    assert "(not JSON)" in garbage
+    assert "invalid_job" in garbage
+    assert "None" not in table
+    shown = satellite("dlq", "show", sid, "future-1").json()
+    assert shown["error_code"] == "unsupported_version"
+    assert shown["body"]["auth"]["community"] == "***"
+
+
+def test_dlq_names_a_valid_job_rejected_after_a_bug_internal_error(
+    satellite: Any, amqp_vhost: AmqpVhost
+) -> None:
+    sid = f"p{uuid.uuid4().hex[:8]}"
+    assert satellite("declare", sid).code == 0
+    valid = {"v": 1, "id": "valid-1", "kind": "icmp.ping", "target": {"host": "192.0.2.1"}}
+    with pika.BlockingConnection(pika.URLParameters(amqp_vhost.dsn)) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(delivery_mode=2, message_id="valid-1")
+        channel.basic_publish(jobs_exchange(), sid, json.dumps(valid).encode(), props)
+        method, _props, _body = channel.basic_get(jobs_queue(sid))
+        assert method is not None
+        channel.basic_reject(method.delivery_tag, requeue=False)  # as the poller after a bug
+    deadline = time.monotonic() + 10
+    while not (rows := satellite("dlq", "list", sid, "--json").json()["dead_letters"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [row] = rows
+    assert (row["kind"], row["error_code"]) == ("icmp.ping", "internal_error")
+    assert "last allowed delivery" in row["why"]
