@@ -612,7 +612,9 @@ def _status(args: argparse.Namespace, ctx: Context) -> int:
     fleet = FleetView()
     listener = ctx.client.heartbeat_listener(fleet, args.satellite_ids or None)
     try:
-        listener.listen(args.listen)
+        if listener.missing is None:
+            with render.listening(args.listen, enabled=not args.json) as progress:
+                listener.listen(args.listen, progress)
         while True:
             statuses = _collect_status(args, ctx, fleet)
             code = EXIT_OK if all(s.ok for s in statuses) else EXIT_ERROR

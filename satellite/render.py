@@ -15,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,14 +31,16 @@ from poller.wire import JobResult
 from satellite.dlq import DeadLetter
 from satellite.provision import Provisioned
 from satellite.results import ReadStats, ReceivedResult
-from satellite.status import SatelliteStatus, uptime_text
+from satellite.status import ReplicaView, SatelliteStatus, uptime_text
 
 __all__ = [
     "ResultPrinter",
     "dead_letters",
+    "listening",
     "progress_bar",
     "provisioned",
     "read_summary",
+    "replica_table",
     "status",
     "summarize",
 ]
@@ -155,6 +159,62 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+#: The replica table's columns; the ones an operator needs most come first in `_DROP_ORDER`
+#: last. Columns are dropped (never cut) until the table fits the terminal.
+_REPLICA_COLUMNS = (
+    "replica", "host", "version", "uptime", "jobs/s", "in flight",
+    "loop lag", "memory", "quarantined", "last seen",
+)  # fmt: skip
+_DROP_ORDER = ("version", "memory", "host", "loop lag", "quarantined", "uptime")
+"""Dropped first to last when the table is too wide: version skew and quarantined devices are
+also warnings below the table; `--json` has every field."""
+_INDENT = 2
+
+
+def _replica_cells(replica: ReplicaView) -> dict[str, str]:
+    b = replica.heartbeat
+    return {
+        "replica": escape(b.worker),
+        "host": escape(b.hostname),
+        "version": escape(b.version),
+        "uptime": uptime_text((b.sent_at - b.started_at).total_seconds()),
+        "jobs/s": f"{b.jobs_per_s:.1f}",
+        "in flight": f"{b.in_flight}/{b.concurrency}",
+        "loop lag": f"{b.loop_lag_ms:.1f} ms",
+        "memory": _bytes(b.rss_bytes),
+        "quarantined": str(len(b.quarantine)),
+        "last seen": f"{replica.age():.0f} s ago",
+    }
+
+
+def _replica_table(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> Table:
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    for column in columns:
+        numeric = column not in ("replica", "host", "version")
+        # Never an ellipsis: a replica name or host that does not fit folds onto a new line.
+        table.add_column(column, overflow="fold", no_wrap=numeric, justify="left")
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    return table
+
+
+def replica_table(
+    replicas: Sequence[ReplicaView], width: int, console: Console
+) -> tuple[Table, list[str]]:
+    """The widest table of replicas that fits `width` columns, and the columns left out."""
+    rows = [_replica_cells(replica) for replica in replicas]
+    columns = list(_REPLICA_COLUMNS)
+    hidden: list[str] = []
+    table = _replica_table(columns, rows)
+    for column in _DROP_ORDER:
+        if Measurement.get(console, console.options, table).maximum <= width:
+            break
+        columns.remove(column)
+        hidden.append(column)
+        table = _replica_table(columns, rows)
+    return table, hidden
+
+
 def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
     out = _console()
     if clear and out.is_terminal:
@@ -166,39 +226,55 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
         out.print(f"[bold]satellite {escape(sat.satellite_id)}[/bold]  {mark}")
         q = sat.queue
         if q is not None:
-            out.print(
+            depth = (
                 f"  queue {q.name}: {q.ready} ready, {q.unacked} unacked, "
-                f"{q.consumers} consumer(s); in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
+                f"{q.consumers} consumer(s);"
+            )
+            rates = (
+                f"in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
                 f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered"
             )
+            if len(depth) + 1 + len(rates) <= out.width:
+                out.print(f"{depth} {rates}")
+            else:
+                out.print(depth)
+                out.print(f"  {rates}")
         if sat.replicas:
-            table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 2))
-            for column in (
-                "replica", "host", "version", "uptime", "jobs/s", "in flight",
-                "loop lag", "memory", "quarantined", "last seen",
-            ):  # fmt: skip
-                table.add_column(column)
-            for replica in sat.replicas:
-                b = replica.heartbeat
-                table.add_row(
-                    escape(b.worker),
-                    escape(b.hostname),
-                    escape(b.version),
-                    uptime_text((b.sent_at - b.started_at).total_seconds()),
-                    f"{b.jobs_per_s:.1f}",
-                    f"{b.in_flight}/{b.concurrency}",
-                    f"{b.loop_lag_ms:.1f} ms",
-                    _bytes(b.rss_bytes),
-                    str(len(b.quarantine)),
-                    f"{replica.age():.0f} s ago",
-                )
-            out.print(table)
+            table, hidden = replica_table(sat.replicas, out.width - _INDENT, out)
+            out.print(Padding(table, (0, 0, 0, _INDENT), expand=False))
+            if hidden:
+                out.print(f"  [dim](not shown at this width: {', '.join(hidden)}; --json)[/dim]")
         if sat.advice is not None:
             out.print(f"  replicas: {sat.advice.replicas}; advice: [bold]{sat.advice.verdict}[/]")
         for problem in sat.problems:
             out.print(f"  [red]problem:[/red] {escape(problem)}")
         for warning in sat.warnings:
             out.print(f"  [yellow]warning:[/yellow] {escape(warning)}")
+
+
+@contextlib.contextmanager
+def listening(seconds: float, *, enabled: bool) -> Iterator[Callable[[float], None]]:
+    """Say on stderr that `status` listens for heartbeats, and for how long.
+
+    On a terminal a bar counts the seconds (gone when done); otherwise one line up front.
+    Yields the function to call with the seconds elapsed.
+    """
+    if not enabled:
+        yield lambda elapsed: None
+        return
+    err = _console(stderr=True)
+    if not err.is_terminal:
+        err.print(f"satellite: listening for heartbeats for {seconds:g} s (--listen)...")
+        yield lambda elapsed: None
+        return
+    columns = (
+        TextColumn(f"listening for heartbeats ({seconds:g} s, --listen)"),
+        BarColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("listening", total=seconds)
+        yield lambda elapsed: progress.update(task, completed=elapsed)
 
 
 def dead_letters(letters: Sequence[DeadLetter]) -> None:

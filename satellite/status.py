@@ -173,6 +173,7 @@ class HeartbeatListener:
         self._fleet = fleet
         self._check = sender_check
         self.rejected = 0
+        self._tag: str | None = None
         self.missing: str | None = None
         """Why nothing can be heard (the events exchange does not exist), else None."""
         declared = channel.queue_declare(
@@ -192,7 +193,7 @@ class HeartbeatListener:
             # No poller and no `satellite declare` ever made it: no heartbeat can come.
             self.missing = f"no exchange {events_exchange()}: no heartbeat can arrive"
             return
-        channel.basic_consume(queue=self.queue, no_ack=True, callback=self._on_message)
+        self._tag = channel.basic_consume(queue=self.queue, no_ack=True, callback=self._on_message)
 
     def listen(self, seconds: float, progress: Callable[[float], None] | None = None) -> None:
         """Take heartbeats for `seconds` (none when `missing`); `progress(elapsed)` each second."""
@@ -208,6 +209,10 @@ class HeartbeatListener:
 
     def close(self) -> None:
         if self._channel.is_open:
+            if self._tag is not None:
+                # Stop deliveries first: one arriving while the channel closes is logged by
+                # py-amqp as a warning an operator would have to puzzle over.
+                self._channel.basic_cancel(self._tag)
             self._channel.close()
 
     def _on_message(self, message: Any) -> None:

@@ -291,3 +291,30 @@ def test_dlq_names_a_valid_job_rejected_after_a_bug_internal_error(
     [row] = rows
     assert (row["kind"], row["error_code"]) == ("icmp.ping", "internal_error")
     assert "last allowed delivery" in row["why"]
+
+
+# ------------------------------------------------------------------------------ status
+
+
+def test_status_says_it_listens_and_fits_80_columns(
+    amqp_vhost: AmqpVhost, sid: str, start_poller: PollerFactory, management_api: Any
+) -> None:
+    start_poller(sid, heartbeat_interval="0.3")  # declares its queues
+    env = {"US_AMQP_DSN": amqp_vhost.dsn, "COLUMNS": "80"}
+    run = satellite_process("status", sid, "--listen", "2", env=env)
+    assert run.code == 0, run.out + run.err
+    assert run.err == "satellite: listening for heartbeats for 2 s (--listen)...\n"
+    lines = run.out.splitlines()
+    assert all(len(line) <= 80 for line in lines), run.out
+    assert "…" not in run.out
+    header = next(line for line in lines if line.lstrip().startswith("replica"))
+    for column in ("replica", "jobs/s", "in flight", "last seen"):
+        assert column in header
+    assert any(line.lstrip().startswith(f"poller-{sid}-0 ") for line in lines), run.out
+    assert "not shown at this width" in run.out
+    wide = satellite_process("status", sid, "--listen", "1", env=env | {"COLUMNS": "200"})
+    assert "loop lag" in wide.out
+    assert "not shown" not in wide.out
+    quiet = satellite_process("status", sid, "--listen", "1", "--json", env=env)
+    assert quiet.err == ""
+    assert json.loads(quiet.out)["satellites"][0]["replicas"][0]["worker"] == f"poller-{sid}-0"
