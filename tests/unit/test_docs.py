@@ -1,4 +1,4 @@
-"""The documentation cites only what is in the repository."""
+"""The documentation and the demo: they cite only what is in the repository and explain themselves."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ def test_design_sections_are_numbered_as_cited() -> None:
     }
     assert numbers == set(range(1, 15))
     assert cited <= numbers
+
+
+def test_the_demo_says_why_its_walk_is_truncated() -> None:
+    """The demo limits its walk with --max-varbinds; its output must say that this is why."""
+    script = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
+    walk = script[script.index("snmp.walk") :]
+    call = walk[walk.index(".venv/bin/satellite call") :]
+    assert '--max-varbinds "$WALK_MAX"' in call.split("\n\n")[0]
+    explained = walk[: walk.index(".venv/bin/satellite call")]
+    echoed = " ".join(line for line in explained.splitlines() if line.startswith("echo"))
+    assert "--max-varbinds $WALK_MAX" in echoed
+    assert '\\"truncated\\": true' in echoed
