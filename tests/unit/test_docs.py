@@ -1,4 +1,4 @@
-"""The documentation and the demo: they cite only what is in the repository and explain themselves."""
+"""The docs and the demo cite only what is in the repository and explain themselves."""
 
 from __future__ import annotations
 
