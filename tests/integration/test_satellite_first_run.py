@@ -25,6 +25,7 @@ from poller.wire import dead_letter_queue, jobs_exchange, jobs_queue
 from satellite.cli import EXIT_BROKER, EXIT_ERROR, main
 from tests.support.poller_proc import JobClient, PollerFactory
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
+from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
 
@@ -318,3 +319,45 @@ def test_status_says_it_listens_and_fits_80_columns(
     quiet = satellite_process("status", sid, "--listen", "1", "--json", env=env)
     assert quiet.err == ""
     assert json.loads(quiet.out)["satellites"][0]["replicas"][0]["worker"] == f"poller-{sid}-0"
+
+
+# ------------------------------------------------------------------------------ job options
+
+
+def test_poller_exec_and_satellite_call_take_the_same_job_options(
+    amqp_vhost: AmqpVhost, sid: str, start_poller: PollerFactory, snmpd: Snmpd
+) -> None:
+    """One argument list, both commands (real processes), the same job and the same answer."""
+    user = snmpd.v3_users["sha-aes"]
+    assert user.auth_key
+    assert user.priv_key
+    job = ["snmp.walk", "--host", snmpd.host, "--port", str(snmpd.port), "-v", "3",
+           "-u", user.user, "-l", "authPriv", "-a", "SHA", "-A", user.auth_key,
+           "-x", "AES", "-X", user.priv_key, "--max-varbinds", "3", "--job-timeout", "5",
+           "--meta", '{"device": 7}', "--json", "1.3.6.1.2.1.1"]  # fmt: skip
+    start_poller(sid)
+    called = satellite_process("call", sid, *job, env={"US_AMQP_DSN": amqp_vhost.dsn})
+    assert called.code == 0, called.err
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "poller", "exec", *job],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=base | {"USM_POLLER_LOG_FORMAT": "json"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1  # --json: one line on both
+    assert called.out.count("\n") == 1
+    via_poller, local = json.loads(called.out), json.loads(done.stdout)
+
+    def walked(result: dict[str, Any]) -> list[tuple[str, str]]:  # sysUpTime moves on
+        return [(v["oid"], v["type"]) for v in result["data"]["varbinds"]]
+
+    assert walked(via_poller) == walked(local)
+    assert len(walked(local)) == 3
+    assert via_poller["data"]["truncated"] is local["data"]["truncated"] is True
+    assert via_poller["meta"] == local["meta"] == {"device": 7}
+    for secret in (user.auth_key, user.priv_key):
+        assert secret not in called.out + called.err + done.stdout + done.stderr
