@@ -599,10 +599,16 @@ def _results(args: argparse.Namespace, ctx: Context) -> int:
         try:
             for received in reader.read(follow=args.follow, until=until):
                 printer.print(received)
-        finally:
-            stats = reader.stats
+        except Exception:
+            if reader.stats.delivered and not args.json:  # else the error says it all
+                print(render.read_summary(reader.stats), file=sys.stderr)
+            raise
+        except KeyboardInterrupt:
             if not args.json:
-                print(render.read_summary(stats), file=sys.stderr)
+                print(render.read_summary(reader.stats), file=sys.stderr)
+            raise
+    if not args.json:
+        print(render.read_summary(reader.stats), file=sys.stderr)
     return EXIT_OK
 
 

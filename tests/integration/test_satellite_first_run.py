@@ -133,6 +133,9 @@ def test_dlq_list_as_a_process_prints_no_traceback(amqp_vhost: AmqpVhost) -> Non
 
 
 def test_results_without_a_result_queue_says_what_to_run(satellite: Any, empty_vhost: str) -> None:
+    human = satellite("results", "--dsn", empty_vhost)
+    assert human.code == EXIT_ERROR
+    assert human.err.count("\n") == 1  # the error, no "0 result(s)" summary before it
     run = satellite("results", "--dsn", empty_vhost, "--json")
     assert run.code == EXIT_ERROR
     assert "Traceback" not in run.err
