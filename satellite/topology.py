@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-from poller.errors import BrokerError
+from poller.errors import BrokerError, PollerError
 from poller.wire import (
     dead_letter_exchange,
     dead_letter_queue,
@@ -35,6 +35,7 @@ __all__ = [
     "DeclareReport",
     "Declared",
     "ExchangeSpec",
+    "NotDeclaredError",
     "Outcome",
     "QueueSpec",
     "QueueType",
@@ -48,6 +49,19 @@ QueueType = Literal["quorum", "classic"]
 NOT_FOUND = 404
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
+
+
+class NotDeclaredError(PollerError):
+    """A queue or exchange a command needs does not exist: `satellite declare` was not run.
+
+    The message is one line that says which object and what to run.
+    """
+
+    code = "not_found"
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass(frozen=True, slots=True)
