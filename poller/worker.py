@@ -224,7 +224,7 @@ class Worker:
             log.error("broker_task_died", error=repr(exc))
             code = 1
         if self._recycle is not None:
-            await self._save_recycle(self._recycle)
+            await self._recycling(self._recycle)
         await self._shutdown(helpers)
         stop_task.cancel()
         broker_task.cancel()
@@ -558,26 +558,26 @@ class Worker:
                 self._begin_recycle(reason)
 
     def _begin_recycle(self, reason: str) -> None:
-        """Stop taking jobs and drain as on SIGTERM; `run` then returns 0 (one log line)."""
+        """Stop as on SIGTERM: `run` says why, drains and returns 0."""
         if self._stop.is_set():
             return
         rss, jobs = _rss_bytes(), self.jobs_ok + self.jobs_error
         self._recycle = RecycleRecord.next(self._recycled_before, reason, rss, jobs)
+        self._stop.set()
+
+    async def _recycling(self, record: RecycleRecord) -> None:
+        """The one line that says why, and the record for this replica's next process."""
         max_rss = self._recycler.max_rss_bytes
         log.info(
             "recycling",
-            reason=reason,
-            rss_mb=round(rss / MIB, 1),
+            reason=record.reason,
+            rss_mb=round(record.rss_bytes / MIB, 1),
             max_rss_mb=max_rss // MIB if max_rss else None,
-            jobs=jobs,
+            jobs=record.jobs,
             max_jobs=self._recycler.max_jobs,
-            recycles=self._recycle.recycles,
+            recycles=record.recycles,
             grace_s=self._settings.shutdown_grace,
         )
-        self._stop.set()
-
-    async def _save_recycle(self, record: RecycleRecord) -> None:
-        """Leave the record for the next process of this replica (docs/operations.md)."""
         state_dir = self._settings.state_dir
         try:
             await asyncio.get_running_loop().run_in_executor(
