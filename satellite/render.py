@@ -173,7 +173,7 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
             table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 2))
             for column in (
                 "replica", "host", "version", "uptime", "jobs/s", "in flight",
-                "loop lag", "memory", "quarantined", "last seen",
+                "loop lag", "memory", "recycled", "quarantined", "last seen",
             ):  # fmt: skip
                 table.add_column(column)
             for replica in sat.replicas:
@@ -187,6 +187,7 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
                     f"{b.in_flight}/{b.concurrency}",
                     f"{b.loop_lag_ms:.1f} ms",
                     _bytes(b.rss_bytes),
+                    f"{b.recycles} ({b.last_recycle})" if b.recycles else "-",
                     str(len(b.quarantine)),
                     f"{replica.age():.0f} s ago",
                 )
