@@ -207,6 +207,12 @@ class Worker:
             max_jobs=self._recycler.max_jobs,
             recycles=self._recycled_before.recycles if self._recycled_before else 0,
         )
+        max_rss, rss = self._recycler.max_rss_bytes, _rss_bytes()
+        if max_rss is not None and rss > max_rss:
+            # Every process will recycle right after its first job: say so once, at start.
+            log.warning(
+                "max_rss_below_start", rss_mb=round(rss / MIB, 1), max_rss_mb=max_rss // MIB
+            )
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
         helpers = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),

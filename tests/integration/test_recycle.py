@@ -121,6 +121,7 @@ def test_max_jobs_recycles_a_replica_under_load_and_every_job_is_answered_once(
         assert line["jobs"] >= 25
         assert line["recycles"] == n
         assert poller.events("poller_stopped")
+        assert not poller.events("max_rss_below_start")  # MAX_RSS_MB=0: off
         # It answered what it had taken before it stopped consuming, and stopped while
         # jobs were left for its successors.
         finished = [e for e in poller.events("job_finished") if e.get("outcome") == "ok"]
@@ -200,6 +201,8 @@ def test_rss_limit_recycles_a_replica_under_load_and_every_job_is_answered_once(
         assert isinstance(line["jobs"], int)
         assert line["jobs"] >= 1
         assert not poller.events("drain_timed_out")
+        [warning] = poller.events("max_rss_below_start")
+        assert warning["max_rss_mb"] == max_rss_mb
 
 
 #: A process that abandons a Net-SNMP call (as a job that times out against a dead device does)
