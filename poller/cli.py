@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from poller import __version__
@@ -89,6 +91,7 @@ def _parser(*, with_exec_kinds: bool = True) -> argparse.ArgumentParser:
 
 
 def _cmd_run(_args: argparse.Namespace) -> int:
+    end = end_after_exit_handlers()  # first: its handler then runs after every other one
     from poller.config import load_settings  # noqa: PLC0415 - keeps `--version` fast
     from poller.logging import configure_logging  # noqa: PLC0415
     from poller.worker import run_worker  # noqa: PLC0415
@@ -96,7 +99,35 @@ def _cmd_run(_args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     _warn_unknown_variables()
-    return asyncio.run(run_worker(settings))
+    return end(asyncio.run(run_worker(settings)))
+
+
+def end_after_exit_handlers() -> Callable[[int], int]:
+    """Make the process end with the code given to the returned function once the `atexit`
+    handlers have run, skipping the rest of the interpreter's finalization.
+
+    A blocking SNMP call abandoned by a timed-out job keeps its (daemon) thread in Net-SNMP
+    until Net-SNMP's own timeout. Past the exit handlers, a daemon thread that comes back to
+    Python is ended with `pthread_exit` inside ezsnmp's C++ frames, and the process aborts
+    ("terminate called without an active exception", exit 134) instead of exiting with the
+    drained worker's code. By then every job is answered or returned and the broker connection
+    is closed: nothing is left to finalize. Call it before anything registers an exit handler.
+    """
+    codes: list[int] = []
+
+    def end() -> None:
+        if codes:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(codes[0])
+
+    def record(code: int) -> int:
+        codes.append(code)
+        return code
+
+    atexit.register(end)
+    return record
 
 
 def _warn_unknown_variables(*, to_stderr: bool = False) -> None:

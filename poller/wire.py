@@ -465,6 +465,11 @@ class QuarantineEntry(_Model):
 
 
 class Heartbeat(_Model):
+    """A replica's periodic status. Unlike jobs, fields a reader does not know are ignored:
+    a core keeps reading the heartbeats of pollers newer than itself."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
     v: Literal[1] = 1
     satellite_id: str
     worker: str
@@ -480,6 +485,11 @@ class Heartbeat(_Model):
     loop_lag_ms: float
     rss_bytes: int
     quarantine: list[QuarantineEntry] = []
+    #: Times this replica recycled before this process started, as far as its state dir
+    #: remembers (docs/operations.md, "Memory and recycling"), and why the last time
+    #: (`rss` or `jobs`; a str, so that a core reads reasons added later).
+    recycles: int = Field(default=0, ge=0)
+    last_recycle: Annotated[str, StringConstraints(max_length=32)] | None = None
 
 
 _RESULT_ADAPTER: TypeAdapter[JobResult] = TypeAdapter(JobResult)

@@ -163,9 +163,9 @@ def _bytes(n: int) -> str:
 #: last. Columns are dropped (never cut) until the table fits the terminal.
 _REPLICA_COLUMNS = (
     "replica", "host", "version", "uptime", "jobs/s", "in flight",
-    "loop lag", "memory", "quarantined", "last seen",
+    "loop lag", "memory", "recycled", "quarantined", "last seen",
 )  # fmt: skip
-_DROP_ORDER = ("version", "memory", "host", "loop lag", "quarantined", "uptime")
+_DROP_ORDER = ("version", "recycled", "memory", "host", "loop lag", "quarantined", "uptime")
 """Dropped first to last when the table is too wide: version skew and quarantined devices are
 also warnings below the table; `--json` has every field."""
 _INDENT = 2
@@ -182,6 +182,7 @@ def _replica_cells(replica: ReplicaView) -> dict[str, str]:
         "in flight": f"{b.in_flight}/{b.concurrency}",
         "loop lag": f"{b.loop_lag_ms:.1f} ms",
         "memory": _bytes(b.rss_bytes),
+        "recycled": f"{b.recycles} ({b.last_recycle})" if b.recycles else "-",
         "quarantined": str(len(b.quarantine)),
         "last seen": f"{replica.age():.0f} s ago",
     }

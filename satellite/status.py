@@ -129,6 +129,8 @@ class ReplicaView:
             "loop_lag_ms": beat.loop_lag_ms,
             "rss_bytes": beat.rss_bytes,
             "quarantine": [q.model_dump(mode="json") for q in beat.quarantine],
+            "recycles": beat.recycles,
+            "last_recycle": beat.last_recycle,
             "last_seen_s": round(self.age(now), 1),
         }
 

@@ -188,6 +188,46 @@ def test_names_follow_the_design() -> None:
         wire.jobs_queue("bad id")
 
 
+HEARTBEAT = {
+    "v": 1,
+    "satellite_id": "7",
+    "worker": "w",
+    "version": "0.1.0",
+    "hostname": "h",
+    "started_at": "2026-11-23T09:00:00.000Z",
+    "sent_at": "2026-11-23T10:00:00.000Z",
+    "concurrency": 64,
+    "in_flight": 3,
+    "jobs_ok": 10,
+    "jobs_error": 1,
+    "jobs_per_s": 2.5,
+    "loop_lag_ms": 0.4,
+    "rss_bytes": 80_000_000,
+    "quarantine": [],
+}
+
+
+def test_heartbeat_of_an_older_poller_reads_without_the_recycle_fields() -> None:
+    beat = wire.Heartbeat.model_validate_json(json.dumps(HEARTBEAT))
+    assert (beat.recycles, beat.last_recycle) == (0, None)
+
+
+def test_heartbeat_round_trips_with_its_recycles() -> None:
+    beat = wire.Heartbeat.model_validate(HEARTBEAT | {"recycles": 3, "last_recycle": "rss"})
+    again = wire.Heartbeat.model_validate_json(wire.encode(beat))
+    assert again == beat
+    assert (again.recycles, again.last_recycle) == (3, "rss")
+
+
+def test_heartbeat_fields_a_reader_does_not_know_are_ignored() -> None:
+    # A core reads the heartbeats of pollers newer than itself (jobs, unlike heartbeats,
+    # refuse unknown fields).
+    later = HEARTBEAT | {"recycles": 1, "last_recycle": "uptime", "lanes": {"interactive": 2}}
+    beat = wire.Heartbeat.model_validate_json(json.dumps(later))
+    assert (beat.recycles, beat.last_recycle) == (1, "uptime")
+    assert "lanes" not in beat.model_dump()
+
+
 def test_queue_arguments_for_quorum_and_classic() -> None:
     quorum = wire.jobs_queue_arguments("7")
     assert quorum == {
