@@ -610,6 +610,17 @@ def jobs_queue_arguments(
     return args
 
 
+def dead_letter_queue_arguments(
+    queue_type: Literal["quorum", "classic"] = "quorum",
+) -> dict[str, str | int]:
+    """Arguments of a satellite's dead-letter queue: quorum like its job queue, unless classic.
+
+    A classic queue lives on one node: when that node is lost, nobody can declare, bind or read
+    it until the node is back (only `USM_POLLER_QUEUE_TYPE=classic`, for single-node brokers).
+    """
+    return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+
+
 def results_queue_arguments() -> dict[str, str | int]:
     return {"x-queue-type": "quorum"}
 
