@@ -64,6 +64,8 @@ class ChannelClosedError(BrokerUnavailableError):
         self.reply_text = text
 
 
+#: Publishes nacked in a row (no ack between) after which the connection is replaced.
+NACKS_BEFORE_RECONNECT = 5
 NOT_FOUND = 404
 ACCESS_REFUSED = 403
 RESOURCE_LOCKED = 405
@@ -183,6 +185,9 @@ class Broker:
         self.reconnects = 0
         #: False once the broker refused a declaration for permissions (403): not tried again.
         self.may_declare = True
+        self._nacked_in_row = 0
+        #: Reconnects for nacked publishes since the last ack (each waits longer).
+        self.nack_rebuilds = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -232,7 +237,7 @@ class Broker:
             if self._closing:
                 break
             self.reconnects += 1
-            await self._sleep_unless_closing(self._backoff(1))
+            await self._sleep_unless_closing(self._backoff(1 + self.nack_rebuilds))
 
     def _url_cycle(self) -> Iterator[tuple[int, AmqpUrl]]:
         return itertools.cycle(enumerate(self._urls))
@@ -638,6 +643,10 @@ class Broker:
         method = frame.method
         tag: int = method.delivery_tag
         ok = isinstance(method, _BASIC_ACK)
+        if ok:
+            self._nacked_in_row = self.nack_rebuilds = 0
+        else:
+            self._on_nack()
         pendings = self._pending
         if method.multiple:
             # Sequence numbers enter `_pending` in increasing order: stop at the first above.
@@ -658,6 +667,29 @@ class Broker:
                 pending.future.set_exception(UnroutableError("no queue is bound for it"))
             else:
                 pending.future.set_result(None)
+
+    def _on_nack(self) -> None:
+        """Count nacks in a row; replace a connection whose channel the broker nacks for good.
+
+        RabbitMQ 3.10 can nack every publish of a channel opened just after a quorum queue lost
+        its leader, long after a new leader is elected (tests/integration/test_cluster.py); a
+        channel opened later is fine. Without this, every job would go round (result nacked,
+        job requeued) until the delivery limit dead-letters it. The reconnect waits longer each
+        time this happens again before an ack.
+        """
+        self._nacked_in_row += 1
+        conn = self._conn
+        if self._nacked_in_row < NACKS_BEFORE_RECONNECT or conn is None or not conn.is_open:
+            return
+        self._nacked_in_row = 0
+        self.nack_rebuilds += 1
+        log.warning(
+            "broker_publishes_nacked",
+            nacks_in_row=NACKS_BEFORE_RECONNECT,
+            action="reconnecting on a new connection",
+            reason="the broker refuses this channel's publishes (a queue lost its leader?)",
+        )
+        conn.close(reply_code=200, reply_text="publishes nacked, reconnecting")
 
     def _on_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
         for pending in self._pending.values():
