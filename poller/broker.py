@@ -393,7 +393,7 @@ class Broker:
         if self._opts.declare and self.may_declare:
             await self._declare()
         channel = await self._open_channel()
-        self._seq = 0
+        self._seq = self._nacked_in_row = 0
         channel.add_on_return_callback(self._on_return)
         channel.add_on_cancel_callback(self._on_consumer_cancelled)
         await self._rpc(channel, channel.confirm_delivery, ack_nack_callback=self._on_confirm)
