@@ -65,7 +65,7 @@ def _start(
 
 
 def _queue_jobs(url: str, snmpd: Snmpd, ids: dict[str, list[str]]) -> None:
-    """Publish every job (one confirm at the end) and wait until the queues hold them all."""
+    """Publish every job (no confirms: fast) and wait until the queues hold them all."""
     with contextlib.closing(pika.BlockingConnection(pika.URLParameters(url))) as conn:
         channel = conn.channel()
         for sid, job_ids in ids.items():
