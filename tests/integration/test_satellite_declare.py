@@ -9,7 +9,12 @@ from typing import Any
 import kombu as _kombu
 import pytest
 
-from poller.wire import dead_letter_queue, jobs_queue, jobs_queue_arguments
+from poller.wire import (
+    DEAD_LETTER_DELIVERY_LIMIT,
+    dead_letter_queue,
+    jobs_queue,
+    jobs_queue_arguments,
+)
 from satellite.cli import main as cli_main
 from satellite.client import Client
 from satellite.config import CoreSettings
@@ -63,7 +68,10 @@ def test_declare_creates_the_design_topology(
     assert args[jobs_queue(sat_id)]["x-delivery-limit"] == 20
     assert queues[jobs_queue(sat_id)]["type"] == "quorum"
     assert queues[jobs_queue(sat_id)]["durable"] is True
-    assert args[f"{jobs_queue(sat_id)}.dlq"] == {"x-queue-type": "quorum"}
+    assert args[f"{jobs_queue(sat_id)}.dlq"] == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT,
+    }
     assert queues[f"{jobs_queue(sat_id)}.dlq"]["type"] == "quorum"
     assert queues[f"{jobs_queue(sat_id)}.dlq"]["durable"] is True
     assert queues["usm_poller.results"]["type"] == "quorum"

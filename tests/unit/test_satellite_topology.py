@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from poller.errors import BrokerError
-from poller.wire import jobs_queue_arguments
+from poller.wire import DEAD_LETTER_DELIVERY_LIMIT, jobs_queue_arguments
 from satellite.topology import (
     BindingSpec,
     ExchangeSpec,
@@ -37,7 +37,10 @@ def test_plan_has_every_object_of_the_design() -> None:
     assert topology.queues[0].arguments == jobs_queue_arguments("7", "quorum")
     assert topology.queues[0].arguments["x-queue-type"] == "quorum"
     # Every queue is quorum: a classic DLQ would stop with the one node that holds it.
-    assert topology.queues[1].arguments == {"x-queue-type": "quorum"}
+    assert topology.queues[1].arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT,  # reading dead letters never drops them
+    }
     assert topology.queues[1].dead_letters
     assert topology.queues[-1].arguments == {"x-queue-type": "quorum"}
     assert topology.bindings == (
