@@ -662,6 +662,25 @@ def jobs_queue_arguments(
     return args
 
 
+#: The dead-letter queue's delivery limit: never reached. `satellite dlq` reads dead letters
+#: and gives them back, and RabbitMQ 4.0-4.2 count every such return against a quorum queue's
+#: limit (20 when none is set): without this, reading them 20 times would drop them.
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+
+
+def dead_letter_queue_arguments(
+    queue_type: Literal["quorum", "classic"] = "quorum",
+) -> dict[str, str | int]:
+    """Arguments of a satellite's dead-letter queue: quorum like its job queue, unless classic.
+
+    A classic queue lives on one node: when that node is lost, nobody can declare, bind or read
+    it until the node is back (only `USM_POLLER_QUEUE_TYPE=classic`, for single-node brokers).
+    """
+    if queue_type == "classic":
+        return {}
+    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
+
+
 def results_queue_arguments() -> dict[str, str | int]:
     return {"x-queue-type": "quorum"}
 

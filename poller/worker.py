@@ -60,7 +60,12 @@ RECYCLE_CHECK_INTERVAL = 1.0
 
 
 def build_topology(satellite_id: str, queue_type: str) -> Topology:
-    """Everything this satellite's poller declares at start-up (DESIGN §3)."""
+    """Everything this satellite's poller declares at start-up (DESIGN §3).
+
+    Every queue is a quorum queue unless `queue_type` is `classic` (then the job queue and the
+    dead-letter queue are classic; the core's result queue stays quorum).
+    """
+    classic = queue_type == "classic"
     return Topology(
         exchanges=(
             (wire.jobs_exchange(), "direct"),
@@ -71,14 +76,12 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
         queues=(
             QueueSpec(
                 wire.jobs_queue(satellite_id),
-                wire.jobs_queue_arguments(
-                    satellite_id, "classic" if queue_type == "classic" else "quorum"
-                ),
+                wire.jobs_queue_arguments(satellite_id, "classic" if classic else "quorum"),
                 ((wire.jobs_exchange(), wire.jobs_routing_key(satellite_id)),),
             ),
             QueueSpec(
                 wire.dead_letter_queue(satellite_id),
-                {},
+                wire.dead_letter_queue_arguments("classic" if classic else "quorum"),
                 ((wire.dead_letter_exchange(), wire.jobs_routing_key(satellite_id)),),
             ),
             QueueSpec(

@@ -1,7 +1,8 @@
 """Dead-lettered jobs: list, show (secrets masked), replay to the job queue, purge.
 
 Reading a dead-letter queue takes its messages with `basic.get` and holds them unacknowledged;
-closing the channel gives every message not replayed back to the queue, in its place. A replay
+closing the channel gives every message not replayed back to the queue (a quorum queue takes
+them back a moment later, behind the messages that were not read). A replay
 publishes a copy to `usm_poller.jobs` (same body, same `message_id`, `reply_to` and
 `correlation_id`), waits for the publisher confirm, and only then acknowledges the dead letter:
 a process that dies mid-replay leaves each job in the DLQ, or in both queues, never in neither.

@@ -5,6 +5,9 @@ result queue. `declare_topology(open_channel, topology, ...)` declares them one 
 reports, per object, whether it was created, already existed, or exists with other arguments (a
 406 PRECONDITION_FAILED that is reported, not raised). Each exchange and queue is first
 declared passively, to tell "created" from "already existed", then actively.
+
+Every queue is quorum by default, the dead-letter queues included; a classic dead-letter queue
+left by an older version is reported as a conflict that says how to migrate it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from poller.errors import BrokerError, PollerError
 from poller.wire import (
     dead_letter_exchange,
     dead_letter_queue,
+    dead_letter_queue_arguments,
     events_exchange,
     jobs_exchange,
     jobs_queue,
@@ -74,6 +78,7 @@ class ExchangeSpec:
 class QueueSpec:
     name: str
     arguments: Mapping[str, str | int] = field(default_factory=dict)
+    dead_letters: bool = False  # a satellite's dead-letter queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +126,9 @@ def core_topology(
         key = jobs_routing_key(sat)
         queues.append(QueueSpec(jobs_queue(sat), jobs_queue_arguments(sat, queue_type)))
         bindings.append(BindingSpec(jobs_queue(sat), jobs_exchange(), key))
-        queues.append(QueueSpec(dead_letter_queue(sat)))
+        queues.append(
+            QueueSpec(dead_letter_queue(sat), dead_letter_queue_arguments(queue_type), True)
+        )
         bindings.append(BindingSpec(dead_letter_queue(sat), dead_letter_exchange(), key))
     if include_results_queue:
         queues.append(QueueSpec(results_queue(), results_queue_arguments()))
@@ -259,6 +266,8 @@ class _Declarer:
             )
         except self._errors as exc:
             detail = self._expect(exc, PRECONDITION_FAILED, "queue", spec.name, RESOURCE_LOCKED)
+            if _is_classic_dead_letter_queue(spec, detail):
+                detail = CLASSIC_DLQ_DETAIL
             return Declared(
                 "queue",
                 spec.name,
@@ -289,6 +298,23 @@ class _Declarer:
         if getattr(exc, "reply_code", None) in (code, *also):
             return _reply_text(exc)
         raise BrokerError(f"{what} {name}: {_reply_text(exc)}") from exc
+
+
+#: What `declare` says of a classic dead-letter queue it finds where a quorum one belongs.
+CLASSIC_DLQ_DETAIL = (
+    "a classic dead-letter queue (made by an older version): it lives on one broker node and is "
+    "unusable while that node is down; to make it quorum, drain it (`satellite dlq replay` or "
+    '`purge`), delete it, and declare again (docs/operations.md, "Classic dead-letter queues")'
+)
+
+
+def _is_classic_dead_letter_queue(spec: QueueSpec, detail: str) -> bool:
+    """Whether a 406 says that a dead-letter queue meant to be quorum exists as classic."""
+    return (
+        spec.dead_letters
+        and spec.arguments.get("x-queue-type") == "quorum"
+        and "'x-queue-type'" in detail
+    )
 
 
 def _reply_text(exc: BaseException) -> str:
