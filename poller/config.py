@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from poller.errors import ConfigError
+from poller.recycle import cgroup_memory_limit, default_max_rss_mb
 
 __all__ = [
     "AmqpUrl",
@@ -163,6 +164,10 @@ class PollerSettings(BaseSettings):
     credentials_file: Path | None = None
     known_hosts: Path | None = None
     shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
+    #: None: 80 % of the container's memory limit, or off without one; 0: off.
+    max_rss_mb: int | None = Field(default=None, ge=0, le=4_194_304)
+    #: 0: off.
+    max_jobs: int = Field(default=0, ge=0, le=10**12)
     max_job_bytes: int = Field(default=262_144, ge=1024, le=64 * 1024 * 1024)
     max_output_bytes: int = Field(default=4_194_304, ge=1024, le=1024 * 1024 * 1024)
     per_device_concurrency: int = Field(default=4, ge=1, le=1000)
@@ -223,6 +228,17 @@ class PollerSettings(BaseSettings):
         return self.prefetch or min(65_535, self.concurrency * PREFETCH_PER_SLOT)
 
     @property
+    def effective_max_rss_mb(self) -> int | None:
+        """The RSS limit in MB that recycles this process, or None (off).
+
+        `max_rss_mb` when set (0 turns it off), else 80 % of the memory limit of this process's
+        cgroup, read now (docs/operations.md, "Memory and recycling").
+        """
+        if self.max_rss_mb is not None:
+            return self.max_rss_mb or None
+        return default_max_rss_mb(cgroup_memory_limit())
+
+    @property
     def health_path(self) -> Path:
         return self.health_file or self.state_dir / "health.json"
 
@@ -280,6 +296,8 @@ class PollerSettings(BaseSettings):
                 value = str(value)
             elif name == "prefetch" and value is None:
                 value = self.effective_prefetch
+            elif name == "max_rss_mb":
+                value = self.effective_max_rss_mb or 0  # the limit from the cgroup, 0 = off
             out[env_name(name)] = value
         return out
 

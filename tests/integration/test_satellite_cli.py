@@ -104,7 +104,9 @@ def test_declare_with_a_conflict_exits_1(satellite: Any, sat_id: str) -> None:
     assert run.code == EXIT_ERROR
     assert f"conflict  queue     {jobs_queue(sat_id)}" in run.out
     assert "inequivalent arg" in run.out
-    assert "1 object(s) exist with other arguments" in run.err
+    # and the classic dead-letter queue, with how to make it quorum
+    assert "classic dead-letter queue (made by an older version)" in run.out
+    assert "2 object(s) exist with other arguments" in run.err
 
 
 def test_submit_prints_the_job_id(satellite: Any, amqp_vhost: AmqpVhost, sat_id: str) -> None:
