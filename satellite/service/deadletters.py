@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from poller.errors import BrokerError
 from satellite.client import Client
 from satellite.config import CoreSettings as BrokerSettings
+from satellite.topology import NotDeclaredError
 
 __all__ = ["DeadLetterError", "DeadLetters"]
 
@@ -59,6 +60,8 @@ class DeadLetters:
             raise DeadLetterError(
                 503, "broker_unavailable", f"no answer from the broker in {REQUEST_TIMEOUT:g} s"
             ) from None
+        except NotDeclaredError as exc:
+            raise DeadLetterError(404, "unknown_satellite", str(exc)) from None
         except BrokerError as exc:
             raise DeadLetterError(503, "broker_unavailable", str(exc)) from None
         except Exception as exc:
