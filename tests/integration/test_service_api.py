@@ -20,6 +20,7 @@ import pytest
 from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.management import ManagementApi
+from satellite.service import app as app_module
 from satellite.service.app import Core, create_app
 from satellite.service.settings import DatabaseUrl, load_settings
 from satellite.service.store.queries import NOT_PUBLISHED
@@ -505,3 +506,36 @@ def result_of(job_id: str, sid: str) -> wire.JobResult:
         finished_at=now,
         duration_ms=1.0,
     )
+
+
+async def test_a_job_nobody_answers_becomes_overdue_in_a_running_service(
+    amqp_vhost: AmqpVhost, db_url: DatabaseUrl, monkeypatch: pytest.MonkeyPatch, sid: str
+) -> None:
+    monkeypatch.setattr(app_module, "OVERDUE_EVERY", 0.2)
+    settings = load_settings(
+        {
+            "US_AMQP_DSN": amqp_vhost.dsn,
+            "USM_CORE_DB": db_url.url.render_as_string(hide_password=False),
+            "USM_CORE_OVERDUE_GRACE": "0",
+        }
+    )
+    started = await Core.start(settings)
+    try:
+        assert await started.replies.broker.wait_ready(30)
+        await declare_satellite(started, sid)
+        submitted = await started.jobs.submit(sid, job(timeout=0.5))
+        assert submitted.record.status == "queued"
+        for _ in range(100):
+            record = await started.store.get_job(submitted.record.id)
+            if record is not None and record.status == "overdue":
+                break
+            await asyncio.sleep(0.1)
+        assert record is not None
+        assert record.status == "overdue"
+        for _ in range(50):
+            if started.metrics.overdue >= 1:
+                break
+            await asyncio.sleep(0.1)
+        assert started.metrics.overdue >= 1
+    finally:
+        await started.stop()
