@@ -24,10 +24,12 @@ from fastapi import FastAPI
 
 from poller import __version__
 from poller.broker import BrokerOptions
+from poller.errors import ConfigError
 from poller.logging import configure_logging, get_logger
 from poller.wire import JobResult
 from satellite.service.api import health, jobs, satellites
 from satellite.service.api import metrics as metrics_api
+from satellite.service.api import schedules as schedules_api
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.deadletters import DeadLetters
 from satellite.service.fleet import FleetWatch
@@ -36,6 +38,7 @@ from satellite.service.jobs import JobService, Waiters
 from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
 from satellite.service.metrics import ServiceMetrics
 from satellite.service.replies import Replies
+from satellite.service.scheduler import ScheduleFile, Scheduler
 from satellite.service.settings import CoreSettings
 from satellite.service.store import Store
 from satellite.service.tokens import TokensFile
@@ -72,11 +75,20 @@ class Core:
     metrics: ServiceMetrics
     fleet: FleetWatch
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    # Schedules (DESIGN §11): None without USM_CORE_SCHEDULES_FILE.
+    scheduler: Scheduler | None = None
+    scheduler_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: CoreSettings, *, replica: str | None = None) -> Core:
         """Open the store (migrating it) and start ingest, replies and housekeeping."""
         replica = replica or replica_name()
+        schedules = None
+        if settings.schedules_file is not None:
+            schedules = ScheduleFile(settings.schedules_file)
+            if not await asyncio.to_thread(schedules.load):
+                first = schedules.problems[0] if schedules.problems else ""
+                raise ConfigError(f"USM_CORE_SCHEDULES_FILE: refused: {first}")
         store = await Store.open(settings.database)
         broker = settings.broker()
         urls = list(broker.urls)
@@ -127,6 +139,9 @@ class Core:
             asyncio.create_task(replies.broker.run(), name="replies"),
             asyncio.create_task(core._housekeeping(), name="housekeeping"),
         ]
+        if schedules is not None:
+            core.scheduler = Scheduler(store.engine, replies.broker, schedules, replica=replica)
+            core.scheduler_task = asyncio.create_task(core.scheduler.run(), name="scheduler")
         return core
 
     async def readiness(self) -> dict[str, bool]:
@@ -157,6 +172,10 @@ class Core:
         """Commit and ack what was ingested, close both connections and the store."""
         ingest_task, _replies, housekeeping = self.tasks
         housekeeping.cancel()
+        if self.scheduler_task is not None:
+            self.scheduler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.scheduler_task
         await self.ingest.stop(timeout=INGEST_DRAIN_SECONDS)
         try:
             async with asyncio.timeout(INGEST_DRAIN_SECONDS):
@@ -198,6 +217,8 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     app.state.readiness = core.readiness
     app.state.tokens = tokens
     app.state.unix_auth = core.settings.unix_auth
+    app.include_router(schedules_api.router)
+    app.state.scheduler = core.scheduler
     return app
 
 

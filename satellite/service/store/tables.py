@@ -13,7 +13,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ["JOB_STATUSES", "SOURCES", "Json", "UtcDateTime", "jobs", "metadata"]
+__all__ = [
+    "JOB_STATUSES",
+    "SOURCES",
+    "Json",
+    "UtcDateTime",
+    "jobs",
+    "metadata",
+    "schedule_outbox",
+    "schedule_skips",
+    "schedule_state",
+]
 
 JOB_STATUSES = ("queued", "ok", "error", "overdue")
 #: Fixed sources; schedules add `schedule:<name>`.
@@ -85,4 +95,43 @@ jobs = sa.Table(
     sa.Index(None, "error_code", "created_at"),
     sa.Index(None, "source", "created_at"),
     sa.Index(None, "status", "deadline_at"),
+)
+
+# Schedules (DESIGN §11, satellite/service/scheduler.py). Times the scheduler compares are epoch
+# seconds of the database clock (floats): the claim cursor must partition time exactly.
+schedule_state = sa.Table(
+    "schedule_state",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Every due time up to here (epoch s) was claimed (or skipped) by some replica.
+    sa.Column("claimed_until", sa.Float, nullable=False),
+    sa.Column("last_slot", sa.Float),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)
+
+#: Claimed jobs not yet confirmed by the broker; a row outlives its owner's lease only when the
+#: owner died (or the broker did not confirm): then any replica takes it over.
+schedule_outbox = sa.Table(
+    "schedule_outbox",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("schedule", sa.String(64), nullable=False),
+    sa.Column("satellite_id", sa.String(64), nullable=False),
+    # The job without inline credentials (added back from the schedules file at publish).
+    sa.Column("body", Json, nullable=False),
+    sa.Column("not_after", sa.Float, nullable=False),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("lease_until", sa.Float, nullable=False),
+    sa.Index(None, "lease_until"),
+)
+
+#: Jobs a schedule did not send, counted per claim (reason: overlap | missed).
+schedule_skips = sa.Table(
+    "schedule_skips",
+    metadata,
+    sa.Column("schedule", sa.String(64), primary_key=True),
+    sa.Column("at", sa.Float, primary_key=True),
+    sa.Column("reason", sa.String(16), primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
 )
