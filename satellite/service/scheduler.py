@@ -80,6 +80,8 @@ TAKEOVER_EVERY = 1.0
 #: Seconds between looks at the schedules file's modification time.
 WATCH_EVERY = 2.0
 TAKEOVER_BATCH = 500
+#: Milliseconds a claim transaction may sit idle before PostgreSQL ends it (a stalled replica).
+STALLED_TX_MS = 2000
 #: Longest window one claim looks back over (in intervals) after the service was down.
 MAX_LOOKBACK_INTERVALS = 2
 
@@ -272,8 +274,21 @@ class Scheduler:
         await conn.commit()
         self._known.add(name)
 
+    async def _short_lock(self, conn: AsyncConnection) -> None:
+        """PostgreSQL ends this transaction if its replica stalls in it (SIGSTOP, a long GC).
+
+        The claim's lock is never held for longer than `STALLED_TX_MS`: the server ends the
+        session, the stalled replica's claim is rolled back (it had published nothing yet),
+        and the other replicas claim in its place.
+        """
+        if self.postgres:
+            await conn.execute(
+                sa.text(f"SET LOCAL idle_in_transaction_session_timeout = {STALLED_TX_MS}")
+            )
+
     async def _lock_state(self, conn: AsyncConnection, name: str) -> Any:
         """The schedule's state row, locked for this claim; None when another replica has it."""
+        await self._short_lock(conn)
         query = sa.select(
             schedule_state.c.claimed_until, schedule_state.c.paused, schedule_state.c.last_slot
         ).where(schedule_state.c.name == name)
@@ -456,7 +471,14 @@ class Scheduler:
             if count
         ]
         if values:
-            await conn.execute(schedule_skips.insert(), values)
+            insert = _insert(conn, schedule_skips)
+            await conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["schedule", "at", "reason"],
+                    set_={"count": schedule_skips.c.count + insert.excluded.count},
+                ),
+                values,
+            )
 
     async def _advance(
         self, conn: AsyncConnection, name: str, now: float, last_slot: float | None
@@ -555,6 +577,7 @@ class Scheduler:
     async def take_over(self) -> int:
         """Publish outbox rows whose lease expired (a dead replica's, or unconfirmed ones)."""
         async with self.engine.begin() as conn:
+            await self._short_lock(conn)
             now = await db_now(conn)
             pick = (
                 sa.select(schedule_outbox.c.id)
@@ -596,6 +619,12 @@ class Scheduler:
             done = answered | expired
             if done:
                 await conn.execute(schedule_outbox.delete().where(schedule_outbox.c.id.in_(done)))
+            late: dict[str, int] = {}
+            for row in rows:
+                if row.id in expired - answered:
+                    late[row.schedule] = late.get(row.schedule, 0) + 1
+            for name, count in late.items():
+                await self._count_skips(conn, name, now, {"expired": count})
         todo = [
             Claimed(row.id, row.schedule, row.satellite_id, dict(row.body), float(row.not_after))
             for row in rows

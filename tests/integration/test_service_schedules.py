@@ -322,3 +322,24 @@ async def test_migration_0003_builds_the_schedule_tables_of_tables_py(db_url: Da
         table = metadata.tables[name]
         assert columns == {c.name for c in table.columns}
         assert indexes == {str(i.name) for i in table.indexes}
+
+
+async def test_not_after_and_expiration_keep_a_stopped_pollers_backlog_to_one_interval(
+    start_core: Starter, queue: Queue, sid: str, tmp_path: Path
+) -> None:
+    # Nobody reads the queue (the satellite's poller is stopped) for 6 intervals of 1 s.
+    path = tmp_path / "schedules.yaml"
+    path.write_text(schedules_yaml(sid, every=1, targets=3, overlap="queue"))
+    core = await start_core(path)
+    assert core.scheduler is not None
+    await asyncio.sleep(6)
+    published = core.scheduler.published
+    depth = queue.ch.queue_declare(queue.name, passive=True).method.message_count
+    assert published >= 12
+    assert depth <= 3 * 2, (depth, published)
+    # What is still queued has not passed its not_after by more than the interval.
+    now = time.time()
+    for _, body in queue.drain():
+        job = wire.decode_job(json.dumps(body).encode())
+        assert job.not_after is not None
+        assert job.not_after.timestamp() > now - 1.5

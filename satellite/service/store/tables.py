@@ -126,7 +126,7 @@ schedule_outbox = sa.Table(
     sa.Index(None, "lease_until"),
 )
 
-#: Jobs a schedule did not send, counted per claim (reason: overlap | missed).
+#: Jobs a schedule did not send, counted per claim (reason: overlap | missed | expired).
 schedule_skips = sa.Table(
     "schedule_skips",
     metadata,
