@@ -80,6 +80,9 @@ TAKEOVER_EVERY = 1.0
 #: Seconds between looks at the schedules file's modification time.
 WATCH_EVERY = 2.0
 TAKEOVER_BATCH = 500
+#: Seconds between deletions of skip counts older than `SKIPS_KEPT` seconds.
+PRUNE_EVERY = 600.0
+SKIPS_KEPT = 7 * 86400.0
 #: Milliseconds a claim transaction may sit idle before PostgreSQL ends it (a stalled replica).
 STALLED_TX_MS = 2000
 #: Longest window one claim looks back over (in intervals) after the service was down.
@@ -230,6 +233,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         next_watch = loop.time() + WATCH_EVERY
         next_takeover = loop.time()
+        next_prune = loop.time() + 60.0
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._hangup)
         try:
@@ -243,6 +247,9 @@ class Scheduler:
                 if now >= next_takeover:
                     next_takeover = now + TAKEOVER_EVERY
                     await self._guarded(self.take_over(), "schedule_takeover_failed")
+                if now >= next_prune:
+                    next_prune = now + PRUNE_EVERY
+                    await self._guarded(self.prune(), "schedule_prune_failed")
                 await asyncio.sleep(TICK_SECONDS)
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -321,7 +328,7 @@ class Scheduler:
             if state.paused or not schedule.enabled:
                 await self._advance(conn, schedule.name, now, state.last_slot)
                 return []
-            due, skipped, last_slot = self._due(schedule, after, now)
+            due, skipped, last_slot = self.due(schedule, after, now)
             if schedule.overlap == "skip" and due:
                 busy = await self._busy_targets(conn, schedule, now)
                 kept = [d for d in due if d[1].key not in busy]
@@ -336,8 +343,9 @@ class Scheduler:
             log.info("schedule_skipped", schedule=schedule.name, **skipped)
         return claimed
 
-    def _due(
-        self, schedule: Schedule, after: float, now: float
+    @staticmethod
+    def due(
+        schedule: Schedule, after: float, now: float
     ) -> tuple[list[tuple[float, Target, float]], dict[str, int], float | None]:
         """(due, target, slot start) in (after, now] that are sent; skip counts; newest slot."""
         current = schedule.slot_at(now)
@@ -345,7 +353,7 @@ class Scheduler:
         lookback = now - MAX_LOOKBACK_INTERVALS * current.length - grace
         skipped: dict[str, int] = {}
         if after < lookback:
-            skipped["missed"] = self._missed_estimate(schedule, after, lookback)
+            skipped["missed"] = Scheduler._missed_estimate(schedule, after, lookback)
             after = lookback
         sent: list[tuple[float, Target, float]] = []
         late: dict[str, tuple[float, Target, float]] = {}
@@ -380,8 +388,16 @@ class Scheduler:
 
     @staticmethod
     def _missed_estimate(schedule: Schedule, after: float, until: float) -> int:
-        length = schedule.slot_at(until).length
-        return int(max(0.0, until - after) / max(length, 1.0)) * len(schedule.targets)
+        """Jobs of the slots starting in (after, until]: what a long outage missed.
+
+        Exact without spread; with it, a slot that starts just before `until` may have some of
+        its due times after it (claimed or counted again by the window that follows).
+        """
+        if schedule.every is not None:
+            slots = int(until // schedule.every) - int(after // schedule.every)
+        else:
+            slots = sum(1 for slot in schedule.slots(after, until) if slot.start > after)
+        return max(0, slots) * len(schedule.targets)
 
     async def _busy_targets(
         self, conn: AsyncConnection, schedule: Schedule, now: float
@@ -639,6 +655,15 @@ class Scheduler:
         )
         self.taken_over += len(todo)
         return await self.publish(todo) if todo else 0
+
+    async def prune(self) -> int:
+        """Delete skip counts older than `SKIPS_KEPT` (the API shows the last interval)."""
+        async with self.engine.begin() as conn:
+            now = await db_now(conn)
+            done = await conn.execute(
+                schedule_skips.delete().where(schedule_skips.c.at < now - SKIPS_KEPT)
+            )
+        return done.rowcount
 
     # ---------------------------------------------------------------------------- operators
 

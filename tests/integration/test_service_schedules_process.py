@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from collections import Counter
@@ -159,3 +160,29 @@ async def test_spread_publishes_evenly_through_the_interval(
     print(f"per-second publish counts: {rates} (mean {mean})")
     assert sum(rates) >= TARGETS - 2  # the window's edges cut by arrival time
     assert all(0.5 * mean <= r <= 1.5 * mean for r in rates), rates
+
+
+async def test_a_bad_file_exits_2_at_start_and_is_refused_on_sighup(
+    serve: ServeFactory, collector: Collector, tmp_path: Path, sid: str
+) -> None:
+    path = tmp_path / "schedules.yaml"
+    path.write_text("schedules:\n  - name: x\n    every: 0\n")
+    bad = await asyncio.to_thread(serve, wait=False, env={"USM_CORE_SCHEDULES_FILE": str(path)})
+    assert await asyncio.to_thread(bad.proc.wait, 60) == 2
+    assert f"USM_CORE_SCHEDULES_FILE: refused: {path}: schedule x: " in bad.log_text()
+    schedule_file(path, sid, every=1)
+    good = await asyncio.to_thread(serve, env={"USM_CORE_SCHEDULES_FILE": str(path)})
+    path.write_text(path.read_text().replace("every: 1", "every: often"))
+    good.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while not [x for x in good.log_lines() if x.get("event") == "schedules_refused"]:
+        assert time.monotonic() < deadline, good.log_text()
+        await asyncio.sleep(0.2)
+    refused = [x["problem"] for x in good.log_lines() if x.get("event") == "schedules_refused"]
+    assert refused == [
+        f"{path}: schedule fleet: every: must be a whole number of seconds, 1 to 604800"
+    ]
+    seen = len(collector.seen)
+    await asyncio.sleep(3)
+    assert len(collector.seen) >= seen + 2 * TARGETS  # the last good file keeps running
+    assert good.proc.poll() is None
