@@ -74,12 +74,15 @@ log = get_logger("satellite.service.scheduler")
 LEASE_SECONDS = 5.0
 #: Seconds to wait for the broker's confirms of one batch (below the lease).
 CONFIRM_TIMEOUT = 3.0
+#: A row is published only while its lease has at least this many seconds left.
+LEASE_MARGIN = 1.0
 #: Seconds between claim ticks, and between looks for rows a dead replica left.
 TICK_SECONDS = 0.25
 TAKEOVER_EVERY = 1.0
 #: Seconds between looks at the schedules file's modification time.
 WATCH_EVERY = 2.0
 TAKEOVER_BATCH = 500
+MIN_GRACE = 5.0
 #: Seconds between deletions of skip counts older than `SKIPS_KEPT` seconds.
 PRUNE_EVERY = 600.0
 SKIPS_KEPT = 7 * 86400.0
@@ -94,8 +97,12 @@ class UnknownScheduleError(LookupError):
 
 
 def late_grace(schedule: Schedule, length: float) -> float:
-    """How late a due time may be claimed before it counts as missed (the service was down)."""
-    return min(max(length, 2.0), 30.0)
+    """How late a due time may be claimed before it counts as missed (the service was down).
+
+    One interval, at least `MIN_GRACE` s (a replica stalled while it held the claim lock delays
+    the others by up to `STALLED_TX_MS`: that is late, not missed), at most 30 s.
+    """
+    return min(max(length, MIN_GRACE), 30.0)
 
 
 async def db_now(conn: AsyncConnection) -> float:
@@ -508,7 +515,12 @@ class Scheduler:
     # ---------------------------------------------------------------------------- publish
 
     async def publish(self, claimed: Sequence[Claimed]) -> int:  # noqa: C901, PLR0912
-        """Publish with confirms; delete each confirmed row; how many were confirmed."""
+        """Publish with confirms; delete each confirmed row; how many were confirmed.
+
+        Only rows whose lease this replica still holds are sent: a replica that stalled (SIGSTOP)
+        after its claim finds its rows taken over, and does not send them a second time.
+        """
+        claimed = await self._still_held(claimed)
         schedules = self.file.schedules
         futures: dict[str, asyncio.Future[None]] = {}
         gone: list[str] = []
@@ -571,6 +583,27 @@ class Scheduler:
                 of=len(claimed),
             )
         return len(confirmed)
+
+    async def _still_held(self, claimed: Sequence[Claimed]) -> list[Claimed]:
+        if not claimed:
+            return []
+        async with self.engine.connect() as conn:
+            now = await db_now(conn)
+            held = set(
+                (
+                    await conn.scalars(
+                        sa.select(schedule_outbox.c.id).where(
+                            schedule_outbox.c.id.in_([c.id for c in claimed])
+                            & (schedule_outbox.c.owner == self.replica[:128])
+                            & (schedule_outbox.c.lease_until > now + LEASE_MARGIN)
+                            & (schedule_outbox.c.not_after > now)
+                        )
+                    )
+                ).all()
+            )
+        if len(held) < len(claimed):
+            log.warning("schedule_lease_lost", rows=len(claimed) - len(held), of=len(claimed))
+        return [c for c in claimed if c.id in held]
 
     @staticmethod
     def _interval(item: Claimed, schedule: Schedule | None) -> float:
