@@ -82,6 +82,10 @@ TAKEOVER_EVERY = 1.0
 #: Seconds between looks at the schedules file's modification time.
 WATCH_EVERY = 2.0
 TAKEOVER_BATCH = 500
+#: Jobs published (and their rows checked and deleted) per batch of confirms.
+PUBLISH_CHUNK = 5000
+#: Rows per INSERT statement (PostgreSQL takes at most 32,767 parameters in one).
+INSERT_CHUNK = 1000
 MIN_GRACE = 5.0
 #: Seconds between deletions of skip counts older than `SKIPS_KEPT` seconds.
 PRUNE_EVERY = 600.0
@@ -455,32 +459,34 @@ class Scheduler:
                 history,
                 Claimed(job_id, schedule.name, schedule.satellite, body, not_after),
             )
-        inserted = await conn.execute(
-            _insert(conn, jobs)
-            .values([history for history, _ in rows.values()])
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(jobs.c.id)
-        )
-        new_ids = set(inserted.scalars())
+        histories = [history for history, _ in rows.values()]
+        new_ids: set[str] = set()
+        for i in range(0, len(histories), INSERT_CHUNK):
+            inserted = await conn.execute(
+                _insert(conn, jobs)
+                .values(histories[i : i + INSERT_CHUNK])
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(jobs.c.id)
+            )
+            new_ids.update(inserted.scalars())
         claimed = [c for job_id, (_, c) in rows.items() if job_id in new_ids]
-        if claimed:
-            lease = now + LEASE_SECONDS
+        lease = now + LEASE_SECONDS
+        outbox = [
+            {
+                "id": c.id,
+                "schedule": c.schedule,
+                "satellite_id": c.satellite_id,
+                "body": c.body,
+                "not_after": c.not_after,
+                "owner": self.replica[:128],
+                "lease_until": lease,
+            }
+            for c in claimed
+        ]
+        for i in range(0, len(outbox), INSERT_CHUNK):
             await conn.execute(
                 _insert(conn, schedule_outbox)
-                .values(
-                    [
-                        {
-                            "id": c.id,
-                            "schedule": c.schedule,
-                            "satellite_id": c.satellite_id,
-                            "body": c.body,
-                            "not_after": c.not_after,
-                            "owner": self.replica[:128],
-                            "lease_until": lease,
-                        }
-                        for c in claimed
-                    ]
-                )
+                .values(outbox[i : i + INSERT_CHUNK])
                 .on_conflict_do_nothing(index_elements=["id"])
             )
         return claimed
@@ -514,7 +520,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------- publish
 
-    async def publish(self, claimed: Sequence[Claimed]) -> int:  # noqa: C901, PLR0912
+    async def publish(self, claimed: Sequence[Claimed]) -> int:
+        """Publish with confirms, `PUBLISH_CHUNK` at a time; how many were confirmed."""
+        done = 0
+        for i in range(0, len(claimed), PUBLISH_CHUNK):
+            done += await self._publish(claimed[i : i + PUBLISH_CHUNK])
+        return done
+
+    async def _publish(self, claimed: Sequence[Claimed]) -> int:  # noqa: C901, PLR0912
         """Publish with confirms; delete each confirmed row; how many were confirmed.
 
         Only rows whose lease this replica still holds are sent: a replica that stalled (SIGSTOP)

@@ -343,3 +343,22 @@ async def test_not_after_and_expiration_keep_a_stopped_pollers_backlog_to_one_in
         job = wire.decode_job(json.dumps(body).encode())
         assert job.not_after is not None
         assert job.not_after.timestamp() > now - 1.5
+
+
+async def test_a_run_of_3000_targets_fits_the_databases_parameter_limits(
+    start_core: Starter, queue: Queue, sid: str, tmp_path: Path
+) -> None:
+    # 3,000 history rows of 13 columns are more parameters than one PostgreSQL statement takes.
+    (tmp_path / "many.csv").write_text("".join(f"10.9.{i // 250}.{i % 250}\n" for i in range(3000)))
+    path = tmp_path / "schedules.yaml"
+    path.write_text(
+        schedules_yaml(sid, every=3600, targets=1, spread=False).replace(
+            '    targets: [{host: "192.0.2.1"}]\n', "    targets_file: many.csv\n"
+        )
+    )
+    core = await start_core(path)
+    assert core.scheduler is not None
+    published = await core.scheduler.run_now("ping")
+    assert len(published) == 3000
+    ids = queue.ids()
+    assert sorted(ids) == sorted(published)
