@@ -33,6 +33,7 @@ from pydantic import (
 from poller.errors import WireError
 
 __all__ = [
+    "LANE_HEADER",
     "PROTOCOL_VERSION",
     "CliAuth",
     "CliJob",
@@ -42,6 +43,7 @@ __all__ = [
     "JobKind",
     "JobRequest",
     "JobResult",
+    "Lane",
     "PingJob",
     "PingParams",
     "QuarantineEntry",
@@ -542,6 +544,27 @@ def jobs_queue(satellite_id: str) -> str:
 
 def jobs_routing_key(satellite_id: str) -> str:
     return validate_satellite_id(satellite_id)
+
+
+def interactive_queue(satellite_id: str) -> str:
+    """The interactive lane (DESIGN §13): jobs a person waits for, consumed apart from the bulk."""
+    return f"{jobs_queue(satellite_id)}.interactive"
+
+
+def interactive_routing_key(satellite_id: str) -> str:
+    return f"{validate_satellite_id(satellite_id)}.interactive"
+
+
+#: Lanes a job can come from; a result says which one in the `LANE_HEADER` header.
+Lane = Literal["interactive", "bulk"]
+LANE_HEADER = "x-lane"
+
+
+def lane_routing_key(satellite_id: str, lane: Lane) -> str:
+    """The routing key on `jobs_exchange()` of a satellite's job queue for `lane`."""
+    if lane == "interactive":
+        return interactive_routing_key(satellite_id)
+    return jobs_routing_key(satellite_id)
 
 
 def dead_letter_exchange() -> str:

@@ -74,6 +74,13 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
                 ((wire.jobs_exchange(), wire.jobs_routing_key(satellite_id)),),
             ),
             QueueSpec(
+                wire.interactive_queue(satellite_id),
+                wire.jobs_queue_arguments(
+                    satellite_id, "classic" if queue_type == "classic" else "quorum"
+                ),
+                ((wire.jobs_exchange(), wire.interactive_routing_key(satellite_id)),),
+            ),
+            QueueSpec(
                 wire.dead_letter_queue(satellite_id),
                 {},
                 ((wire.dead_letter_exchange(), wire.jobs_routing_key(satellite_id)),),

@@ -169,6 +169,13 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
                 f"{q.consumers} consumer(s); in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
                 f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered"
             )
+        lane = sat.lane
+        if lane is not None:
+            out.print(
+                f"  lane  {lane.name}: {lane.ready} ready, {lane.unacked} unacked, "
+                f"{lane.consumers} consumer(s); in {lane.publish_rate:.1f}/s, "
+                f"out {lane.ack_rate:.1f}/s"
+            )
         if sat.replicas:
             table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 2))
             for column in (

@@ -19,6 +19,8 @@ from poller.wire import (
     dead_letter_exchange,
     dead_letter_queue,
     events_exchange,
+    interactive_queue,
+    interactive_routing_key,
     jobs_exchange,
     jobs_queue,
     jobs_queue_arguments,
@@ -107,6 +109,9 @@ def core_topology(
         key = jobs_routing_key(sat)
         queues.append(QueueSpec(jobs_queue(sat), jobs_queue_arguments(sat, queue_type)))
         bindings.append(BindingSpec(jobs_queue(sat), jobs_exchange(), key))
+        lane = interactive_queue(sat)
+        queues.append(QueueSpec(lane, jobs_queue_arguments(sat, queue_type)))
+        bindings.append(BindingSpec(lane, jobs_exchange(), interactive_routing_key(sat)))
         queues.append(QueueSpec(dead_letter_queue(sat)))
         bindings.append(BindingSpec(dead_letter_queue(sat), dead_letter_exchange(), key))
     if include_results_queue:
