@@ -132,6 +132,7 @@ class Worker:
             concurrency=settings.concurrency,
             per_device_concurrency=settings.per_device_concurrency,
             max_output_bytes=settings.max_output_bytes,
+            interactive_slots=settings.effective_interactive_slots,
             quarantine=Quarantine(
                 after=settings.quarantine_after,
                 cooldown=settings.quarantine_seconds,
@@ -147,8 +148,10 @@ class Worker:
                 prefetch=settings.effective_prefetch,
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
+                lane_prefetch=settings.effective_interactive_prefetch,
             ),
             queue=wire.jobs_queue(self._sid),
+            lane_queue=wire.interactive_queue(self._sid),
             topology=build_topology(self._sid, settings.queue_type),
             on_delivery=self._on_delivery,
             on_state=self._health_changed,
@@ -198,6 +201,9 @@ class Worker:
             queue=wire.jobs_queue(self._sid),
             concurrency=self._settings.concurrency,
             prefetch=self._settings.effective_prefetch,
+            interactive_queue=wire.interactive_queue(self._sid),
+            interactive_slots=self._settings.effective_interactive_slots,
+            interactive_prefetch=self._settings.effective_interactive_prefetch,
             drivers=sorted(self._drivers),
         )
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
@@ -346,7 +352,7 @@ class Worker:
             job_id=job.id, kind=job.kind, device=job.target.host, attempt=attempt.number
         )
         try:
-            result = await self._runner.run(job, attempt)
+            result = await self._runner.run(job, attempt, interactive=delivery.interactive)
         except NotStarted:
             raise
         except Exception:
@@ -474,7 +480,10 @@ class Worker:
             type=result.kind,
             user_id=self._broker.username,
             timestamp=int(time.time()),
-            headers={"x-satellite-id": self._sid},
+            headers={
+                "x-satellite-id": self._sid,
+                wire.LANE_HEADER: "interactive" if delivery.interactive else "bulk",
+            },
         )
         await self._broker.publish(wire.results_exchange(), key, wire.encode(result), props)
 
