@@ -18,7 +18,9 @@ redelivered job that is not idempotent is never run (DESIGN §5), so it runs dur
 Jobs of the interactive lane (DESIGN §13; `interactive=True`) come first: a freed run slot
 goes to the oldest interactive job whose device has a free slot before any bulk job, and
 `reserved` run slots are kept for them: bulk jobs together hold at most `concurrency -
-reserved` run slots. An interactive job also goes ahead of its device's waiting bulk jobs; the
+reserved` run slots. Interactive jobs together hold at most half the run slots (or the
+reserved ones, when more), so that a flood of them cannot starve the bulk jobs either. An
+interactive job also goes ahead of its device's waiting bulk jobs; the
 per-device limit applies to both, and so does the quarantine (the runner checks it first).
 Interactive jobs are not held to the share of untrusted devices (an operator asks about a
 device this process may never have seen), but they count in it while they run. They wait in
@@ -113,6 +115,8 @@ class Admission:
         #: Run slots bulk jobs never take (at most concurrency - 1: bulk jobs need one).
         self.reserved = max(0, min(reserved, concurrency - 1))
         self._bulk_slots = concurrency - self.reserved
+        #: Run slots interactive jobs may hold together.
+        self.interactive_cap = max(1, self.reserved, concurrency // 2)
         self._running = 0
         self._interactive_running = 0
         #: Interactive jobs waiting, in arrival order (few: the lane's prefetch bounds them).
@@ -209,7 +213,12 @@ class Admission:
         self, dev: _Device, returnable: bool, deadline: float | None, expire: _Expire
     ) -> bool:
         untrusted = not self._trusted(dev.name)
-        if not dev.urgent and self._running < self.concurrency and dev.running < self.per_device:
+        if (
+            not dev.urgent
+            and self._running < self.concurrency
+            and self._interactive_running < self.interactive_cap
+            and dev.running < self.per_device
+        ):
             self._take_urgent(dev, untrusted)
             return untrusted
         loop = asyncio.get_running_loop()
@@ -253,6 +262,8 @@ class Admission:
 
     def _grant_urgent(self) -> bool:
         """Give a run slot to the oldest interactive job whose device has a free slot."""
+        if self._interactive_running >= self.interactive_cap:
+            return False
         for i, (dev, waiter) in enumerate(self._urgent):
             if dev.running >= self.per_device:
                 continue

@@ -374,11 +374,12 @@ async def test_reserved_slots_are_never_taken_by_bulk_jobs() -> None:
 
 
 async def test_interactive_jobs_are_admitted_before_older_bulk_jobs() -> None:
-    admission = Admission(concurrency=2, per_device=2, reserved=1)
+    admission = Admission(concurrency=4, per_device=4, reserved=1)
     gate, log = asyncio.Event(), list[str]()
-    first = [holder(admission, "bulk", gate, log), lane_holder(admission, "lane", gate, log)]
+    first = [holder(admission, "bulk", gate, log) for _ in range(3)]
+    first.append(lane_holder(admission, "lane", gate, log))
     await settle()
-    assert log == ["bulk", "!lane"]
+    assert log == ["bulk", "bulk", "bulk", "!lane"]
     order: list[str] = []
 
     async def job(device: str, interactive: bool) -> None:
@@ -388,13 +389,13 @@ async def test_interactive_jobs_are_admitted_before_older_bulk_jobs() -> None:
 
     queued = [asyncio.ensure_future(job(f"b{n}", False)) for n in range(3)]
     await settle()
-    queued += [asyncio.ensure_future(job(f"i{n}", True)) for n in range(2)]
+    queued.append(asyncio.ensure_future(job("i0", True)))
     await settle()
     assert order == []
     gate.set()
     await asyncio.gather(*first, *queued)
-    assert order[:2] == ["!i0", "!i1"]  # the bulk jobs queued first still wait their turn
-    assert sorted(order[2:]) == ["b0", "b1", "b2"]
+    assert order[0] == "!i0"  # the bulk jobs queued before it wait for the next slots
+    assert sorted(order[1:]) == ["b0", "b1", "b2"]
 
 
 async def test_an_interactive_job_goes_ahead_of_its_devices_bulk_jobs_within_its_limit() -> None:
@@ -416,20 +417,22 @@ async def test_an_interactive_job_goes_ahead_of_its_devices_bulk_jobs_within_its
     assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
 
 
-async def test_interactive_jobs_may_use_every_run_slot_and_ignore_the_untrusted_share() -> None:
+async def test_interactive_jobs_hold_half_the_slots_and_ignore_the_untrusted_share() -> None:
     admission = Admission(
-        concurrency=3, per_device=1, untrusted=1, reserved=1, trusted=lambda _d: False
+        concurrency=6, per_device=1, untrusted=1, reserved=1, trusted=lambda d: d[0] == "o"
     )
+    assert admission.interactive_cap == 3
     gate, log = asyncio.Event(), list[str]()
-    tasks = [lane_holder(admission, f"new{n}", gate, log) for n in range(3)]
+    tasks = [lane_holder(admission, f"new{n}", gate, log) for n in range(5)]
     await settle()
+    # Untrusted devices all, past the untrusted share of 1; but not past half the slots.
     assert log == ["!new0", "!new1", "!new2"]
-    bulk = holder(admission, "other", gate, log)
+    bulk = [holder(admission, f"old{n}", gate, log) for n in range(3)]
     await settle()
-    assert len(log) == 3  # no run slot left
+    assert log[3:] == ["old0", "old1", "old2"]  # two interactive jobs wait for the cap
     gate.set()
-    await asyncio.gather(*tasks, bulk)
-    assert log[-1] == "other"
+    await asyncio.gather(*tasks, *bulk)
+    assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
 
 
 async def test_refuse_and_close_cover_interactive_waiters() -> None:
@@ -534,12 +537,13 @@ async def test_random_schedules_with_both_lanes_keep_every_rule() -> None:
         total = len(held[False]) + len(held[True])
         untrusted_held = sum(1 for _, u in held[False] + held[True] if u)
         assert admission.running == total <= 6
-        assert admission.interactive_running == len(held[True])
+        assert admission.interactive_running == len(held[True]) <= 3
         assert len(held[False]) <= 6 - 2
         assert max(per_device.values(), default=0) <= 2
         assert admission.waiting == len(waiting[False]) + len(waiting[True])
         for device, _ in waiting[True]:
-            assert not (total < 6 and per_device.get(device, 0) < 2), f"!{device} may run"
+            could = total < 6 and len(held[True]) < 3 and per_device.get(device, 0) < 2
+            assert not could, f"!{device} waits though it may run"
         for device, _ in waiting[False]:
             could = (
                 total < 6
