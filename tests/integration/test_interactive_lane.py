@@ -23,7 +23,7 @@ from satellite.dispatch import build_job
 from satellite.management import ManagementApi
 from tests.support.management import ProvisionedSatellite
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
-from tests.support.rabbitmq import AmqpVhost
+from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.slow_snmp import SlowSnmpAgents
 
 pytestmark = pytest.mark.integration
@@ -152,7 +152,11 @@ def test_interactive_jobs_overtake_a_saturating_bulk_backlog(
     assert bulk[0].result.job_id.startswith("bulk-")
     assert bulk[0].props.headers[wire.LANE_HEADER] == "bulk"
     client._ch.queue_purge(wire.jobs_queue(sid))
+    # Every lane job was acked on the lane's channel (a wrong channel would have closed it).
+    assert client.queue_depth(wire.interactive_queue(sid)) == 0
     assert poller.terminate() == 0
+    assert not poller.events("broker_channel_closed")
+    assert not poller.events("interactive_lane_channel_closed")
 
 
 @pytest.mark.timeout(90)
@@ -272,3 +276,41 @@ def test_a_broker_without_the_lane_queue_keeps_consuming_bulk_jobs(
     [warning] = poller.events("interactive_lane_unavailable")
     assert "404" in warning["error"] or "NOT_FOUND" in warning["error"]
     assert poller.terminate() == 0
+
+
+def test_sigterm_returns_unstarted_lane_jobs_and_reconnects_consume_the_lane_again(
+    *,
+    amqp_vhost: AmqpVhost,
+    sid: str,
+    start_poller: PollerFactory,
+    client: JobClient,
+    silent_udp_port: int,
+    slow_devices: SlowSnmpAgents,
+) -> None:
+    poller = start_poller(sid, concurrency=2, shutdown_grace=5)
+    # The lane: 1 run slot, a window of 4; these wait (silent device), one at a time.
+    ids = [f"lane-{n}" for n in range(6)]
+    for job_id in ids:
+        client.publish(
+            snmp_job("127.0.0.1", silent_udp_port, job_id=job_id, timeout=1.5), interactive=True
+        )
+    lane = wire.interactive_queue(sid)
+    wait_for("the lane's window (4) filled", lambda: client.queue_depth(lane) == 2, 10)
+    assert poller.terminate(timeout=30) == 0
+    assert poller.events("returning_unstarted_jobs")
+    assert not poller.events("interactive_lane_unavailable")
+    start_poller(sid, concurrency=4)
+    results = client.collect_ids(ids, timeout=60)
+    assert sorted({r.result.job_id for r in results}) == sorted(ids)
+    assert {r.props.headers[wire.LANE_HEADER] for r in results} == {"interactive"}
+    # A lost connection: the lane is consumed again with the rest.
+    rabbitmqctl("close_all_connections", "-p", amqp_vhost.name, "test: cut the poller")
+    again = JobClient(amqp_vhost.dsn, sid)
+    try:
+        again.publish(snmp_job(LANE_HOST, slow_devices.port, job_id="after"), interactive=True)
+        [got] = again.collect(1, timeout=30)
+        assert got.result.job_id == "after"
+        assert got.result.status == "ok"
+        assert got.props.headers[wire.LANE_HEADER] == "interactive"
+    finally:
+        again.close()

@@ -106,14 +106,14 @@ class SlowSnmpAgents:
                         pass
                 wait = 0.1 if not due else max(0.0, min(0.1, due[0][0] - now))
                 for key, _ in selector.select(wait):
-                    sock = key.fileobj
-                    assert isinstance(sock, socket.socket)
+                    server = key.fileobj
+                    assert isinstance(server, socket.socket)
                     for _ in range(64):
                         try:
-                            request, peer = sock.recvfrom(65_535)
+                            request, client = server.recvfrom(65_535)
                         except BlockingIOError:
                             break
-                        answer = response_to(request)
-                        if answer is not None:
-                            item = (time.monotonic() + self.delay, next(order), sock, answer, peer)
-                            heapq.heappush(due, item)
+                        response = response_to(request)
+                        if response is not None:
+                            at = time.monotonic() + self.delay
+                            heapq.heappush(due, (at, next(order), server, response, client))
