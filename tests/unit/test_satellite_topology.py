@@ -29,19 +29,25 @@ def test_plan_has_every_object_of_the_design() -> None:
     )
     assert [q.name for q in topology.queues] == [
         "usm_poller-sat-7",
+        "usm_poller-sat-7.interactive",
         "usm_poller-sat-7.dlq",
         "usm_poller-sat-olt-2",
+        "usm_poller-sat-olt-2.interactive",
         "usm_poller-sat-olt-2.dlq",
         "usm_poller.results",
     ]
     assert topology.queues[0].arguments == jobs_queue_arguments("7", "quorum")
     assert topology.queues[0].arguments["x-queue-type"] == "quorum"
-    assert topology.queues[1].arguments == {}
+    # The interactive lane: the same arguments, dead letters to the same DLQ.
+    assert topology.queues[1].arguments == jobs_queue_arguments("7", "quorum")
+    assert topology.queues[2].arguments == {}
     assert topology.queues[-1].arguments == {"x-queue-type": "quorum"}
     assert topology.bindings == (
         BindingSpec("usm_poller-sat-7", "usm_poller.jobs", "7"),
+        BindingSpec("usm_poller-sat-7.interactive", "usm_poller.jobs", "7.interactive"),
         BindingSpec("usm_poller-sat-7.dlq", "usm_poller.dlx", "7"),
         BindingSpec("usm_poller-sat-olt-2", "usm_poller.jobs", "olt-2"),
+        BindingSpec("usm_poller-sat-olt-2.interactive", "usm_poller.jobs", "olt-2.interactive"),
         BindingSpec("usm_poller-sat-olt-2.dlq", "usm_poller.dlx", "olt-2"),
         BindingSpec("usm_poller.results", "usm_poller.results", "result.#"),
     )
