@@ -314,3 +314,26 @@ def test_sigterm_returns_unstarted_lane_jobs_and_reconnects_consume_the_lane_aga
         assert got.props.headers[wire.LANE_HEADER] == "interactive"
     finally:
         again.close()
+
+
+def test_results_say_which_lane_their_job_came_from(
+    core: Client, sid: str, start_poller: PollerFactory, slow_devices: SlowSnmpAgents
+) -> None:
+    start_poller(sid)
+    jobs = {}
+    for lane in ("interactive", "bulk"):
+        job = build_job(
+            "snmp.get",
+            target={"host": LANE_HOST, "port": slow_devices.port},
+            auth={"version": "2c", "community": "public"},
+            params={"oids": [SYS_NAME]},
+        )
+        core.submit(sid, job, lane=lane)
+        jobs[job.id] = lane
+    got: dict[str, str | None] = {}
+    with core.result_reader([sid]) as reader:
+        deadline = time.monotonic() + 20
+        while len(got) < 2 and time.monotonic() < deadline:
+            for received in reader.read():
+                got[received.result.job_id] = received.lane
+    assert got == jobs
