@@ -140,6 +140,14 @@ class Admission:
         return self._interactive_running
 
     @property
+    def bulk_slots_free(self) -> bool:
+        """Whether a bulk job could take a run slot now (the reserved ones do not count)."""
+        return (
+            self._running < self.concurrency
+            and self._running - self._interactive_running < self._bulk_slots
+        )
+
+    @property
     def waiting(self) -> int:
         """Jobs waiting for a slot (both lanes)."""
         return self._waiting + len(self._urgent)

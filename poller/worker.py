@@ -282,8 +282,9 @@ class Worker:
                 and time.monotonic() - self._spare_since >= SPARE_MIN_OPEN
             ):
                 self._window_task = asyncio.create_task(self._narrow(), name="window-narrow")
-        elif admission.waiting >= self._widen_at and admission.running < admission.concurrency:
-            # Run slots are free, so these jobs wait for their devices, not for capacity.
+        elif admission.waiting >= self._widen_at and admission.bulk_slots_free:
+            # Run slots are free, so these jobs wait for their devices, not for capacity (the
+            # slots kept for the interactive lane are no capacity for them).
             self._window_task = asyncio.create_task(self._widen(), name="window-widen")
 
     async def _widen(self) -> None:

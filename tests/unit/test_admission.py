@@ -359,11 +359,13 @@ def lane_holder(
 
 async def test_reserved_slots_are_never_taken_by_bulk_jobs() -> None:
     admission = Admission(concurrency=4, per_device=4, reserved=1)
+    assert admission.bulk_slots_free
     gate, log = asyncio.Event(), list[str]()
     bulk = [holder(admission, f"d{n}", gate, log) for n in range(10)]
     await settle()
     assert log == ["d0", "d1", "d2"]  # the fourth run slot is free, and stays free
     assert (admission.running, admission.waiting) == (3, 7)
+    assert not admission.bulk_slots_free  # what the worker's spare window looks at
     lane = lane_holder(admission, "x", gate, log)
     await settle()
     assert log[-1] == "!x"  # at once, in the reserved slot
