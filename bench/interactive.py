@@ -268,7 +268,7 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.02, help="seconds between jobs")
     parser.add_argument("--backlog", type=int, default=10_000, help="bulk jobs queued ahead")
     parser.add_argument("--delay", type=float, default=0.05, help="slow devices' answer delay")
-    parser.add_argument("--priority-jobs", type=int, default=3, help="0: skip that scenario")
+    parser.add_argument("--priority-jobs", type=int, default=1, help="0: skip that scenario")
     parser.add_argument("--limit", type=float, default=20.0, help="seconds per job at most")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario")
     parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
