@@ -5,7 +5,8 @@ a timeout, and owns everything that must survive a lost connection:
 
 * `Broker.run()` keeps a connection up: it connects over the configured URLs in turn with
   exponential backoff and jitter, opens a channel with publisher confirms, declares the topology
-  (optional), sets the prefetch and consumes; when the connection drops it does all of it again.
+  (optional; an object it cannot declare is a warning, never a reason not to consume), sets the
+  prefetch and consumes; when the connection drops it does all of it again.
 * A second, *spare* consumer on the same queue and channel (`open_spare`, `close_spare`) gives
   the worker a wider window for a while: RabbitMQ applies a prefetch to the consumers created
   after it and cannot change a consumer's window (nor, on quorum queues, the channel's), so the
@@ -66,6 +67,22 @@ class ChannelClosedError(BrokerUnavailableError):
     def __init__(self, code: int, text: str) -> None:
         super().__init__(f"channel closed by the broker: {code} {text}")
         self.reply_code = code
+        self.reply_text = text
+
+
+#: Publishes nacked in a row (no ack between) after which the connection is replaced.
+NACKS_BEFORE_RECONNECT = 5
+NOT_FOUND = 404
+ACCESS_REFUSED = 403
+RESOURCE_LOCKED = 405
+PRECONDITION_FAILED = 406
+#: Why a declaration failed, by the reply code the broker closed the channel with (0: no answer).
+_DECLARE_FAILURES = {
+    PRECONDITION_FAILED: "exists with other arguments: kept as it is",
+    NOT_FOUND: "not found (a classic queue whose node is down, or a missing exchange)",
+    RESOURCE_LOCKED: "locked (exclusive to another connection)",
+    0: "no answer in time",
+}
 
 
 #: The headers of a delivery that has none (shared: nobody may change it).
@@ -187,6 +204,11 @@ class Broker:
         self._close_waiter: asyncio.Future[None] | None = None
         self.blocked = False
         self.reconnects = 0
+        #: False once the broker refused a declaration for permissions (403): not tried again.
+        self.may_declare = True
+        self._nacked_in_row = 0
+        #: Reconnects for nacked publishes since the last ack (each waits longer).
+        self.nack_rebuilds = 0
 
     # ---------------------------------------------------------------- state
 
@@ -273,7 +295,7 @@ class Broker:
             if self._closing:
                 break
             self.reconnects += 1
-            await self._sleep_unless_closing(self._backoff(1))
+            await self._sleep_unless_closing(self._backoff(1 + self.nack_rebuilds))
 
     def _url_cycle(self) -> Iterator[tuple[int, AmqpUrl]]:
         return itertools.cycle(enumerate(self._urls))
@@ -435,10 +457,10 @@ class Broker:
         self._conn.add_on_connection_unblocked_callback(self._on_unblocked)
 
     async def _setup(self) -> None:
-        if self._opts.declare:
+        if self._opts.declare and self.may_declare:
             await self._declare()
         channel = await self._open_channel()
-        self._seq = 0
+        self._seq = self._nacked_in_row = 0
         channel.add_on_return_callback(self._on_return)
         channel.add_on_cancel_callback(self._on_consumer_cancelled)
         await self._rpc(channel, channel.confirm_delivery, ack_nack_callback=self._on_confirm)
@@ -474,7 +496,7 @@ class Broker:
                 "error": _describe(exc),
                 "retry_in_s": self._opts.lane_retry,
                 "hint": "only the bulk queue is consumed; run `satellite declare` and "
-                "`satellite provision` for this satellite (DESIGN §13)",
+                "`satellite provision` for this satellite (docs/design.md §13)",
             }
             if self._lane_warned:
                 log.debug(event, **fields)
@@ -593,11 +615,19 @@ class Broker:
         return waiters
 
     async def _declare(self) -> None:
-        """Declare exchanges and queues; one that exists with other arguments is kept."""
+        """Declare exchanges, queues and bindings; nothing here stops the consumer.
+
+        Each object is declared on its own. One the broker refuses (the channel is closed with
+        a reply code: 406 exists with other arguments, 404 a classic queue whose node is down,
+        405 locked...) or does not answer in time gives one warning naming it and the broker's
+        reason, and the rest goes on, on a new channel; whether the poller can work is decided
+        by `basic.consume` on its job queue alone. A 403 means this broker user may not
+        declare: one warning, and this process declares nothing from then on.
+        """
         channel = await self._open_channel()
         try:
             for name, kind in self._topology.exchanges:
-                channel = await self._tolerant(
+                channel, code = await self._declare_one(
                     channel,
                     "exchange",
                     name,
@@ -606,46 +636,81 @@ class Broker:
                     exchange_type=kind,
                     durable=True,
                 )
+                if code == ACCESS_REFUSED:
+                    return
             for spec in self._topology.queues:
-                channel = await self._tolerant(
+                channel, code = await self._declare_one(
                     channel,
                     "queue",
                     spec.name,
                     "queue_declare",
+                    skipped=len(spec.bindings),
                     queue=spec.name,
                     durable=True,
                     arguments=dict(spec.arguments),
                 )
+                if code == ACCESS_REFUSED:
+                    return
+                if code not in (None, PRECONDITION_FAILED):
+                    continue  # no queue to bind (the warning said so)
                 for exchange, key in spec.bindings:
-                    await self._rpc(
+                    channel, code = await self._declare_one(
                         channel,
-                        channel.queue_bind,
+                        "binding",
+                        f"{exchange} -> {spec.name} ({key})",
+                        "queue_bind",
                         queue=spec.name,
                         exchange=exchange,
                         routing_key=key,
                     )
+                    if code == ACCESS_REFUSED:
+                        return
         finally:
             if channel.is_open:
                 channel.close()
 
-    async def _tolerant(
-        self, channel: Any, what: str, name: str, method: str, **kwargs: Any
-    ) -> Any:
-        """Run one declaration; on 406 (exists, other arguments) warn and go on, new channel."""
+    async def _declare_one(
+        self, channel: Any, what: str, name: str, method: str, *, skipped: int = 0, **kwargs: Any
+    ) -> tuple[Any, int | None]:
+        """Run one declaration: (the channel to go on with, None or the failure's reply code).
+
+        A failure is logged (once) and answered with a new channel; the code of a declaration
+        that was not answered in time is 0. `skipped`: bindings that depend on this object.
+        """
         try:
             await self._rpc(channel, getattr(channel, method), **kwargs)
         except ChannelClosedError as exc:
-            if exc.reply_code not in (403, 406):
-                raise
+            code, says = exc.reply_code, exc.reply_text
+        except TimeoutError:
+            code, says = 0, f"no answer within {self._opts.operation_timeout:g} s"
+            if channel.is_open:  # its late answer must not be taken for the next one's
+                channel.close()
+        else:
+            return channel, None
+        if code == ACCESS_REFUSED:
+            self.may_declare = False
+            log.warning(
+                "declare_refused",
+                object=what,
+                name=name,
+                broker_says=says,
+                reason=(
+                    "this broker user may not declare (403): the poller consumes without "
+                    "declaring and does not try again; set USM_POLLER_DECLARE=false to skip "
+                    "the attempt, and declare from the core (satellite declare)"
+                ),
+            )
+        else:
+            extra = {"bindings_skipped": skipped} if skipped and code != PRECONDITION_FAILED else {}
             log.warning(
                 "declare_skipped",
                 object=what,
                 name=name,
-                reason="exists with other arguments" if exc.reply_code == 406 else "access refused",
-                broker_says=str(exc),
+                reason=_DECLARE_FAILURES.get(code, "refused by the broker"),
+                broker_says=says,
+                **extra,
             )
-            return await self._open_channel()
-        return channel
+        return await self._open_channel(), code
 
     async def _drop_connection(self) -> None:
         conn = self._conn
@@ -754,6 +819,10 @@ class Broker:
         method = frame.method
         tag: int = method.delivery_tag
         ok = isinstance(method, _BASIC_ACK)
+        if ok:
+            self._nacked_in_row = self.nack_rebuilds = 0
+        else:
+            self._on_nack()
         pendings = self._pending
         if method.multiple:
             # Sequence numbers enter `_pending` in increasing order: stop at the first above.
@@ -774,6 +843,29 @@ class Broker:
                 pending.future.set_exception(UnroutableError("no queue is bound for it"))
             else:
                 pending.future.set_result(None)
+
+    def _on_nack(self) -> None:
+        """Count nacks in a row; replace a connection whose channel the broker nacks for good.
+
+        RabbitMQ 3.10 can nack every publish of a channel opened just after a quorum queue lost
+        its leader, long after a new leader is elected (tests/integration/test_cluster.py); a
+        channel opened later is fine. Without this, every job would go round (result nacked,
+        job requeued) until the delivery limit dead-letters it. The reconnect waits longer each
+        time this happens again before an ack.
+        """
+        self._nacked_in_row += 1
+        conn = self._conn
+        if self._nacked_in_row < NACKS_BEFORE_RECONNECT or conn is None or not conn.is_open:
+            return
+        self._nacked_in_row = 0
+        self.nack_rebuilds += 1
+        log.warning(
+            "broker_publishes_nacked",
+            nacks_in_row=NACKS_BEFORE_RECONNECT,
+            action="reconnecting on a new connection",
+            reason="the broker refuses this channel's publishes (a queue lost its leader?)",
+        )
+        conn.close(reply_code=200, reply_text="publishes nacked, reconnecting")
 
     def _on_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
         for pending in self._pending.values():

@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from poller.errors import ConfigError
+from poller.recycle import cgroup_memory_limit, default_max_rss_mb
 
 __all__ = [
     "AmqpUrl",
@@ -165,6 +166,10 @@ class PollerSettings(BaseSettings):
     credentials_file: Path | None = None
     known_hosts: Path | None = None
     shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
+    #: None: 80 % of the container's memory limit, or off without one; 0: off.
+    max_rss_mb: int | None = Field(default=None, ge=0, le=4_194_304)
+    #: 0: off.
+    max_jobs: int = Field(default=0, ge=0, le=10**12)
     max_job_bytes: int = Field(default=262_144, ge=1024, le=64 * 1024 * 1024)
     max_output_bytes: int = Field(default=4_194_304, ge=1024, le=1024 * 1024 * 1024)
     per_device_concurrency: int = Field(default=4, ge=1, le=1000)
@@ -252,6 +257,17 @@ class PollerSettings(BaseSettings):
         return max(4, 2 * self.effective_interactive_slots)
 
     @property
+    def effective_max_rss_mb(self) -> int | None:
+        """The RSS limit in MB that recycles this process, or None (off).
+
+        `max_rss_mb` when set (0 turns it off), else 80 % of the memory limit of this process's
+        cgroup, read now (docs/operations.md, "Memory and recycling").
+        """
+        if self.max_rss_mb is not None:
+            return self.max_rss_mb or None
+        return default_max_rss_mb(cgroup_memory_limit())
+
+    @property
     def health_path(self) -> Path:
         return self.health_file or self.state_dir / "health.json"
 
@@ -313,6 +329,8 @@ class PollerSettings(BaseSettings):
                 value = self.effective_interactive_slots
             elif name == "interactive_prefetch" and value is None:
                 value = self.effective_interactive_prefetch
+            elif name == "max_rss_mb":
+                value = self.effective_max_rss_mb or 0  # the limit from the cgroup, 0 = off
             out[env_name(name)] = value
         return out
 

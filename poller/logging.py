@@ -1,8 +1,9 @@
 """structlog configuration: JSON lines in containers, a readable console on a TTY.
 
 Configured once, by the CLI, before anything else logs. Standard-library loggers (pika, pysnmp,
-asyncssh) go through the same renderer. Secrets never reach a log: settings and wire models keep
-them in `SecretStr`, and job bodies are never logged.
+asyncssh) go through the same renderer; pika's warnings and errors become debug lines (the
+poller's own `broker_*` warnings say what went wrong, once per attempt). Secrets never reach a
+log: settings and wire models keep them in `SecretStr`, and job bodies are never logged.
 
 The JSON lines of structlog loggers are rendered by one fused processor, `JsonLineRenderer`: it
 does in one call what the chain `merge_contextvars` → `add_log_level` → `TimeStamper(iso, utc)` →
@@ -37,7 +38,11 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 #: Libraries that are chatty at INFO; their warnings and errors still come through.
-_QUIET = ("pika", "asyncssh", "scrapli", "pysnmp", "telnetlib3")
+_QUIET = ("asyncssh", "scrapli", "pysnmp", "telnetlib3")
+#: Libraries whose warnings and errors are written as debug lines, and only at level debug:
+#: pika logs each failed connection attempt as several errors, with tracebacks, where the
+#: poller logs one `broker_connect_failed` warning that names the cause (poller/broker.py).
+_DEMOTED = ("pika",)
 
 
 def configure_logging(
@@ -84,11 +89,25 @@ def configure_logging(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    handler.addFilter(_demote)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    for name in _DEMOTED:
+        # Its warnings and errors, as debug lines when we log at debug; else not even made.
+        lowest = logging.WARNING if numeric <= logging.DEBUG else logging.CRITICAL + 1
+        logging.getLogger(name).setLevel(lowest)
+
+
+def _demote(record: logging.LogRecord) -> bool:
+    """The handler's filter: a record of a `_DEMOTED` library becomes a debug record."""
+    name = record.name
+    if any(name == lib or name.startswith(f"{lib}.") for lib in _DEMOTED):
+        record.levelno = logging.DEBUG
+        record.levelname = "DEBUG"
+    return True
 
 
 def _to_json(obj: object, **_: object) -> str:

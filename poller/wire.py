@@ -18,6 +18,7 @@ import pydantic_core
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -264,6 +265,18 @@ class TcpParams(_Model):
     port: int = Field(ge=1, le=65535)
 
 
+def _no_auth(value: object) -> None:
+    """`{}` and `null` mean "no credentials" (a core may send every job with the same keys)."""
+    if value is None or (isinstance(value, dict) and not value):
+        return None
+    raise ValueError("this kind takes no credentials: leave auth out, or send {} or null")
+
+
+#: `auth` of a kind that takes none: absent, `{}` or `null`, all read as None. Never written out,
+#: so a job built here decodes on pollers that refused the key.
+NoAuth = Annotated[None, BeforeValidator(_no_auth), Field(exclude=True)]
+
+
 class _JobBase(_Model):
     needs_auth: ClassVar[bool] = True
 
@@ -362,13 +375,42 @@ class CliJob(_JobBase):
 class PingJob(_JobBase):
     needs_auth = False
     kind: Literal["icmp.ping"]
+    auth: NoAuth = None
     params: PingParams = PingParams()
 
 
 class TcpConnectJob(_JobBase):
+    """The port is `params.port`, else `target.port` (as for every other kind).
+
+    Both are accepted, and `params.port` wins when both are given; the job is normalised to carry
+    it in `params.port`, which is also what pollers before `target.port` was read expect.
+    """
+
     needs_auth = False
     kind: Literal["tcp.connect"]
+    auth: NoAuth = None
     params: TcpParams
+
+    @model_validator(mode="before")
+    @classmethod
+    def _port_from_target(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # not an object: the model's own validation says so
+        params, target = data.get("params"), data.get("target")
+        if isinstance(params, dict):
+            if params.get("port") is not None:
+                return data
+        elif params is not None:
+            return data  # a TcpParams has its port; anything else the model reports
+        if isinstance(target, dict):
+            port = target.get("port")
+        elif isinstance(target, Target):
+            port = target.port
+        else:
+            return data  # no target (or not an object): the model reports it
+        if port is None:
+            raise ValueError("tcp.connect needs a port: target.port or params.port")
+        return data | {"params": (params or {}) | {"port": port}}
 
 
 SnmpJob = SnmpGetJob | SnmpGetNextJob | SnmpWalkJob | SnmpSetJob
@@ -425,6 +467,11 @@ class QuarantineEntry(_Model):
 
 
 class Heartbeat(_Model):
+    """A replica's periodic status. Unlike jobs, fields a reader does not know are ignored:
+    a core keeps reading the heartbeats of pollers newer than itself."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
     v: Literal[1] = 1
     satellite_id: str
     worker: str
@@ -440,6 +487,11 @@ class Heartbeat(_Model):
     loop_lag_ms: float
     rss_bytes: int
     quarantine: list[QuarantineEntry] = []
+    #: Times this replica recycled before this process started, as far as its state dir
+    #: remembers (docs/operations.md, "Memory and recycling"), and why the last time
+    #: (`rss` or `jobs`; a str, so that a core reads reasons added later).
+    recycles: int = Field(default=0, ge=0)
+    last_recycle: Annotated[str, StringConstraints(max_length=32)] | None = None
 
 
 _RESULT_ADAPTER: TypeAdapter[JobResult] = TypeAdapter(JobResult)
@@ -631,6 +683,25 @@ def jobs_queue_arguments(
             "x-overflow": "reject-publish",
         }
     return args
+
+
+#: The dead-letter queue's delivery limit: never reached. `satellite dlq` reads dead letters
+#: and gives them back, and RabbitMQ 4.0-4.2 count every such return against a quorum queue's
+#: limit (20 when none is set): without this, reading them 20 times would drop them.
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+
+
+def dead_letter_queue_arguments(
+    queue_type: Literal["quorum", "classic"] = "quorum",
+) -> dict[str, str | int]:
+    """Arguments of a satellite's dead-letter queue: quorum like its job queue, unless classic.
+
+    A classic queue lives on one node: when that node is lost, nobody can declare, bind or read
+    it until the node is back (only `USM_POLLER_QUEUE_TYPE=classic`, for single-node brokers).
+    """
+    if queue_type == "classic":
+        return {}
+    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
 
 
 def results_queue_arguments() -> dict[str, str | int]:

@@ -39,6 +39,7 @@ from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
 from poller.logging import get_logger
 from poller.quarantine import Quarantine
+from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
 
 __all__ = ["Worker", "build_topology", "run_worker"]
@@ -54,10 +55,17 @@ WINDOW_CHECK_INTERVAL = 0.5
 #: The spare stays open at least this long (seconds): a burst that comes and goes around the
 #: thresholds does not open and close it on every delivery.
 SPARE_MIN_OPEN = 5.0
+#: Seconds between looks at this process's RSS against `USM_POLLER_MAX_RSS_MB`.
+RECYCLE_CHECK_INTERVAL = 1.0
 
 
 def build_topology(satellite_id: str, queue_type: str) -> Topology:
-    """Everything this satellite's poller declares at start-up (DESIGN §3)."""
+    """Everything this satellite's poller declares at start-up (DESIGN §3).
+
+    Every queue is a quorum queue unless `queue_type` is `classic` (then the job queue and the
+    dead-letter queue are classic; the core's result queue stays quorum).
+    """
+    classic = queue_type == "classic"
     return Topology(
         exchanges=(
             (wire.jobs_exchange(), "direct"),
@@ -68,9 +76,7 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
         queues=(
             QueueSpec(
                 wire.jobs_queue(satellite_id),
-                wire.jobs_queue_arguments(
-                    satellite_id, "classic" if queue_type == "classic" else "quorum"
-                ),
+                wire.jobs_queue_arguments(satellite_id, "classic" if classic else "quorum"),
                 ((wire.jobs_exchange(), wire.jobs_routing_key(satellite_id)),),
             ),
             QueueSpec(
@@ -82,7 +88,7 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
             ),
             QueueSpec(
                 wire.dead_letter_queue(satellite_id),
-                {},
+                wire.dead_letter_queue_arguments("classic" if classic else "quorum"),
                 ((wire.dead_letter_exchange(), wire.jobs_routing_key(satellite_id)),),
             ),
             QueueSpec(
@@ -179,6 +185,14 @@ class Worker:
         self._spare_prefetch = min(65_535, prefetch * SPARE_WINDOWS)
         self._window_task: asyncio.Task[None] | None = None
         self._spare_since = 0.0
+        max_rss_mb = settings.effective_max_rss_mb
+        self._recycler = Recycler(
+            max_rss_mb * MIB if max_rss_mb else None, settings.max_jobs or None
+        )
+        #: What the state dir remembers of this replica's earlier recycles (docs/operations.md,
+        #: "Memory and recycling"), and this process's own once it decides to recycle.
+        self._recycled_before = read_record(settings.state_dir)
+        self._recycle: RecycleRecord | None = None
 
     @property
     def broker(self) -> Broker:
@@ -205,7 +219,16 @@ class Worker:
             interactive_slots=self._settings.effective_interactive_slots,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
             drivers=sorted(self._drivers),
+            max_rss_mb=(self._recycler.max_rss_bytes or 0) // MIB or None,
+            max_jobs=self._recycler.max_jobs,
+            recycles=self._recycled_before.recycles if self._recycled_before else 0,
         )
+        max_rss, rss = self._recycler.max_rss_bytes, _rss_bytes()
+        if max_rss is not None and rss > max_rss:
+            # Every process will recycle right after its first job: say so once, at start.
+            log.warning(
+                "max_rss_below_start", rss_mb=round(rss / MIB, 1), max_rss_mb=max_rss // MIB
+            )
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
         helpers = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -213,6 +236,8 @@ class Worker:
             asyncio.create_task(self._lag_loop(), name="loop-lag"),
             asyncio.create_task(self._window_loop(), name="window"),
         ]
+        if self._recycler.max_rss_bytes is not None:
+            helpers.append(asyncio.create_task(self._recycle_loop(), name="recycle"))
         stop_task = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({broker_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -220,6 +245,8 @@ class Worker:
             exc = broker_task.exception()
             log.error("broker_task_died", error=repr(exc))
             code = 1
+        if self._recycle is not None:
+            await self._recycling(self._recycle)
         await self._shutdown(helpers)
         stop_task.cancel()
         broker_task.cancel()
@@ -337,6 +364,8 @@ class Worker:
             raise
         finally:
             self.in_flight -= 1
+            if self._recycler.jobs_reached(self.jobs_ok + self.jobs_error):
+                self._begin_recycle("jobs")
 
     async def _process(self, delivery: Delivery, started: float, started_at: datetime) -> None:
         try:
@@ -521,6 +550,8 @@ class Worker:
             loop_lag_ms=round(self._loop_lag_ms, 2),
             rss_bytes=_rss_bytes(),
             quarantine=self._runner.quarantine.entries(),
+            recycles=self._recycled_before.recycles if self._recycled_before else 0,
+            last_recycle=self._recycled_before.reason if self._recycled_before else None,
         )
         props = amqp_properties(
             content_type="application/json",
@@ -541,6 +572,45 @@ class Worker:
         except BrokerError:
             return
         future.add_done_callback(_ignore_outcome)
+
+    async def _recycle_loop(self) -> None:
+        """Recycle once the RSS passes `USM_POLLER_MAX_RSS_MB` (looked at every second)."""
+        while not self._stop.is_set():
+            await asyncio.sleep(RECYCLE_CHECK_INTERVAL)
+            reason = self._recycler.reason(
+                rss_bytes=_rss_bytes(), jobs=self.jobs_ok + self.jobs_error
+            )
+            if reason is not None:
+                self._begin_recycle(reason)
+
+    def _begin_recycle(self, reason: str) -> None:
+        """Stop as on SIGTERM: `run` says why, drains and returns 0."""
+        if self._stop.is_set():
+            return
+        rss, jobs = _rss_bytes(), self.jobs_ok + self.jobs_error
+        self._recycle = RecycleRecord.next(self._recycled_before, reason, rss, jobs)
+        self._stop.set()
+
+    async def _recycling(self, record: RecycleRecord) -> None:
+        """The one line that says why, and the record for this replica's next process."""
+        max_rss = self._recycler.max_rss_bytes
+        log.info(
+            "recycling",
+            reason=record.reason,
+            rss_mb=round(record.rss_bytes / MIB, 1),
+            max_rss_mb=max_rss // MIB if max_rss else None,
+            jobs=record.jobs,
+            max_jobs=self._recycler.max_jobs,
+            recycles=record.recycles,
+            grace_s=self._settings.shutdown_grace,
+        )
+        state_dir = self._settings.state_dir
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._health_writer, write_record, state_dir, record
+            )
+        except OSError as exc:
+            log.warning("recycle_record_not_written", path=str(state_dir), error=exc.strerror)
 
     def _health_changed(self) -> None:
         """The broker state (or draining) changed: have the health loop write the file now."""

@@ -5,7 +5,8 @@ Exit codes (stable, documented in docs/core.md):
 - 0: done (`call`: the result's status is `ok`; `status`: every satellite is healthy)
 - 1: `call`: the result's status is `error`; `declare`: some object exists with other
   arguments; `status`: some satellite has no consumer, no heartbeat or a growing queue;
-  `submit --file`, `dlq replay`: some job was not taken; `dlq show`: no such job
+  `submit --file`, `dlq replay`: some job was not taken; `dlq show`: no such job; `dlq`,
+  `results`: the queue was never declared
 - 2: a bad argument or setting (one line on stderr)
 - 3: `call`: no result within `--timeout`
 - 4: the broker or its management API is unreachable or refused (or did not take the job)
@@ -24,6 +25,9 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, NoReturn, TextIO
 
+from amqp.exceptions import AMQPError  # type: ignore[import-untyped]
+from kombu.exceptions import KombuError
+
 from poller.errors import BrokerError, ConfigError
 from poller.wire import JobKind, JobRequest, JobResult, interactive_queue, validate_satellite_id
 from satellite import __version__, render
@@ -32,7 +36,12 @@ from satellite.client import Client
 from satellite.config import DSN_ENV, CoreSettings, load_core_settings
 from satellite.dispatch import InvalidJobError, NoResultError, SenderPolicy
 from satellite.jobargs import KIND_OPTIONS, add_job_arguments, job_from_args
-from satellite.management import MANAGEMENT_ENV, ManagementApi, ManagementSettings
+from satellite.management import (
+    MANAGEMENT_ENV,
+    ManagementApi,
+    ManagementError,
+    ManagementSettings,
+)
 from satellite.provision import (
     DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_CONNECTIONS,
@@ -48,7 +57,7 @@ from satellite.service.tokens import (
     default_tokens_path,
 )
 from satellite.status import FleetView, SatelliteStatus, satellite_status
-from satellite.topology import DeclareReport, Outcome, core_topology
+from satellite.topology import DeclareReport, NotDeclaredError, Outcome, core_topology
 
 __all__ = ["EXIT_BROKER", "EXIT_ERROR", "EXIT_NO_RESULT", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -103,7 +112,7 @@ def _common_options() -> _Parser:
         "--connect-timeout",
         type=float,
         metavar="S",
-        help="give up connecting after S seconds, all nodes and retries included (30)",
+        help="give up connecting after S seconds, all nodes and retries included (10)",
     )
     broker.add_argument(
         "--operation-timeout",
@@ -228,7 +237,7 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
         ("call", _call, call_opts, "publish one job and wait for its result"),
     ):
         sub = commands.add_parser(name, help=text, parents=[common] if name == "submit" else [])
-        sub.add_argument("satellite_id", metavar="ID")
+        sub.add_argument("satellite_id", metavar="ID", type=_satellite_id_not_kind(name))
         if name == "submit":
             sub.add_argument(
                 "--file",
@@ -252,7 +261,23 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
             )
             add_job_arguments(kind_parser)
             options.add_arguments(kind_parser)
+            kind_parser.set_defaults(parser=kind_parser)
         sub.set_defaults(handler=handler, prepare=_prepare_job)
+
+
+def _satellite_id_not_kind(command: str) -> Callable[[str], str]:
+    """The ID argument's type: a job kind there means the satellite ID was forgotten."""
+    kinds = {kind.value for kind in JobKind}
+
+    def check(text: str) -> str:
+        if text in kinds:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a job kind, but the first argument is the satellite ID: "
+                f"satellite {command} ID {text} ..."
+            )
+        return text
+
+    return check
 
 
 def _add_results(commands: Any, common: _Parser) -> None:
@@ -380,7 +405,10 @@ Prepare = Callable[[argparse.Namespace], None]
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="satellite: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser (`satellite call ID snmp.get: error: ...`)
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     for name, default in COMMON_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)
@@ -392,19 +420,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "needs_broker", True):
             context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
         return handler(args, context)
-    except (ConfigError, InvalidJobError) as exc:
-        return _fail(args, EXIT_USAGE, "usage", str(exc))
-    except NoResultError as exc:
-        return _fail(args, EXIT_NO_RESULT, exc.code, str(exc), job_id=exc.job_id)
-    except BrokerError as exc:
-        return _fail(args, EXIT_BROKER, getattr(exc, "code", "broker"), str(exc))
+    except (ConfigError, InvalidJobError, NoResultError, NotDeclaredError, BrokerError) as exc:
+        return _failed(args, exc)
+    except (AMQPError, KombuError) as exc:
+        # A refusal no command expected (a missing object, a permission): one line, not a trace.
+        text = _mask_secrets(context, str(getattr(exc, "reply_text", "") or exc))
+        return _fail(args, EXIT_BROKER, "broker", f"the broker refused: {text}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
         context.close()
 
 
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
+    """The exit code and `--json` error code of an expected failure (docs/core.md)."""
+    if isinstance(exc, ConfigError | InvalidJobError):
+        return _fail(args, EXIT_USAGE, "usage", str(exc))
+    if isinstance(exc, NoResultError):
+        return _fail(args, EXIT_NO_RESULT, "no_result", str(exc), job_id=exc.job_id)
+    if isinstance(exc, NotDeclaredError):
+        return _fail(args, EXIT_ERROR, "not_found", str(exc))
+    kind = "management" if isinstance(exc, ManagementError) else "broker"
+    return _fail(args, EXIT_BROKER, kind, str(exc))  # our messages never hold a password
+
+
+def _mask_secrets(context: Context, text: str) -> str:
+    try:
+        urls = context.settings.urls
+    except ConfigError:
+        return text
+    for url in urls:
+        secret = url.password.get_secret_value()
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _fail(args: argparse.Namespace, code: int, kind: str, message: str, **extra: str) -> int:
+    """One line on stderr; with --json also `{"ok": false, "error": {"code": kind, ...}}`.
+
+    `kind` is one of the codes docs/core.md lists: usage, no_result, broker, management,
+    not_found.
+    """
     print(f"satellite: {message}", file=sys.stderr)
     if args.json:
         _print_json({"ok": False, "error": {"code": kind, "message": message, **extra}})
@@ -572,10 +629,16 @@ def _results(args: argparse.Namespace, ctx: Context) -> int:
         try:
             for received in reader.read(follow=args.follow, until=until):
                 printer.print(received)
-        finally:
-            stats = reader.stats
+        except Exception:
+            if reader.stats.delivered and not args.json:  # else the error says it all
+                print(render.read_summary(reader.stats), file=sys.stderr)
+            raise
+        except KeyboardInterrupt:
             if not args.json:
-                print(render.read_summary(stats), file=sys.stderr)
+                print(render.read_summary(reader.stats), file=sys.stderr)
+            raise
+    if not args.json:
+        print(render.read_summary(reader.stats), file=sys.stderr)
     return EXIT_OK
 
 
@@ -585,7 +648,9 @@ def _status(args: argparse.Namespace, ctx: Context) -> int:
     fleet = FleetView()
     listener = ctx.client.heartbeat_listener(fleet, args.satellite_ids or None)
     try:
-        listener.listen(args.listen)
+        if listener.missing is None:
+            with render.listening(args.listen, enabled=not args.json) as progress:
+                listener.listen(args.listen, progress)
         while True:
             statuses = _collect_status(args, ctx, fleet)
             code = EXIT_OK if all(s.ok for s in statuses) else EXIT_ERROR

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from types import TracebackType
@@ -27,7 +29,7 @@ import kombu as _kombu
 from kombu.exceptions import OperationalError
 
 from poller.errors import BrokerError, BrokerUnavailableError
-from poller.wire import JobRequest, JobResult, Lane
+from poller.wire import JobRequest, JobResult, Lane, dead_letter_queue, results_queue
 from satellite.bulk import DEFAULT_WINDOW, BulkPublisher, BulkReport, Progress
 from satellite.config import CoreSettings, load_core_settings
 from satellite.dispatch import (
@@ -46,7 +48,14 @@ from satellite.dlq import (
 )
 from satellite.results import ResultReader
 from satellite.status import FleetView, HeartbeatListener
-from satellite.topology import DeclareReport, QueueType, core_topology, declare_topology
+from satellite.topology import (
+    NOT_FOUND,
+    DeclareReport,
+    NotDeclaredError,
+    QueueType,
+    core_topology,
+    declare_topology,
+)
 
 __all__ = ["CALL_MARGIN_SECONDS", "Client"]
 
@@ -57,6 +66,62 @@ T = TypeVar("T")
 
 #: How much longer than the job's own deadline `call` waits by default.
 CALL_MARGIN_SECONDS = 10.0
+#: Seconds between connect attempts: doubling from the first up to the last.
+CONNECT_RETRY_START = 0.5
+CONNECT_RETRY_MAX = 4.0
+#: A connection still not made after this many seconds is announced (once).
+CONNECT_NOTICE_AFTER = 1.0
+
+
+def _is_refused_login(exc: BaseException) -> bool:
+    """A login or vhost the broker refused: trying again cannot help."""
+    return getattr(exc, "reply_code", None) in (403, 530) or "ACCESS_REFUSED" in str(exc)
+
+
+class _ConnectNotice:
+    """Says once that connecting takes a while (or failed once and is retried), then quiet.
+
+    A later failure is reported only when its reason differs from the last one reported.
+    """
+
+    def __init__(self, where: str, timeout: float) -> None:
+        self._where = where
+        self._timeout = timeout
+        self._said = False
+        self._reason: str | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(CONNECT_NOTICE_AFTER, self._slow)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _slow(self) -> None:
+        with self._lock:
+            if not self._said:
+                self._said = True
+                log.warning(
+                    "connecting to %s (giving up after %g s: --connect-timeout)...",
+                    self._where,
+                    self._timeout,
+                )
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            if reason == self._reason:
+                return
+            first = not self._said
+            self._said, self._reason = True, reason
+        if first:
+            log.warning(
+                "cannot connect to %s yet: %s; retrying for up to %g s (--connect-timeout)",
+                self._where,
+                reason,
+                self._timeout,
+            )
+        else:
+            log.warning("still cannot connect to %s: %s; retrying", self._where, reason)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class Client:
@@ -253,32 +318,33 @@ class Client:
 
     @contextlib.contextmanager
     def result_reader(self, satellites: Collection[str] | None = None) -> Iterator[ResultReader]:
-        """A reader of the core's result queue (see `satellite.results`); closed on exit."""
-        conn = self._connection()
-        reader = ResultReader(conn.channel(), sender_check=self.sender_check, satellites=satellites)
-        try:
+        """A reader of the core's result queue (see `satellite.results`); closed on exit.
+
+        Raises `NotDeclaredError` when the result queue does not exist.
+        """
+        queue = results_queue()
+        with self._channel(
+            queue,
+            f"no result queue {queue}: run `satellite declare ID` (without --no-results-queue)",
+        ) as channel:
+            reader = ResultReader(channel, sender_check=self.sender_check, satellites=satellites)
             yield reader
-        finally:
-            self._close_quietly(reader)
 
     def dead_letters(self, satellite_id: str) -> list[DeadLetter]:
-        """Every message of the satellite's DLQ (all stay in it)."""
-        channel = self._connection().channel()
-        try:
+        """Every message of the satellite's DLQ (all stay in it).
+
+        Raises `NotDeclaredError` when the satellite has no DLQ.
+        """
+        with self._dlq_channel(satellite_id) as channel:
             return list(read_dead_letters(channel, satellite_id))
-        finally:
-            self._close_quietly(channel)
 
     def dead_letter(self, satellite_id: str, job_id: str) -> DeadLetter | None:
         """The dead letter of `job_id` (it stays in the DLQ), or None."""
-        channel = self._connection().channel()
-        try:
+        with self._dlq_channel(satellite_id) as channel:
             for letter in read_dead_letters(channel, satellite_id):
                 if letter.job_id == job_id:
                     return letter
             return None
-        finally:
-            self._close_quietly(channel)
 
     def replay(
         self,
@@ -288,8 +354,7 @@ class Client:
         on_replayed: Callable[[DeadLetter], None] | None = None,
     ) -> ReplayReport:
         """Move dead letters (the chosen ids, or all) back to the job queue, confirm then ack."""
-        channel = self._connection().channel()
-        try:
+        with self._dlq_channel(satellite_id) as channel:
             return replay_dead_letters(
                 channel,
                 satellite_id,
@@ -297,15 +362,10 @@ class Client:
                 confirm_timeout=self.settings.operation_timeout,
                 on_replayed=on_replayed,
             )
-        finally:
-            self._close_quietly(channel)
 
     def purge_dead_letters(self, satellite_id: str) -> int:
-        channel = self._connection().channel()
-        try:
+        with self._dlq_channel(satellite_id) as channel:
             return purge_dead_letters(channel, satellite_id)
-        finally:
-            self._close_quietly(channel)
 
     def queue_counts(self, queue: str) -> tuple[int, int] | None:
         """(ready messages, consumers) of `queue` from a passive declare; None when missing."""
@@ -332,9 +392,36 @@ class Client:
             fleet=fleet,
             sender_check=self.sender_check,
             satellite_ids=satellite_ids,
+            channel_errors=tuple(conn.channel_errors),
         )
 
     # ----------------------------------------------------------------------------- plumbing
+
+    def _dlq_channel(self, satellite_id: str) -> contextlib.AbstractContextManager[Any]:
+        queue = dead_letter_queue(satellite_id)
+        return self._channel(
+            queue,
+            f"no dead-letter queue for satellite {satellite_id}: "
+            f"run `satellite declare {satellite_id}`",
+        )
+
+    @contextlib.contextmanager
+    def _channel(self, queue: str, missing: str) -> Iterator[Any]:
+        """A channel, closed on exit; the broker's 404 for `queue` becomes `NotDeclaredError`.
+
+        Any other refusal (another object missing, permissions) is a `BrokerError` naming it.
+        """
+        conn = self._connection()
+        channel = conn.channel()
+        try:
+            yield channel
+        except tuple(conn.channel_errors) as exc:
+            text = self._scrub(str(getattr(exc, "reply_text", "") or exc))
+            if getattr(exc, "reply_code", None) == NOT_FOUND and f"'{queue}'" in text:
+                raise NotDeclaredError(missing, name=queue) from None
+            raise BrokerError(f"the broker refused: {text}") from None
+        finally:
+            self._close_quietly(channel)
 
     def _connection(self) -> Any:
         if self._conn is not None and self._conn.connected:
@@ -344,6 +431,13 @@ class Client:
         return self._conn
 
     def _open(self, *, confirm_publish: bool) -> Any:
+        """Connect, trying the nodes in turn until one answers or the connect timeout is over.
+
+        The whole attempt (every node, every retry, each handshake) ends within
+        `settings.connect_retry_timeout`. One warning says what is going on when it takes
+        longer than a moment (`CONNECT_NOTICE_AFTER`) or the first attempt fails; another
+        only when the reason changes; then `BrokerUnavailableError` with the last reason.
+        """
         s = self.settings
         conn = kombu.Connection(
             s.kombu_urls(),
@@ -358,26 +452,43 @@ class Client:
                 "client_properties": {"connection_name": s.connection_name},
             },
         )
+        notice = _ConnectNotice(s.masked_dsn, s.connect_retry_timeout)
+        started = time.monotonic()
+        deadline = started + s.connect_retry_timeout
+        errors = (OperationalError, *conn.connection_errors, *conn.channel_errors)
+        interval, attempts = CONNECT_RETRY_START, 0
         try:
-            conn.ensure_connection(
-                errback=self._on_connect_error,
-                timeout=s.connect_retry_timeout,
-                interval_start=0.5,
-                interval_step=1.0,
-                interval_max=5.0,
-            )
-        except (OperationalError, *conn.connection_errors, *conn.channel_errors) as exc:
-            # A refused login (403) is one of py-amqp's channel errors.
+            while True:
+                attempts += 1
+                # One node's handshake gets what is left of the whole timeout, at most its own.
+                conn.connect_timeout = max(0.1, min(s.connect_timeout, deadline - time.monotonic()))
+                try:
+                    conn.ensure_connection(max_retries=0)
+                except errors as exc:
+                    # A refused login (403) is one of py-amqp's channel errors.
+                    reason = self._scrub(str(exc)) or type(exc).__name__
+                    left = deadline - time.monotonic()
+                    if left <= 0 or _is_refused_login(exc):
+                        raise BrokerUnavailableError(
+                            f"cannot connect to {s.masked_dsn}: {reason}"
+                            + (
+                                f" (gave up after {attempts} attempts in "
+                                f"{time.monotonic() - started:.1f} s: --connect-timeout)"
+                                if attempts > 1
+                                else ""
+                            )
+                        ) from None
+                    notice.failed(reason)
+                    conn.maybe_switch_next()
+                    time.sleep(min(interval, left))
+                    interval = min(interval * 2, CONNECT_RETRY_MAX)
+                    continue
+                return conn
+        except BaseException:
             self._close_quietly(conn)
-            raise BrokerUnavailableError(
-                f"cannot connect to {s.masked_dsn}: {self._scrub(str(exc))}"
-            ) from None
-        return conn
-
-    def _on_connect_error(self, exc: BaseException, interval: float) -> None:
-        log.warning(
-            "broker_connect_failed: %s; next try in %.1f s", self._scrub(str(exc)), interval
-        )
+            raise
+        finally:
+            notice.cancel()
 
     def _publish(
         self,

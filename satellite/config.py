@@ -19,6 +19,8 @@ from poller.errors import ConfigError
 __all__ = ["DSN_ENV", "CoreSettings", "load_core_settings"]
 
 DSN_ENV = "US_AMQP_DSN"
+#: Seconds `satellite` tries to connect in all (every node, every retry) before giving up.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Also accepted, so that a core host configured like a poller works unchanged.
 DSN_ALIASES = (DSN_ENV, "USM_POLLER_AMQP_DSN")
 
@@ -30,8 +32,8 @@ class CoreSettings:
     urls: tuple[AmqpUrl, ...]
     connect_timeout: float = 10.0
     """Seconds for one TCP/TLS/AMQP handshake with one node."""
-    connect_retry_timeout: float = 30.0
-    """Seconds spent in total trying the nodes in turn before giving up."""
+    connect_retry_timeout: float = 10.0
+    """Seconds spent in total trying the nodes in turn (handshakes included) before giving up."""
     operation_timeout: float = 10.0
     """Seconds any broker round trip (declare, bind, publish confirm) may take."""
     heartbeat: float = 0.0
@@ -45,7 +47,7 @@ class CoreSettings:
         dsn: str,
         *,
         connect_timeout: float = 10.0,
-        connect_retry_timeout: float = 30.0,
+        connect_retry_timeout: float = 10.0,
         operation_timeout: float = 10.0,
         connection_name: str = "satellite",
     ) -> CoreSettings:
@@ -126,7 +128,7 @@ def load_core_settings(
         return CoreSettings.from_dsn(
             dsn,
             connect_timeout=min(connect_timeout or 10.0, 10.0),
-            connect_retry_timeout=connect_timeout or 30.0,
+            connect_retry_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
             operation_timeout=operation_timeout or 10.0,
         )
     except ValueError as exc:

@@ -1,10 +1,19 @@
 """Dead-lettered jobs: list, show (secrets masked), replay to the job queue, purge.
 
 Reading a dead-letter queue takes its messages with `basic.get` and holds them unacknowledged;
-closing the channel gives every message not replayed back to the queue, in its place. A replay
+closing the channel gives every message not replayed back to the queue (a quorum queue takes
+them back a moment later, behind the messages that were not read). A replay
 publishes a copy to `usm_poller.jobs` (same body, same `message_id`, `reply_to` and
 `correlation_id`), waits for the publisher confirm, and only then acknowledges the dead letter:
 a process that dies mid-replay leaves each job in the DLQ, or in both queues, never in neither.
+
+Why a job was dead-lettered: the broker's `x-death` (last reason, how many times) and
+`x-first-death-reason` headers, the delivery count (`x-delivery-count`, when the broker kept
+it), and the error code the poller answered with. The poller cannot put headers on a reject, so
+that code is found again the way the poller found it: by decoding the body with
+`poller.wire.decode_job` (`invalid_job`, `unsupported_version`, `unknown_kind`); a body that
+decodes was rejected after the poller failed on it on its last allowed delivery
+(`internal_error`). When the job id was readable, the poller also published that error result.
 
 The copy drops the broker's bookkeeping headers (`x-death`, `x-first-death-*`,
 `x-last-death-*`, `x-delivery-count`) and records the replay in `x-replay-count`,
@@ -22,8 +31,14 @@ from typing import Any
 import amqp  # type: ignore[import-untyped]
 from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 
-from poller.errors import PublishNotConfirmedError
-from poller.wire import dead_letter_queue, format_timestamp, jobs_exchange, jobs_routing_key
+from poller.errors import PublishNotConfirmedError, WireError
+from poller.wire import (
+    dead_letter_queue,
+    decode_job,
+    format_timestamp,
+    jobs_exchange,
+    jobs_routing_key,
+)
 
 __all__ = [
     "DeadLetter",
@@ -39,6 +54,33 @@ _SECRET_WORDS = ("password", "community", "secret", "token", "private_key", "aut
 _DROPPED_HEADERS = ("x-death", "x-delivery-count")
 _DROPPED_PREFIXES = ("x-first-death-", "x-last-death-")
 LIST_LIMIT = 100_000
+#: The poller's default `USM_POLLER_MAX_JOB_BYTES`: bigger bodies are rejected unparsed.
+POLLER_MAX_JOB_BYTES = 262_144
+NOT_JSON = "(not JSON)"
+"""Shown as the kind of a dead letter whose body is not a JSON object."""
+
+
+def diagnose(reason: str | None, body: bytes) -> tuple[str | None, str]:
+    """(the poller's error code or None, why in words) for a dead letter of `reason`."""
+    if reason == "delivery_limit":
+        return None, (
+            "delivered as often as the queue allows without an answer: the poller crashed, "
+            "was killed or failed on it each time (a poison job)"
+        )
+    if reason == "expired":
+        return None, "its AMQP expiration passed before a poller took it"
+    if reason == "maxlen":
+        return None, "dropped from the head of a full queue"
+    if len(body) > POLLER_MAX_JOB_BYTES:
+        return "invalid_job", (
+            f"job body of {len(body)} bytes exceeds the poller's default limit "
+            f"(USM_POLLER_MAX_JOB_BYTES, {POLLER_MAX_JOB_BYTES})"
+        )
+    try:
+        decode_job(body)
+    except WireError as exc:
+        return exc.error_code, exc.message.removeprefix("invalid job: ")
+    return "internal_error", "a valid job: the poller failed on it on its last allowed delivery"
 
 
 def _is_secret(key: str) -> bool:
@@ -81,6 +123,15 @@ class DeadLetter:
     """Why it was dead-lettered last: `rejected`, `delivery_limit`, `expired`, `maxlen`."""
     count: int
     """How many times it was dead-lettered from its queue for that reason."""
+    first_reason: str | None
+    """`x-first-death-reason`: why it was dead-lettered the first time."""
+    deliveries: int | None
+    """`x-delivery-count` when the message carries it (quorum queues), else None."""
+    error_code: str | None
+    """The error code the poller answered with (see `diagnose`), None when it did not."""
+    why: str
+    """Why it was dead-lettered, in words."""
+    body_is_json: bool
     queue: str | None
     time: datetime | None
     size: int
@@ -98,12 +149,20 @@ class DeadLetter:
         body = _body_bytes(message.body)
         parsed = _json_object(body)
         when = death.get("time")
-        reason = death.get("reason") or headers.get("x-last-death-reason")
+        reason = _str_or_none(_plain(death.get("reason") or headers.get("x-last-death-reason")))
+        first = _str_or_none(_plain(headers.get("x-first-death-reason")))
+        deliveries = headers.get("x-delivery-count")
+        code, why = diagnose(reason, body)
         return cls(
             job_id=properties.get("message_id") or _str_or_none(parsed.get("id")),
             kind=properties.get("type") or _str_or_none(parsed.get("kind")),
-            reason=_str_or_none(_plain(reason)),
+            reason=reason,
             count=int(death.get("count") or 0),
+            first_reason=first,
+            deliveries=deliveries if isinstance(deliveries, int) else None,
+            error_code=code,
+            why=why,
+            body_is_json=_is_json_object(body),
             queue=_str_or_none(_plain(death.get("queue"))),
             time=when if isinstance(when, datetime) else None,
             size=len(body),
@@ -113,13 +172,25 @@ class DeadLetter:
             delivery_tag=message.delivery_tag,
         )
 
+    @property
+    def kind_text(self) -> str:
+        """The kind for people: `(not JSON)` for a body that is not a JSON object."""
+        if self.kind is not None:
+            return self.kind
+        return "(unknown)" if self.body_is_json else NOT_JSON
+
     def summary(self) -> dict[str, Any]:
         when = self.time.replace(tzinfo=self.time.tzinfo or UTC) if self.time else None
         return {
             "job_id": self.job_id,
             "kind": self.kind,
+            "body_is_json": self.body_is_json,
             "reason": self.reason,
             "count": self.count,
+            "first_reason": self.first_reason,
+            "deliveries": self.deliveries,
+            "error_code": self.error_code,
+            "why": self.why,
             "queue": self.queue,
             "time": format_timestamp(when) if when else None,
             "size": self.size,
@@ -144,6 +215,13 @@ class DeadLetter:
 def _body_bytes(body: bytes | str) -> bytes:
     """The message body as bytes (py-amqp decodes bodies that declare a content encoding)."""
     return body.encode("utf-8") if isinstance(body, str) else bytes(body)
+
+
+def _is_json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

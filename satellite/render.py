@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,14 +31,16 @@ from poller.wire import JobResult
 from satellite.dlq import DeadLetter
 from satellite.provision import Provisioned
 from satellite.results import ReadStats, ReceivedResult
-from satellite.status import SatelliteStatus, uptime_text
+from satellite.status import ReplicaView, SatelliteStatus, uptime_text
 
 __all__ = [
     "ResultPrinter",
     "dead_letters",
+    "listening",
     "progress_bar",
     "provisioned",
     "read_summary",
+    "replica_table",
     "status",
     "summarize",
 ]
@@ -46,7 +51,8 @@ SUMMARY_CHARS = 70
 def _console(stderr: bool = False) -> Console:
     # Built per call: tests and pipes swap sys.stdout, and rich caches the stream it found.
     stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else 160  # pipes and files: do not squeeze tables to 80
+    # Pipes and files: do not squeeze tables to 80 columns, unless COLUMNS says how wide.
+    width = None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
     return Console(file=stream, highlight=False, soft_wrap=True, width=width)
 
 
@@ -153,6 +159,72 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+#: The replica table's columns; the ones an operator needs most come first in `_DROP_ORDER`
+#: last. Columns are dropped (never cut) until the table fits the terminal.
+_REPLICA_COLUMNS = (
+    "replica", "host", "version", "uptime", "jobs/s", "in flight",
+    "loop lag", "memory", "recycled", "quarantined", "last seen",
+)  # fmt: skip
+_DROP_ORDER = ("version", "recycled", "memory", "host", "loop lag", "quarantined", "uptime")
+"""Dropped first to last when the table is too wide: version skew and quarantined devices are
+also warnings below the table; `--json` has every field."""
+_INDENT = 2
+
+
+def _replica_cells(replica: ReplicaView) -> dict[str, str]:
+    b = replica.heartbeat
+    return {
+        "replica": escape(b.worker),
+        "host": escape(b.hostname),
+        "version": escape(b.version),
+        "uptime": uptime_text((b.sent_at - b.started_at).total_seconds()),
+        "jobs/s": f"{b.jobs_per_s:.1f}",
+        "in flight": f"{b.in_flight}/{b.concurrency}",
+        "loop lag": f"{b.loop_lag_ms:.1f} ms",
+        "memory": _bytes(b.rss_bytes),
+        "recycled": f"{b.recycles} ({b.last_recycle})" if b.recycles else "-",
+        "quarantined": str(len(b.quarantine)),
+        "last seen": f"{replica.age():.0f} s ago",
+    }
+
+
+def _replica_table(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> Table:
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    for column in columns:
+        numeric = column not in ("replica", "host", "version")
+        # Never an ellipsis: a replica name or host that does not fit folds onto a new line.
+        table.add_column(column, overflow="fold", no_wrap=numeric, justify="left")
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    return table
+
+
+def replica_table(
+    replicas: Sequence[ReplicaView], width: int, console: Console
+) -> tuple[Table, list[str]]:
+    """The widest table of replicas that fits `width` columns, and the columns left out."""
+    rows = [_replica_cells(replica) for replica in replicas]
+    columns = list(_REPLICA_COLUMNS)
+    hidden: list[str] = []
+    table = _replica_table(columns, rows)
+    for column in _DROP_ORDER:
+        if Measurement.get(console, console.options, table).maximum <= width:
+            break
+        columns.remove(column)
+        hidden.append(column)
+        table = _replica_table(columns, rows)
+    return table, hidden
+
+
+def _fitted(out: Console, depth: str, rates: str) -> None:
+    """One queue line, or two when it would not fit the terminal (never cut)."""
+    if len(depth) + 1 + len(rates) <= out.width:
+        out.print(f"{depth} {rates}")
+    else:
+        out.print(depth)
+        out.print(f"  {rates}")
+
+
 def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
     out = _console()
     if clear and out.is_terminal:
@@ -164,40 +236,26 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
         out.print(f"[bold]satellite {escape(sat.satellite_id)}[/bold]  {mark}")
         q = sat.queue
         if q is not None:
-            out.print(
+            _fitted(
+                out,
                 f"  queue {q.name}: {q.ready} ready, {q.unacked} unacked, "
-                f"{q.consumers} consumer(s); in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
-                f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered"
+                f"{q.consumers} consumer(s);",
+                f"in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
+                f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered",
             )
         lane = sat.lane
         if lane is not None:
-            out.print(
+            _fitted(
+                out,
                 f"  lane  {lane.name}: {lane.ready} ready, {lane.unacked} unacked, "
-                f"{lane.consumers} consumer(s); in {lane.publish_rate:.1f}/s, "
-                f"out {lane.ack_rate:.1f}/s"
+                f"{lane.consumers} consumer(s);",
+                f"in {lane.publish_rate:.1f}/s, out {lane.ack_rate:.1f}/s",
             )
         if sat.replicas:
-            table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 2))
-            for column in (
-                "replica", "host", "version", "uptime", "jobs/s", "in flight",
-                "loop lag", "memory", "quarantined", "last seen",
-            ):  # fmt: skip
-                table.add_column(column)
-            for replica in sat.replicas:
-                b = replica.heartbeat
-                table.add_row(
-                    escape(b.worker),
-                    escape(b.hostname),
-                    escape(b.version),
-                    uptime_text((b.sent_at - b.started_at).total_seconds()),
-                    f"{b.jobs_per_s:.1f}",
-                    f"{b.in_flight}/{b.concurrency}",
-                    f"{b.loop_lag_ms:.1f} ms",
-                    _bytes(b.rss_bytes),
-                    str(len(b.quarantine)),
-                    f"{replica.age():.0f} s ago",
-                )
-            out.print(table)
+            table, hidden = replica_table(sat.replicas, out.width - _INDENT, out)
+            out.print(Padding(table, (0, 0, 0, _INDENT), expand=False))
+            if hidden:
+                out.print(f"  [dim](not shown at this width: {', '.join(hidden)}; --json)[/dim]")
         if sat.advice is not None:
             out.print(f"  replicas: {sat.advice.replicas}; advice: [bold]{sat.advice.verdict}[/]")
         for problem in sat.problems:
@@ -206,21 +264,55 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
             out.print(f"  [yellow]warning:[/yellow] {escape(warning)}")
 
 
+@contextlib.contextmanager
+def listening(seconds: float, *, enabled: bool) -> Iterator[Callable[[float], None]]:
+    """Say on stderr that `status` listens for heartbeats, and for how long.
+
+    On a terminal a bar counts the seconds (gone when done); otherwise one line up front.
+    Yields the function to call with the seconds elapsed.
+    """
+    if not enabled:
+        yield lambda elapsed: None
+        return
+    err = _console(stderr=True)
+    if not err.is_terminal:
+        err.print(f"satellite: listening for heartbeats for {seconds:g} s (--listen)...")
+        yield lambda elapsed: None
+        return
+    columns = (
+        TextColumn(f"listening for heartbeats ({seconds:g} s, --listen)"),
+        BarColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("listening", total=seconds)
+        yield lambda elapsed: progress.update(task, completed=elapsed)
+
+
 def dead_letters(letters: Sequence[DeadLetter]) -> None:
     out = _console()
     if not letters:
         out.print("no dead-lettered jobs")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("job id", "kind", "reason", "count", "dead-lettered at", "size"):
-        table.add_column(column)
+    for column in ("job id", "kind", "reason", "count", "why", "dead-lettered at", "size"):
+        # Ids and times fold onto a second line rather than lose characters; so does "why".
+        table.add_column(column, overflow="fold")
     for letter in letters:
+        reason = letter.reason or "?"
+        if letter.first_reason and letter.first_reason != letter.reason:
+            reason += f" (first: {letter.first_reason})"
+        count = str(letter.count)
+        if letter.deliveries is not None:
+            count += f", {letter.deliveries} deliveries"
+        why = f"{letter.error_code}: {letter.why}" if letter.error_code else letter.why
         row = letter.summary()
         table.add_row(
-            escape(str(row["job_id"])),
-            escape(str(row["kind"])),
-            escape(str(row["reason"])),
-            str(row["count"]),
+            escape(str(row["job_id"] or "(no id)")),
+            escape(letter.kind_text),
+            escape(reason),
+            count,
+            escape(why),
             str(row["time"] or ""),
             f"{row['size']} B",
         )

@@ -14,15 +14,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from poller.errors import WireError
 from poller.wire import Heartbeat, events_exchange, heartbeat_routing_key
 from satellite.dispatch import SenderCheck, satellite_of_key
+from satellite.topology import NOT_FOUND
 
 __all__ = [
     "Advice",
@@ -127,6 +129,8 @@ class ReplicaView:
             "loop_lag_ms": beat.loop_lag_ms,
             "rss_bytes": beat.rss_bytes,
             "quarantine": [q.model_dump(mode="json") for q in beat.quarantine],
+            "recycles": beat.recycles,
+            "last_recycle": beat.last_recycle,
             "last_seen_s": round(self.age(now), 1),
         }
 
@@ -164,12 +168,16 @@ class HeartbeatListener:
         fleet: FleetView,
         sender_check: SenderCheck,
         satellite_ids: Iterable[str] | None = None,
+        channel_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._connection = connection
         self._channel = channel
         self._fleet = fleet
         self._check = sender_check
         self.rejected = 0
+        self._tag: str | None = None
+        self.missing: str | None = None
+        """Why nothing can be heard (the events exchange does not exist), else None."""
         declared = channel.queue_declare(
             queue="",
             exclusive=True,
@@ -178,21 +186,35 @@ class HeartbeatListener:
         )
         self.queue = str(declared.queue)
         keys = [heartbeat_routing_key(sid) for sid in satellite_ids or ()] or ["heartbeat.*"]
-        for key in keys:
-            channel.queue_bind(queue=self.queue, exchange=events_exchange(), routing_key=key)
-        channel.basic_consume(queue=self.queue, no_ack=True, callback=self._on_message)
+        try:
+            for key in keys:
+                channel.queue_bind(queue=self.queue, exchange=events_exchange(), routing_key=key)
+        except channel_errors as exc:
+            if getattr(exc, "reply_code", None) != NOT_FOUND:
+                raise
+            # No poller and no `satellite declare` ever made it: no heartbeat can come.
+            self.missing = f"no exchange {events_exchange()}: no heartbeat can arrive"
+            return
+        self._tag = channel.basic_consume(queue=self.queue, no_ack=True, callback=self._on_message)
 
-    def listen(self, seconds: float) -> None:
-        """Take heartbeats for `seconds`."""
-        deadline = time.monotonic() + seconds
+    def listen(self, seconds: float, progress: Callable[[float], None] | None = None) -> None:
+        """Take heartbeats for `seconds` (none when `missing`); `progress(elapsed)` each second."""
+        if self.missing is not None:
+            return
+        started = time.monotonic()
+        deadline = started + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 self._connection.drain_events(timeout=min(remaining, 1.0))
-            except TimeoutError:
-                continue
+            if progress is not None:
+                progress(min(time.monotonic() - started, seconds))
 
     def close(self) -> None:
         if self._channel.is_open:
+            if self._tag is not None:
+                # Stop deliveries first: one arriving while the channel closes is logged by
+                # py-amqp as a warning an operator would have to puzzle over.
+                self._channel.basic_cancel(self._tag)
             self._channel.close()
 
     def _on_message(self, message: Any) -> None:

@@ -5,6 +5,9 @@ result queue. `declare_topology(open_channel, topology, ...)` declares them one 
 reports, per object, whether it was created, already existed, or exists with other arguments (a
 406 PRECONDITION_FAILED that is reported, not raised). Each exchange and queue is first
 declared passively, to tell "created" from "already existed", then actively.
+
+Every queue is quorum by default, the dead-letter queues included; a classic dead-letter queue
+left by an older version is reported as a conflict that says how to migrate it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-from poller.errors import BrokerError
+from poller.errors import BrokerError, PollerError
 from poller.wire import (
     dead_letter_exchange,
     dead_letter_queue,
+    dead_letter_queue_arguments,
     events_exchange,
     interactive_queue,
     interactive_routing_key,
@@ -37,6 +41,7 @@ __all__ = [
     "DeclareReport",
     "Declared",
     "ExchangeSpec",
+    "NotDeclaredError",
     "Outcome",
     "QueueSpec",
     "QueueType",
@@ -52,6 +57,19 @@ RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
 
 
+class NotDeclaredError(PollerError):
+    """A queue or exchange a command needs does not exist: `satellite declare` was not run.
+
+    The message is one line that says which object and what to run.
+    """
+
+    code = "not_found"
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass(frozen=True, slots=True)
 class ExchangeSpec:
     name: str
@@ -62,6 +80,7 @@ class ExchangeSpec:
 class QueueSpec:
     name: str
     arguments: Mapping[str, str | int] = field(default_factory=dict)
+    dead_letters: bool = False  # a satellite's dead-letter queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +131,9 @@ def core_topology(
         lane = interactive_queue(sat)
         queues.append(QueueSpec(lane, jobs_queue_arguments(sat, queue_type)))
         bindings.append(BindingSpec(lane, jobs_exchange(), interactive_routing_key(sat)))
-        queues.append(QueueSpec(dead_letter_queue(sat)))
+        queues.append(
+            QueueSpec(dead_letter_queue(sat), dead_letter_queue_arguments(queue_type), True)
+        )
         bindings.append(BindingSpec(dead_letter_queue(sat), dead_letter_exchange(), key))
     if include_results_queue:
         queues.append(QueueSpec(results_queue(), results_queue_arguments()))
@@ -250,6 +271,8 @@ class _Declarer:
             )
         except self._errors as exc:
             detail = self._expect(exc, PRECONDITION_FAILED, "queue", spec.name, RESOURCE_LOCKED)
+            if _is_classic_dead_letter_queue(spec, detail):
+                detail = CLASSIC_DLQ_DETAIL
             return Declared(
                 "queue",
                 spec.name,
@@ -280,6 +303,23 @@ class _Declarer:
         if getattr(exc, "reply_code", None) in (code, *also):
             return _reply_text(exc)
         raise BrokerError(f"{what} {name}: {_reply_text(exc)}") from exc
+
+
+#: What `declare` says of a classic dead-letter queue it finds where a quorum one belongs.
+CLASSIC_DLQ_DETAIL = (
+    "a classic dead-letter queue (made by an older version): it lives on one broker node and is "
+    "unusable while that node is down; to make it quorum, drain it (`satellite dlq replay` or "
+    '`purge`), delete it, and declare again (docs/operations.md, "Classic dead-letter queues")'
+)
+
+
+def _is_classic_dead_letter_queue(spec: QueueSpec, detail: str) -> bool:
+    """Whether a 406 says that a dead-letter queue meant to be quorum exists as classic."""
+    return (
+        spec.dead_letters
+        and spec.arguments.get("x-queue-type") == "quorum"
+        and "'x-queue-type'" in detail
+    )
 
 
 def _reply_text(exc: BaseException) -> str:

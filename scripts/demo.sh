@@ -54,10 +54,14 @@ echo "== satellite call $SID snmp.get (v2c): sysName, sysUpTime, sysLocation"
 .venv/bin/satellite call "$SID" snmp.get --host 127.0.0.1 --port "$PORT" --community public \
     1.3.6.1.2.1.1.5.0 1.3.6.1.2.1.1.3.0 1.3.6.1.2.1.1.6.0
 
+WALK_MAX=8
 echo "== satellite call $SID snmp.walk (SNMPv3 authPriv SHA256/AES) of the system group"
+echo "   (--max-varbinds $WALK_MAX keeps this short: the walk stops after $WALK_MAX varbinds, before"
+echo "    the end of the group, and the result says so with \"truncated\": true; without the"
+echo "    option a walk returns up to 200000 varbinds and \"truncated\": false when complete)"
 .venv/bin/satellite call "$SID" snmp.walk --host 127.0.0.1 --port "$PORT" --snmp-version 3 \
     --user demo --auth-protocol SHA256 --auth-key demo-auth-key --priv-protocol AES \
-    --priv-key demo-priv-key --max-varbinds 8 1.3.6.1.2.1.1
+    --priv-key demo-priv-key --max-varbinds "$WALK_MAX" 1.3.6.1.2.1.1
 
 echo "== satellite call $SID snmp.get against a port where nothing answers (a device failure)"
 .venv/bin/satellite call "$SID" snmp.get --host 127.0.0.1 --port 9 --community public \

@@ -116,11 +116,25 @@ def job_dicts(draw: st.DrawFn) -> dict[str, Any]:
                 "enable": draw(st.booleans()),
             }
         )
-    elif kind == "icmp.ping":
-        job["params"] = {"count": draw(st.integers(1, 10)), "interval": 0.2, "size": 56}
     else:
-        job["params"] = {"port": draw(st.integers(1, 65535))}
+        _add_uncredentialled(draw, job)
     return job
+
+
+def _add_uncredentialled(draw: st.DrawFn, job: dict[str, Any]) -> None:
+    """`auth` and `params` of `icmp.ping` and `tcp.connect`, the kinds without credentials."""
+    # A core that sends every kind with the same keys sends {} or null.
+    auth: object = draw(st.sampled_from(["absent", {}, None]))
+    if auth != "absent":
+        job["auth"] = auth
+    if job["kind"] == "icmp.ping":
+        job["params"] = {"count": draw(st.integers(1, 10)), "interval": 0.2, "size": 56}
+        return
+    # tcp.connect: the port in params, in the target, or in both (params wins).
+    where = draw(st.sampled_from(["params", "target", "both"]))
+    if where != "params":
+        job["target"]["port"] = draw(st.integers(1, 65535))
+    job["params"] = {"port": draw(st.integers(1, 65535))} if where != "target" else {}
 
 
 jobs = job_dicts().map(lambda d: wire.decode_job(json.dumps(d).encode()))

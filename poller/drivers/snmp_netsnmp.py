@@ -72,7 +72,7 @@ from ezsnmp import sessionbase as ezsnmp_base
 from pydantic import SecretStr
 
 from poller.drivers.pool import CallPool
-from poller.drivers.snmp import (
+from poller.drivers.snmp_base import (
     ERROR_STATUS_NAMES,
     OutputBudget,
     SetValue,
@@ -83,6 +83,7 @@ from poller.drivers.snmp import (
     WalkPage,
     WalkResult,
     format_oid,
+    no_response_error,
     parse_oid,
     plan_timeout,
     render_varbind,
@@ -1016,7 +1017,7 @@ def _error(exc: Exception, where: str, ident: _Identity, user: str) -> JobError:
     text = str(exc)
     lowered = text.lower()
     if isinstance(exc, ezsnmp.TimeoutError) or "timeout" in lowered:
-        return DeviceTimeoutError(f"no SNMP response from {where}")
+        return no_response_error(where, v3=ident.community is None)
     for needle, message in _AUTH_FAILURES:
         if needle in lowered:
             named = f" for user {user!r}" if user else ""
@@ -1283,8 +1284,8 @@ class NetsnmpBackend:
         except DeviceTimeoutError:
             raise
         except TimeoutError:
-            raise DeviceTimeoutError(
-                f"no SNMP response from {target.host}:{target.port} before the job deadline"
+            raise no_response_error(
+                f"{target.host}:{target.port}", v3=target.auth.version == "3", before_deadline=True
             ) from None
         done = _program_outcome(code, said, walk, f"{address[0]}:{address[1]}", target.auth.user)
         # The program stops after a page with noSuchObject/noSuchInstance; the walk goes on.
@@ -1315,8 +1316,8 @@ class NetsnmpBackend:
         except DeviceTimeoutError:
             raise
         except TimeoutError:
-            raise DeviceTimeoutError(
-                f"no SNMP response from {target.host}:{target.port} before the job deadline"
+            raise no_response_error(
+                f"{target.host}:{target.port}", v3=target.auth.version == "3", before_deadline=True
             ) from None
 
     async def _ready(self) -> tuple[CallPool, _UsmGate]:
@@ -1373,7 +1374,7 @@ def _program_outcome(
             data={"varbinds": list(walk.budget.varbinds)},
         )
     if "timeout" in lowered:
-        raise DeviceTimeoutError(f"no SNMP response from {where}")
+        raise no_response_error(where, v3=bool(user))
     for needle, message in _AUTH_FAILURES:
         if needle in lowered:
             named = f" for user {user!r}" if user else ""

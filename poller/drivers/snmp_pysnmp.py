@@ -32,7 +32,7 @@ from pysnmp.hlapi.v3arch.asyncio.lcd import CommandGeneratorLcdConfigurator
 from pysnmp.proto import errind, rfc1902, rfc1905
 from pysnmp.proto.error import StatusInformation
 
-from poller.drivers.snmp import (
+from poller.drivers.snmp_base import (
     OutputBudget,
     SetValue,
     SmiType,
@@ -41,6 +41,7 @@ from poller.drivers.snmp import (
     WalkPage,
     WalkResult,
     format_oid,
+    no_response_error,
     plan_timeout,
     render_varbind,
     snmp_status_error,
@@ -211,7 +212,7 @@ def _indication_error(indication: object, target: SnmpTarget) -> JobError:
     """Map a pysnmp errorIndication to our error tree (never naming a secret)."""
     where = f"{target.host}:{target.port}"
     if isinstance(indication, errind.RequestTimedOut):
-        return DeviceTimeoutError(f"no SNMP response from {where}")
+        return no_response_error(where, v3=target.auth.version == "3")
     for cls, message in _AUTH_FAILURES.items():
         if isinstance(indication, cls):
             user = f" for user {target.auth.user!r}" if target.auth.user else ""
@@ -395,8 +396,8 @@ class PysnmpBackend:
         except DeviceTimeoutError:
             raise
         except TimeoutError:
-            raise DeviceTimeoutError(
-                f"no SNMP response from {target.host}:{target.port} before the job deadline"
+            raise no_response_error(
+                f"{target.host}:{target.port}", v3=target.auth.version == "3", before_deadline=True
             ) from None
 
     async def _exchange(

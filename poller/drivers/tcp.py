@@ -1,4 +1,6 @@
-"""TCP driver: `tcp.connect`, a three-way handshake to `params.port` and its time in ms.
+"""TCP driver: `tcp.connect`, a three-way handshake to the job's port and its time in ms.
+
+The port is `params.port`, which the wire model fills from `target.port` when it is not given.
 
 Data: `connected` and `rtt_ms` (the connect time, name resolution excluded). A refusal (RST) or
 an ICMP unreachable is `device_unreachable` with `data = {"connected": false}`; silence until

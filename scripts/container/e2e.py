@@ -20,7 +20,12 @@ What it does, in order, failing loudly (with `docker compose logs`) at the first
    never answers, so the job lasts its whole deadline) and others flow: it is restarted by the
    restart policy and consumes again, its job is redelivered and answered by another replica,
    and every job gets its result (none lost, none dead-lettered).
-7. `docker compose down` while every replica runs such a job: each one finishes its job,
+7. Recycling: the replicas recreated with `USM_POLLER_MAX_JOBS`; their default
+   `USM_POLLER_MAX_RSS_MB` is 80 % of the CI file's `mem_limit`, read from the container's
+   cgroup. Under a burst of jobs each one recycles (one `recycling` line), exits 0 and is
+   started again by the restart policy (its state dir, a tmpfs, comes back empty); every job is
+   answered exactly once and none is dead-lettered.
+8. `docker compose down` while every replica runs such a job: each one finishes its job,
    publishes the result and exits 0 on SIGTERM, well within the grace period.
 
 Everything it starts (containers, the vhost, snmpd, the log follower) is removed at the end,
@@ -65,6 +70,9 @@ HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns: the host's 127.0.0.1
 SYS_NAME = "e2e-device"
 SYS_NAME_OID = "1.3.6.1.2.1.1.5.0"
 SILENT_JOB_TIMEOUT = 3.0
+#: scripts/container/compose.ci.yaml: `mem_limit`, and the recycling step's USM_POLLER_MAX_JOBS.
+MEMORY_LIMIT_MB = 256
+RECYCLE_AFTER = 40
 PREFIX = "usm-e2e-"
 t0 = time.monotonic()
 
@@ -614,6 +622,66 @@ def crash_one(compose: Compose, core: Core, targets: Targets) -> None:
     )
 
 
+def recycle_all(compose: Compose, core: Core, targets: Targets) -> None:
+    """Every replica recycles after `RECYCLE_AFTER` jobs, is started again, and no job is lost."""
+    compose.env = compose.env | {"USM_E2E_MAX_JOBS": str(RECYCLE_AFTER)}
+    compose("up", "-d", "--no-build", timeout=300)  # recreates the replicas with the setting
+    ids = compose.container_ids()
+    check(len(ids) == REPLICAS, f"{len(ids)} containers running, expected {REPLICAS}")
+    wait_for(f"{REPLICAS} consumers", lambda: core.consumers() == REPLICAS, timeout=60)
+    shown = json.loads(run(["docker", "exec", ids[0], "poller", "config", "show", "--json"]).stdout)
+    expected = int(MEMORY_LIMIT_MB * 0.8)
+    check(
+        shown["USM_POLLER_MAX_RSS_MB"] == expected
+        and shown["USM_POLLER_MAX_JOBS"] == RECYCLE_AFTER,
+        f"settings in the container: MAX_RSS_MB {shown['USM_POLLER_MAX_RSS_MB']} (expected "
+        f"{expected}, 80 % of mem_limit), MAX_JOBS {shown['USM_POLLER_MAX_JOBS']}",
+    )
+    since = str(int(time.time()) - 1)
+    jobs = targets.gets(core, REPLICAS * RECYCLE_AFTER * 3)
+
+    def all_restarted() -> dict[str, int] | None:
+        counts = {c[:12]: int(inspect(c, "{{.RestartCount}}")) for c in ids}
+        return counts if all(n >= 1 for n in counts.values()) else None
+
+    results = core.wait_results(jobs, timeout=180)
+    workers = assert_ok(results)
+    counts = wait_for("every replica recycled and restarted", all_restarted, timeout=60)
+    wait_for(f"{REPLICAS} consumers again", lambda: core.consumers() == REPLICAS, timeout=60)
+    time.sleep(1.0)  # duplicates, if any, would be on their way
+    core.drain()
+    twice = {i: len(core.results[i]) for i in jobs if len(core.results[i]) > 1}
+    check(not twice, f"jobs answered more than once: {twice}")
+    names = {inspect(c, "{{.Name}}").lstrip("/") for c in ids}
+    codes = died_exit_codes(since)
+    check(
+        names <= set(codes) and all(codes[n] == "0" for n in names),
+        f"exit codes of the recycled replicas: {codes} (expected 0 for each of {sorted(names)})",
+    )
+    for container in ids:
+        log = run(["docker", "logs", container], timeout=30)
+        lines = [
+            json.loads(line)
+            for line in (log.stdout + log.stderr).splitlines()
+            if '"recycling"' in line
+        ]
+        check(
+            lines and all(line.get("reason") == "jobs" for line in lines),
+            f"{container[:12]}: no `recycling` line with reason jobs",
+        )
+        state = run(["docker", "exec", container, "ls", "-a", "/tmp/usm-poller"], timeout=30)
+        check(
+            "recycle.json" not in state.stdout,
+            f"{container[:12]}: the state dir kept its record across the restart",
+        )
+    dlq = core.depth(wire.dead_letter_queue(core.satellite_id))
+    check(dlq == 0, f"{dlq} job(s) dead-lettered")
+    passed(
+        f"recycling: MAX_RSS_MB {expected} from mem_limit {MEMORY_LIMIT_MB}m; {len(jobs)} jobs "
+        f"answered once each by {dict(workers)}; restarts {counts}, every exit 0"
+    )
+
+
 def died_exit_codes(since: str) -> dict[str, str]:
     """{container name: exit code} of the containers that stopped since `since` (podman)."""
     argv = ["podman", "events", "--stream=false", "--since", since, "--filter", "event=died"]
@@ -724,6 +792,7 @@ def tier(env: dict[str, str]) -> None:
             logs = stack.enter_context(compose.following_logs())
             names = replicas_serve(compose, core, targets)
             crash_one(compose, core, targets)
+            recycle_all(compose, core, targets)
             stop_all(compose, names, core, targets)
             up = False
         except BaseException:

@@ -65,6 +65,14 @@ async def test_ping_of_ipv4_loopback(driver: IcmpDriver) -> None:
     assert_answered(await run(driver, ping_job("127.0.0.1", count=3)), 3)
 
 
+@pytest.mark.parametrize("auth", [{}, None])
+async def test_a_ping_in_the_uniform_shape_is_run(
+    driver: IcmpDriver, auth: dict[str, Any] | None
+) -> None:
+    """The `auth` a core sends for every kind, empty or null, is no credentials."""
+    assert_answered(await run(driver, ping_job("127.0.0.1", count=1, auth=auth)), 1)
+
+
 async def test_ping_of_ipv6_loopback(driver: IcmpDriver) -> None:
     if not has_ipv6_loopback():
         pytest.skip("::1 is not configured on this machine")

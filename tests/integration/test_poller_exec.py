@@ -8,6 +8,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from tests.support.snmpd import Snmpd
 
 
@@ -100,10 +102,34 @@ def test_exec_device_failure_exits_1_with_an_error_result(snmpd: Snmpd) -> None:
 
 
 def test_exec_bad_arguments_exit_2_with_one_line() -> None:
-    proc = poller_exec("snmp.set", "--host", "127.0.0.1", "--community", "c", "1.3.6.1=oops")
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("poller: snmp.set varbind")
-    assert proc.stderr.count("\n") == 1
     proc = poller_exec("snmp.get", "--host", "127.0.0.1", "--community", "c", "not-an-oid")
     assert proc.returncode == 2
-    assert "params.oids" in proc.stderr
+    assert proc.stderr.startswith("poller: invalid job: params.oids")
+    assert proc.stderr.count("\n") == 1
+    proc = poller_exec("snmp.get", "--host", "127.0.0.1", "1.3.6.1.2.1.1.5.0")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("poller: --community: SNMP v2c needs a community")
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["snmp.set", "--host", "h", "-c", "c", "1.3.6.1=oops"],
+            "argument OID=TYPE:VALUE: must be OID=TYPE:VALUE, e.g. 1.3.6.1.2.1.1.5.0=s:sw-1",
+        ),
+        (
+            ["snmp.get", "--host", "h", "-c", "c", "--bogus", "1.3.6.1"],
+            "unrecognized arguments: --bogus",
+        ),
+        (["snmp.get", "-c", "c", "1.3.6.1"], "the following arguments are required: --host"),
+    ],
+    ids=["bad-value", "unknown-option", "missing-option"],
+)
+def test_exec_argument_errors_print_that_kinds_usage(argv: list[str], error: str) -> None:
+    proc = poller_exec(*argv)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.startswith(f"usage: poller exec {argv[0]} [-h] --host HOST")
+    assert proc.stderr.endswith(f"poller exec {argv[0]}: error: {error}\n")

@@ -105,6 +105,8 @@ def test_declare_with_a_conflict_exits_1(satellite: Any, sat_id: str) -> None:
     assert f"conflict  queue     {jobs_queue(sat_id)}" in run.out
     assert f"conflict  queue     {jobs_queue(sat_id)}.interactive" in run.out
     assert "inequivalent arg" in run.out
+    # and the classic dead-letter queue, with how to make it quorum
+    assert "classic dead-letter queue (made by an older version)" in run.out
     assert "2 object(s) exist with other arguments" in run.err
 
 

@@ -9,10 +9,17 @@ from typing import Any
 import kombu as _kombu
 import pytest
 
-from poller.wire import interactive_queue, jobs_queue, jobs_queue_arguments
+from poller.wire import (
+    DEAD_LETTER_DELIVERY_LIMIT,
+    dead_letter_queue,
+    interactive_queue,
+    jobs_queue,
+    jobs_queue_arguments,
+)
+from satellite.cli import main as cli_main
 from satellite.client import Client
 from satellite.config import CoreSettings
-from satellite.topology import Outcome
+from satellite.topology import CLASSIC_DLQ_DETAIL, Outcome
 from tests.support.rabbitmq import (
     AmqpVhost,
     list_bindings,
@@ -62,8 +69,12 @@ def test_declare_creates_the_design_topology(
     assert args[jobs_queue(sat_id)]["x-delivery-limit"] == 20
     assert queues[jobs_queue(sat_id)]["type"] == "quorum"
     assert queues[jobs_queue(sat_id)]["durable"] is True
-    assert args[f"{jobs_queue(sat_id)}.dlq"] == {}
-    # the interactive lane: same arguments, dead letters to the same DLQ (DESIGN §3, §13)
+    assert args[f"{jobs_queue(sat_id)}.dlq"] == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT,
+    }
+    assert queues[f"{jobs_queue(sat_id)}.dlq"]["type"] == "quorum"
+    # the interactive lane: same arguments, dead letters to the same DLQ (docs/design.md §3, §13)
     assert args[interactive_queue(sat_id)] == jobs_queue_arguments(sat_id)
     assert args[interactive_queue(sat_id)]["x-dead-letter-routing-key"] == sat_id
     assert queues[interactive_queue(sat_id)]["type"] == "quorum"
@@ -92,6 +103,33 @@ def test_classic_queue_type(client: Client, amqp_vhost: AmqpVhost, sat_id: str) 
     args = queue_arguments(amqp_vhost.name)[jobs_queue(sat_id)]
     assert args == jobs_queue_arguments(sat_id, "classic")
     assert "x-queue-type" not in args
+    queues = {row["name"]: row for row in list_queues(amqp_vhost.name)}
+    assert queues[jobs_queue(sat_id)]["type"] == "classic"
+    assert queues[dead_letter_queue(sat_id)]["type"] == "classic"
+
+
+def test_a_classic_dead_letter_queue_of_an_older_version_is_reported(
+    client: Client, amqp_vhost: AmqpVhost, sat_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with kombu.Connection(amqp_vhost.dsn, connect_timeout=5) as conn:
+        conn.channel().queue_declare(
+            queue=dead_letter_queue(sat_id), durable=True, auto_delete=False
+        )
+    report = client.declare([sat_id])
+    [conflict] = report.conflicts
+    assert conflict.name == dead_letter_queue(sat_id)
+    assert conflict.detail == CLASSIC_DLQ_DETAIL
+    queues = {row["name"]: row for row in list_queues(amqp_vhost.name)}
+    assert queues[dead_letter_queue(sat_id)]["type"] == "classic"  # left alone
+    assert queues[jobs_queue(sat_id)]["type"] == "quorum"  # the rest went on
+    assert ("usm_poller.dlx", dead_letter_queue(sat_id), sat_id) in list_bindings(amqp_vhost.name)
+    # `satellite declare` says what it is and how to migrate it.
+    code = cli_main(["declare", sat_id, "--dsn", amqp_vhost.dsn])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"conflict  queue     {dead_letter_queue(sat_id)}" in out
+    assert "classic dead-letter queue (made by an older version)" in out
+    assert "drain it" in out
 
 
 def test_existing_queue_with_other_arguments_is_reported(
@@ -117,4 +155,5 @@ def test_quorum_queue_declared_as_classic_is_a_conflict(client: Client, sat_id: 
     assert [item.name for item in report.conflicts] == [
         jobs_queue(sat_id),
         interactive_queue(sat_id),
+        dead_letter_queue(sat_id),
     ]

@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal
 
 import pytest
@@ -426,21 +426,33 @@ async def test_set_with_the_read_only_community_is_refused(
 # Failures: timeout, unreachable and auth kept apart
 
 
-async def test_wrong_community_is_a_device_timeout_within_the_deadline(
-    driver: SnmpDriver, snmpd: Snmpd
+#: What a `device_timeout` says silence may also be (agents drop what they cannot authenticate).
+WRONG_COMMUNITY_HINT = "a wrong community looks the same as a dead device"
+WRONG_V3_HINT = "wrong SNMPv3 credentials can look the same as a dead device"
+
+
+@pytest.mark.parametrize("kind", ["snmp.get", "snmp.walk"])
+@pytest.mark.parametrize("version", [v1, v2c])
+async def test_wrong_community_is_a_device_timeout_that_says_so(
+    driver: SnmpDriver,
+    snmpd: Snmpd,
+    kind: str,
+    version: Callable[[Snmpd, str], dict[str, JsonValue]],
 ) -> None:
     start = time.monotonic()
     with pytest.raises(DeviceTimeoutError) as info:
         await run(
             driver,
-            "snmp.get",
-            {"oids": [SYS_NAME]},
-            v2c(snmpd, "not-the-community"),
+            kind,
+            {"oids": [SYS_NAME if kind == "snmp.get" else SYSTEM]},
+            version(snmpd, "not-the-community"),
             port=snmpd.port,
             timeout=1.0,
         )
     assert time.monotonic() - start <= 1.2
-    assert_no_secret(info.value, "not-the-community")
+    assert info.value.message.startswith(f"no SNMP response from 127.0.0.1:{snmpd.port}")
+    assert WRONG_COMMUNITY_HINT in info.value.message
+    assert_no_secret(info.value, "not-the-community", snmpd.community)
 
 
 @pytest.fixture
@@ -546,6 +558,7 @@ async def test_wrong_v3_priv_key_is_a_device_timeout(driver: SnmpDriver, snmpd: 
             port=snmpd.port,
             timeout=1.0,
         )
+    assert WRONG_V3_HINT in info.value.message
     assert_no_secret(info.value, "wrong-priv-key", user.auth_key)
 
 

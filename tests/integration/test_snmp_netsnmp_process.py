@@ -30,6 +30,7 @@ from poller.drivers.snmp import SnmpDriver, SnmpOptions
 from poller.drivers.snmp_netsnmp import _KEEP_HANDLERS, TRIM_EVERY, NetsnmpBackend, _Process
 from poller.errors import DeviceTimeoutError
 from tests.integration.test_snmp_driver import by_oid, run, v2c, v3
+from tests.support.procs import has_ended
 from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: A child process using the backend; prints one JSON line, then waits as its mode says.
 CHILD = r"""
 import asyncio, json, os, sys, time
-from poller.drivers.snmp import SnmpTarget
+from poller.drivers.snmp_base import SnmpTarget
 from poller.drivers import snmp_netsnmp as netsnmp
 from poller.wire import SnmpAuth
 
@@ -160,14 +161,6 @@ def children(tmp_path: Path) -> Iterator[list[Child]]:
                 stream.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------
 # The private directory
 
@@ -206,9 +199,9 @@ def test_a_killed_process_leaves_its_directory_and_the_next_one_removes_it(
     assert [p.name for p in tmp_path.iterdir()] == [parent.name]
 
     deadline = time.monotonic() + 10  # the orphaned walk program times out on its own
-    while _alive(first["walk_pid"]) and time.monotonic() < deadline:
+    while not has_ended(first["walk_pid"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(first["walk_pid"]):
+    if not has_ended(first["walk_pid"]):
         os.kill(first["walk_pid"], signal.SIGKILL)
 
 

@@ -97,6 +97,31 @@ async def test_a_listening_port_is_connected_with_its_connect_time(listening_por
     assert 0 <= data["rtt_ms"] < 1000
 
 
+@pytest.mark.parametrize("auth", [{}, None])
+async def test_a_job_in_the_uniform_shape_connects_to_the_target_port(
+    listening_port: int, auth: dict[str, Any] | None
+) -> None:
+    """The port in `target.port` only, with the `auth` a core sends for every kind."""
+    job = tcp_job("127.0.0.1", listening_port, auth=auth)
+    job["target"]["port"] = listening_port
+    del job["params"]
+    result = await run(job)
+    assert result.status == "ok", result.error
+    assert (result.data or {})["connected"] is True
+
+
+async def test_params_port_wins_over_the_target_port(listening_port: int, closed_port: int) -> None:
+    job = tcp_job("127.0.0.1", listening_port)
+    job["target"]["port"] = closed_port
+    result = await run(job)
+    assert result.status == "ok", result.error
+    job = tcp_job("127.0.0.1", closed_port)
+    job["target"]["port"] = listening_port
+    result = await run(job)
+    assert result.error is not None
+    assert result.error.code == "device_unreachable"
+
+
 async def test_ipv6_loopback_and_names_work() -> None:
     if not has_ipv6_loopback():
         pytest.skip("::1 is not configured on this machine")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from poller import __version__
+from poller import __version__, config, recycle
 from poller.config import load_settings, mask_dsn, parse_dsn
 from poller.errors import ConfigError
 
@@ -69,6 +69,11 @@ def test_alternative_dsn_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
         ("USM_POLLER_INTERACTIVE_SLOTS", "64", "USM_POLLER_INTERACTIVE_SLOTS: must be below"),
         ("USM_POLLER_INTERACTIVE_SLOTS", "-1", "USM_POLLER_INTERACTIVE_SLOTS: "),
         ("USM_POLLER_INTERACTIVE_PREFETCH", "0", "USM_POLLER_INTERACTIVE_PREFETCH: "),
+        ("USM_POLLER_MAX_RSS_MB", "-1", "USM_POLLER_MAX_RSS_MB: "),
+        ("USM_POLLER_MAX_RSS_MB", "512MB", "USM_POLLER_MAX_RSS_MB: "),
+        ("USM_POLLER_MAX_RSS_MB", "0.5", "USM_POLLER_MAX_RSS_MB: "),
+        ("USM_POLLER_MAX_JOBS", "-5", "USM_POLLER_MAX_JOBS: "),
+        ("USM_POLLER_MAX_JOBS", "1e6", "USM_POLLER_MAX_JOBS: "),
         ("US_AMQP_DSN", "http://u:secret-pw@h/", "US_AMQP_DSN: URL 1 must start with amqp"),
         ("US_AMQP_DSN", "amqps://u:secret-pw@h/?verify=none", "US_AMQP_DSN: URL 1 has the "),
         ("US_AMQP_DSN", "amqp://a/,amqp://u:secret-pw@/", "US_AMQP_DSN: URL 2 has no host"),
@@ -153,6 +158,48 @@ def test_cli_exits_2_with_one_line_and_no_password() -> None:
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("poller: USM_POLLER_CONCURRENCY:")
     assert "pa55" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("USM_POLLER_MAX_RSS_MB", "lots"), ("USM_POLLER_MAX_JOBS", "-1")]
+)
+def test_cli_exits_2_naming_a_bad_recycle_setting(name: str, value: str) -> None:
+    proc = run_cli("run", env=dict(os.environ) | {name: value})
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"poller: {name}:")
+
+
+def test_recycling_defaults_and_explicit_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert (s.max_rss_mb, s.max_jobs) == (None, 0)  # None: from the cgroup's memory limit
+    monkeypatch.setenv("USM_POLLER_MAX_RSS_MB", "0")
+    monkeypatch.setenv("USM_POLLER_MAX_JOBS", "100000")
+    s = load_settings()
+    assert (s.effective_max_rss_mb, s.max_jobs) == (None, 100_000)
+    monkeypatch.setenv("USM_POLLER_MAX_RSS_MB", "400")
+    assert load_settings().effective_max_rss_mb == 400
+
+
+def test_max_rss_default_comes_from_the_cgroup_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mount = tmp_path / "cgroup"
+    mount.mkdir()
+    (mount / "memory.max").write_text(f"{512 * 1024 * 1024}\n")
+    proc = tmp_path / "self-cgroup"
+    proc.write_text("0::/\n")
+
+    def fake_limit() -> int | None:
+        return recycle.cgroup_memory_limit(mount, proc, total_memory=1 << 40)
+
+    monkeypatch.setattr(config, "cgroup_memory_limit", fake_limit)
+    s = load_settings()
+    assert s.effective_max_rss_mb == 409
+    assert s.public_view()["USM_POLLER_MAX_RSS_MB"] == 409
+    (mount / "memory.max").write_text("max\n")
+    assert s.effective_max_rss_mb is None
+    assert s.public_view()["USM_POLLER_MAX_RSS_MB"] == 0
 
 
 def test_config_show_masks_the_password() -> None:

@@ -146,7 +146,7 @@ def restore_logging() -> Iterator[None]:
     saved = structlog.get_config()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    quiet = {name: logging.getLogger(name).level for name in plog._QUIET}
+    quiet = {name: logging.getLogger(name).level for name in (*plog._QUIET, *plog._DEMOTED)}
     try:
         yield
     finally:
@@ -174,8 +174,8 @@ def test_configured_json_logging_writes_whole_lines_in_order(tmp_path: Path) -> 
         log.info("first", n=1, text="é")
         out.write("partial ")  # text written before a line comes out before it
         log.warning("second", thing=Opaque())
-        logging.getLogger("pika").warning("from %s", "stdlib")
-        logging.getLogger("pika").info("quiet library below warning")
+        logging.getLogger("asyncssh").warning("from %s", "stdlib")
+        logging.getLogger("asyncssh").info("quiet library below warning")
         log.info("third")
     lines = _lines(path)
     assert len(lines) == 4
@@ -185,12 +185,43 @@ def test_configured_json_logging_writes_whole_lines_in_order(tmp_path: Path) -> 
     stdlib = json.loads(lines[2])
     assert (stdlib["event"], stdlib["logger"], stdlib["level"]) == (
         "from stdlib",
-        "pika",
+        "asyncssh",
         "warning",
     )
     assert json.loads(lines[3])["event"] == "third"
     # The loggers keep their methods once structlog has cached the bound logger.
     assert "info" in vars(log)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("level", ["info", "warning", "error"])
+def test_pika_errors_are_not_written_above_debug(level: str) -> None:
+    out = io.StringIO()
+    plog.configure_logging("json", level, out)
+    for name in ("pika", "pika.adapters.utils.connection_workflow"):
+        logging.getLogger(name).error("AMQPConnector - reporting failure: %s", "refused")
+        logging.getLogger(name).critical("as bad as it gets")
+        logging.getLogger(name).warning("Received remote Channel.Close")
+    plog.get_logger("poller.broker").error("ours")
+    [line] = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert (line["event"], line["level"]) == ("ours", "error")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_pika_warnings_and_errors_are_debug_lines_at_debug() -> None:
+    out = io.StringIO()
+    plog.configure_logging("json", "debug", out)
+    logging.getLogger("pika.adapters.base_connection").error("connection_lost: %s", "reset")
+    logging.getLogger("pika.channel").warning("Received remote Channel.Close")
+    logging.getLogger("pika.channel").info("chatty frames")  # below pika's warning: not made
+    lines = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [(x["event"], x["level"], x["logger"]) for x in lines] == [
+        ("connection_lost: reset", "debug", "pika.adapters.base_connection"),
+        ("Received remote Channel.Close", "debug", "pika.channel"),
+    ]
+    # Other libraries keep their levels.
+    logging.getLogger("asyncssh").error("kept")
+    assert json.loads(out.getvalue().splitlines()[-1])["level"] == "error"
 
 
 @pytest.mark.usefixtures("restore_logging")

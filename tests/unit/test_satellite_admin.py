@@ -11,6 +11,7 @@ import pytest
 
 from poller.errors import ConfigError
 from poller.wire import Heartbeat
+from satellite import render
 from satellite.bulk import read_jobs_file
 from satellite.config import CoreSettings
 from satellite.dispatch import InvalidJobError, SenderPolicy, satellite_of_key
@@ -308,3 +309,25 @@ def test_status_shows_the_interactive_lane_and_warns_when_nobody_consumes_it() -
     assert missing.as_dict()["lane"] is None
     assert missing.warnings == ["no interactive lane queue (run `satellite declare`)"]
     assert missing.ok  # a warning: bulk jobs still flow
+
+
+# ------------------------------------------------------------------------------ recycles
+
+
+def test_status_shows_how_often_a_replica_recycled(capsys: pytest.CaptureFixture[str]) -> None:
+    fleet = FleetView()
+    fleet.add(beat("w-fresh", jobs_per_s=1, in_flight=0))
+    fleet.add(
+        beat("w-old", jobs_per_s=1, in_flight=0).model_copy(
+            update={"recycles": 3, "last_recycle": "rss"}
+        )
+    )
+    status = satellite_status("7", queue=None, dlq=None, fleet=fleet, core_version="1")
+    rows = {r.heartbeat.worker: r.as_dict() for r in status.replicas}
+    assert (rows["w-old"]["recycles"], rows["w-old"]["last_recycle"]) == (3, "rss")
+    assert (rows["w-fresh"]["recycles"], rows["w-fresh"]["last_recycle"]) == (0, None)
+    render.status([status])
+    out = capsys.readouterr().out
+    assert "recycled" in out
+    [old] = [line for line in out.splitlines() if "w-old" in line]
+    assert "3 (rss)" in old

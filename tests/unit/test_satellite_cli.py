@@ -33,6 +33,19 @@ def test_bad_arguments_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) 
     assert err.startswith("satellite call: error: argument KIND: invalid choice: 'snmp.gett'")
 
 
+@pytest.mark.parametrize("command", ["call", "submit"])
+def test_a_forgotten_satellite_id_is_named(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    code, out, err = run(capsys, command, "snmp.get", "--host", "127.0.0.1", "-c", "p", OID)
+    assert code == EXIT_USAGE
+    assert out == ""
+    assert err == (
+        f"satellite {command}: error: argument ID: 'snmp.get' is a job kind, but the first "
+        f"argument is the satellite ID: satellite {command} ID snmp.get ...\n"
+    )
+
+
 def test_missing_required_option(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "call", "7", "snmp.get", OID)
     assert code == EXIT_USAGE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from poller.wire import (
     encode,
 )
 from satellite.cli import build_parser
-from satellite.dispatch import InvalidJobError
+from satellite.dispatch import InvalidJobError, build_job
 from satellite.jobargs import KIND_OPTIONS, job_from_args, parse_varbind
 
 OID = "1.3.6.1.2.1.1.5.0"
@@ -180,6 +181,18 @@ def test_tcp_connect_needs_a_port() -> None:
     assert isinstance(job("tcp.connect", "--host", "h", "--port", "443"), TcpConnectJob)
     with pytest.raises(ConfigError, match=r"^--port"):
         job("tcp.connect", "--host", "h")
+
+
+def test_tcp_connect_is_written_in_the_shape_every_poller_reads() -> None:
+    """`params.port` (all pollers) and `target.port` (pollers that read it), with no `auth`."""
+    body = json.loads(encode(job("tcp.connect", "--host", "h", "--port", "443")))
+    assert (body["params"], body["target"]["port"]) == ({"port": 443}, 443)
+    assert "auth" not in body
+    built = build_job("tcp.connect", target={"host": "h", "port": 22}, auth={})
+    body = json.loads(encode(built))
+    assert (body["params"], body["target"]["port"]) == ({"port": 22}, 22)
+    assert "auth" not in body
+    assert decode_job(encode(built)) == built
 
 
 def test_ssh_password_only_from_file_or_environment(tmp_path: Path) -> None:

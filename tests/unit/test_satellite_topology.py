@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from poller.errors import BrokerError
-from poller.wire import jobs_queue_arguments
+from poller.wire import DEAD_LETTER_DELIVERY_LIMIT, jobs_queue_arguments
 from satellite.topology import (
     BindingSpec,
     ExchangeSpec,
@@ -40,7 +40,12 @@ def test_plan_has_every_object_of_the_design() -> None:
     assert topology.queues[0].arguments["x-queue-type"] == "quorum"
     # The interactive lane: the same arguments, dead letters to the same DLQ.
     assert topology.queues[1].arguments == jobs_queue_arguments("7", "quorum")
-    assert topology.queues[2].arguments == {}
+    # Every queue is quorum: a classic DLQ would stop with the one node that holds it.
+    assert topology.queues[2].arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT,  # reading dead letters never drops them
+    }
+    assert topology.queues[2].dead_letters
     assert topology.queues[-1].arguments == {"x-queue-type": "quorum"}
     assert topology.bindings == (
         BindingSpec("usm_poller-sat-7", "usm_poller.jobs", "7"),
@@ -54,10 +59,12 @@ def test_plan_has_every_object_of_the_design() -> None:
 
 
 def test_classic_queues_get_no_quorum_arguments() -> None:
-    queue = core_topology(["7"], queue_type="classic").queues[0]
+    queue, dlq, results = core_topology(["7"], queue_type="classic").queues
     assert "x-queue-type" not in queue.arguments
     assert "x-delivery-limit" not in queue.arguments
     assert queue.arguments["x-dead-letter-exchange"] == "usm_poller.dlx"
+    assert dlq.arguments == {}  # classic, as before quorum dead-letter queues
+    assert results.arguments == {"x-queue-type": "quorum"}  # the core's: always quorum
 
 
 def test_results_queue_can_be_left_out() -> None:

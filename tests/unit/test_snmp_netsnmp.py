@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from poller.drivers.snmp import render_varbind
+from poller.drivers.snmp_base import render_varbind
 from poller.drivers.snmp_netsnmp import (
     _c_string,
     _Call,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from poller.drivers.snmp import OutputBudget, SubtreeWalk, Varbind, WalkPage, render_varbind
+from poller.drivers.snmp_base import OutputBudget, SubtreeWalk, Varbind, WalkPage, render_varbind
 from poller.drivers.snmp_netsnmp import (
     _decode,
     _master_key,
@@ -201,8 +201,14 @@ def _walk(budget: OutputBudget | None = None) -> SubtreeWalk:
     ],
 )
 def test_a_timeout_is_a_device_timeout(said: str) -> None:
-    with pytest.raises(DeviceTimeoutError, match=r"no SNMP response from 10\.0\.0\.1:161$"):
+    with pytest.raises(
+        DeviceTimeoutError, match=r"^no SNMP response from 10\.0\.0\.1:161 \("
+    ) as v2:
         _program_outcome(1, said, _walk(), "10.0.0.1:161", None)
+    assert "a wrong community looks the same as a dead device" in v2.value.message
+    with pytest.raises(DeviceTimeoutError) as v3:
+        _program_outcome(1, said, _walk(), "10.0.0.1:161", "opsuser")
+    assert "wrong SNMPv3 credentials can look the same as a dead device" in v3.value.message
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poller.drivers.base import JobContext
-from poller.drivers.snmp import (
+from poller.drivers.snmp import SnmpDriver, SnmpOptions
+from poller.drivers.snmp_base import (
     OutputBudget,
     SetValue,
-    SnmpDriver,
-    SnmpOptions,
     SnmpTarget,
     Varbind,
     WalkResult,

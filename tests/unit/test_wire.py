@@ -195,6 +195,46 @@ def test_names_follow_the_design() -> None:
         wire.interactive_routing_key("a.b")
 
 
+HEARTBEAT = {
+    "v": 1,
+    "satellite_id": "7",
+    "worker": "w",
+    "version": "0.1.0",
+    "hostname": "h",
+    "started_at": "2026-11-23T09:00:00.000Z",
+    "sent_at": "2026-11-23T10:00:00.000Z",
+    "concurrency": 64,
+    "in_flight": 3,
+    "jobs_ok": 10,
+    "jobs_error": 1,
+    "jobs_per_s": 2.5,
+    "loop_lag_ms": 0.4,
+    "rss_bytes": 80_000_000,
+    "quarantine": [],
+}
+
+
+def test_heartbeat_of_an_older_poller_reads_without_the_recycle_fields() -> None:
+    beat = wire.Heartbeat.model_validate_json(json.dumps(HEARTBEAT))
+    assert (beat.recycles, beat.last_recycle) == (0, None)
+
+
+def test_heartbeat_round_trips_with_its_recycles() -> None:
+    beat = wire.Heartbeat.model_validate(HEARTBEAT | {"recycles": 3, "last_recycle": "rss"})
+    again = wire.Heartbeat.model_validate_json(wire.encode(beat))
+    assert again == beat
+    assert (again.recycles, again.last_recycle) == (3, "rss")
+
+
+def test_heartbeat_fields_a_reader_does_not_know_are_ignored() -> None:
+    # A core reads the heartbeats of pollers newer than itself (jobs, unlike heartbeats,
+    # refuse unknown fields).
+    later = HEARTBEAT | {"recycles": 1, "last_recycle": "uptime", "lanes": {"interactive": 2}}
+    beat = wire.Heartbeat.model_validate_json(json.dumps(later))
+    assert (beat.recycles, beat.last_recycle) == (1, "uptime")
+    assert "lanes" not in beat.model_dump()
+
+
 def test_queue_arguments_for_quorum_and_classic() -> None:
     quorum = wire.jobs_queue_arguments("7")
     assert quorum == {
@@ -301,3 +341,98 @@ def test_bad_oid_message_is_unchanged() -> None:
     assert info.value.message == (
         "invalid job: params.oids: Value error, not a numeric OID such as 1.3.6.1.2.1.1.5.0"
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Kinds without credentials, and where tcp.connect finds its port
+
+
+def _bare(kind: str, **fields: Any) -> bytes:
+    job: dict[str, Any] = {"v": 1, "id": "u-1", "kind": kind, "target": {"host": "10.0.0.1"}}
+    return json.dumps(job | fields).encode()
+
+
+@pytest.mark.parametrize("kind", ["icmp.ping", "tcp.connect"])
+@pytest.mark.parametrize("auth", [{}, None])
+def test_empty_or_null_auth_is_accepted_for_kinds_without_credentials(
+    kind: str, auth: dict[str, Any] | None
+) -> None:
+    params = {"port": 22} if kind == "tcp.connect" else {}
+    job = wire.decode_job(_bare(kind, auth=auth, params=params))
+    assert job.kind == kind
+    assert b'"auth"' not in wire.encode(job)  # what older pollers refuse is never written
+
+
+@pytest.mark.parametrize("kind", ["icmp.ping", "tcp.connect"])
+@pytest.mark.parametrize(
+    "auth", [{"community": "s3cr3t-community"}, {"version": "2c"}, "s3cr3t-community", [], 0]
+)
+def test_non_empty_auth_is_refused_for_kinds_without_credentials(kind: str, auth: object) -> None:
+    raw = _bare(kind, auth=auth, params={"port": 22})
+    with pytest.raises(WireError) as info:
+        wire.decode_job(raw)
+    assert info.value.error_code == "invalid_job"
+    assert info.value.job_id == "u-1"
+    assert "auth: " in info.value.message
+    assert "s3cr3t" not in info.value.message
+
+
+def test_credential_ref_is_still_refused_for_kinds_without_credentials() -> None:
+    with pytest.raises(WireError, match="takes no credentials"):
+        wire.decode_job(_bare("icmp.ping", credential_ref="core-v2"))
+
+
+def _tcp(target_port: int | None, params: dict[str, Any] | None) -> wire.TcpConnectJob:
+    fields: dict[str, Any] = {"target": {"host": "10.0.0.1", "port": target_port}}
+    if params is not None:
+        fields["params"] = params
+    job = wire.decode_job(_bare("tcp.connect", **fields))
+    assert isinstance(job, wire.TcpConnectJob)
+    return job
+
+
+def test_tcp_connect_takes_its_port_from_the_target() -> None:
+    assert _tcp(443, None).params.port == 443
+    assert _tcp(443, {}).params.port == 443
+    assert _tcp(443, {"port": None}).params.port == 443
+
+
+def test_tcp_connect_params_port_wins_over_the_target_port() -> None:
+    assert _tcp(443, {"port": 22}).params.port == 22
+    assert _tcp(None, {"port": 22}).params.port == 22
+
+
+def test_tcp_connect_job_from_the_target_port_is_written_with_params_port() -> None:
+    """What a poller that reads only `params.port` accepts, and the same job read back."""
+    job = _tcp(443, None)
+    written = json.loads(wire.encode(job))
+    assert written["params"] == {"port": 443}
+    assert written["target"]["port"] == 443
+    assert wire.decode_job(wire.encode(job)) == job
+
+
+@pytest.mark.parametrize("params", [None, {}, {"port": None}])
+def test_tcp_connect_without_any_port_names_both_fields(params: dict[str, Any] | None) -> None:
+    with pytest.raises(WireError) as info:
+        _tcp(None, params)
+    assert info.value.error_code == "invalid_job"
+    assert info.value.job_id == "u-1"
+    assert "target.port" in info.value.message
+    assert "params.port" in info.value.message
+
+
+@pytest.mark.parametrize("port", [0, 65536, "x"])
+def test_tcp_connect_bad_target_port_is_refused(port: object) -> None:
+    raw = _bare("tcp.connect", target={"host": "10.0.0.1", "port": port})
+    with pytest.raises(WireError) as info:
+        wire.decode_job(raw)
+    assert "target.port" in info.value.message
+
+
+def test_tcp_connect_built_from_models_finds_its_port_in_either_place() -> None:
+    target = wire.Target(host="h", port=443)
+    params = wire.TcpParams(port=22)
+    built = wire.TcpConnectJob(v=1, id="m", kind="tcp.connect", target=target, params=params)
+    assert built.params.port == 22
+    fields = {"v": 1, "id": "m", "kind": "tcp.connect", "target": target}
+    assert wire.TcpConnectJob.model_validate(fields).params.port == 443
