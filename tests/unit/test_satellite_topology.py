@@ -59,10 +59,11 @@ def test_plan_has_every_object_of_the_design() -> None:
 
 
 def test_classic_queues_get_no_quorum_arguments() -> None:
-    queue, dlq, results = core_topology(["7"], queue_type="classic").queues
+    queue, lane, dlq, results = core_topology(["7"], queue_type="classic").queues
     assert "x-queue-type" not in queue.arguments
     assert "x-delivery-limit" not in queue.arguments
     assert queue.arguments["x-dead-letter-exchange"] == "usm_poller.dlx"
+    assert lane.arguments == queue.arguments
     assert dlq.arguments == {}  # classic, as before quorum dead-letter queues
     assert results.arguments == {"x-queue-type": "quorum"}  # the core's: always quorum
 
