@@ -216,13 +216,18 @@ def replica_table(
     return table, hidden
 
 
-def _fitted(out: Console, depth: str, rates: str) -> None:
-    """One queue line, or two when it would not fit the terminal (never cut)."""
-    if len(depth) + 1 + len(rates) <= out.width:
-        out.print(f"{depth} {rates}")
-    else:
-        out.print(depth)
-        out.print(f"  {rates}")
+def _fitted(out: Console, *parts: str) -> None:
+    """A queue's line, folded between its parts (never inside one) to fit the terminal:
+    continuation lines are indented by two spaces; a part wider than the terminal (a long
+    queue name) stays whole."""
+    line = parts[0]
+    for part in parts[1:]:
+        if len(line) + 1 + len(part) <= out.width:
+            line = f"{line} {part}"
+        else:
+            out.print(line)
+            line = f"  {part}"
+    out.print(line)
 
 
 def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
@@ -238,8 +243,8 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
         if q is not None:
             _fitted(
                 out,
-                f"  queue {q.name}: {q.ready} ready, {q.unacked} unacked, "
-                f"{q.consumers} consumer(s);",
+                f"  queue {q.name}:",
+                f"{q.ready} ready, {q.unacked} unacked, {q.consumers} consumer(s);",
                 f"in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
                 f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered",
             )
@@ -247,8 +252,8 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
         if lane is not None:
             _fitted(
                 out,
-                f"  lane  {lane.name}: {lane.ready} ready, {lane.unacked} unacked, "
-                f"{lane.consumers} consumer(s);",
+                f"  lane  {lane.name}:",
+                f"{lane.ready} ready, {lane.unacked} unacked, {lane.consumers} consumer(s);",
                 f"in {lane.publish_rate:.1f}/s, out {lane.ack_rate:.1f}/s",
             )
         if sat.replicas:

@@ -107,7 +107,7 @@ def test_declare_with_a_conflict_exits_1(satellite: Any, sat_id: str) -> None:
     assert "inequivalent arg" in run.out
     # and the classic dead-letter queue, with how to make it quorum
     assert "classic dead-letter queue (made by an older version)" in run.out
-    assert "2 object(s) exist with other arguments" in run.err
+    assert "3 object(s) exist with other arguments" in run.err  # queue, lane, DLQ
 
 
 def test_submit_prints_the_job_id(satellite: Any, amqp_vhost: AmqpVhost, sat_id: str) -> None:
