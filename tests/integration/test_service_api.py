@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pika
 import pytest
+from structlog.testing import capture_logs
 
 from poller import wire
 from satellite.cli import main as satellite_cli
@@ -539,3 +540,17 @@ async def test_a_job_nobody_answers_becomes_overdue_in_a_running_service(
         assert started.metrics.overdue >= 1
     finally:
         await started.stop()
+
+
+async def test_every_request_is_one_log_line_without_its_token(
+    api: httpx.AsyncClient, tokens: Tokens
+) -> None:
+    with capture_logs() as logs:
+        await api.get("/v1/jobs", params={"host": "10.0.0.9"})
+        await api.get("/v1/jobs", headers={"Authorization": ""})
+    lines = [line for line in logs if line["event"] == "request_finished"]
+    assert [(x["method"], x["path"], x["status"], x["caller"]) for x in lines] == [
+        ("GET", "/v1/jobs", 200, "tester"),
+        ("GET", "/v1/jobs", 401, None),
+    ]
+    assert tokens.admin not in repr(logs)
