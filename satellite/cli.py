@@ -828,10 +828,6 @@ def _token_revoke(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------------------------ serve
 # `satellite serve`: the core service (DESIGN §10, docs/core-service.md). Its settings are the
 # environment's (USM_CORE_*, US_AMQP_DSN, USM_MANAGEMENT_URL); it needs the `core` extra,
@@ -868,3 +864,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
 
     settings = load_settings(ctx.environ)
     return asyncio.run(run(settings))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
