@@ -237,7 +237,7 @@ class JobService:
             request=kept_request(job),
         )
         try:
-            await self.store.record_queued(queued)
+            record = await self.store.record_queued(queued)
         except JobExistsError:
             raise JobSubmitError(
                 409, "job_exists", f"a job with id {job.id!r} was submitted already"
@@ -245,8 +245,6 @@ class JobService:
         waiting = self.waiters.watch(job.id) if wait else None
         try:
             await self._publish(satellite_id, job, reply=wait is not None and wait > 0)
-            record = await self.store.get_job(job.id)
-            assert record is not None
             if waiting is None or wait is None:
                 return Submitted(record, answered=False)
             return await self._wait(record, waiting, min(wait, MAX_WAIT_SECONDS))
@@ -432,10 +430,8 @@ class JobService:
             if latest is not None and latest.status not in ("queued", "overdue"):
                 return Submitted(latest, answered=True)
             return Submitted(latest or record, answered=False)
-        latest = await self.store.get_job(record.id)
-        if latest is not None and latest.answers > 0:
-            return Submitted(latest, answered=True)
-        return Submitted(merged(latest or record, result), answered=True)
+        # The result as it arrived (the history's copy may not be committed yet: no read here).
+        return Submitted(merged(record, result), answered=True)
 
     async def retry(self, job_id: str, *, wait: float | None = None) -> Submitted:
         """Submit a recorded job again under a new id; the new record points at the old one."""
