@@ -29,7 +29,7 @@ from amqp.exceptions import AMQPError  # type: ignore[import-untyped]
 from kombu.exceptions import KombuError
 
 from poller.errors import BrokerError, ConfigError
-from poller.wire import JobKind, JobRequest, JobResult, validate_satellite_id
+from poller.wire import JobKind, JobRequest, JobResult, interactive_queue, validate_satellite_id
 from satellite import __version__, render
 from satellite.bulk import DEFAULT_WINDOW, open_jobs_file
 from satellite.client import Client
@@ -209,8 +209,24 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
     submit_opts.add_argument(
         "--expiration", type=float, metavar="S", help="drop the job if not taken within S seconds"
     )
+    submit_opts.add_argument(
+        "--interactive",
+        dest="lane",
+        action="store_const",
+        const="interactive",
+        default="bulk",
+        help="send it to the satellite's interactive lane, ahead of the bulk backlog",
+    )
     call_opts = _Parser(add_help=False)
     call_opts.add_argument("--priority", type=int, choices=range(10), metavar="0-9")
+    call_opts.add_argument(
+        "--bulk",
+        dest="lane",
+        action="store_const",
+        const="bulk",
+        default="interactive",
+        help="send it to the bulk job queue instead of the interactive lane",
+    )
     call_opts.add_argument(
         "--timeout",
         type=float,
@@ -554,7 +570,11 @@ def _submit(args: argparse.Namespace, ctx: Context) -> int:
         return _submit_file(args, ctx)
     job: JobRequest = args.job
     job_id = ctx.client.submit(
-        args.satellite_id, job, priority=args.priority, expiration=args.expiration
+        args.satellite_id,
+        job,
+        priority=args.priority,
+        expiration=args.expiration,
+        lane=args.lane,
     )
     if args.json:
         _print_json({"ok": True, "job_id": job_id, "satellite_id": args.satellite_id})
@@ -587,7 +607,7 @@ def _submit_file(args: argparse.Namespace, ctx: Context) -> int:
 def _call(args: argparse.Namespace, ctx: Context) -> int:
     job: JobRequest = args.job
     result: JobResult = ctx.client.call(
-        args.satellite_id, job, timeout=args.timeout, priority=args.priority
+        args.satellite_id, job, timeout=args.timeout, priority=args.priority, lane=args.lane
     )
     _print_json(result.model_dump(mode="json"), indent=None if args.json else 2)
     return EXIT_OK if result.status == "ok" else EXIT_ERROR
@@ -654,8 +674,9 @@ def _collect_status(
     queues = {str(q.get("name")): q for q in ctx.api.queues()}
     ids = list(args.satellite_ids)
     if not ids:
+        # The job queue, its DLQ and its interactive lane: ids have no dots, suffixes do.
         found = {
-            name.removeprefix(JOB_QUEUE_PREFIX).removesuffix(DLQ_SUFFIX)
+            name.removeprefix(JOB_QUEUE_PREFIX).split(".", 1)[0]
             for name in queues
             if name.startswith(JOB_QUEUE_PREFIX)
         }
@@ -668,12 +689,19 @@ def _collect_status(
         queue = ctx.api.queue(name) if counts is not None else None
         if counts is not None and queue is None:
             queue = {"name": name}  # not in the management API's statistics yet
+        lane_name = interactive_queue(sid)
+        lane_counts = ctx.client.queue_counts(lane_name)
+        lane = ctx.api.queue(lane_name) if lane_counts is not None else None
+        if lane_counts is not None and lane is None:
+            lane = {"name": lane_name}
         statuses.append(
             satellite_status(
                 sid,
                 counts=counts,
                 queue=queue,
                 dlq=queues.get(name + DLQ_SUFFIX),
+                lane=lane,
+                lane_counts=lane_counts,
                 fleet=fleet,
                 core_version=__version__,
                 heartbeat_max_age=max_age,

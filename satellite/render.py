@@ -216,6 +216,20 @@ def replica_table(
     return table, hidden
 
 
+def _fitted(out: Console, *parts: str) -> None:
+    """A queue's line, folded between its parts (never inside one) to fit the terminal:
+    continuation lines are indented by two spaces; a part wider than the terminal (a long
+    queue name) stays whole."""
+    line = parts[0]
+    for part in parts[1:]:
+        if len(line) + 1 + len(part) <= out.width:
+            line = f"{line} {part}"
+        else:
+            out.print(line)
+            line = f"  {part}"
+    out.print(line)
+
+
 def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
     out = _console()
     if clear and out.is_terminal:
@@ -227,19 +241,21 @@ def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
         out.print(f"[bold]satellite {escape(sat.satellite_id)}[/bold]  {mark}")
         q = sat.queue
         if q is not None:
-            depth = (
-                f"  queue {q.name}: {q.ready} ready, {q.unacked} unacked, "
-                f"{q.consumers} consumer(s);"
-            )
-            rates = (
+            _fitted(
+                out,
+                f"  queue {q.name}:",
+                f"{q.ready} ready, {q.unacked} unacked, {q.consumers} consumer(s);",
                 f"in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
-                f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered"
+                f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered",
             )
-            if len(depth) + 1 + len(rates) <= out.width:
-                out.print(f"{depth} {rates}")
-            else:
-                out.print(depth)
-                out.print(f"  {rates}")
+        lane = sat.lane
+        if lane is not None:
+            _fitted(
+                out,
+                f"  lane  {lane.name}:",
+                f"{lane.ready} ready, {lane.unacked} unacked, {lane.consumers} consumer(s);",
+                f"in {lane.publish_rate:.1f}/s, out {lane.ack_rate:.1f}/s",
+            )
         if sat.replicas:
             table, hidden = replica_table(sat.replicas, out.width - _INDENT, out)
             out.print(Padding(table, (0, 0, 0, _INDENT), expand=False))
