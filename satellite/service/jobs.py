@@ -233,6 +233,7 @@ class JobService:
             source=source,
             submitted_at=now,
             timeout=job.timeout,
+            lane=_lane(wait),
             retry_of=retry_of,
             request=kept_request(job),
         )
@@ -290,6 +291,7 @@ class JobService:
                 source=source,
                 submitted_at=now,
                 timeout=job.timeout,
+                lane="bulk",
                 request=kept_request(job),
             )
             for job in batch
@@ -398,10 +400,10 @@ class JobService:
 
     async def _publish(self, satellite_id: str, job: wire.JobRequest, *, reply: bool) -> None:
         props = self._properties(job, reply=reply)
+        # Someone waits for it: the interactive lane, ahead of the bulk backlog (design §13).
+        key = wire.lane_routing_key(satellite_id, "interactive" if reply else "bulk")
         try:
-            await self.publisher.publish(
-                wire.jobs_exchange(), wire.jobs_routing_key(satellite_id), wire.encode(job), props
-            )
+            await self.publisher.publish(wire.jobs_exchange(), key, wire.encode(job), props)
         except BrokerError as exc:
             await self.store.mark_not_published(job.id)
             if self.metrics is not None:
@@ -493,13 +495,18 @@ class JobService:
         return record
 
 
+def _lane(wait: float | None) -> wire.Lane:
+    return "interactive" if wait is not None and wait > 0 else "bulk"
+
+
 def _not_published(satellite_id: str, *, unroutable: bool, reason: str = "") -> JobSubmitError:
     if unroutable:
         return JobSubmitError(
             404,
             "unknown_satellite",
-            f"no queue is bound for satellite {satellite_id!r} "
-            "(declare it with `satellite declare`, or start its pollers)",
+            f"no queue is bound for satellite {satellite_id!r} (or for its interactive lane, "
+            "for a job that is waited for): declare it with `satellite declare`, or start its "
+            "pollers",
         )
     detail = f"the broker did not take the job: {reason}" if reason else "the broker is down"
     return JobSubmitError(503, "broker_unavailable", detail, retry_after=5)
