@@ -598,6 +598,13 @@ def jobs_routing_key(satellite_id: str) -> str:
     return validate_satellite_id(satellite_id)
 
 
+def satellite_of_jobs_queue(name: str) -> str | None:
+    """The satellite whose job queue is called `name`, or None (a DLQ, another queue)."""
+    prefix = "usm_poller-sat-"
+    rest = name[len(prefix) :] if name.startswith(prefix) else ""
+    return rest if SATELLITE_ID_RE.match(rest) else None
+
+
 def interactive_queue(satellite_id: str) -> str:
     """The interactive lane (DESIGN §13): jobs a person waits for, consumed apart from the bulk."""
     return f"{jobs_queue(satellite_id)}.interactive"
@@ -637,6 +644,30 @@ def results_queue() -> str:
 
 def results_binding_key() -> str:
     return "result.#"
+
+
+def history_queue() -> str:
+    """The core service's ingest queue (DESIGN §10): every result, apart from the core's own."""
+    return "usm_poller.history"
+
+
+def history_binding_keys() -> tuple[str, ...]:
+    """`usm_poller.history` gets results and RPC replies alike."""
+    return ("result.#", "reply.#")
+
+
+def history_queue_arguments() -> dict[str, str | int]:
+    return {"x-queue-type": "quorum"}
+
+
+def core_reply_queue(replica: str) -> str:
+    """A `satellite serve` replica's own queue for the results of jobs it waits for."""
+    return f"usm_poller.core-reply.{validate_satellite_id(replica)}"
+
+
+def core_reply_queue_arguments() -> dict[str, str | int]:
+    """A classic queue the broker deletes 10 minutes after its replica is gone."""
+    return {"x-expires": 600_000}
 
 
 def events_exchange() -> str:

@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(commands, common)
     _add_dlq(commands, common)
     _add_token(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -853,6 +854,44 @@ def _token_revoke(args: argparse.Namespace, ctx: Context) -> int:
     else:
         print(f"revoked token {revoked.name!r}")
     return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ serve
+# `satellite serve`: the core service (DESIGN §10, docs/core-service.md). Its settings are the
+# environment's (USM_CORE_*, US_AMQP_DSN, USM_MANAGEMENT_URL); it needs the `core` extra,
+# imported only here so that the other commands work without it.
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the core service: HTTP API v1, job history, result ingest",
+        description=(
+            "Serve the HTTP API on USM_CORE_LISTEN and keep the job history in USM_CORE_DB "
+            "(default: SQLite under USM_CORE_STATE_DIR), ingesting results from "
+            "usm_poller.history. Stops cleanly on SIGTERM. See docs/core-service.md."
+        ),
+    )
+    serve.set_defaults(handler=_serve, prepare=_prepare_serve, needs_broker=False)
+
+
+def _prepare_serve(args: argparse.Namespace) -> None:
+    try:
+        import satellite.service.app  # noqa: F401, PLC0415 - the `core` extra, checked early
+    except ImportError as exc:
+        raise ConfigError(
+            f"satellite serve needs the core extra: pip install 'satellite-poller[core]' ({exc})"
+        ) from None
+
+
+def _serve(args: argparse.Namespace, ctx: Context) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from satellite.service.app import run  # noqa: PLC0415 - needs the `core` extra
+    from satellite.service.settings import load_settings  # noqa: PLC0415
+
+    settings = load_settings(ctx.environ)
+    return asyncio.run(run(settings))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this machine for the demo and the tests (Debian, run as root or with sudo):
 # Debian packages (Net-SNMP, OpenSSH server, RabbitMQ if absent), a virtualenv in .venv with the
-# project and its dev extras, and a running RabbitMQ at 127.0.0.1:5672.
+# project and its dev extras, a running RabbitMQ at 127.0.0.1:5672 and (when installed) PostgreSQL
+# at 127.0.0.1:5432.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +35,4 @@ fi
 
 bash scripts/rabbitmq.sh
 bash scripts/rabbitmq-management.sh
+bash scripts/postgres.sh

@@ -56,6 +56,7 @@ __all__ = [
     "Transport",
     "UnixAddress",
     "bind_all",
+    "close_all",
     "parse_listen",
     "serve",
     "transport",
@@ -308,6 +309,11 @@ def _bind_tcp(address: TcpAddress, env: str) -> list[socket.socket]:
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+def close_all(sockets: Sequence[socket.socket]) -> None:
+    """Close sockets from `bind_all` that will not be served, removing their socket files."""
+    _close_all(sockets, remove_files=True)
 
 
 def _close_all(sockets: Sequence[socket.socket], *, remove_files: bool) -> None:

@@ -1,0 +1,3 @@
+from satellite.cli import main
+
+raise SystemExit(main())

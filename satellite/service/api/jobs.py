@@ -1,0 +1,284 @@
+"""Jobs: submit (`Prefer: wait=N`), look up (`?wait=N`), search. Parse, call, render."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from satellite.service.api.problems import PROBLEM_JSON, Problem
+from satellite.service.auth import require
+from satellite.service.jobs import (
+    MAX_BATCH_JOBS,
+    MAX_WAIT_SECONDS,
+    JobService,
+    JobSubmitError,
+    Submitted,
+)
+from satellite.service.store import JobFilter, JobRecord
+
+__all__ = ["JobPage", "parse_prefer_wait", "router"]
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+_PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "a problem document (RFC 9457)"}
+_WAIT_RE = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?\s*(?=$|[,;])", re.I)
+
+
+class BatchAccepted(BaseModel):
+    satellite_id: str
+    ids: list[str]
+    """The jobs published (confirmed by the broker), in the order given."""
+    not_published: list[str]
+    """Jobs the broker did not take (recorded as error `not_published`); submit them again."""
+
+
+#: Largest batch body (the number of jobs is limited too: `MAX_BATCH_JOBS`).
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+
+
+class JobPage(BaseModel):
+    items: list[JobRecord]
+    next_cursor: str | None
+    """Pass as `cursor` for the next (older) page; null on the last page."""
+
+
+def parse_prefer_wait(prefer: str | None) -> float | None:
+    """The `wait` preference of a `Prefer` header (RFC 7240) in seconds, at most 60."""
+    if not prefer:
+        return None
+    match = _WAIT_RE.search(prefer)
+    if match is None:
+        return None
+    value = float(match.group(1))
+    return min(value, MAX_WAIT_SECONDS) if math.isfinite(value) else None
+
+
+def _service(request: Request) -> JobService:
+    service: JobService = request.app.state.jobs
+    return service
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, "too_large", f"the body is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _record_response(
+    record: JobRecord, status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(record.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+_JOB_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": (
+                        "A job in the wire v1 shape (docs/wire.md); `v` and `id` may be "
+                        "left out: the service fills them in."
+                    ),
+                    "required": ["kind", "target"],
+                    "properties": {
+                        "v": {"type": "integer", "enum": [1]},
+                        "id": {"type": "string", "maxLength": 128},
+                        "kind": {"type": "string"},
+                        "target": {"type": "object"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/satellites/{satellite_id}/jobs",
+    summary="Submit a job; with `Prefer: wait=N` wait up to N s (at most 60) for its result",
+    status_code=202,
+    response_model=JobRecord,
+    responses={
+        200: {"model": JobRecord, "description": "the result arrived within the wait"},
+        202: {"model": JobRecord, "description": "queued; follow `Location`"},
+        401: _PROBLEM,
+        403: _PROBLEM,
+        404: _PROBLEM,
+        409: _PROBLEM,
+        413: _PROBLEM,
+        422: _PROBLEM,
+        503: _PROBLEM,
+    },
+    openapi_extra=_JOB_BODY,
+    dependencies=[Depends(require("submit"))],
+)
+async def submit_job(
+    satellite_id: str,
+    request: Request,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    service = _service(request)
+    body = await _read_body(request, service.max_job_bytes)
+    wait = parse_prefer_wait(prefer)
+    try:
+        submitted = await service.submit(satellite_id, body, wait=wait)
+    except JobSubmitError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+    return _submitted_response(submitted, wait)
+
+
+def _submitted_response(submitted: Submitted, wait: float | None) -> JSONResponse:
+    record = submitted.record
+    headers = {"Location": f"/v1/jobs/{quote(record.id, safe='')}"}
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait:g}"
+    return _record_response(record, 200 if submitted.answered else 202, headers)
+
+
+@router.post(
+    "/satellites/{satellite_id}/jobs:batch",
+    summary=f"Submit up to {MAX_BATCH_JOBS} jobs: a JSON array, or NDJSON (one job per line)",
+    status_code=202,
+    response_model=BatchAccepted,
+    responses={
+        401: _PROBLEM,
+        403: _PROBLEM,
+        404: _PROBLEM,
+        409: _PROBLEM,
+        413: _PROBLEM,
+        422: _PROBLEM,
+        503: _PROBLEM,
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        }
+    },
+    dependencies=[Depends(require("submit"))],
+)
+async def submit_batch(satellite_id: str, request: Request) -> BatchAccepted:
+    service = _service(request)
+    body = await _read_body(request, MAX_BATCH_BYTES)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ndjson = content_type in ("application/x-ndjson", "application/jsonl", "application/ndjson")
+    try:
+        outcome = await service.submit_batch(satellite_id, body, ndjson=ndjson)
+    except JobSubmitError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+    return BatchAccepted(
+        satellite_id=satellite_id, ids=outcome.published, not_published=outcome.not_published
+    )
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    summary="Submit the job again under a new id (`Prefer: wait=N` as for a submit)",
+    status_code=202,
+    response_model=JobRecord,
+    responses={
+        200: {"model": JobRecord, "description": "the result arrived within the wait"},
+        202: {"model": JobRecord, "description": "queued; follow `Location`"},
+        401: _PROBLEM,
+        403: _PROBLEM,
+        404: _PROBLEM,
+        409: _PROBLEM,
+        503: _PROBLEM,
+    },
+    dependencies=[Depends(require("submit"))],
+)
+async def retry_job(
+    job_id: str,
+    request: Request,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    wait = parse_prefer_wait(prefer)
+    try:
+        submitted = await _service(request).retry(job_id, wait=wait)
+    except JobSubmitError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+    return _submitted_response(submitted, wait)
+
+
+@router.get(
+    "/jobs/{job_id}",
+    summary="One job; `wait=N` long-polls up to N s (at most 60) while it is queued",
+    response_model=JobRecord,
+    responses={401: _PROBLEM, 403: _PROBLEM, 404: _PROBLEM},
+    dependencies=[Depends(require("read"))],
+)
+async def get_job(
+    job_id: str,
+    request: Request,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0.0,
+) -> JSONResponse:
+    record = await _service(request).get(job_id, wait=wait)
+    if record is None:
+        raise Problem(404, "job_not_found", f"no job {job_id!r} in the history")
+    return _record_response(record, 200)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@router.get(
+    "/jobs",
+    summary="Search the history, newest first, with cursor pagination",
+    response_model=JobPage,
+    responses={401: _PROBLEM, 403: _PROBLEM, 422: _PROBLEM},
+    dependencies=[Depends(require("read"))],
+)
+async def search_jobs(
+    request: Request,
+    *,
+    satellite: Annotated[str | None, Query(max_length=64)] = None,
+    host: Annotated[str | None, Query(max_length=255)] = None,
+    kind: Annotated[str | None, Query(max_length=32)] = None,
+    status: Literal["queued", "ok", "error", "overdue"] | None = None,
+    code: Annotated[str | None, Query(max_length=64)] = None,
+    source: Annotated[str | None, Query(max_length=80)] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> JobPage:
+    where = JobFilter(
+        satellite_id=satellite,
+        host=host,
+        kind=kind,
+        status=status,
+        error_code=code,
+        source=source,
+        since=_utc(since),
+        until=_utc(until),
+    )
+    try:
+        page = await _service(request).search(where, limit=limit, cursor=cursor)
+    except ValueError as exc:
+        raise Problem(422, "invalid_cursor", f"cursor {exc}") from None
+    return JobPage(items=page.items, next_cursor=page.next_cursor)

@@ -1,0 +1,257 @@
+"""Composition root of `satellite serve`: settings → store (migrated) → broker → ingest → HTTP.
+
+The only place that builds objects from settings. `Core.start()` opens the history store (and
+migrates it), starts the ingest of `usm_poller.history`, this replica's reply queue (which also
+publishes jobs) and the housekeeping loop (overdue sweep, retention); `create_app()` builds the
+FastAPI application over them; `run()` serves it on `USM_CORE_LISTEN` until SIGTERM or SIGINT
+and then stops in order: stop listening and finish the requests in flight, commit and ack what
+was ingested, close the broker connections and the store; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+
+from poller import __version__
+from poller.broker import BrokerOptions
+from poller.logging import configure_logging, get_logger
+from poller.wire import JobResult
+from satellite.service.api import health, jobs, satellites
+from satellite.service.api import metrics as metrics_api
+from satellite.service.api.access import AccessLog
+from satellite.service.api.problems import install_problem_handlers
+from satellite.service.deadletters import DeadLetters
+from satellite.service.fleet import FleetWatch
+from satellite.service.ingest import Ingest
+from satellite.service.jobs import JobService, Waiters
+from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
+from satellite.service.metrics import ServiceMetrics
+from satellite.service.replies import Replies
+from satellite.service.settings import CoreSettings
+from satellite.service.store import Store
+from satellite.service.tokens import TokensFile
+
+__all__ = ["Core", "create_app", "replica_name", "run"]
+
+log = get_logger("satellite.service")
+
+#: Seconds between overdue sweeps, and between retention passes.
+OVERDUE_EVERY = 15.0
+RETENTION_EVERY = 3600.0
+#: The SIGTERM budget (DESIGN §10: exit within 30 s): requests in flight, then the ingest.
+HTTP_DRAIN_SECONDS = 18.0
+INGEST_DRAIN_SECONDS = 5.0
+
+
+def replica_name() -> str:
+    """This process's name among the replicas: host, pid and a random part (one word)."""
+    host = "".join(c if c.isalnum() or c in "_-" else "-" for c in socket.gethostname())[:32]
+    return f"{host or 'core'}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Core:
+    """Everything one replica runs besides HTTP."""
+
+    settings: CoreSettings
+    store: Store
+    ingest: Ingest
+    replies: Replies
+    jobs: JobService
+    waiters: Waiters
+    replica: str
+    metrics: ServiceMetrics
+    fleet: FleetWatch
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, settings: CoreSettings, *, replica: str | None = None) -> Core:
+        """Open the store (migrating it) and start ingest, replies and housekeeping."""
+        replica = replica or replica_name()
+        store = await Store.open(settings.database)
+        broker = settings.broker()
+        urls = list(broker.urls)
+        context = broker.ssl_context()
+        contexts = {n: context for n, url in enumerate(urls) if url.tls and context is not None}
+        waiters = Waiters()
+        stats_holder: list[ServiceMetrics] = []
+
+        def committed(results: list[JobResult]) -> None:
+            waiters.notify(results)
+            for metrics in stats_holder:
+                metrics.on_committed(results)
+
+        ingest = Ingest(
+            store,
+            urls,
+            BrokerOptions(
+                connection_name=f"satellite-serve {replica} ingest",
+                prefetch=settings.ingest_batch * 2,
+                ssl_contexts=contexts,
+            ),
+            batch=settings.ingest_batch,
+            linger=settings.ingest_linger_ms / 1000,
+            on_committed=committed,
+        )
+        metrics = ServiceMetrics(
+            ingest.stats, backlog=lambda: ingest.backlog, waiting=waiters.__len__
+        )
+        stats_holder.append(metrics)
+        replies = Replies(
+            urls,
+            BrokerOptions(
+                connection_name=f"satellite-serve {replica} api",
+                prefetch=256,
+                ssl_contexts=contexts,
+            ),
+            replica=replica,
+            waiters=waiters,
+        )
+        service = JobService(
+            store, replies.broker, waiters, reply_queue=replies.queue, metrics=metrics
+        )
+        fleet = FleetWatch(broker, settings.management())
+        fleet.start()
+        core = cls(settings, store, ingest, replies, service, waiters, replica, metrics, fleet)
+        core.tasks = [
+            asyncio.create_task(ingest.run(), name="ingest"),
+            asyncio.create_task(replies.broker.run(), name="replies"),
+            asyncio.create_task(core._housekeeping(), name="housekeeping"),
+        ]
+        return core
+
+    async def readiness(self) -> dict[str, bool]:
+        store_ok = await self.store.ping(timeout=3.0)
+        return {
+            "store": store_ok,
+            "broker": self.replies.broker.connected and self.ingest.broker.consuming,
+        }
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_purge = loop.time() + 60.0
+        while True:
+            await asyncio.sleep(OVERDUE_EVERY)
+            try:
+                overdue = await self.store.mark_overdue(self.settings.overdue_grace)
+                if overdue:
+                    log.info("jobs_overdue", count=overdue)
+                self.metrics.overdue = await self.store.count_status("overdue")
+                if loop.time() >= next_purge:
+                    next_purge = loop.time() + RETENTION_EVERY
+                    purged = await self.store.purge(self.settings.retention_days)
+                    log.info("history_purged", rows=purged, days=self.settings.retention_days)
+            except Exception as exc:  # noqa: BLE001 - housekeeping must outlive a bad moment
+                log.warning("housekeeping_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+
+    async def stop(self) -> None:
+        """Commit and ack what was ingested, close both connections and the store."""
+        ingest_task, _replies, housekeeping = self.tasks
+        housekeeping.cancel()
+        await self.ingest.stop(timeout=INGEST_DRAIN_SECONDS)
+        try:
+            async with asyncio.timeout(INGEST_DRAIN_SECONDS):
+                await asyncio.shield(ingest_task)
+        except TimeoutError:
+            log.warning("ingest_drain_timed_out", left=self.ingest.backlog)
+            ingest_task.cancel()
+        await self.ingest.close(timeout=2.0)
+        await self.replies.broker.close(timeout=2.0)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.to_thread(self.fleet.stop, 2.0)
+        await self.store.close()
+        log.info("core_stopped", results_ingested=self.ingest.stats.results)
+
+
+def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
+    """The HTTP API v1 over a started `Core`; `tokens` authenticates TCP (and unix on `token`)."""
+    app = FastAPI(
+        title="satellite serve",
+        summary="Jobs for the satellite pollers over HTTP, and their history",
+        version=__version__,
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+    )
+    install_problem_handlers(app)
+    app.add_middleware(AccessLog)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(satellites.router)
+    app.include_router(metrics_api.router)
+    app.state.jobs = core.jobs
+    app.state.metrics = core.metrics
+    app.state.dead_letters = DeadLetters(core.settings.broker())
+    app.state.fleet = core.fleet
+    app.state.readiness = core.readiness
+    app.state.tokens = tokens
+    app.state.unix_auth = core.settings.unix_auth
+    return app
+
+
+async def run(settings: CoreSettings) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code (0 after a clean stop).
+
+    Raises `ConfigError` (exit 2) for an address that cannot be listened on or a tokens file
+    that cannot be read, before anything connects.
+    """
+    configure_logging(settings.log_format, settings.log_level)
+    tokens = TokensFile(settings.tokens_path)
+    await asyncio.to_thread(tokens.load)
+    sockets = await asyncio.to_thread(bind_all, parse_listen(settings.listen))
+    try:
+        core = await Core.start(settings)
+    except (OSError, TimeoutError, sa.exc.SQLAlchemyError) as exc:
+        close_all(sockets)
+        # The store could not be opened or migrated: one line, no URL (it may hold a password).
+        cause = getattr(exc, "orig", None) or exc
+        log.error(
+            "core_start_failed",
+            db=settings.database.masked,
+            error=f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[
+                :300
+            ],
+        )
+        return 1
+    except BaseException:
+        close_all(sockets)
+        raise
+    log.info(
+        "core_started",
+        replica=core.replica,
+        db=settings.database.masked,
+        listen=settings.listen,
+        version=__version__,
+    )
+    server = ApiServer(
+        create_app(core, tokens=tokens), sockets, shutdown_timeout=HTTP_DRAIN_SECONDS
+    )
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        server.stop()
+        core.waiters.close()  # waiting requests answer now (202), not cancelled at the drain
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await server.serve()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await core.stop()
+    return 0

@@ -1,0 +1,136 @@
+"""Fleet status for the API: heartbeats kept up to date in the background, queues on request.
+
+`FleetWatch` runs the `satellite` toolkit's heartbeat listener (kombu) in a thread of its own
+for the life of the replica, so that `GET /v1/satellites` answers from heartbeats already
+received instead of listening for seconds per request; it reconnects with capped backoff. The
+queue statistics come from the RabbitMQ management API per request, and `satellite_status()`
+(the code behind `satellite status --json`) puts them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from typing import Any
+
+from poller import __version__, wire
+from poller.logging import get_logger
+from poller.wire import Heartbeat
+from satellite.client import Client
+from satellite.config import CoreSettings as BrokerSettings
+from satellite.management import ManagementApi, ManagementError, ManagementSettings
+from satellite.status import FleetView, ReplicaView, SatelliteStatus, satellite_status
+
+__all__ = ["FleetError", "FleetWatch", "LockedFleet"]
+
+log = get_logger("satellite.service.fleet")
+
+#: A replica whose last heartbeat is older than this is not counted (6 x the default interval).
+HEARTBEAT_MAX_AGE = 60.0
+REQUEST_TIMEOUT = 30.0
+
+
+class FleetError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class LockedFleet(FleetView):
+    """A `FleetView` written by the listener thread and read by the event loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def add(self, beat: Heartbeat, received_at: float | None = None) -> None:
+        with self._lock:
+            super().add(beat, received_at)
+
+    def replicas(self, satellite_id: str, *, max_age: float | None = None) -> list[ReplicaView]:
+        with self._lock:
+            return super().replicas(satellite_id, max_age=max_age)
+
+    def satellites(self) -> list[str]:
+        with self._lock:
+            return super().satellites()
+
+
+class FleetWatch:
+    """Heartbeats into a `LockedFleet` from a background thread; status on request."""
+
+    def __init__(self, broker: BrokerSettings, management: ManagementSettings) -> None:
+        self.broker = broker
+        self.management = management
+        self.fleet = LockedFleet()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="fleet-heartbeats", daemon=True)
+        self.connected = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _listen(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                with Client(self.broker) as client:
+                    listener = client.heartbeat_listener(self.fleet)
+                    self.connected, attempt = True, 0
+                    try:
+                        while not self._stop.is_set():
+                            listener.listen(1.0)
+                    finally:
+                        listener.close()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any broker error
+                self.connected = False
+                attempt += 1
+                delay = random.uniform(0.5, min(30.0, 2.0**attempt))  # noqa: S311 - jitter
+                log.warning("heartbeats_lost", error=f"{type(exc).__name__}", retry_in_s=delay)
+                self._stop.wait(delay)
+        self.connected = False
+
+    async def status(self, satellite_id: str | None = None) -> list[SatelliteStatus]:
+        """Every known satellite's status (or one's; `FleetError` 404 when unknown)."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                statuses = await asyncio.to_thread(self._collect, satellite_id)
+        except TimeoutError:
+            raise FleetError(503, "management_unavailable", "no answer in time") from None
+        except ManagementError as exc:
+            raise FleetError(503, "management_unavailable", str(exc)) from None
+        if satellite_id is not None and not statuses:
+            raise FleetError(
+                404, "unknown_satellite", f"no queue and no heartbeat for {satellite_id!r}"
+            )
+        return statuses
+
+    def _collect(self, only: str | None) -> list[SatelliteStatus]:
+        with ManagementApi(self.management) as api:
+            queues: dict[str, dict[str, Any]] = {str(q.get("name")): q for q in api.queues()}
+            ids = {sid for name in queues if (sid := wire.satellite_of_jobs_queue(name))}
+            ids |= set(self.fleet.satellites())
+            if only is not None:
+                ids &= {only}
+            out = []
+            for sid in sorted(ids):
+                name = wire.jobs_queue(sid)
+                queue = api.queue(name) if name in queues else None
+                out.append(
+                    satellite_status(
+                        sid,
+                        queue=queue,
+                        dlq=queues.get(wire.dead_letter_queue(sid)),
+                        fleet=self.fleet,
+                        core_version=__version__,
+                        heartbeat_max_age=HEARTBEAT_MAX_AGE,
+                    )
+                )
+            return out

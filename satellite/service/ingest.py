@@ -1,0 +1,269 @@
+"""Results → history rows: consume `usm_poller.history`, write group commits, ack after commit.
+
+Every replica consumes the same quorum queue (competing consumers). Deliveries are gathered into
+a group of at most `batch` results or `linger` seconds, written in one transaction, and only then
+acked: a replica that dies before its commit leaves the results unacked and the broker hands them
+to another replica (or to it again); the store counts the copy as a second answer of one row.
+
+Bodies that are not a wire v1 result cannot be stored and there is no dead-letter queue for the
+history (the core's own `usm_poller.results` keeps every result anyway): they are acked, counted
+in `IngestStats.malformed` and logged as `result_malformed` without the body, rather than
+redelivered forever. A row the database refuses (text PostgreSQL cannot hold, say) is isolated by
+writing the group one row at a time; it is acked and counted in `unstorable`.
+
+When the database is down nothing is acked: the group is retried with capped exponential
+backoff, the prefetch window stops further deliveries, and ingest resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from poller import wire
+from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology
+from poller.config import AmqpUrl
+from poller.errors import WireError
+from poller.logging import get_logger
+from satellite.service.store import Store
+
+__all__ = ["Ingest", "IngestStats", "history_topology"]
+
+log = get_logger("satellite.service.ingest")
+
+
+class _RefusedError(Exception):
+    """The database refused the data itself (SQLSTATE class 22 or 23): retrying cannot help."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """A refusal of the data, as opposed to an outage (connection refused or lost, lock,
+    timeout, a database that does not accept connections), which is retried.
+
+    SQLAlchemy's asyncpg adapter reports most server errors as plain `DBAPIError`: the SQLSTATE
+    decides (22 data exception, 23 integrity constraint violation).
+    """
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError):
+        return True
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(state, str) and state[:2] in ("22", "23")
+
+
+def history_topology() -> Topology:
+    """The results exchange and `usm_poller.history` bound with `result.#` and `reply.#`."""
+    exchange = wire.results_exchange()
+    return Topology(
+        exchanges=((exchange, "topic"),),
+        queues=(
+            QueueSpec(
+                wire.history_queue(),
+                wire.history_queue_arguments(),
+                tuple((exchange, key) for key in wire.history_binding_keys()),
+            ),
+        ),
+    )
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """Counters of one replica's ingest (for logs and `/metrics`)."""
+
+    results: int = 0
+    """Results written (copies included)."""
+    commits: int = 0
+    malformed: int = 0
+    unstorable: int = 0
+    db_failures: int = 0
+    last_commit_monotonic: float | None = None
+
+
+class Ingest:
+    """One replica's consumer of `usm_poller.history` and writer of group commits."""
+
+    def __init__(
+        self,
+        store: Store,
+        urls: list[AmqpUrl],
+        options: BrokerOptions,
+        *,
+        batch: int = 200,
+        linger: float = 0.05,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        on_committed: Callable[[list[wire.JobResult]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.batch = batch
+        self.linger = linger
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.on_committed = on_committed
+        self.stats = IngestStats()
+        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._stopping = False
+        self.broker = Broker(
+            urls,
+            options,
+            queue=wire.history_queue(),
+            topology=history_topology(),
+            on_delivery=self._inbox.put_nowait,
+        )
+
+    @property
+    def backlog(self) -> int:
+        """Deliveries received and not yet committed."""
+        return self._inbox.qsize()
+
+    async def run(self) -> None:
+        """Consume and write until `stop()`; the broker connection heals itself meanwhile."""
+        connection = asyncio.create_task(self.broker.run(), name="ingest-broker")
+        try:
+            while not (self._stopping and self._inbox.empty()):
+                group = await self._gather()
+                if group:
+                    await self._write(group)
+        finally:
+            connection.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connection
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        """Stop consuming, let `run()` commit and ack what it holds, then close the connection."""
+        self._stopping = True
+        await self.broker.stop_consuming(timeout=min(timeout, 5.0))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        await self.broker.close(timeout)
+
+    async def _gather(self) -> list[Delivery]:
+        """The next group: wait for a first delivery, then up to `linger` s for more."""
+        group: list[Delivery] = []
+        try:
+            async with asyncio.timeout(0.25 if self._stopping else 1.0):
+                group.append(await self._inbox.get())
+        except TimeoutError:
+            return group
+        deadline = asyncio.get_running_loop().time() + self.linger
+        while len(group) < self.batch:
+            try:
+                group.append(self._inbox.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(left):
+                    group.append(await self._inbox.get())
+            except TimeoutError:
+                break
+        return group
+
+    def _decode(self, group: list[Delivery]) -> list[tuple[Delivery, wire.JobResult]]:
+        decoded = []
+        for delivery in group:
+            try:
+                result = _decode(delivery.body)
+            except WireError as exc:
+                self.stats.malformed += 1
+                log.warning(
+                    "result_malformed",
+                    message_id=(delivery.message_id or "")[:128] or None,
+                    reason=str(exc)[:300],
+                    malformed_total=self.stats.malformed,
+                )
+                self.broker.ack(delivery)
+                continue
+            decoded.append((delivery, result))
+        return decoded
+
+    async def _write(self, group: list[Delivery]) -> None:
+        decoded = self._decode(group)
+        if not decoded:
+            return
+        results = [result for _, result in decoded]
+        written = await self._commit_with_retry(results)
+        self.stats.commits += 1
+        self.stats.results += len(written)
+        self.stats.last_commit_monotonic = time.monotonic()
+        for delivery, _ in decoded:
+            self.broker.ack(delivery)
+        if self.on_committed is not None and written:
+            self.on_committed(written)
+
+    async def _commit_with_retry(
+        self, results: list[wire.JobResult], *, isolate: bool = True
+    ) -> list[wire.JobResult]:
+        """Write the group; retry while the database is down; the results that were written.
+
+        A refusal that is not about the connection (a row the database cannot hold) is isolated
+        by writing the rows one by one (`isolate`), or raised for a single row.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self.store.apply_results(results)
+            except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+                if _refused(exc):
+                    if not isolate:
+                        raise _RefusedError(_describe(exc)) from None
+                    return await self._one_by_one(results)
+                attempt += 1
+                self.stats.db_failures += 1
+                delay = self._backoff(attempt)
+                log.warning(
+                    "history_write_failed",
+                    error=_describe(exc),
+                    results=len(results),
+                    retry_in_s=round(delay, 2),
+                    attempt=attempt,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if attempt:
+                log.info("history_write_resumed", after_attempts=attempt)
+            return results
+
+    async def _one_by_one(self, results: Iterable[wire.JobResult]) -> list[wire.JobResult]:
+        """Write a group the database refused row by row; drop (and count) the refused rows."""
+        written = []
+        for result in results:
+            try:
+                await self._commit_with_retry([result], isolate=False)
+            except _RefusedError as exc:
+                self.stats.unstorable += 1
+                log.error(
+                    "result_unstorable",
+                    job_id=result.job_id,
+                    error=str(exc),
+                    unstorable_total=self.stats.unstorable,
+                )
+                continue
+            written.append(result)
+        return written
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.retry_max, self.retry_initial * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+
+
+def _decode(body: bytes) -> wire.JobResult:
+    """A wire v1 result with an id the history can key on; `WireError` otherwise."""
+    result = wire.decode_result(body)
+    if not 1 <= len(result.job_id) <= wire.MAX_JOB_ID_CHARS:
+        raise WireError("the job id is empty or longer than 128 characters")
+    return result
+
+
+def _describe(exc: BaseException) -> str:
+    """The error's class and first line (SQLAlchemy's text has no parameters: hide_parameters)."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).splitlines()[0] if str(original) else ""
+    return f"{type(original).__name__}: {text}"[:300]

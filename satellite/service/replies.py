@@ -1,0 +1,61 @@
+"""This replica's reply queue: results of the jobs its callers wait for, straight from pollers.
+
+A job submitted with `Prefer: wait` carries `reply_to = usm_poller.core-reply.<replica>`; the
+poller publishes its result as `reply.<satellite>.<that queue>`, which this queue (bound with
+`reply.*.<queue>`) and the history (bound with `reply.#`) both receive. The copy here only wakes
+the waiting caller and is acked at once; the history's copy is the one that is stored. The same
+connection publishes the service's jobs (with confirms).
+"""
+
+from __future__ import annotations
+
+from poller import wire
+from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology
+from poller.config import AmqpUrl
+from poller.errors import WireError
+from poller.logging import get_logger
+from satellite.service.jobs import Waiters
+
+__all__ = ["Replies", "reply_topology"]
+
+log = get_logger("satellite.service.replies")
+
+
+def reply_topology(queue: str) -> Topology:
+    results = wire.results_exchange()
+    return Topology(
+        exchanges=((wire.jobs_exchange(), "direct"), (results, "topic")),
+        queues=(
+            QueueSpec(
+                queue,
+                wire.core_reply_queue_arguments(),
+                ((results, wire.reply_binding_key(queue)),),
+            ),
+        ),
+    )
+
+
+class Replies:
+    """Consumes the reply queue into `Waiters`; its broker also publishes jobs."""
+
+    def __init__(
+        self, urls: list[AmqpUrl], options: BrokerOptions, *, replica: str, waiters: Waiters
+    ) -> None:
+        self.queue = wire.core_reply_queue(replica)
+        self.waiters = waiters
+        self.broker = Broker(
+            urls,
+            options,
+            queue=self.queue,
+            topology=reply_topology(self.queue),
+            on_delivery=self._on_delivery,
+        )
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        try:
+            result = wire.decode_result(delivery.body)
+        except WireError as exc:
+            log.warning("reply_malformed", reason=str(exc)[:300])
+        else:
+            self.waiters.notify([result])
+        self.broker.ack(delivery)

@@ -1,0 +1,108 @@
+"""The history store: one row per job id (tables.py), its queries (queries.py), its migrations.
+
+`Store` binds the queries to one engine and one clock; `Store.open()` creates the SQLite file's
+directory when needed and brings the schema to the newest migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from poller.wire import JobResult
+from satellite.service.settings import DatabaseUrl
+from satellite.service.store import queries
+from satellite.service.store.engine import connect, migrate
+from satellite.service.store.queries import (
+    JobExistsError,
+    JobFilter,
+    JobRecord,
+    Page,
+    QueuedJob,
+    Status,
+)
+
+__all__ = ["JobExistsError", "JobFilter", "JobRecord", "Page", "QueuedJob", "Store"]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Store:
+    """The history store of one replica (an engine and its pool)."""
+
+    def __init__(
+        self, engine: AsyncEngine, db: DatabaseUrl, *, clock: Callable[[], datetime] = _utcnow
+    ) -> None:
+        self.engine = engine
+        self.db = db
+        self.clock = clock
+
+    @classmethod
+    async def open(cls, db: DatabaseUrl, *, run_migrations: bool = True) -> Store:
+        """Connect (lazily) and migrate; `OSError` when the SQLite directory cannot be made."""
+        path = db.sqlite_path
+        if path is not None:
+            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        store = cls(connect(db), db)
+        if run_migrations:
+            try:
+                await migrate(store.engine)
+            except BaseException:
+                await store.close()
+                raise
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self, timeout: float = 5.0) -> bool:
+        """Whether the database answers a trivial query within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout), self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except (TimeoutError, OSError, sa.exc.SQLAlchemyError):
+            return False
+        return True
+
+    async def record_queued(self, job: QueuedJob) -> JobRecord:
+        return await queries.record_queued(self.engine, job, self.clock())
+
+    async def record_queued_many(self, batch: Sequence[QueuedJob]) -> None:
+        await queries.record_queued_many(self.engine, batch, self.clock())
+
+    async def mark_not_published_many(self, ids: Sequence[str]) -> int:
+        return await queries.mark_not_published_many(self.engine, ids, self.clock())
+
+    async def mark_not_published(self, job_id: str) -> bool:
+        return await queries.mark_not_published(self.engine, job_id, self.clock())
+
+    async def apply_results(self, results: Sequence[JobResult]) -> int:
+        return await queries.apply_results(self.engine, results, self.clock())
+
+    async def mark_overdue(self, grace: float) -> int:
+        return await queries.mark_overdue(self.engine, self.clock(), grace)
+
+    async def count_status(self, status: Status) -> int:
+        return await queries.count_status(self.engine, status)
+
+    async def get_request(self, job_id: str) -> tuple[JobRecord, Any] | None:
+        return await queries.get_request(self.engine, job_id)
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        return await queries.get_job(self.engine, job_id)
+
+    async def search(
+        self, where: JobFilter, *, limit: int = 100, cursor: str | None = None
+    ) -> Page:
+        return await queries.search(self.engine, where, limit=limit, cursor=cursor)
+
+    async def purge(self, retention_days: int, *, batch: int = 1000) -> int:
+        cutoff = self.clock() - timedelta(days=retention_days)
+        return await queries.purge_before(self.engine, cutoff, batch=batch)

@@ -1,0 +1,408 @@
+"""Every query of the history store; each runs on SQLite and on PostgreSQL alike.
+
+The lifecycle of a row:
+
+* `record_queued` before a job submitted through the service is published (`queued`, with its
+  deadline = submitted + timeout).
+* `mark_not_published` when the publish was not confirmed: the row becomes `error` with code
+  `not_published` (kept, visible, never left `queued`); submitting the same id again reuses it.
+* `apply_results`, one transaction per group of results from the ingest: an unknown id is
+  inserted (source `amqp`); a known one takes the newest result's fields; `answers` grows by
+  the number of copies seen, so a redelivered result counts but never doubles the row.
+* `mark_overdue` turns `queued` rows past deadline + grace into `overdue` (a late answer still
+  turns them into `ok`/`error`).
+* `purge_before` deletes rows older than the retention in small batches, each its own
+  transaction, so that no lock is held for long.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, JsonValue
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from poller.wire import JobResult, Timestamp
+from satellite.service.store.tables import jobs
+
+__all__ = [
+    "NOT_PUBLISHED",
+    "JobExistsError",
+    "JobFilter",
+    "JobRecord",
+    "Page",
+    "QueuedJob",
+    "apply_results",
+    "count_status",
+    "get_job",
+    "get_request",
+    "mark_not_published",
+    "mark_not_published_many",
+    "mark_overdue",
+    "purge_before",
+    "record_queued",
+    "record_queued_many",
+    "search",
+]
+
+#: Error code of a job whose publish the broker did not confirm.
+NOT_PUBLISHED = "not_published"
+MAX_PAGE = 1000
+
+Status = Literal["queued", "ok", "error", "overdue"]
+
+
+class JobExistsError(Exception):
+    """A job with this id is already recorded (and was published)."""
+
+
+class JobRecord(BaseModel):
+    """One job as the history keeps it; `result` is the wire v1 result (or null)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    satellite_id: str
+    kind: str
+    host: str | None
+    port: int | None
+    source: str
+    status: Status
+    error_code: str | None
+    created_at: Timestamp
+    submitted_at: Timestamp | None
+    deadline_at: Timestamp | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    updated_at: Timestamp
+    attempt: int | None
+    redelivered: bool | None
+    worker: str | None
+    duration_ms: float | None
+    answers: int
+    lane: str | None
+    retry_of: str | None
+    result: dict[str, JsonValue] | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """What is known of a job when it is submitted through the service."""
+
+    id: str
+    satellite_id: str
+    kind: str
+    host: str | None
+    port: int | None
+    source: str
+    submitted_at: datetime
+    timeout: float
+    lane: str | None = None
+    retry_of: str | None = None
+    request: dict[str, Any] | None = None
+    """The job as submitted, without `auth` (kept for a retry)."""
+
+    @property
+    def deadline_at(self) -> datetime:
+        return self.submitted_at + timedelta(seconds=self.timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Search filters; every one given must match."""
+
+    satellite_id: str | None = None
+    host: str | None = None
+    kind: str | None = None
+    status: str | None = None
+    error_code: str | None = None
+    source: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[JobRecord] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+def _insert(conn: AsyncConnection) -> Any:
+    """The dialect's INSERT, which has `on_conflict_do_update` on both databases."""
+    return postgresql.insert(jobs) if conn.dialect.name == "postgresql" else sqlite.insert(jobs)
+
+
+def _record(row: sa.Row[Any]) -> JobRecord:
+    values = dict(row._mapping)
+    values.pop("request", None)
+    return JobRecord.model_validate(values)
+
+
+async def get_request(engine: AsyncEngine, job_id: str) -> tuple[JobRecord, Any] | None:
+    """A job's record and the request kept for a retry (None when there is none)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(jobs.select().where(jobs.c.id == job_id))).first()
+    return None if row is None else (_record(row), row._mapping["request"])
+
+
+async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> JobRecord:
+    """Record a job as `queued` before it is published, and return its record (no read back);
+    `JobExistsError` when the id is taken.
+
+    An id left `not_published` by a failed submit may be submitted again: the row is reused.
+    """
+    values = _queued_row(job, now)
+    async with engine.begin() as conn:
+        stmt = _insert(conn).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[jobs.c.id],
+            set_={k: v for k, v in values.items() if k != "id"},
+            where=(jobs.c.error_code == NOT_PUBLISHED) & (jobs.c.answers == 0),
+        )
+        done = await conn.execute(stmt)
+    if done.rowcount != 1:
+        raise JobExistsError(job.id)
+    return _queued_record(values)
+
+
+def _queued_record(values: dict[str, Any]) -> JobRecord:
+    """The record of a row just written from `_queued_row` values."""
+    blank = dict.fromkeys(
+        ("started_at", "finished_at", "attempt", "redelivered", "worker", "duration_ms", "result")
+    )
+    return JobRecord.model_validate(blank | {k: v for k, v in values.items() if k != "request"})
+
+
+def _queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "satellite_id": job.satellite_id,
+        "kind": job.kind,
+        "host": job.host,
+        "port": job.port,
+        "source": job.source,
+        "status": "queued",
+        "error_code": None,
+        "created_at": now,
+        "submitted_at": job.submitted_at,
+        "deadline_at": job.deadline_at,
+        "updated_at": now,
+        "answers": 0,
+        "lane": job.lane,
+        "retry_of": job.retry_of,
+        "request": job.request,
+    }
+
+
+async def record_queued_many(
+    engine: AsyncEngine, batch: Sequence[QueuedJob], now: datetime
+) -> None:
+    """Record a batch as `queued` in one transaction; `JobExistsError(*ids)` when ids are taken.
+
+    Ids left `not_published` by a failed submit are reused, as by `record_queued`.
+    """
+    ids = [job.id for job in batch]
+    # COALESCE: `NOT (NULL = ...)` is NULL, which would hide a taken id whose code is NULL.
+    reusable = (sa.func.coalesce(jobs.c.error_code, "") == NOT_PUBLISHED) & (jobs.c.answers == 0)
+    try:
+        async with engine.begin() as conn:
+            taken = await conn.scalars(sa.select(jobs.c.id).where(jobs.c.id.in_(ids) & ~reusable))
+            existing = list(taken)
+            if existing:
+                raise JobExistsError(*existing)
+            await conn.execute(jobs.delete().where(jobs.c.id.in_(ids) & reusable))
+            await conn.execute(jobs.insert(), [_queued_row(job, now) for job in batch])
+    except sa.exc.IntegrityError:
+        # Another replica recorded one of the ids between the check and the insert.
+        raise JobExistsError(*ids) from None
+
+
+async def mark_not_published_many(engine: AsyncEngine, ids: Sequence[str], now: datetime) -> int:
+    """`mark_not_published` for many ids in one statement; how many rows changed."""
+    if not ids:
+        return 0
+    async with engine.begin() as conn:
+        done = await conn.execute(
+            jobs.update()
+            .where(jobs.c.id.in_(ids) & (jobs.c.status == "queued") & (jobs.c.answers == 0))
+            .values(status="error", error_code=NOT_PUBLISHED, updated_at=now)
+        )
+    return done.rowcount
+
+
+async def mark_not_published(engine: AsyncEngine, job_id: str, now: datetime) -> bool:
+    """The broker did not confirm the publish: the row leaves `queued` for `error`."""
+    async with engine.begin() as conn:
+        done = await conn.execute(
+            jobs.update()
+            .where((jobs.c.id == job_id) & (jobs.c.status == "queued") & (jobs.c.answers == 0))
+            .values(status="error", error_code=NOT_PUBLISHED, updated_at=now)
+        )
+    return done.rowcount == 1
+
+
+def _result_row(result: JobResult, answers: int, now: datetime) -> dict[str, Any]:
+    return {
+        "id": result.job_id,
+        "satellite_id": result.satellite_id[:64],
+        "kind": result.kind[:32],
+        "source": "amqp",
+        "status": result.status,
+        "error_code": result.error.code[:64] if result.error else None,
+        "created_at": now,
+        "updated_at": now,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "attempt": result.attempt,
+        "redelivered": result.redelivered,
+        "worker": result.worker[:255],
+        "duration_ms": result.duration_ms,
+        "answers": answers,
+        "result": result.model_dump(mode="json"),
+    }
+
+
+#: Columns a later result overwrites; the rest (source, target, submitted time) stay.
+_FROM_RESULT = (
+    "status",
+    "error_code",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "attempt",
+    "redelivered",
+    "worker",
+    "duration_ms",
+    "result",
+)
+
+
+async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: datetime) -> int:
+    """Write a group of results in one transaction; the number of rows written.
+
+    Copies of one job in the group become one row whose `answers` grows by the copies; the
+    last copy's fields win. Raises SQLAlchemy's errors when the database fails (nothing is
+    written then: the caller keeps the deliveries unacked).
+    """
+    merged: dict[str, tuple[JobResult, int]] = {}
+    for result in results:
+        count = merged[result.job_id][1] if result.job_id in merged else 0
+        merged[result.job_id] = (result, count + 1)
+    rows = [_result_row(result, count, now) for result, count in merged.values()]
+    if not rows:
+        return 0
+    async with engine.begin() as conn:
+        stmt = _insert(conn)
+        update = {name: getattr(stmt.excluded, name) for name in _FROM_RESULT}
+        update["answers"] = jobs.c.answers + stmt.excluded.answers
+        await conn.execute(
+            stmt.on_conflict_do_update(index_elements=[jobs.c.id], set_=update), rows
+        )
+    return len(rows)
+
+
+async def mark_overdue(engine: AsyncEngine, now: datetime, grace: float) -> int:
+    """`queued` jobs whose deadline + grace has passed become `overdue`; how many."""
+    async with engine.begin() as conn:
+        done = await conn.execute(
+            jobs.update()
+            .where(
+                (jobs.c.status == "queued") & (jobs.c.deadline_at < now - timedelta(seconds=grace))
+            )
+            .values(status="overdue", updated_at=now)
+        )
+    return done.rowcount
+
+
+async def count_status(engine: AsyncEngine, status: Status) -> int:
+    """How many jobs have this status (the (status, created_at) index answers it)."""
+    async with engine.connect() as conn:
+        count = await conn.scalar(
+            sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status)
+        )
+    return int(count or 0)
+
+
+async def get_job(engine: AsyncEngine, job_id: str) -> JobRecord | None:
+    async with engine.connect() as conn:
+        row = (await conn.execute(jobs.select().where(jobs.c.id == job_id))).first()
+    return None if row is None else _record(row)
+
+
+def encode_cursor(record: JobRecord) -> str:
+    raw = json.dumps([record.created_at.isoformat(), record.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a page continues after; `ValueError` when it is not ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        when = datetime.fromisoformat(created)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError("is not a cursor returned by this API") from None
+    if not isinstance(job_id, str) or when.tzinfo is None:
+        raise ValueError("is not a cursor returned by this API")
+    return when, job_id
+
+
+async def search(
+    engine: AsyncEngine, where: JobFilter, *, limit: int = 100, cursor: str | None = None
+) -> Page:
+    """Jobs matching `where`, newest first, `limit` per page; `ValueError` for a bad cursor."""
+    limit = max(1, min(limit, MAX_PAGE))
+    query = jobs.select()
+    for column, value in (
+        (jobs.c.satellite_id, where.satellite_id),
+        (jobs.c.host, where.host),
+        (jobs.c.kind, where.kind),
+        (jobs.c.status, where.status),
+        (jobs.c.error_code, where.error_code),
+        (jobs.c.source, where.source),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if where.since is not None:
+        query = query.where(jobs.c.created_at >= where.since)
+    if where.until is not None:
+        query = query.where(jobs.c.created_at < where.until)
+    if cursor is not None:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(
+            (jobs.c.created_at < created) | ((jobs.c.created_at == created) & (jobs.c.id < job_id))
+        )
+    query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    items = [_record(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(items, encode_cursor(items[-1]) if more and items else None)
+
+
+async def purge_before(
+    engine: AsyncEngine, cutoff: datetime, *, batch: int = 1000, max_batches: int = 1000
+) -> int:
+    """Delete rows created before `cutoff`, `batch` ids per transaction; how many were deleted."""
+    total = 0
+    for _ in range(max_batches):
+        oldest = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.created_at < cutoff)
+            .order_by(jobs.c.created_at)
+            .limit(batch)
+        )
+        async with engine.begin() as conn:
+            done = await conn.execute(jobs.delete().where(jobs.c.id.in_(oldest.scalar_subquery())))
+        total += done.rowcount
+        if done.rowcount < batch:
+            break
+    return total

@@ -1,0 +1,354 @@
+"""`satellite serve` as a real process, with a real `poller run` and snmpd: submit over TCP (token)
+and over the unix socket (trusted) with `Prefer: wait`, find the jobs in the history, stop with
+SIGTERM (exit 0), restart and find them again, including a job another core published straight
+to AMQP while the service was down."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pika
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.core.result import Ok
+
+from poller import wire
+from satellite.cli import main as satellite_cli
+from satellite.service.tokens import TokensFile
+from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
+from tests.support.rabbitmq import AmqpVhost
+from tests.support.snmpd import Snmpd
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    socket_path: Path
+    tcp_port: int = 0
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                lines.append({"event": "<unparsed>", "text": line})
+        return lines
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log_text()}")
+            for line in self.log_lines():
+                if line.get("event") == "listening":
+                    tcp = [a for a in line["addresses"] if a.startswith("tcp:")]
+                    self.tcp_port = int(tcp[0].rsplit(":", 1)[1])
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"serve not listening after {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def tcp(self, token: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.tcp_port}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=90,
+        )
+
+    def unix(self) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        return httpx.Client(transport=transport, base_url="http://localhost", timeout=90)
+
+
+@dataclass
+class ServeFactory:
+    vhost: AmqpVhost
+    tmp_path: Path
+    started: list[ServeProcess] = field(default_factory=list)
+
+    def __call__(
+        self, *, wait: bool = True, env: dict[str, str] | None = None, **more: str
+    ) -> ServeProcess:
+        env = (env or {}) | more
+        n = len(self.started)
+        log_path = self.tmp_path / f"serve-{n}.log"
+        socket_path = self.tmp_path / "run" / f"api-{n}.sock"
+        socket_path.parent.mkdir(exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+        base |= {
+            "US_AMQP_DSN": self.vhost.dsn,
+            "USM_CORE_STATE_DIR": str(self.tmp_path / "state"),
+            "USM_CORE_LISTEN": f"unix:{socket_path},tcp:127.0.0.1:0",
+            "USM_CORE_LOG_FORMAT": "json",
+        }
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "satellite", "serve"],
+                env=base | env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        serve = ServeProcess(proc, log_path, socket_path)
+        self.started.append(serve)
+        if wait:
+            serve.wait_listening()
+        return serve
+
+
+@pytest.fixture
+def start_serve(amqp_vhost: AmqpVhost, tmp_path: Path) -> Iterator[ServeFactory]:
+    factory = ServeFactory(amqp_vhost, tmp_path)
+    yield factory
+    for serve in factory.started:
+        if serve.proc.poll() is None:
+            serve.proc.kill()
+            serve.proc.wait(timeout=10)
+
+
+def test_submit_wait_search_stop_and_restart_keep_the_history(
+    *,
+    start_serve: ServeFactory,
+    start_poller: PollerFactory,
+    client: JobClient,
+    snmpd: Snmpd,
+    sid: str,
+    tmp_path: Path,
+) -> None:
+    tokens = TokensFile(tmp_path / "state" / "tokens.yaml")
+    token = tokens.create("e2e", ["submit"])
+    serve = start_serve()
+    start_poller(sid)
+    job = snmp_job(snmpd.host, snmpd.port, community=snmpd.community)
+    del job["v"], job["id"]
+
+    with serve.tcp(token) as tcp, serve.unix() as unix:
+        over_tcp = tcp.post(f"/v1/satellites/{sid}/jobs", json=job, headers={"Prefer": "wait=30"})
+        assert over_tcp.status_code == 200, over_tcp.text
+        assert over_tcp.json()["result"]["data"]["varbinds"][0]["value"] == snmpd.sys_name
+        over_unix = unix.post(f"/v1/satellites/{sid}/jobs", json=job, headers={"Prefer": "wait=30"})
+        assert over_unix.status_code == 200, over_unix.text
+        assert tcp.get("/v1/jobs").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{serve.tcp_port}/v1/jobs").status_code == 401
+        ids = {over_tcp.json()["id"], over_unix.json()["id"]}
+        for _ in range(100):
+            found = tcp.get("/v1/jobs", params={"satellite": sid}).json()["items"]
+            if {r["id"] for r in found if r["answers"] == 1} == ids:
+                break
+            time.sleep(0.1)
+        assert {(r["id"], r["status"], r["source"]) for r in found} == {
+            (job_id, "ok", "api") for job_id in ids
+        }
+
+    assert serve.terminate() == 0
+    assert any(line.get("event") == "core_stopped" for line in serve.log_lines())
+    assert not serve.socket_path.exists()
+
+    # While no replica runs, another core publishes a job straight to AMQP; its result waits
+    # in usm_poller.history.
+    direct = snmp_job(snmpd.host, snmpd.port, community=snmpd.community)
+    client.publish(direct)
+    seen = client.collect_ids([direct["id"]], timeout=30)
+    assert direct["id"] in {r.result.job_id for r in seen}
+
+    again = start_serve()
+    with again.tcp(token) as tcp:
+        for job_id in ids:
+            record = tcp.get(f"/v1/jobs/{job_id}").json()
+            assert (record["status"], record["answers"]) == ("ok", 1)
+        for _ in range(100):
+            response = tcp.get(f"/v1/jobs/{direct['id']}")
+            if response.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert response.status_code == 200, response.text
+        assert (response.json()["source"], response.json()["status"]) == ("amqp", "ok")
+    assert again.terminate() == 0
+
+
+def test_a_database_that_cannot_be_reached_at_start_is_one_line_and_exit_1(
+    start_serve: ServeFactory,
+) -> None:
+    secret = "pw-" + uuid.uuid4().hex
+    serve = start_serve(wait=False, USM_CORE_DB=f"postgresql://core:{secret}@127.0.0.1:1/history")
+    assert serve.proc.wait(timeout=60) == 1
+    failed = [line for line in serve.log_lines() if line.get("event") == "core_start_failed"]
+    assert len(failed) == 1, serve.log_text()
+    assert failed[0]["db"] == "postgresql+asyncpg://core:***@127.0.0.1:1/history"
+    assert secret not in serve.log_text()
+    assert not serve.socket_path.exists()
+
+
+def test_two_replicas_on_postgresql_ingest_every_result_once_while_one_is_killed(
+    start_serve: ServeFactory, pg_database: str, amqp_vhost: AmqpVhost, sid: str
+) -> None:
+    """2,000 results wait in usm_poller.history; two replicas share them; one is SIGKILLed
+    while both hold full windows. Every result ends up as exactly one row."""
+    asyncio.run(reset_schema(pg_database))
+    # Small commits (prefetch = 2 x batch) make the ingest slow enough to kill a replica in the
+    # middle of it, with deliveries held that it has not committed.
+    env = {
+        "USM_CORE_DB": pg_database,
+        "USM_CORE_INGEST_BATCH": "2",
+        "USM_CORE_INGEST_LINGER_MS": "0",
+    }
+    first = start_serve(env=env)  # declares the queue; stopped before the results come
+    assert first.terminate() == 0
+    ids = [f"{sid}-{n:04}" for n in range(2000)]
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_vhost.dsn))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+        for job_id in ids:
+            key = wire.result_routing_key(sid, "snmp.get")
+            channel.basic_publish(wire.results_exchange(), key, result_body(job_id, sid), props)
+    finally:
+        conn.close()
+    victim, survivor = start_serve(env=env), start_serve(env=env)
+    rows, answers = 0, 0
+    for _ in range(600):
+        rows, answers = asyncio.run(count_rows(pg_database, sid))
+        if rows >= 300:
+            break
+        time.sleep(0.05)
+    assert 0 < rows < len(ids), "the kill must land while results are still coming"
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(timeout=10)
+    for _ in range(600):
+        rows, answers = asyncio.run(count_rows(pg_database, sid))
+        if rows == len(ids):
+            break
+        time.sleep(0.1)
+    assert rows == len(ids)
+    assert answers >= len(ids)  # a copy redelivered after the kill counts as a second answer
+    assert survivor.terminate() == 0
+
+
+def result_body(job_id: str, sid: str) -> bytes:
+    now = datetime.now(UTC)
+    return wire.encode(
+        wire.JobResult(
+            job_id=job_id,
+            kind="snmp.get",
+            satellite_id=sid,
+            worker="w",
+            status="ok",
+            attempt=1,
+            redelivered=False,
+            started_at=now,
+            finished_at=now,
+            duration_ms=1.0,
+        )
+    )
+
+
+async def reset_schema(url: str) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public", timeout=30)
+    finally:
+        await conn.close(timeout=10)
+
+
+async def count_rows(url: str, sid: str) -> tuple[int, int]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*), coalesce(sum(answers), 0) FROM jobs WHERE satellite_id = $1",
+            sid,
+            timeout=10,
+        )
+    finally:
+        await conn.close(timeout=10)
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_the_openapi_spec_holds_no_server_error(start_serve: ServeFactory, tmp_path: Path) -> None:
+    """Schemathesis against a real `satellite serve`: whatever it sends, never a 5xx (besides
+    the documented 503s, which need the broker or the store down)."""
+    tokens = TokensFile(tmp_path / "state" / "tokens.yaml")
+    token = tokens.create("fuzz", ["admin"])
+    serve = start_serve()
+    base = f"http://127.0.0.1:{serve.tcp_port}"
+    schema = schemathesis.openapi.from_url(f"{base}/v1/openapi.json")
+    headers = {"Authorization": f"Bearer {token}"}
+    failures: list[str] = []
+    calls: list[int] = []
+    operations = [r.ok() for r in schema.get_all_operations() if isinstance(r, Ok)]
+    assert len(operations) >= 12
+
+    for operation in operations:
+
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy(), with_token=st.booleans())
+        def check(case: Any, with_token: bool) -> None:
+            if case.headers and "prefer" in {k.lower() for k in case.headers}:
+                case.headers = {k: v for k, v in case.headers.items() if k.lower() != "prefer"}
+            response = case.call(base_url=base, headers=headers if with_token else {}, timeout=30)
+            calls.append(response.status_code)
+            if response.status_code >= 500 and response.status_code != 503:
+                failures.append(f"{case.method} {case.formatted_path}: {response.status_code}")
+
+        check()
+    assert failures == [], failures[:10]
+    assert len(calls) >= 100
+    assert {200, 401, 404, 422} <= set(calls)
+    assert serve.terminate() == 0
+    assert "Traceback" not in serve.log_text()
+
+
+def test_sigterm_answers_a_waiting_request_at_once_and_exits_0(
+    start_serve: ServeFactory, amqp_vhost: AmqpVhost, sid: str, tmp_path: Path
+) -> None:
+    assert satellite_cli(["declare", sid, "--dsn", amqp_vhost.dsn]) == 0
+    serve = start_serve()
+    job = snmp_job("127.0.0.1", 161)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, serve.unix() as unix:
+        waiting = pool.submit(
+            unix.post, f"/v1/satellites/{sid}/jobs", json=job, headers={"Prefer": "wait=60"}
+        )
+        for _ in range(100):  # the job is recorded: the request is waiting now
+            if unix.get(f"/v1/jobs/{job['id']}").status_code == 200:
+                break
+            time.sleep(0.1)
+        started = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        response = waiting.result(timeout=30)
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "queued"
+    assert serve.proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 15

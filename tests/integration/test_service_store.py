@@ -1,0 +1,295 @@
+"""The history store on both databases: migrations, the row lifecycle, search and retention."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from poller import wire
+from satellite.service.settings import DatabaseUrl
+from satellite.service.store import JobExistsError, JobFilter, QueuedJob, Store
+from satellite.service.store.engine import current_revision, head_revision, migrate
+from satellite.service.store.queries import NOT_PUBLISHED, decode_cursor
+from satellite.service.store.tables import metadata
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+async def store(db_url: DatabaseUrl) -> AsyncIterator[Store]:
+    opened = await Store.open(db_url)
+    opened.clock = Clock()
+    yield opened
+    await opened.close()
+
+
+def clock(store: Store) -> Clock:
+    assert isinstance(store.clock, Clock)
+    return store.clock
+
+
+def queued(job_id: str, **kw: object) -> QueuedJob:
+    values: dict[str, object] = {
+        "id": job_id,
+        "satellite_id": "sat1",
+        "kind": "snmp.get",
+        "host": "10.0.0.1",
+        "port": 161,
+        "source": "api",
+        "submitted_at": T0,
+        "timeout": 10.0,
+    }
+    return QueuedJob(**(values | kw))  # type: ignore[arg-type]
+
+
+def result(job_id: str, *, status: str = "ok", worker: str = "w1", **kw: object) -> wire.JobResult:
+    values: dict[str, object] = {
+        "job_id": job_id,
+        "kind": "snmp.get",
+        "satellite_id": "sat1",
+        "worker": worker,
+        "status": status,
+        "data": {"varbinds": []} if status == "ok" else None,
+        "error": (
+            {"code": "device_timeout", "message": "no answer", "retryable": True}
+            if status == "error"
+            else None
+        ),
+        "attempt": 1,
+        "redelivered": False,
+        "started_at": T0 + timedelta(seconds=1),
+        "finished_at": T0 + timedelta(seconds=2),
+        "duration_ms": 1000.0,
+    }
+    return wire.JobResult.model_validate(values | kw)
+
+
+async def test_migrations_build_the_schema_of_tables_py(store: Store) -> None:
+    assert await current_revision(store.engine) == head_revision()
+
+    def columns(conn: sa.Connection) -> dict[str, set[str]]:
+        inspector = sa.inspect(conn)
+        return {
+            "columns": {c["name"] for c in inspector.get_columns("jobs")},
+            "indexes": {str(i["name"]) for i in inspector.get_indexes("jobs")},
+        }
+
+    async with store.engine.connect() as conn:
+        found = await conn.run_sync(columns)
+    table = metadata.tables["jobs"]
+    assert found["columns"] == {c.name for c in table.columns}
+    assert found["indexes"] == {str(i.name) for i in table.indexes}
+
+
+_MIGRATE = """
+import asyncio, sys
+from satellite.service.settings import parse_database_url
+from satellite.service.store import Store
+
+async def main():
+    store = await Store.open(parse_database_url(sys.argv[1]))
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_two_replicas_migrating_an_empty_database_at_once_both_start(
+    db_url: DatabaseUrl,
+) -> None:
+    url = db_url.url.render_as_string(hide_password=False)
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _MIGRATE, url, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    async with asyncio.timeout(60):
+        outcomes = [(await p.wait(), (await p.stderr.read()).decode()) for p in procs if p.stderr]
+    assert [code for code, _ in outcomes] == [0, 0, 0], outcomes
+    store = await Store.open(db_url, run_migrations=False)
+    try:
+        assert await current_revision(store.engine) == head_revision()
+        await migrate(store.engine)  # and once more: nothing to do
+        assert await current_revision(store.engine) == head_revision()
+    finally:
+        await store.close()
+
+
+async def test_sqlite_runs_in_wal_mode(db_url: DatabaseUrl) -> None:
+    if db_url.dialect != "sqlite":
+        pytest.skip("SQLite only")
+    store = await Store.open(db_url)
+    try:
+        async with store.engine.connect() as conn:
+            mode = (await conn.execute(sa.text("PRAGMA journal_mode"))).scalar()
+            sync = (await conn.execute(sa.text("PRAGMA synchronous"))).scalar()
+            busy = (await conn.execute(sa.text("PRAGMA busy_timeout"))).scalar()
+    finally:
+        await store.close()
+    assert (mode, sync, busy) == ("wal", 1, 10_000)
+
+
+async def test_a_submitted_job_is_queued_then_answered(store: Store) -> None:
+    await store.record_queued(queued("j1"))
+    record = await store.get_job("j1")
+    assert record is not None
+    assert (record.status, record.source, record.answers) == ("queued", "api", 0)
+    assert record.deadline_at == T0 + timedelta(seconds=10)
+    assert record.submitted_at == T0
+    assert record.result is None
+
+    clock(store).now = T0 + timedelta(seconds=3)
+    assert await store.apply_results([result("j1")]) == 1
+    record = await store.get_job("j1")
+    assert record is not None
+    assert (record.status, record.source, record.answers, record.worker) == ("ok", "api", 1, "w1")
+    assert (record.host, record.port, record.submitted_at) == ("10.0.0.1", 161, T0)
+    assert record.finished_at == T0 + timedelta(seconds=2)
+    assert record.result is not None
+    assert record.result["job_id"] == "j1"
+    assert record.result["data"] == {"varbinds": []}
+
+
+async def test_an_unknown_result_is_recorded_with_source_amqp(store: Store) -> None:
+    await store.apply_results([result("from-elsewhere", status="error")])
+    record = await store.get_job("from-elsewhere")
+    assert record is not None
+    assert (record.source, record.status, record.error_code) == ("amqp", "error", "device_timeout")
+    assert (record.host, record.submitted_at, record.created_at) == (None, None, T0)
+
+
+async def test_the_same_result_twice_is_one_row_with_two_answers(store: Store) -> None:
+    await store.apply_results([result("dup")])
+    await store.apply_results([result("dup")])
+    await store.apply_results([result("dup"), result("dup", worker="w2", attempt=2)])
+    page = await store.search(JobFilter())
+    assert [r.id for r in page.items] == ["dup"]
+    record = page.items[0]
+    assert (record.answers, record.worker, record.attempt) == (4, "w2", 2)
+
+
+async def test_a_later_result_updates_the_row(store: Store) -> None:
+    await store.apply_results([result("j", status="error")])
+    await store.apply_results([result("j", status="ok", attempt=2, redelivered=True)])
+    record = await store.get_job("j")
+    assert record is not None
+    assert (record.status, record.error_code, record.attempt, record.redelivered) == (
+        "ok",
+        None,
+        2,
+        True,
+    )
+
+
+async def test_an_id_cannot_be_submitted_twice(store: Store) -> None:
+    await store.record_queued(queued("j"))
+    with pytest.raises(JobExistsError):
+        await store.record_queued(queued("j", host="10.9.9.9"))
+    record = await store.get_job("j")
+    assert record is not None
+    assert record.host == "10.0.0.1"
+
+
+async def test_an_unpublished_job_leaves_queued_and_its_id_can_be_reused(store: Store) -> None:
+    await store.record_queued(queued("j"))
+    assert await store.mark_not_published("j")
+    record = await store.get_job("j")
+    assert record is not None
+    assert (record.status, record.error_code) == ("error", NOT_PUBLISHED)
+    await store.record_queued(queued("j", host="10.9.9.9"))
+    record = await store.get_job("j")
+    assert record is not None
+    assert (record.status, record.error_code, record.host) == ("queued", None, "10.9.9.9")
+
+
+async def test_an_answered_job_is_never_marked_not_published(store: Store) -> None:
+    await store.record_queued(queued("j"))
+    await store.apply_results([result("j")])
+    assert not await store.mark_not_published("j")
+    record = await store.get_job("j")
+    assert record is not None
+    assert record.status == "ok"
+
+
+async def test_queued_jobs_past_deadline_and_grace_become_overdue(store: Store) -> None:
+    await store.record_queued(queued("short", timeout=10))
+    await store.record_queued(queued("long", timeout=100))
+    clock(store).now = T0 + timedelta(seconds=69)
+    assert await store.mark_overdue(grace=60) == 0
+    clock(store).now = T0 + timedelta(seconds=71)
+    assert await store.mark_overdue(grace=60) == 1
+    short, long = await store.get_job("short"), await store.get_job("long")
+    assert short is not None
+    assert long is not None
+    assert (short.status, long.status) == ("overdue", "queued")
+    assert (await store.count_status("overdue"), await store.count_status("queued")) == (1, 1)
+    # A late answer still lands.
+    await store.apply_results([result("short")])
+    short = await store.get_job("short")
+    assert short is not None
+    assert short.status == "ok"
+
+
+async def test_search_filters_and_pages_newest_first(store: Store) -> None:
+    for n in range(7):
+        clock(store).now = T0 + timedelta(minutes=n)
+        host = "10.0.0.1" if n % 2 else "10.0.0.2"
+        await store.record_queued(queued(f"j{n}", host=host, satellite_id=f"s{n % 3}"))
+    clock(store).now = T0 + timedelta(minutes=10)
+    await store.apply_results([result("j3", status="error"), result("other")])
+
+    everything = await store.search(JobFilter(), limit=100)
+    assert [r.id for r in everything.items] == ["other", "j6", "j5", "j4", "j3", "j2", "j1", "j0"]
+    assert everything.next_cursor is None
+
+    pages, cursor = [], None
+    for _ in range(10):
+        page = await store.search(JobFilter(), limit=3, cursor=cursor)
+        pages.append([r.id for r in page.items])
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert pages == [["other", "j6", "j5"], ["j4", "j3", "j2"], ["j1", "j0"]]
+
+    async def ids(**kw: object) -> list[str]:
+        return [r.id for r in (await store.search(JobFilter(**kw))).items]  # type: ignore[arg-type]
+
+    assert await ids(host="10.0.0.1") == ["j5", "j3", "j1"]
+    assert await ids(satellite_id="s0") == ["j6", "j3", "j0"]
+    assert await ids(status="error", error_code="device_timeout") == ["j3"]
+    assert await ids(source="amqp") == ["other"]
+    assert await ids(kind="snmp.walk") == []
+    since, until = T0 + timedelta(minutes=2), T0 + timedelta(minutes=4)
+    assert await ids(since=since, until=until) == ["j3", "j2"]
+
+
+async def test_a_foreign_cursor_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError, match="not a cursor"):
+        await store.search(JobFilter(), cursor="bm90LWEtY3Vyc29y")
+    with pytest.raises(ValueError, match="not a cursor"):
+        decode_cursor("%%%")
+
+
+async def test_retention_deletes_old_rows_in_batches(store: Store) -> None:
+    for n in range(25):
+        clock(store).now = T0 + timedelta(hours=n)
+        await store.record_queued(queued(f"j{n:02}"))
+    clock(store).now = T0 + timedelta(days=1, hours=10)
+    # Rows older than one day: created before T0 + 10 h.
+    assert await store.purge(1, batch=4) == 10
+    left = await store.search(JobFilter(), limit=1000)
+    assert sorted(r.id for r in left.items) == [f"j{n:02}" for n in range(10, 25)]
