@@ -21,6 +21,7 @@ ApiError
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import httpcore
 import httpx
+from httpcore._backends.sync import SyncStream as _SyncStream
 
 from poller.errors import ConfigError
 
@@ -86,10 +89,46 @@ class ApiAddress:
 
     def client(self, headers: Mapping[str, str]) -> httpx.Client:
         if self.socket_path is not None:
-            transport = httpx.HTTPTransport(uds=self.socket_path)
+            transport = _unix_transport(self.socket_path)
             return httpx.Client(transport=transport, base_url="http://localhost", headers=headers)
         assert self.base_url is not None
         return httpx.Client(base_url=self.base_url, headers=headers)
+
+
+class _UnixBackend(httpcore.SyncBackend):
+    """httpcore's unix socket connect, closing the socket when the connect fails.
+
+    httpcore 1.0 leaves it open (a `ResourceWarning` per dead socket tried): a dead unix socket
+    is the usual case here, the one `--api` falls back from.
+    """
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return _SyncStream(sock)
+
+
+def _unix_transport(path: str) -> httpx.HTTPTransport:
+    transport = httpx.HTTPTransport(uds=path)
+    pool = getattr(transport, "_pool", None)
+    if isinstance(pool, httpcore.ConnectionPool):  # httpx 0.27/0.28; else httpcore's own connect
+        transport._pool = httpcore.ConnectionPool(uds=path, network_backend=_UnixBackend())
+    return transport
 
 
 def parse_addresses(text: str, *, label: str = API_ENV) -> list[ApiAddress]:
