@@ -372,14 +372,14 @@ def job_table(records: Sequence[Mapping[str, Any]]) -> None:
     hidden: list[str] = []
     table = _job_table_of(columns, rows)
     for column in _JOB_DROP_ORDER:
-        if Measurement.get(out, out.options, table).maximum <= out.width:
+        if Measurement.get(out, out.options.update_width(10_000), table).maximum <= out.width:
             break
         columns.remove(column)
         hidden.append(column)
         table = _job_table_of(columns, rows)
     out.print(table)
     note = f"; not shown at this width: {', '.join(hidden)} (--json)" if hidden else ""
-    out.print(f"{len(records)} job(s){note}")
+    out.print(f"{len(records)} job(s){note}", soft_wrap=False)
 
 
 def job_record(record: Mapping[str, Any]) -> None:

@@ -54,6 +54,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def one_line(err: str, says: str) -> None:
+    """`err` is one line on stderr, saying `says`."""
+    assert err.count("\n") == 1, err
+    assert says in err, err
+
+
 def token_file(tmp_path: Path, name: str, scopes: list[str]) -> Path:
     token = TokensFile(tmp_path / "state" / "tokens.yaml").create(name, scopes)
     path = tmp_path / f"{name}.token"
@@ -113,7 +119,8 @@ def test_every_command_goes_through_the_api(
     assert record["result"]["data"]["varbinds"][0]["value"] == snmpd.sys_name
     code, out, _ = run(capsys, "job", submitted, *api)
     assert code == 0
-    assert f"job:       {submitted}" in out and snmpd.sys_name in out
+    assert f"job:       {submitted}" in out
+    assert snmpd.sys_name in out
 
     jobs_file = tmp_path / "jobs.jsonl"
     line = {
@@ -136,12 +143,14 @@ def test_every_command_goes_through_the_api(
         if len([r for r in items if r["status"] == "ok"]) == 5 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert len(items) == 5 and {r["status"] for r in items} == {"ok"}
+    assert len(items) == 5
+    assert {r["status"] for r in items} == {"ok"}
     assert {called, submitted} <= {r["id"] for r in items}
     code, out, err = run(capsys, "jobs", "--satellite", sid, "--limit", "3", *api)
     assert code == 0, err
     more = [ln for ln in out.splitlines() if ln.startswith("more: --cursor ")]
-    assert len(more) == 1 and "3 job(s)" in out
+    assert len(more) == 1
+    assert "3 job(s)" in out
     cursor = more[0].removeprefix("more: --cursor ")
     code, out, err = run(
         capsys, "jobs", "--satellite", sid, "--limit", "3", "--cursor", cursor, "--json", *api
@@ -188,7 +197,8 @@ def test_a_dead_unix_socket_falls_back_to_tcp(
     # Without a token the TCP address answers 401: an answer, so no fallback past it.
     code, out, err = run(capsys, "jobs", "--api", f"unix:{dead},{addresses(service)['tcp']}")
     assert (code, out) == (4, "")
-    assert "401 unauthorized" in err and len(err.splitlines()) == 1
+    assert "401 unauthorized" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_refusals_are_one_line_with_the_code_and_the_exit_code(
@@ -204,20 +214,25 @@ def test_refusals_are_one_line_with_the_code_and_the_exit_code(
     for argv in (["jobs"], ["call", sid, *job], ["status"], ["submit", sid, *job]):
         code, out, err = run(capsys, *argv, "--api", tcp, "--token-file", str(wrong))
         assert code == 4, (argv, err)
-        assert err.count("\n") == 1 and "401 unauthorized" in err, err
+        one_line(err, "401 unauthorized")
         assert secret not in err + out
     code, out, err = run(capsys, "jobs", "--api", tcp, "--token-file", str(wrong), "--json")
     assert json.loads(out)["error"]["problem"] == "unauthorized"
 
     reader = token_file(tmp_path, "reader", ["read"])
     code, out, err = run(capsys, "call", sid, *job, "--api", tcp, "--token-file", str(reader))
-    assert code == 4 and "403 forbidden" in err and err.count("\n") == 1, err
+    assert code == 4
+    one_line(err, "403 forbidden")
 
     unix = addresses(service)["unix"]  # trusted: no token needed
     code, out, err = run(capsys, "job", "no-such-job", "--api", unix)
-    assert (code, out) == (1, "") and "404 job_not_found" in err and err.count("\n") == 1
+    assert (code, out) == (1, "")
+    assert "404 job_not_found" in err
+    assert err.count("\n") == 1
     code, out, err = run(capsys, "jobs", "--cursor", "bogus", "--api", unix)
-    assert code == 2 and "422 invalid_cursor" in err and err.count("\n") == 1
+    assert code == 2
+    assert "422 invalid_cursor" in err
+    assert err.count("\n") == 1
 
 
 def test_an_unreachable_service_is_one_line_within_the_timeout(
@@ -233,7 +248,7 @@ def test_an_unreachable_service_is_one_line_within_the_timeout(
         api = f"unix:{tmp_path}/none.sock,http://127.0.0.1:{port}"
         code, out, err = run(capsys, "jobs", "--api", api, "--json")
         assert code == 4
-        assert err.count("\n") == 1 and "Connection refused" in err, err
+        one_line(err, "Connection refused")
         assert json.loads(out)["error"]["code"] == "unreachable"
 
         started = time.monotonic()
@@ -247,7 +262,7 @@ def test_an_unreachable_service_is_one_line_within_the_timeout(
         )
         assert time.monotonic() - started < 10
         assert (code, out) == (4, "")
-        assert err.count("\n") == 1 and "no answer within 1 s" in err, err
+        one_line(err, "no answer within 1 s")
     finally:
         closed.close()
         silent.close()
@@ -271,4 +286,4 @@ def test_an_address_that_never_answers_a_connect_gives_up_within_the_connect_tim
     )
     assert time.monotonic() - started < 20
     assert (done.returncode, done.stdout) == (4, "")
-    assert done.stderr.count("\n") == 1 and "timed out" in done.stderr, done.stderr
+    one_line(done.stderr, "timed out")
