@@ -989,8 +989,10 @@ def _add_history(commands: Any, common: _Parser) -> None:
     jobs.add_argument("--status", choices=JOB_STATUSES)
     jobs.add_argument("--code", metavar="C", help="the error code, e.g. device_timeout")
     jobs.add_argument("--source", metavar="S", help="api, cli, amqp or schedule:NAME")
-    jobs.add_argument("--since", metavar="T", help="submitted at or after T (ISO 8601)")
-    jobs.add_argument("--until", metavar="T", help="submitted before T (ISO 8601)")
+    jobs.add_argument(
+        "--since", metavar="T", help="recorded at or after T (ISO 8601; UTC without an offset)"
+    )
+    jobs.add_argument("--until", metavar="T", help="recorded before T (ISO 8601)")
     jobs.add_argument("--limit", type=int, default=50, metavar="N", help="1-1000 (50)")
     jobs.add_argument("--cursor", metavar="C", help="the next page, as printed by the last one")
     jobs.set_defaults(handler=_jobs, prepare=_prepare_jobs, needs_broker=False)
