@@ -202,7 +202,9 @@ def _problem(response: httpx.Response, address: str) -> ApiProblem:
             code = body["code"]
         if isinstance(body.get("detail"), str):
             detail = body["detail"]
-    return ApiProblem(response.status_code, code, detail[:500], address)
+    # One line whatever came back (a proxy's HTML page, a detail with newlines).
+    code = "".join(c for c in code if c.isalnum() or c in "_-.:")[:64] or "http_error"
+    return ApiProblem(response.status_code, code, " ".join(detail.split())[:300], address)
 
 
 class ApiClient:

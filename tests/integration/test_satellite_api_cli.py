@@ -10,8 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +175,7 @@ def test_every_command_goes_through_the_api(
 
 def test_a_dead_unix_socket_falls_back_to_tcp(
     *,
+    silent_udp_port: int,
     serve: ServeFactory,
     start_poller: PollerFactory,
     snmpd: Snmpd,
@@ -193,6 +196,23 @@ def test_a_dead_unix_socket_falls_back_to_tcp(
     code, out, err = run(capsys, "call", sid, *job, "--api", api, "--token-file", str(token))
     assert (code, err) == (0, ""), err
     assert json.loads(out)["data"]["varbinds"][0]["value"] == snmpd.sys_name
+
+    # No result within --timeout: exit 3 naming the job, which the history still follows.
+    silent = [*job[:3], "--port", str(silent_udp_port), *job[5:], "--job-timeout", "3"]
+    code, out, err = run(
+        capsys, "call", sid, *silent, "--timeout", "1", "--json", "--api", api,
+        "--token-file", str(token),
+    )  # fmt: skip
+    assert code == 3
+    one_line(err, "no result for job")
+    failure = json.loads(out)["error"]
+    assert failure["code"] == "no_result"
+    code, out, err = run(
+        capsys, "job", failure["job_id"], "--wait", "30", "--json", "--api", api,
+        "--token-file", str(token),
+    )  # fmt: skip
+    assert code == 1, err
+    assert (json.loads(out)["status"], json.loads(out)["error_code"]) == ("error", "device_timeout")
 
     # Without a token the TCP address answers 401: an answer, so no fallback past it.
     code, out, err = run(capsys, "jobs", "--api", f"unix:{dead},{addresses(service)['tcp']}")
@@ -266,6 +286,38 @@ def test_an_unreachable_service_is_one_line_within_the_timeout(
     finally:
         closed.close()
         silent.close()
+
+
+class _ProxyError(BaseHTTPRequestHandler):
+    """What a reverse proxy in front of the service says when no replica answers."""
+
+    def do_GET(self) -> None:
+        body = b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body>\n</html>\n"
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_error_page_that_is_not_a_problem_document_is_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _ProxyError)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        api = f"http://127.0.0.1:{server.server_address[1]}"
+        code, out, err = run(capsys, "job", "x", "--api", api)
+        assert (code, out) == (4, "")
+        one_line(err, "502 http_502: Bad Gateway")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def test_an_address_that_never_answers_a_connect_gives_up_within_the_connect_timeout(
