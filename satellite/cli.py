@@ -870,10 +870,6 @@ def _token_revoke(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------------------------ serve
 # `satellite serve`: the core service (DESIGN §10, docs/core-service.md). Its settings are the
 # environment's (USM_CORE_*, US_AMQP_DSN, USM_MANAGEMENT_URL); it needs the `core` extra,
@@ -1170,3 +1166,7 @@ def _status_api(args: argparse.Namespace, ctx: Context) -> int:
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover - last, after every function is defined
+    sys.exit(main())
