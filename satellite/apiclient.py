@@ -302,6 +302,21 @@ class ApiClient:
             raise _problem(response, address)
         raise ApiUnreachableError("cannot reach the core API: " + "; ".join(failures))
 
+    def _object(self, response: httpx.Response) -> dict[str, Any]:
+        """The JSON object of a 2xx answer; anything else (a proxy's page) is `ApiProblem`."""
+        try:
+            value = response.json()
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, dict):
+            raise ApiProblem(
+                response.status_code,
+                "not_json",
+                "the answer is not a JSON object: is this the core service's address?",
+                self.answered_by or "?",
+            )
+        return value
+
     # ------------------------------------------------------------------------ endpoints
 
     def submit(
@@ -319,8 +334,7 @@ class ApiClient:
             headers=headers,
             wait=wait or 0.0,
         )
-        record: dict[str, Any] = response.json()
-        return record, response.status_code == 200
+        return self._object(response), response.status_code == 200
 
     def submit_batch(self, satellite_id: str, jobs: Iterable[bytes]) -> dict[str, Any]:
         """POST /v1/satellites/{id}/jobs:batch (NDJSON): `{"ids", "not_published"}`."""
@@ -330,8 +344,7 @@ class ApiClient:
             content=b"\n".join(jobs) + b"\n",
             headers={"Content-Type": "application/x-ndjson"},
         )
-        answer: dict[str, Any] = response.json()
-        return answer
+        return self._object(response)
 
     def job(self, job_id: str, *, wait: float = 0.0) -> dict[str, Any]:
         """GET /v1/jobs/{id}, long-polling up to `wait` s (at most 60) while it is queued."""
@@ -340,22 +353,19 @@ class ApiClient:
         response = self.request(
             "GET", f"/v1/jobs/{quote(job_id, safe='')}", params=params, wait=wait
         )
-        record: dict[str, Any] = response.json()
-        return record
+        return self._object(response)
 
     def jobs(self, filters: Mapping[str, Any]) -> dict[str, Any]:
         """GET /v1/jobs: `{"items": [...], "next_cursor": ...}`, newest first."""
         params = {k: str(v) for k, v in filters.items() if v is not None}
-        page: dict[str, Any] = self.request("GET", "/v1/jobs", params=params).json()
-        return page
+        return self._object(self.request("GET", "/v1/jobs", params=params))
 
     def satellites(self, satellite_id: str | None = None) -> dict[str, Any]:
         """GET /v1/satellites (`{"ok", "satellites"}`) or /v1/satellites/{id} (one status)."""
         path = "/v1/satellites"
         if satellite_id is not None:
             path += f"/{quote(satellite_id, safe='')}"
-        answer: dict[str, Any] = self.request("GET", path).json()
-        return answer
+        return self._object(self.request("GET", path))
 
 
 def _reason(exc: Exception) -> str:

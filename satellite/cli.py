@@ -1141,9 +1141,12 @@ def _call_api(args: argparse.Namespace, ctx: Context) -> int:
             f"{timeout:g} s (status {record.get('status')}; see `satellite job {record['id']}`)"
         )
         return _fail(args, EXIT_NO_RESULT, "no_result", message, job_id=str(record["id"]))
-    result = JobResult.model_validate(found)
-    _print_json(result.model_dump(mode="json"), indent=None if args.json else 2)
-    return EXIT_OK if result.status == "ok" else EXIT_ERROR
+    try:
+        printed: dict[str, Any] = JobResult.model_validate(found).model_dump(mode="json")
+    except ValueError:  # a result this version cannot model (a newer poller): as it came
+        printed = found
+    _print_json(printed, indent=None if args.json else 2)
+    return EXIT_OK if printed.get("status") == "ok" else EXIT_ERROR
 
 
 def _status_api(args: argparse.Namespace, ctx: Context) -> int:

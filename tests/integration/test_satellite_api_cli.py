@@ -293,7 +293,8 @@ class _ProxyError(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         body = b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body>\n</html>\n"
-        self.send_response(502)
+        # A page that is not the service's: 502 for a job, a 200 "welcome" page for a search.
+        self.send_response(200 if self.path.startswith("/v1/jobs?") else 502)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -303,7 +304,7 @@ class _ProxyError(BaseHTTPRequestHandler):
         pass
 
 
-def test_an_error_page_that_is_not_a_problem_document_is_one_line(
+def test_a_page_that_is_not_the_services_is_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = HTTPServer(("127.0.0.1", 0), _ProxyError)
@@ -314,6 +315,9 @@ def test_an_error_page_that_is_not_a_problem_document_is_one_line(
         code, out, err = run(capsys, "job", "x", "--api", api)
         assert (code, out) == (4, "")
         one_line(err, "502 http_502: Bad Gateway")
+        code, out, err = run(capsys, "jobs", "--api", api)
+        assert (code, out) == (4, "")
+        one_line(err, "200 not_json: the answer is not a JSON object")
     finally:
         server.shutdown()
         server.server_close()
