@@ -31,7 +31,11 @@ from urllib.parse import quote, urlsplit
 
 import httpcore
 import httpx
-from httpcore._backends.sync import SyncStream as _SyncStream
+
+try:  # httpcore 1.x; without it, unix sockets use httpcore's own connect (see _UnixBackend)
+    from httpcore._backends.sync import SyncStream as _SyncStream
+except ImportError:  # pragma: no cover
+    _SyncStream = None  # type: ignore[assignment,misc]
 
 from poller.errors import ConfigError
 
@@ -126,7 +130,7 @@ class _UnixBackend(httpcore.SyncBackend):
 def _unix_transport(path: str) -> httpx.HTTPTransport:
     transport = httpx.HTTPTransport(uds=path)
     pool = getattr(transport, "_pool", None)
-    if isinstance(pool, httpcore.ConnectionPool):  # httpx 0.27/0.28; else httpcore's own connect
+    if _SyncStream is not None and isinstance(pool, httpcore.ConnectionPool):  # httpx 0.27/0.28
         transport._pool = httpcore.ConnectionPool(uds=path, network_backend=_UnixBackend())
     return transport
 
