@@ -792,13 +792,16 @@ def build(env: dict[str, str]) -> Compose:
     placeholders = {"US_AMQP_DSN": "amqp://build:build@build/", "USM_POLLER_SATELLITE_ID": "build"}
     compose = Compose(f"{PREFIX}{os.getpid()}", env | placeholders)
     started = time.monotonic()
-    build_start = str(int(time.time()) - 1)
     compose("build", "--quiet", timeout=900)
     say(f"docker compose build: {time.monotonic() - started:.0f} s")
-    # images and stages of earlier builds that this one did not reuse: keeps the cache bounded
-    run(["podman", "image", "prune", "-f", "--filter", f"until={build_start}"], timeout=120)
     check_image(f"satellite-poller:{__version__}")
     return compose
+
+
+def prune_images(since: str) -> None:
+    """Images and stages of earlier builds that this run's builds did not reuse (after both
+    builds, so that the core image's stages stay cached too): keeps the cache bounded."""
+    run(["podman", "image", "prune", "-f", "--filter", f"until={since}"], timeout=120)
 
 
 def build_core(env: dict[str, str]) -> None:
@@ -929,8 +932,10 @@ def print_logs(logs: Path) -> None:
 def tier(env: dict[str, str]) -> None:
     validate_compose_files(env)
     remove_stale_projects()
+    build_start = str(int(time.time()) - 1)
     compose = build(env)
     build_core(env)
+    prune_images(build_start)
     sid = f"e2e-{os.getpid()}"
     with (
         fresh_vhost() as vhost,
