@@ -896,7 +896,9 @@ def core_service_serves(vhost: str, sid: str, targets: Targets) -> None:
         print(run(["docker", "logs", name], ok=False, timeout=30).stderr[-4000:], flush=True)
         raise
     finally:
-        run(["docker", "rm", "-f", "-t", "2", name], ok=False, timeout=60)
+        removed = run(["docker", "rm", "-f", name], ok=False, timeout=60)
+        if removed.returncode != 0:
+            say(f"could not remove {name}: {removed.stderr.strip()}")
 
 
 def replicas_serve(compose: Compose, core: Core, targets: Targets) -> list[str]:
