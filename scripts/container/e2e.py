@@ -842,7 +842,7 @@ def http(
         return 0, repr(exc)
 
 
-def core_service_serves(vhost: str, sid: str, targets: Targets) -> None:
+def core_service_serves(compose: Compose, vhost: str, sid: str, targets: Targets) -> None:
     """`satellite serve` in its image: ready, a job answered by the replicas, SIGTERM exit 0."""
     name = f"{PREFIX}core-{os.getpid()}"
     with socket.socket() as sock:
@@ -855,7 +855,8 @@ def core_service_serves(vhost: str, sid: str, targets: Targets) -> None:
     argv += ["-e", f"US_AMQP_DSN=amqp://guest:guest@127.0.0.1:5672/{vhost}"]
     argv += ["-e", f"USM_CORE_LISTEN=unix:/tmp/api.sock,tcp:127.0.0.1:{port}"]
     argv += ["-e", "USM_CORE_TOKENS_FILE=/tmp/tokens.yaml", "-e", "USM_CORE_LOG_FORMAT=json"]
-    run([*argv, CORE_IMAGE], timeout=120)
+    # its `docker exec` monitors are stopped with the replicas' (Compose.stop_exec_monitors)
+    compose.seen.add(run([*argv, CORE_IMAGE], timeout=120).stdout.strip())
     try:
         wait_for("the core's /readyz", lambda: http("GET", f"{base}/readyz")[0] == 200, 60)
         check(http("GET", f"{base}/healthz")[0] == 200, "the core's /healthz")
@@ -960,7 +961,7 @@ def tier(env: dict[str, str]) -> None:
             up = True
             logs = stack.enter_context(compose.following_logs())
             names = replicas_serve(compose, core, targets)
-            core_service_serves(vhost, sid, targets)
+            core_service_serves(compose, vhost, sid, targets)
             crash_one(compose, core, targets)
             recycle_all(compose, core, targets)
             stop_all(compose, names, core, targets)
