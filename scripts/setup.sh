@@ -10,7 +10,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 PYTHON=${PYTHON:-python3}
 
-apt_packages=(snmpd snmp openssh-server iproute2)
+apt_packages=(snmpd snmp openssh-server iproute2 curl)
 command -v rabbitmq-server >/dev/null 2>&1 || apt_packages+=(rabbitmq-server)
 # Debian's own python3 needs python3-venv for `python3 -m venv` (pyenv builds have it).
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_packages+=(python3-venv)

@@ -453,6 +453,7 @@ class Scheduler:
                 "deadline_at": _at(now + schedule.timeout),
                 "updated_at": at,
                 "answers": 0,
+                "lane": "bulk",
                 "request": body,
             }
             rows[job_id] = (
