@@ -371,6 +371,20 @@ class ApiClient:
             path += f"/{quote(satellite_id, safe='')}"
         return self._object(self.request("GET", path))
 
+    # Schedules (docs/schedules.md): `satellite schedule list|show|run|pause|resume`.
+    def schedules(self, name: str | None = None) -> dict[str, Any]:
+        """GET /v1/schedules (`{"items": [...]}`) or /v1/schedules/{name} (one schedule)."""
+        path = "/v1/schedules" if name is None else f"/v1/schedules/{quote(name, safe='')}"
+        return self._object(self.request("GET", path))
+
+    def schedule_action(
+        self, name: str, action: str, *, target: str | None = None
+    ) -> dict[str, Any]:
+        """POST /v1/schedules/{name}/{run|pause|resume}; `target` for a run of one target."""
+        body = {"target": target} if target is not None else None
+        path = f"/v1/schedules/{quote(name, safe='')}/{action}"
+        return self._object(self.request("POST", path, json_body=body))
+
 
 def _reason(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__

@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token(commands)
     _add_serve(commands)
     _add_history(commands, common)
+    _add_schedule(commands, common)
     return parser
 
 
@@ -1201,3 +1202,70 @@ def _status_api(args: argparse.Namespace, ctx: Context) -> int:
 
 if __name__ == "__main__":  # pragma: no cover - last, after every function is defined
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------ schedule
+# `satellite schedule list|show|run|pause|resume`: the schedules of `satellite serve`, through
+# its API (docs/schedules.md); `--json` prints the API's answer as it came.
+
+
+def _add_schedule(commands: Any, common: _Parser) -> None:
+    schedule = commands.add_parser(
+        "schedule",
+        parents=[common, API_OPTIONS],
+        help="the core service's schedules: list, show, run now, pause, resume (--api)",
+    )
+    actions = schedule.add_subparsers(dest="schedule_action", metavar="ACTION", required=True)
+    actions.add_parser(
+        "list", parents=[common, API_OPTIONS], help="every schedule: next and last fire, counts"
+    )
+    for action, text in (
+        ("show", "one schedule"),
+        ("run", "send its jobs now, outside its clock"),
+        ("pause", "pause it (kept in the store)"),
+        ("resume", "resume it"),
+    ):
+        sub = actions.add_parser(action, parents=[common, API_OPTIONS], help=text)
+        sub.add_argument("name", metavar="NAME")
+        if action == "run":
+            sub.add_argument("--target", metavar="HOST", help="only this target (host[:port])")
+    schedule.set_defaults(handler=_schedule, prepare=lambda _args: None, needs_broker=False)
+
+
+def _schedule(args: argparse.Namespace, ctx: Context) -> int:
+    api = _require_api(ctx)
+    action = args.schedule_action
+    if action == "list":
+        answer = api.schedules()
+    elif action == "show":
+        answer = api.schedules(args.name)
+    else:
+        answer = api.schedule_action(args.name, action, target=getattr(args, "target", None))
+    if args.json:
+        _print_json(answer)
+    elif action == "list":
+        items = answer.get("items") or []
+        for item in items:
+            print(_schedule_line(item))
+        print(f"{len(items)} schedule(s)")
+    elif action == "run":
+        published = answer.get("published") or []
+        print(f"{args.name}: {len(published)} job(s) published")
+        for job_id in published:
+            print(job_id)
+    else:
+        print(_schedule_line(answer))
+    return EXIT_OK
+
+
+def _schedule_line(item: dict[str, Any]) -> str:
+    last = item.get("last_interval") or {}
+    clock = f"every {item['every']}s" if item.get("every") else f"cron {item.get('cron')!r}"
+    state = "paused" if item.get("paused") else ("enabled" if item.get("enabled") else "disabled")
+    skipped = sum(int(v) for k, v in (last.get("skipped") or {}).items() if k != "not_published")
+    return (
+        f"{item.get('name')}: {clock}, {item.get('targets')} target(s), {state}; "
+        f"next {item.get('next_fire') or '-'}, last {item.get('last_fire') or '-'}; "
+        f"last interval: sent {last.get('sent', 0)}, answered {last.get('answered', 0)}, "
+        f"failed {last.get('failed', 0)}, skipped {skipped}"
+    )

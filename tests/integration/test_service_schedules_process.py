@@ -190,3 +190,45 @@ async def test_a_bad_file_exits_2_at_start_and_is_refused_on_sighup(
     await asyncio.sleep(3)
     assert len(collector.seen) >= seen + 2 * TARGETS  # the last good file keeps running
     assert good.proc.poll() is None
+
+
+async def test_the_schedule_command_over_the_api(
+    serve: ServeFactory,
+    collector: Collector,
+    tmp_path: Path,
+    sid: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = schedule_file(tmp_path / "schedules.yaml", sid, every=3600)
+    process = await asyncio.to_thread(serve, env={"USM_CORE_SCHEDULES_FILE": str(path)})
+    api = ["--api", f"unix:{process.socket_path}"]
+
+    def cli(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = satellite_cli(["schedule", *argv, *api])
+        return code, capsys.readouterr().out
+
+    code, out = await asyncio.to_thread(cli, "list")
+    assert code == 0
+    assert out.startswith(f"fleet: every 3600s, {TARGETS} target(s), enabled; next ")
+    assert out.endswith("1 schedule(s)\n")
+    code, out = await asyncio.to_thread(cli, "run", "fleet", "--target", "198.51.100.7")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "fleet: 1 job(s) published"
+    assert lines[1].startswith("fleet:run")
+    assert lines[1].endswith(":198.51.100.7")
+    code, out = await asyncio.to_thread(cli, "pause", "fleet")
+    assert (code, "paused" in out) == (0, True)
+    code, out = await asyncio.to_thread(cli, "show", "fleet", "--json")
+    shown = json.loads(out)
+    assert shown["paused"] is True
+    assert shown["last_interval"]["sent"] == 1
+    code, out = await asyncio.to_thread(cli, "resume", "fleet")
+    assert (code, "enabled" in out) == (0, True)
+    code, _ = await asyncio.to_thread(cli, "show", "nope")
+    assert code == 1
+    deadline = time.monotonic() + 10
+    while lines[1] not in [i for i, _ in collector.seen]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
