@@ -81,7 +81,8 @@ TICK_SECONDS = 0.25
 TAKEOVER_EVERY = 1.0
 #: Seconds between looks at the schedules file's modification time.
 WATCH_EVERY = 2.0
-TAKEOVER_BATCH = 500
+TAKEOVER_BATCH = 1000
+TAKEOVER_ROUNDS = 20
 #: Jobs published (and their rows checked and deleted) per batch of confirms.
 PUBLISH_CHUNK = 5000
 #: Rows per INSERT statement (PostgreSQL takes at most 32,767 parameters in one).
@@ -471,7 +472,10 @@ class Scheduler:
             )
             new_ids.update(inserted.scalars())
         claimed = [c for job_id, (_, c) in rows.items() if job_id in new_ids]
-        lease = now + LEASE_SECONDS
+        # The lease counts from now, not from the claim's start: inserting many rows takes
+        # time (10,000: seconds), and the outbox rows take about as long again.
+        inserted_at = await db_now(conn)
+        lease = inserted_at + (inserted_at - now) + LEASE_SECONDS
         outbox = [
             {
                 "id": c.id,
@@ -638,7 +642,18 @@ class Scheduler:
     # ---------------------------------------------------------------------------- takeover
 
     async def take_over(self) -> int:
-        """Publish outbox rows whose lease expired (a dead replica's, or unconfirmed ones)."""
+        """Publish outbox rows whose lease expired, `TAKEOVER_BATCH` at a time until none is left
+        (at most `TAKEOVER_ROUNDS` batches per call)."""
+        published = 0
+        for _ in range(TAKEOVER_ROUNDS):
+            done, taken = await self._take_over_batch()
+            published += done
+            if taken < TAKEOVER_BATCH:
+                break
+        return published
+
+    async def _take_over_batch(self) -> tuple[int, int]:
+        """One batch of rows taken over: (published, taken)."""
         async with self.engine.begin() as conn:
             await self._short_lock(conn)
             now = await db_now(conn)
@@ -666,7 +681,7 @@ class Scheduler:
                 )
             ).all()
             if not rows:
-                return 0
+                return 0, 0
             ids = [row.id for row in rows]
             answered = set(
                 (
@@ -701,7 +716,7 @@ class Scheduler:
             publishing=len(todo),
         )
         self.taken_over += len(todo)
-        return await self.publish(todo) if todo else 0
+        return (await self.publish(todo) if todo else 0), len(rows)
 
     async def prune(self) -> int:
         """Delete skip counts older than `SKIPS_KEPT` (the API shows the last interval)."""
