@@ -372,10 +372,7 @@ class Scheduler:
         missed = 0
         last_slot: float | None = None
         for slot in schedule.slots(after, now):
-            for target in schedule.targets:
-                due = schedule.due_at(slot, target)
-                if not after < due <= now:
-                    continue
+            for due, target in schedule.due_in(slot, after, now):
                 if now - due <= grace:
                     sent.append((due, target, slot.start))
                     last_slot = slot.start

@@ -27,6 +27,7 @@ or are the cron expression's fire times in its time zone; a slot lasts until the
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import io
@@ -36,6 +37,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -160,6 +162,21 @@ class Schedule:
 
     def due_at(self, slot: Slot, target: Target) -> float:
         return slot.start + target.frac * slot.length
+
+    @cached_property
+    def fracs(self) -> tuple[float, ...]:
+        """The targets' offsets, in the order of `targets` (ascending)."""
+        return tuple(t.frac for t in self.targets)
+
+    def due_in(self, slot: Slot, after: float, until: float) -> Iterator[tuple[float, Target]]:
+        """(due time, target) of `slot` with a due time in (after, until], by bisection."""
+        length = slot.length
+        lo = bisect.bisect_left(self.fracs, (after - slot.start) / length - 1e-9)
+        hi = bisect.bisect_right(self.fracs, (until - slot.start) / length + 1e-9)
+        for target in self.targets[lo:hi]:
+            due = slot.start + target.frac * length
+            if after < due <= until:
+                yield due, target
 
     def job_id(self, slot_start: float | str, target: Target) -> str:
         stamp = slot_start if isinstance(slot_start, str) else str(int(slot_start))

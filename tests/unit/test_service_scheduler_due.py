@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from pathlib import Path
 
 from satellite.service.scheduler import Scheduler, late_grace
@@ -65,3 +66,20 @@ def test_a_short_outage_within_the_grace_still_sends_late(tmp_path: Path) -> Non
     ids, skipped = due(s, T - 1, T + 20)
     assert len(ids) == 6
     assert not skipped
+
+
+def test_bisection_finds_exactly_the_due_times_a_full_scan_finds(tmp_path: Path) -> None:
+    path = tmp_path / "many.yaml"
+    hosts = ", ".join(f'{{host: "10.0.{n // 250}.{n % 250}"}}' for n in range(997))
+    path.write_text(
+        "schedules:\n  - name: m\n    satellite: pop-a\n    every: 7\n    kind: icmp.ping\n"
+        f"    targets: [{hosts}]\n"
+    )
+    s = load_schedules(path).schedules["m"]
+    rng = random.Random(15)
+    for _ in range(300):
+        after = T + rng.uniform(-20, 20)
+        until = after + rng.choice([0.001, 0.25, 1.0, 6.99, 7.0, 13.5])
+        for slot in s.slots(after, until):
+            full = [(s.due_at(slot, t), t) for t in s.targets if after < s.due_at(slot, t) <= until]
+            assert list(s.due_in(slot, after, until)) == full
