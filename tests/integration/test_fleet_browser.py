@@ -146,6 +146,9 @@ def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots
         .count("no consumer on the job queue")
     )
     page.screenshot(path=shots / "fleet-light.png", full_page=True)
+    page.set_viewport_size({"width": 1200, "height": 200})  # docs/img/fleet.png is this one
+    page.screenshot(path=shots / "fleet-docs.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
 
     # The satellite page: replicas, DLQ (no replay button for a reader), errors.
     page.click(f'a[href="/satellites/{scene.stopped}"]')
@@ -216,6 +219,7 @@ def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots
     )
     assert wide == [], "the fleet page scrolls sideways on a phone"
     page.screenshot(path=shots / "fleet-phone.png", full_page=True)
+    page.screenshot(path=shots / "fleet-phone-docs.png")  # the first screen: docs/img
     phone.close()
 
     # Without JavaScript: the same rows; a <noscript> meta refresh does the reloading.

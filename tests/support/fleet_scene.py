@@ -133,8 +133,8 @@ def wait_for_rows(
 def fleet_scene(
     amqp_vhost: AmqpVhost, tmp_path: Path, start_poller: PollerFactory, snmpd: Snmpd
 ) -> Iterator[FleetScene]:
-    prefix = f"f{uuid.uuid4().hex[:8]}"
-    healthy, stopped = f"{prefix}-a", f"{prefix}-z"
+    prefix = uuid.uuid4().hex[:6]
+    healthy, stopped = f"{prefix}-lyon", f"{prefix}-zurich"
     tokens = TokensFile(tmp_path / "state" / "tokens.yaml")
     admin = tokens.create("page-admin", ["admin"])
     reader = tokens.create("page-reader", ["read"])
