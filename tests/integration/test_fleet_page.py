@@ -151,6 +151,8 @@ def test_login_rows_in_attention_order_pages_and_replay(fleet_scene: FleetScene)
         assert replayed.status_code == 303
         after = http.get(replayed.headers["location"]).text
         assert "DLQ replay: 1 replayed." in after
+        forged = http.get(f"/satellites/{scene.stopped}", params={"replayed": "call 555"}).text
+        assert "call 555" not in forged
         assert dlq_ids(scene) == scene.letters[1:]
         assert http.post(url, data={"all": "1", "csrf": token}).status_code == 303
         assert dlq_ids(scene) == []

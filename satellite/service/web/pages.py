@@ -13,6 +13,7 @@ resource from outside the service (a strict Content-Security-Policy says so to t
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,6 +50,8 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
+
+_REPLAY_NOTE = re.compile(r"\d{1,6} replayed(, \d{1,6} not replayed)?")
 
 router = APIRouter(include_in_schema=False)
 
@@ -191,9 +194,14 @@ async def satellite_page(satellite_id: SatelliteId, request: Request) -> Respons
         slowest=slowest,
         letters=letters,
         dlq_error=dlq_error,
-        replayed=request.query_params.get("replayed"),
+        replayed=_replay_note(request.query_params.get("replayed")),
         refresh=REFRESH_SECONDS,
     )
+
+
+def _replay_note(text: str | None) -> str | None:
+    """The replay report carried by the redirect, only in the form `replay` writes it."""
+    return text if text and _REPLAY_NOTE.fullmatch(text) else None
 
 
 @router.post("/satellites/{satellite_id}/replay")
