@@ -120,6 +120,7 @@ def axe_violations(page: Any) -> list[dict[str, Any]]:
     return [v for v in result["violations"] if v.get("impact") in ("serious", "critical")]
 
 
+@pytest.mark.timeout(400)
 def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots: Path) -> None:
     scene = fleet_scene
     base = f"http://127.0.0.1:{scene.serve.tcp_port}"
@@ -230,6 +231,7 @@ def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots
     plain.close()
 
 
+@pytest.mark.timeout(400)
 def test_the_pages_pass_axe(browser: Any, fleet_scene: FleetScene) -> None:
     """axe-core over every page in both schemes and on a phone: no serious/critical violation.
     (The context bypasses the page's CSP only so that the test can inject axe.)"""

@@ -43,7 +43,7 @@ def dlq_shown(scene: FleetScene, count: int) -> Callable[[str], bool]:
 
     def check(html: str) -> bool:
         row = html.split(f'data-satellite="{scene.stopped}"')[1].split("</tr>", maxsplit=1)[0]
-        return f'data-label="DLQ" class="num">{count}<' in row
+        return f'data-label="DLQ" class="num">{count}<' in row and "1 ready" in row
 
     return check
 
@@ -92,6 +92,8 @@ def test_login_rows_in_attention_order_pages_and_replay(fleet_scene: FleetScene)
         assert "no consumer on the job queue" in stopped_row
         assert "no heartbeat" in stopped_row
         assert re.search(r'data-label="DLQ" class="num">2<', stopped_row)
+        assert re.search(r'data-label="Interactive" class="num">1 ready', stopped_row)
+        assert re.search(r'data-label="Bulk queue" class="num">1 ready', stopped_row)
         healthy_row = text.split(f'data-satellite="{scene.healthy}"')[1].split("</tr>")[0]
         assert re.search(r'data-label="Replicas" class="num">1<', healthy_row)
         assert "timeout 2" in healthy_row

@@ -2,9 +2,10 @@
 
 `fleet_scene` starts a poller for `healthy` (answering), starts and stops one for `stopped`
 (its queue stays, with no consumer and no heartbeat), puts two dead letters in the stopped
-one's DLQ, a job in its queue submitted through the service, and results in the history
-(one answered job with its host and duration, and two errors with codes) for `healthy`. The
-ids are chosen so that alphabetical order is the reverse of attention order.
+one's DLQ, a job in its queue submitted through the service and one in its interactive lane,
+and results in the history (one answered job with its host and duration, and three errors
+with codes) for `healthy`. The ids are chosen so that alphabetical order is the reverse of
+attention order.
 
 ```python
 def test_x(fleet_scene: FleetScene) -> None:
@@ -29,6 +30,7 @@ import pytest
 from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
+from satellite.service.web.overview import interactive_queue
 from tests.integration.test_satellite_serve import ServeFactory, ServeProcess
 from tests.support.poller_proc import PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
@@ -64,6 +66,21 @@ def _dead_letter(dsn: str, sid: str, job_ids: list[str]) -> None:
             channel.basic_publish(
                 wire.dead_letter_exchange(), sid, json.dumps(body).encode(), props
             )
+    finally:
+        conn.close()
+
+
+def _interactive_job(dsn: str, sid: str) -> None:
+    """One job waiting in the satellite's interactive lane (DESIGN §13), as if the poller that
+    consumes it were stopped."""
+    conn = pika.BlockingConnection(pika.URLParameters(dsn))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        queue = interactive_queue(sid)
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        body = json.dumps(snmp_job("192.0.2.8", 161)).encode()
+        channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
     finally:
         conn.close()
 
@@ -144,6 +161,7 @@ def fleet_scene(
     start_poller(stopped).terminate()
     letters = [f"{stopped}-dead{n}" for n in range(2)]
     _dead_letter(amqp_vhost.dsn, stopped, letters)
+    _interactive_job(amqp_vhost.dsn, stopped)
     factory = ServeFactory(amqp_vhost, tmp_path)
     try:
         serve = factory()
