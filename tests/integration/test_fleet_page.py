@@ -213,3 +213,25 @@ def test_a_unix_socket_that_needs_tokens_takes_the_login_behind_https(
             if proc.proc.poll() is None:
                 proc.proc.kill()
                 proc.proc.wait(timeout=10)
+
+
+def test_without_the_management_api_the_fleet_says_so_and_jobs_still_work(
+    amqp_vhost: AmqpVhost, tmp_path: Path
+) -> None:
+    factory = ServeFactory(amqp_vhost, tmp_path)
+    try:
+        serve = factory(USM_MANAGEMENT_URL="http://127.0.0.1:9")  # nothing listens on 9
+        with serve.unix() as local:
+            page = local.get("/")
+            assert page.status_code == 503
+            assert "management_unavailable" in page.text
+            assert page.headers["content-type"].startswith("text/html")
+            assert local.get("/satellites/s1").status_code == 503
+            jobs = local.get("/jobs", params={"q": "10.0.0.1"})
+            assert jobs.status_code == 200
+            assert "No job with the id" in jobs.text
+    finally:
+        for proc in factory.started:
+            if proc.proc.poll() is None:
+                proc.proc.kill()
+                proc.proc.wait(timeout=10)
