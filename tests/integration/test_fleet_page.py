@@ -39,11 +39,16 @@ def login(http: httpx.Client, token: str, next_page: str = "/") -> httpx.Respons
 
 
 def dlq_shown(scene: FleetScene, count: int) -> Callable[[str], bool]:
-    """Whether the fleet page shows `count` dead letters for the stopped satellite."""
+    """Whether the fleet page shows `count` dead letters and a job in each lane for the stopped
+    satellite (the management API's figures lag by up to 5 s)."""
 
     def check(html: str) -> bool:
         row = html.split(f'data-satellite="{scene.stopped}"')[1].split("</tr>", maxsplit=1)[0]
-        return f'data-label="DLQ" class="num">{count}<' in row and "1 ready" in row
+        lanes = (
+            'data-label="Bulk queue" class="num">1 ready',
+            'data-label="Interactive" class="num">1 ready',
+        )
+        return f'data-label="DLQ" class="num">{count}<' in row and all(x in row for x in lanes)
 
     return check
 
