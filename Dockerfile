@@ -3,6 +3,12 @@
 #   docker compose build            (tags satellite-poller:<version>, see compose.yaml)
 #   docker build -t satellite-poller:0.1.0 .
 #
+# The default target (the last stage) is the poller's image. The target `core` is the core
+# service's image, `satellite serve` with the package extra `core` (docs/core-service.md,
+# "Deployment"); the poller's image never gets those dependencies:
+#
+#   docker build --target core -t satellite-core:0.1.0 .     (or: compose.core.yaml)
+#
 # VERSION must equal poller/__init__.py's __version__ (the build checks it); it is in the OCI
 # labels and in compose.yaml's image tag.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -37,8 +43,67 @@ RUN /opt/poller/bin/pip uninstall -y -q pip setuptools \
     && /opt/poller/bin/poller --version && /opt/poller/bin/satellite --version
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: the runtime image.
-FROM ${PYTHON_IMAGE}
+# The core service (target `core`): the same two steps for `.[core]` into /opt/satellite, in
+# stages of their own so that the poller's stages and image stay as they are (a build without
+# --target skips these stages).
+FROM ${PYTHON_IMAGE} AS core-build
+ARG VERSION=0.1.0
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml ./
+COPY poller/__init__.py poller/__init__.py
+RUN touch README.md && mkdir satellite && touch satellite/__init__.py \
+    && pip install -q hatchling \
+    && pip wheel -q --no-build-isolation --wheel-dir /wheels '.[core]' \
+    && rm /wheels/satellite_poller-*.whl \
+    && python -m venv /opt/satellite \
+    && /opt/satellite/bin/pip install -q --no-index /wheels/*.whl
+# the project's own wheel, built once in the poller's build stage
+COPY --from=build /wheels/satellite_poller-*.whl /wheels/
+RUN /opt/satellite/bin/pip install -q --no-index --no-deps /wheels/satellite_poller-*.whl \
+    && /opt/satellite/bin/pip check \
+    && /opt/satellite/bin/pip uninstall -y -q pip setuptools \
+    && find /opt/satellite -name '*.dist-info' -prune -o -type d -name tests -prune -exec rm -rf {} + \
+    && /opt/satellite/bin/satellite --version \
+    && /opt/satellite/bin/python -I -c 'import satellite.service.app'
+
+FROM ${PYTHON_IMAGE} AS core
+ARG PYTHON_IMAGE
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="satellite-core" \
+      org.opencontainers.image.description="The core service of satellite-poller: HTTP API, job history and result ingest (satellite serve)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+# The state dir (the SQLite history when USM_CORE_DB is not set), the directory of the unix
+# socket and of the tokens file: owned by the service's user, so that named volumes mounted
+# there start with that owner.
+RUN groupadd --gid 10001 satellite \
+    && useradd --no-log-init --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin satellite \
+    && mkdir -p /var/lib/satellite /run/satellite /etc/satellite \
+    && chown 10001:10001 /var/lib/satellite /run/satellite /etc/satellite
+COPY --from=core-build /opt/satellite /opt/satellite
+ENV PATH=/opt/satellite/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    USM_CORE_STATE_DIR=/var/lib/satellite \
+    USM_CORE_LISTEN=unix:/run/satellite/api.sock,tcp:0.0.0.0:8480
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8480
+# /readyz: 200 while the broker and the history store answer (no token needed)
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8480/readyz', timeout=4)"]
+# SIGTERM: stop listening, finish the requests in flight, commit and ack what was ingested,
+# exit 0 within 30 s.
+STOPSIGNAL SIGTERM
+CMD ["satellite", "serve"]
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the runtime image of the poller (the default target).
+FROM ${PYTHON_IMAGE} AS poller
 ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="satellite-poller" \

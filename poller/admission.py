@@ -15,6 +15,18 @@ that never started go back to the queue at once instead of being started during 
 A job that is not idempotent is not returnable: the broker would mark it redelivered, and a
 redelivered job that is not idempotent is never run (DESIGN §5), so it runs during the drain.
 
+Jobs of the interactive lane (DESIGN §13; `interactive=True`) come first: a freed run slot
+goes to the oldest interactive job whose device has a free slot before any bulk job, and
+`reserved` run slots are kept for them: bulk jobs together hold at most `concurrency -
+reserved` run slots. Interactive jobs together hold at most half the run slots (or the
+reserved ones, when more), so that a flood of them cannot starve the bulk jobs either. An
+interactive job also goes ahead of its device's waiting bulk jobs; the
+per-device limit applies to both, and so does the quarantine (the runner checks it first).
+Interactive jobs are not held to the share of untrusted devices (an operator asks about a
+device this process may never have seen), but they count in it while they run. They wait in
+one list in arrival order, scanned on each grant: the lane's own small prefetch keeps it short,
+and without interactive jobs the bulk path costs one more comparison.
+
 A waiter may have a deadline (loop time): when it comes, the waiter leaves the queue and its
 future goes to the caller's `expire` (`poller.pacing.Trickle.fail`: a `TimeoutError` a few
 loop iterations later). Jobs delivered together have the same deadline; cancelling hundreds of
@@ -70,6 +82,7 @@ class _Device:
     waiters: deque[_Waiter] = field(default_factory=deque)
     lane: bool | None = None  # the lane (untrusted?) of its valid entry; None: in no lane
     gen: int = 0  # bumped whenever it is filed again: older entries are stale
+    urgent: int = 0  # its interactive jobs waiting (in `Admission._urgent`)
 
 
 class Admission:
@@ -90,6 +103,7 @@ class Admission:
         per_device: int,
         untrusted: int | None = None,
         trusted: Callable[[str], bool] = lambda _device: True,
+        reserved: int = 0,
     ) -> None:
         if concurrency < 1 or per_device < 1:
             raise ValueError("need concurrency >= 1 and per_device >= 1")
@@ -98,7 +112,15 @@ class Admission:
         #: Run slots that jobs of untrusted devices may hold together (default: half).
         self.untrusted = max(1, min(concurrency, untrusted or concurrency // 2))
         self._trusted = trusted
+        #: Run slots bulk jobs never take (at most concurrency - 1: bulk jobs need one).
+        self.reserved = max(0, min(reserved, concurrency - 1))
+        self._bulk_slots = concurrency - self.reserved
+        #: Run slots interactive jobs may hold together.
+        self.interactive_cap = max(1, self.reserved, concurrency // 2)
         self._running = 0
+        self._interactive_running = 0
+        #: Interactive jobs waiting, in arrival order (few: the lane's prefetch bounds them).
+        self._urgent: deque[tuple[_Device, _Waiter]] = deque()
         self._untrusted_running = 0
         self._waiting = 0
         self._devices: dict[str, _Device] = {}
@@ -113,9 +135,22 @@ class Admission:
         return self._running
 
     @property
+    def interactive_running(self) -> int:
+        """Interactive jobs holding a run slot."""
+        return self._interactive_running
+
+    @property
+    def bulk_slots_free(self) -> bool:
+        """Whether a bulk job could take a run slot now (the reserved ones do not count)."""
+        return (
+            self._running < self.concurrency
+            and self._running - self._interactive_running < self._bulk_slots
+        )
+
+    @property
     def waiting(self) -> int:
-        """Jobs waiting for a slot."""
-        return self._waiting
+        """Jobs waiting for a slot (both lanes)."""
+        return self._waiting + len(self._urgent)
 
     @property
     def devices(self) -> int:
@@ -129,9 +164,10 @@ class Admission:
         returnable: bool = True,
         deadline: float | None = None,
         expire: _Expire = _time_out,
+        interactive: bool = False,
     ) -> Lease:
         """`async with admission.lease(host):` holds a run slot and a slot of `host`."""
-        return Lease(self, device, returnable, deadline, expire)
+        return Lease(self, device, returnable, deadline, expire, interactive=interactive)
 
     async def acquire(
         self,
@@ -140,8 +176,10 @@ class Admission:
         returnable: bool = True,
         deadline: float | None = None,
         expire: _Expire = _time_out,
+        interactive: bool = False,
     ) -> bool:
-        """Wait for both slots; whether they count as untrusted.
+        """Wait for both slots; whether they count as untrusted. Give them back with
+        `release(device, untrusted, interactive)`.
 
         Raises `NotStarted` once closed, unless the job is not `returnable`, whatever `refuse`
         set for the device's waiting jobs, and, still waiting at `deadline` (loop time), what
@@ -152,7 +190,9 @@ class Admission:
         dev = self._devices.get(device)
         if dev is None:
             dev = self._devices[device] = _Device(device)
-        if not dev.waiters:
+        if interactive:
+            return await self._acquire_urgent(dev, returnable, deadline, expire)
+        if not dev.waiters and not dev.urgent:
             untrusted = not self._trusted(device)
             if self._may_run(dev, untrusted):
                 self._take(dev, untrusted)
@@ -177,6 +217,77 @@ class Admission:
                 self._remove(dev, waiter)
             raise
 
+    async def _acquire_urgent(
+        self, dev: _Device, returnable: bool, deadline: float | None, expire: _Expire
+    ) -> bool:
+        untrusted = not self._trusted(dev.name)
+        if (
+            not dev.urgent
+            and self._running < self.concurrency
+            and self._interactive_running < self.interactive_cap
+            and dev.running < self.per_device
+        ):
+            self._take_urgent(dev, untrusted)
+            return untrusted
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(next(self._seq), loop.create_future(), returnable)
+        if deadline is not None:
+            waiter.expiry = loop.call_at(deadline, self._expire_urgent, dev, waiter, expire)
+        self._urgent.append((dev, waiter))
+        dev.urgent += 1
+        try:
+            return await waiter.future
+        except BaseException:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(dev.name, future.result(), interactive=True)
+            elif future.cancelled():
+                self._remove_urgent(dev, waiter)
+            raise
+
+    def _take_urgent(self, dev: _Device, untrusted: bool) -> None:
+        self._take(dev, untrusted)
+        self._interactive_running += 1
+        if dev.running >= self.per_device and dev.lane is not None:
+            dev.lane = None  # full: its bulk entry is stale; filed again when a job ends
+
+    def _remove_urgent(self, dev: _Device, waiter: _Waiter) -> bool:
+        """Take one interactive waiter out of the list; whether it was in it."""
+        try:
+            self._urgent.remove((dev, waiter))
+        except ValueError:
+            return False
+        waiter.leave()
+        dev.urgent -= 1
+        if not dev.urgent and not dev.waiters:
+            self._emptied(dev)
+        return True
+
+    def _expire_urgent(self, dev: _Device, waiter: _Waiter, expire: _Expire) -> None:
+        waiter.expiry = None
+        if not waiter.future.done() and self._remove_urgent(dev, waiter):
+            expire(waiter.future)
+
+    def _grant_urgent(self) -> bool:
+        """Give a run slot to the oldest interactive job whose device has a free slot."""
+        if self._interactive_running >= self.interactive_cap:
+            return False
+        for i, (dev, waiter) in enumerate(self._urgent):
+            if dev.running >= self.per_device:
+                continue
+            del self._urgent[i]
+            waiter.leave()
+            dev.urgent -= 1
+            if waiter.future.done():  # cancelled; its task has not resumed to leave the list
+                if not dev.urgent and not dev.waiters:
+                    self._emptied(dev)
+                return True
+            untrusted = not self._trusted(dev.name)
+            self._take_urgent(dev, untrusted)
+            waiter.future.set_result(untrusted)
+            return True
+        return False
+
     def _remove(self, dev: _Device, waiter: _Waiter) -> None:
         """Take one waiter out of its device's queue (its lane entry goes stale if it led)."""
         waiter.leave()
@@ -193,9 +304,11 @@ class Admission:
         self._remove(dev, waiter)
         expire(waiter.future)
 
-    def release(self, device: str, untrusted: bool) -> None:
+    def release(self, device: str, untrusted: bool, interactive: bool = False) -> None:
         """Give back the slots of one `acquire`; wakes the waiters that may now run."""
         self._running -= 1
+        if interactive:
+            self._interactive_running -= 1
         if untrusted:
             self._untrusted_running -= 1
         dev = self._devices[device]
@@ -204,7 +317,7 @@ class Admission:
             self._emptied(dev)
         elif dev.lane is None:
             self._file(dev)
-        if self._waiting:
+        if self._waiting or self._urgent:
             self._wake()
 
     def refile(self, device: str) -> None:
@@ -220,11 +333,20 @@ class Admission:
         Each one's future goes to `fail`, which resolves it with an exception, now or on a
         later iteration (`poller.pacing.Trickle.fail`); its job then raises that from
         `acquire`. For a device just quarantined: its queued jobs are answered at once instead
-        of each taking a slot in turn only to be refused.
+        of each taking a slot in turn only to be refused. Its interactive jobs go to `fail`
+        first.
         """
         dev = self._devices.get(device)
-        if dev is None or not dev.waiters:
+        if dev is None or not (dev.waiters or dev.urgent):
             return 0
+        urgent = [w for d, w in self._urgent if d is dev]
+        for waiter in urgent:
+            self._remove_urgent(dev, waiter)
+        urgent = [w for w in urgent if not w.future.done()]
+        for waiter in urgent:
+            fail(waiter.future)
+        if not dev.waiters:
+            return len(urgent)
         waiters = [w for w in dev.waiters if not w.future.done()]
         for waiter in dev.waiters:
             waiter.leave()
@@ -233,12 +355,18 @@ class Admission:
         self._emptied(dev)
         for waiter in waiters:
             fail(waiter.future)
-        return len(waiters)
+        return len(urgent) + len(waiters)
 
     def close(self) -> int:
         """Refuse returnable waiters and later `acquire`s with `NotStarted`; how many waited."""
         self._closed = True
         refused = 0
+        for dev, waiter in list(self._urgent):
+            if waiter.future.done() or waiter.returnable:
+                self._remove_urgent(dev, waiter)
+                if not waiter.future.done():
+                    waiter.future.set_exception(NotStarted())
+                    refused += 1
         for dev in list(self._devices.values()):
             kept: deque[_Waiter] = deque()
             for waiter in dev.waiters:
@@ -260,7 +388,10 @@ class Admission:
         return refused
 
     def _may_run(self, dev: _Device, untrusted: bool) -> bool:
+        """Whether a bulk job may take both slots now."""
         if self._running >= self.concurrency:
+            return False
+        if self._running - self._interactive_running >= self._bulk_slots:
             return False
         if untrusted and self._untrusted_running >= self.untrusted:
             return False
@@ -275,7 +406,7 @@ class Admission:
     def _emptied(self, dev: _Device) -> None:
         """The device has no waiting job (left): out of the lanes, forgotten once idle too."""
         dev.lane = None
-        if not dev.running and self._devices.get(dev.name) is dev:
+        if not dev.running and not dev.urgent and self._devices.get(dev.name) is dev:
             del self._devices[dev.name]
 
     def _file(self, dev: _Device) -> None:
@@ -315,8 +446,13 @@ class Admission:
         return None
 
     def _wake(self) -> None:
-        """Grant slots to the oldest waiters that may run now, while run slots are free."""
-        while self._running < self.concurrency and self._waiting:
+        """Grant slots to the oldest waiters that may run now, while run slots are free:
+        interactive ones first, bulk ones within their share."""
+        while self._running < self.concurrency:
+            if self._urgent and self._grant_urgent():
+                continue
+            if not self._waiting or self._running - self._interactive_running >= self._bulk_slots:
+                return
             best, untrusted = self._head(False), False
             if self._untrusted_running < self.untrusted:
                 other = self._head(True)
@@ -345,7 +481,15 @@ class Admission:
 class Lease:
     """The slots of one job while it runs; see `Admission.lease`."""
 
-    __slots__ = ("_admission", "_deadline", "_device", "_expire", "_returnable", "_untrusted")
+    __slots__ = (
+        "_admission",
+        "_deadline",
+        "_device",
+        "_expire",
+        "_interactive",
+        "_returnable",
+        "_untrusted",
+    )
 
     def __init__(
         self,
@@ -354,17 +498,24 @@ class Lease:
         returnable: bool,
         deadline: float | None,
         expire: _Expire,
+        *,
+        interactive: bool = False,
     ) -> None:
         self._admission = admission
         self._device = device
         self._returnable = returnable
         self._deadline = deadline
         self._expire = expire
+        self._interactive = interactive
         self._untrusted = False
 
     async def __aenter__(self) -> None:
         self._untrusted = await self._admission.acquire(
-            self._device, returnable=self._returnable, deadline=self._deadline, expire=self._expire
+            self._device,
+            returnable=self._returnable,
+            deadline=self._deadline,
+            expire=self._expire,
+            interactive=self._interactive,
         )
 
     async def __aexit__(
@@ -373,4 +524,4 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._admission.release(self._device, self._untrusted)
+        self._admission.release(self._device, self._untrusted, self._interactive)

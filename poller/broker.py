@@ -11,9 +11,15 @@ a timeout, and owns everything that must survive a lost connection:
   the worker a wider window for a while: RabbitMQ applies a prefetch to the consumers created
   after it and cannot change a consumer's window (nor, on quorum queues, the channel's), so the
   window grows by adding a consumer with a window of its own.
+* The interactive lane (DESIGN §13; `lane_queue`) is consumed on a channel of its own with a
+  small window of its own (`lane_prefetch`), so its jobs never wait behind the bulk window.
+  When it cannot be consumed (a broker or user older than the lane: 404, 403), one warning is
+  logged, the bulk queue is consumed as usual and the lane is tried again every `lane_retry`
+  seconds.
 * Deliveries reach the worker through the `on_delivery` callback as `Delivery` objects. Each
-  remembers the channel generation it came from: acks for a channel that is gone are dropped
-  (the broker has already put those jobs back in the queue).
+  remembers its lane and the channel generation it came from: acks go to the channel it came
+  from, and acks for a channel that is gone are dropped (the broker has already put those jobs
+  back in the queue). Results are published on the bulk channel whatever the lane.
 * `publish()` resolves when the broker confirms the message. Confirms are pipelined: sequence
   numbers map to futures and `multiple=True` acks resolve every future up to the tag. A nack, a
   return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`;
@@ -95,6 +101,7 @@ class Delivery(NamedTuple):
     correlation_id: str | None
     reply_to: str | None
     headers: Mapping[str, Any]
+    interactive: bool = False  # from the interactive lane (DESIGN §13)
 
     @property
     def delivery_count(self) -> int:
@@ -132,6 +139,8 @@ class BrokerOptions:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     blocked_timeout: float = 300.0
+    lane_prefetch: int = 4
+    lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
 
@@ -156,9 +165,11 @@ class Broker:
         topology: Topology,
         on_delivery: Callable[[Delivery], None],
         on_state: Callable[[], None] | None = None,
+        lane_queue: str | None = None,
     ) -> None:
         """`on_state` is called (on the loop, without arguments) whenever `connected` or
-        `consuming` changes; it must not block (the worker schedules a health-file write)."""
+        `consuming` changes; it must not block (the worker schedules a health-file write).
+        `lane_queue`: the interactive lane to consume besides `queue` (None: none)."""
         if not urls:
             raise ValueError("at least one broker URL is needed")
         self._urls = urls
@@ -181,6 +192,12 @@ class Broker:
         self._consumer_tag: str | None = None
         self._spare_tag: str | None = None
         self._spare_changing = False
+        self._lane_queue = lane_queue
+        self._lane_channel: Any = None  # consuming the lane (None: not consuming it)
+        self._lane_generation = 0
+        self._lane_generations = itertools.count(1)
+        self._lane_task: asyncio.Task[None] | None = None
+        self._lane_warned = False
         self._lost: asyncio.Event = asyncio.Event()
         self._ready: asyncio.Event = asyncio.Event()
         self._closing = False
@@ -216,6 +233,11 @@ class Broker:
         if value != self._consuming:
             self._consuming = value
             self._state_changed()
+
+    @property
+    def lane_consuming(self) -> bool:
+        """Whether the interactive lane's consumer is confirmed on the current connection."""
+        return self._lane_channel is not None
 
     def _state_changed(self) -> None:
         if self._on_state is None:
@@ -298,6 +320,14 @@ class Broker:
         channel, tags = self._channel, (self._consumer_tag, self._spare_tag)
         self.consuming = False
         self._consumer_tag = self._spare_tag = None
+        self._stop_lane_retry()
+        lane, lane_tag = self._lane_channel, getattr(self._lane_channel, "_usm_tag", None)
+        if lane is not None and lane.is_open and lane_tag is not None:
+            lane._usm_tag = None
+            try:
+                await self._rpc(lane, lane.basic_cancel, timeout, consumer_tag=lane_tag)
+            except (BrokerUnavailableError, TimeoutError) as exc:
+                log.warning("broker_cancel_failed", queue=self._lane_queue, error=_describe(exc))
         if channel is None or not channel.is_open:
             return
         for tag in tags:
@@ -354,6 +384,7 @@ class Broker:
     async def close(self, timeout: float = 5.0) -> None:
         """Close the connection cleanly; unacked deliveries return to the queue."""
         self._closing = True
+        self._stop_lane_retry()
         self._lost.set()
         conn = self._conn
         if conn is None or conn.is_closed:
@@ -439,15 +470,101 @@ class Broker:
         self._spare_tag = None
         self._consumer_tag = await self._consume(channel, self.generation)
         self.consuming = True
+        if self._lane_queue is not None:
+            await self._open_lane()
 
-    async def _consume(self, channel: Any, generation: int) -> str:
-        """basic.consume on the jobs queue, confirmed; the consumer tag."""
+    async def _open_lane(self) -> None:
+        """Consume the interactive lane on a channel of its own; on failure, warn and retry
+        later (the bulk queue is consumed either way)."""
+        conn, queue = self._conn, self._lane_queue
+        if conn is None or queue is None or self._lane_channel is not None or self._closing:
+            return
+        channel = None
+        try:
+            channel = await self._open_channel()
+            await self._rpc(channel, channel.basic_qos, prefetch_count=self._opts.lane_prefetch)
+            generation = next(self._lane_generations)
+            tag = await self._consume(channel, generation, queue=queue, interactive=True)
+        except (BrokerUnavailableError, TimeoutError, pika.exceptions.AMQPError) as exc:
+            if conn is not self._conn or not conn.is_open or self._closing:
+                return  # the connection went: the next one tries again
+            if channel is not None and channel.is_open:
+                channel.close()
+            event = "interactive_lane_unavailable"
+            fields = {
+                "queue": queue,
+                "error": _describe(exc),
+                "retry_in_s": self._opts.lane_retry,
+                "hint": "only the bulk queue is consumed; run `satellite declare` and "
+                "`satellite provision` for this satellite (docs/design.md §13)",
+            }
+            if self._lane_warned:
+                log.debug(event, **fields)
+            else:
+                self._lane_warned = True
+                log.warning(event, **fields)
+            self._retry_lane(conn)
+            return
+        if conn is not self._conn or not self.consuming:
+            # Lost or stopped meanwhile: this channel is not ours any more.
+            if channel.is_open:
+                channel.close()
+            return
+        channel._usm_tag = tag
+        channel.add_on_cancel_callback(functools.partial(self._on_lane_cancelled, channel))
+        self._lane_generation = generation
+        self._lane_channel = channel
+        if self._lane_warned:
+            self._lane_warned = False
+            log.info("interactive_lane_consuming", queue=queue)
+
+    def _retry_lane(self, conn: Any, delay: float | None = None) -> None:
+        """Try the lane again in `delay` (`lane_retry`) seconds, if this connection is still up."""
+        self._stop_lane_retry()
+        wait = self._opts.lane_retry if delay is None else delay
+
+        async def later() -> None:
+            await asyncio.sleep(wait)
+            if conn is self._conn and conn.is_open and self.consuming:
+                self._lane_task = None
+                await self._open_lane()
+
+        self._lane_task = asyncio.get_running_loop().create_task(later(), name="lane-retry")
+
+    def _stop_lane_retry(self) -> None:
+        task, self._lane_task = self._lane_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _lane_lost(self, delay: float | None = None) -> None:
+        """The lane's channel or consumer went while the connection stays: try again later."""
+        channel, self._lane_channel = self._lane_channel, None
+        if channel is not None and channel.is_open:
+            channel.close()
+        conn = self._conn
+        if conn is not None and conn.is_open and not self._closing and self.consuming:
+            self._retry_lane(conn, delay)
+
+    def _on_lane_cancelled(self, channel: Any, _frame: Any) -> None:
+        if channel is not self._lane_channel:
+            return
+        log.warning(
+            "consumer_cancelled", queue=self._lane_queue, reason="queue deleted or failed over"
+        )
+        # Unacked lane jobs go back to the queue with the channel; consume again soon.
+        self._lane_lost(self._backoff(1))
+
+    async def _consume(
+        self, channel: Any, generation: int, *, queue: str | None = None, interactive: bool = False
+    ) -> str:
+        """basic.consume on the jobs queue (or `queue`), confirmed; the consumer tag."""
         consumed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.add(consumed)
+        self._channel_waiters(channel).add(consumed)
         try:
             tag: str = channel.basic_consume(
-                self._queue,
-                functools.partial(self._on_message, generation),
+                queue or self._queue,
+                functools.partial(self._on_message, generation, interactive),
                 callback=lambda frame: _resolve(consumed, frame),
             )
             async with asyncio.timeout(self._opts.operation_timeout):
@@ -456,6 +573,7 @@ class Broker:
             raise BrokerUnavailableError("basic.consume was not confirmed in time") from None
         finally:
             self._waiters.discard(consumed)
+            self._channel_waiters(channel).discard(consumed)
         return tag
 
     async def _open_channel(self) -> Any:
@@ -600,6 +718,8 @@ class Broker:
         self.connected = False
         self.consuming = False
         self._spare_tag = None
+        self._lane_channel = None
+        self._stop_lane_retry()
         if conn is not None and not conn.is_closed and not conn.is_closing:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 conn.close()
@@ -615,6 +735,8 @@ class Broker:
         self.consuming = False
         self._spare_tag = None
         self._channel = None
+        self._lane_channel = None
+        self._stop_lane_retry()
         self._fail_pending(BrokerUnavailableError(f"connection lost: {_describe(exc)}"))
         for waiter in list(self._waiters):
             if not waiter.done():
@@ -632,6 +754,17 @@ class Broker:
         for waiter in list(self._channel_waiters(channel)):
             if not waiter.done():
                 waiter.set_exception(error)
+        if channel is self._lane_channel and channel is not None:
+            if not self._closing:
+                log.warning(
+                    "interactive_lane_channel_closed",
+                    reply_code=code,
+                    reply_text=text,
+                    retry_in_s=self._opts.lane_retry,
+                )
+            self._lane_channel = None
+            self._lane_lost()
+            return
         if channel is self._channel:
             self._channel = None
             self.consuming = False
@@ -659,7 +792,13 @@ class Broker:
             self._conn.close(reply_code=200, reply_text="consumer cancelled, re-consuming")
 
     def _on_message(
-        self, generation: int, _channel: Any, method: Any, props: Any, body: bytes
+        self,
+        generation: int,
+        interactive: bool,
+        _channel: Any,
+        method: Any,
+        props: Any,
+        body: bytes,
     ) -> None:
         # Positional, in field order: this runs once per job.
         self._on_delivery(
@@ -672,6 +811,7 @@ class Broker:
                 props.correlation_id,
                 props.reply_to,
                 props.headers or _NO_HEADERS,
+                interactive,
             )
         )
 
@@ -815,8 +955,11 @@ class Broker:
         )
 
     def _usable(self, delivery: Delivery) -> Any:
-        channel = self._channel
-        if channel is None or delivery.generation != self.generation or not channel.is_open:
+        if delivery.interactive:
+            channel, generation = self._lane_channel, self._lane_generation
+        else:
+            channel, generation = self._channel, self.generation
+        if channel is None or delivery.generation != generation or not channel.is_open:
             log.debug("ack_dropped", reason="channel gone; the broker redelivers it")
             return None
         return channel

@@ -157,6 +157,8 @@ class PollerSettings(BaseSettings):
     satellite_id: SatelliteId
     concurrency: int = Field(default=64, ge=1, le=10_000)
     prefetch: int | None = Field(default=None, ge=1, le=65_535)
+    interactive_slots: int | None = Field(default=None, ge=0, le=10_000)
+    interactive_prefetch: int | None = Field(default=None, ge=1, le=65_535)
     declare: bool = True
     queue_type: Literal["quorum", "classic"] = "quorum"
     heartbeat: int = Field(default=30, ge=0, le=3600)
@@ -205,6 +207,16 @@ class PollerSettings(BaseSettings):
             raise ValueError(f"must be at least {ENV_PREFIX}QUARANTINE_SECONDS ({base:g})")
         return value
 
+    @field_validator("interactive_slots")
+    @classmethod
+    def _slots_below_concurrency(cls, value: int | None, info: ValidationInfo) -> int | None:
+        concurrency = info.data.get("concurrency")
+        if value and isinstance(concurrency, int) and value >= concurrency:
+            raise ValueError(
+                f"must be below {ENV_PREFIX}CONCURRENCY ({concurrency}): bulk jobs need a slot"
+            )
+        return value
+
     @field_validator("log_level", "log_format", "queue_type", "snmp_backend", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -226,6 +238,23 @@ class PollerSettings(BaseSettings):
         or untrusted) must not stop jobs for other devices from being delivered.
         """
         return self.prefetch or min(65_535, self.concurrency * PREFETCH_PER_SLOT)
+
+    @property
+    def effective_interactive_slots(self) -> int:
+        """Run slots kept for the interactive lane: `interactive_slots`, or concurrency / 8
+        (at least 1, and at most concurrency - 1: bulk jobs keep one)."""
+        if self.interactive_slots is not None:
+            return self.interactive_slots
+        return min(max(1, self.concurrency // 8), self.concurrency - 1)
+
+    @property
+    def effective_interactive_prefetch(self) -> int:
+        """The interactive lane's window: `interactive_prefetch`, or 2 x its slots (at least
+        4). Small on purpose: a job in it is one a person waits for, and the lane can never
+        hold more run slots than this, so a flood of interactive jobs cannot starve bulk ones."""
+        if self.interactive_prefetch is not None:
+            return self.interactive_prefetch
+        return max(4, 2 * self.effective_interactive_slots)
 
     @property
     def effective_max_rss_mb(self) -> int | None:
@@ -296,6 +325,10 @@ class PollerSettings(BaseSettings):
                 value = str(value)
             elif name == "prefetch" and value is None:
                 value = self.effective_prefetch
+            elif name == "interactive_slots" and value is None:
+                value = self.effective_interactive_slots
+            elif name == "interactive_prefetch" and value is None:
+                value = self.effective_interactive_prefetch
             elif name == "max_rss_mb":
                 value = self.effective_max_rss_mb or 0  # the limit from the cgroup, 0 = off
             out[env_name(name)] = value

@@ -114,6 +114,7 @@ class Runner:
         per_device_concurrency: int = 4,
         max_output_bytes: int = 4 * 1024 * 1024,
         quarantine: Quarantine | None = None,
+        interactive_slots: int = 0,
     ) -> None:
         self._drivers = dict(drivers)
         self._credentials = credentials
@@ -122,11 +123,13 @@ class Runner:
         self._max_output_bytes = max_output_bytes
         #: Dead-device circuit breaker (DESIGN §5); its entries go into every heartbeat.
         self.quarantine = quarantine if quarantine is not None else Quarantine()
-        #: Run slots and device slots; untrusted devices get half the run slots at most.
+        #: Run slots and device slots; untrusted devices get half the run slots at most;
+        #: `interactive_slots` of them are kept for the interactive lane (DESIGN §13).
         self.admission = Admission(
             concurrency=concurrency,
             per_device=per_device_concurrency,
             trusted=self.quarantine.trusted,
+            reserved=interactive_slots,
         )
         #: Answers that contact no device (quarantined, not started in time) come in bursts:
         #: one per event-loop iteration.
@@ -141,14 +144,17 @@ class Runner:
         """
         return self.admission.close()
 
-    async def run(self, job: JobRequest, attempt: Attempt = Attempt()) -> JobResult:
+    async def run(
+        self, job: JobRequest, attempt: Attempt = Attempt(), *, interactive: bool = False
+    ) -> JobResult:
         """Run one job to a result. Device failures become error results; bugs propagate, and
         so does `NotStarted` (shutting down: the job never started and goes back to the queue).
+        `interactive`: a job of the interactive lane, admitted ahead of bulk ones.
         """
         started_at = now()
         started = time.monotonic()
         try:
-            data = await self._execute(job, attempt, started_at)
+            data = await self._execute(job, attempt, started_at, interactive)
         except JobError as exc:
             return error_result(
                 job_id=job.id,
@@ -180,7 +186,7 @@ class Runner:
         )
 
     async def _execute(
-        self, job: JobRequest, attempt: Attempt, started_at: datetime
+        self, job: JobRequest, attempt: Attempt, started_at: datetime, interactive: bool
     ) -> dict[str, JsonValue]:
         timeout = job.timeout
         if job.not_after is not None:
@@ -200,7 +206,8 @@ class Runner:
         try:
             ticket = self.quarantine.admit(job.target.host)
         except DeviceQuarantinedError:
-            await self._refusals.turn()  # no device contacted: a low-priority answer
+            if not interactive:  # someone waits for an interactive one: answered at once
+                await self._refusals.turn()  # no device contacted: a low-priority answer
             raise
         outcome, error = Outcome.NEUTRAL, ""
         contacted: float | None = None  # loop time the job went to its device
@@ -211,6 +218,7 @@ class Runner:
             # lane (jobs delivered together expire together; no device was contacted).
             deadline=deadline,
             expire=self._not_started,
+            interactive=interactive,
         )
         try:
             async with lease, asyncio.timeout_at(deadline):

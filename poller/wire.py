@@ -34,6 +34,7 @@ from pydantic import (
 from poller.errors import WireError
 
 __all__ = [
+    "LANE_HEADER",
     "PROTOCOL_VERSION",
     "CliAuth",
     "CliJob",
@@ -43,6 +44,7 @@ __all__ = [
     "JobKind",
     "JobRequest",
     "JobResult",
+    "Lane",
     "PingJob",
     "PingParams",
     "QuarantineEntry",
@@ -601,6 +603,27 @@ def satellite_of_jobs_queue(name: str) -> str | None:
     prefix = "usm_poller-sat-"
     rest = name[len(prefix) :] if name.startswith(prefix) else ""
     return rest if SATELLITE_ID_RE.match(rest) else None
+
+
+def interactive_queue(satellite_id: str) -> str:
+    """The interactive lane (DESIGN §13): jobs a person waits for, consumed apart from the bulk."""
+    return f"{jobs_queue(satellite_id)}.interactive"
+
+
+def interactive_routing_key(satellite_id: str) -> str:
+    return f"{validate_satellite_id(satellite_id)}.interactive"
+
+
+#: Lanes a job can come from; a result says which one in the `LANE_HEADER` header.
+Lane = Literal["interactive", "bulk"]
+LANE_HEADER = "x-lane"
+
+
+def lane_routing_key(satellite_id: str, lane: Lane) -> str:
+    """The routing key on `jobs_exchange()` of a satellite's job queue for `lane`."""
+    if lane == "interactive":
+        return interactive_routing_key(satellite_id)
+    return jobs_routing_key(satellite_id)
 
 
 def dead_letter_exchange() -> str:

@@ -80,6 +80,13 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
                 ((wire.jobs_exchange(), wire.jobs_routing_key(satellite_id)),),
             ),
             QueueSpec(
+                wire.interactive_queue(satellite_id),
+                wire.jobs_queue_arguments(
+                    satellite_id, "classic" if queue_type == "classic" else "quorum"
+                ),
+                ((wire.jobs_exchange(), wire.interactive_routing_key(satellite_id)),),
+            ),
+            QueueSpec(
                 wire.dead_letter_queue(satellite_id),
                 wire.dead_letter_queue_arguments("classic" if classic else "quorum"),
                 ((wire.dead_letter_exchange(), wire.jobs_routing_key(satellite_id)),),
@@ -131,6 +138,7 @@ class Worker:
             concurrency=settings.concurrency,
             per_device_concurrency=settings.per_device_concurrency,
             max_output_bytes=settings.max_output_bytes,
+            interactive_slots=settings.effective_interactive_slots,
             quarantine=Quarantine(
                 after=settings.quarantine_after,
                 cooldown=settings.quarantine_seconds,
@@ -146,8 +154,10 @@ class Worker:
                 prefetch=settings.effective_prefetch,
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
+                lane_prefetch=settings.effective_interactive_prefetch,
             ),
             queue=wire.jobs_queue(self._sid),
+            lane_queue=wire.interactive_queue(self._sid),
             topology=build_topology(self._sid, settings.queue_type),
             on_delivery=self._on_delivery,
             on_state=self._health_changed,
@@ -205,6 +215,9 @@ class Worker:
             queue=wire.jobs_queue(self._sid),
             concurrency=self._settings.concurrency,
             prefetch=self._settings.effective_prefetch,
+            interactive_queue=wire.interactive_queue(self._sid),
+            interactive_slots=self._settings.effective_interactive_slots,
+            interactive_prefetch=self._settings.effective_interactive_prefetch,
             drivers=sorted(self._drivers),
             max_rss_mb=(self._recycler.max_rss_bytes or 0) // MIB or None,
             max_jobs=self._recycler.max_jobs,
@@ -296,8 +309,9 @@ class Worker:
                 and time.monotonic() - self._spare_since >= SPARE_MIN_OPEN
             ):
                 self._window_task = asyncio.create_task(self._narrow(), name="window-narrow")
-        elif admission.waiting >= self._widen_at and admission.running < admission.concurrency:
-            # Run slots are free, so these jobs wait for their devices, not for capacity.
+        elif admission.waiting >= self._widen_at and admission.bulk_slots_free:
+            # Run slots are free, so these jobs wait for their devices, not for capacity (the
+            # slots kept for the interactive lane are no capacity for them).
             self._window_task = asyncio.create_task(self._widen(), name="window-widen")
 
     async def _widen(self) -> None:
@@ -368,7 +382,7 @@ class Worker:
             job_id=job.id, kind=job.kind, device=job.target.host, attempt=attempt.number
         )
         try:
-            result = await self._runner.run(job, attempt)
+            result = await self._runner.run(job, attempt, interactive=delivery.interactive)
         except NotStarted:
             raise
         except Exception:
@@ -496,7 +510,10 @@ class Worker:
             type=result.kind,
             user_id=self._broker.username,
             timestamp=int(time.time()),
-            headers={"x-satellite-id": self._sid},
+            headers={
+                "x-satellite-id": self._sid,
+                wire.LANE_HEADER: "interactive" if delivery.interactive else "bulk",
+            },
         )
         await self._broker.publish(wire.results_exchange(), key, wire.encode(result), props)
 

@@ -9,7 +9,8 @@ Exit codes (stable, documented in docs/core.md):
   `results`: the queue was never declared
 - 2: a bad argument or setting (one line on stderr)
 - 3: `call`: no result within `--timeout`
-- 4: the broker or its management API is unreachable or refused (or did not take the job)
+- 4: the broker or its management API is unreachable or refused (or did not take the job);
+  with `--api`: the core API is unreachable, refused the token, or cannot publish now
 - 130: interrupted (Ctrl-C)
 """
 
@@ -18,21 +19,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from functools import cached_property
 from typing import Any, NoReturn, TextIO
 
 from amqp.exceptions import AMQPError  # type: ignore[import-untyped]
 from kombu.exceptions import KombuError
 
+from poller import wire
 from poller.errors import BrokerError, ConfigError
-from poller.wire import JobKind, JobRequest, JobResult, validate_satellite_id
+from poller.wire import JobKind, JobRequest, JobResult, interactive_queue, validate_satellite_id
 from satellite import __version__, render
-from satellite.bulk import DEFAULT_WINDOW, open_jobs_file
-from satellite.client import Client
+from satellite.apiclient import (
+    API_ENV,
+    MAX_BATCH_JOBS,
+    MAX_WAIT_SECONDS,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    ApiClient,
+    ApiError,
+    ApiProblem,
+    parse_addresses,
+    resolve_token,
+)
+from satellite.bulk import DEFAULT_WINDOW, BulkReport, open_jobs_file
+from satellite.client import CALL_MARGIN_SECONDS, Client
 from satellite.config import DSN_ENV, CoreSettings, load_core_settings
 from satellite.dispatch import InvalidJobError, NoResultError, SenderPolicy
 from satellite.jobargs import KIND_OPTIONS, add_job_arguments, job_from_args
@@ -82,6 +98,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "management_url": None,
     "trust_user": [],
     "json": False,
+    "api": None,
+    "token_file": None,
 }
 
 
@@ -163,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dlq(commands, common)
     _add_token(commands)
     _add_serve(commands)
+    _add_history(commands, common)
     return parser
 
 
@@ -209,19 +228,37 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
     submit_opts.add_argument(
         "--expiration", type=float, metavar="S", help="drop the job if not taken within S seconds"
     )
+    submit_opts.add_argument(
+        "--interactive",
+        dest="lane",
+        action="store_const",
+        const="interactive",
+        default="bulk",
+        help="send it to the satellite's interactive lane, ahead of the bulk backlog",
+    )
     call_opts = _Parser(add_help=False)
     call_opts.add_argument("--priority", type=int, choices=range(10), metavar="0-9")
+    call_opts.add_argument(
+        "--bulk",
+        dest="lane",
+        action="store_const",
+        const="bulk",
+        default="interactive",
+        help="send it to the bulk job queue instead of the interactive lane",
+    )
     call_opts.add_argument(
         "--timeout",
         type=float,
         metavar="S",
         help="seconds to wait for the result (default: the job's timeout + 10)",
     )
+    api_handlers = {"submit": _submit_api, "call": _call_api}
     for name, handler, extra, text in (
         ("submit", _submit, submit_opts, "publish jobs (one, or --file) and print their ids"),
         ("call", _call, call_opts, "publish one job and wait for its result"),
     ):
-        sub = commands.add_parser(name, help=text, parents=[common] if name == "submit" else [])
+        parents = [common, API_OPTIONS] if name == "submit" else []
+        sub = commands.add_parser(name, help=text, parents=parents)
         sub.add_argument("satellite_id", metavar="ID", type=_satellite_id_not_kind(name))
         if name == "submit":
             sub.add_argument(
@@ -242,12 +279,15 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
         kinds = sub.add_subparsers(dest="kind", metavar="KIND", required=name == "call")
         for kind, options in KIND_OPTIONS.items():
             kind_parser = kinds.add_parser(
-                kind.value, parents=[common, extra], help=options.help, description=options.help
+                kind.value,
+                parents=[common, API_OPTIONS, extra],
+                help=options.help,
+                description=options.help,
             )
             add_job_arguments(kind_parser)
             options.add_arguments(kind_parser)
             kind_parser.set_defaults(parser=kind_parser)
-        sub.set_defaults(handler=handler, prepare=_prepare_job)
+        sub.set_defaults(handler=handler, prepare=_prepare_job, api_handler=api_handlers[name])
 
 
 def _satellite_id_not_kind(command: str) -> Callable[[str], str]:
@@ -287,7 +327,9 @@ def _add_results(commands: Any, common: _Parser) -> None:
 
 def _add_status(commands: Any, common: _Parser) -> None:
     status = commands.add_parser(
-        "status", parents=[common], help="queues, replicas, heartbeats and replica advice"
+        "status",
+        parents=[common, API_OPTIONS],
+        help="queues, replicas, heartbeats and replica advice",
     )
     status.add_argument("satellite_ids", nargs="*", metavar="ID", help="default: every satellite")
     status.add_argument(
@@ -306,7 +348,7 @@ def _add_status(commands: Any, common: _Parser) -> None:
         metavar="S",
         help="refresh every S seconds (5) until Ctrl-C",
     )
-    status.set_defaults(handler=_status, prepare=_prepare_ids)
+    status.set_defaults(handler=_status, prepare=_prepare_ids, api_handler=_status_api)
 
 
 def _add_dlq(commands: Any, common: _Parser) -> None:
@@ -344,6 +386,8 @@ class Context:
         self.environ = environ
         self._client: Client | None = None
         self._api: ManagementApi | None = None
+        self._core_api: ApiClient | None = None
+        self._core_api_resolved = False
 
     @cached_property
     def settings(self) -> CoreSettings:
@@ -377,11 +421,21 @@ class Context:
             self._api = ManagementApi(management)
         return self._api
 
+    @property
+    def core_api(self) -> ApiClient | None:
+        """The core service's API client when `--api` or `USM_CORE_API` is set, else None."""
+        if not self._core_api_resolved:
+            self._core_api_resolved = True
+            self._core_api = _core_api_client(self.args, self.environ)
+        return self._core_api
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
         if self._api is not None:
             self._api.close()
+        if self._core_api is not None:
+            self._core_api.close()
 
 
 Handler = Callable[[argparse.Namespace, Context], int]
@@ -402,11 +456,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = Context(args, dict(os.environ))
     try:
         prepare(args)  # every argument is checked before connecting
-        if getattr(args, "needs_broker", True):
+        if getattr(args, "api_handler", None) is not None and context.core_api is not None:
+            handler = args.api_handler  # through the core service's HTTP API (--api)
+        elif getattr(args, "needs_broker", True):
             context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
         return handler(args, context)
     except (ConfigError, InvalidJobError, NoResultError, NotDeclaredError, BrokerError) as exc:
         return _failed(args, exc)
+    except ApiError as exc:
+        return _api_failed(args, exc)
     except (AMQPError, KombuError) as exc:
         # A refusal no command expected (a missing object, a permission): one line, not a trace.
         text = _mask_secrets(context, str(getattr(exc, "reply_text", "") or exc))
@@ -554,7 +612,11 @@ def _submit(args: argparse.Namespace, ctx: Context) -> int:
         return _submit_file(args, ctx)
     job: JobRequest = args.job
     job_id = ctx.client.submit(
-        args.satellite_id, job, priority=args.priority, expiration=args.expiration
+        args.satellite_id,
+        job,
+        priority=args.priority,
+        expiration=args.expiration,
+        lane=args.lane,
     )
     if args.json:
         _print_json({"ok": True, "job_id": job_id, "satellite_id": args.satellite_id})
@@ -587,7 +649,7 @@ def _submit_file(args: argparse.Namespace, ctx: Context) -> int:
 def _call(args: argparse.Namespace, ctx: Context) -> int:
     job: JobRequest = args.job
     result: JobResult = ctx.client.call(
-        args.satellite_id, job, timeout=args.timeout, priority=args.priority
+        args.satellite_id, job, timeout=args.timeout, priority=args.priority, lane=args.lane
     )
     _print_json(result.model_dump(mode="json"), indent=None if args.json else 2)
     return EXIT_OK if result.status == "ok" else EXIT_ERROR
@@ -654,8 +716,9 @@ def _collect_status(
     queues = {str(q.get("name")): q for q in ctx.api.queues()}
     ids = list(args.satellite_ids)
     if not ids:
+        # The job queue, its DLQ and its interactive lane: ids have no dots, suffixes do.
         found = {
-            name.removeprefix(JOB_QUEUE_PREFIX).removesuffix(DLQ_SUFFIX)
+            name.removeprefix(JOB_QUEUE_PREFIX).split(".", 1)[0]
             for name in queues
             if name.startswith(JOB_QUEUE_PREFIX)
         }
@@ -668,12 +731,19 @@ def _collect_status(
         queue = ctx.api.queue(name) if counts is not None else None
         if counts is not None and queue is None:
             queue = {"name": name}  # not in the management API's statistics yet
+        lane_name = interactive_queue(sid)
+        lane_counts = ctx.client.queue_counts(lane_name)
+        lane = ctx.api.queue(lane_name) if lane_counts is not None else None
+        if lane_counts is not None and lane is None:
+            lane = {"name": lane_name}
         statuses.append(
             satellite_status(
                 sid,
                 counts=counts,
                 queue=queue,
                 dlq=queues.get(name + DLQ_SUFFIX),
+                lane=lane,
+                lane_counts=lane_counts,
                 fleet=fleet,
                 core_version=__version__,
                 heartbeat_max_age=max_age,
@@ -828,10 +898,6 @@ def _token_revoke(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------------------------ serve
 # `satellite serve`: the core service (DESIGN §10, docs/core-service.md). Its settings are the
 # environment's (USM_CORE_*, US_AMQP_DSN, USM_MANAGEMENT_URL); it needs the `core` extra,
@@ -868,3 +934,270 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
 
     settings = load_settings(ctx.environ)
     return asyncio.run(run(settings))
+
+
+# ------------------------------------------------------------------------------------ core API
+# `--api` / USM_CORE_API: `call`, `submit` and `status` through the core service's HTTP API, and
+# `jobs` / `job`, which read its job history (docs/core.md, "Through the core service's API").
+
+
+def _api_options() -> _Parser:
+    options = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = options.add_argument_group("core service API")
+    group.add_argument(
+        "--api",
+        metavar="ADDRS",
+        help=f"the core service, e.g. unix:/run/satellite/api.sock,https://core:8480, tried in "
+        f"order (default: ${API_ENV}; when set, the command goes through the API, not AMQP)",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="F",
+        help=f"file holding the API's bearer token (default: ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})",
+    )
+    return options
+
+
+API_OPTIONS = _api_options()
+JOB_STATUSES = ("queued", "ok", "error", "overdue")
+
+
+def _core_api_client(args: argparse.Namespace, environ: dict[str, str]) -> ApiClient | None:
+    text, label = args.api, "--api"
+    if text is None:
+        text, label = environ.get(API_ENV) or None, API_ENV
+    if text is None:
+        return None
+    addresses = parse_addresses(text, label=label)
+    token = resolve_token(args.token_file, environ)
+    timeout = 10.0 if args.operation_timeout is None else args.operation_timeout
+    connect = 10.0 if args.connect_timeout is None else args.connect_timeout
+    if timeout <= 0 or connect <= 0:
+        raise ConfigError("--operation-timeout/--connect-timeout: must be more than 0 seconds")
+    return ApiClient(addresses, token=token, timeout=timeout, connect_timeout=connect)
+
+
+def _require_api(ctx: Context) -> ApiClient:
+    api = ctx.core_api
+    if api is None:
+        raise ConfigError(
+            f"{ctx.args.command}: give the core service's address: --api or ${API_ENV} "
+            "(e.g. unix:/run/satellite/api.sock)"
+        )
+    return api
+
+
+def _api_failed(args: argparse.Namespace, exc: ApiError) -> int:
+    """One line naming the service's problem code; the exit code of docs/core.md's table."""
+    if isinstance(exc, ApiProblem):
+        if exc.status in (400, 413, 422):
+            code = EXIT_USAGE
+        elif exc.status in (404, 409):
+            code = EXIT_ERROR
+        else:  # 401, 403, 503 (broker or store down), other 5xx
+            code = EXIT_BROKER
+        message = f"core API ({exc.address}): {exc}"
+        return _fail(args, code, "api", message, problem=exc.code, status=str(exc.status))
+    return _fail(args, EXIT_BROKER, "unreachable", str(exc))
+
+
+def _add_history(commands: Any, common: _Parser) -> None:
+    jobs = commands.add_parser(
+        "jobs",
+        parents=[common, API_OPTIONS],
+        help="search the core service's job history, newest first (--api)",
+    )
+    jobs.add_argument("--satellite", metavar="ID")
+    jobs.add_argument("--host", metavar="H", help="the job's target host")
+    jobs.add_argument("--kind", metavar="K", help="e.g. snmp.get")
+    jobs.add_argument("--status", choices=JOB_STATUSES)
+    jobs.add_argument("--code", metavar="C", help="the error code, e.g. device_timeout")
+    jobs.add_argument("--source", metavar="S", help="api, cli, amqp or schedule:NAME")
+    jobs.add_argument(
+        "--since", metavar="T", help="recorded at or after T (ISO 8601; UTC without an offset)"
+    )
+    jobs.add_argument("--until", metavar="T", help="recorded before T (ISO 8601)")
+    jobs.add_argument("--limit", type=int, default=50, metavar="N", help="1-1000 (50)")
+    jobs.add_argument("--cursor", metavar="C", help="the next page, as printed by the last one")
+    jobs.set_defaults(handler=_jobs, prepare=_prepare_jobs, needs_broker=False)
+    job = commands.add_parser(
+        "job", parents=[common, API_OPTIONS], help="one job of the core service's history (--api)"
+    )
+    job.add_argument("job_id", metavar="ID")
+    job.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to S seconds while the job is queued (exit 3 if it still is)",
+    )
+    job.set_defaults(handler=_job, prepare=_prepare_job_lookup, needs_broker=False)
+
+
+def _prepare_jobs(args: argparse.Namespace) -> None:
+    if not 1 <= args.limit <= 1000:
+        raise ConfigError("--limit: must be 1-1000")
+    for name in ("since", "until"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(
+                f"--{name}: {value!r} is not an ISO 8601 time (e.g. 2026-12-06T21:00:00Z)"
+            ) from None
+
+
+def _prepare_job_lookup(args: argparse.Namespace) -> None:
+    if not args.job_id or not math.isfinite(args.wait) or args.wait < 0:
+        raise ConfigError("job: give a job ID and a --wait of 0 or more seconds")
+
+
+def _jobs(args: argparse.Namespace, ctx: Context) -> int:
+    filters = {
+        "satellite": args.satellite,
+        "host": args.host,
+        "kind": args.kind,
+        "status": args.status,
+        "code": args.code,
+        "source": args.source,
+        "since": args.since,
+        "until": args.until,
+        "limit": args.limit,
+        "cursor": args.cursor,
+    }
+    page = _require_api(ctx).jobs(filters)
+    if args.json:
+        _print_json(page)
+        return EXIT_OK
+    render.job_table(page.get("items") or [])
+    if page.get("next_cursor"):
+        print(f"more: --cursor {page['next_cursor']}")
+    return EXIT_OK
+
+
+def _wait_for_record(api: ApiClient, record: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """Long-poll `GET /v1/jobs/{id}?wait=` while the job is queued, until `deadline`."""
+    while record.get("status") == "queued":
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        record = api.job(str(record["id"]), wait=min(remaining, MAX_WAIT_SECONDS))
+    return record
+
+
+def _job(args: argparse.Namespace, ctx: Context) -> int:
+    api = _require_api(ctx)
+    deadline = time.monotonic() + args.wait
+    record = api.job(args.job_id, wait=min(args.wait, MAX_WAIT_SECONDS))
+    record = _wait_for_record(api, record, deadline)
+    if args.json:
+        _print_json(record)
+    else:
+        render.job_record(record)
+    status = record.get("status")
+    if status == "queued":
+        return EXIT_NO_RESULT if args.wait > 0 else EXIT_OK
+    return EXIT_OK if status == "ok" else EXIT_ERROR
+
+
+def _no_api_option(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name, None) is not None:
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(f"{option}: not available through the core API (--api/{API_ENV})")
+
+
+def _submit_api(args: argparse.Namespace, ctx: Context) -> int:
+    api = _require_api(ctx)
+    if args.kind is None:
+        return _submit_file_api(args, api)
+    _no_api_option(args, "priority", "expiration")
+    record, _ = api.submit(args.satellite_id, wire.encode(args.job))
+    if args.json:
+        _print_json({"ok": True, "job_id": record["id"], "satellite_id": args.satellite_id})
+    else:
+        print(record["id"])
+    return EXIT_OK
+
+
+def _submit_file_api(args: argparse.Namespace, api: ApiClient) -> int:
+    jobs: list[JobRequest] = args.jobs
+    report = BulkReport()
+    started = time.monotonic()
+    show = args.progress and not args.json and sys.stderr.isatty()
+    with render.progress_bar(len(jobs), enabled=show, label="submitting") as advance:
+        for first in range(0, len(jobs), MAX_BATCH_JOBS):
+            chunk = jobs[first : first + MAX_BATCH_JOBS]
+            answer = api.submit_batch(args.satellite_id, [wire.encode(job) for job in chunk])
+            report.submitted += len(answer.get("ids") or [])
+            report.failed += [(str(i), "not_published") for i in answer.get("not_published") or []]
+            advance(len(chunk))
+    report.seconds = time.monotonic() - started
+    if args.json:
+        _print_json({**report.as_dict(), "satellite_id": args.satellite_id})
+    else:
+        print(
+            f"submitted {report.submitted} of {len(jobs)} job(s) to satellite "
+            f"{args.satellite_id} in {report.seconds:.2f} s ({report.rate:,.0f} jobs/s)"
+        )
+        for job_id, reason in report.failed[:20]:
+            print(f"not taken: {job_id}: {reason}", file=sys.stderr)
+        if len(report.failed) > 20:
+            print(f"... and {len(report.failed) - 20} more not taken", file=sys.stderr)
+    return EXIT_OK if not report.failed else EXIT_ERROR
+
+
+def _call_api(args: argparse.Namespace, ctx: Context) -> int:
+    api = _require_api(ctx)
+    _no_api_option(args, "priority")
+    job: JobRequest = args.job
+    timeout = job.timeout + CALL_MARGIN_SECONDS if args.timeout is None else args.timeout
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError("--timeout: must be more than 0 seconds")
+    deadline = time.monotonic() + timeout
+    record, _ = api.submit(args.satellite_id, wire.encode(job), wait=timeout)
+    record = _wait_for_record(api, record, deadline)
+    found = record.get("result")
+    if record.get("error_code") == "not_published" and not found:
+        message = f"the broker did not take job {record['id']} (satellite {args.satellite_id})"
+        return _fail(args, EXIT_BROKER, "broker", message)
+    if not isinstance(found, dict):
+        message = (
+            f"no result for job {record['id']} from satellite {args.satellite_id} within "
+            f"{timeout:g} s (status {record.get('status')}; see `satellite job {record['id']}`)"
+        )
+        return _fail(args, EXIT_NO_RESULT, "no_result", message, job_id=str(record["id"]))
+    try:
+        printed: dict[str, Any] = JobResult.model_validate(found).model_dump(mode="json")
+    except ValueError:  # a result this version cannot model (a newer poller): as it came
+        printed = found
+    _print_json(printed, indent=None if args.json else 2)
+    return EXIT_OK if printed.get("status") == "ok" else EXIT_ERROR
+
+
+def _status_api(args: argparse.Namespace, ctx: Context) -> int:
+    api = _require_api(ctx)
+    if args.listen <= 0 or (args.watch is not None and args.watch <= 0):
+        raise ConfigError("--listen/--watch: must be more than 0 seconds")
+    try:
+        while True:
+            if args.satellite_ids:
+                statuses = [api.satellites(sid) for sid in args.satellite_ids]
+            else:
+                statuses = list(api.satellites().get("satellites") or [])
+            code = EXIT_OK if all(s.get("ok") for s in statuses) else EXIT_ERROR
+            if args.json:
+                _print_json({"ok": code == EXIT_OK, "satellites": statuses})
+            else:
+                render.status(statuses, clear=args.watch is not None)
+            if args.watch is None:
+                return code
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover - last, after every function is defined
+    sys.exit(main())

@@ -29,7 +29,7 @@ import kombu as _kombu
 from kombu.exceptions import OperationalError
 
 from poller.errors import BrokerError, BrokerUnavailableError
-from poller.wire import JobRequest, JobResult, dead_letter_queue, results_queue
+from poller.wire import JobRequest, JobResult, Lane, dead_letter_queue, results_queue
 from satellite.bulk import DEFAULT_WINDOW, BulkPublisher, BulkReport, Progress
 from satellite.config import CoreSettings, load_core_settings
 from satellite.dispatch import (
@@ -226,15 +226,20 @@ class Client:
         *,
         priority: int | None = None,
         expiration: float | None = None,
+        lane: Lane = "bulk",
     ) -> str:
         """Publish `job` to the satellite's queue (confirmed, mandatory); return its id.
+
+        `lane="interactive"`: to its interactive lane, ahead of the bulk backlog (DESIGN §13).
 
         A publish cut by a lost connection is retried once on a new connection, but only for
         an idempotent job (the first attempt may have reached the queue).
         """
 
         self._with_reconnect(
-            lambda: self._publish(satellite_id, job, priority=priority, expiration=expiration),
+            lambda: self._publish(
+                satellite_id, job, priority=priority, expiration=expiration, lane=lane
+            ),
             retry=job.idempotent,
         )
         return job.id
@@ -246,8 +251,12 @@ class Client:
         *,
         timeout: float | None = None,
         priority: int | None = None,
+        lane: Lane = "interactive",
     ) -> JobResult:
         """Publish `job` and wait for its result on this client's exclusive reply queue.
+
+        Someone waits for it, so it goes to the interactive lane unless `lane="bulk"`
+        (DESIGN §13; pollers older than the lane do not consume it: docs/core.md).
 
         `timeout` defaults to the job's deadline plus `CALL_MARGIN_SECONDS`. Raises
         `NoResultError` when nothing matching arrives in time (the job may still run).
@@ -264,6 +273,7 @@ class Client:
                     reply_to=reply.name,
                     correlation_id=correlation_id,
                     priority=priority,
+                    lane=lane,
                 ),
                 retry=False,
             )
@@ -489,6 +499,7 @@ class Client:
         correlation_id: str | None = None,
         priority: int | None = None,
         expiration: float | None = None,
+        lane: Lane = "bulk",
     ) -> None:
         if self._publisher is None:
             conn = self._connection()
@@ -506,6 +517,7 @@ class Client:
                 correlation_id=correlation_id,
                 priority=priority,
                 expiration=expiration,
+                lane=lane,
             )
         finally:
             if publisher.broken:

@@ -35,10 +35,11 @@ from poller.wire import (
     JobKind,
     JobRequest,
     JobResult,
+    Lane,
     Target,
     decode_result,
     jobs_exchange,
-    jobs_routing_key,
+    lane_routing_key,
     reply_binding_key,
     results_exchange,
 )
@@ -183,9 +184,15 @@ class JobPublisher:
         correlation_id: str | None = None,
         priority: int | None = None,
         expiration: float | None = None,
+        lane: Lane = "bulk",
     ) -> None:
-        """Publish and wait for the confirm; raise `PublishNotConfirmedError` when not taken."""
-        routing_key = jobs_routing_key(satellite_id)
+        """Publish and wait for the confirm; raise `PublishNotConfirmedError` when not taken.
+
+        `lane="interactive"` sends it to the satellite's interactive lane (DESIGN §13): the
+        poller runs it before the bulk backlog. `priority` does not do that: quorum queues on
+        RabbitMQ 3.x ignore message priorities (docs/wire.md, "Lanes").
+        """
+        routing_key = lane_routing_key(satellite_id, lane)
         properties: dict[str, Any] = {"message_id": job.id, "type": job.kind}
         if reply_to is not None:
             properties["reply_to"] = reply_to

@@ -6,7 +6,8 @@ A satellite `<id>` gets the broker user `sat-<id>` (`satellite_user`) with:
   that from the core and the poller runs with `USM_POLLER_DECLARE=false`;
 - write: only the exchanges `usm_poller.results` and `usm_poller.events`, and on both of them
   only the routing keys `^(result|reply|heartbeat|event)\\.<id>(\\.|$)` (topic permissions);
-- read: only its own job queue `usm_poller-sat-<id>`;
+- read: only its own job queues, `usm_poller-sat-<id>` and its interactive lane
+  `usm_poller-sat-<id>.interactive` (DESIGN §13);
 - no management tags, and limits on its connections and channels.
 
 RabbitMQ checks the AMQP `user_id` property against the connection's user, so a result whose
@@ -24,6 +25,7 @@ from urllib.parse import quote
 
 from poller.wire import (
     events_exchange,
+    interactive_queue,
     jobs_queue,
     results_exchange,
     validate_satellite_id,
@@ -48,7 +50,7 @@ __all__ = [
 DEFAULT_MAX_CONNECTIONS = 16
 """Enough for a site's replicas (one connection each) plus restarts overlapping."""
 DEFAULT_MAX_CHANNELS = 64
-"""All of the user's connections together; a poller uses 1-2 channels per connection."""
+"""All of the user's connections together; a poller uses 2-3 channels per connection."""
 PASSWORD_BYTES = 24
 _USER_RE = re.compile(rf"^{re.escape(USER_PREFIX)}([A-Za-z0-9_-]{{1,64}})$")
 
@@ -94,7 +96,9 @@ def satellite_permissions(satellite_id: str) -> Permissions:
     return Permissions(
         configure="^$",
         write="^(" + "|".join(name.replace(".", r"\.") for name in exchanges) + ")$",
-        read="^" + jobs_queue(sid).replace(".", r"\.") + "$",
+        read="^("
+        + "|".join(q.replace(".", r"\.") for q in (jobs_queue(sid), interactive_queue(sid)))
+        + ")$",
         topic_write=rf"^(result|reply|heartbeat|event)\.{sid}(\.|$)",
         topic_read="^$",
         topic_exchanges=exchanges,

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -36,6 +36,8 @@ from satellite.status import ReplicaView, SatelliteStatus, uptime_text
 __all__ = [
     "ResultPrinter",
     "dead_letters",
+    "job_record",
+    "job_table",
     "listening",
     "progress_bar",
     "provisioned",
@@ -171,20 +173,22 @@ also warnings below the table; `--json` has every field."""
 _INDENT = 2
 
 
-def _replica_cells(replica: ReplicaView) -> dict[str, str]:
-    b = replica.heartbeat
+def _replica_cells(replica: ReplicaView | Mapping[str, Any]) -> dict[str, str]:
+    """The cells of one replica, from its view or its `as_dict()` (what the core API sends)."""
+    r = replica.as_dict() if isinstance(replica, ReplicaView) else replica
+    recycles = int(r.get("recycles") or 0)
     return {
-        "replica": escape(b.worker),
-        "host": escape(b.hostname),
-        "version": escape(b.version),
-        "uptime": uptime_text((b.sent_at - b.started_at).total_seconds()),
-        "jobs/s": f"{b.jobs_per_s:.1f}",
-        "in flight": f"{b.in_flight}/{b.concurrency}",
-        "loop lag": f"{b.loop_lag_ms:.1f} ms",
-        "memory": _bytes(b.rss_bytes),
-        "recycled": f"{b.recycles} ({b.last_recycle})" if b.recycles else "-",
-        "quarantined": str(len(b.quarantine)),
-        "last seen": f"{replica.age():.0f} s ago",
+        "replica": escape(str(r.get("worker"))),
+        "host": escape(str(r.get("hostname"))),
+        "version": escape(str(r.get("version"))),
+        "uptime": uptime_text(float(r.get("uptime_s") or 0.0)),
+        "jobs/s": f"{float(r.get('jobs_per_s') or 0.0):.1f}",
+        "in flight": f"{r.get('in_flight')}/{r.get('concurrency')}",
+        "loop lag": f"{float(r.get('loop_lag_ms') or 0.0):.1f} ms",
+        "memory": _bytes(int(r.get("rss_bytes") or 0)),
+        "recycled": f"{recycles} ({r.get('last_recycle')})" if recycles else "-",
+        "quarantined": str(len(r.get("quarantine") or ())),
+        "last seen": f"{float(r.get('last_seen_s') or 0.0):.0f} s ago",
     }
 
 
@@ -200,7 +204,7 @@ def _replica_table(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> Ta
 
 
 def replica_table(
-    replicas: Sequence[ReplicaView], width: int, console: Console
+    replicas: Sequence[ReplicaView | Mapping[str, Any]], width: int, console: Console
 ) -> tuple[Table, list[str]]:
     """The widest table of replicas that fits `width` columns, and the columns left out."""
     rows = [_replica_cells(replica) for replica in replicas]
@@ -216,40 +220,56 @@ def replica_table(
     return table, hidden
 
 
-def status(statuses: Sequence[SatelliteStatus], *, clear: bool = False) -> None:
+def _fitted(out: Console, *parts: str) -> None:
+    """A queue's line, folded between its parts (never inside one) to fit the terminal:
+    continuation lines are indented by two spaces; a part wider than the terminal (a long
+    queue name) stays whole."""
+    line = parts[0]
+    for part in parts[1:]:
+        if len(line) + 1 + len(part) <= out.width:
+            line = f"{line} {part}"
+        else:
+            out.print(line)
+            line = f"  {part}"
+    out.print(line)
+
+
+def status(statuses: Sequence[SatelliteStatus | Mapping[str, Any]], *, clear: bool = False) -> None:
+    """Satellites as `satellite status` shows them: statuses, or their `as_dict()` (the API's)."""
     out = _console()
     if clear and out.is_terminal:
         out.clear()
     if not statuses:
         out.print("no satellites (no job queues, no heartbeats)")
-    for sat in statuses:
-        mark = "[green]ok[/green]" if sat.ok else "[red]PROBLEM[/red]"
-        out.print(f"[bold]satellite {escape(sat.satellite_id)}[/bold]  {mark}")
-        q = sat.queue
-        if q is not None:
-            depth = (
-                f"  queue {q.name}: {q.ready} ready, {q.unacked} unacked, "
-                f"{q.consumers} consumer(s);"
+    for one in statuses:
+        sat = one.as_dict() if isinstance(one, SatelliteStatus) else one
+        mark = "[green]ok[/green]" if sat.get("ok") else "[red]PROBLEM[/red]"
+        out.print(f"[bold]satellite {escape(str(sat.get('satellite_id')))}[/bold]  {mark}")
+        for label, key in (("queue", "queue"), ("lane ", "lane")):
+            q = sat.get(key)
+            if q is None:
+                continue
+            rates = f"in {q['publish_rate']:.1f}/s, out {q['ack_rate']:.1f}/s"
+            if key == "queue":
+                rates += f", growth {q['growth_rate']:+.1f}/s; {q['dead_letters']} dead-lettered"
+            _fitted(
+                out,
+                f"  {label} {q['name']}:",
+                f"{q['ready']} ready, {q['unacked']} unacked, {q['consumers']} consumer(s);",
+                rates,
             )
-            rates = (
-                f"in {q.publish_rate:.1f}/s, out {q.ack_rate:.1f}/s, "
-                f"growth {q.growth_rate:+.1f}/s; {q.dead_letters} dead-lettered"
-            )
-            if len(depth) + 1 + len(rates) <= out.width:
-                out.print(f"{depth} {rates}")
-            else:
-                out.print(depth)
-                out.print(f"  {rates}")
-        if sat.replicas:
-            table, hidden = replica_table(sat.replicas, out.width - _INDENT, out)
+        if sat.get("replicas"):
+            table, hidden = replica_table(sat["replicas"], out.width - _INDENT, out)
             out.print(Padding(table, (0, 0, 0, _INDENT), expand=False))
             if hidden:
                 out.print(f"  [dim](not shown at this width: {', '.join(hidden)}; --json)[/dim]")
-        if sat.advice is not None:
-            out.print(f"  replicas: {sat.advice.replicas}; advice: [bold]{sat.advice.verdict}[/]")
-        for problem in sat.problems:
+        advice = sat.get("advice")
+        if advice is not None:
+            verdict = escape(str(advice["verdict"]))
+            out.print(f"  replicas: {advice['replicas']}; advice: [bold]{verdict}[/]")
+        for problem in sat.get("problems") or ():
             out.print(f"  [red]problem:[/red] {escape(problem)}")
-        for warning in sat.warnings:
+        for warning in sat.get("warnings") or ():
             out.print(f"  [yellow]warning:[/yellow] {escape(warning)}")
 
 
@@ -307,3 +327,98 @@ def dead_letters(letters: Sequence[DeadLetter]) -> None:
         )
     out.print(table)
     out.print(f"{len(letters)} dead-lettered job(s)")
+
+
+#: The job table's columns (`satellite jobs`); dropped in `_JOB_DROP_ORDER` until it fits.
+_JOB_COLUMNS = (
+    "submitted", "job id", "satellite", "kind", "target", "status", "error",
+    "duration", "answers", "source", "worker",
+)  # fmt: skip
+_JOB_DROP_ORDER = ("worker", "answers", "source", "duration", "satellite", "target", "submitted")
+
+
+def _time(value: Any) -> str:
+    """An API timestamp, to the second, in UTC (`2026-12-06 21:00:05`)."""
+    if not isinstance(value, str):
+        return "-"
+    return value.replace("T", " ").split(".")[0].removesuffix("Z").split("+")[0]
+
+
+def _job_cells(record: Mapping[str, Any]) -> dict[str, str]:
+    host, port = record.get("host"), record.get("port")
+    target = "-" if host is None else (f"{host}:{port}" if port is not None else str(host))
+    duration = record.get("duration_ms")
+    return {
+        "submitted": _time(record.get("submitted_at") or record.get("created_at")),
+        "job id": escape(str(record.get("id"))),
+        "satellite": escape(str(record.get("satellite_id"))),
+        "kind": escape(str(record.get("kind"))),
+        "target": escape(target),
+        "status": escape(str(record.get("status"))),
+        "error": escape(str(record.get("error_code") or "-")),
+        "duration": "-" if duration is None else f"{float(duration):.1f} ms",
+        "answers": str(record.get("answers", 0)),
+        "source": escape(str(record.get("source"))),
+        "worker": escape(str(record.get("worker") or "-")),
+    }
+
+
+def _job_table_of(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> Table:
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    for column in columns:
+        # Ids fold onto a new line rather than lose characters; numbers never wrap.
+        table.add_column(column, overflow="fold", no_wrap=column in ("duration", "answers"))
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    return table
+
+
+def job_table(records: Sequence[Mapping[str, Any]]) -> None:
+    """Jobs of the history (`satellite jobs`), fitted to the terminal by dropping columns."""
+    out = _console()
+    if not records:
+        out.print("no jobs")
+        return
+    rows = [_job_cells(record) for record in records]
+    columns = list(_JOB_COLUMNS)
+    hidden: list[str] = []
+    table = _job_table_of(columns, rows)
+    for column in _JOB_DROP_ORDER:
+        if Measurement.get(out, out.options.update_width(10_000), table).maximum <= out.width:
+            break
+        columns.remove(column)
+        hidden.append(column)
+        table = _job_table_of(columns, rows)
+    out.print(table)
+    note = f"; not shown at this width: {', '.join(hidden)} (--json)" if hidden else ""
+    out.print(f"{len(records)} job(s){note}", soft_wrap=False)
+
+
+def job_record(record: Mapping[str, Any]) -> None:
+    """One job of the history (`satellite job ID`): its fields, then its result."""
+    out = _console()
+    cells = _job_cells(record)
+    fields = [
+        ("job", cells["job id"]),
+        ("satellite", cells["satellite"]),
+        ("kind", cells["kind"]),
+        ("target", cells["target"]),
+        ("status", cells["status"]),
+        ("error", cells["error"]),
+        ("source", cells["source"]),
+        ("submitted", _time(record.get("submitted_at") or record.get("created_at"))),
+        ("started", _time(record.get("started_at"))),
+        ("finished", _time(record.get("finished_at"))),
+        ("duration", cells["duration"]),
+        ("worker", cells["worker"]),
+        ("attempt", str(record.get("attempt") or "-")),
+        ("answers", cells["answers"]),
+    ]
+    if record.get("retry_of"):
+        fields.append(("retry of", escape(str(record["retry_of"]))))
+    for name, value in fields:
+        out.print(f"{name + ':':<11}{value}")
+    result = record.get("result")
+    if isinstance(result, dict):
+        out.print("result:")
+        print(json.dumps(result, indent=2), flush=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from poller.errors import WireError
-from poller.wire import JobResult, decode_result, results_queue
+from poller.wire import LANE_HEADER, JobResult, decode_result, results_queue
 from satellite.dispatch import SenderCheck, satellite_of_key
 
 __all__ = ["ReadStats", "ReceivedResult", "ResultReader"]
@@ -43,6 +43,8 @@ class ReceivedResult:
     routing_key: str
     user_id: str | None
     redelivered: bool
+    lane: str | None = None
+    """`interactive` or `bulk` (the `x-lane` header); None from pollers older than the lane."""
 
     def as_dict(self) -> dict[str, Any]:
         return self.result.model_dump(mode="json")
@@ -139,7 +141,8 @@ class ResultReader:
         except WireError as exc:
             self._drop(tag, "invalid", "result_invalid: %s (routing key %r)", exc, routing_key)
             return None
-        header = (properties.get("application_headers") or {}).get("x-satellite-id")
+        headers = properties.get("application_headers") or {}
+        header = headers.get("x-satellite-id")
         user_id = properties.get("user_id")
         if key_satellite != result.satellite_id or header not in (None, result.satellite_id):
             self._drop(
@@ -173,9 +176,18 @@ class ResultReader:
             routing_key=routing_key,
             user_id=user_id,
             redelivered=bool(message.delivery_info.get("redelivered")),
+            lane=_lane(headers.get(LANE_HEADER)),
         )
 
     def _drop(self, tag: int, counter: str, text: str, *args: Any, level: int = 30) -> None:
         log.log(level, text, *args)
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         self._channel.basic_ack(tag)
+
+
+def _lane(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and value in ("interactive", "bulk"):
+        return value
+    return None

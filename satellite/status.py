@@ -309,6 +309,8 @@ class SatelliteStatus:
     advice: Advice | None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    lane: QueueView | None = None
+    """The interactive lane `usm_poller-sat-<id>.interactive` (DESIGN §13); None: missing."""
 
     @property
     def ok(self) -> bool:
@@ -322,6 +324,7 @@ class SatelliteStatus:
             "problems": self.problems,
             "warnings": self.warnings,
             "queue": self.queue.as_dict() if self.queue else None,
+            "lane": self.lane.as_dict() if self.lane else None,
             "replicas": [r.as_dict(now) for r in self.replicas],
             "advice": self.advice.as_dict() if self.advice else None,
         }
@@ -345,17 +348,17 @@ def satellite_status(
     core_version: str,
     heartbeat_max_age: float | None = None,
     counts: tuple[int, int] | None = None,
+    lane: Mapping[str, Any] | None = None,
+    lane_counts: tuple[int, int] | None = None,
 ) -> SatelliteStatus:
-    """The status of one satellite from its queue's management stats and the fleet view.
+    """The status of one satellite from its queues' management stats and the fleet view.
 
     `counts` (ready messages, consumers) from AMQP, when given, win over the management
-    API's, which lag by up to its statistics interval (5 s by default).
+    API's, which lag by up to its statistics interval (5 s by default); `lane` and
+    `lane_counts` are the same for its interactive lane.
     """
-    if counts is not None and queue is None:
-        queue = {}
-    view = QueueView.from_management(queue, dlq) if queue is not None else None
-    if view is not None and counts is not None:
-        view = replace(view, ready=counts[0], consumers=counts[1])
+    view = _queue_view(queue, dlq, counts)
+    lane_view = _queue_view(lane, None, lane_counts)
     replicas = fleet.replicas(satellite_id, max_age=heartbeat_max_age)
     problems: list[str] = []
     warnings: list[str] = []
@@ -373,11 +376,31 @@ def satellite_status(
         if replica.heartbeat.quarantine:
             count = len(replica.heartbeat.quarantine)
             warnings.append(f"{replica.heartbeat.worker}: {_plural(count, 'quarantined device')}")
+    if view is not None and lane_view is None:
+        warnings.append("no interactive lane queue (run `satellite declare`)")
+    elif view is not None and lane_view is not None and view.consumers and not lane_view.consumers:
+        warnings.append(
+            "no consumer on the interactive lane: pollers older than the lane, or a user that "
+            "may not read it (run `satellite provision`)"
+        )
     skew = _version_warning(core_version, replicas)
     if skew:
         warnings.append(skew)
     advice = advise(view, [r.heartbeat for r in replicas]) if view is not None else None
-    return SatelliteStatus(satellite_id, view, replicas, advice, problems, warnings)
+    return SatelliteStatus(satellite_id, view, replicas, advice, problems, warnings, lane_view)
+
+
+def _queue_view(
+    queue: Mapping[str, Any] | None,
+    dlq: Mapping[str, Any] | None,
+    counts: tuple[int, int] | None,
+) -> QueueView | None:
+    if counts is not None and queue is None:
+        queue = {}
+    view = QueueView.from_management(queue, dlq) if queue is not None else None
+    if view is not None and counts is not None:
+        view = replace(view, ready=counts[0], consumers=counts[1])
+    return view
 
 
 def uptime_text(seconds: float) -> str:

@@ -23,6 +23,8 @@ from poller.wire import (
     dead_letter_queue,
     dead_letter_queue_arguments,
     events_exchange,
+    interactive_queue,
+    interactive_routing_key,
     jobs_exchange,
     jobs_queue,
     jobs_queue_arguments,
@@ -126,6 +128,9 @@ def core_topology(
         key = jobs_routing_key(sat)
         queues.append(QueueSpec(jobs_queue(sat), jobs_queue_arguments(sat, queue_type)))
         bindings.append(BindingSpec(jobs_queue(sat), jobs_exchange(), key))
+        lane = interactive_queue(sat)
+        queues.append(QueueSpec(lane, jobs_queue_arguments(sat, queue_type)))
+        bindings.append(BindingSpec(lane, jobs_exchange(), interactive_routing_key(sat)))
         queues.append(
             QueueSpec(dead_letter_queue(sat), dead_letter_queue_arguments(queue_type), True)
         )

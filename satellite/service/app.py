@@ -28,6 +28,7 @@ from poller.logging import configure_logging, get_logger
 from poller.wire import JobResult
 from satellite.service.api import health, jobs, satellites
 from satellite.service.api import metrics as metrics_api
+from satellite.service.api.access import AccessLog
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.deadletters import DeadLetters
 from satellite.service.fleet import FleetWatch
@@ -188,6 +189,7 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_problem_handlers(app)
+    app.add_middleware(AccessLog)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(satellites.router)

@@ -233,11 +233,12 @@ class JobService:
             source=source,
             submitted_at=now,
             timeout=job.timeout,
+            lane=_lane(wait),
             retry_of=retry_of,
             request=kept_request(job),
         )
         try:
-            await self.store.record_queued(queued)
+            record = await self.store.record_queued(queued)
         except JobExistsError:
             raise JobSubmitError(
                 409, "job_exists", f"a job with id {job.id!r} was submitted already"
@@ -245,8 +246,6 @@ class JobService:
         waiting = self.waiters.watch(job.id) if wait else None
         try:
             await self._publish(satellite_id, job, reply=wait is not None and wait > 0)
-            record = await self.store.get_job(job.id)
-            assert record is not None
             if waiting is None or wait is None:
                 return Submitted(record, answered=False)
             return await self._wait(record, waiting, min(wait, MAX_WAIT_SECONDS))
@@ -292,6 +291,7 @@ class JobService:
                 source=source,
                 submitted_at=now,
                 timeout=job.timeout,
+                lane="bulk",
                 request=kept_request(job),
             )
             for job in batch
@@ -400,10 +400,10 @@ class JobService:
 
     async def _publish(self, satellite_id: str, job: wire.JobRequest, *, reply: bool) -> None:
         props = self._properties(job, reply=reply)
+        # Someone waits for it: the interactive lane, ahead of the bulk backlog (design §13).
+        key = wire.lane_routing_key(satellite_id, "interactive" if reply else "bulk")
         try:
-            await self.publisher.publish(
-                wire.jobs_exchange(), wire.jobs_routing_key(satellite_id), wire.encode(job), props
-            )
+            await self.publisher.publish(wire.jobs_exchange(), key, wire.encode(job), props)
         except BrokerError as exc:
             await self.store.mark_not_published(job.id)
             if self.metrics is not None:
@@ -432,10 +432,8 @@ class JobService:
             if latest is not None and latest.status not in ("queued", "overdue"):
                 return Submitted(latest, answered=True)
             return Submitted(latest or record, answered=False)
-        latest = await self.store.get_job(record.id)
-        if latest is not None and latest.answers > 0:
-            return Submitted(latest, answered=True)
-        return Submitted(merged(latest or record, result), answered=True)
+        # The result as it arrived (the history's copy may not be committed yet: no read here).
+        return Submitted(merged(record, result), answered=True)
 
     async def retry(self, job_id: str, *, wait: float | None = None) -> Submitted:
         """Submit a recorded job again under a new id; the new record points at the old one."""
@@ -497,13 +495,18 @@ class JobService:
         return record
 
 
+def _lane(wait: float | None) -> wire.Lane:
+    return "interactive" if wait is not None and wait > 0 else "bulk"
+
+
 def _not_published(satellite_id: str, *, unroutable: bool, reason: str = "") -> JobSubmitError:
     if unroutable:
         return JobSubmitError(
             404,
             "unknown_satellite",
-            f"no queue is bound for satellite {satellite_id!r} "
-            "(declare it with `satellite declare`, or start its pollers)",
+            f"no queue is bound for satellite {satellite_id!r} (or for its interactive lane, "
+            "for a job that is waited for): declare it with `satellite declare`, or start its "
+            "pollers",
         )
     detail = f"the broker did not take the job: {reason}" if reason else "the broker is down"
     return JobSubmitError(503, "broker_unavailable", detail, retry_after=5)

@@ -28,6 +28,15 @@ What it does, in order, failing loudly (with `docker compose logs`) at the first
 8. `docker compose down` while every replica runs such a job: each one finishes its job,
    publishes the result and exits 0 on SIGTERM, well within the grace period.
 
+The core service's image and compose.core.yaml (RabbitMQ, PostgreSQL, two `satellite serve`
+replicas, nginx): compose.core.yaml is validated in step 1 (its rabbitmq, postgres and nginx
+images cannot be pulled here, so it is never started); its `core-1` image is built with
+`docker compose build` after step 2 and checked (uid 10001, version label, /readyz
+HEALTHCHECK, port 8480); after step 4 one container of it runs on the host's network against
+the run's vhost with SQLite: /healthz and /readyz answer, a job submitted over TCP with a token
+and `Prefer: wait=10` comes back 200 from the poller replicas and is found again in
+`/v1/jobs?host=...`, and SIGTERM (`docker stop`) ends it with exit 0 and `core_stopped`.
+
 Everything it starts (containers, the vhost, snmpd, the log follower) is removed at the end,
 by name or PID.
 """
@@ -48,6 +57,8 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -74,6 +85,10 @@ SILENT_JOB_TIMEOUT = 3.0
 MEMORY_LIMIT_MB = 256
 RECYCLE_AFTER = 40
 PREFIX = "usm-e2e-"
+#: compose.core.yaml: its required variables (placeholders: it is validated and built, never up)
+CORE_COMPOSE = "compose.core.yaml"
+CORE_PLACEHOLDERS = {"RABBITMQ_PASSWORD": "ci-rabbit", "POSTGRES_PASSWORD": "ci-postgres"}
+CORE_IMAGE = f"satellite-core:{__version__}"
 t0 = time.monotonic()
 
 
@@ -325,6 +340,12 @@ def remove_stale_projects() -> None:
         match = re.fullmatch(rf"{PREFIX}(\d+)", project)
         if match and not pid_alive(int(match.group(1))):
             stale.add(row["Id"])
+    # the core service's container (`docker run`, no compose label): usm-e2e-core-<pid>
+    for row in podman_json("ps", "-a", "--filter", f"name={PREFIX}core-") or []:
+        for name in row.get("Names") or []:
+            match = re.fullmatch(rf"{PREFIX}core-(\d+)", name)
+            if match and not pid_alive(int(match.group(1))):
+                stale.add(row["Id"])
     if stale:
         say(f"removing {len(stale)} container(s) left by killed runs")
         run(["podman", "rm", "-f", "-t", "2", *sorted(stale)], timeout=120, ok=False)
@@ -494,6 +515,51 @@ def validate_compose_files(env: dict[str, str]) -> None:
         "compose files valid (compose.yaml, CI override, compose.demo.yaml, "
         f"compose.host-network.yaml without sysctls); image {image}"
     )
+    validate_core_compose(base)
+
+
+def validate_core_compose(env: dict[str, str]) -> None:
+    """compose.core.yaml: refuses to run without its passwords; two replicas behind nginx."""
+    argv = ["docker", "compose", "-f", CORE_COMPOSE]
+    refused = run([*argv, "config", "-q"], ok=False, env=env)
+    check(
+        refused.returncode != 0 and "required variable" in refused.stderr,
+        f"{CORE_COMPOSE} must refuse to run without RABBITMQ_PASSWORD and POSTGRES_PASSWORD",
+    )
+    env = env | CORE_PLACEHOLDERS
+    config = json.loads(run([*argv, "config", "--format", "json"], env=env).stdout)
+    services = config["services"]
+    check(
+        set(services) == {"rabbitmq", "postgres", "core-1", "core-2", "nginx"},
+        f"{CORE_COMPOSE} services: {sorted(services)}",
+    )
+    sockets: set[str] = set()
+    for name in ("core-1", "core-2"):
+        core = services[name]
+        check(core["image"] == CORE_IMAGE, f"{name}: image {core['image']}, want {CORE_IMAGE}")
+        check(core["build"].get("target") == "core", f"{name}: build target {core['build']}")
+        environment = core["environment"]
+        check(
+            environment["USM_CORE_DB"].startswith("postgresql://")
+            and "@rabbitmq:5672/" in environment["US_AMQP_DSN"],
+            f"{name}: USM_CORE_DB and US_AMQP_DSN must point at postgres and rabbitmq",
+        )
+        listen = environment["USM_CORE_LISTEN"].split(",")
+        check("tcp:0.0.0.0:8480" in listen, f"{name}: USM_CORE_LISTEN {listen}")
+        sockets.update(item for item in listen if item.startswith("unix:/run/satellite/"))
+        check("/readyz" in " ".join(core["healthcheck"]["test"]), f"{name}: no /readyz check")
+        check("ports" not in core, f"{name} must not publish ports (nginx is the way in)")
+    check(len(sockets) == 2, f"the replicas need a unix socket each: {sorted(sockets)}")
+    nginx = services["nginx"]
+    mount = next(v for v in nginx["volumes"] if v["target"].startswith("/etc/nginx/"))
+    conf = Path(mount["source"]).read_text(encoding="utf-8")
+    upstream = re.findall(r"^\s*server (core-\d):8480 ", conf, flags=re.MULTILINE)
+    check(upstream == ["core-1", "core-2"], f"nginx upstream servers: {upstream}")
+    check(
+        [p["target"] for p in nginx["ports"]] == [8080] and "listen 8080;" in conf,
+        "nginx: the API on one published port (8080 in the container)",
+    )
+    passed(f"{CORE_COMPOSE} valid: rabbitmq, postgres, core-1 and core-2 ({CORE_IMAGE}), nginx")
 
 
 def check_image(image: str) -> None:
@@ -726,13 +792,114 @@ def build(env: dict[str, str]) -> Compose:
     placeholders = {"US_AMQP_DSN": "amqp://build:build@build/", "USM_POLLER_SATELLITE_ID": "build"}
     compose = Compose(f"{PREFIX}{os.getpid()}", env | placeholders)
     started = time.monotonic()
-    build_start = str(int(time.time()) - 1)
     compose("build", "--quiet", timeout=900)
     say(f"docker compose build: {time.monotonic() - started:.0f} s")
-    # images and stages of earlier builds that this one did not reuse: keeps the cache bounded
-    run(["podman", "image", "prune", "-f", "--filter", f"until={build_start}"], timeout=120)
     check_image(f"satellite-poller:{__version__}")
     return compose
+
+
+def prune_images(since: str) -> None:
+    """Images and stages of earlier builds that this run's builds did not reuse (after both
+    builds, so that the core image's stages stay cached too): keeps the cache bounded."""
+    run(["podman", "image", "prune", "-f", "--filter", f"until={since}"], timeout=120)
+
+
+def build_core(env: dict[str, str]) -> None:
+    """The core service's image, as compose.core.yaml builds it (the Dockerfile's `core`)."""
+    started = time.monotonic()
+    argv = ["docker", "compose", "-p", f"{PREFIX}{os.getpid()}", "-f", CORE_COMPOSE]
+    run([*argv, "build", "--quiet", "core-1"], env=env | CORE_PLACEHOLDERS, timeout=900)
+    say(f"docker compose -f {CORE_COMPOSE} build core-1: {time.monotonic() - started:.0f} s")
+    info = podman_json("image", "inspect", CORE_IMAGE)[0]
+    config = info.get("Config") or {}
+    labels = info.get("Labels") or config.get("Labels") or {}
+    check(
+        labels.get("org.opencontainers.image.version") == __version__,
+        f"{CORE_IMAGE}: version label {labels.get('org.opencontainers.image.version')!r}",
+    )
+    check(config.get("User") == f"{UID}:{UID}", f"{CORE_IMAGE}: user {config.get('User')!r}")
+    check("8480/tcp" in (config.get("ExposedPorts") or {}), f"{CORE_IMAGE}: no port 8480")
+    health = (info.get("Healthcheck") or info.get("HealthCheck") or {}).get("Test") or []
+    check("/readyz" in " ".join(health), f"{CORE_IMAGE}: HEALTHCHECK is {health!r}")
+    check(config.get("Cmd") == ["satellite", "serve"], f"{CORE_IMAGE}: CMD {config.get('Cmd')}")
+    passed(f"image {CORE_IMAGE}: {info['Size'] / 1e6:.0f} MB, user {UID}, HEALTHCHECK /readyz")
+
+
+def http(
+    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """One HTTP request to the core container (loopback); its status and JSON body."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310 - http://127.0.0.1 only
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=20) as answer:  # noqa: S310
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        return 0, repr(exc)
+
+
+def core_service_serves(compose: Compose, vhost: str, sid: str, targets: Targets) -> None:
+    """`satellite serve` in its image: ready, a job answered by the replicas, SIGTERM exit 0."""
+    name = f"{PREFIX}core-{os.getpid()}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    argv = ["docker", "run", "-d", "--name", name, "--network", "host", "--read-only"]
+    argv += ["--tmpfs", "/tmp", "-e", "USM_CORE_STATE_DIR=/tmp/state"]  # SQLite here
+    argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges:true"]
+    argv += ["-e", f"US_AMQP_DSN=amqp://guest:guest@127.0.0.1:5672/{vhost}"]
+    argv += ["-e", f"USM_CORE_LISTEN=unix:/tmp/api.sock,tcp:127.0.0.1:{port}"]
+    argv += ["-e", "USM_CORE_TOKENS_FILE=/tmp/tokens.yaml", "-e", "USM_CORE_LOG_FORMAT=json"]
+    # its `docker exec` monitors are stopped with the replicas' (Compose.stop_exec_monitors)
+    compose.seen.add(run([*argv, CORE_IMAGE], timeout=120).stdout.strip())
+    try:
+        wait_for("the core's /readyz", lambda: http("GET", f"{base}/readyz")[0] == 200, 60)
+        check(http("GET", f"{base}/healthz")[0] == 200, "the core's /healthz")
+        create = ["docker", "exec", name, "satellite", "token", "create", "e2e"]
+        token = json.loads(run([*create, "--scope", "submit", "--json"], timeout=60).stdout)
+        token = token["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        job = {
+            "kind": "snmp.get",
+            "target": {"host": HOST_FROM_CONTAINER, "port": targets.snmp_port},
+            "auth": {"version": "2c", "community": "public"},
+            "params": {"oids": [SYS_NAME_OID]},
+        }
+        url = f"{base}/v1/satellites/{sid}/jobs"
+        check(http("POST", url, job)[0] == 401, "a submit over TCP without a token must be 401")
+        status, record = http("POST", url, job, auth | {"Prefer": "wait=10"})
+        check(status == 200, f"POST {url} with Prefer: wait=10: {status} {record}")
+        value = record["result"]["data"]["varbinds"][0]["value"]
+        check(
+            record["status"] == "ok" and value == SYS_NAME,
+            f"the job record: {record['status']} {value!r}",
+        )
+        status, page = http("GET", f"{base}/v1/jobs?host={HOST_FROM_CONTAINER}", None, auth)
+        ids = [item["id"] for item in page["items"]] if status == 200 else page
+        check(ids == [record["id"]], f"GET /v1/jobs?host=: {status} {ids}")
+        started = time.monotonic()
+        run(["docker", "stop", "-t", "40", name], timeout=60)
+        code = inspect(name, "{{.State.ExitCode}}")
+        logs = run(["docker", "logs", name], timeout=30).stderr
+        check(code == "0", f"the core exited {code} on SIGTERM:\n{logs[-2000:]}")
+        check('"core_stopped"' in logs, "the core did not log core_stopped")
+        passed(
+            f"{CORE_IMAGE} serves: /readyz, a job answered by the replicas with Prefer: wait=10 "
+            f"and found by host, 401 without a token, SIGTERM exit 0 in "
+            f"{time.monotonic() - started:.1f} s"
+        )
+    except BaseException:
+        print(run(["docker", "logs", name], ok=False, timeout=30).stderr[-4000:], flush=True)
+        raise
+    finally:
+        removed = run(["docker", "rm", "-f", name], ok=False, timeout=60)
+        if removed.returncode != 0:
+            say(f"could not remove {name}: {removed.stderr.strip()}")
 
 
 def replicas_serve(compose: Compose, core: Core, targets: Targets) -> list[str]:
@@ -768,7 +935,10 @@ def print_logs(logs: Path) -> None:
 def tier(env: dict[str, str]) -> None:
     validate_compose_files(env)
     remove_stale_projects()
+    build_start = str(int(time.time()) - 1)
     compose = build(env)
+    build_core(env)
+    prune_images(build_start)
     sid = f"e2e-{os.getpid()}"
     with (
         fresh_vhost() as vhost,
@@ -791,6 +961,7 @@ def tier(env: dict[str, str]) -> None:
             up = True
             logs = stack.enter_context(compose.following_logs())
             names = replicas_serve(compose, core, targets)
+            core_service_serves(compose, vhost, sid, targets)
             crash_one(compose, core, targets)
             recycle_all(compose, core, targets)
             stop_all(compose, names, core, targets)

@@ -103,10 +103,11 @@ def test_declare_with_a_conflict_exits_1(satellite: Any, sat_id: str) -> None:
     run = satellite("declare", sat_id)
     assert run.code == EXIT_ERROR
     assert f"conflict  queue     {jobs_queue(sat_id)}" in run.out
+    assert f"conflict  queue     {jobs_queue(sat_id)}.interactive" in run.out
     assert "inequivalent arg" in run.out
     # and the classic dead-letter queue, with how to make it quorum
     assert "classic dead-letter queue (made by an older version)" in run.out
-    assert "2 object(s) exist with other arguments" in run.err
+    assert "3 object(s) exist with other arguments" in run.err  # queue, lane, DLQ
 
 
 def test_submit_prints_the_job_id(satellite: Any, amqp_vhost: AmqpVhost, sat_id: str) -> None:
@@ -119,13 +120,21 @@ def test_submit_prints_the_job_id(satellite: Any, amqp_vhost: AmqpVhost, sat_id:
     assert decode_job(message.body).id == "job-42"
     as_json = satellite("submit", *snmp_args(sat_id, "--json"))
     assert json.loads(as_json.out)["ok"] is True
+    # --interactive: to the satellite's interactive lane (DESIGN §13)
+    lane = satellite("submit", *snmp_args(sat_id, "--id", "job-43", "--interactive"))
+    assert (lane.code, lane.out) == (EXIT_OK, "job-43\n")
+    with kombu.Connection(amqp_vhost.dsn, connect_timeout=5) as conn:
+        message = conn.channel().basic_get(queue=f"{jobs_queue(sat_id)}.interactive", no_ack=True)
+    assert message is not None
+    assert decode_job(message.body).id == "job-43"
 
 
 def test_call_ok_exits_0(satellite: Any, amqp_vhost: AmqpVhost, sat_id: str) -> None:
     satellite("declare", sat_id)
-    with Responder(amqp_vhost.dsn, sat_id):
+    with Responder(amqp_vhost.dsn, sat_id) as responder:
         run = satellite("call", *snmp_args(sat_id, "--timeout", "10"))
-        compact = satellite("call", *snmp_args(sat_id, "--timeout", "10", "--json"))
+        compact = satellite("call", *snmp_args(sat_id, "--timeout", "10", "--json", "--bulk"))
+    assert responder.lanes == ["interactive", "bulk"]  # `call` uses the lane unless --bulk
     assert run.code == EXIT_OK
     result = json.loads(run.out)
     assert (result["status"], result["satellite_id"]) == ("ok", sat_id)

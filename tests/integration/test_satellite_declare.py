@@ -12,6 +12,7 @@ import pytest
 from poller.wire import (
     DEAD_LETTER_DELIVERY_LIMIT,
     dead_letter_queue,
+    interactive_queue,
     jobs_queue,
     jobs_queue_arguments,
 )
@@ -73,12 +74,17 @@ def test_declare_creates_the_design_topology(
         "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT,
     }
     assert queues[f"{jobs_queue(sat_id)}.dlq"]["type"] == "quorum"
+    # the interactive lane: same arguments, dead letters to the same DLQ (docs/design.md §3, §13)
+    assert args[interactive_queue(sat_id)] == jobs_queue_arguments(sat_id)
+    assert args[interactive_queue(sat_id)]["x-dead-letter-routing-key"] == sat_id
+    assert queues[interactive_queue(sat_id)]["type"] == "quorum"
     assert queues[f"{jobs_queue(sat_id)}.dlq"]["durable"] is True
     assert queues["usm_poller.results"]["type"] == "quorum"
 
     bindings = set(list_bindings(amqp_vhost.name))
     assert {
         ("usm_poller.jobs", jobs_queue(sat_id), sat_id),
+        ("usm_poller.jobs", f"usm_poller-sat-{sat_id}.interactive", f"{sat_id}.interactive"),
         ("usm_poller.dlx", f"{jobs_queue(sat_id)}.dlq", sat_id),
         ("usm_poller.results", "usm_poller.results", "result.#"),
     } <= bindings
@@ -89,7 +95,7 @@ def test_declare_twice_is_idempotent(client: Client, sat_id: str) -> None:
     again = client.declare([sat_id, sat_id])
     assert again.ok
     assert {item.outcome for item in again.items if item.object != "binding"} == {Outcome.EXISTS}
-    assert len([item for item in again.items if item.object == "queue"]) == 3
+    assert len([item for item in again.items if item.object == "queue"]) == 4
 
 
 def test_classic_queue_type(client: Client, amqp_vhost: AmqpVhost, sat_id: str) -> None:
@@ -148,5 +154,6 @@ def test_quorum_queue_declared_as_classic_is_a_conflict(client: Client, sat_id: 
     report = client.declare([sat_id], queue_type="classic")
     assert [item.name for item in report.conflicts] == [
         jobs_queue(sat_id),
+        interactive_queue(sat_id),
         dead_letter_queue(sat_id),
     ]

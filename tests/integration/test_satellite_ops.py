@@ -306,6 +306,9 @@ def test_status_with_a_running_poller(
     status = run.json()["satellites"][0]
     assert status["ok"] is True
     assert status["queue"]["consumers"] == 1
+    assert status["lane"]["name"] == f"usm_poller-sat-{sid}.interactive"
+    assert status["lane"]["consumers"] == 1
+    assert not [w for w in status["warnings"] if "interactive" in w]
     [replica] = status["replicas"]
     assert replica["worker"] == f"poller-{sid}-0"
     assert replica["concurrency"] == 64
@@ -314,6 +317,7 @@ def test_status_with_a_running_poller(
     assert f"satellite {sid}" in human.out
     assert f"poller-{sid}-0" in human.out
     assert "advice:" in human.out
+    assert f"lane  usm_poller-sat-{sid}.interactive: 0 ready" in human.out
 
 
 def test_status_exits_1_without_consumer_or_heartbeat(

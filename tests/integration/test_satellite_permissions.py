@@ -105,7 +105,7 @@ def test_permissions_are_exactly_those_of_the_design(
         "vhost": management_api.vhost,
         "configure": "^$",
         "write": r"^(usm_poller\.results|usm_poller\.events)$",
-        "read": f"^usm_poller-sat-{sid}$",
+        "read": rf"^(usm_poller-sat-{sid}|usm_poller-sat-{sid}\.interactive)$",
     }
     topic = {row["exchange"]: row for row in management_api.topic_permissions(sat.user)}
     assert set(topic) == {"usm_poller.results", "usm_poller.events"}
@@ -145,6 +145,19 @@ def test_a_satellite_consumes_its_queue_and_publishes_its_own_results(
         while not got and time.monotonic() < deadline:
             conn.process_data_events(time_limit=0.1)
         assert wire.decode_job(got[0]).id == job.id
+        # ...and its interactive lane (DESIGN §13)
+        lane_job = build_job(
+            "snmp.get",
+            target={"host": "192.0.2.2"},
+            credential_ref="x",
+            params={"oids": [SYS_NAME]},
+        )
+        core.submit(sid, lane_job, lane="interactive")
+        channel.basic_consume(wire.interactive_queue(sid), on_job)
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        assert wire.decode_job(got[1]).id == lane_job.id
         for key in (
             wire.result_routing_key(sid, "snmp.get"),
             wire.reply_routing_key(sid, "satellite-reply-abc"),
@@ -174,6 +187,9 @@ def test_everything_else_is_refused(
     with connect(a.dsn) as conn:
         reads: dict[str, Callable[[Any], object]] = {
             "another satellite's queue": lambda ch: ch.basic_get(wire.jobs_queue(other)),
+            "another satellite's interactive lane": lambda ch: ch.basic_get(
+                wire.interactive_queue(other)
+            ),
             "consume another satellite's queue": lambda ch: ch.basic_consume(
                 wire.jobs_queue(other), lambda *_: None
             ),

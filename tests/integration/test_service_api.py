@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pika
 import pytest
+from structlog.testing import capture_logs
 
 from poller import wire
 from satellite.cli import main as satellite_cli
@@ -142,6 +143,7 @@ async def test_a_job_without_prefer_is_queued_202_with_location(
     record = response.json()
     assert response.headers["location"] == f"/v1/jobs/{record['id']}"
     assert (record["status"], record["source"], record["satellite_id"]) == ("queued", "api", sid)
+    assert record["lane"] == "bulk"
     assert (record["host"], record["port"], record["kind"]) == ("127.0.0.1", 161, "snmp.get")
     assert record["result"] is None
     uuid.UUID(record["id"])  # the service filled the id in
@@ -247,6 +249,7 @@ async def test_prefer_wait_returns_the_answer_from_a_real_poller(
     record = response.json()
     assert record["status"] == "ok"
     assert record["answers"] >= 1
+    assert record["lane"] == "interactive"  # someone waits: ahead of the bulk backlog
     assert record["result"]["data"]["varbinds"][0]["value"] == snmpd.sys_name
     # The history's copy arrives through usm_poller.history (reply.#) as well.
     for _ in range(100):
@@ -283,6 +286,9 @@ async def test_prefer_wait_that_runs_out_is_202_and_a_long_poll_gets_the_answer(
     )
     assert response.status_code == 202, response.text
     location = response.headers["location"]
+    lane = wire.interactive_queue(sid)
+    assert await asyncio.to_thread(queue_depth, core, sid, 1, queue=lane) == 1
+    assert await asyncio.to_thread(queue_depth, core, sid, 0) == 0
     still = await api.get(location, params={"wait": 0.5})
     assert still.json()["status"] == "queued"
     poll = asyncio.create_task(api.get(location, params={"wait": 45}))
@@ -354,12 +360,12 @@ async def test_a_batch_for_a_satellite_without_a_queue_is_404_and_not_left_queue
         assert (record.status, record.error_code) == ("error", NOT_PUBLISHED)
 
 
-def queue_depth(core: Core, sid: str, expected: int = 10) -> int:
-    """The satellite's queue depth once it reaches `expected` (or after 5 s)."""
+def queue_depth(core: Core, sid: str, expected: int = 10, *, queue: str | None = None) -> int:
+    """The satellite's (bulk) queue depth once it reaches `expected` (or after 5 s)."""
     client = JobClient(core.settings.amqp_dsn.get_secret_value(), sid)
     try:
         for _ in range(50):
-            depth = client.queue_depth(wire.jobs_queue(sid))
+            depth = client.queue_depth(queue or wire.jobs_queue(sid))
             if depth >= expected:
                 return depth
             time.sleep(0.1)
@@ -539,3 +545,17 @@ async def test_a_job_nobody_answers_becomes_overdue_in_a_running_service(
         assert started.metrics.overdue >= 1
     finally:
         await started.stop()
+
+
+async def test_every_request_is_one_log_line_without_its_token(
+    api: httpx.AsyncClient, tokens: Tokens
+) -> None:
+    with capture_logs() as logs:
+        await api.get("/v1/jobs", params={"host": "10.0.0.9"})
+        await api.get("/v1/jobs", headers={"Authorization": ""})
+    lines = [line for line in logs if line["event"] == "request_finished"]
+    assert [(x["method"], x["path"], x["status"], x["caller"]) for x in lines] == [
+        ("GET", "/v1/jobs", 200, "tester"),
+        ("GET", "/v1/jobs", 401, None),
+    ]
+    assert tokens.admin not in repr(logs)

@@ -170,7 +170,7 @@ def test_job_published_to_the_queue_by_name_with_reply_to(
     assert got.props.type == "snmp.get"
     assert got.props.user_id == "guest"
     assert got.props.delivery_mode == 2
-    assert got.props.headers == {"x-satellite-id": sid}
+    assert got.props.headers == {"x-satellite-id": sid, "x-lane": "bulk"}
     assert got.result.status == "ok"
 
 

@@ -209,6 +209,7 @@ class JobClient:
         *,
         to_queue: bool = False,
         message_id: str | None = None,
+        interactive: bool = False,
         **props: Any,
     ) -> None:
         body = job if isinstance(job, bytes) else json.dumps(job).encode()
@@ -220,7 +221,8 @@ class JobClient:
         if to_queue:
             self._ch.basic_publish("", wire.jobs_queue(self.sid), body, properties)
         else:
-            self._ch.basic_publish(wire.jobs_exchange(), self.sid, body, properties)
+            key = wire.lane_routing_key(self.sid, "interactive" if interactive else "bulk")
+            self._ch.basic_publish(wire.jobs_exchange(), key, body, properties)
 
     def collect(self, count: int, timeout: float = 30.0) -> list[Received]:
         """Wait until `count` results have arrived in total; return all of them."""

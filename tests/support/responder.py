@@ -1,4 +1,7 @@
-"""A stand-in poller for `satellite` tests: consumes a satellite's queue, answers each job.
+"""A stand-in poller for `satellite` tests: consumes a satellite's queues, answers each job.
+
+It consumes the job queue and, with `lane=True` (the default), the interactive lane too
+(DESIGN §13; both must exist: `satellite declare`); `lanes` records where each job came from.
 
 Only a test seam for the core side (the real worker is `poller`). It publishes a `JobResult`
 the way DESIGN §4 says a poller does: to `usm_poller.results`, routing key
@@ -22,6 +25,7 @@ from poller.wire import (
     JobResult,
     decode_job,
     encode,
+    interactive_queue,
     jobs_queue,
     reply_routing_key,
     result_routing_key,
@@ -75,7 +79,9 @@ class Responder:
     user_id: str | None = "guest"
     correlation_id: Callable[[str | None], str | None] = lambda cid: cid
     max_seconds: float = 60.0
+    lane: bool = True
     jobs: list[tuple[JobRequest, dict[str, Any]]] = field(default_factory=list)
+    lanes: list[str] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -105,10 +111,12 @@ class Responder:
             with kombu.Connection(self.dsn, connect_timeout=5) as conn:
                 channel = conn.channel()
                 producer = kombu.Producer(conn.channel(), auto_declare=False)
-                queue = kombu.Queue(jobs_queue(self.satellite_id), no_declare=True)
+                names = [jobs_queue(self.satellite_id)]
+                if self.lane:
+                    names.append(interactive_queue(self.satellite_id))
                 consumer = kombu.Consumer(
                     channel,
-                    queues=[queue],
+                    queues=[kombu.Queue(name, no_declare=True) for name in names],
                     on_message=lambda message: self._answer(producer, message),
                     prefetch_count=10,
                 )
@@ -129,6 +137,8 @@ class Responder:
         job = decode_job(message.body)
         properties = dict(message.properties)
         self.jobs.append((job, properties))
+        key = str(message.delivery_info.get("routing_key", ""))
+        self.lanes.append("interactive" if key.endswith(".interactive") else "bulk")
         result = self.answer(job, self.satellite_id)
         reply_to = properties.get("reply_to")
         key = (

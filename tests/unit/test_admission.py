@@ -341,3 +341,218 @@ async def test_random_schedules_keep_every_rule() -> None:
             assert not could, f"{device} waits though it may run"
     assert len(granted) > 500
     assert expired > 50
+
+
+# ------------------------------------------------------------------ the interactive lane
+
+
+def lane_holder(
+    admission: Admission, device: str, gate: asyncio.Event, log: list[str]
+) -> asyncio.Task[None]:
+    async def hold() -> None:
+        async with admission.lease(device, interactive=True):
+            log.append(f"!{device}")
+            await gate.wait()
+
+    return asyncio.ensure_future(hold())
+
+
+async def test_reserved_slots_are_never_taken_by_bulk_jobs() -> None:
+    admission = Admission(concurrency=4, per_device=4, reserved=1)
+    assert admission.bulk_slots_free
+    gate, log = asyncio.Event(), list[str]()
+    bulk = [holder(admission, f"d{n}", gate, log) for n in range(10)]
+    await settle()
+    assert log == ["d0", "d1", "d2"]  # the fourth run slot is free, and stays free
+    assert (admission.running, admission.waiting) == (3, 7)
+    assert not admission.bulk_slots_free  # what the worker's spare window looks at
+    lane = lane_holder(admission, "x", gate, log)
+    await settle()
+    assert log[-1] == "!x"  # at once, in the reserved slot
+    assert (admission.running, admission.interactive_running) == (4, 1)
+    gate.set()
+    await asyncio.gather(*bulk, lane)
+    assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
+
+
+async def test_interactive_jobs_are_admitted_before_older_bulk_jobs() -> None:
+    admission = Admission(concurrency=4, per_device=4, reserved=1)
+    gate, log = asyncio.Event(), list[str]()
+    first = [holder(admission, "bulk", gate, log) for _ in range(3)]
+    first.append(lane_holder(admission, "lane", gate, log))
+    await settle()
+    assert log == ["bulk", "bulk", "bulk", "!lane"]
+    order: list[str] = []
+
+    async def job(device: str, interactive: bool) -> None:
+        async with admission.lease(device, interactive=interactive):
+            order.append(("!" if interactive else "") + device)
+            await asyncio.sleep(0)
+
+    queued = [asyncio.ensure_future(job(f"b{n}", False)) for n in range(3)]
+    await settle()
+    queued.append(asyncio.ensure_future(job("i0", True)))
+    await settle()
+    assert order == []
+    gate.set()
+    await asyncio.gather(*first, *queued)
+    assert order[0] == "!i0"  # the bulk jobs queued before it wait for the next slots
+    assert sorted(order[1:]) == ["b0", "b1", "b2"]
+
+
+async def test_an_interactive_job_goes_ahead_of_its_devices_bulk_jobs_within_its_limit() -> None:
+    admission = Admission(concurrency=8, per_device=1, reserved=2)
+    gate, log = asyncio.Event(), list[str]()
+    running = holder(admission, "sw", gate, log)
+    waiting = [holder(admission, "sw", gate, log) for _ in range(3)]
+    await settle()
+    lane = lane_holder(admission, "sw", gate, log)
+    await settle()
+    assert log == ["sw"]  # the per-device limit holds for the interactive job too
+    assert admission.waiting == 4
+    # A new bulk job of the device queues behind the interactive one, not ahead of it.
+    late = holder(admission, "sw", gate, log)
+    await settle()
+    gate.set()
+    await asyncio.gather(running, *waiting, lane, late)
+    assert log == ["sw", "!sw", "sw", "sw", "sw", "sw"]
+    assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
+
+
+async def test_interactive_jobs_hold_half_the_slots_and_ignore_the_untrusted_share() -> None:
+    admission = Admission(
+        concurrency=6, per_device=1, untrusted=1, reserved=1, trusted=lambda d: d[0] == "o"
+    )
+    assert admission.interactive_cap == 3
+    gate, log = asyncio.Event(), list[str]()
+    tasks = [lane_holder(admission, f"new{n}", gate, log) for n in range(5)]
+    await settle()
+    # Untrusted devices all, past the untrusted share of 1; but not past half the slots.
+    assert log == ["!new0", "!new1", "!new2"]
+    bulk = [holder(admission, f"old{n}", gate, log) for n in range(3)]
+    await settle()
+    assert log[3:] == ["old0", "old1", "old2"]  # two interactive jobs wait for the cap
+    gate.set()
+    await asyncio.gather(*tasks, *bulk)
+    assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
+
+
+async def test_refuse_and_close_cover_interactive_waiters() -> None:
+    admission = Admission(concurrency=2, per_device=1, reserved=1)
+    gate, log = asyncio.Event(), list[str]()
+    running = [holder(admission, "dead", gate, log), lane_holder(admission, "busy", gate, log)]
+    await settle()
+    order: list[str] = []
+
+    def fail_in_order(future: asyncio.Future[bool]) -> None:
+        order.append("lane" if future in lane_futures else "bulk")
+        fail_now(future)
+
+    bulk_waiting = [holder(admission, "dead", gate, log) for _ in range(2)]
+    await settle()
+    lane_waiting = [lane_holder(admission, "dead", gate, log)]
+    await settle()
+    lane_futures = {w.future for _, w in admission._urgent}
+    assert admission.refuse("dead", fail_in_order) == 3
+    assert order == ["lane", "bulk", "bulk"]  # the interactive job is answered first
+    results = await asyncio.gather(*bulk_waiting, *lane_waiting, return_exceptions=True)
+    assert all(isinstance(r, ConnectionRefusedError) for r in results)
+    returned = lane_holder(admission, "busy", gate, log)
+    await settle()
+    assert admission.close() == 1
+    assert isinstance((await asyncio.gather(returned, return_exceptions=True))[0], NotStarted)
+    gate.set()
+    await asyncio.gather(*running)
+    assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
+
+
+async def test_an_interactive_waiter_leaves_at_its_deadline_or_when_cancelled() -> None:
+    admission = Admission(concurrency=1, per_device=1)
+    gate, log = asyncio.Event(), list[str]()
+    running = holder(admission, "a", gate, log)
+    await settle()
+    loop = asyncio.get_running_loop()
+    expiring = asyncio.ensure_future(
+        admission.acquire("b", deadline=loop.time(), expire=time_out, interactive=True)
+    )
+    cancelled = lane_holder(admission, "c", gate, log)
+    await settle()
+    with pytest.raises(TimeoutError):
+        await expiring
+    cancelled.cancel()
+    await settle()
+    assert (admission.waiting, admission.devices) == (0, 1)
+    gate.set()
+    await running
+    assert (admission.running, admission.devices) == (0, 0)
+
+
+def test_reserved_slots_leave_bulk_jobs_at_least_one() -> None:
+    assert Admission(concurrency=1, per_device=1, reserved=1).reserved == 0
+    assert Admission(concurrency=64, per_device=4, reserved=8).reserved == 8
+    assert Admission(concurrency=4, per_device=4, reserved=9).reserved == 3
+
+
+async def test_random_schedules_with_both_lanes_keep_every_rule() -> None:
+    """As above with interactive jobs and reserved slots: bulk jobs never hold a reserved
+    slot, and no job waits that may run (an interactive job: a run slot and a device slot)."""
+    rng = random.Random(20261206)
+    loop = asyncio.get_running_loop()
+    devices = [f"d{n}" for n in range(10)]
+    trusted = set(devices[:5])
+    admission = Admission(
+        concurrency=6, per_device=2, untrusted=3, reserved=2, trusted=trusted.__contains__
+    )
+    granted: list[tuple[str, asyncio.Future[bool]]] = []
+    waiting: dict[bool, list[tuple[str, asyncio.Future[bool]]]] = {False: [], True: []}
+    held: dict[bool, list[tuple[str, bool]]] = {False: [], True: []}
+    expired = 0
+    for _step in range(3000):
+        action = rng.random()
+        if action < 0.45:
+            device = rng.choice(devices)
+            lane = rng.random() < 0.3
+            deadline = rng.choice([None, None, None, loop.time() - 1, loop.time() + 3600])
+            acquire = admission.acquire(
+                device, deadline=deadline, expire=time_out, interactive=lane
+            )
+            waiting[lane].append((device, asyncio.ensure_future(acquire)))
+        elif action < 0.75 and (held[False] or held[True]):
+            lane = bool(held[True]) and (not held[False] or rng.random() < 0.5)
+            device, untrusted = held[lane].pop(rng.randrange(len(held[lane])))
+            admission.release(device, untrusted, lane)
+        elif action < 0.85 and (waiting[False] or waiting[True]):
+            lane = bool(waiting[True]) and (not waiting[False] or rng.random() < 0.5)
+            waiting[lane].pop(rng.randrange(len(waiting[lane])))[1].cancel()
+        elif action < 0.9:
+            device = rng.choice(devices)
+            trusted.symmetric_difference_update({device})
+            admission.refile(device)
+        elif action < 0.93:
+            admission.refuse(rng.choice(devices), fail_now)
+        await settle()
+        for lane in (False, True):
+            waiting[lane], expired = sort_out(waiting[lane], held[lane], granted, expired)
+        per_device: dict[str, int] = {}
+        for device, _ in held[False] + held[True]:
+            per_device[device] = per_device.get(device, 0) + 1
+        total = len(held[False]) + len(held[True])
+        untrusted_held = sum(1 for _, u in held[False] + held[True] if u)
+        assert admission.running == total <= 6
+        assert admission.interactive_running == len(held[True]) <= 3
+        assert len(held[False]) <= 6 - 2
+        assert max(per_device.values(), default=0) <= 2
+        assert admission.waiting == len(waiting[False]) + len(waiting[True])
+        for device, _ in waiting[True]:
+            could = total < 6 and len(held[True]) < 3 and per_device.get(device, 0) < 2
+            assert not could, f"!{device} waits though it may run"
+        for device, _ in waiting[False]:
+            could = (
+                total < 6
+                and len(held[False]) < 4
+                and per_device.get(device, 0) < 2
+                and (device in trusted or untrusted_held < 3)
+            )
+            assert not could, f"{device} waits though it may run"
+    assert len(granted) > 500
+    assert expired > 50

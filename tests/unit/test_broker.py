@@ -85,15 +85,23 @@ async def running_broker(
     on_delivery: Callable[[Delivery], None] = lambda _d: None,
     publish_timeout: float = 30.0,
     prefetch: int = 64,
+    lane_queue: str | None = None,
+    lane_prefetch: int = 4,
+    lane_retry: float = 60.0,
 ) -> AsyncIterator[Broker]:
     broker = Broker(
         parse_dsn(dsn),
         BrokerOptions(
-            connection_name="test_broker", publish_timeout=publish_timeout, prefetch=prefetch
+            connection_name="test_broker",
+            publish_timeout=publish_timeout,
+            prefetch=prefetch,
+            lane_prefetch=lane_prefetch,
+            lane_retry=lane_retry,
         ),
         queue=queue,
         topology=topology,
         on_delivery=on_delivery,
+        lane_queue=lane_queue,
     )
     task = asyncio.create_task(broker.run())
     try:
@@ -284,3 +292,91 @@ async def test_stop_consuming_cancels_the_spare_consumer_too(amqp_vhost: AmqpVho
         assert not await broker.open_spare(1)  # not consuming: no spare either
         await broker.publish(exchange, "k", b"{}", _props("after-stop"))
         await _nothing_more(got)
+
+
+def _lane_topology(queue: str, lane: str, exchange: str, *, with_lane: bool = True) -> Topology:
+    queues = [QueueSpec(queue, {"x-queue-type": "quorum"}, ((exchange, "bulk"),))]
+    if with_lane:
+        queues.append(QueueSpec(lane, {"x-queue-type": "quorum"}, ((exchange, "lane"),)))
+    return Topology(exchanges=((exchange, "direct"),), queues=tuple(queues))
+
+
+async def test_the_lane_has_its_own_channel_and_window_and_its_acks_go_there(
+    amqp_vhost: AmqpVhost,
+) -> None:
+    queue, exchange = _names()
+    lane = f"{queue}.interactive"
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_lane_topology(queue, lane, exchange),
+        on_delivery=got.put_nowait,
+        prefetch=2,
+        lane_queue=lane,
+        lane_prefetch=3,
+    ) as broker:
+        assert broker.lane_consuming
+        for i in range(5):
+            await broker.publish(exchange, "bulk", b"{}", _props(f"b{i}"))
+        bulk = await _take(got, 2)
+        await _nothing_more(got)  # the bulk window is full...
+        for i in range(5):
+            await broker.publish(exchange, "lane", b"{}", _props(f"i{i}"))
+        lane_jobs = await _take(got, 3)  # ...and the lane's is its own
+        await _nothing_more(got)
+        assert [d.interactive for d in bulk + lane_jobs] == [False] * 2 + [True] * 3
+        # Same delivery tags on both channels: each ack must go to its own.
+        assert {d.delivery_tag for d in bulk} <= {d.delivery_tag for d in lane_jobs}
+        for delivery in lane_jobs:
+            broker.ack(delivery)
+        more = await _take(got, 2)
+        assert [d.message_id for d in more] == ["i3", "i4"]
+        for delivery in [*more, *bulk]:
+            broker.ack(delivery)
+        rest = await _take(got, 2)
+        assert [d.message_id for d in rest] == ["b2", "b3"]
+        # No channel was closed by an ack on the wrong channel.
+        assert broker.consuming
+        assert broker.lane_consuming
+        await broker.stop_consuming()
+        await broker.publish(exchange, "lane", b"{}", _props("after-stop"))
+        await _nothing_more(got)  # the lane's consumer was cancelled too
+
+
+async def test_a_missing_lane_is_tried_again_while_bulk_jobs_flow(amqp_vhost: AmqpVhost) -> None:
+    queue, exchange = _names()
+    lane = f"{queue}.interactive"
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_lane_topology(queue, lane, exchange, with_lane=False),
+        on_delivery=got.put_nowait,
+        lane_queue=lane,
+        lane_retry=0.3,
+    ) as broker:
+        assert broker.consuming
+        assert not broker.lane_consuming
+        await broker.publish(exchange, "bulk", b"{}", _props("bulk"))
+        [delivery] = await _take(got, 1)
+        assert not delivery.interactive
+        broker.ack(delivery)
+        # An operator runs `satellite declare`: the lane is consumed at the next attempt.
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_vhost.dsn))
+        try:
+            channel = conn.channel()
+            channel.queue_declare(lane, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_bind(lane, exchange, "lane")
+        finally:
+            conn.close()
+        for _ in range(50):
+            if broker.lane_consuming:
+                break
+            await asyncio.sleep(0.1)
+        assert broker.lane_consuming
+        await broker.publish(exchange, "lane", b"{}", _props("lane"))
+        [delivery] = await _take(got, 1)
+        assert delivery.interactive
+        broker.ack(delivery)
+        assert broker.consuming

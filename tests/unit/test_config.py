@@ -35,6 +35,23 @@ def test_two_variables_are_enough() -> None:
     assert (url.host, url.port, url.vhost, url.username) == ("broker.example", 5672, "/isp", "sat7")
 
 
+def test_interactive_lane_defaults_follow_the_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert (s.effective_interactive_slots, s.effective_interactive_prefetch) == (8, 16)
+    monkeypatch.setenv("USM_POLLER_CONCURRENCY", "4")
+    s = load_settings()
+    assert (s.effective_interactive_slots, s.effective_interactive_prefetch) == (1, 4)
+    monkeypatch.setenv("USM_POLLER_CONCURRENCY", "1")
+    assert load_settings().effective_interactive_slots == 0  # the one slot stays for bulk jobs
+    monkeypatch.setenv("USM_POLLER_CONCURRENCY", "16")
+    monkeypatch.setenv("USM_POLLER_INTERACTIVE_SLOTS", "0")
+    monkeypatch.setenv("USM_POLLER_INTERACTIVE_PREFETCH", "2")
+    s = load_settings()
+    assert (s.effective_interactive_slots, s.effective_interactive_prefetch) == (0, 2)
+    view = s.public_view()
+    assert (view["USM_POLLER_INTERACTIVE_SLOTS"], view["USM_POLLER_INTERACTIVE_PREFETCH"]) == (0, 2)
+
+
 def test_alternative_dsn_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("US_AMQP_DSN")
     monkeypatch.setenv("USM_POLLER_AMQP_DSN", "amqp://u:p@h/")
@@ -49,6 +66,9 @@ def test_alternative_dsn_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
         ("USM_POLLER_QUEUE_TYPE", "stream", "USM_POLLER_QUEUE_TYPE: "),
         ("USM_POLLER_SATELLITE_ID", "site 7", "USM_POLLER_SATELLITE_ID: "),
         ("USM_POLLER_DECLARE", "maybe", "USM_POLLER_DECLARE: "),
+        ("USM_POLLER_INTERACTIVE_SLOTS", "64", "USM_POLLER_INTERACTIVE_SLOTS: must be below"),
+        ("USM_POLLER_INTERACTIVE_SLOTS", "-1", "USM_POLLER_INTERACTIVE_SLOTS: "),
+        ("USM_POLLER_INTERACTIVE_PREFETCH", "0", "USM_POLLER_INTERACTIVE_PREFETCH: "),
         ("USM_POLLER_MAX_RSS_MB", "-1", "USM_POLLER_MAX_RSS_MB: "),
         ("USM_POLLER_MAX_RSS_MB", "512MB", "USM_POLLER_MAX_RSS_MB: "),
         ("USM_POLLER_MAX_RSS_MB", "0.5", "USM_POLLER_MAX_RSS_MB: "),

@@ -16,10 +16,10 @@ from satellite.cli import build_parser
 from satellite.jobargs import job_from_args
 
 OID = "1.3.6.1.2.1.1.5.0"
-#: Options of `satellite call` that are about the broker or waiting, not about the job.
+#: Options of `satellite call` about the broker, the core API, the lane or waiting, not the job.
 SATELLITE_ONLY = {
     "--dsn", "--connect-timeout", "--operation-timeout", "--management-url", "--trust-user",
-    "--priority", "--timeout",
+    "--priority", "--timeout", "--bulk", "--api", "--token-file",
 }  # fmt: skip
 
 

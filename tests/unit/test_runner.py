@@ -453,3 +453,52 @@ async def test_one_probe_after_the_cool_down_releases_a_recovered_device() -> No
     assert (await runner.run(make_job("flappy"))).status == "ok"
     assert runner.quarantine.entries() == []
     assert (await runner.run(make_job("flappy"))).status == "ok"
+
+
+# ------------------------------------------------------------------ the interactive lane
+
+
+async def test_a_quarantined_device_answers_an_interactive_job_ahead_of_the_bulk_answers(
+    driver: MemoryDriver,
+) -> None:
+    clock = FakeClock()
+    runner = breaker_runner(driver, clock)
+    for _ in range(2):
+        await runner.run(make_job("sleepy", timeout=0.05))
+    assert runner.quarantine.entries()
+    # A batch of bulk jobs for it: answered through the low-priority lane, one per iteration.
+    bulk = [
+        asyncio.ensure_future(runner.run(make_job("sleepy", id=f"bulk-{n}"))) for n in range(30)
+    ]
+    lane = asyncio.ensure_future(runner.run(make_job("sleepy", id="lane"), interactive=True))
+    await asyncio.wait([lane], timeout=5)
+    refused = lane.result()
+    assert refused.error is not None
+    assert refused.error.code == "device_unreachable"
+    assert sum(t.done() for t in bulk) < 10  # the interactive job did not wait its turn
+    results = await asyncio.gather(*bulk)
+    assert {r.error.code for r in results if r.error} == {"device_unreachable"}
+
+
+async def test_interactive_jobs_run_in_the_slots_kept_for_them(driver: MemoryDriver) -> None:
+    runner = Runner(
+        drivers={"snmp.get": driver},
+        credentials=CredentialStore({}),
+        satellite_id="7",
+        worker="w1",
+        concurrency=4,
+        per_device_concurrency=4,
+        interactive_slots=1,
+    )
+    for n in range(6):  # every device has answered once: trusted
+        assert (await runner.run(make_job(f"d{n}", id=f"warm-{n}"))).status == "ok"
+    driver.delay = 0.5
+    bulk = [asyncio.ensure_future(runner.run(make_job(f"d{n}", id=f"b{n}"))) for n in range(6)]
+    await asyncio.sleep(0.05)
+    assert runner.admission.running == 3  # one slot stays free for the lane
+    lane = asyncio.ensure_future(runner.run(make_job("10.0.0.9", id="lane"), interactive=True))
+    await asyncio.sleep(0.05)
+    assert runner.admission.running == 4
+    assert (await asyncio.wait_for(lane, timeout=5)).status == "ok"
+    assert sum(t.done() for t in bulk) <= 3  # it did not wait for the bulk jobs ahead of it
+    assert all(r.status == "ok" for r in await asyncio.gather(*bulk))

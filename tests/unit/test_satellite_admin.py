@@ -23,7 +23,7 @@ from satellite.provision import (
     satellite_permissions,
     satellite_user,
 )
-from satellite.status import FleetView, QueueView, advise, satellite_status
+from satellite.status import FleetView, QueueView, SatelliteStatus, advise, satellite_status
 
 SECRET = "pw-never-shown-93b1"
 
@@ -39,7 +39,16 @@ def test_user_names_and_permissions() -> None:
         satellite_user("a.b")
     perms = satellite_permissions("7")
     assert perms.configure == "^$"
-    assert perms.read == "^usm_poller-sat-7$"
+    assert perms.read == r"^(usm_poller-sat-7|usm_poller-sat-7\.interactive)$"
+    for name, allowed in (
+        ("usm_poller-sat-7", True),
+        ("usm_poller-sat-7.interactive", True),
+        ("usm_poller-sat-70", False),
+        ("usm_poller-sat-70.interactive", False),
+        ("usm_poller-sat-7.dlq", False),
+        ("usm_poller-sat-7xinteractive", False),
+    ):
+        assert bool(re.search(perms.read, name)) is allowed, name
     for name, allowed in (
         ("usm_poller.results", True),
         ("usm_poller.events", True),
@@ -270,6 +279,36 @@ def test_growing_queue() -> None:
     assert queue(5, ready=100, growth=2.0).growing
     assert not queue(5, ready=5, growth=2.0).growing
     assert not queue(5, ready=100, growth=0.0).growing
+
+
+def test_status_shows_the_interactive_lane_and_warns_when_nobody_consumes_it() -> None:
+    fleet = FleetView()
+    fleet.add(beat("a", jobs_per_s=1, in_flight=1))
+
+    def status(lane: tuple[int, int] | None) -> SatelliteStatus:
+        return satellite_status(
+            "7",
+            queue={"name": "usm_poller-sat-7"},
+            counts=(3, 1),
+            dlq=None,
+            lane={"name": "usm_poller-sat-7.interactive"} if lane else None,
+            lane_counts=lane,
+            fleet=fleet,
+            core_version=beat("a", jobs_per_s=1, in_flight=1).version,
+        )
+
+    fine = status((2, 1))
+    assert fine.lane is not None
+    assert (fine.lane.ready, fine.lane.consumers) == (2, 1)
+    assert fine.as_dict()["lane"]["name"] == "usm_poller-sat-7.interactive"
+    assert fine.ok
+    assert not fine.warnings
+    [old] = status((2, 0)).warnings
+    assert "no consumer on the interactive lane" in old
+    missing = status(None)
+    assert missing.as_dict()["lane"] is None
+    assert missing.warnings == ["no interactive lane queue (run `satellite declare`)"]
+    assert missing.ok  # a warning: bulk jobs still flow
 
 
 # ------------------------------------------------------------------------------ recycles

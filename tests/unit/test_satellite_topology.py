@@ -29,34 +29,41 @@ def test_plan_has_every_object_of_the_design() -> None:
     )
     assert [q.name for q in topology.queues] == [
         "usm_poller-sat-7",
+        "usm_poller-sat-7.interactive",
         "usm_poller-sat-7.dlq",
         "usm_poller-sat-olt-2",
+        "usm_poller-sat-olt-2.interactive",
         "usm_poller-sat-olt-2.dlq",
         "usm_poller.results",
     ]
     assert topology.queues[0].arguments == jobs_queue_arguments("7", "quorum")
     assert topology.queues[0].arguments["x-queue-type"] == "quorum"
+    # The interactive lane: the same arguments, dead letters to the same DLQ.
+    assert topology.queues[1].arguments == jobs_queue_arguments("7", "quorum")
     # Every queue is quorum: a classic DLQ would stop with the one node that holds it.
-    assert topology.queues[1].arguments == {
+    assert topology.queues[2].arguments == {
         "x-queue-type": "quorum",
         "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT,  # reading dead letters never drops them
     }
-    assert topology.queues[1].dead_letters
+    assert topology.queues[2].dead_letters
     assert topology.queues[-1].arguments == {"x-queue-type": "quorum"}
     assert topology.bindings == (
         BindingSpec("usm_poller-sat-7", "usm_poller.jobs", "7"),
+        BindingSpec("usm_poller-sat-7.interactive", "usm_poller.jobs", "7.interactive"),
         BindingSpec("usm_poller-sat-7.dlq", "usm_poller.dlx", "7"),
         BindingSpec("usm_poller-sat-olt-2", "usm_poller.jobs", "olt-2"),
+        BindingSpec("usm_poller-sat-olt-2.interactive", "usm_poller.jobs", "olt-2.interactive"),
         BindingSpec("usm_poller-sat-olt-2.dlq", "usm_poller.dlx", "olt-2"),
         BindingSpec("usm_poller.results", "usm_poller.results", "result.#"),
     )
 
 
 def test_classic_queues_get_no_quorum_arguments() -> None:
-    queue, dlq, results = core_topology(["7"], queue_type="classic").queues
+    queue, lane, dlq, results = core_topology(["7"], queue_type="classic").queues
     assert "x-queue-type" not in queue.arguments
     assert "x-delivery-limit" not in queue.arguments
     assert queue.arguments["x-dead-letter-exchange"] == "usm_poller.dlx"
+    assert lane.arguments == queue.arguments
     assert dlq.arguments == {}  # classic, as before quorum dead-letter queues
     assert results.arguments == {"x-queue-type": "quorum"}  # the core's: always quorum
 

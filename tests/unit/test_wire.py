@@ -184,8 +184,15 @@ def test_names_follow_the_design() -> None:
     assert wire.reply_routing_key("7", "amq.gen-x") == "reply.7.amq.gen-x"
     assert wire.heartbeat_routing_key("7") == "heartbeat.7"
     assert wire.event_routing_key("7", "started") == "event.7.started"
+    assert wire.interactive_queue("7") == "usm_poller-sat-7.interactive"
+    assert wire.interactive_routing_key("7") == "7.interactive"
+    assert wire.lane_routing_key("7", "interactive") == "7.interactive"
+    assert wire.lane_routing_key("7", "bulk") == "7"
+    assert wire.LANE_HEADER == "x-lane"
     with pytest.raises(ValueError, match="satellite id"):
         wire.jobs_queue("bad id")
+    with pytest.raises(ValueError, match="satellite id"):
+        wire.interactive_routing_key("a.b")
 
 
 HEARTBEAT = {

@@ -71,8 +71,8 @@ class Store:
             return False
         return True
 
-    async def record_queued(self, job: QueuedJob) -> None:
-        await queries.record_queued(self.engine, job, self.clock())
+    async def record_queued(self, job: QueuedJob) -> JobRecord:
+        return await queries.record_queued(self.engine, job, self.clock())
 
     async def record_queued_many(self, batch: Sequence[QueuedJob]) -> None:
         await queries.record_queued_many(self.engine, batch, self.clock())

@@ -153,8 +153,9 @@ async def get_request(engine: AsyncEngine, job_id: str) -> tuple[JobRecord, Any]
     return None if row is None else (_record(row), row._mapping["request"])
 
 
-async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> None:
-    """Record a job as `queued` before it is published; `JobExistsError` when the id is taken.
+async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> JobRecord:
+    """Record a job as `queued` before it is published, and return its record (no read back);
+    `JobExistsError` when the id is taken.
 
     An id left `not_published` by a failed submit may be submitted again: the row is reused.
     """
@@ -169,6 +170,15 @@ async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> N
         done = await conn.execute(stmt)
     if done.rowcount != 1:
         raise JobExistsError(job.id)
+    return _queued_record(values)
+
+
+def _queued_record(values: dict[str, Any]) -> JobRecord:
+    """The record of a row just written from `_queued_row` values."""
+    blank = dict.fromkeys(
+        ("started_at", "finished_at", "attempt", "redelivered", "worker", "duration_ms", "result")
+    )
+    return JobRecord.model_validate(blank | {k: v for k, v in values.items() if k != "request"})
 
 
 def _queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:

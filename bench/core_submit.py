@@ -1,0 +1,197 @@
+"""`satellite serve`'s submit-and-wait round trip against `satellite call` over AMQP, same run.
+
+One `poller run` for a fresh satellite and a Net-SNMP agent, a `satellite serve` process (SQLite
+history), and three callers taking turns, one `snmp.get` at a time each, N round trips:
+
+* HTTP over the unix socket: `POST /v1/satellites/{id}/jobs` with `Prefer: wait=30` (httpx,
+  keep-alive);
+* HTTP over TCP, the same with a bearer token;
+* AMQP: `satellite.Client.call()` (kombu; an exclusive reply queue, kept open), what
+  `satellite call` does without its process start-up.
+
+Usage: `.venv/bin/python bench/core_submit.py [--calls N]`; writes `## Core service submit`
+in docs/performance.md. Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import snmp_agent, vhost, write_section  # noqa: E402
+
+from satellite.client import Client  # noqa: E402
+from satellite.dispatch import build_job  # noqa: E402
+from satellite.service.tokens import TokensFile  # noqa: E402
+from tests.support.poller_proc import PollerFactory  # noqa: E402
+
+
+def start_serve(dsn: str, workdir: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
+    sock = workdir / "api.sock"
+    log = (workdir / "serve.log").open("ab")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+    env |= {
+        "US_AMQP_DSN": dsn,
+        "USM_CORE_STATE_DIR": str(workdir / "state"),
+        "USM_CORE_LISTEN": f"unix:{sock},tcp:127.0.0.1:0",
+        "USM_CORE_LOG_FORMAT": "json",
+        "USM_CORE_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "satellite", "serve"], env=env, stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if sock.exists():
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        sys.exit("satellite serve did not start")
+    # The TCP port: ask the kernel which port the process listens on (ss), loopback only.
+    out = subprocess.run(
+        ["ss", "-Hltnp"], capture_output=True, text=True, check=False, timeout=10
+    ).stdout
+    port = 0
+    for line in out.splitlines():
+        if f"pid={proc.pid}," in line:
+            port = int(line.split()[3].rsplit(":", 1)[1])
+    if not port:
+        proc.kill()
+        sys.exit("could not find satellite serve's TCP port")
+    return proc, sock, port
+
+
+def timed(call: object, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()  # type: ignore[operator]
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    n = max(20, min(args.calls, 5000))
+    sid = f"bench{os.getpid()}"
+    with vhost() as amqp, snmp_agent() as (host, port, _pid), tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        pollers = PollerFactory(amqp, workdir)
+        pollers(sid)
+        proc, sock, tcp_port = start_serve(amqp.dsn, workdir)
+        token = TokensFile(workdir / "state" / "tokens.yaml").create("bench", ["submit"])
+        body = {
+            "kind": "snmp.get",
+            "target": {"host": host, "port": port},
+            "auth": {"version": "2c", "community": "public"},
+            "params": {"oids": ["1.3.6.1.2.1.1.5.0"]},
+        }
+        url = f"/v1/satellites/{sid}/jobs"
+        wait = {"Prefer": "wait=30"}
+        try:
+            with (
+                httpx.Client(
+                    transport=httpx.HTTPTransport(uds=str(sock)),
+                    base_url="http://localhost",
+                    timeout=60,
+                ) as unix,
+                httpx.Client(
+                    base_url=f"http://127.0.0.1:{tcp_port}",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=60,
+                ) as tcp,
+                Client(amqp.dsn) as core,
+            ):
+
+                def over(client: httpx.Client) -> None:
+                    response = client.post(url, json=body, headers=wait)
+                    if response.status_code != 200:
+                        sys.exit(f"HTTP {response.status_code}: {response.text[:300]}")
+
+                def call() -> None:
+                    job = build_job(
+                        "snmp.get",
+                        target={"host": host, "port": port},
+                        auth={"version": "2c", "community": "public"},
+                        params={"oids": ["1.3.6.1.2.1.1.5.0"]},
+                    )
+                    result = core.call(sid, job, timeout=30)
+                    if result.status != "ok":
+                        sys.exit(f"call: {json.dumps(result.model_dump(mode='json'))[:300]}")
+
+                for fn in (lambda: over(unix), lambda: over(tcp), call):  # warm-up
+                    timed(fn, 10)
+                samples: dict[str, list[float]] = {"unix": [], "tcp": [], "amqp": []}
+                for _ in range(n // 10):  # interleaved rounds: load drifts hit all three
+                    samples["unix"] += timed(lambda: over(unix), 10)
+                    samples["tcp"] += timed(lambda: over(tcp), 10)
+                    samples["amqp"] += timed(call, 10)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=40)
+            for poller in pollers.started:
+                poller.kill()
+
+    def p(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, int(len(values) * q))]
+
+    amqp_p50 = statistics.median(samples["amqp"])
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = [
+        ("HTTP over the unix socket (`Prefer: wait`)", samples["unix"]),
+        ("HTTP over TCP with a token (`Prefer: wait`)", samples["tcp"]),
+        ("AMQP: `Client.call()` (what `satellite call` does)", samples["amqp"]),
+    ]
+    lines = [
+        "## Core service submit",
+        "",
+        f"`bench/core_submit.py --calls {n}` ({datetime.now(UTC):%Y-%m-%d}, load average {load}):",
+        "one `snmp.get` at a time to one `poller run` and snmpd, submit until the result is back,",
+        "callers interleaved in rounds of 10.",
+        "",
+        "| caller | p50 ms | p99 ms | p50 / AMQP p50 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, values in rows:
+        median = statistics.median(values)
+        lines.append(
+            f"| {name} | {median:.2f} | {p(values, 0.99):.2f} | {median / amqp_p50:.2f}x |"
+        )
+    lines += [
+        "",
+        "Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's. Where an HTTP submit's time",
+        "went on 2026-12-06 (phase timers around `JobService` in process, p50 of 50 submits,",
+        "total 13 ms): recording the job `queued` in SQLite 7.7 ms, the publish and its",
+        "confirm 2.1 ms, the wait for the reply 1.9 ms. The raw sqlite3 commit in WAL/NORMAL",
+        "takes 0.01 ms:",
+        "the record's cost is aiosqlite's nine thread hops per write (about 0.5 ms each on this",
+        "loaded host; `sys.setswitchinterval(0.0005)` brought one write from ~4 ms to ~1 ms in",
+        "one try). That write, not HTTP, is what to take on first.",
+        "",
+    ]
+    section = "\n".join(lines)
+    print(section)
+    write_section("## Core service submit", section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

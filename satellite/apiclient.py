@@ -1,0 +1,382 @@
+"""A small synchronous client of the core service's HTTP API v1 (`satellite serve`).
+
+The `satellite` command line uses it when `--api` / `USM_CORE_API` is set: a comma list of
+addresses such as `unix:/run/satellite/api.sock,https://core.example:8480`, tried in order
+(the unix socket first, TCP second, the way Loginom Integrator's clients do). A connection
+failure on one address moves on to the next; an HTTP answer, even an error, is the answer.
+The address that answered is tried first by the following requests of the same client.
+
+The bearer token (`--token-file`, `USM_CORE_TOKEN_FILE` or `USM_CORE_TOKEN`) goes in
+`Authorization: Bearer` on every address (the unix socket ignores it unless the service sets
+`USM_CORE_UNIX_AUTH=token`). It is never printed, logged or put in an error message.
+
+Errors (all `ApiError`):
+
+```
+ApiError
+├── ApiUnreachableError     no address could be connected to, or no answer in time (exit 4)
+└── ApiProblem              the service answered 4xx/5xx: its problem+json `code` and `detail`
+```
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpcore
+import httpx
+
+try:  # httpcore 1.x; without it, unix sockets use httpcore's own connect (see _UnixBackend)
+    from httpcore._backends.sync import SyncStream as _SyncStream
+except ImportError:  # pragma: no cover
+    _SyncStream = None  # type: ignore[assignment,misc]
+
+from poller.errors import ConfigError
+
+__all__ = [
+    "API_ENV",
+    "MAX_BATCH_JOBS",
+    "MAX_WAIT_SECONDS",
+    "TOKEN_ENV",
+    "TOKEN_FILE_ENV",
+    "ApiAddress",
+    "ApiClient",
+    "ApiError",
+    "ApiProblem",
+    "ApiUnreachableError",
+    "parse_addresses",
+    "resolve_token",
+]
+
+API_ENV = "USM_CORE_API"
+TOKEN_ENV = "USM_CORE_TOKEN"  # noqa: S105 - a variable name
+TOKEN_FILE_ENV = "USM_CORE_TOKEN_FILE"  # noqa: S105 - a variable name
+MAX_WAIT_SECONDS = 60.0
+"""The service waits at most this long for a result in one request (`Prefer: wait`, `?wait=`)."""
+MAX_BATCH_JOBS = 1000
+"""Jobs per `jobs:batch` request (the service's limit)."""
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+class ApiError(Exception):
+    """A request to the core service's API failed."""
+
+
+class ApiUnreachableError(ApiError):
+    """No address of `--api` could be connected to (or one did not answer in time)."""
+
+
+class ApiProblem(ApiError):  # noqa: N818 - a problem document, as RFC 9457 calls it
+    """The service answered with an error status: its problem `code` and `detail`."""
+
+    def __init__(self, status: int, code: str, detail: str, address: str) -> None:
+        super().__init__(f"{status} {code}: {detail}" if detail else f"{status} {code}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.address = address
+
+
+@dataclass(frozen=True, slots=True)
+class ApiAddress:
+    """One address of `--api`: a unix socket path, or an http(s) base URL."""
+
+    text: str
+    socket_path: str | None = None
+    base_url: str | None = None
+
+    def client(self, headers: Mapping[str, str]) -> httpx.Client:
+        if self.socket_path is not None:
+            transport = _unix_transport(self.socket_path)
+            return httpx.Client(transport=transport, base_url="http://localhost", headers=headers)
+        assert self.base_url is not None
+        return httpx.Client(base_url=self.base_url, headers=headers)
+
+
+class _UnixBackend(httpcore.SyncBackend):
+    """httpcore's unix socket connect, closing the socket when the connect fails.
+
+    httpcore 1.0 leaves it open (a `ResourceWarning` per dead socket tried): a dead unix socket
+    is the usual case here, the one `--api` falls back from.
+    """
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return _SyncStream(sock)
+
+
+def _unix_transport(path: str) -> httpx.HTTPTransport:
+    transport = httpx.HTTPTransport(uds=path)
+    pool = getattr(transport, "_pool", None)
+    if _SyncStream is not None and isinstance(pool, httpcore.ConnectionPool):  # httpx 0.27/0.28
+        transport._pool = httpcore.ConnectionPool(uds=path, network_backend=_UnixBackend())
+    return transport
+
+
+def parse_addresses(text: str, *, label: str = API_ENV) -> list[ApiAddress]:
+    """`unix:/path`, `http://host:port[/prefix]`, `https://...`, comma-separated, in order.
+
+    Raises `ConfigError` naming `label` (the option or variable the text came from).
+    """
+    addresses = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if item.startswith("unix:"):
+            path = item.removeprefix("unix:")
+            if path.startswith("//"):  # unix:///run/x.sock
+                path = path[2:]
+            if not path.startswith("/"):
+                raise ConfigError(f"{label}: {item!r}: a unix socket needs an absolute path")
+            addresses.append(ApiAddress(item, socket_path=path))
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{label}: {item!r}: expected unix:/path, http://host:port or https://host:port"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"{label}: no user or password in the URL; give a token (--token-file)"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigError(f"{label}: {parts.scheme}://{parts.netloc}: no ?query or #fragment")
+        try:
+            parts.port  # noqa: B018 - a bad port raises here
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {item!r}: {exc}") from None
+        addresses.append(ApiAddress(item, base_url=item.rstrip("/")))
+    if not addresses:
+        raise ConfigError(f"{label}: no address (e.g. unix:/run/satellite/api.sock)")
+    return addresses
+
+
+def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The bearer token: `--token-file`, else `USM_CORE_TOKEN_FILE`, else `USM_CORE_TOKEN`."""
+    if token_file is not None or environ.get(TOKEN_FILE_ENV):
+        label = "--token-file" if token_file is not None else TOKEN_FILE_ENV
+        path = token_file if token_file is not None else environ[TOKEN_FILE_ENV]
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{label}: cannot read {path}: {reason}") from None
+    elif environ.get(TOKEN_ENV):
+        label, token = TOKEN_ENV, environ[TOKEN_ENV].strip()
+    else:
+        return None
+    if not token:
+        raise ConfigError(f"{label}: the token is empty")
+    if not set(token) <= _TOKEN_CHARS:
+        raise ConfigError(f"{label}: the token holds spaces or characters a header cannot carry")
+    return token
+
+
+def _problem(response: httpx.Response, address: str) -> ApiProblem:
+    code, detail = f"http_{response.status_code}", response.reason_phrase
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("code"), str):
+            code = body["code"]
+        if isinstance(body.get("detail"), str):
+            detail = body["detail"]
+    # One line whatever came back (a proxy's HTML page, a detail with newlines).
+    code = "".join(c for c in code if c.isalnum() or c in "_-.:")[:64] or "http_error"
+    return ApiProblem(response.status_code, code, " ".join(detail.split())[:300], address)
+
+
+class ApiClient:
+    """Requests to the service, address by address; every request has a timeout.
+
+    `timeout` bounds each read and write (a wait request gets its wait on top); `connect_timeout`
+    bounds connecting, all addresses together.
+    """
+
+    def __init__(
+        self,
+        addresses: Iterable[ApiAddress],
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.addresses = list(addresses)
+        if not self.addresses:
+            raise ValueError("no address")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        headers = {"Accept": "application/json, application/problem+json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        self._headers = headers
+        self._clients: dict[int, httpx.Client] = {}
+        self._first = 0
+        self.answered_by: str | None = None
+        """The address that gave the last answer."""
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _client(self, index: int) -> httpx.Client:
+        if index not in self._clients:
+            self._clients[index] = self.addresses[index].client(self._headers)
+        return self._clients[index]
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        wait: float = 0.0,
+    ) -> httpx.Response:
+        """One answer with a 2xx status; `ApiProblem` for any other, `ApiUnreachableError`."""
+        order = list(range(self._first, len(self.addresses))) + list(range(self._first))
+        failures: list[str] = []
+        deadline = time.monotonic() + self.connect_timeout
+        for index in order:
+            address = self.addresses[index].text
+            connect = deadline - time.monotonic()
+            if connect <= 0:
+                failures.append(f"{address}: not tried (--connect-timeout spent)")
+                continue
+            timeout = httpx.Timeout(self.timeout + wait, connect=connect)
+            try:
+                response = self._client(index).request(
+                    method,
+                    path,
+                    params=params,
+                    json=json_body,
+                    content=content,
+                    headers=headers,
+                    timeout=timeout,
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failures.append(f"{address}: {_reason(exc)}")
+                continue
+            except httpx.TimeoutException:
+                # Connected but no answer in time: the request may have been acted on, so it is
+                # not sent again to the next address.
+                raise ApiUnreachableError(
+                    f"{address}: no answer within {self.timeout + wait:g} s (--operation-timeout)"
+                ) from None
+            except httpx.TransportError as exc:
+                raise ApiUnreachableError(f"{address}: {_reason(exc)}") from None
+            self._first = index
+            self.answered_by = address
+            if response.is_success:
+                return response
+            raise _problem(response, address)
+        raise ApiUnreachableError("cannot reach the core API: " + "; ".join(failures))
+
+    def _object(self, response: httpx.Response) -> dict[str, Any]:
+        """The JSON object of a 2xx answer; anything else (a proxy's page) is `ApiProblem`."""
+        try:
+            value = response.json()
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, dict):
+            raise ApiProblem(
+                response.status_code,
+                "not_json",
+                "the answer is not a JSON object: is this the core service's address?",
+                self.answered_by or "?",
+            )
+        return value
+
+    # ------------------------------------------------------------------------ endpoints
+
+    def submit(
+        self, satellite_id: str, job: bytes, *, wait: float | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """POST /v1/satellites/{id}/jobs: the job record, and whether it was answered."""
+        headers = {"Content-Type": "application/json"}
+        if wait is not None:
+            wait = min(wait, MAX_WAIT_SECONDS)
+            headers["Prefer"] = f"wait={wait:g}"
+        response = self.request(
+            "POST",
+            f"/v1/satellites/{quote(satellite_id, safe='')}/jobs",
+            content=job,
+            headers=headers,
+            wait=wait or 0.0,
+        )
+        return self._object(response), response.status_code == 200
+
+    def submit_batch(self, satellite_id: str, jobs: Iterable[bytes]) -> dict[str, Any]:
+        """POST /v1/satellites/{id}/jobs:batch (NDJSON): `{"ids", "not_published"}`."""
+        response = self.request(
+            "POST",
+            f"/v1/satellites/{quote(satellite_id, safe='')}/jobs:batch",
+            content=b"\n".join(jobs) + b"\n",
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+        return self._object(response)
+
+    def job(self, job_id: str, *, wait: float = 0.0) -> dict[str, Any]:
+        """GET /v1/jobs/{id}, long-polling up to `wait` s (at most 60) while it is queued."""
+        wait = min(max(wait, 0.0), MAX_WAIT_SECONDS)
+        params = {"wait": f"{wait:g}"} if wait else None
+        response = self.request(
+            "GET", f"/v1/jobs/{quote(job_id, safe='')}", params=params, wait=wait
+        )
+        return self._object(response)
+
+    def jobs(self, filters: Mapping[str, Any]) -> dict[str, Any]:
+        """GET /v1/jobs: `{"items": [...], "next_cursor": ...}`, newest first."""
+        params = {k: str(v) for k, v in filters.items() if v is not None}
+        return self._object(self.request("GET", "/v1/jobs", params=params))
+
+    def satellites(self, satellite_id: str | None = None) -> dict[str, Any]:
+        """GET /v1/satellites (`{"ok", "satellites"}`) or /v1/satellites/{id} (one status)."""
+        path = "/v1/satellites"
+        if satellite_id is not None:
+            path += f"/{quote(satellite_id, safe='')}"
+        return self._object(self.request("GET", path))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        text = cause.strerror
+    elif isinstance(exc, httpx.ConnectTimeout | httpx.TimeoutException):
+        text = "timed out"
+    return text[:200]
