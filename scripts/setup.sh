@@ -11,6 +11,14 @@ SUDO=""
 PYTHON=${PYTHON:-python3}
 
 apt_packages=(snmpd snmp openssh-server iproute2 curl)
+# With --tests (scripts/test.sh, CI): what only the tests need. The fleet page's browser test
+# drives Debian's chromium (Playwright never downloads a browser); npm fetches axe-core for its
+# accessibility pass (below).
+TESTS=0; [ "${1:-}" = --tests ] && TESTS=1
+if [ "$TESTS" = 1 ]; then
+    apt_packages+=(chromium)
+    command -v npm >/dev/null 2>&1 || apt_packages+=(npm)
+fi
 command -v rabbitmq-server >/dev/null 2>&1 || apt_packages+=(rabbitmq-server)
 # Debian's own python3 needs python3-venv for `python3 -m venv` (pyenv builds have it).
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_packages+=(python3-venv)
@@ -32,6 +40,15 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c 'import poller, satellite' >/dev/null
+
+# axe-core for tests/integration/test_fleet_browser.py (injected into the pages it checks).
+AXE_VERSION=4.14.1
+if [ "$TESTS" = 1 ] && [ ! -f ".cache/axe-core/$AXE_VERSION/axe.min.js" ]; then
+    mkdir -p ".cache/axe-core/$AXE_VERSION"
+    (cd ".cache/axe-core/$AXE_VERSION" && npm pack -q "axe-core@$AXE_VERSION" >/dev/null \
+        && tar -xzf "axe-core-$AXE_VERSION.tgz" --strip-components=1 package/axe.min.js \
+        && rm "axe-core-$AXE_VERSION.tgz")
+fi
 
 bash scripts/rabbitmq.sh
 bash scripts/rabbitmq-management.sh

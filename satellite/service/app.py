@@ -43,6 +43,7 @@ from satellite.service.scheduler import ScheduleFile, Scheduler
 from satellite.service.settings import CoreSettings
 from satellite.service.store import Store
 from satellite.service.tokens import TokensFile
+from satellite.service.web import pages as web_pages
 
 __all__ = ["Core", "create_app", "replica_name", "run"]
 
@@ -212,6 +213,7 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(satellites.router)
     app.include_router(metrics_api.router)
+    web_pages.install(app)  # the fleet page at / (DESIGN §12)
     app.state.jobs = core.jobs
     app.state.metrics = core.metrics
     app.state.dead_letters = DeadLetters(core.settings.broker())
