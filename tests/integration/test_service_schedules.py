@@ -22,10 +22,12 @@ from satellite.cli import main as satellite_cli
 from satellite.service.app import Core, create_app
 from satellite.service.scheduler import LEASE_SECONDS, Claimed, db_now
 from satellite.service.settings import DatabaseUrl, load_settings
-from satellite.service.store import Store
+from satellite.service.store import JobFilter, JobRecord, Store
 from satellite.service.store.tables import jobs, metadata, schedule_outbox
 from satellite.service.tokens import TokensFile
+from tests.support.poller_proc import PollerFactory
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
 
@@ -362,3 +364,45 @@ async def test_a_run_of_3000_targets_fits_the_databases_parameter_limits(
     assert len(published) == 3000
     ids = queue.ids()
     assert sorted(ids) == sorted(published)
+
+
+async def test_a_real_poller_answers_and_the_schedule_counts_the_answers(
+    *,
+    start_core: Starter,
+    start_poller: PollerFactory,
+    snmpd: Snmpd,
+    amqp_vhost: AmqpVhost,
+    sid: str,
+    tmp_path: Path,
+) -> None:
+    await declare(amqp_vhost.dsn, sid)
+    await asyncio.to_thread(start_poller, sid)
+    path = tmp_path / "schedules.yaml"
+    path.write_text(
+        "schedules:\n"
+        "  - name: sysname\n"
+        f"    satellite: {sid}\n"
+        "    every: 2\n"
+        "    kind: snmp.get\n"
+        "    params: {oids: [1.3.6.1.2.1.1.5.0]}\n"
+        f"    auth: {{version: '2c', community: {snmpd.community}}}\n"
+        "    timeout: 5\n"
+        f"    targets: [{{host: {snmpd.host}, port: {snmpd.port}}}]\n"
+    )
+    core: Core = await start_core(path)
+    assert core.scheduler is not None
+    assert await core.ingest.broker.wait_ready(WAIT)
+
+    async def answered() -> list[JobRecord]:
+        where = JobFilter(source="schedule:sysname", status="ok")
+        return (await core.store.search(where, limit=10)).items
+
+    deadline = time.monotonic() + WAIT
+    while len(records := await answered()) < 2:
+        assert time.monotonic() < deadline, await core.scheduler.stats("sysname")
+        await asyncio.sleep(0.5)
+    for record in records:
+        assert record.result is not None
+        assert record.id.startswith("sysname:")
+        assert record.id.endswith(f":{snmpd.host}:{snmpd.port}")
+        assert record.answers == 1
