@@ -30,7 +30,6 @@ import pytest
 from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
-from satellite.service.web.overview import interactive_queue
 from tests.integration.test_satellite_serve import ServeFactory, ServeProcess
 from tests.support.poller_proc import PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
@@ -71,14 +70,14 @@ def _dead_letter(dsn: str, sid: str, job_ids: list[str]) -> None:
 
 
 def _interactive_job(dsn: str, sid: str) -> None:
-    """One job waiting in the satellite's interactive lane (DESIGN §13), as if the poller that
-    consumes it were stopped."""
+    """One job waiting in the satellite's interactive lane (docs/design.md §13), as if the poller
+    that consumes it were stopped."""
     conn = pika.BlockingConnection(pika.URLParameters(dsn))
     try:
         channel = conn.channel()
         channel.confirm_delivery()
-        queue = interactive_queue(sid)
-        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        queue = wire.interactive_queue(sid)
+        channel.queue_declare(queue, durable=True, arguments=wire.jobs_queue_arguments(sid))
         body = json.dumps(snmp_job("192.0.2.8", 161)).encode()
         channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
     finally:

@@ -20,18 +20,13 @@ from satellite.service.fleet import HEARTBEAT_MAX_AGE, REQUEST_TIMEOUT, FleetErr
 from satellite.service.web.history import SatelliteHistory
 from satellite.status import QueueView, SatelliteStatus, satellite_status
 
-__all__ = ["Row", "attention_order", "collect", "interactive_queue", "make_row"]
+__all__ = ["Row", "attention_order", "collect", "make_row"]
 
 Level = Literal["critical", "warning", "ok"]
 _RANK: dict[Level, int] = {"critical": 0, "warning": 1, "ok": 2}
 #: An error rate above this (with at least `ERROR_RATE_MIN_JOBS` answers) is a warning.
 ERROR_RATE_WARN = 0.2
 ERROR_RATE_MIN_JOBS = 5
-
-
-def interactive_queue(satellite_id: str) -> str:
-    """The interactive lane's queue (DESIGN §13): `<jobs queue>.interactive`."""
-    return f"{wire.jobs_queue(satellite_id)}.interactive"
 
 
 @dataclass
@@ -170,7 +165,7 @@ def _collect(fleet: FleetWatch, only: str | None) -> list[tuple[SatelliteStatus,
                 core_version=__version__,
                 heartbeat_max_age=HEARTBEAT_MAX_AGE,
             )
-            lane = queues.get(interactive_queue(sid))
+            lane = queues.get(wire.interactive_queue(sid))
             out.append((status, QueueView.from_management(lane) if lane is not None else None))
         return out
 
