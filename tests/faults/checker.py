@@ -192,6 +192,8 @@ def check(scenario: str, obs: Observation, expect: Expectation = Expectation()) 
     unflagged = set()
     for job_id in twice | answered_twice:
         answers = by_job.get(job_id, [])
+        if not answers:
+            continue  # executed, never answered: the loss and DLQ checks speak for it
         unmarked = sum(1 for a in answers if not a.flagged)
         if unmarked <= 1 and any(a.flagged for a in answers):
             flagged.add(job_id)

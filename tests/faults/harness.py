@@ -120,7 +120,10 @@ class Publisher:
 
     def publish_job(self, job: dict[str, Any], **props: Any) -> bool:
         return self.publish(
-            str(job["id"]), json.dumps(job).encode(), idempotent=job.get("idempotent", True), **props
+            str(job["id"]),
+            json.dumps(job).encode(),
+            idempotent=job.get("idempotent", True),
+            **props,
         )
 
     def stream(self, jobs: Iterable[dict[str, Any]], rate: float) -> threading.Thread:
@@ -215,9 +218,7 @@ class Collector:
         with self._lock:
             return {a.job_id for a in self._obs.answers}
 
-    def wait_for(
-        self, ids: Iterable[str], timeout: float, settle: float = 1.5
-    ) -> set[str]:
+    def wait_for(self, ids: Iterable[str], timeout: float, settle: float = 1.5) -> set[str]:
         """Wait until every id has an answer (at most `timeout` s), then `settle` s more for
         late duplicates; the ids still unanswered."""
         wanted = set(ids)
@@ -257,6 +258,8 @@ class Fleet:
     slots: list[PollerProcess] = field(default_factory=list)
     #: (slot, exit code) of every poller that exited and was restarted.
     exits: list[tuple[int, int]] = field(default_factory=list)
+    #: Monotonic times at which `supervise` found a poller exited.
+    exit_times: list[float] = field(default_factory=list)
 
     def start(self) -> None:
         for _ in range(self.size):
@@ -276,6 +279,7 @@ class Fleet:
             code = poller.proc.poll()
             if code is not None:
                 self.exits.append((slot, code))
+                self.exit_times.append(time.monotonic())
                 self.restart(slot)
                 restarted += 1
         return restarted
@@ -286,8 +290,15 @@ class Fleet:
             poller.proc.send_signal(signal.SIGKILL)
             poller.proc.wait(10)
 
-    def run_while(self, busy: Callable[[], bool], *, every: float, fault: Callable[[int], None],
-                  faults: list[float], limit: float) -> None:
+    def run_while(
+        self,
+        busy: Callable[[], bool],
+        *,
+        every: float,
+        fault: Callable[[int], None],
+        faults: list[float],
+        limit: float,
+    ) -> None:
         """Until `busy()` is false (at most `limit` s): every `every` s call `fault(n)` and note
         its time in `faults`; restart exited pollers all along."""
         t0 = time.monotonic()
@@ -305,6 +316,13 @@ class Fleet:
 
     def logs(self) -> Iterator[PollerProcess]:
         yield from self.factory.started
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Log events `name` of every poller this fleet started (restarts included)."""
+        return [e for p in self.factory.started for e in p.events(name)]
+
+    def worker_name(self, poller: PollerProcess) -> str:
+        return f"poller-{self.sid}-{self.factory.started.index(poller)}"
 
     def stop(self, timeout: float = 30.0) -> list[int]:
         """SIGTERM every running poller; their exit codes."""

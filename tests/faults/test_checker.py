@@ -18,9 +18,9 @@ from tests.faults.checker import (
 )
 
 
-def jobs(*ids: str, confirmed: bool = True, at: float = 0.0, idempotent: bool = True) -> list[
-    PublishedJob
-]:
+def jobs(
+    *ids: str, confirmed: bool = True, at: float = 0.0, idempotent: bool = True
+) -> list[PublishedJob]:
     return [PublishedJob(i, confirmed, at, idempotent) for i in ids]
 
 
@@ -170,3 +170,11 @@ def test_time_to_recover_is_the_worst_fault_delay() -> None:
     assert report.recover_s == math.inf
     assert report.lost == 1
     assert "| never |" in report.row()
+
+
+def test_executed_twice_and_never_answered_is_for_the_dlq_check_not_the_flag_check() -> None:
+    # A poison job's companion, run and killed again and again, then dead-lettered unanswered.
+    obs = Observation(published=jobs("a"), executions={"a": 5}, dead=[DeadLetter("a")])
+    report = check("unanswered", obs)
+    assert (report.executed_twice, report.flagged, report.lost) == (1, 0, 0)
+    assert report.problems == ("in the DLQ, not expected there: 1 (e.g. a)",)

@@ -137,3 +137,171 @@ def test_sigkill_loop_never_runs_a_non_idempotent_job_twice(
     unknown = [a for a in obs.answers if a.code == "outcome_unknown"]
     assert unknown, "some jobs were held by a killed poller and came back redelivered"
     assert all(a.redelivered for a in unknown)
+
+
+def test_rolling_restart_runs_nothing_twice_and_each_exits_0_within_its_grace(
+    amqp_vhost: AmqpVhost,
+    start_poller: PollerFactory,
+    agent: CountingAgent,
+    sid: str,
+    fault_report: Callable[[Report], None],
+) -> None:
+    """Scenario 2: SIGTERM each poller in turn during the stream; a new one takes its place."""
+    grace = float(POLLER["shutdown_grace"])
+    stops: list[tuple[int, float]] = []
+
+    def sigterm(fleet: Fleet, n: int) -> None:
+        slot = n % 3
+        t0 = time.monotonic()
+        code = fleet.slots[slot].terminate(timeout=grace + 30)
+        stops.append((code, time.monotonic() - t0))
+        fleet.restart(slot)
+
+    report, fleet, _obs = _run_stream(
+        "2 rolling restart",
+        amqp_vhost=amqp_vhost,
+        start_poller=start_poller,
+        agent=agent,
+        sid=sid,
+        jobs=scale(1500, 5000),
+        rate=scale(100, 100),
+        every=3.0,
+        fault=sigterm,
+    )
+    fault_report(report)
+    assert_invariants(report)
+    assert report.executed_twice == 0
+    assert report.answered_twice == 0
+    assert len(stops) >= 3
+    assert [code for code, _ in stops] == [0] * len(stops)
+    # Running jobs take 0.2 s: each drain ends long before the grace period.
+    assert max(took for _, took in stops) < grace + 5, stops
+    assert not fleet.exits, "only the scenario's SIGTERMs stop pollers"
+
+
+def test_hung_poller_is_dropped_its_jobs_redelivered_and_it_consumes_again(
+    amqp_vhost: AmqpVhost,
+    start_poller: PollerFactory,
+    agent: CountingAgent,
+    sid: str,
+    fault_report: Callable[[Report], None],
+) -> None:
+    """Scenario 3: SIGSTOP one poller (AMQP heartbeat 2 s) for longer than 3 heartbeats, then
+    SIGCONT: its jobs come back within ~3 heartbeats, and it reconnects without crashing."""
+    heartbeat = 2
+    hang = scale(12, 60)
+    stopped: list[float] = []
+    resumed: list[float] = []
+    hung = {}
+
+    def hang_one(fleet: Fleet, n: int) -> None:
+        if n == 0:
+            hung["poller"] = fleet.slots[0]
+            fleet.slots[0].proc.send_signal(signal.SIGSTOP)
+            stopped.append(time.monotonic())
+        elif n == hang // 3 + 1 - 0 and not resumed:
+            hung["poller"].proc.send_signal(signal.SIGCONT)
+            resumed.append(time.monotonic())
+
+    report, fleet, obs = _run_stream(
+        "3 hung poller",
+        amqp_vhost=amqp_vhost,
+        start_poller=start_poller,
+        agent=agent,
+        sid=sid,
+        jobs=(hang + 15) * 60,
+        rate=60,
+        every=3.0,
+        fault=hang_one,
+        settings={"heartbeat": heartbeat},
+    )
+    poller = hung["poller"]
+    obs.faults = stopped  # recovery: from the SIGSTOP
+    report = check("3 hung poller", obs)
+    fault_report(report)
+    assert_invariants(report)
+    assert resumed and resumed[0] - stopped[0] >= hang - 1
+    assert report.recover_s is not None
+    # Redelivered after ~3 heartbeats (the broker's 2 missed + detection), with room for a
+    # loaded machine: well before the poller came back.
+    assert report.recover_s < 4 * heartbeat + 4
+    assert report.recover_s < resumed[0] - stopped[0]
+    assert poller.proc.poll() is None, "the hung poller did not survive"
+    assert not fleet.exits
+    assert poller.events("broker_connection_lost")
+    assert poller.events("broker_reconnected")
+    # An ack sent on the new channel for a delivery of the old one closes it with 406
+    # PRECONDITION_FAILED (unknown delivery tag): the poller drops those acks instead.
+    closed = [e.get("reply_code") for e in poller.events("broker_channel_closed")]
+    assert 406 not in closed, "an ack for the old channel was sent on the new one"
+    name = fleet.worker_name(poller)
+    after = [a for a in obs.answers if a.worker == name and a.at > resumed[0]]
+    assert after, "the poller consumes again after SIGCONT"
+    assert poller.terminate(30) == 0
+
+
+def test_crash_between_confirm_and_ack_duplicates_only_flagged(
+    amqp_vhost: AmqpVhost,
+    start_poller: PollerFactory,
+    agent: CountingAgent,
+    sid: str,
+    fault_report: Callable[[Report], None],
+) -> None:
+    """Scenario 10: the test hook kills the poller after a result's confirm, before its ack,
+    on 1% of jobs: nothing lost, the killed job answered again, every duplicate flagged."""
+    report, fleet, obs = _run_stream(
+        "10 kill between confirm and ack",
+        amqp_vhost=amqp_vhost,
+        start_poller=start_poller,
+        agent=agent,
+        sid=sid,
+        jobs=scale(1500, 10_000),
+        rate=scale(100, 250),
+        every=1e9,
+        fault=lambda _fleet, _n: None,
+        settings={"test_crash_after_confirm": 0.01},
+    )
+    obs.faults = list(fleet.exit_times)
+    report = check(report.scenario, obs)
+    fault_report(report)
+    assert_invariants(report)
+    kills = [code for _, code in fleet.exits]
+    assert kills and set(kills) == {86}, kills
+    crashed = {e["job_id"] for e in fleet.events("test_crash")}
+    twice = {a.job_id for a in obs.answers if a.redelivered}
+    assert len(crashed) >= len(kills) - 1  # the last one may still be running
+    assert crashed <= twice, "every job killed after its confirm was answered again, flagged"
+    # Duplicates = kills, give or take the jobs whose confirms came in the same frame as the
+    # killed job's (their tasks had not acked yet): at least one per kill.
+    assert report.answered_twice >= len(crashed)
+
+
+def test_poison_job_alone_reaches_the_dlq(
+    amqp_vhost: AmqpVhost,
+    start_poller: PollerFactory,
+    agent: CountingAgent,
+    sid: str,
+    fault_report: Callable[[Report], None],
+) -> None:
+    """Scenario 11: a job that kills every poller that runs it, among innocent ones: only it
+    is dead-lettered (the queue's delivery limit), every innocent job is answered."""
+    poison = f"{sid}-7"
+    report, fleet, obs = _run_stream(
+        "11 poison job",
+        amqp_vhost=amqp_vhost,
+        start_poller=start_poller,
+        agent=agent,
+        sid=sid,
+        jobs=scale(1500, 5000),
+        rate=scale(50, 100),
+        every=1e9,
+        fault=lambda _fleet, _n: None,
+        settings={"test_crash_on_job": poison},
+        expect=Expectation(dlq=frozenset({poison})),
+    )
+    obs.faults = list(fleet.exit_times)
+    report = check(report.scenario, obs, Expectation(dlq=frozenset({poison})))
+    fault_report(report)
+    assert_invariants(report)
+    assert report.dlq == 1
+    assert {e["job_id"] for e in fleet.events("test_crash")} == {poison}
