@@ -11,6 +11,7 @@ the PDU tags); anything else is counted in `garbage` and not answered.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import socket
 import threading
@@ -151,10 +152,8 @@ class CountingAgent:
             now = time.monotonic()
             while due and due[0][0] <= now:
                 _, _, payload, addr = heapq.heappop(due)
-                try:
+                with contextlib.suppress(OSError):
                     self._sock.sendto(payload, addr)
-                except OSError:
-                    pass
             wait = 0.05 if not due else max(0.0, min(0.05, due[0][0] - now))
             self._sock.settimeout(wait or 0.0001)
             try:

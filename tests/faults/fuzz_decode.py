@@ -7,6 +7,7 @@ that takes more than 100 ms of CPU, stops the run with a non-zero exit. Seeds: a
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -24,10 +25,8 @@ MAX_JOB_BYTES = 262_144
 
 def one_input(data: bytes) -> None:
     started = time.thread_time()
-    try:
+    with contextlib.suppress(WireError):
         wire.decode_job(data, max_bytes=MAX_JOB_BYTES)
-    except WireError:
-        pass
     took = time.thread_time() - started
     if took > SLOW:
         raise AssertionError(f"decode_job took {took * 1000:.0f} ms of CPU on {len(data)} bytes")

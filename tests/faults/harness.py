@@ -261,14 +261,19 @@ class Fleet:
     #: Monotonic times at which `supervise` found a poller exited.
     exit_times: list[float] = field(default_factory=list)
 
+    def spawn(self) -> PollerProcess:
+        """Start one more poller with the fleet's settings (not waiting until it is ready)."""
+        settings: dict[str, Any] = dict(self.settings)
+        return self.factory(self.sid, wait=False, **settings)
+
     def start(self) -> None:
         for _ in range(self.size):
-            self.slots.append(self.factory(self.sid, wait=False, **self.settings))
+            self.slots.append(self.spawn())
         for poller in self.slots:
             poller.wait_ready(60)
 
-    def restart(self, slot: int, *, wait: bool = False) -> PollerProcess:
-        poller = self.factory(self.sid, wait=wait, **self.settings)
+    def restart(self, slot: int) -> PollerProcess:
+        poller = self.spawn()
         self.slots[slot] = poller
         return poller
 

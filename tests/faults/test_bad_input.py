@@ -28,7 +28,7 @@ def _closed_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_bad_input_matrix(
+def test_bad_input_matrix(  # noqa: PLR0917 - pytest passes fixtures by keyword
     amqp_vhost: AmqpVhost,
     start_poller: PollerFactory,
     agent: CountingAgent,
