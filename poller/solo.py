@@ -25,8 +25,9 @@ from types import TracebackType
 
 __all__ = ["SUSPECT_AFTER", "Solo"]
 
-#: Earlier deliveries (x-delivery-count) from which a job runs alone.
-SUSPECT_AFTER = 2
+#: Earlier deliveries (x-delivery-count) from which a job runs alone. One return is any crash
+#: or restart; a job held through three crashes is rare unless something kills the process.
+SUSPECT_AFTER = 3
 #: Seconds the first suspect of a group waits for the others delivered with it.
 SETTLE = 0.25
 #: Seconds between the end of a job and the start of a suspect: the ack of the job that ended
