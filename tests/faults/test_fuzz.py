@@ -31,11 +31,17 @@ MAX_JOB_BYTES = 262_144
 
 
 def _decode(raw: bytes) -> None:
-    started = time.thread_time()
-    with contextlib.suppress(WireError):
-        wire.decode_job(raw, max_bytes=MAX_JOB_BYTES)
-    took = time.thread_time() - started
-    assert took < SLOW, f"{took * 1000:.0f} ms of CPU on {len(raw)} bytes"
+    """Decode, and fail when the input costs more than `SLOW` of CPU on each of three tries (a
+    garbage collection of the test process can land in one call; a slow input is slow always)."""
+    took = []
+    for _ in range(3):
+        started = time.thread_time()
+        with contextlib.suppress(WireError):
+            wire.decode_job(raw, max_bytes=MAX_JOB_BYTES)
+        took.append(time.thread_time() - started)
+        if took[-1] < SLOW:
+            return
+    assert min(took) < SLOW, f"{min(took) * 1000:.0f} ms of CPU on {len(raw)} bytes"
 
 
 @st.composite
