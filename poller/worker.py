@@ -96,10 +96,12 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
 # ---------------------------------------------------------------------- test-only fault hooks
 # For the fault-injection suite (tests/faults) only: never set them in a deployment, and they
 # are not documented for operators. Read once, at import; unset, each costs one falsy check.
+# Not `USM_POLLER_*`: they are no setting (`poller config show` and the unknown-setting check
+# never see them); a test passes them in the poller's environment.
 #
-# USM_POLLER_TEST_CRASH_AFTER_CONFIRM=P: with probability P per job, the process exits (code
+# USM_TEST_CRASH_AFTER_CONFIRM=P: with probability P per job, the process exits (code
 #   TEST_CRASH_EXIT) after its result is confirmed and before the job is acked.
-# USM_POLLER_TEST_CRASH_ON_JOB=ID[,ID...]: the process exits when it is about to run one of
+# USM_TEST_CRASH_ON_JOB=ID[,ID...]: the process exits when it is about to run one of
 #   these jobs (a poison job that kills any poller that runs it).
 
 TEST_CRASH_EXIT = 86
@@ -113,10 +115,8 @@ def _test_probability(name: str) -> float:
         return 0.0
 
 
-_TEST_CRASH_AFTER_CONFIRM = _test_probability("USM_POLLER_TEST_CRASH_AFTER_CONFIRM")
-_TEST_CRASH_ON_JOB = frozenset(
-    filter(None, os.environ.get("USM_POLLER_TEST_CRASH_ON_JOB", "").split(","))
-)
+_TEST_CRASH_AFTER_CONFIRM = _test_probability("USM_TEST_CRASH_AFTER_CONFIRM")
+_TEST_CRASH_ON_JOB = frozenset(filter(None, os.environ.get("USM_TEST_CRASH_ON_JOB", "").split(",")))
 
 
 def _test_crash(hook: str, job_id: str) -> None:

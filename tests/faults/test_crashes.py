@@ -248,7 +248,8 @@ def test_hung_poller_is_dropped_its_jobs_redelivered_and_it_consumes_again(
     assert poller.terminate(30) == 0
 
 
-def test_crash_between_confirm_and_ack_duplicates_only_flagged(
+def test_crash_between_confirm_and_ack_duplicates_only_flagged(  # noqa: PLR0917 - fixtures
+    monkeypatch: pytest.MonkeyPatch,
     amqp_vhost: AmqpVhost,
     start_poller: PollerFactory,
     agent: CountingAgent,
@@ -257,6 +258,7 @@ def test_crash_between_confirm_and_ack_duplicates_only_flagged(
 ) -> None:
     """Scenario 10: the test hook kills the poller after a result's confirm, before its ack,
     on 1% of jobs: nothing lost, the killed job answered again, every duplicate flagged."""
+    monkeypatch.setenv("USM_TEST_CRASH_AFTER_CONFIRM", "0.01")  # test-only hook, poller/worker.py
     report, fleet, obs = _run_stream(
         "10 kill between confirm and ack",
         amqp_vhost=amqp_vhost,
@@ -267,7 +269,7 @@ def test_crash_between_confirm_and_ack_duplicates_only_flagged(
         rate=scale(100, 150),
         every=1e9,
         fault=lambda _fleet, _n: None,
-        settings={"test_crash_after_confirm": 0.01},
+        settings={},
     )
     obs.faults = list(fleet.exit_times)
     report = check(report.scenario, obs)
@@ -285,7 +287,8 @@ def test_crash_between_confirm_and_ack_duplicates_only_flagged(
     assert report.answered_twice >= len(crashed)
 
 
-def test_poison_job_alone_reaches_the_dlq(
+def test_poison_job_alone_reaches_the_dlq(  # noqa: PLR0917 - pytest fixtures
+    monkeypatch: pytest.MonkeyPatch,
     amqp_vhost: AmqpVhost,
     start_poller: PollerFactory,
     agent: CountingAgent,
@@ -301,7 +304,8 @@ def test_poison_job_alone_reaches_the_dlq(
     start_poller(sid).terminate()
     obs = Observation()
     publisher = Publisher(amqp_vhost.dsn, sid, obs)
-    fleet = Fleet(start_poller, sid, 1, {**POLLER, "test_crash_on_job": poison})
+    monkeypatch.setenv("USM_TEST_CRASH_ON_JOB", poison)  # test-only hook, poller/worker.py
+    fleet = Fleet(start_poller, sid, 1, dict(POLLER))
     expect = Expectation(dlq=frozenset({poison}))
     try:
         with Collector(amqp_vhost.dsn, sid, obs) as collector:
