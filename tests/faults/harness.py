@@ -68,6 +68,8 @@ def _connect(dsn: str) -> pika.BlockingConnection:
     params = pika.URLParameters(dsn)
     params.heartbeat = 30
     params.blocked_connection_timeout = 60
+    params.connection_attempts = 3  # a broker loaded by other test runs can miss a handshake
+    params.retry_delay = 1
     return pika.BlockingConnection(params)
 
 
