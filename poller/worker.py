@@ -43,7 +43,6 @@ from poller.logging import get_logger
 from poller.quarantine import Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
-from poller.solo import SUSPECT_AFTER, Solo
 
 __all__ = ["Worker", "build_topology", "run_worker"]
 
@@ -196,10 +195,6 @@ class Worker:
         #: lookups of devices, which a slow DNS server can hold for seconds each).
         self._health_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-file")
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Jobs delivered again and again run alone (poller/solo.py): a poison job must not
-        #: take the jobs running next to it to the DLQ.
-        self._solo = Solo()
-        self._together = self._solo.together()  # stateless: one for every ordinary job
         self._stop = asyncio.Event()
         self._draining = False
         self._started_at = wire.now()
@@ -407,23 +402,17 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             job_id=job.id, kind=job.kind, device=job.target.host, attempt=attempt.number
         )
-        suspect = delivery.delivery_count >= SUSPECT_AFTER
-        if suspect:
-            log.info("suspect_runs_alone", deliveries=delivery.delivery_count)
-        gate = self._solo.alone(job.id, delivery.delivery_count) if suspect else self._together
-        # Until its ack: a job whose result is not confirmed yet would come back with a crash.
-        async with gate:
-            if _TEST_CRASH_ON_JOB and job.id in _TEST_CRASH_ON_JOB:
-                _test_crash("crash_on_job", job.id)  # test-only hook (top of this module)
-            try:
-                result = await self._runner.run(job, attempt)
-            except NotStarted:
-                raise
-            except Exception:
-                log.exception("job_crashed")
-                await self._on_bug(delivery, job, attempt, started, started_at)
-                return
-            await self._deliver(delivery, result)
+        if _TEST_CRASH_ON_JOB and job.id in _TEST_CRASH_ON_JOB:
+            _test_crash("crash_on_job", job.id)  # test-only hook (top of this module)
+        try:
+            result = await self._runner.run(job, attempt)
+        except NotStarted:
+            raise
+        except Exception:
+            log.exception("job_crashed")
+            await self._on_bug(delivery, job, attempt, started, started_at)
+            return
+        await self._deliver(delivery, result)
 
     async def _on_bug(
         self,
