@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import random
 import signal
 import socket
 import time
@@ -98,6 +100,42 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
             ),
         ),
     )
+
+
+# ---------------------------------------------------------------------- test-only fault hooks
+# For the fault-injection suite (tests/faults) only: never set them in a deployment, and they
+# are not documented for operators. Read once, at import; unset, each costs one falsy check.
+# Not `USM_POLLER_*`: they are no setting (`poller config show` and the unknown-setting check
+# never see them); a test passes them in the poller's environment.
+#
+# USM_TEST_CRASH_AFTER_CONFIRM=P: with probability P per job, the process exits (code
+#   TEST_CRASH_EXIT) after its result is confirmed and before the job is acked.
+# USM_TEST_CRASH_ON_JOB=ID[,ID...]: the process exits when it is about to run one of
+#   these jobs (a poison job that kills any poller that runs it).
+
+TEST_CRASH_EXIT = 86
+
+
+def _test_probability(name: str) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return min(max(float(raw), 0.0), 1.0) if raw else 0.0
+    except ValueError:
+        return 0.0
+
+
+_TEST_CRASH_AFTER_CONFIRM = _test_probability("USM_TEST_CRASH_AFTER_CONFIRM")
+_TEST_CRASH_ON_JOB = frozenset(filter(None, os.environ.get("USM_TEST_CRASH_ON_JOB", "").split(",")))
+
+
+def _test_crash(hook: str, job_id: str) -> None:
+    """Exit now, as a crash would: no cleanup, no ack; one line on stderr says where."""
+    line = {"event": "test_crash", "hook": hook, "job_id": job_id, "level": "warning"}
+    os.write(2, (json.dumps(line) + "\n").encode())
+    os._exit(TEST_CRASH_EXIT)
+
+
+# ---------------------------------------------------------------------- end of test-only hooks
 
 
 def _worker_name(settings: PollerSettings) -> str:
@@ -381,6 +419,8 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             job_id=job.id, kind=job.kind, device=job.target.host, attempt=attempt.number
         )
+        if _TEST_CRASH_ON_JOB and job.id in _TEST_CRASH_ON_JOB:
+            _test_crash("crash_on_job", job.id)  # test-only hook (top of this module)
         try:
             result = await self._runner.run(job, attempt, interactive=delivery.interactive)
         except NotStarted:
@@ -477,6 +517,8 @@ class Worker:
             log.warning("result_not_confirmed", job_id=result.job_id, error=str(exc))
             self._broker.reject(delivery, requeue=True)
             return
+        if _TEST_CRASH_AFTER_CONFIRM and random.random() < _TEST_CRASH_AFTER_CONFIRM:  # noqa: S311
+            _test_crash("crash_after_confirm", result.job_id)  # test-only hook (module top)
         if dead_letter:
             self._broker.reject(delivery, requeue=False)
         else:

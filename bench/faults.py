@@ -1,0 +1,177 @@
+"""Fault-injection suite (issue 17): run the scenarios of `tests/faults` and write the table.
+
+    .venv/bin/python bench/faults.py --long        # the long versions; writes docs/reliability.md
+    .venv/bin/python bench/faults.py               # the short versions (what CI runs)
+    .venv/bin/python bench/faults.py --no-write -k poison
+
+It runs pytest on `tests/faults` with `USM_FAULTS_LONG=1` for `--long` (10,000-job SIGKILL
+loops, a 60 s SIGSTOP, 100 of each bad input, a longer fuzzing budget) and
+`USM_FAULTS_REPORT` pointing at a file where every scenario appends its figures, then writes
+docs/reliability.md: date, versions, machine, one row per scenario, and what each figure means
+for an operator. The scenarios bound themselves in time; pytest's exit code is this program's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from poller import __version__  # noqa: E402
+from tests.faults.checker import header  # noqa: E402
+from tests.support.rabbitmq import rabbitmqctl  # noqa: E402
+
+DOC = ROOT / "docs" / "reliability.md"
+
+INTRO = """\
+# Reliability: what the fault-injection suite shows
+
+The poller promises at-least-once delivery with nothing lost and every duplicate flagged
+(docs/design.md, "Delivery semantics"). `tests/faults` tries to break that promise with real
+processes and the real broker: pollers SIGKILLed, SIGTERMed, frozen with SIGSTOP, killed between
+a result's confirm and its job's ack, a job that kills every poller that runs it, and a matrix
+of bad input. Every scenario is checked by one "total queue" checker (`tests/faults/checker.py`,
+in the manner of RabbitMQ's Jepsen tests): it records every job the core published and whether
+the broker confirmed it, every result, the dead-letter queue, and, at a fake SNMP device
+(`tests/faults/device.py`), every execution of every job.
+
+CI runs the short versions (`bash scripts/test.sh`, marker `faults`); `bench/faults.py --long`
+runs the long ones and writes this page.
+"""
+
+MEANING = """\
+## What each figure means for an operator
+
+- **published**: jobs the core sent.
+- **confirmed**: jobs the broker confirmed to the core (publisher confirms): from then on the
+  broker owns them. Equal to published unless the broker refused some.
+- **answered**: jobs with at least one result: confirmed, less what the DLQ holds unanswered.
+- **lost**: confirmed jobs with no result and no copy in the DLQ. **Always 0**; anything else
+  is a bug.
+- **unexpected**: results for ids never published. **Always 0.**
+- **executed twice**: jobs that reached their device more than once (counted at the device and
+  from the results). Above 0 after crashes: a poller killed mid-job leaves its job to be run
+  again. Never for a job with `idempotent: false`: that one is answered `outcome_unknown`.
+- **flagged**: jobs answered or executed more than once whose later results carry
+  `redelivered: true` and `attempt` > 1. Equal to executed twice (or answered twice): a consumer
+  can always tell a repeat from a first answer.
+- **DLQ (got/expected)**: messages in the satellite's dead-letter queue, against what the
+  scenario put there (bad input, a poison job); never an innocent job.
+- **recover (s)**: for each fault, the time until every confirmed job published before it had its
+  first answer; the worst over the faults. A kill costs about one job's run time plus a
+  redelivery; a frozen poller about 3 AMQP heartbeats (`USM_POLLER_HEARTBEAT`).
+
+Scenario notes:
+
+- **1 SIGKILL loop**: one of three pollers is killed every 2 s and restarted. Jobs a killed
+  poller was running come back at once (the broker sees the connection die) and run again,
+  flagged. With `idempotent: false` they are answered `outcome_unknown` instead of running
+  again: executed twice is 0.
+- **2 rolling restart**: each poller gets SIGTERM in turn: it stops consuming, finishes its
+  running jobs within `USM_POLLER_SHUTDOWN_GRACE`, returns the unstarted ones and exits 0.
+  Nothing runs twice.
+- **3 hung poller**: SIGSTOP freezes a poller; the broker drops it after about 3 heartbeats
+  and hands its jobs to the others. After SIGCONT it reconnects, drops the acks of its old
+  channel (the broker already gave those jobs away) and consumes again, without a crash.
+- **10 kill between confirm and ack**: a test hook kills the poller right after a result's
+  confirm, before the ack, on 1% of jobs. The job comes back and is answered again, flagged:
+  duplicates are at least the kills (jobs whose confirms arrived in the same frame as the killed
+  job's are returned too).
+- **11 poison job**: one job kills every poller that runs it. It comes back up to the queue's
+  `x-delivery-limit` (20) and is dead-lettered; today the jobs that came back with it each time
+  reach the limit too and are dead-lettered with it (a known defect; docs/operations.md,
+  "Poison jobs", says how to replay them).
+- **12 bad input**: broken JSON, a wrong content type, a 300 KiB body, `v: 99`, extra and
+  missing fields, wrong types, shell and path strings in OIDs, an expired `not_after`, shell
+  strings in `ssh.exec` commands (sent to the device as text, never to a local shell): every one
+  answered with its documented code (docs/errors.md) and the invalid ones dead-lettered; no
+  device contacted, no poller exit, no body or secret in the log.
+- **13 fuzzing** (no row): `decode_job` under hypothesis and atheris raises `WireError` and
+  nothing else, within 100 ms of CPU per input.
+"""
+
+
+def versions() -> str:
+    try:
+        status = rabbitmqctl("version", timeout=30).strip()
+    except RuntimeError as exc:
+        status = f"unknown ({exc})"
+    import pika  # noqa: PLC0415 - only for its version
+
+    return (
+        f"poller {__version__}, Python {platform.python_version()}, pika {pika.__version__}, "
+        f"RabbitMQ {status}"
+    )
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    load = Path("/proc/loadavg").read_text().split()[0]
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, load {load}"
+
+
+def render(rows: list[dict[str, Any]], *, long: bool, took: float, outcome: str) -> str:
+    from tests.faults.checker import Report  # noqa: PLC0415
+
+    lines = [INTRO]
+    kind = "long" if long else "short (CI)"
+    lines.append(f"## Last run: {kind} versions\n")
+    lines.append(f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    lines.append(f"- versions: {versions()}")
+    lines.append(f"- machine: {machine()}")
+    lines.append(f"- took {took:.0f} s; pytest: {outcome}\n")
+    lines.append(header())
+    lines.extend(Report(**{**r, "problems": tuple(r.get("problems") or ())}).row() for r in rows)
+    lines.append("")
+    lines.append(MEANING)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--long", action="store_true", help="run the long versions")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
+    parser.add_argument("-k", default="", help="pytest -k expression: a subset of scenarios")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "reports.jsonl"
+        env = {**os.environ, "USM_FAULTS_REPORT": str(report)}
+        if args.long:
+            env["USM_FAULTS_LONG"] = "1"
+        command = [sys.executable, "-m", "pytest", "-q", "tests/faults", "-p", "no:cacheprovider"]
+        if args.k:
+            command += ["-k", args.k]
+        started = time.monotonic()
+        done = subprocess.run(command, cwd=ROOT, env=env, check=False)
+        took = time.monotonic() - started
+        rows = (
+            [json.loads(line) for line in report.read_text().splitlines()]
+            if report.exists()
+            else []
+        )
+    outcome = "all passed" if done.returncode == 0 else f"exit {done.returncode} (see its output)"
+    text = render(rows, long=args.long, took=took, outcome=outcome)
+    if args.no_write:
+        print(text)
+    else:
+        DOC.write_text(text + ("\n" if not text.endswith("\n") else ""))
+        print(f"wrote {DOC.relative_to(ROOT)} ({len(rows)} scenarios, {outcome})")
+    return done.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
