@@ -933,14 +933,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from satellite.service.settings import load_settings  # noqa: PLC0415
 
     settings = load_settings(ctx.environ)
-    # uvloop (the `core` extra) when installed: a submit's round trip is mostly event-loop hops
-    # (HTTP, the publish and its confirm, the reply); docs/performance.md has the figures.
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return asyncio.run(run(settings))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run(settings))
+    return asyncio.run(run(settings))
 
 
 # ------------------------------------------------------------------------------------ core API
