@@ -180,8 +180,8 @@ def main() -> int:
         "## Core service batch submit",
         "",
         f"`bench/core_batch.py --jobs {n} --rounds {rounds}` ({datetime.now(UTC):%Y-%m-%d},"
-        f" load average (1 min) {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end;"
-        " 2 cores shared with other test runs): the same",
+        f" load average (1 min) {load_start[0]:.1f} at the start,",
+        f"{load_end[0]:.1f} at the end; 2 cores shared with other test runs): the same",
         f"{n} `snmp.get` jobs per round to a declared satellite (no poller), every job confirmed",
         "by the broker (the service's recorded `queued` in SQLite first); HTTP in requests of",
         f"{MAX_BATCH_JOBS} jobs one after the other; submitters interleaved, each round's ratio",

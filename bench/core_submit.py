@@ -175,8 +175,9 @@ def main() -> int:
         "## Core service submit",
         "",
         f"`bench/core_submit.py --calls {n}` ({datetime.now(UTC):%Y-%m-%d}, load average (1 min)"
-        f" {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end; 2 cores shared with",
-        "other test runs): one `snmp.get` at a time to one `poller run` and snmpd, submit until",
+        f" {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end;",
+        "2 cores shared with other test runs): one `snmp.get` at a time to one `poller run` and",
+        "snmpd, submit until",
         "the result is back, callers interleaved in rounds of 10. Per-round ratio: the round's",
         "p50 over the same round's AMQP p50, median (min-max) of the rounds.",
         "",
