@@ -47,7 +47,10 @@ class Store:
         path = db.sqlite_path
         # SQLite: submits' `queued` rows (group-committed) and ingest's results are written by one
         # thread with its own connection (writer.py): no aiosqlite hops, no writer waits on another.
-        self._writer = SqliteWriter(path, clock) if path is not None else None
+        self._writer = SqliteWriter(path, self._now) if path is not None else None
+
+    def _now(self) -> datetime:
+        return self.clock()  # looked up each time: tests replace `clock`
 
     @classmethod
     async def open(cls, db: DatabaseUrl, *, run_migrations: bool = True) -> Store:
