@@ -204,6 +204,38 @@ async def test_an_id_cannot_be_submitted_twice(store: Store) -> None:
     assert record.host == "10.0.0.1"
 
 
+async def test_submits_at_once_each_get_their_own_outcome(store: Store) -> None:
+    # On SQLite these are group-committed together: one taken id must not fail the others.
+    await store.record_queued(queued("taken"))
+    ids = [f"j{n}" for n in range(50)]
+    outcomes = await asyncio.gather(
+        *(store.record_queued(queued(job_id)) for job_id in [*ids[:25], "taken", *ids[25:]]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes.pop(25), JobExistsError)
+    assert [getattr(o, "id", o) for o in outcomes] == ids
+    for job_id in ids:
+        record = await store.get_job(job_id)
+        assert record is not None
+        assert record.status == "queued"
+
+
+async def test_a_submit_cancelled_while_its_row_is_written_does_not_leave_it_queued(
+    store: Store,
+) -> None:
+    # The request went away: it will never publish the job, so the row must not stay queued.
+    submit = asyncio.create_task(store.record_queued(queued("gone")))
+    await asyncio.sleep(0)  # the submit waits for its group
+    await asyncio.sleep(0)  # the group is being written
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    await store.record_queued(queued("next"))  # after the group of "gone" and its clean-up
+    record = await store.get_job("gone")
+    assert record is None or (record.status, record.error_code) == ("error", NOT_PUBLISHED)
+    assert (await store.get_job("next")) is not None
+
+
 async def test_an_unpublished_job_leaves_queued_and_its_id_can_be_reused(store: Store) -> None:
     await store.record_queued(queued("j"))
     assert await store.mark_not_published("j")

@@ -26,6 +26,7 @@ from satellite.service.store.queries import (
     QueuedJob,
     Status,
 )
+from satellite.service.store.writer import SqliteWriter
 
 __all__ = ["JobExistsError", "JobFilter", "JobRecord", "Page", "QueuedJob", "Store"]
 
@@ -43,6 +44,13 @@ class Store:
         self.engine = engine
         self.db = db
         self.clock = clock
+        path = db.sqlite_path
+        # SQLite: submits' `queued` rows (group-committed) and ingest's results are written by one
+        # thread with its own connection (writer.py): no aiosqlite hops, no writer waits on another.
+        self._writer = SqliteWriter(path, self._now) if path is not None else None
+
+    def _now(self) -> datetime:
+        return self.clock()  # looked up each time: tests replace `clock`
 
     @classmethod
     async def open(cls, db: DatabaseUrl, *, run_migrations: bool = True) -> Store:
@@ -60,6 +68,8 @@ class Store:
         return store
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
         await self.engine.dispose()
 
     async def ping(self, timeout: float = 5.0) -> bool:
@@ -72,7 +82,13 @@ class Store:
         return True
 
     async def record_queued(self, job: QueuedJob) -> JobRecord:
-        return await queries.record_queued(self.engine, job, self.clock())
+        """Commit the job as `queued` (durable when this returns); `JobExistsError`."""
+        if self._writer is None:
+            return await queries.record_queued(self.engine, job, self.clock())
+        values = queries.queued_row(job, self.clock())
+        if not await self._writer.write(values):
+            raise JobExistsError(job.id)
+        return queries.queued_record(values)
 
     async def record_queued_many(self, batch: Sequence[QueuedJob]) -> None:
         await queries.record_queued_many(self.engine, batch, self.clock())
@@ -84,7 +100,12 @@ class Store:
         return await queries.mark_not_published(self.engine, job_id, self.clock())
 
     async def apply_results(self, results: Sequence[JobResult]) -> int:
-        return await queries.apply_results(self.engine, results, self.clock())
+        if self._writer is None:
+            return await queries.apply_results(self.engine, results, self.clock())
+        rows = queries.result_rows(results, self.clock())
+        if rows:
+            await self._writer.write_results(rows)
+        return len(rows)
 
     async def mark_overdue(self, grace: float) -> int:
         return await queries.mark_overdue(self.engine, self.clock(), grace)

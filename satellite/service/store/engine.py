@@ -26,7 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from satellite.service.settings import DatabaseUrl
 
-__all__ = ["MIGRATIONS", "connect", "current_revision", "head_revision", "migrate"]
+__all__ = [
+    "MIGRATIONS",
+    "connect",
+    "current_revision",
+    "head_revision",
+    "migrate",
+    "sqlite_pragmas",
+]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 #: pg_advisory_lock key of the schema migration (any constant; "usm-core" in ASCII).
@@ -46,7 +53,7 @@ def connect(db: DatabaseUrl, *, pool_size: int = 5) -> AsyncEngine:
             pool_pre_ping=True,
             hide_parameters=True,
         )
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
     return create_async_engine(
         db.url,
@@ -66,7 +73,7 @@ def connect(db: DatabaseUrl, *, pool_size: int = 5) -> AsyncEngine:
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")

@@ -48,8 +48,13 @@ __all__ = [
     "mark_not_published_many",
     "mark_overdue",
     "purge_before",
+    "queued_record",
+    "queued_row",
+    "queued_upsert",
     "record_queued",
     "record_queued_many",
+    "result_rows",
+    "results_upsert",
     "search",
 ]
 
@@ -159,29 +164,35 @@ async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> J
 
     An id left `not_published` by a failed submit may be submitted again: the row is reused.
     """
-    values = _queued_row(job, now)
+    values = queued_row(job, now)
     async with engine.begin() as conn:
-        stmt = _insert(conn).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[jobs.c.id],
-            set_={k: v for k, v in values.items() if k != "id"},
-            where=(jobs.c.error_code == NOT_PUBLISHED) & (jobs.c.answers == 0),
-        )
-        done = await conn.execute(stmt)
+        done = await conn.execute(queued_upsert(_insert(conn), values))
     if done.rowcount != 1:
         raise JobExistsError(job.id)
-    return _queued_record(values)
+    return queued_record(values)
 
 
-def _queued_record(values: dict[str, Any]) -> JobRecord:
-    """The record of a row just written from `_queued_row` values."""
+def queued_upsert(insert: Any, values: dict[str, Any]) -> Any:
+    """The dialect's `insert` of a `queued` row; an id left `not_published` is reused.
+
+    One statement: its row count is 0 when the id is taken by a job that is not reusable.
+    """
+    return insert.values(values).on_conflict_do_update(
+        index_elements=[jobs.c.id],
+        set_={k: v for k, v in values.items() if k != "id"},
+        where=(jobs.c.error_code == NOT_PUBLISHED) & (jobs.c.answers == 0),
+    )
+
+
+def queued_record(values: dict[str, Any]) -> JobRecord:
+    """The record of a row just written from `queued_row` values."""
     blank = dict.fromkeys(
         ("started_at", "finished_at", "attempt", "redelivered", "worker", "duration_ms", "result")
     )
     return JobRecord.model_validate(blank | {k: v for k, v in values.items() if k != "request"})
 
 
-def _queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:
+def queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:
     return {
         "id": job.id,
         "satellite_id": job.satellite_id,
@@ -219,7 +230,7 @@ async def record_queued_many(
             if existing:
                 raise JobExistsError(*existing)
             await conn.execute(jobs.delete().where(jobs.c.id.in_(ids) & reusable))
-            await conn.execute(jobs.insert(), [_queued_row(job, now) for job in batch])
+            await conn.execute(jobs.insert(), [queued_row(job, now) for job in batch])
     except sa.exc.IntegrityError:
         # Another replica recorded one of the ids between the check and the insert.
         raise JobExistsError(*ids) from None
@@ -292,21 +303,28 @@ async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: 
     last copy's fields win. Raises SQLAlchemy's errors when the database fails (nothing is
     written then: the caller keeps the deliveries unacked).
     """
+    rows = result_rows(results, now)
+    if not rows:
+        return 0
+    async with engine.begin() as conn:
+        await conn.execute(results_upsert(_insert(conn)), rows)
+    return len(rows)
+
+
+def result_rows(results: Sequence[JobResult], now: datetime) -> list[dict[str, Any]]:
+    """One row per job of the group; copies of a job count as that many answers."""
     merged: dict[str, tuple[JobResult, int]] = {}
     for result in results:
         count = merged[result.job_id][1] if result.job_id in merged else 0
         merged[result.job_id] = (result, count + 1)
-    rows = [_result_row(result, count, now) for result, count in merged.values()]
-    if not rows:
-        return 0
-    async with engine.begin() as conn:
-        stmt = _insert(conn)
-        update = {name: getattr(stmt.excluded, name) for name in _FROM_RESULT}
-        update["answers"] = jobs.c.answers + stmt.excluded.answers
-        await conn.execute(
-            stmt.on_conflict_do_update(index_elements=[jobs.c.id], set_=update), rows
-        )
-    return len(rows)
+    return [_result_row(result, count, now) for result, count in merged.values()]
+
+
+def results_upsert(insert: Any) -> Any:
+    """The dialect's `insert` of `result_rows`: a later result overwrites, answers add up."""
+    update = {name: getattr(insert.excluded, name) for name in _FROM_RESULT}
+    update["answers"] = jobs.c.answers + insert.excluded.answers
+    return insert.on_conflict_do_update(index_elements=[jobs.c.id], set_=update)
 
 
 async def mark_overdue(engine: AsyncEngine, now: datetime, grace: float) -> int:
