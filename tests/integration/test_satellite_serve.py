@@ -11,7 +11,6 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.responder import bare_result
 from tests.support.serve_proc import ServeFactory
 from tests.support.snmpd import Snmpd
 
@@ -162,21 +162,7 @@ def test_two_replicas_on_postgresql_ingest_every_result_once_while_one_is_killed
 
 
 def result_body(job_id: str, sid: str) -> bytes:
-    now = datetime.now(UTC)
-    return wire.encode(
-        wire.JobResult(
-            job_id=job_id,
-            kind="snmp.get",
-            satellite_id=sid,
-            worker="w",
-            status="ok",
-            attempt=1,
-            redelivered=False,
-            started_at=now,
-            finished_at=now,
-            duration_ms=1.0,
-        )
-    )
+    return wire.encode(bare_result(job_id, sid))
 
 
 async def reset_schema(url: str) -> None:
