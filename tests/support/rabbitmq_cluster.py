@@ -45,7 +45,6 @@ import pytest
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.tls_broker import (
     LOOPBACK,
-    RABBITMQCTL,
     _alive,
     _epmd_pids,
     _free_ports,
@@ -53,6 +52,7 @@ from tests.support.tls_broker import (
     _node_env,
     _pid_from,
     _private_env,
+    _rabbitmqctl,
     _signal,
     _spawn_server,
     _start_epmd,
@@ -127,20 +127,7 @@ class Cluster:
     def rabbitmqctl(self, *args: str, node: int | None = None, timeout: float = 60.0) -> str:
         """`rabbitmqctl -n NODE ARGS` (default: the first node still running); its stdout."""
         target = self.node(node) if node else self.running()[0]
-        done = subprocess.run(
-            [str(RABBITMQCTL), "-n", target.name, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
-                f"{(done.stderr or done.stdout).strip()[:500]}"
-            )
-        return done.stdout
+        return _rabbitmqctl(target.name, self.env, args, timeout)
 
     def running(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.index not in self.killed]

@@ -84,20 +84,7 @@ class TlsBroker:
 
     def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
         """`rabbitmqctl -n NODE ARGS` against this node: its stdout (raises on failure)."""
-        done = subprocess.run(
-            [str(RABBITMQCTL), "-n", self.node, *args],
-            env=self.ctl_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
-                f"{(done.stderr or done.stdout).strip()[:500]}"
-            )
-        return done.stdout
+        return _rabbitmqctl(self.node, self.ctl_env, args, timeout)
 
     def amqps_dsn(self, host: str | None = None, vhost: str = "/", **options: str) -> str:
         """`amqps://…` to this node; `options` become the URL's query (`cafile=…` etc.)."""
@@ -227,6 +214,24 @@ def _make_certificates(directory: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ the node
+
+
+def _rabbitmqctl(node: str, env: dict[str, str], args: tuple[str, ...], timeout: float) -> str:
+    """`rabbitmqctl -n NODE ARGS`: its stdout; a RuntimeError with its output when it fails."""
+    done = subprocess.run(
+        [str(RABBITMQCTL), "-n", node, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
+            f"{(done.stderr or done.stdout).strip()[:500]}"
+        )
+    return done.stdout
 
 
 def _free_ports(count: int) -> list[int]:
