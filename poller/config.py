@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +40,7 @@ __all__ = [
     "AmqpUrl",
     "PollerSettings",
     "UnknownVariable",
+    "first_problem",
     "known_variables",
     "load_settings",
     "mask_dsn",
@@ -443,16 +444,28 @@ def _read_config_file(path: str | None) -> dict[str, Any]:
     return values
 
 
-def _first_problem(exc: ValidationError) -> str:
-    """One line: the variable's env name and what is wrong, never the value itself."""
+def first_problem(
+    exc: ValidationError, name_of: Callable[[str], str], *, unknown: str = "is not a known setting"
+) -> str:
+    """One line: the variable's env name and what is wrong, never the value itself.
+
+    `name_of` turns a settings field into its variable's name; `unknown` is what an unknown
+    setting (pydantic's `extra_forbidden`) is told.
+    """
     err = exc.errors(include_input=False, include_url=False)[0]
     field = str(err["loc"][0]) if err["loc"] else ""
-    if field.upper() in DSN_ALIASES:
-        field = "amqp_dsn"
-    name = env_name(field) if field else "settings"
+    name = name_of(field) if field else "settings"
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         message = "is required but not set"
     elif err["type"] == "extra_forbidden":
-        message = f"is not a known setting (in {ENV_PREFIX}CONFIG_FILE)"
+        message = unknown
     return f"{name}: {message}"
+
+
+def _first_problem(exc: ValidationError) -> str:
+    return first_problem(
+        exc,
+        lambda field: env_name("amqp_dsn" if field.upper() in DSN_ALIASES else field),
+        unknown=f"is not a known setting (in {ENV_PREFIX}CONFIG_FILE)",
+    )

@@ -633,11 +633,16 @@ def _submit_file(args: argparse.Namespace, ctx: Context) -> int:
         report = ctx.client.submit_many(
             args.satellite_id, jobs, window=args.window, progress=advance
         )
+    return _bulk_report(args, report, len(jobs))
+
+
+def _bulk_report(args: argparse.Namespace, report: BulkReport, total: int) -> int:
+    """Print what a `submit --file` did (JSON, or a line and the first refusals); its exit code."""
     if args.json:
         _print_json({**report.as_dict(), "satellite_id": args.satellite_id})
     else:
         print(
-            f"submitted {report.submitted} of {len(jobs)} job(s) to satellite "
+            f"submitted {report.submitted} of {total} job(s) to satellite "
             f"{args.satellite_id} in {report.seconds:.2f} s ({report.rate:,.0f} jobs/s)"
         )
         for job_id, reason in report.failed[:20]:
@@ -1136,18 +1141,7 @@ def _submit_file_api(args: argparse.Namespace, api: ApiClient) -> int:
             report.failed += [(str(i), "not_published") for i in answer.get("not_published") or []]
             advance(len(chunk))
     report.seconds = time.monotonic() - started
-    if args.json:
-        _print_json({**report.as_dict(), "satellite_id": args.satellite_id})
-    else:
-        print(
-            f"submitted {report.submitted} of {len(jobs)} job(s) to satellite "
-            f"{args.satellite_id} in {report.seconds:.2f} s ({report.rate:,.0f} jobs/s)"
-        )
-        for job_id, reason in report.failed[:20]:
-            print(f"not taken: {job_id}: {reason}", file=sys.stderr)
-        if len(report.failed) > 20:
-            print(f"... and {len(report.failed) - 20} more not taken", file=sys.stderr)
-    return EXIT_OK if not report.failed else EXIT_ERROR
+    return _bulk_report(args, report, len(jobs))
 
 
 def _call_api(args: argparse.Namespace, ctx: Context) -> int:

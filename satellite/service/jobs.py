@@ -21,6 +21,7 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from poller import wire
@@ -215,28 +216,13 @@ class JobService:
         retry_of: str | None = None,
     ) -> Submitted:
         """Validate, record, publish; wait up to `wait` s for the result. `JobSubmitError`."""
-        try:
-            wire.validate_satellite_id(satellite_id)
-        except ValueError as exc:
-            raise JobSubmitError(404, "unknown_satellite", str(exc)) from None
+        _check_satellite(satellite_id)
         try:
             job = prepare_job(body, max_bytes=self.max_job_bytes)
         except WireError as exc:
             raise JobSubmitError(422, exc.error_code, exc.message) from None
         now = self.store.clock()
-        queued = QueuedJob(
-            id=job.id,
-            satellite_id=satellite_id,
-            kind=job.kind,
-            host=job.target.host,
-            port=job.target.port,
-            source=source,
-            submitted_at=now,
-            timeout=job.timeout,
-            lane=_lane(wait),
-            retry_of=retry_of,
-            request=kept_request(job),
-        )
+        queued = _queued(job, satellite_id, source, now, lane=_lane(wait), retry_of=retry_of)
         try:
             record = await self.store.record_queued(queued)
         except JobExistsError:
@@ -263,10 +249,7 @@ class JobService:
         confirm_timeout: float = 30.0,
     ) -> BatchOutcome:
         """Validate every job (all or nothing), record them, publish them with confirms."""
-        try:
-            wire.validate_satellite_id(satellite_id)
-        except ValueError as exc:
-            raise JobSubmitError(404, "unknown_satellite", str(exc)) from None
+        _check_satellite(satellite_id)
         try:
             items = split_batch(body, ndjson=ndjson)
         except WireError as exc:
@@ -281,21 +264,7 @@ class JobService:
             )
         batch = self._validate_batch(items)
         now = self.store.clock()
-        queued = [
-            QueuedJob(
-                id=job.id,
-                satellite_id=satellite_id,
-                kind=job.kind,
-                host=job.target.host,
-                port=job.target.port,
-                source=source,
-                submitted_at=now,
-                timeout=job.timeout,
-                lane="bulk",
-                request=kept_request(job),
-            )
-            for job in batch
-        ]
+        queued = [_queued(job, satellite_id, source, now, lane="bulk") for job in batch]
         try:
             await self.store.record_queued_many(queued)
         except JobExistsError as exc:
@@ -493,6 +462,38 @@ class JobService:
         finally:
             self.waiters.forget(job_id, waiting)
         return record
+
+
+def _check_satellite(satellite_id: str) -> None:
+    try:
+        wire.validate_satellite_id(satellite_id)
+    except ValueError as exc:
+        raise JobSubmitError(404, "unknown_satellite", str(exc)) from None
+
+
+def _queued(
+    job: wire.JobRequest,
+    satellite_id: str,
+    source: str,
+    now: datetime,
+    *,
+    lane: wire.Lane,
+    retry_of: str | None = None,
+) -> QueuedJob:
+    """What the history records of a job as it is submitted."""
+    return QueuedJob(
+        id=job.id,
+        satellite_id=satellite_id,
+        kind=job.kind,
+        host=job.target.host,
+        port=job.target.port,
+        source=source,
+        submitted_at=now,
+        timeout=job.timeout,
+        lane=lane,
+        retry_of=retry_of,
+        request=kept_request(job),
+    )
 
 
 def _lane(wait: float | None) -> wire.Lane:

@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from poller.config import mask_dsn
+from poller.config import first_problem, mask_dsn
 from poller.errors import ConfigError
 from satellite.config import DSN_ALIASES, DSN_ENV
 from satellite.config import CoreSettings as BrokerSettings
@@ -210,11 +210,4 @@ def _as_fields(values: Mapping[str, str]) -> dict[str, str]:
 
 
 def _first_problem(exc: ValidationError) -> str:
-    """One line: the variable's env name and what is wrong, never the value itself."""
-    err = exc.errors(include_input=False, include_url=False)[0]
-    field = str(err["loc"][0]) if err["loc"] else ""
-    name = env_name(field) if field else "settings"
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        message = "is required but not set"
-    return f"{name}: {message}"
+    return first_problem(exc, env_name)

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from satellite.service.tokens import TokensFile
-from tests.integration.test_satellite_serve import ServeFactory
 from tests.support.fleet_scene import FleetScene, fleet_scene, page_rows, wait_for_rows
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.serve_proc import ServeFactory
 
 pytestmark = pytest.mark.integration
 __all__ = ["fleet_scene"]  # the fixture, imported for pytest
@@ -214,10 +214,7 @@ def test_a_unix_socket_that_needs_tokens_takes_the_login_behind_https(
             done = login(http, reader)
             assert "Secure" not in done.headers["set-cookie"]
     finally:
-        for proc in factory.started:
-            if proc.proc.poll() is None:
-                proc.proc.kill()
-                proc.proc.wait(timeout=10)
+        factory.kill_all()
 
 
 def test_without_the_management_api_the_fleet_says_so_and_jobs_still_work(
@@ -236,7 +233,4 @@ def test_without_the_management_api_the_fleet_says_so_and_jobs_still_work(
             assert jobs.status_code == 200
             assert "No job with the id" in jobs.text
     finally:
-        for proc in factory.started:
-            if proc.proc.poll() is None:
-                proc.proc.kill()
-                proc.proc.wait(timeout=10)
+        factory.kill_all()

@@ -21,10 +21,10 @@ import pytest
 
 from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
-from tests.integration.test_satellite_serve import ServeFactory, ServeProcess
 from tests.support.netns import BlackHoleNetns
 from tests.support.poller_proc import PollerFactory
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.serve_proc import ServeFactory, ServeProcess
 from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
@@ -37,10 +37,7 @@ SYS_NAME = "1.3.6.1.2.1.1.5.0"
 def serve(amqp_vhost: AmqpVhost, tmp_path: Path) -> Iterator[ServeFactory]:
     factory = ServeFactory(amqp_vhost, tmp_path)
     yield factory
-    for proc in factory.started:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(timeout=10)
+    factory.kill_all()
 
 
 @pytest.fixture(autouse=True)

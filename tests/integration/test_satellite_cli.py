@@ -16,6 +16,7 @@ from poller.wire import decode_job, jobs_queue
 from satellite.cli import EXIT_BROKER, EXIT_ERROR, EXIT_NO_RESULT, EXIT_OK, main
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.responder import Responder, error_result
+from tests.support.satellite_cli import Run
 
 kombu: Any = _kombu
 pytestmark = pytest.mark.integration
@@ -46,13 +47,6 @@ def secret_user(amqp_vhost: AmqpVhost) -> Iterator[BrokerUser]:
 @pytest.fixture
 def sat_id() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -22,24 +21,15 @@ import pika
 import pytest
 
 from poller.wire import dead_letter_queue, jobs_exchange, jobs_queue
-from satellite.cli import EXIT_BROKER, EXIT_ERROR, main
+from satellite.cli import EXIT_BROKER, EXIT_ERROR
 from tests.support.poller_proc import JobClient, PollerFactory
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
+from tests.support.satellite_cli import Run, in_process
 from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
 
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +50,7 @@ def satellite(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], amqp_vhost: AmqpVhost
 ) -> Any:
     """Runs `satellite ARGS` in-process with `US_AMQP_DSN` set to the session's vhost."""
-    monkeypatch.setenv("US_AMQP_DSN", amqp_vhost.dsn)
-    monkeypatch.delenv("USM_MANAGEMENT_URL", raising=False)
-    monkeypatch.delenv("USM_TRUSTED_USERS", raising=False)
-
-    def run(*argv: str) -> Run:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
+    return in_process(monkeypatch, capsys, amqp_vhost.dsn)
 
 
 def satellite_process(*argv: str, env: dict[str, str] | None = None) -> Run:

@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +16,20 @@ import pika
 import pytest
 
 from poller import wire
-from satellite.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+from satellite.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from satellite.client import Client
 from satellite.config import CoreSettings
 from satellite.dispatch import build_job
 from tests.support.poller_proc import PollerFactory
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.responder import error_result, ok_result
+from tests.support.satellite_cli import in_process
 from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
 
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
 COMMUNITY = "s3cret-community-7"
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def json_lines(self) -> list[Any]:
-        return [json.loads(line) for line in self.out.splitlines() if line]
 
 
 @pytest.fixture
@@ -62,16 +49,7 @@ def satellite(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], amqp_vhost: AmqpVhost
 ) -> Any:
     """Runs `satellite ARGS` in-process with `US_AMQP_DSN` set."""
-    monkeypatch.setenv("US_AMQP_DSN", amqp_vhost.dsn)
-    monkeypatch.delenv("USM_MANAGEMENT_URL", raising=False)
-    monkeypatch.delenv("USM_TRUSTED_USERS", raising=False)
-
-    def run(*argv: str) -> Run:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
+    return in_process(monkeypatch, capsys, amqp_vhost.dsn)
 
 
 def snmp_job(job_id: str | None = None) -> dict[str, Any]:

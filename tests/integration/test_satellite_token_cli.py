@@ -8,7 +8,6 @@ import re
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,9 @@ import yaml
 
 from satellite.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from satellite.service.tokens import TokensFile, hash_token
+from tests.support.satellite_cli import Run
 
 TOKEN = re.compile(r"usm_[A-Za-z0-9_-]{43}")
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from satellite.service.tokens import TokensFile
 from tests.support.database import pg_admin
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.responder import bare_result
 from tests.support.snmpd import Snmpd
 
 pytestmark = pytest.mark.integration
@@ -494,24 +494,8 @@ async def test_a_retry_publishes_the_job_again_under_a_new_id(
     assert SECRET not in json.dumps(kept[1])
     assert_problem(await api.post(f"/v1/jobs/{inline['id']}/retry"), 409, "not_retryable")
     assert_problem(await api.post("/v1/jobs/no-such-job/retry"), 404, "job_not_found")
-    await core.store.apply_results([result_of("from-amqp-" + sid, sid)])
+    await core.store.apply_results([bare_result("from-amqp-" + sid, sid)])
     assert_problem(await api.post(f"/v1/jobs/from-amqp-{sid}/retry"), 409, "not_retryable")
-
-
-def result_of(job_id: str, sid: str) -> wire.JobResult:
-    now = datetime.now(UTC)
-    return wire.JobResult(
-        job_id=job_id,
-        kind="snmp.get",
-        satellite_id=sid,
-        worker="w",
-        status="ok",
-        attempt=1,
-        redelivered=False,
-        started_at=now,
-        finished_at=now,
-        duration_ms=1.0,
-    )
 
 
 async def test_a_job_nobody_answers_becomes_overdue_in_a_running_service(

@@ -30,9 +30,9 @@ import pytest
 from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
-from tests.integration.test_satellite_serve import ServeFactory, ServeProcess
 from tests.support.poller_proc import PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.serve_proc import ServeFactory, ServeProcess
 from tests.support.snmpd import Snmpd
 
 __all__ = ["FleetScene", "fleet_scene", "page_rows", "wait_for_rows"]
@@ -191,7 +191,4 @@ def fleet_scene(
             snmpd.host,
         )
     finally:
-        for proc in factory.started:
-            if proc.proc.poll() is None:
-                proc.proc.kill()
-                proc.proc.wait(timeout=10)
+        factory.kill_all()

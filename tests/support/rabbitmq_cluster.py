@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -46,14 +45,18 @@ import pytest
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.tls_broker import (
     LOOPBACK,
-    RABBITMQ_SERVER,
-    RABBITMQCTL,
     _alive,
     _epmd_pids,
     _free_ports,
     _listening,
+    _node_env,
     _pid_from,
+    _private_env,
+    _rabbitmqctl,
     _signal,
+    _spawn_server,
+    _start_epmd,
+    _stop,
     _tail,
     _unavailable,
 )
@@ -117,38 +120,14 @@ class Cluster:
         return ",".join(self.node(i).url() for i in order or range(1, NODES + 1))
 
     def node_env(self, node: ClusterNode) -> dict[str, str]:
-        root = node.root
-        return self.env | {
-            "RABBITMQ_NODENAME": node.name,
-            "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
-            "RABBITMQ_NODE_PORT": str(node.port),
-            "RABBITMQ_DIST_PORT": str(node.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(root / "log"),
-            "RABBITMQ_PID_FILE": str(node.pid_file),
-            "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(root / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": str(root / "plugins-expand"),
-        }
+        return self.env | _node_env(
+            node.root, node.name, node.port, node.dist_port, self.root / "enabled_plugins"
+        )
 
     def rabbitmqctl(self, *args: str, node: int | None = None, timeout: float = 60.0) -> str:
         """`rabbitmqctl -n NODE ARGS` (default: the first node still running); its stdout."""
         target = self.node(node) if node else self.running()[0]
-        done = subprocess.run(
-            [str(RABBITMQCTL), "-n", target.name, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
-                f"{(done.stderr or done.stdout).strip()[:500]}"
-            )
-        return done.stdout
+        return _rabbitmqctl(target.name, self.env, args, timeout)
 
     def running(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.index not in self.killed]
@@ -201,17 +180,7 @@ class Cluster:
             self.start(*sorted(self.killed))
 
     def _spawn(self, node: ClusterNode) -> None:
-        (node.root / "log").mkdir(parents=True, exist_ok=True)
-        with (node.root / "log" / "stdout.log").open("ab") as out:
-            node.proc = subprocess.Popen(
-                [str(RABBITMQ_SERVER)],
-                env=self.node_env(node),
-                cwd=node.root,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        node.proc = _spawn_server(node.root, self.node_env(node))
 
     def _wait(self, nodes: list[ClusterNode]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -242,29 +211,10 @@ class Cluster:
         pids = [pid for node in self.nodes if (pid := node.beam_pid) is not None]
         pids += [node.proc.pid for node in self.nodes if node.proc is not None]
         procs = [node.proc for node in self.nodes if node.proc is not None]
-        _stop_all(procs, pids, STOP_TIMEOUT)
+        _stop(procs, pids, STOP_TIMEOUT)
         epmd_pids = sorted({self.epmd.pid, *_epmd_pids(self.epmd_port)})
-        _stop_all([self.epmd], epmd_pids, 5.0)
+        _stop([self.epmd], epmd_pids, 5.0)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _stop_all(procs: list[subprocess.Popen[bytes]], pids: list[int], timeout: float) -> None:
-    """SIGTERM every PID, wait at most `timeout` in total, then SIGKILL whatever is left."""
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            proc.poll()  # reap our own children
-        if not any(_alive(pid) for pid in pids):
-            break
-        time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
 
 
 def _config(cluster: Cluster, node: ClusterNode) -> str:
@@ -281,22 +231,9 @@ def _config(cluster: Cluster, node: ClusterNode) -> str:
 
 
 def _start_cluster(root: Path) -> Cluster:
-    home = root / "home"
-    home.mkdir()
-    cookie = home / ".erlang.cookie"
-    cookie.write_text(secrets.token_hex(20))
-    cookie.chmod(0o400)
     ports = _free_ports(2 * NODES + 1)
     epmd_port = ports.pop()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-    env |= {
-        "HOME": str(home),
-        "ERL_EPMD_PORT": str(epmd_port),
-        "ERL_EPMD_ADDRESS": LOOPBACK,
-        "RABBITMQ_CONF_ENV_FILE": "/dev/null",
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": ERL_ARGS,
-        "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-    }
+    env = _private_env(root, epmd_port, server_erl_args=ERL_ARGS)
     nodes = [
         ClusterNode(
             index=i,
@@ -308,16 +245,7 @@ def _start_cluster(root: Path) -> Cluster:
         for i in range(1, NODES + 1)
     ]
     (root / "enabled_plugins").write_text("[].\n")
-    # Our own epmd in the foreground: we own its PID, and Erlang finds it on ERL_EPMD_PORT
-    # instead of starting a daemon of its own.
-    epmd = subprocess.Popen(
-        ["epmd", "-port", str(epmd_port), "-address", LOOPBACK],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    epmd = _start_epmd(env, epmd_port)
     cluster = Cluster(root=root, nodes=nodes, epmd=epmd, epmd_port=epmd_port, env=env)
     try:
         _boot(cluster)
@@ -328,12 +256,7 @@ def _start_cluster(root: Path) -> Cluster:
 
 
 def _boot(cluster: Cluster) -> None:
-    """Wait for epmd, write the nodes' files, start node 1, then the others; check the cluster."""
-    deadline = time.monotonic() + 10
-    while not _listening(cluster.epmd_port):
-        if cluster.epmd.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"epmd did not listen on {LOOPBACK}:{cluster.epmd_port}")
-        time.sleep(0.05)
+    """Write the nodes' files, start node 1, then the others; check the cluster."""
     for node in cluster.nodes:
         (node.root / "log").mkdir(parents=True)
         (node.root / "rabbitmq.conf").write_text(_config(cluster, node))

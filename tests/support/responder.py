@@ -56,6 +56,23 @@ def ok_result(job: JobRequest, satellite_id: str) -> JobResult:
     )
 
 
+def bare_result(job_id: str, satellite_id: str) -> JobResult:
+    """An `ok` snmp.get result with no data, for a job that was never published."""
+    now = datetime.now(UTC)
+    return JobResult(
+        job_id=job_id,
+        kind="snmp.get",
+        satellite_id=satellite_id,
+        worker="w",
+        status="ok",
+        attempt=1,
+        redelivered=False,
+        started_at=now,
+        finished_at=now,
+        duration_ms=1.0,
+    )
+
+
 def error_result(job: JobRequest, satellite_id: str) -> JobResult:
     now = datetime.now(UTC)
     return JobResult.model_validate(

@@ -84,20 +84,7 @@ class TlsBroker:
 
     def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
         """`rabbitmqctl -n NODE ARGS` against this node: its stdout (raises on failure)."""
-        done = subprocess.run(
-            [str(RABBITMQCTL), "-n", self.node, *args],
-            env=self.ctl_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
-                f"{(done.stderr or done.stdout).strip()[:500]}"
-            )
-        return done.stdout
+        return _rabbitmqctl(self.node, self.ctl_env, args, timeout)
 
     def amqps_dsn(self, host: str | None = None, vhost: str = "/", **options: str) -> str:
         """`amqps://…` to this node; `options` become the URL's query (`cafile=…` etc.)."""
@@ -229,6 +216,24 @@ def _make_certificates(directory: Path) -> None:
 # ------------------------------------------------------------------------------ the node
 
 
+def _rabbitmqctl(node: str, env: dict[str, str], args: tuple[str, ...], timeout: float) -> str:
+    """`rabbitmqctl -n NODE ARGS`: its stdout; a RuntimeError with its output when it fails."""
+    done = subprocess.run(
+        [str(RABBITMQCTL), "-n", node, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
+            f"{(done.stderr or done.stdout).strip()[:500]}"
+        )
+    return done.stdout
+
+
 def _free_ports(count: int) -> list[int]:
     """Distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
     socks = []
@@ -322,6 +327,88 @@ def _epmd_pids(port: int) -> list[int]:
     return sorted(pids)
 
 
+#: What `rabbitmqctl` (and, unless told otherwise, the node) gives Erlang: loopback only.
+LOOPBACK_ERL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
+
+
+def _private_env(
+    root: Path, epmd_port: int, server_erl_args: str = LOOPBACK_ERL_ARGS
+) -> dict[str, str]:
+    """The environment shared by a private node's processes: a HOME with a fresh Erlang cookie
+    under `root`, our epmd's port, and nothing from the machine's own RABBITMQ_/ERL_ variables
+    or /etc/rabbitmq/rabbitmq-env.conf."""
+    home = root / "home"
+    home.mkdir()
+    cookie = home / ".erlang.cookie"
+    cookie.write_text(secrets.token_hex(20))
+    cookie.chmod(0o400)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+    return env | {
+        "HOME": str(home),
+        "ERL_EPMD_PORT": str(epmd_port),
+        "ERL_EPMD_ADDRESS": LOOPBACK,
+        "RABBITMQ_CONF_ENV_FILE": "/dev/null",
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": server_erl_args,
+        "RABBITMQ_CTL_ERL_ARGS": LOOPBACK_ERL_ARGS,
+    }
+
+
+def _node_env(
+    root: Path, name: str, port: int, dist_port: int, plugins_file: Path
+) -> dict[str, str]:
+    """One node's own variables: its name, ports, and files under `root`."""
+    return {
+        "RABBITMQ_NODENAME": name,
+        "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(root / "log"),
+        "RABBITMQ_PID_FILE": str(root / "rabbitmq.pid"),
+        "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(root / "advanced.config"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins_file),
+        "RABBITMQ_PLUGINS_EXPAND_DIR": str(root / "plugins-expand"),
+    }
+
+
+def _start_epmd(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """Our own epmd in the foreground, listening within 10 s (else it is stopped, and an error).
+
+    We own its PID, and Erlang finds it on ERL_EPMD_PORT instead of starting a daemon of its own.
+    """
+    epmd = subprocess.Popen(
+        ["epmd", "-port", str(port), "-address", LOOPBACK],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while not _listening(port):
+        if epmd.poll() is not None or time.monotonic() > deadline:
+            _stop([epmd], [epmd.pid], 5.0)
+            raise RuntimeError(f"epmd did not listen on {LOOPBACK}:{port}")
+        time.sleep(0.05)
+    return epmd
+
+
+def _spawn_server(root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`rabbitmq-server` in `root`, its own session; its output appended to log/stdout.log."""
+    (root / "log").mkdir(parents=True, exist_ok=True)
+    with (root / "log" / "stdout.log").open("ab") as out:
+        return subprocess.Popen(
+            [str(RABBITMQ_SERVER)],
+            env=env,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def _config(tls: Path, plain_port: int, amqps_port: int) -> str:
     return "\n".join(
         [
@@ -357,65 +444,18 @@ def _unavailable() -> str | None:
 def _start(root: Path) -> tuple[TlsBroker, list[subprocess.Popen[bytes]]]:
     tls = root / "tls"
     _make_certificates(tls)
-    home = root / "home"
-    home.mkdir()
-    cookie = home / ".erlang.cookie"
-    cookie.write_text(secrets.token_hex(20))
-    cookie.chmod(0o400)
     plain_port, amqps_port, dist_port, epmd_port = _free_ports(4)
     node = f"usm-tls-{os.getpid()}@localhost"
     (root / "log").mkdir()
     (root / "rabbitmq.conf").write_text(_config(tls, plain_port, amqps_port))
     (root / "advanced.config").write_text("[].\n")
     (root / "enabled_plugins").write_text("[].\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-    env |= {
-        "HOME": str(home),
-        "ERL_EPMD_PORT": str(epmd_port),
-        "ERL_EPMD_ADDRESS": LOOPBACK,
-        "RABBITMQ_CONF_ENV_FILE": "/dev/null",
-        "RABBITMQ_NODENAME": node,
-        "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
-        "RABBITMQ_NODE_PORT": str(plain_port),
-        "RABBITMQ_DIST_PORT": str(dist_port),
-        "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(root / "log"),
-        "RABBITMQ_PID_FILE": str(root / "rabbitmq.pid"),
-        "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(root / "advanced.config"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
-        "RABBITMQ_PLUGINS_EXPAND_DIR": str(root / "plugins-expand"),
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-    }
-    procs: list[subprocess.Popen[bytes]] = []
-    # Our own epmd in the foreground: we own its PID, and Erlang finds it on ERL_EPMD_PORT
-    # instead of starting a daemon of its own.
-    epmd = subprocess.Popen(
-        ["epmd", "-port", str(epmd_port), "-address", LOOPBACK],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    procs.append(epmd)
-    deadline = time.monotonic() + 10
-    while not _listening(epmd_port):
-        if epmd.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"epmd did not listen on {LOOPBACK}:{epmd_port}")
-        time.sleep(0.05)
+    env = _private_env(root, epmd_port)
+    env |= _node_env(root, node, plain_port, dist_port, root / "enabled_plugins")
+    epmd = _start_epmd(env, epmd_port)
+    procs: list[subprocess.Popen[bytes]] = [epmd]
     started = time.monotonic()
-    with (root / "log" / "stdout.log").open("wb") as out:
-        server = subprocess.Popen(
-            [str(RABBITMQ_SERVER)],
-            env=env,
-            cwd=root,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = _spawn_server(root, env)
     procs.append(server)
     broker = TlsBroker(
         host=SERVER_NAME,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -15,15 +16,10 @@ from tests.support.rabbitmq import AmqpVhost
 pytestmark = pytest.mark.integration
 
 
-async def test_state_hook_sees_connect_consume_and_close(amqp_vhost: AmqpVhost) -> None:
+def _broker(amqp_vhost: AmqpVhost, on_state: Callable[[], None]) -> Broker:
+    """A broker that consumes a classic queue of its own and calls `on_state`."""
     queue = f"test-state-{uuid.uuid4().hex[:8]}"
-    seen: list[tuple[bool, bool]] = []
-    broker: Broker
-
-    def on_state() -> None:
-        seen.append((broker.connected, broker.consuming))
-
-    broker = Broker(
+    return Broker(
         parse_dsn(amqp_vhost.dsn),
         BrokerOptions(connection_name="test_broker_state"),
         queue=queue,
@@ -31,6 +27,16 @@ async def test_state_hook_sees_connect_consume_and_close(amqp_vhost: AmqpVhost) 
         on_delivery=lambda _d: None,
         on_state=on_state,
     )
+
+
+async def test_state_hook_sees_connect_consume_and_close(amqp_vhost: AmqpVhost) -> None:
+    seen: list[tuple[bool, bool]] = []
+    broker: Broker
+
+    def on_state() -> None:
+        seen.append((broker.connected, broker.consuming))
+
+    broker = _broker(amqp_vhost, on_state)
     task = asyncio.create_task(broker.run())
     try:
         assert await broker.wait_ready(15)
@@ -48,19 +54,11 @@ async def test_state_hook_sees_connect_consume_and_close(amqp_vhost: AmqpVhost) 
 
 
 async def test_a_failing_state_hook_does_not_break_the_connection(amqp_vhost: AmqpVhost) -> None:
-    queue = f"test-state-{uuid.uuid4().hex[:8]}"
 
     def on_state() -> None:
         raise RuntimeError("hook bug")
 
-    broker = Broker(
-        parse_dsn(amqp_vhost.dsn),
-        BrokerOptions(connection_name="test_broker_state"),
-        queue=queue,
-        topology=Topology(queues=(QueueSpec(queue, {"x-queue-type": "classic"}),)),
-        on_delivery=lambda _d: None,
-        on_state=on_state,
-    )
+    broker = _broker(amqp_vhost, on_state)
     task = asyncio.create_task(broker.run())
     try:
         assert await broker.wait_ready(15)

@@ -293,6 +293,23 @@ async def running(
             await asyncio.gather(task, return_exceptions=True)
 
 
+async def started(server: ApiServer) -> asyncio.Task[None]:
+    """`server.serve()` as a task, once it is ready (within WAIT)."""
+    ready = asyncio.Event()
+    serving = asyncio.create_task(server.serve(ready))
+    async with asyncio.timeout(WAIT):
+        await ready.wait()
+    return serving
+
+
+async def slow_request(client: httpx.AsyncClient, gate: SlowGate) -> asyncio.Task[httpx.Response]:
+    """GET /slow as a task, once the handler has been entered (within WAIT)."""
+    in_flight = asyncio.create_task(client.get("/slow"))
+    async with asyncio.timeout(WAIT):
+        await gate.entered.wait()
+    return in_flight
+
+
 def unix_client(path: Path) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://api", timeout=WAIT
@@ -338,14 +355,9 @@ async def test_graceful_stop_finishes_the_request_in_flight_and_removes_the_file
     tcp = sockets[1].getsockname()
     gate = SlowGate()
     server = ApiServer(make_app(gate), sockets, shutdown_timeout=30.0)
-    ready = asyncio.Event()
-    serving = asyncio.create_task(server.serve(ready))
-    async with asyncio.timeout(WAIT):
-        await ready.wait()
+    serving = await started(server)
     async with unix_client(path) as client:
-        in_flight = asyncio.create_task(client.get("/slow"))
-        async with asyncio.timeout(WAIT):
-            await gate.entered.wait()
+        in_flight = await slow_request(client, gate)
         server.stop()
         async with asyncio.timeout(WAIT):
             while path.exists() or not _refused(tcp):  # noqa: ASYNC110 - polling the OS
@@ -371,14 +383,9 @@ async def test_shutdown_timeout_bounds_the_drain(sock_dir: Path) -> None:
     path = sock_dir / "api.sock"
     gate = SlowGate()  # never released
     server = ApiServer(make_app(gate), bind_all([UnixAddress(str(path))]), shutdown_timeout=0.5)
-    ready = asyncio.Event()
-    serving = asyncio.create_task(server.serve(ready))
-    async with asyncio.timeout(WAIT):
-        await ready.wait()
+    serving = await started(server)
     async with unix_client(path) as client:
-        in_flight = asyncio.create_task(client.get("/slow"))
-        async with asyncio.timeout(WAIT):
-            await gate.entered.wait()
+        in_flight = await slow_request(client, gate)
         server.stop()
         async with asyncio.timeout(WAIT):
             await serving  # returns although the request never finished
@@ -485,10 +492,7 @@ async def test_cancelling_serve_closes_everything_at_once(sock_dir: Path) -> Non
     sockets = bind_all([UnixAddress(str(path)), TcpAddress("127.0.0.1", 0)])
     tcp = sockets[1].getsockname()
     server = ApiServer(make_app(), sockets)
-    ready = asyncio.Event()
-    serving = asyncio.create_task(server.serve(ready))
-    async with asyncio.timeout(WAIT):
-        await ready.wait()
+    serving = await started(server)
     serving.cancel()
     with pytest.raises(asyncio.CancelledError):
         await serving

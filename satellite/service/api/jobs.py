@@ -139,9 +139,14 @@ async def submit_job(
     try:
         submitted = await service.submit(satellite_id, body, wait=wait)
     except JobSubmitError as exc:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+        raise _submit_problem(exc) from None
     return _submitted_response(submitted, wait)
+
+
+def _submit_problem(exc: JobSubmitError) -> Problem:
+    """A refused submit as a problem; `Retry-After` when the service says when to retry."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return Problem(exc.status, exc.code, exc.detail, headers=headers)
 
 
 def _submitted_response(submitted: Submitted, wait: float | None) -> JSONResponse:
@@ -185,8 +190,7 @@ async def submit_batch(satellite_id: str, request: Request) -> BatchAccepted:
     try:
         outcome = await service.submit_batch(satellite_id, body, ndjson=ndjson)
     except JobSubmitError as exc:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+        raise _submit_problem(exc) from None
     return BatchAccepted(
         satellite_id=satellite_id, ids=outcome.published, not_published=outcome.not_published
     )
@@ -217,8 +221,7 @@ async def retry_job(
     try:
         submitted = await _service(request).retry(job_id, wait=wait)
     except JobSubmitError as exc:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        raise Problem(exc.status, exc.code, exc.detail, headers=headers) from None
+        raise _submit_problem(exc) from None
     return _submitted_response(submitted, wait)
 
 

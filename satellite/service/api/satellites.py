@@ -46,7 +46,8 @@ def _fleet(request: Request) -> FleetWatch:
     return fleet
 
 
-def _fleet_problem(exc: FleetError) -> Problem:
+def _problem(exc: FleetError | DeadLetterError) -> Problem:
+    """The fleet's or the DLQ's error as a problem; a 503 says when to try again."""
     headers = {"Retry-After": "5"} if exc.status == 503 else None
     return Problem(exc.status, exc.code, exc.detail, headers=headers)
 
@@ -61,7 +62,7 @@ async def list_satellites(request: Request) -> dict[str, Any]:
     try:
         statuses = await _fleet(request).status()
     except FleetError as exc:
-        raise _fleet_problem(exc) from None
+        raise _problem(exc) from None
     return {"ok": all(s.ok for s in statuses), "satellites": [s.as_dict() for s in statuses]}
 
 
@@ -75,18 +76,13 @@ async def get_satellite(satellite_id: SatelliteId, request: Request) -> dict[str
     try:
         statuses = await _fleet(request).status(satellite_id)
     except FleetError as exc:
-        raise _fleet_problem(exc) from None
+        raise _problem(exc) from None
     return statuses[0].as_dict()
 
 
 def _dlq(request: Request) -> DeadLetters:
     service: DeadLetters = request.app.state.dead_letters
     return service
-
-
-def _problem(exc: DeadLetterError) -> Problem:
-    headers = {"Retry-After": "5"} if exc.status == 503 else None
-    return Problem(exc.status, exc.code, exc.detail, headers=headers)
 
 
 @router.get(
