@@ -20,8 +20,8 @@ import pytest
 from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.service.settings import DatabaseUrl
-from tests.integration.test_satellite_serve import ServeFactory
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.serve_proc import ServeFactory
 
 pytestmark = pytest.mark.integration
 
@@ -74,10 +74,7 @@ def schedule_file(path: Path, sid: str, *, every: int) -> Path:
 def serve(amqp_vhost: AmqpVhost, tmp_path: Path) -> Iterator[ServeFactory]:
     factory = ServeFactory(amqp_vhost, tmp_path)
     yield factory
-    for process in factory.started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait(timeout=10)
+    factory.kill_all()
 
 
 @pytest.fixture
