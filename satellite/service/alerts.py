@@ -28,7 +28,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from poller.errors import ConfigError
 from poller.logging import get_logger
+from satellite.service.fleet import FleetWatch
 from satellite.service.store.alert_tables import (
     alert_archive,
     alert_evaluations,
@@ -48,6 +49,8 @@ from satellite.service.store.alert_tables import (
     alert_silences,
     alert_states,
 )
+from satellite.service.web.history import fleet_history
+from satellite.service.web.overview import collect
 
 __all__ = [
     "RULES",
@@ -57,6 +60,7 @@ __all__ = [
     "Finding",
     "Rule",
     "evaluate_row",
+    "fleet_facts",
     "load_alerts_file",
 ]
 
@@ -562,7 +566,7 @@ class AlertEngine:
         self,
         engine: AsyncEngine,
         config: AlertsConfig,
-        facts: Callable[[], Any],
+        facts: Callable[[], Awaitable[list[Facts]]],
         *,
         replica: str,
         interval: float = 60.0,
@@ -582,7 +586,7 @@ class AlertEngine:
     async def tick(self) -> bool:
         """One evaluation if this replica claims the current slot; whether it did."""
         now = self.clock()
-        found: list[Facts] = await self.facts()
+        found = await self.facts()
         mono = time.monotonic()
         since = {f.satellite_id: self.growth.sample(f.satellite_id, f.ready, mono) for f in found}
         slot = math.floor(now.timestamp() / self.interval)
@@ -622,3 +626,35 @@ class AlertEngine:
                     await self.tick()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive a bad minute
                 log.warning("alert_evaluation_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def fleet_facts(
+    fleet: FleetWatch, engine: AsyncEngine, rules: dict[str, Rule]
+) -> Callable[[], Awaitable[list[Facts]]]:
+    """The rules' facts from what the fleet page shows (`web.overview.collect`)."""
+    after = rules["satellite_down"].after
+
+    async def facts() -> list[Facts]:
+        now = datetime.now(UTC)
+        history = await fleet_history(engine, now)
+        rows = await collect(fleet, history, now)
+        out = []
+        for row in rows:
+            queue = row.status.queue
+            out.append(
+                Facts(
+                    satellite_id=row.satellite_id,
+                    replicas=len(fleet.fleet.replicas(row.satellite_id, max_age=after)),
+                    consumers=None if queue is None else queue.consumers,
+                    oldest_age_s=row.oldest_age_s,
+                    ready=sum(q.ready for q in (queue, row.interactive) if q is not None),
+                    dead_letters=row.dead_letters,
+                    overdue=row.history.overdue,
+                    versions=tuple(row.versions),
+                    skew=row.skew,
+                    quarantined=len(row.quarantined),
+                )
+            )
+        return out
+
+    return facts
