@@ -10,6 +10,7 @@ import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,7 +56,7 @@ def facts(sid: str = "sat-a", *, consumers: int = 1, replicas: int = 1) -> Facts
     )
 
 
-def config(data: dict[str, object], base: Path | None = None) -> AlertsConfig:
+def config(data: Any, base: Path | None = None) -> AlertsConfig:
     parsed, errors = parse_alerts(data, base=base)
     assert errors == []
     return parsed
