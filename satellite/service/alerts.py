@@ -321,9 +321,15 @@ def evaluate_row(
     rules: dict[str, Rule],
     *,
     growing_since: float | None = None,
+    idle_since: float | None = None,
     now_mono: float | None = None,
 ) -> list[Finding]:
-    """Every enabled rule's verdict for one satellite (firing or not, and why)."""
+    """Every enabled rule's verdict for one satellite (firing or not, and why).
+
+    `growing_since` / `idle_since`: since when (monotonic) the queue has only grown / had no
+    consumer, as this replica observed; `now_mono` the time of this evaluation. Without them
+    (a single look) the queue's state counts from now: no consumer fires at once.
+    """
     out: list[Finding] = []
     sid = facts.satellite_id
 
@@ -332,8 +338,9 @@ def evaluate_row(
             out.append(Finding(rule, sid, firing, summary if firing else "back to normal"))
 
     down = rules["satellite_down"]
-    if facts.consumers == 0:
-        why = f"{sid}: no consumer on its job queue"
+    idle_for = 0.0 if idle_since is None or now_mono is None else now_mono - idle_since
+    if facts.consumers == 0 and (now_mono is None or idle_for >= down.after):
+        why = f"{sid}: no consumer on its job queue for {max(idle_for, down.after):.0f} s"
     elif facts.replicas == 0:
         why = f"{sid}: no poller heartbeat for {down.after:g} s"
     else:
@@ -579,6 +586,7 @@ class AlertEngine:
         self.interval = interval
         self.clock = clock
         self.growth = Growth()
+        self._idle_since: dict[str, float] = {}
         self.started = time.monotonic()
         self.evaluations = 0
         self.changes = 0
@@ -589,6 +597,7 @@ class AlertEngine:
         found = await self.facts()
         mono = time.monotonic()
         since = {f.satellite_id: self.growth.sample(f.satellite_id, f.ready, mono) for f in found}
+        idle = {f.satellite_id: self._idle(f, mono) for f in found}
         slot = math.floor(now.timestamp() / self.interval)
         if not await claim_slot(self.engine, slot, self.replica, now):
             return False
@@ -598,9 +607,13 @@ class AlertEngine:
         young = mono - self.started < self.config.rules["satellite_down"].after
         for facts in found:
             for finding in evaluate_row(
-                facts, self.config.rules, growing_since=since[facts.satellite_id], now_mono=mono
+                facts,
+                self.config.rules,
+                growing_since=since[facts.satellite_id],
+                idle_since=idle[facts.satellite_id],
+                now_mono=mono,
             ):
-                if young and finding.rule == "satellite_down" and facts.consumers != 0:
+                if young and finding.rule == "satellite_down":
                     continue
                 channels = [c.name for c in self.config.channels_for(finding.rule)]
                 mute = silenced(silences, finding.satellite_id, finding.rule)
@@ -615,6 +628,16 @@ class AlertEngine:
                         silenced=mute,
                     )
         return True
+
+    def _idle(self, facts: Facts, now: float) -> float | None:
+        """Since when this replica has seen no consumer on the satellite's queue (or None).
+
+        The management API's consumer count lags by up to its statistics interval (5 s), and
+        a poller restarting is briefly away: only an absence for `after` seconds counts."""
+        if facts.consumers != 0:
+            self._idle_since.pop(facts.satellite_id, None)
+            return None
+        return self._idle_since.setdefault(facts.satellite_id, now)
 
     async def run(self) -> None:
         while True:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Received", "Receiver"]
+__all__ = ["Received", "Receiver", "ThreadedReceiver"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +83,31 @@ class Receiver:
             pass
         finally:
             writer.close()
+
+
+class ThreadedReceiver:
+    """A `Receiver` on an event loop of its own thread, for tests that are not async."""
+
+    def __init__(self, answers: list[tuple[int, Any]] | None = None) -> None:
+        self.receiver = Receiver(answers)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.receiver.url
+
+    @property
+    def requests(self) -> list[Received]:
+        return list(self.receiver.requests)
+
+    def __enter__(self) -> ThreadedReceiver:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.receiver.__aenter__(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.receiver.__aexit__(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -65,6 +65,12 @@ def test_each_rule_fires_on_its_condition(kw: dict[str, object], rule: str) -> N
     assert firing(facts(**kw)) == {rule}
 
 
+def test_no_consumer_is_down_only_once_it_lasts_for_after_seconds() -> None:
+    idle = facts(consumers=0)
+    assert firing(idle, idle_since=100.0, now_mono=159.0) == set()
+    assert firing(idle, idle_since=100.0, now_mono=160.0) == {"satellite_down"}
+
+
 def test_a_queue_growing_for_five_minutes_is_a_backlog() -> None:
     growth = Growth()
     assert growth.sample("s1", 1, 0.0) is None
