@@ -144,7 +144,11 @@ class Core:
             interval=settings.alert_interval,
         )
         sender = Sender(
-            store.engine, alerts_config, replica=replica, retry_base=settings.alert_retry_base
+            store.engine,
+            alerts_config,
+            replica=replica,
+            retry_base=settings.alert_retry_base,
+            retention_days=settings.retention_days,
         )
         metrics.registry.register(SenderCollector(sender))
         core.tasks += [

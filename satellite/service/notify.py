@@ -105,6 +105,7 @@ class Sender:
         retry_cap: float = 300.0,
         lease: float = 60.0,
         poll: float = 1.0,
+        retention_days: int = 7,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.engine = engine
@@ -114,6 +115,7 @@ class Sender:
         self.retry_cap = retry_cap
         self.lease = lease
         self.poll = poll
+        self.retention = timedelta(days=retention_days)
         self.clock = clock
         self._chat_next: dict[str, float] = {}
         self.attempts: dict[tuple[str, bool], int] = {}
@@ -292,14 +294,30 @@ class Sender:
                 made += 1
         return made
 
+    async def purge(self) -> int:
+        """Delete archived attempts and delivered outbox rows older than the retention."""
+        cutoff = self.clock() - self.retention
+        async with self.engine.begin() as conn:
+            archived = await conn.execute(alert_archive.delete().where(alert_archive.c.at < cutoff))
+            await conn.execute(
+                alert_outbox.delete().where(
+                    alert_outbox.c.sent_at.is_not(None) & (alert_outbox.c.sent_at < cutoff)
+                )
+            )
+        return int(archived.rowcount or 0)
+
     async def run(self) -> None:
         timeout = httpx.Timeout(HTTP_TIMEOUT)
+        next_purge = time.monotonic() + 60.0
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             while True:
                 try:
                     async with asyncio.timeout(300.0):
                         made = await self.pass_once(client)
                         self.report = await channel_report(self.engine, self.config)
+                        if time.monotonic() >= next_purge:
+                            next_purge = time.monotonic() + 3600.0
+                            await self.purge()
                 except Exception as exc:  # noqa: BLE001 - the sender must outlive a bad pass
                     made = 0
                     log.warning("notify_pass_failed", error=f"{type(exc).__name__}")

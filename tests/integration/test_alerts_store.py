@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, generate_latest
 
 from satellite.service.alerts import (
     AlertEngine,
@@ -25,7 +26,7 @@ from satellite.service.alerts import (
     archive_page,
     parse_alerts,
 )
-from satellite.service.notify import FAILING_AFTER, Sender, channel_report
+from satellite.service.notify import FAILING_AFTER, Sender, SenderCollector, channel_report
 from satellite.service.settings import DatabaseUrl
 from satellite.service.store import Store
 from satellite.service.store.alert_tables import alert_outbox
@@ -219,6 +220,17 @@ async def test_a_channel_that_keeps_failing_is_reported_and_kept(store: Store) -
     assert report[0]["last_error"] == "HTTP 503"
     rows = await outbox(store)
     assert rows[0]["sent_at"] is None  # still queued: never dropped
+    sender.report = report
+    registry = CollectorRegistry()
+    registry.register(SenderCollector(sender))
+    text = generate_latest(registry).decode()
+    assert 'satellite_core_alert_channel_failing{channel="ops"} 1.0' in text
+    assert 'satellite_core_alert_notifications_pending{channel="ops"} 1.0' in text
+    assert 'satellite_core_alert_notifications_total{channel="ops",outcome="failed"}' in text
+    # The retention keeps what is still waiting.
+    sender.retention = timedelta(0)
+    assert await sender.purge() >= FAILING_AFTER
+    assert len(await outbox(store)) == 1
 
 
 async def test_telegram_429_retry_after_is_waited_for(store: Store, tmp_path: Path) -> None:
