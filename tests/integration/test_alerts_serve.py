@@ -111,3 +111,18 @@ def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
         ]
         for replica in replicas:
             assert replica.terminate() == 0
+
+
+def test_a_wrong_alerts_file_stops_serve_with_exit_2_and_one_line_per_mistake(
+    start_serve: ServeFactory, tmp_path: Path
+) -> None:
+    bad = tmp_path / "alerts.yaml"
+    bad.write_text("channels:\n  - {name: x, type: telegram}\nrules:\n  backlog: {age: soon}\n")
+    serve = start_serve(wait=False, USM_CORE_ALERTS_FILE=str(bad))
+    assert serve.proc.wait(timeout=60) == 2
+    lines = [line for line in serve.log_text().splitlines() if "USM_CORE_ALERTS_FILE" in line]
+    assert [line.removeprefix("satellite: ").split("): ", 1)[1] for line in lines] == [
+        "channels[0].bot_token_file: a telegram channel needs one",
+        "channels[0].chat_id: a telegram channel needs one",
+        "rules.backlog.age: must be a number >= 0",
+    ]
