@@ -269,7 +269,8 @@ async def test_telegram_429_retry_after_is_waited_for(store: Store, tmp_path: Pa
         task = asyncio.create_task(sender.run())
         try:
             for _ in range(200):
-                if len(bot.requests) >= 2:
+                # Delivered, and the attempt archived (the answer is read after it arrives).
+                if len(bot.requests) >= 2 and (await outbox(store))[0]["sent_at"]:
                     break
                 await asyncio.sleep(0.05)
         finally:
