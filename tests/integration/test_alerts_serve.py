@@ -11,15 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from poller import wire
 from satellite.cli import main as satellite_cli
+from satellite.management import ManagementApi
 from satellite.service.tokens import TokensFile
 from tests.integration.test_satellite_serve import ServeFactory, reset_schema, start_serve
+from tests.support.management import management_api
 from tests.support.poller_proc import PollerFactory
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.receiver import Received, ThreadedReceiver
 
 pytestmark = pytest.mark.integration
-__all__ = ["start_serve"]  # the fixture, imported for pytest
+__all__ = ["management_api", "start_serve"]  # the fixtures, imported for pytest
 
 
 def wait_for(
@@ -44,10 +47,17 @@ def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
     sid: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    management_api: ManagementApi,
 ) -> None:
     asyncio.run(reset_schema(pg_database))
     assert satellite_cli(["declare", sid, "--dsn", amqp_vhost.dsn]) == 0
     poller = start_poller(sid)
+    # The management API counts consumers with a lag (its statistics interval): the replicas
+    # start once it shows the poller's, as an operator's would after the poller had run a while.
+    for _ in range(120):
+        if (management_api.queue(wire.jobs_queue(sid)) or {}).get("consumers") == 1:
+            break
+        time.sleep(0.25)
     tokens = TokensFile(tmp_path / "state" / "tokens.yaml")
     admin = tokens.create("alerts-admin", ["admin"])
     with ThreadedReceiver() as hook:
@@ -56,7 +66,7 @@ def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
             json.dumps(
                 {
                     "channels": [{"name": "hook", "type": "webhook", "url": hook.url + "/a"}],
-                    "rules": {"satellite_down": {"after": 5}},
+                    "rules": {"satellite_down": {"after": 6}},
                 }
             )
         )
@@ -67,7 +77,7 @@ def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
             "USM_CORE_ALERT_RETRY_BASE": "0.5",
         }
         replicas = [start_serve(env=env), start_serve(env=env)]
-        time.sleep(8)  # past the start-up grace, with the poller up: nothing fires
+        time.sleep(9)  # past the start-up grace, with the poller up: nothing fires
         assert [r for r in hook.requests if r.json()["satellite"] == sid] == []
         poller.kill()  # SIGKILL
         fired = wait_for(hook, sid, ["firing"])[0].json()
