@@ -385,6 +385,26 @@ class ApiClient:
         path = f"/v1/schedules/{quote(name, safe='')}/{action}"
         return self._object(self.request("POST", path, json_body=body))
 
+    # ---------------------------------------------------------------- alerts (issue 18)
+
+    def alerts(self) -> dict[str, Any]:
+        """GET /v1/alerts: states per satellite, silences, channels, rules."""
+        return self._object(self.request("GET", "/v1/alerts"))
+
+    def notifications(self, *, limit: int = 100, satellite_id: str | None = None) -> dict[str, Any]:
+        """GET /v1/notifications: the archive of attempts (newest first) and what waits."""
+        params: dict[str, Any] = {"limit": limit}
+        if satellite_id is not None:
+            params["satellite"] = satellite_id
+        return self._object(self.request("GET", "/v1/notifications", params=params))
+
+    def silence(
+        self, satellite_id: str, seconds: float, reason: str, rule: str | None = None
+    ) -> dict[str, Any]:
+        """POST /v1/alerts/silences (admin): the silence created."""
+        body = {"satellite_id": satellite_id, "for_s": seconds, "reason": reason, "rule": rule}
+        return self._object(self.request("POST", "/v1/alerts/silences", json_body=body))
+
 
 def _reason(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__

@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_history(commands, common)
     _add_schedule(commands, common)
+    _add_alerts(commands, common)
     return parser
 
 
@@ -1192,6 +1193,129 @@ def _status_api(args: argparse.Namespace, ctx: Context) -> int:
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+# ------------------------------------------------------------------------------------ alerts
+# `satellite alerts list|history|silence` over the core service's API (docs/operations.md,
+# "Alerts"). `list` exits 1 while an alert fires (as `status` does for a problem).
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+ALERT_RULES = ("satellite_down", "backlog", "dlq", "overdue", "version_skew", "quarantine")
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `2h`, `1d` -> seconds; `ValueError` for anything else or <= 0."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:], 0)
+    number = float(text[:-1] if unit else text)
+    seconds = number * (unit or 1)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(text)
+    return seconds
+
+
+def _add_alerts(commands: Any, common: _Parser) -> None:
+    alerts = commands.add_parser("alerts", help="alerts of the core service: states, silences")
+    actions = alerts.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list", parents=[common, API_OPTIONS], help="alert states per satellite and silences"
+    )
+    listing.set_defaults(handler=_alerts_list)
+    history = actions.add_parser(
+        "history",
+        parents=[common, API_OPTIONS],
+        help="the notifications' archive: every delivery attempt, newest first",
+    )
+    history.add_argument("--satellite", metavar="ID")
+    history.add_argument("--limit", type=int, default=50, metavar="N", help="1-1000 (50)")
+    history.set_defaults(handler=_alerts_history)
+    silence = actions.add_parser(
+        "silence",
+        parents=[common, API_OPTIONS],
+        help="no notifications for a satellite until a time (admin token)",
+    )
+    silence.add_argument("satellite_id", metavar="SAT")
+    silence.add_argument(
+        "--for", dest="duration", required=True, metavar="D", help="how long: 90s, 30m, 2h, 1d"
+    )
+    silence.add_argument("--reason", required=True, metavar="TEXT")
+    silence.add_argument("--rule", choices=ALERT_RULES, help="one rule (default: every rule)")
+    silence.set_defaults(handler=_alerts_silence)
+    alerts.set_defaults(prepare=_prepare_alerts, needs_broker=False)
+
+
+def _prepare_alerts(args: argparse.Namespace) -> None:
+    if args.alerts_command == "history" and not 1 <= args.limit <= 1000:
+        raise ConfigError("--limit: must be 1-1000")
+    if args.alerts_command == "silence":
+        try:
+            args.seconds = parse_duration(args.duration)
+        except ValueError:
+            raise ConfigError(
+                f"--for: {args.duration!r} is not a duration such as 90s, 30m, 2h or 1d"
+            ) from None
+        if not args.reason.strip():
+            raise ConfigError("--reason: must not be empty")
+
+
+def _alerts_list(args: argparse.Namespace, ctx: Context) -> int:
+    found = _require_api(ctx).alerts()
+    code = EXIT_ERROR if found.get("firing") else EXIT_OK
+    if args.json:
+        _print_json(found)
+        return code
+    for sat in found.get("satellites") or []:
+        for alert in sat.get("alerts") or []:
+            if alert.get("state") != "firing":
+                continue
+            mute = " (silenced)" if alert.get("silenced") else ""
+            print(
+                f"FIRING  {sat['satellite_id']:<20} {alert['rule']:<15} since "
+                f"{alert['since']}{mute}  {alert.get('summary', '')}"
+            )
+    if not found.get("firing"):
+        print("no alert firing")
+    for silence in found.get("silences") or []:
+        rule = silence.get("rule") or "every rule"
+        print(
+            f"silenced {silence['satellite_id']} ({rule}) until {silence['ends_at']}: "
+            f"{silence['reason']} [{silence.get('created_by') or '?'}]"
+        )
+    for channel in found.get("channels") or []:
+        if channel.get("failing"):
+            print(
+                f"channel {channel['name']} is failing: {channel['pending']} waiting, "
+                f"{channel['attempts']} attempts, last error: {channel.get('last_error')}",
+                file=sys.stderr,
+            )
+    return code
+
+
+def _alerts_history(args: argparse.Namespace, ctx: Context) -> int:
+    found = _require_api(ctx).notifications(limit=args.limit, satellite_id=args.satellite)
+    if args.json:
+        _print_json(found)
+        return EXIT_OK
+    for item in found.get("notifications") or []:
+        http = item.get("http_status") or "-"
+        error = f"  {item['error']}" if item.get("error") else ""
+        print(
+            f"{item['at']}  {item['status']:<6} {item['channel']:<12} {item['satellite_id']:<20} "
+            f"{item['rule']:<15} {item['state']:<8} attempt {item['attempt']} HTTP {http}{error}"
+        )
+    waiting = found.get("pending") or []
+    if waiting:
+        print(f"{len(waiting)} notification(s) waiting for delivery")
+    return EXIT_OK
+
+
+def _alerts_silence(args: argparse.Namespace, ctx: Context) -> int:
+    made = _require_api(ctx).silence(args.satellite_id, args.seconds, args.reason, args.rule)
+    if args.json:
+        _print_json(made)
+    else:
+        print(f"silenced {made['satellite_id']} until {made['ends_at']} (id {made['id']})")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover - last, after every function is defined

@@ -27,6 +27,8 @@ from poller.broker import BrokerOptions
 from poller.errors import ConfigError
 from poller.logging import configure_logging, get_logger
 from poller.wire import JobResult
+from satellite.service.alerts import AlertEngine, AlertsConfig, fleet_facts, load_alerts_file
+from satellite.service.api import alerts as alerts_api
 from satellite.service.api import health, jobs, satellites
 from satellite.service.api import metrics as metrics_api
 from satellite.service.api import schedules as schedules_api
@@ -38,6 +40,7 @@ from satellite.service.ingest import Ingest
 from satellite.service.jobs import JobService, Waiters
 from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
 from satellite.service.metrics import ServiceMetrics
+from satellite.service.notify import Sender, SenderCollector
 from satellite.service.replies import Replies
 from satellite.service.scheduler import ScheduleFile, Scheduler
 from satellite.service.settings import CoreSettings
@@ -77,9 +80,10 @@ class Core:
     metrics: ServiceMetrics
     fleet: FleetWatch
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    # Schedules (DESIGN §11): None without USM_CORE_SCHEDULES_FILE.
+    # Schedules (docs/design.md §11): None without USM_CORE_SCHEDULES_FILE.
     scheduler: Scheduler | None = None
     scheduler_task: asyncio.Task[None] | None = None
+    alerts_config: AlertsConfig = field(default_factory=AlertsConfig)
 
     @classmethod
     async def start(cls, settings: CoreSettings, *, replica: str | None = None) -> Core:
@@ -91,6 +95,7 @@ class Core:
             if not await asyncio.to_thread(schedules.load):
                 first = schedules.problems[0] if schedules.problems else ""
                 raise ConfigError(f"USM_CORE_SCHEDULES_FILE: refused: {first}")
+        alerts_config = await asyncio.to_thread(load_alerts_file, settings.alerts_file)
         store = await Store.open(settings.database)
         broker = settings.broker()
         urls = list(broker.urls)
@@ -144,6 +149,27 @@ class Core:
         if schedules is not None:
             core.scheduler = Scheduler(store.engine, replies.broker, schedules, replica=replica)
             core.scheduler_task = asyncio.create_task(core.scheduler.run(), name="scheduler")
+        # Alerts (issue 18): rules evaluated by every replica, one per slot; the outbox sender.
+        core.alerts_config = alerts_config
+        alerts = AlertEngine(
+            store.engine,
+            alerts_config,
+            fleet_facts(fleet, store.engine, alerts_config.rules),
+            replica=replica,
+            interval=settings.alert_interval,
+        )
+        sender = Sender(
+            store.engine,
+            alerts_config,
+            replica=replica,
+            retry_base=settings.alert_retry_base,
+            retention_days=settings.retention_days,
+        )
+        metrics.registry.register(SenderCollector(sender))
+        core.tasks += [
+            asyncio.create_task(alerts.run(), name="alerts"),
+            asyncio.create_task(sender.run(), name="notify"),
+        ]
         return core
 
     async def readiness(self) -> dict[str, bool]:
@@ -172,12 +198,14 @@ class Core:
 
     async def stop(self) -> None:
         """Commit and ack what was ingested, close both connections and the store."""
-        ingest_task, _replies, housekeeping = self.tasks
+        ingest_task, _replies, housekeeping, *alerting = self.tasks
         housekeeping.cancel()
         if self.scheduler_task is not None:
             self.scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.scheduler_task
+        for task in alerting:
+            task.cancel()
         await self.ingest.stop(timeout=INGEST_DRAIN_SECONDS)
         try:
             async with asyncio.timeout(INGEST_DRAIN_SECONDS):
@@ -213,6 +241,9 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(satellites.router)
     app.include_router(metrics_api.router)
+    app.include_router(alerts_api.router)
+    app.state.store = core.store
+    app.state.alerts_config = core.alerts_config
     web_pages.install(app)  # the fleet page at / (DESIGN §12)
     app.state.jobs = core.jobs
     app.state.metrics = core.metrics

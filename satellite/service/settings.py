@@ -95,6 +95,10 @@ class CoreSettings(BaseSettings):
     retention_days: int = Field(default=7, ge=1, le=3650)
     schedules_file: Path | None = None
     alerts_file: Path | None = None
+    alert_interval: float = Field(default=60.0, ge=1, le=3600)
+    """Seconds between two evaluations of the alert rules (every replica; one evaluates)."""
+    alert_retry_base: float = Field(default=5.0, ge=0.1, le=3600)
+    """Seconds before a failed notification's first retry (then doubling, up to 5 min)."""
     overdue_grace: float = Field(default=60.0, ge=0, le=86400)
     """Seconds past a queued job's deadline before it is marked `overdue`."""
     ingest_batch: int = Field(default=200, ge=1, le=10000)

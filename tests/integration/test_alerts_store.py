@@ -1,0 +1,294 @@
+"""Alerts on both databases: a state change is recorded and queued once across replicas,
+silences keep it out of the outbox, and the sender delivers the outbox to real local HTTP
+receivers (a webhook, a Telegram stand-in), retrying and archiving every attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, generate_latest
+
+from satellite.service.alerts import (
+    AlertEngine,
+    AlertsConfig,
+    Facts,
+    add_silence,
+    alert_states_list,
+    archive_page,
+    parse_alerts,
+)
+from satellite.service.notify import FAILING_AFTER, Sender, SenderCollector, channel_report
+from satellite.service.settings import DatabaseUrl
+from satellite.service.store import Store
+from satellite.service.store.alert_tables import alert_outbox
+from tests.support.receiver import Receiver
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def store(db_url: DatabaseUrl) -> AsyncIterator[Store]:
+    opened = await Store.open(db_url)
+    yield opened
+    await opened.close()
+
+
+def facts(sid: str = "sat-a", *, consumers: int = 1, replicas: int = 1) -> Facts:
+    return Facts(
+        satellite_id=sid,
+        replicas=replicas,
+        consumers=consumers,
+        oldest_age_s=None,
+        ready=0,
+        dead_letters=0,
+        overdue=0,
+        versions=("1.0",),
+        skew=False,
+        quarantined=0,
+    )
+
+
+def config(data: Any, base: Path | None = None) -> AlertsConfig:
+    # No consumer counts at once (the default waits for 60 s of it).
+    data = {"rules": {"satellite_down": {"after": 0}}} | data
+    parsed, errors = parse_alerts(data, base=base)
+    assert errors == []
+    return parsed
+
+
+HOOKS = {"channels": [{"name": "ops", "type": "webhook", "url": "http://127.0.0.1:9/x"}]}
+
+
+async def outbox(store: Store) -> list[dict[str, object]]:
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(sa.select(alert_outbox).order_by(alert_outbox.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 6, 12, 0, 30, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_two_replicas_record_each_state_change_once(store: Store) -> None:
+    seen = [facts(consumers=0)]
+
+    async def source() -> list[Facts]:
+        return list(seen)
+
+    clock = Clock()
+    cfg = config(HOOKS)
+    engines = [
+        AlertEngine(store.engine, cfg, source, replica=f"r{n}", interval=60, clock=clock)
+        for n in range(2)
+    ]
+    for engine in engines:
+        engine.started -= 120  # past the start-up grace
+    # Both replicas tick in the same slot, at once: one of them evaluates.
+    done = await asyncio.gather(*(e.tick() for e in engines))
+    assert sorted(done) == [False, True]
+    rows = await outbox(store)
+    assert [(r["rule"], r["state"], r["channel"]) for r in rows] == [
+        ("satellite_down", "firing", "ops")
+    ]
+    assert "no consumer" in str(rows[0]["summary"])
+    # The next slot: still down, nothing new; the slot after: back, one `resolved`.
+    clock.now += timedelta(seconds=60)
+    assert sorted(await asyncio.gather(*(e.tick() for e in engines))) == [False, True]
+    assert len(await outbox(store)) == 1
+    seen[:] = [facts()]
+    clock.now += timedelta(seconds=60)
+    await asyncio.gather(*(e.tick() for e in engines))
+    rows = await outbox(store)
+    assert [(r["rule"], r["state"]) for r in rows] == [
+        ("satellite_down", "firing"),
+        ("satellite_down", "resolved"),
+    ]
+    states = {(s["rule"], s["satellite_id"]): s for s in await alert_states_list(store.engine)}
+    assert states["satellite_down", "sat-a"]["state"] == "ok"
+    assert states["satellite_down", "sat-a"]["seq"] == 2
+    assert states["dlq", "sat-a"]["state"] == "ok"
+
+
+async def test_a_silenced_satellite_changes_state_without_a_notification(store: Store) -> None:
+    clock = Clock()
+
+    async def source() -> list[Facts]:
+        return [facts("sat-a", consumers=0), facts("sat-b", consumers=0)]
+
+    engine = AlertEngine(store.engine, config(HOOKS), source, replica="r", clock=clock)
+    engine.started -= 120
+    await add_silence(
+        store.engine,
+        "sat-a",
+        rule=None,
+        now=clock.now,
+        ends_at=clock.now + timedelta(hours=2),
+        reason="maintenance",
+        created_by="test",
+    )
+    assert await engine.tick()
+    assert [r["satellite_id"] for r in await outbox(store)] == ["sat-b"]
+    states = {
+        (s["rule"], s["satellite_id"]): s["state"] for s in await alert_states_list(store.engine)
+    }
+    assert states["satellite_down", "sat-a"] == "firing"
+
+
+async def test_a_webhook_failing_three_times_gets_it_on_the_fourth_attempt(
+    store: Store, tmp_path: Path
+) -> None:
+    secret = tmp_path / "hmac"
+    secret.write_text("s3cret-key\n")
+    answers = [(500, {}), (500, {}), (500, {}), (200, {"ok": True})]
+    async with Receiver(answers) as hook:
+        cfg = config(
+            {
+                "channels": [
+                    {
+                        "name": "ops",
+                        "type": "webhook",
+                        "url": hook.url + "/hook",
+                        "secret_file": str(secret),
+                    }
+                ]
+            }
+        )
+        engine = AlertEngine(store.engine, cfg, _down_source(), replica="r", clock=Clock())
+        engine.started -= 120
+        await engine.tick()
+        sender = Sender(store.engine, cfg, replica="r", retry_base=0.05, poll=0.02)
+        async with httpx.AsyncClient(timeout=10) as client:
+            for _ in range(200):
+                await sender.pass_once(client)
+                if len(hook.requests) >= 4 and (await outbox(store))[0]["sent_at"]:
+                    break
+                await asyncio.sleep(0.05)
+            report = await channel_report(store.engine, cfg)
+            # Nothing more is sent once it is delivered.
+            await asyncio.sleep(0.3)
+            await sender.pass_once(client)
+    assert len(hook.requests) == 4
+    first = hook.requests[0]
+    body = first.json()
+    assert body["alert"] == "satellite_down"
+    assert body["satellite"] == "sat-a"
+    assert body["state"] == "firing"
+    assert datetime.fromisoformat(body["since"])
+    assert body["summary"]
+    expected = hmac.new(b"s3cret-key", first.body, hashlib.sha256).hexdigest()
+    assert first.headers["x-satellite-signature"] == f"sha256={expected}"
+    archive = list(reversed(await archive_page(store.engine)))
+    assert [(a["attempt"], a["status"], a["http_status"]) for a in archive] == [
+        (1, "failed", 500),
+        (2, "failed", 500),
+        (3, "failed", 500),
+        (4, "sent", 200),
+    ]
+    assert archive[0]["error"] == "HTTP 500"
+    assert report[0]["pending"] == 0
+
+
+async def test_a_channel_that_keeps_failing_is_reported_and_kept(store: Store) -> None:
+    async with Receiver([(503, {})]) as hook:
+        cfg = config({"channels": [{"name": "ops", "type": "webhook", "url": hook.url}]})
+        engine = AlertEngine(store.engine, cfg, _down_source(), replica="r", clock=Clock())
+        engine.started -= 120
+        await engine.tick()
+        sender = Sender(store.engine, cfg, replica="r", retry_base=0.01, retry_cap=0.02)
+        async with httpx.AsyncClient(timeout=10) as client:
+            for _ in range(200):
+                await sender.pass_once(client)
+                if len(hook.requests) >= FAILING_AFTER + 1:
+                    break
+                await asyncio.sleep(0.03)
+    report = await channel_report(store.engine, cfg)
+    assert report[0]["failing"] is True
+    assert report[0]["pending"] == 1
+    assert report[0]["last_error"] == "HTTP 503"
+    rows = await outbox(store)
+    assert rows[0]["sent_at"] is None  # still queued: never dropped
+    sender.report = report
+    registry = CollectorRegistry()
+    registry.register(SenderCollector(sender))
+    text = generate_latest(registry).decode()
+    assert 'satellite_core_alert_channel_failing{channel="ops"} 1.0' in text
+    assert 'satellite_core_alert_notifications_pending{channel="ops"} 1.0' in text
+    assert 'satellite_core_alert_notifications_total{channel="ops",outcome="failed"}' in text
+    # The retention keeps what is still waiting.
+    sender.retention = timedelta(0)
+    assert await sender.purge() >= FAILING_AFTER
+    assert len(await outbox(store)) == 1
+
+
+async def test_telegram_429_retry_after_is_waited_for(store: Store, tmp_path: Path) -> None:
+    token = tmp_path / "bot"
+    token.write_text("123456:SECRET-bot-token\n")
+    answers = [
+        (
+            429,
+            {
+                "ok": False,
+                "error_code": 429,
+                "description": "Too Many Requests: retry after 2",
+                "parameters": {"retry_after": 2},
+            },
+        ),
+        (200, {"ok": True, "result": {"message_id": 1}}),
+    ]
+    async with Receiver(answers) as bot:
+        cfg = config(
+            {
+                "channels": [
+                    {
+                        "name": "phone",
+                        "type": "telegram",
+                        "url": bot.url,
+                        "bot_token_file": str(token),
+                        "chat_id": -100123,
+                    }
+                ]
+            }
+        )
+        engine = AlertEngine(store.engine, cfg, _down_source(), replica="r", clock=Clock())
+        engine.started -= 120
+        await engine.tick()
+        sender = Sender(store.engine, cfg, replica="r", retry_base=0.01, poll=0.05)
+        task = asyncio.create_task(sender.run())
+        try:
+            for _ in range(200):
+                # Delivered, and the attempt archived (the answer is read after it arrives).
+                if len(bot.requests) >= 2 and (await outbox(store))[0]["sent_at"]:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+    assert len(bot.requests) == 2
+    assert bot.requests[0].path == "/bot123456:SECRET-bot-token/sendMessage"
+    sent = bot.requests[0].json()
+    assert sent["chat_id"] == "-100123"
+    assert "satellite_down" in sent["text"]
+    assert "sat-a" in sent["text"]
+    assert bot.requests[1].at - bot.requests[0].at >= 2.0
+    archive = list(reversed(await archive_page(store.engine)))
+    assert [(a["status"], a["http_status"]) for a in archive] == [("failed", 429), ("sent", 200)]
+    assert "SECRET" not in str(archive)
+
+
+def _down_source() -> Callable[[], Awaitable[list[Facts]]]:
+    async def source() -> list[Facts]:
+        return [facts("sat-a", consumers=0)]
+
+    return source
