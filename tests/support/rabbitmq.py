@@ -14,6 +14,7 @@ def test_something(amqp_vhost: AmqpVhost) -> None:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "rabbitmq_unavailable_reason",
     "rabbitmqctl",
     "remove_stale_vhosts",
+    "satellite_queues_cleaned",
 ]
 
 RABBITMQCTL_TIMEOUT = 60.0
@@ -197,3 +200,54 @@ def amqp_vhost() -> Iterator[AmqpVhost]:
         yield AmqpVhost(name=name, host=host, port=port, username=username, password=password)
     finally:
         rabbitmqctl("delete_vhost", name)
+
+
+#: Satellite queues a test made are deleted after it (`satellite_queues_cleaned`): every
+#: satellite has three quorum queues now (jobs, lane, DLQ), and RabbitMQ 3.10 keeps file handles
+#: for each quorum queue; a whole session's worth (~400) exhausted the broker's handle limit
+#: (927 with `ulimit -n 1024`), after which new AMQP connections timed out in the handshake.
+SATELLITE_QUEUE_PREFIX = "usm_poller-sat-"
+
+
+def _management(vhost: AmqpVhost) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://{vhost.host}:15672/api",
+        auth=(vhost.username, vhost.password),
+        timeout=10.0,
+    )
+
+
+def satellite_queue_names(vhost: AmqpVhost) -> set[str]:
+    """The satellite queues of the vhost, by the management API (empty when it cannot say)."""
+    try:
+        with _management(vhost) as api:
+            answer = api.get(f"/queues/{quote(vhost.name, safe='')}", params={"columns": "name"})
+            answer.raise_for_status()
+            return {
+                q["name"] for q in answer.json() if q["name"].startswith(SATELLITE_QUEUE_PREFIX)
+            }
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def delete_queues(vhost: AmqpVhost, names: set[str]) -> None:
+    """Delete these queues (best effort: a queue already gone or an API hiccup is no failure)."""
+    if not names:
+        return
+    with contextlib.suppress(httpx.HTTPError), _management(vhost) as api:
+        vh = quote(vhost.name, safe="")
+        for name in sorted(names):
+            with contextlib.suppress(httpx.HTTPError):
+                api.delete(f"/queues/{vh}/{quote(name, safe='')}")
+
+
+@pytest.fixture(autouse=True)
+def satellite_queues_cleaned(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that uses the session vhost, delete the satellite queues it created."""
+    if "amqp_vhost" not in request.fixturenames:
+        yield
+        return
+    vhost: AmqpVhost = request.getfixturevalue("amqp_vhost")
+    before = satellite_queue_names(vhost)
+    yield
+    delete_queues(vhost, satellite_queue_names(vhost) - before)
