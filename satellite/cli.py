@@ -1318,10 +1318,6 @@ def _alerts_silence(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":  # pragma: no cover - last, after every function is defined
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------------------------ schedule
 # `satellite schedule list|show|run|pause|resume`: the schedules of `satellite serve`, through
 # its API (docs/schedules.md); `--json` prints the API's answer as it came.
@@ -1387,3 +1383,7 @@ def _schedule_line(item: dict[str, Any]) -> str:
         f"last interval: sent {last.get('sent', 0)}, answered {last.get('answered', 0)}, "
         f"failed {last.get('failed', 0)}, skipped {skipped}"
     )
+
+
+if __name__ == "__main__":  # pragma: no cover - last, after every function is defined
+    sys.exit(main())
