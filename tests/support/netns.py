@@ -170,7 +170,9 @@ class BrokerLink:
         """`dsn` (a URL of the machine's broker) as seen from the namespaces: via the forwarder."""
         parts = urlsplit(dsn)
         userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@{self.net_ip}:{self.port}" if userinfo else f"{self.net_ip}:{self.port}"
+        netloc = (
+            f"{userinfo}@{self.net_ip}:{self.port}" if userinfo else f"{self.net_ip}:{self.port}"
+        )
         return urlunsplit(parts._replace(netloc=netloc))
 
     def wrap(self, side: str = "poller") -> list[str]:
@@ -253,6 +255,7 @@ def _start_forwarder(link: BrokerLink) -> subprocess.Popen[bytes]:
         proc.kill()
         proc.wait(10)
         rest = proc.stdout.read().decode(errors="replace")
+        proc.stdout.close()
         raise AssertionError(f"the forwarder did not start: {line.decode(errors='replace')}{rest}")
     return proc
 
@@ -296,5 +299,7 @@ def broker_link() -> Iterator[BrokerLink]:
             except subprocess.TimeoutExpired:
                 link.forwarder.kill()
                 link.forwarder.wait(10)
+            if link.forwarder.stdout is not None:
+                link.forwarder.stdout.close()
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20, check=False)
