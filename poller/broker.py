@@ -136,8 +136,11 @@ class BrokerOptions:
     connect_timeout: float = 15.0
     operation_timeout: float = 15.0
     publish_timeout: float = 30.0
+    #: A TCP connect without an answer gives up after this long (SYNs go at 0, 1, 3 and 7 s).
+    tcp_connect_timeout: float = 8.0
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    #: At most this long between the starts of two connection attempts (see `_retry_delay`).
+    backoff_max: float = 10.0
     blocked_timeout: float = 300.0
     lane_prefetch: int = 4
     lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed
@@ -270,13 +273,14 @@ class Broker:
         url_cycle = self._url_cycle()
         while not self._closing:
             url_index, url = next(url_cycle)
+            started = asyncio.get_running_loop().time()
             try:
                 await self._connect(url_index, url)
                 await self._setup()
             except (BrokerUnavailableError, OSError, pika.exceptions.AMQPError) as exc:
                 attempts += 1
                 await self._drop_connection()
-                delay = self._backoff(attempts)
+                delay = self._retry_delay(attempts, asyncio.get_running_loop().time() - started)
                 log.warning(
                     "broker_connect_failed",
                     broker=url.masked(),
@@ -301,6 +305,18 @@ class Broker:
 
     def _url_cycle(self) -> Iterator[tuple[int, AmqpUrl]]:
         return itertools.cycle(enumerate(self._urls))
+
+    def _retry_delay(self, attempt: int, took: float) -> float:
+        """How long to wait before the next attempt, after attempt `attempt` took `took` s.
+
+        The backoff runs from the start of the failed attempt: one that waited for an answer
+        until its timeout (a partition, a host that is gone) has waited already, and the next
+        one starts at once. So a link that heals is used again within a few seconds (the gap
+        between two SYNs of one attempt, at most 4 s), not after a sleep of up to a whole
+        backoff period on top of the timeout; a broker that refuses at once is tried again
+        after the jittered backoff, up to `backoff_max` s.
+        """
+        return max(0.0, self._backoff(attempt) - took)
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, capped: replicas must not reconnect in step."""
@@ -416,7 +432,7 @@ class Broker:
             heartbeat=self._opts.heartbeat,
             blocked_connection_timeout=self._opts.blocked_timeout,
             connection_attempts=1,
-            socket_timeout=self._opts.connect_timeout,
+            socket_timeout=min(self._opts.tcp_connect_timeout, self._opts.connect_timeout),
             stack_timeout=self._opts.connect_timeout,
             ssl_options=ssl_options,
             client_properties={
