@@ -12,7 +12,7 @@ iptables rules on that link, on the broker's TCP port only (the device stays rea
    random): 5% then 20% of the poller's packets to the broker lost: no heartbeat disconnect at
    5%, nothing lost at either.
 
-Short versions by default (one 12 s partition per direction, 10 s per loss rate, heartbeat
+Short versions by default (one 10 s partition per direction, 8 s per loss rate, heartbeat
 2 s); `USM_FAULTS_LONG=1` (bench/faults.py --long) runs 30 s and 120 s partitions and 2 minutes
 per loss rate with a 5 s heartbeat.
 """
@@ -58,8 +58,8 @@ POLLER: dict[str, Any] = {
 NOTICE_HEARTBEATS = 3
 #: ... and be consuming again within this many seconds of the heal.
 RECONNECT_S = 10.0
-PARTITIONS = (30, 120) if LONG else (12,)
-LOSS_PHASE_S = scale(10, 120)
+PARTITIONS = (30, 120) if LONG else (10,)
+LOSS_PHASE_S = scale(8, 120)
 RATE = 40.0
 
 pytestmark = pytest.mark.timeout(240 if not LONG else 1800)
@@ -187,7 +187,7 @@ def test_partition_is_noticed_healed_and_loses_nothing(  # noqa: PLR0917 - pytes
             _wait(functools.partial(_happened, poller, "broker_reconnected", heal_wall), 30)
             noticed[way] = _first_after(poller, "broker_connection_lost", cut_wall)
             back[way] = _first_after(poller, "broker_reconnected", heal_wall)
-            time.sleep(2)  # the poller takes jobs again
+            time.sleep(1.5)  # the poller takes jobs again
         scene.finish()
 
     def figure(value: float | None) -> str:
@@ -240,7 +240,7 @@ def test_lossy_uplink_keeps_the_connection_and_loses_nothing(
     with _scene(broker_link, amqp_vhost, start_poller, sid, bystander=False) as scene:
         poller = scene.poller
         scene.start_stream(RATE / 2)
-        time.sleep(2)
+        time.sleep(1)
         for share in (0.05, 0.20):
             broker_link.uplink_loss(share)
             start = time.time()
@@ -254,7 +254,7 @@ def test_lossy_uplink_keeps_the_connection_and_loses_nothing(
         healed = time.time()
         if poller.events("broker_connection_lost"):
             _wait(functools.partial(_happened, poller, "broker_reconnected", healed - 60), 30)
-        time.sleep(2)
+        time.sleep(1)
         scene.finish()
     report = check(f"7 lossy uplink 5% then 20%, {LOSS_PHASE_S} s each", scene.obs)
     figures = (
