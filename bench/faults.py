@@ -70,7 +70,7 @@ MEANING = """\
   scenario put there (bad input, a poison job); never an innocent job.
 - **recover (s)**: for each fault, the time until every confirmed job published before it had its
   first answer; the worst over the faults. A kill costs about one job's run time plus a
-  redelivery; a frozen poller about 3 AMQP heartbeats (`USM_POLLER_HEARTBEAT`).
+  redelivery; a frozen or cut-off poller 2-3 AMQP heartbeats (`USM_POLLER_HEARTBEAT`).
 
 Scenario notes:
 
