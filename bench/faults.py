@@ -39,11 +39,12 @@ INTRO = """\
 The poller promises at-least-once delivery with nothing lost and every duplicate flagged
 (docs/design.md, "Delivery semantics"). `tests/faults` tries to break that promise with real
 processes and the real broker: pollers SIGKILLed, SIGTERMed, frozen with SIGSTOP, killed between
-a result's confirm and its job's ack, a job that kills every poller that runs it, and a matrix
-of bad input. Every scenario is checked by one "total queue" checker (`tests/faults/checker.py`,
-in the manner of RabbitMQ's Jepsen tests): it records every job the core published and whether
-the broker confirmed it, every result, the dead-letter queue, and, at a fake SNMP device
-(`tests/faults/device.py`), every execution of every job.
+a result's confirm and its job's ack, a job that kills every poller that runs it, a matrix
+of bad input, and partitions and packet loss between a poller and its broker (network
+namespaces of the test). Every scenario is checked by one "total queue" checker
+(`tests/faults/checker.py`, in the manner of RabbitMQ's Jepsen tests): it records every job
+the core published and whether the broker confirmed it, every result, the dead-letter queue,
+and, at a fake SNMP device (`tests/faults/device.py`), every execution of every job.
 
 CI runs the short versions (`bash scripts/test.sh`, marker `faults`); `bench/faults.py --long`
 runs the long ones and writes this page.
@@ -69,7 +70,7 @@ MEANING = """\
   scenario put there (bad input, a poison job); never an innocent job.
 - **recover (s)**: for each fault, the time until every confirmed job published before it had its
   first answer; the worst over the faults. A kill costs about one job's run time plus a
-  redelivery; a frozen poller about 3 AMQP heartbeats (`USM_POLLER_HEARTBEAT`).
+  redelivery; a frozen or cut-off poller 2-3 AMQP heartbeats (`USM_POLLER_HEARTBEAT`).
 
 Scenario notes:
 
@@ -83,6 +84,18 @@ Scenario notes:
 - **3 hung poller**: SIGSTOP freezes a poller; the broker drops it after about 3 heartbeats
   and hands its jobs to the others. After SIGCONT it reconnects, drops the acks of its old
   channel (the broker already gave those jobs away) and consumes again, without a crash.
+- **6 partition**: the poller runs in a network namespace of the test whose only way to the
+  broker is a veth link; iptables drops the broker's TCP traffic on it, first both ways, then
+  broker to poller only (the poller's frames still arrive), while a bystander poller keeps
+  working. The poller notices a silent link within 2.25 heartbeat intervals (it gives up a
+  connection on which nothing arrived for two intervals: `broker_link_silent`), the broker
+  hands its unacked jobs to the bystander (flagged `redelivered`), and the poller is consuming
+  again within 10 s of the heal. The row names the heartbeat and, per direction, how long the
+  poller took to notice and to come back.
+- **7 lossy uplink**: the same link drops 5%, then 20% of the poller's packets to the broker at
+  random (iptables `statistic`; this kernel has no netem). TCP retransmits: no heartbeat
+  disconnect at 5%, nothing lost at either; the row names the packets dropped and the
+  disconnects at 5%/20%.
 - **10 kill between confirm and ack**: a test hook kills the poller right after a result's
   confirm, before the ack, on 1% of jobs. The job comes back and is answered again, flagged:
   duplicates are at least the kills (jobs whose confirms arrived in the same frame as the killed

@@ -136,8 +136,11 @@ class BrokerOptions:
     connect_timeout: float = 15.0
     operation_timeout: float = 15.0
     publish_timeout: float = 30.0
+    #: A TCP connect without an answer gives up after this long (SYNs go at 0, 1, 3 and 7 s).
+    tcp_connect_timeout: float = 8.0
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    #: At most this long between the starts of two connection attempts (see `_retry_delay`).
+    backoff_max: float = 10.0
     blocked_timeout: float = 300.0
     lane_prefetch: int = 4
     lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed
@@ -188,6 +191,8 @@ class Broker:
         #: Publishes awaiting their confirm by sequence number, oldest first (dict order).
         self._pending: dict[int, _Pending] = {}
         self._expiry: asyncio.TimerHandle | None = None
+        #: The silent-link check of the current connection (`_watch_link`).
+        self._watchdog: asyncio.TimerHandle | None = None
         self._waiters: set[asyncio.Future[Any]] = set()
         self._consumer_tag: str | None = None
         self._spare_tag: str | None = None
@@ -268,13 +273,14 @@ class Broker:
         url_cycle = self._url_cycle()
         while not self._closing:
             url_index, url = next(url_cycle)
+            started = asyncio.get_running_loop().time()
             try:
                 await self._connect(url_index, url)
                 await self._setup()
             except (BrokerUnavailableError, OSError, pika.exceptions.AMQPError) as exc:
                 attempts += 1
                 await self._drop_connection()
-                delay = self._backoff(attempts)
+                delay = self._retry_delay(attempts, asyncio.get_running_loop().time() - started)
                 log.warning(
                     "broker_connect_failed",
                     broker=url.masked(),
@@ -299,6 +305,18 @@ class Broker:
 
     def _url_cycle(self) -> Iterator[tuple[int, AmqpUrl]]:
         return itertools.cycle(enumerate(self._urls))
+
+    def _retry_delay(self, attempt: int, took: float) -> float:
+        """How long to wait before the next attempt, after attempt `attempt` took `took` s.
+
+        The backoff runs from the start of the failed attempt: one that waited for an answer
+        until its timeout (a partition, a host that is gone) has waited already, and the next
+        one starts at once. So a link that heals is used again within a few seconds (the gap
+        between two SYNs of one attempt, at most 4 s), not after a sleep of up to a whole
+        backoff period on top of the timeout; a broker that refuses at once is tried again
+        after the jittered backoff, up to `backoff_max` s.
+        """
+        return max(0.0, self._backoff(attempt) - took)
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, capped: replicas must not reconnect in step."""
@@ -414,7 +432,7 @@ class Broker:
             heartbeat=self._opts.heartbeat,
             blocked_connection_timeout=self._opts.blocked_timeout,
             connection_attempts=1,
-            socket_timeout=self._opts.connect_timeout,
+            socket_timeout=min(self._opts.tcp_connect_timeout, self._opts.connect_timeout),
             stack_timeout=self._opts.connect_timeout,
             ssl_options=ssl_options,
             client_properties={
@@ -453,8 +471,60 @@ class Broker:
                 f"no connection within {self._opts.connect_timeout:g} s"
             ) from None
         self.connected = True
+        self._watch_link(self._conn)
         self._conn.add_on_connection_blocked_callback(self._on_blocked)
         self._conn.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def _watch_link(self, conn: Any) -> None:
+        """Give up a connection on which nothing arrived for two heartbeat intervals.
+
+        The broker sends a heartbeat every half interval when it has nothing else to send, so
+        two intervals of silence are four missed heartbeats: the link is gone (a partition, a
+        dead NAT entry, a broker host that vanished). pika's own check runs only every
+        heartbeat + 5 s and needs a whole check interval of silence, so it notices after
+        (heartbeat + 5) to 2 x (heartbeat + 5) s: 7-14 s at a 2 s heartbeat, 35-70 s at 30 s.
+        This check looks every quarter interval and notices within 2.25 intervals; the
+        connection is then aborted like pika's own check does (no close handshake: nothing
+        would answer it), the broker returns its unacked jobs, and `run()` reconnects.
+        """
+        self._stop_watchdog()
+        heartbeat = getattr(conn.params, "heartbeat", 0)  # as negotiated
+        if not isinstance(heartbeat, int) or heartbeat <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        interval = max(0.1, heartbeat / 4)
+        last = [conn.bytes_received, loop.time()]
+
+        def tick() -> None:
+            self._watchdog = None
+            if conn is not self._conn or not conn.is_open:
+                return
+            now, received = loop.time(), conn.bytes_received
+            if received != last[0]:
+                last[0], last[1] = received, now
+            elif now - last[1] > 2 * heartbeat:
+                silent = now - last[1]
+                log.warning("broker_link_silent", silent_s=round(silent, 1), heartbeat_s=heartbeat)
+                self._abort(conn, f"nothing received for {silent:.1f} s (heartbeat {heartbeat} s)")
+                return
+            self._watchdog = loop.call_later(interval, tick)
+
+        self._watchdog = loop.call_later(interval, tick)
+
+    def _stop_watchdog(self) -> None:
+        handle, self._watchdog = self._watchdog, None
+        if handle is not None:
+            handle.cancel()
+
+    @staticmethod
+    def _abort(conn: Any, reason: str) -> None:
+        """Drop a connection without the close handshake (its peer cannot answer)."""
+        error = pika.exceptions.AMQPHeartbeatTimeout(reason)
+        terminate = getattr(conn, "_terminate_stream", None)
+        if callable(terminate):
+            terminate(error)  # what pika's own heartbeat check does
+        else:  # pragma: no cover - a pika without it
+            conn.close(reply_code=200, reply_text=reason)
 
     async def _setup(self) -> None:
         if self._opts.declare and self.may_declare:
@@ -715,6 +785,7 @@ class Broker:
     async def _drop_connection(self) -> None:
         conn = self._conn
         self._conn = None  # late callbacks of this connection are ignored from now on
+        self._stop_watchdog()
         self.connected = False
         self.consuming = False
         self._spare_tag = None
@@ -731,6 +802,7 @@ class Broker:
         if conn is not self._conn:
             return
         was_connected = self.connected
+        self._stop_watchdog()
         self.connected = False
         self.consuming = False
         self._spare_tag = None

@@ -17,6 +17,9 @@ apt_packages=(snmpd snmp openssh-server iproute2 curl)
 TESTS=0; [ "${1:-}" = --tests ] && TESTS=1
 if [ "$TESTS" = 1 ]; then
     apt_packages+=(chromium)
+    # tests/faults/test_network.py: partitions and packet loss with iptables in namespaces of
+    # the test (this kernel has no netem).
+    apt_packages+=(iptables)
     command -v npm >/dev/null 2>&1 || apt_packages+=(npm)
 fi
 command -v rabbitmq-server >/dev/null 2>&1 || apt_packages+=(rabbitmq-server)

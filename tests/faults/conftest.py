@@ -17,6 +17,7 @@ import pytest
 
 from tests.faults.checker import Report, header
 from tests.faults.device import CountingAgent
+from tests.support.netns import broker_link  # noqa: F401 - scenarios 6, 7: a poller's link
 
 _REPORTS: list[Report] = []
 

@@ -17,6 +17,7 @@ skipped with the reason, except in CI (`CI` set), where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,13 +26,21 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-__all__ = ["BlackHoleNetns", "blackhole_netns", "has_ipv6_loopback", "netns_unavailable_reason"]
+__all__ = [
+    "BlackHoleNetns",
+    "BrokerLink",
+    "blackhole_netns",
+    "broker_link",
+    "has_ipv6_loopback",
+    "netns_unavailable_reason",
+]
 
 _ROOT = Path(__file__).resolve().parents[2]
 #: A locally administered MAC address that no interface has: frames for it are dropped.
@@ -120,3 +129,177 @@ def blackhole_netns() -> Iterator[BlackHoleNetns]:
         yield ns
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20, check=False)
+
+
+# ---------------------------------------------------------------- a poller's link to its broker
+
+
+def iptables_unavailable_reason() -> str | None:
+    """Why this machine cannot filter packets in a namespace, or None when it can."""
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        return reason
+    if shutil.which("iptables") is None:
+        return "`iptables` is not installed (scripts/setup.sh --tests installs it)"
+    return None
+
+
+@dataclass
+class BrokerLink:
+    """Two namespaces of a test: `poller` (the poller under test) and `net` (the network between
+    it and the broker), joined by a veth pair (`pl0` in `poller`, `pl1` in `net`) addressed
+    with TEST-NET-1. In `net`, a forwarder (tests/support/nsforward.py) listens on
+    `net_ip:5672` and connects to the machine's broker on 127.0.0.1; nothing is added to the
+    machine's own namespace.
+
+    Faults are iptables rules on the link, each dropping packets where they arrive (the sender
+    sees silence, never an error): poller -> broker in `net`'s INPUT, broker -> poller in
+    `poller`'s INPUT. Only the broker's TCP port is filtered: a device in `net` stays reachable.
+    """
+
+    poller_ns: str
+    net_ns: str
+    broker_host: str
+    broker_port: int
+    poller_ip: str = "192.0.2.1"
+    net_ip: str = "192.0.2.2"
+    port: int = 5672
+    forwarder: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def dsn(self, dsn: str) -> str:
+        """`dsn` (a URL of the machine's broker) as seen from the namespaces: via the forwarder."""
+        parts = urlsplit(dsn)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = (
+            f"{userinfo}@{self.net_ip}:{self.port}" if userinfo else f"{self.net_ip}:{self.port}"
+        )
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def wrap(self, side: str = "poller") -> list[str]:
+        """A command prefix that runs a process in the `poller` or `net` namespace."""
+        return ["ip", "netns", "exec", self.poller_ns if side == "poller" else self.net_ns]
+
+    @contextlib.contextmanager
+    def inside(self, side: str = "net") -> Iterator[None]:
+        """Sockets made in the block (by this thread) belong to the `net` or `poller` side."""
+        from tests.support.nsforward import inside  # noqa: PLC0415 - Linux only
+
+        with inside(self.net_ns if side == "net" else self.poller_ns):
+            yield
+
+    def _iptables(self, ns: str, *args: str) -> str:
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, "iptables", "-w", "5", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return done.stdout
+
+    def partition(self, *, inbound_only: bool = False) -> None:
+        """Drop the broker's traffic to the poller and, unless `inbound_only`, the poller's to
+        the broker."""
+        port = str(self.port)
+        self._iptables(self.poller_ns, "-A", "INPUT", "-i", "pl0", "-p", "tcp", "--sport", port,
+                       "-j", "DROP")  # fmt: skip
+        if not inbound_only:
+            self._iptables(self.net_ns, "-A", "INPUT", "-i", "pl1", "-p", "tcp", "--dport", port,
+                           "-j", "DROP")  # fmt: skip
+
+    def uplink_loss(self, probability: float) -> None:
+        """Drop the given share of the poller's packets to the broker, at random (replaces any
+        earlier loss)."""
+        self.heal()
+        self._iptables(self.net_ns, "-A", "INPUT", "-i", "pl1", "-p", "tcp", "--dport",
+                       str(self.port), "-m", "statistic", "--mode", "random", "--probability",
+                       f"{probability:.4f}", "-j", "DROP")  # fmt: skip
+
+    def heal(self) -> None:
+        """Remove every rule: the link carries everything again."""
+        for ns in (self.poller_ns, self.net_ns):
+            self._iptables(ns, "-F", "INPUT")
+
+    def dropped(self) -> int:
+        """Packets dropped so far by the rules in place (both sides)."""
+        total = 0
+        for ns in (self.poller_ns, self.net_ns):
+            for line in self._iptables(ns, "-L", "INPUT", "-v", "-x", "-n").splitlines()[2:]:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "DROP":
+                    total += int(fields[0])
+        return total
+
+
+def _start_forwarder(link: BrokerLink) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.nsforward",
+            "--netns",
+            link.net_ns,
+            "--listen",
+            f"{link.net_ip}:{link.port}",
+            "--connect",
+            f"{link.broker_host}:{link.broker_port}",
+        ],
+        cwd=_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "ready", or an error and EOF
+    if line.strip() != b"ready":
+        proc.kill()
+        proc.wait(10)
+        rest = proc.stdout.read().decode(errors="replace")
+        proc.stdout.close()
+        raise AssertionError(f"the forwarder did not start: {line.decode(errors='replace')}{rest}")
+    return proc
+
+
+@pytest.fixture
+def broker_link() -> Iterator[BrokerLink]:
+    """A `BrokerLink` to the machine's broker (`TEST_RABBITMQ_HOST`/`_PORT`); deleted after the
+    test, even when it fails. Without root, iproute2 or iptables: skipped with the reason (a
+    failure in CI)."""
+    reason = iptables_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the network-namespace tests must run in CI: {reason}")
+        pytest.skip(reason)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    link = BrokerLink(
+        poller_ns=f"usm-p-{tag}",
+        net_ns=f"usm-n-{tag}",
+        broker_host=os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1"),
+        broker_port=int(os.environ.get("TEST_RABBITMQ_PORT", "5672")),
+    )
+    made: list[str] = []
+    try:
+        for ns in (link.poller_ns, link.net_ns):
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", link.poller_ns, "link", "add", "pl0", "type", "veth",
+            "peer", "name", "pl1", "netns", link.net_ns)  # fmt: skip
+        _ip("-n", link.poller_ns, "addr", "add", f"{link.poller_ip}/30", "dev", "pl0")
+        _ip("-n", link.net_ns, "addr", "add", f"{link.net_ip}/30", "dev", "pl1")
+        _ip("-n", link.poller_ns, "link", "set", "pl0", "up")
+        _ip("-n", link.net_ns, "link", "set", "pl1", "up")
+        link.forwarder = _start_forwarder(link)
+        yield link
+    finally:
+        if link.forwarder is not None:
+            link.forwarder.terminate()
+            try:
+                link.forwarder.wait(10)
+            except subprocess.TimeoutExpired:
+                link.forwarder.kill()
+                link.forwarder.wait(10)
+            if link.forwarder.stdout is not None:
+                link.forwarder.stdout.close()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20, check=False)
