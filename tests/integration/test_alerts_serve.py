@@ -41,6 +41,7 @@ def wait_for(
     raise AssertionError(f"wanted {states} for {sid}; got {[r.json() for r in found]}")
 
 
+@pytest.mark.timeout(300)  # two serve replicas and two pollers start: slow on a loaded machine
 def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
     *,
     start_serve: ServeFactory,
