@@ -489,19 +489,19 @@ async def apply_finding(
         if row.evaluated_at > now:
             return None  # a newer evaluation is recorded already
         new, since = _next_state(row.state, row.since, finding, now)
+        summary = finding.summary
+        if new == "firing" and finding.hold > 0:
+            summary += f" (for {(now - since).total_seconds():.0f} s)"
         if row.state == new:
             await conn.execute(
                 alert_states.update()
                 .where(where & (alert_states.c.seq == row.seq))
                 .values(
                     evaluated_at=now,
-                    summary=finding.summary[:500] if finding.firing else row.summary,
+                    summary=summary[:500] if finding.firing else row.summary,
                 )
             )
             return None
-        summary = finding.summary
-        if new == "firing" and finding.hold > 0:
-            summary += f" (for {(now - since).total_seconds():.0f} s)"
         changed = await conn.execute(
             alert_states.update()
             .where(where & (alert_states.c.seq == row.seq))

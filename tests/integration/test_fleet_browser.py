@@ -217,7 +217,7 @@ def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots
     page.click('nav a[href="/schedules"]')
     row = page.locator(f'tr[data-schedule="{name}"]')
     assert row.locator('td[data-label="Satellite"]').inner_text().strip() == scene.healthy
-    row.locator(f'button[aria-label="Run {name} now"]').click()
+    row.locator(f'button[aria-label="Run now: {name}"]').click()
     page.wait_for_url(f"{base}/schedules?done=*")
     assert f"{name}: run now, 1 job(s) published." in page.inner_text("main")
     row.locator(f'button[aria-label="Pause {name}"]').click()
