@@ -448,7 +448,9 @@ def _next_state(
     seen for the finding's `hold`, then `firing` since it was first seen."""
     if not finding.firing:
         return "ok", now
-    if state == "firing" or finding.hold <= 0:
+    if state == "firing":
+        return "firing", since
+    if finding.hold <= 0:
         return "firing", now
     if state == "pending":
         if (now - since).total_seconds() >= finding.hold:
