@@ -4,9 +4,12 @@ Every replica runs `AlertEngine.run()`: each `interval` (60 s; `USM_CORE_ALERT_I
 builds the fleet page's rows (`web.overview.collect` over `FleetWatch` and the history), and
 tries to claim the evaluation slot (`floor(epoch / interval)`, a primary key in
 `alert_evaluations`); the replica that inserts the slot evaluates every rule for every satellite.
-A state change (`ok` -> `firing`, `firing` -> `ok`) is a compare-and-set on `alert_states.seq`,
-and in the same transaction one outbox row per channel is inserted (unique per change and
-channel), unless a silence covers the satellite. The sender (notify.py) delivers the outbox.
+A state change (`ok` -> `pending` -> `firing` -> `ok`) is a compare-and-set on
+`alert_states.seq`; `satellite_down` passes through `pending` until consecutive evaluations
+(whichever replica made them) have seen it for `after` seconds, so that one stale look does not
+fire it. On `firing` and on its end, in the same transaction, one outbox row per channel is
+inserted (unique per change and channel), unless a silence covers the satellite. The sender
+(notify.py) delivers the outbox.
 
 `USM_CORE_ALERTS_FILE` (YAML) names the channels and may override the rules:
 
@@ -314,6 +317,8 @@ class Finding:
     satellite_id: str
     firing: bool
     summary: str
+    hold: float = 0.0
+    """Seconds the condition must last (seen by consecutive evaluations) before it fires."""
 
 
 def evaluate_row(
@@ -321,31 +326,31 @@ def evaluate_row(
     rules: dict[str, Rule],
     *,
     growing_since: float | None = None,
-    idle_since: float | None = None,
     now_mono: float | None = None,
 ) -> list[Finding]:
-    """Every enabled rule's verdict for one satellite (firing or not, and why).
+    """Every enabled rule's verdict on one look at one satellite (firing or not, and why).
 
-    `growing_since` / `idle_since`: since when (monotonic) the queue has only grown / had no
-    consumer, as this replica observed; `now_mono` the time of this evaluation. Without them
-    (a single look) the queue's state counts from now: no consumer fires at once.
+    `growing_since`: since when (monotonic) the queue has only grown, as this replica observed;
+    `now_mono` the time of this evaluation. `satellite_down` is this look's verdict with its
+    `hold` (`after`): it fires only once the store has seen it in consecutive evaluations
+    spanning `after` seconds (`apply_finding`), so one stale look (the management API's lagging
+    consumer count, a heartbeat this replica missed) does not fire it.
     """
     out: list[Finding] = []
     sid = facts.satellite_id
 
-    def add(rule: str, firing: bool, summary: str) -> None:
+    def add(rule: str, firing: bool, summary: str, hold: float = 0.0) -> None:
         if rules[rule].enabled:
-            out.append(Finding(rule, sid, firing, summary if firing else "back to normal"))
+            out.append(Finding(rule, sid, firing, summary if firing else "back to normal", hold))
 
     down = rules["satellite_down"]
-    idle_for = 0.0 if idle_since is None or now_mono is None else now_mono - idle_since
-    if facts.consumers == 0 and (now_mono is None or idle_for >= down.after):
-        why = f"{sid}: no consumer on its job queue for {max(idle_for, down.after):.0f} s"
+    if facts.consumers == 0:
+        why = f"{sid}: no consumer on its job queue"
     elif facts.replicas == 0:
         why = f"{sid}: no poller heartbeat for {down.after:g} s"
     else:
         why = ""
-    add("satellite_down", bool(why), why)
+    add("satellite_down", bool(why), why, down.after)
     backlog = rules["backlog"]
     growing = (
         growing_since is not None
@@ -436,6 +441,24 @@ def silenced(silences: Iterable[dict[str, Any]], satellite_id: str, rule: str) -
     return any(s["satellite_id"] == satellite_id and s["rule"] in (None, rule) for s in silences)
 
 
+def _next_state(
+    state: str, since: datetime, finding: Finding, now: datetime
+) -> tuple[str, datetime]:
+    """The state after this verdict and since when: `pending` until the condition has been
+    seen for the finding's `hold`, then `firing` since it was first seen."""
+    if not finding.firing:
+        return "ok", now
+    if state == "firing":
+        return "firing", since
+    if finding.hold <= 0:
+        return "firing", now
+    if state == "pending":
+        if (now - since).total_seconds() >= finding.hold:
+            return "firing", since
+        return "pending", since
+    return "pending", now
+
+
 async def apply_finding(
     engine: AsyncEngine,
     finding: Finding,
@@ -445,8 +468,12 @@ async def apply_finding(
     mute: bool,
 ) -> str | None:
     """Record the verdict; on a state change (claimed once) queue it per channel. The new
-    state when it changed, else None."""
-    new = "firing" if finding.firing else "ok"
+    state when it changed, else None.
+
+    States: `ok`, `pending` (the condition was seen, for less than the finding's `hold`;
+    nothing is sent), `firing`. A verdict older than the one last recorded (a replica that
+    was slow between its look and this write) is ignored: a stale look never undoes a newer
+    one."""
     key = {"rule": finding.rule, "satellite_id": finding.satellite_id}
     where = (alert_states.c.rule == finding.rule) & (
         alert_states.c.satellite_id == finding.satellite_id
@@ -454,24 +481,26 @@ async def apply_finding(
     async with engine.begin() as conn:
         row = (await conn.execute(sa.select(alert_states).where(where))).first()
         if row is None:
-            if not finding.firing:
-                stmt = _insert(conn, alert_states).values(
-                    **key, state="ok", since=now, summary="", seq=0, evaluated_at=now
-                )
-                await conn.execute(stmt.on_conflict_do_nothing())
-                return None
             stmt = _insert(conn, alert_states).values(
                 **key, state="ok", since=now, summary="", seq=0, evaluated_at=now
             )
             await conn.execute(stmt.on_conflict_do_nothing())
+            if not finding.firing:
+                return None
             row = (await conn.execute(sa.select(alert_states).where(where))).one()
+        if row.evaluated_at > now:
+            return None  # a newer evaluation is recorded already
+        new, since = _next_state(row.state, row.since, finding, now)
+        summary = finding.summary
+        if new == "firing" and finding.hold > 0:
+            summary += f" (for {(now - since).total_seconds():.0f} s)"
         if row.state == new:
             await conn.execute(
                 alert_states.update()
                 .where(where & (alert_states.c.seq == row.seq))
                 .values(
                     evaluated_at=now,
-                    summary=finding.summary[:500] if finding.firing else row.summary,
+                    summary=summary[:500] if finding.firing else row.summary,
                 )
             )
             return None
@@ -480,18 +509,20 @@ async def apply_finding(
             .where(where & (alert_states.c.seq == row.seq))
             .values(
                 state=new,
-                since=now,
+                since=since,
                 seq=row.seq + 1,
                 evaluated_at=now,
-                summary=(finding.summary if finding.firing else row.summary)[:500],
+                summary=(summary if finding.firing else row.summary)[:500],
             )
         )
         if changed.rowcount != 1:
             return None  # another replica recorded this change
-        if mute or not channels:
+        # Only firing and leaving `firing` are news (`pending` and back are not).
+        news = (new == "firing") or (row.state == "firing")
+        if not news or mute or not channels:
             return new
         event = f"{finding.rule}/{finding.satellite_id}/{row.seq + 1}"
-        summary = finding.summary if finding.firing else f"resolved: {row.summary}"
+        summary = summary if finding.firing else f"resolved: {row.summary}"
         for channel in channels:
             stmt = _insert(conn, alert_outbox).values(
                 event=event,
@@ -499,7 +530,7 @@ async def apply_finding(
                 rule=finding.rule,
                 satellite_id=finding.satellite_id,
                 state="firing" if finding.firing else "resolved",
-                since=now,
+                since=since,
                 summary=summary[:500],
                 created_at=now,
                 next_attempt_at=now,
@@ -586,7 +617,6 @@ class AlertEngine:
         self.interval = interval
         self.clock = clock
         self.growth = Growth()
-        self._idle_since: dict[str, float] = {}
         self.started = time.monotonic()
         self.evaluations = 0
         self.changes = 0
@@ -597,7 +627,6 @@ class AlertEngine:
         found = await self.facts()
         mono = time.monotonic()
         since = {f.satellite_id: self.growth.sample(f.satellite_id, f.ready, mono) for f in found}
-        idle = {f.satellite_id: self._idle(f, mono) for f in found}
         slot = math.floor(now.timestamp() / self.interval)
         if not await claim_slot(self.engine, slot, self.replica, now):
             return False
@@ -610,7 +639,6 @@ class AlertEngine:
                 facts,
                 self.config.rules,
                 growing_since=since[facts.satellite_id],
-                idle_since=idle[facts.satellite_id],
                 now_mono=mono,
             ):
                 if young and finding.rule == "satellite_down":
@@ -628,16 +656,6 @@ class AlertEngine:
                         silenced=mute,
                     )
         return True
-
-    def _idle(self, facts: Facts, now: float) -> float | None:
-        """Since when this replica has seen no consumer on the satellite's queue (or None).
-
-        The management API's consumer count lags by up to its statistics interval (5 s), and
-        a poller restarting is briefly away: only an absence for `after` seconds counts."""
-        if facts.consumers != 0:
-            self._idle_since.pop(facts.satellite_id, None)
-            return None
-        return self._idle_since.setdefault(facts.satellite_id, now)
 
     async def run(self) -> None:
         while True:

@@ -1,6 +1,8 @@
 """Alerts end to end: two real `satellite serve` replicas on PostgreSQL, a real poller, a local
 webhook receiver. A SIGKILLed poller is `satellite_down` (firing) and, once a poller is back,
-`resolved`: each delivered exactly once across the replicas, and listed by the API and the CLI."""
+`resolved`: each delivered exactly once across the replicas (no flap: a stale look at the
+lagging consumer count or at heartbeats does not fire it again), and listed by the API and the
+CLI."""
 
 from __future__ import annotations
 
@@ -39,13 +41,7 @@ def wait_for(
     raise AssertionError(f"wanted {states} for {sid}; got {[r.json() for r in found]}")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known flap, under investigation: in full-suite runs satellite_down fired a second "
-    "time a few seconds after the restarted poller had resolved it (rule `after: 6` s is below "
-    "the poller's 10 s heartbeat interval and the management API's 5 s consumer-count lag); "
-    "passes alone",
-)
+@pytest.mark.timeout(300)  # two serve replicas and two pollers start: slow on a loaded machine
 def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
     *,
     start_serve: ServeFactory,

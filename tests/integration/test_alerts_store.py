@@ -23,7 +23,9 @@ from satellite.service.alerts import (
     Facts,
     add_silence,
     alert_states_list,
+    apply_finding,
     archive_page,
+    evaluate_row,
     parse_alerts,
 )
 from satellite.service.notify import FAILING_AFTER, Sender, SenderCollector, channel_report
@@ -120,6 +122,56 @@ async def test_two_replicas_record_each_state_change_once(store: Store) -> None:
     assert states["satellite_down", "sat-a"]["state"] == "ok"
     assert states["satellite_down", "sat-a"]["seq"] == 2
     assert states["dlq", "sat-a"]["state"] == "ok"
+
+
+async def test_one_stale_look_neither_fires_nor_undoes_a_newer_one(store: Store) -> None:
+    """satellite_down (`after: 6`, evaluated every 2 s by two replicas in turn) fires only once
+    consecutive evaluations have seen it for 6 s: a single look at a lagging consumer count or a
+    missed heartbeat, between healthy ones, is `pending` and sends nothing; and a verdict older
+    than the one recorded (a replica slow between its look and its write) changes nothing."""
+    looks: list[Facts] = []
+
+    async def source() -> list[Facts]:
+        return [looks.pop(0)]
+
+    clock = Clock()
+    cfg = config(HOOKS | {"rules": {"satellite_down": {"after": 6}}})
+    engines = [
+        AlertEngine(store.engine, cfg, source, replica=f"r{n}", interval=2, clock=clock)
+        for n in range(2)
+    ]
+    for engine in engines:
+        engine.started -= 120
+
+    async def look(n: int, seen: Facts) -> None:
+        looks.append(seen)
+        clock.now += timedelta(seconds=2)
+        assert await engines[n % 2].tick()
+
+    async def down() -> str:
+        states = await alert_states_list(store.engine)
+        return next(str(s["state"]) for s in states if s["rule"] == "satellite_down")
+
+    # Healthy, one stale look each way (no consumer; no heartbeat), healthy again.
+    for n, seen in enumerate([facts(), facts(consumers=0), facts(), facts(replicas=0), facts()]):
+        await look(n, seen)
+    assert await outbox(store) == []
+    # Down for 4 consecutive evaluations (6 s from the first): pending, then firing once.
+    seen_states = []
+    for n in range(4):
+        await look(n, facts(consumers=0))
+        seen_states.append(await down())
+    assert seen_states == ["pending", "pending", "pending", "firing"]
+    rows = await outbox(store)
+    assert [(r["rule"], r["state"]) for r in rows] == [("satellite_down", "firing")]
+    assert "for 6 s" in str(rows[0]["summary"])
+    # Back; then a slow replica writes the look it took before that: nothing changes.
+    await look(0, facts())
+    stale = clock.now - timedelta(seconds=1)
+    (late,) = [f for f in evaluate_row(facts(consumers=0), cfg.rules) if f.rule == "satellite_down"]
+    assert await apply_finding(store.engine, late, stale, ["ops"], mute=False) is None
+    assert await down() == "ok"
+    assert [r["state"] for r in await outbox(store)] == ["firing", "resolved"]
 
 
 async def test_a_silenced_satellite_changes_state_without_a_notification(store: Store) -> None:

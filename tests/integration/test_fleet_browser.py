@@ -1,9 +1,11 @@
 """The fleet page in a real browser: Debian's chromium driven by Playwright (no browser
 download), against a real `satellite serve` with two satellites, one of them stopped.
 
-Login, the rows in attention order, the satellite and job pages, replay from the page, the page
-without JavaScript and its self-refresh, light and dark schemes and a phone-sized viewport, and
-an axe-core pass over every page (no serious or critical violation). Screenshots go to
+Login, the rows in attention order, the satellite and job pages, replay from the page, the
+schedules page (run now and pause as admin; no buttons and a 403 for a reader), the alerts page
+(firing alerts per satellite, the failing channel, every attempt), the page without JavaScript
+and its self-refresh, light and dark schemes and a phone-sized viewport, and an axe-core pass
+over every page (no serious or critical violation). Screenshots go to
 `$USM_TEST_ARTIFACTS/screenshots` (default `.artifacts/screenshots`); the test prints the folder.
 Without chromium or axe-core (scripts/setup.sh installs both) the test is skipped locally and
 fails under CI.
@@ -182,6 +184,22 @@ def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots
     page.press("#q", "Enter")
     assert page.locator(f'a[href="/jobs/{scene.answered_job}"]').count() == 1
 
+    # The schedules page as a reader: every schedule, no button; a POST anyway is refused.
+    name = scene.schedules[0]
+    page.click('nav a[href="/schedules"]')
+    page.wait_for_url(f"{base}/schedules")
+    listed = page.eval_on_selector_all(
+        "tr[data-schedule]", "trs => trs.map(t => t.dataset.schedule)"
+    )
+    assert sorted(listed) == sorted(scene.schedules)
+    assert page.locator("tr[data-schedule] button").count() == 0
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    refused = page.request.post(
+        f"{base}/schedules/{name}/pause", form={"csrf": csrf or ""}, max_redirects=0
+    )
+    assert refused.status == 403
+    problems[:] = [p for p in problems if f"/schedules/{name}/pause" not in p]
+
     # Log out, log in as admin, replay one dead letter from the page.
     page.click(".who button")
     page.wait_for_url(f"{base}/login")
@@ -194,6 +212,54 @@ def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots
         e.get_attribute("data-letter") for e in page.locator("tr[data-letter]").all()
     ] == scene.letters[1:]
     page.screenshot(path=shots / "replayed-light.png", full_page=True)
+
+    # Schedules as admin: run one now (its own slot: one job, published once), then pause it.
+    page.click('nav a[href="/schedules"]')
+    row = page.locator(f'tr[data-schedule="{name}"]')
+    assert row.locator('td[data-label="Satellite"]').inner_text().strip() == scene.healthy
+    row.locator(f'button[aria-label="Run now: {name}"]').click()
+    page.wait_for_url(f"{base}/schedules?done=*")
+    assert f"{name}: run now, 1 job(s) published." in page.inner_text("main")
+    row.locator(f'button[aria-label="Pause {name}"]').click()
+    page.wait_for_url(f"{base}/schedules?done=*")
+    assert f"{name}: paused." in page.inner_text("main")
+    assert row.locator("td.state").inner_text().strip() == "paused"
+    assert row.locator(f'button[aria-label="Resume {name}"]').count() == 1
+    with scene.serve.tcp(scene.admin) as api:
+        assert api.get(f"/v1/schedules/{name}").json()["paused"] is True
+        ran = api.get("/v1/jobs", params={"source": f"schedule:{name}"}).json()["items"]
+    assert [j["id"].startswith(f"{name}:run") for j in ran] == [True]
+    page.set_viewport_size({"width": 1200, "height": 200})  # docs/img/schedules.png
+    page.screenshot(path=shots / "schedules-light.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
+    # The satellite page lists its schedules (with the same buttons).
+    page.goto(f"{base}/satellites/{scene.healthy}")
+    assert page.locator(f'tr[data-schedule="{name}"] td.state').inner_text().strip() == "paused"
+
+    # Alerts: the stopped satellite fires; `pager` (always 500) is failing, every attempt shown.
+    page.click('nav a[href="/alerts"]')
+    firing = f'section[data-satellite="{scene.stopped}"] tr[data-rule="satellite_down"]'
+    for _ in range(120):
+        page.goto(f"{base}/alerts")
+        if (
+            page.locator(f'{firing}[data-state="firing"]').count()
+            and page.locator('tr[data-channel="pager"].row-critical').count()
+        ):
+            break
+        page.wait_for_timeout(500)
+    else:
+        raise AssertionError(page.inner_text("main"))
+    assert page.locator('tr[data-status="failed"] td[data-label="HTTP"]').first.inner_text() == (
+        "500"
+    )
+    assert page.locator('tr[data-status="sent"]').count() >= 1
+    assert any(
+        r.json()["satellite"] == scene.stopped and r.json()["alert"] == "satellite_down"
+        for r in scene.ops.requests
+    )
+    page.set_viewport_size({"width": 1200, "height": 200})  # docs/img/alerts.png
+    page.screenshot(path=shots / "alerts-light.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
     assert problems == []
     assert outside == []
     context.close()
@@ -254,6 +320,8 @@ def test_the_pages_pass_axe(browser: Any, fleet_scene: FleetScene) -> None:
         f"/jobs?q={scene.host}",
         f"/jobs/{scene.answered_job}",
         "/jobs?q=nothing-here",
+        "/schedules",
+        "/alerts",
     ]
     found: dict[str, list[str]] = {}
     for scheme, viewport in (("light", DESKTOP), ("dark", DESKTOP), ("light", PHONE)):

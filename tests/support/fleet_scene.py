@@ -5,7 +5,9 @@
 one's DLQ, a job in its queue submitted through the service and one in its interactive lane,
 and results in the history (one answered job with its host and duration, and three errors
 with codes) for `healthy`. The ids are chosen so that alphabetical order is the reverse of
-attention order.
+attention order. The service runs two hourly schedules (`schedules`: one per satellite, the
+healthy one's polling the local snmpd) and alerts every 2 s to two webhooks: `ops` answers
+200, `pager` always 500 (a failing channel).
 
 ```python
 def test_x(fleet_scene: FleetScene) -> None:
@@ -32,6 +34,7 @@ from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
 from tests.support.poller_proc import PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost
+from tests.support.receiver import ThreadedReceiver
 from tests.support.serve_proc import ServeFactory, ServeProcess
 from tests.support.snmpd import Snmpd
 
@@ -49,6 +52,9 @@ class FleetScene:
     answered_job: str
     queued_job: str
     host: str
+    schedules: list[str]
+    ops: ThreadedReceiver
+    pager: ThreadedReceiver
 
 
 def _dead_letter(dsn: str, sid: str, job_ids: list[str]) -> None:
@@ -145,6 +151,59 @@ def wait_for_rows(
     raise AssertionError(f"the fleet page never showed {want}; last rows {rows}")
 
 
+def _service_files(
+    tmp_path: Path, healthy: str, stopped: str, snmpd: Snmpd, *, ops: str, pager: str
+) -> tuple[dict[str, str], list[str]]:
+    """The schedules and alerts files of the scene's service, as its environment."""
+    names = [f"{healthy}-sysname", f"{stopped}-walk"]
+    auth = {"version": "2c", "community": snmpd.community}
+    common = {"every": 3600, "spread": False, "kind": "snmp.get", "timeout": 5}
+    schedules = tmp_path / "schedules.yaml"
+    schedules.write_text(
+        json.dumps(
+            {
+                "schedules": [
+                    common
+                    | {
+                        "name": names[0],
+                        "satellite": healthy,
+                        "params": {"oids": ["1.3.6.1.2.1.1.5.0"]},
+                        "auth": auth,
+                        "targets": [{"host": snmpd.host, "port": snmpd.port}],
+                    },
+                    common
+                    | {
+                        "name": names[1],
+                        "satellite": stopped,
+                        "params": {"oids": ["1.3.6.1.2.1.1.3.0"]},
+                        "auth": auth,
+                        "targets": [{"host": "192.0.2.9"}, {"host": "192.0.2.10"}],
+                    },
+                ]
+            }
+        )
+    )
+    alerts = tmp_path / "alerts.yaml"
+    alerts.write_text(
+        json.dumps(
+            {
+                "channels": [
+                    {"name": "ops", "type": "webhook", "url": ops + "/ops"},
+                    {"name": "pager", "type": "webhook", "url": pager + "/pager"},
+                ],
+                "rules": {"satellite_down": {"after": 4}},
+            }
+        )
+    )
+    env = {
+        "USM_CORE_SCHEDULES_FILE": str(schedules),
+        "USM_CORE_ALERTS_FILE": str(alerts),
+        "USM_CORE_ALERT_INTERVAL": "2",
+        "USM_CORE_ALERT_RETRY_BASE": "0.5",
+    }
+    return env, names
+
+
 @pytest.fixture
 def fleet_scene(
     amqp_vhost: AmqpVhost, tmp_path: Path, start_poller: PollerFactory, snmpd: Snmpd
@@ -161,34 +220,43 @@ def fleet_scene(
     letters = [f"{stopped}-dead{n}" for n in range(2)]
     _dead_letter(amqp_vhost.dsn, stopped, letters)
     _interactive_job(amqp_vhost.dsn, stopped)
-    factory = ServeFactory(amqp_vhost, tmp_path)
-    try:
-        serve = factory()
-        with serve.tcp(admin) as http:
-            answered = http.post(
-                f"/v1/satellites/{healthy}/jobs",
-                json={k: v for k, v in snmp_job(snmpd.host, snmpd.port).items() if k != "v"}
-                | {"auth": {"version": "2c", "community": snmpd.community}},
-                headers={"Prefer": "wait=30"},
+    with ThreadedReceiver() as ops, ThreadedReceiver([(500, {"error": "down"})]) as pager:
+        factory = ServeFactory(amqp_vhost, tmp_path)
+        try:
+            env, schedules = _service_files(
+                tmp_path, healthy, stopped, snmpd, ops=ops.url, pager=pager.url
             )
-            assert answered.status_code == 200, answered.text
-            assert answered.json()["status"] == "ok", answered.text
-            queued = http.post(
-                f"/v1/satellites/{stopped}/jobs",
-                json={k: v for k, v in snmp_job("192.0.2.7", 161).items() if k not in ("v", "id")},
+            serve = factory(env=env)
+            with serve.tcp(admin) as http:
+                answered = http.post(
+                    f"/v1/satellites/{healthy}/jobs",
+                    json={k: v for k, v in snmp_job(snmpd.host, snmpd.port).items() if k != "v"}
+                    | {"auth": {"version": "2c", "community": snmpd.community}},
+                    headers={"Prefer": "wait=30"},
+                )
+                assert answered.status_code == 200, answered.text
+                assert answered.json()["status"] == "ok", answered.text
+                queued = http.post(
+                    f"/v1/satellites/{stopped}/jobs",
+                    json={
+                        k: v for k, v in snmp_job("192.0.2.7", 161).items() if k not in ("v", "id")
+                    },
+                )
+                assert queued.status_code == 202, queued.text
+            _error_results(amqp_vhost.dsn, healthy, ["timeout", "timeout", "auth_failed"])
+            yield FleetScene(
+                serve,
+                admin,
+                reader,
+                healthy,
+                stopped,
+                letters,
+                answered.json()["id"],
+                queued.json()["id"],
+                snmpd.host,
+                schedules,
+                ops,
+                pager,
             )
-            assert queued.status_code == 202, queued.text
-        _error_results(amqp_vhost.dsn, healthy, ["timeout", "timeout", "auth_failed"])
-        yield FleetScene(
-            serve,
-            admin,
-            reader,
-            healthy,
-            stopped,
-            letters,
-            answered.json()["id"],
-            queued.json()["id"],
-            snmpd.host,
-        )
-    finally:
-        factory.kill_all()
+        finally:
+            factory.kill_all()

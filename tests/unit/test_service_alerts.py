@@ -65,10 +65,13 @@ def test_each_rule_fires_on_its_condition(kw: dict[str, object], rule: str) -> N
     assert firing(facts(**kw)) == {rule}
 
 
-def test_no_consumer_is_down_only_once_it_lasts_for_after_seconds() -> None:
-    idle = facts(consumers=0)
-    assert firing(idle, idle_since=100.0, now_mono=159.0) == set()
-    assert firing(idle, idle_since=100.0, now_mono=160.0) == {"satellite_down"}
+def test_satellite_down_holds_for_after_seconds_before_it_fires() -> None:
+    # The verdict of one look carries its hold: the store fires it once consecutive
+    # evaluations have seen it for `after` seconds (test_alerts_store.py).
+    down = [f for f in evaluate_row(facts(consumers=0), dict(DEFAULT_RULES)) if f.firing]
+    assert [(f.rule, f.hold) for f in down] == [("satellite_down", 60.0)]
+    others = evaluate_row(facts(dead_letters=1), dict(DEFAULT_RULES))
+    assert all(f.hold == 0 for f in others if f.rule != "satellite_down")
 
 
 def test_a_queue_growing_for_five_minutes_is_a_backlog() -> None:

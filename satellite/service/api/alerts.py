@@ -24,7 +24,7 @@ from satellite.service.auth import Principal, require
 from satellite.service.notify import channel_report
 from satellite.service.store import Store
 
-__all__ = ["router"]
+__all__ = ["alerts_overview", "router"]
 
 router = APIRouter(prefix="/v1", tags=["alerts"])
 
@@ -60,7 +60,11 @@ def _config(request: Request) -> AlertsConfig:
     dependencies=[Depends(require("read"))],
 )
 async def list_alerts(request: Request) -> dict[str, Any]:
-    store = _store(request)
+    return await alerts_overview(_store(request), _config(request))
+
+
+async def alerts_overview(store: Store, config: AlertsConfig) -> dict[str, Any]:
+    """`GET /v1/alerts` (and the alerts page): states per satellite, silences, channels."""
     now = datetime.now(UTC)
     states = await alert_states_list(store.engine)
     silences = await active_silences(store.engine, now)
@@ -68,16 +72,16 @@ async def list_alerts(request: Request) -> dict[str, Any]:
     for state in states:
         state["silenced"] = silenced(silences, state["satellite_id"], state["rule"])
         grouped.setdefault(state["satellite_id"], []).append(state)
+    order = {"firing": 0, "pending": 1}
     satellites: list[dict[str, Any]] = [
         {
             "satellite_id": sid,
             "firing": sum(1 for s in items if s["state"] == "firing"),
-            "alerts": sorted(items, key=lambda s: (s["state"] != "firing", s["rule"])),
+            "alerts": sorted(items, key=lambda s: (order.get(s["state"], 2), s["rule"])),
         }
         for sid, items in grouped.items()
     ]
     satellites.sort(key=lambda s: (-s["firing"], s["satellite_id"]))
-    config = _config(request)
     return {
         "firing": sum(s["firing"] for s in satellites),
         "satellites": satellites,

@@ -2,11 +2,14 @@
 
 `/` the fleet, one row per satellite in attention order; `/satellites/{id}` one satellite
 (replicas and their heartbeats, recent errors, slowest devices, its DLQ with replay);
-`/jobs` search by id or host and `/jobs/{id}` one job as JSON; `/login` and `/logout`.
+`/jobs` search by id or host and `/jobs/{id}` one job as JSON; `/schedules` every schedule
+(run now, pause, resume); `/alerts` the alerts per satellite, the silences, the channels and the
+notifications' archive; `/login` and `/logout`.
 
-Everything is readable without JavaScript; `static/refresh.js` reloads the fleet and satellite
-pages every `REFRESH_SECONDS` (a `<noscript>` meta refresh does it without script). Reading
-needs the `read` scope, replay needs `admin` (a POST form with a CSRF token). The pages use no
+Everything is readable without JavaScript; `static/refresh.js` reloads the fleet, satellite,
+schedules and alerts pages every `REFRESH_SECONDS` (a `<noscript>` meta refresh does it without
+script). Reading needs the `read` scope; replay, run now, pause and resume need `admin` (POST
+forms with a CSRF token). The pages use no
 resource from outside the service (a strict Content-Security-Policy says so to the browser).
 """
 
@@ -27,10 +30,13 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from poller import __version__
 from poller.logging import get_logger
+from satellite.service.alerts import AlertsConfig, archive_page
+from satellite.service.api.alerts import alerts_overview
 from satellite.service.auth import AuthProblem, Principal
 from satellite.service.deadletters import DeadLetterError, DeadLetters
 from satellite.service.fleet import FleetError, FleetWatch
 from satellite.service.jobs import JobService
+from satellite.service.scheduler import Scheduler, UnknownScheduleError
 from satellite.service.store import JobFilter
 from satellite.service.tokens import Scope, TokensError
 from satellite.service.web import session
@@ -46,12 +52,18 @@ REFRESH_SECONDS = 15
 HERE = Path(__file__).parent
 SatelliteId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 JobId = Annotated[str, PathParam(min_length=1, max_length=128)]
+ScheduleName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 
 _REPLAY_NOTE = re.compile(r"\d{1,6} replayed(, \d{1,6} not replayed)?")
+_SCHEDULE_NOTE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}: (paused|resumed|run now, \d{1,6} job\(s\) published)"
+)
+#: The notifications' archive rows on the alerts page.
+ARCHIVE_ROWS = 100
 
 router = APIRouter(include_in_schema=False)
 
@@ -188,6 +200,9 @@ async def satellite_page(satellite_id: SatelliteId, request: Request) -> Respons
         request,
         "satellite.html",
         who,
+        schedules=await _schedule_rows(request, satellite_id),
+        has_scheduler=_scheduler(request) is not None,
+        done=_schedule_note(request.query_params.get("done")),
         row=rows[0],
         replicas=[r.as_dict() for r in rows[0].status.replicas],
         errors=errors.items,
@@ -237,6 +252,126 @@ async def replay(satellite_id: SatelliteId, request: Request) -> Response:
         done += f", {len(report['not_found']) + len(report['failed'])} not replayed"
     return RedirectResponse(
         f"/satellites/{quote(satellite_id)}?{urlencode({'replayed': done})}", status_code=303
+    )
+
+
+def _scheduler(request: Request) -> Scheduler | None:
+    scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
+    return scheduler
+
+
+async def _schedule_rows(request: Request, satellite_id: str | None = None) -> list[Any]:
+    """Every schedule (of one satellite) with its stats, by satellite then name."""
+    scheduler = _scheduler(request)
+    if scheduler is None:
+        return []
+    out: list[dict[str, Any]] = []
+    for name, schedule in sorted(scheduler.file.schedules.items()):
+        if satellite_id is not None and schedule.satellite != satellite_id:
+            continue
+        try:
+            stats = await scheduler.stats(name)
+        except UnknownScheduleError:  # the file changed meanwhile
+            continue
+        skipped = sum(stats.skipped.values())
+        out.append(
+            {
+                "stats": stats,
+                "satellite": schedule.satellite,
+                "clock": f"every {stats.every} s" if stats.every else f"cron {stats.cron}",
+                "skipped": skipped,
+                "troubled": stats.failed > 0 or skipped > 0,
+            }
+        )
+    out.sort(key=lambda r: (str(r["satellite"]), r["stats"].name))
+    return out
+
+
+def _schedule_note(text: str | None) -> str | None:
+    """The report of run now / pause / resume carried by the redirect, only in its own form."""
+    return text if text and _SCHEDULE_NOTE.fullmatch(text) else None
+
+
+@router.get("/schedules", response_class=HTMLResponse)
+async def schedules_page(request: Request) -> Response:
+    who = _who(request, "read")
+    if isinstance(who, Response):
+        return who
+    return _render(
+        request,
+        "schedules.html",
+        who,
+        schedules=await _schedule_rows(request),
+        has_scheduler=_scheduler(request) is not None,
+        done=_schedule_note(request.query_params.get("done")),
+        refresh=REFRESH_SECONDS,
+    )
+
+
+@router.post("/schedules/{name}/{action}")
+async def schedule_action(name: ScheduleName, action: str, request: Request) -> Response:
+    """Run now, pause or resume a schedule; back to the page the form was on."""
+    who = _who(request, "admin")
+    if isinstance(who, Response):
+        return who
+    try:
+        form = await session.read_form(request)
+        session.check_csrf(request, form)
+    except (ValueError, session.CsrfError) as exc:
+        return _render(request, "error.html", who, 403, title="forbidden", detail=str(exc))
+    scheduler = _scheduler(request)
+    if action not in ("run", "pause", "resume"):
+        return _render(request, "error.html", who, 404, title="not_found", detail="no such action")
+    if scheduler is None:
+        detail = "this service runs no schedules (set USM_CORE_SCHEDULES_FILE)"
+        return _render(request, "error.html", who, 404, title="no_schedules", detail=detail)
+    try:
+        satellite = scheduler.get(name).satellite
+        if action == "run":
+            # A run is its own claimed slot (`run<epoch ms>`): published once, as the API's.
+            published = await scheduler.run_now(name)
+            done = f"{name}: run now, {len(published)} job(s) published"
+        else:
+            await scheduler.set_paused(name, action == "pause")
+            done = f"{name}: {'paused' if action == 'pause' else 'resumed'}"
+    except UnknownScheduleError:
+        return _render(
+            request,
+            "error.html",
+            who,
+            404,
+            title="unknown_schedule",
+            detail=f"no schedule {name!r} in the file",
+        )
+    log.info("schedule_action_from_page", schedule=name, action=action, by=who.name)
+    back = f"/satellites/{quote(satellite)}" if form.get("back") == "satellite" else "/schedules"
+    return RedirectResponse(f"{back}?{urlencode({'done': done})}", status_code=303)
+
+
+@router.get("/alerts", response_class=HTMLResponse)
+async def alerts_page(request: Request) -> Response:
+    who = _who(request, "read")
+    if isinstance(who, Response):
+        return who
+    store = request.app.state.store
+    config: AlertsConfig = request.app.state.alerts_config
+    overview = await alerts_overview(store, config)
+    groups = []
+    for sat in overview["satellites"]:
+        shown = [a for a in sat["alerts"] if a["state"] != "ok" or a["seq"] > 0]
+        if shown:
+            groups.append({**sat, "alerts": shown, "quiet": len(sat["alerts"]) - len(shown)})
+    archive = await archive_page(store.engine, limit=ARCHIVE_ROWS)
+    return _render(
+        request,
+        "alerts.html",
+        who,
+        overview=overview,
+        groups=groups,
+        archive=archive,
+        failing={c["name"] for c in overview["channels"] if c["failing"]},
+        archive_rows=ARCHIVE_ROWS,
+        refresh=REFRESH_SECONDS,
     )
 
 
