@@ -124,6 +124,9 @@ class Store:
     ) -> Page:
         return await queries.search(self.engine, where, limit=limit, cursor=cursor)
 
-    async def purge(self, retention_days: int, *, batch: int = 1000) -> int:
+    async def purge(
+        self, retention_days: int, *, batch: int = 1000, max_batches: int = 1_000_000
+    ) -> int:
+        """Delete the rows created more than `retention_days` ago, in short batches."""
         cutoff = self.clock() - timedelta(days=retention_days)
-        return await queries.purge_before(self.engine, cutoff, batch=batch)
+        return await queries.purge_before(self.engine, cutoff, batch=batch, max_batches=max_batches)
