@@ -21,7 +21,7 @@ import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -50,6 +50,7 @@ __all__ = [
     "mark_not_published_many",
     "mark_overdue",
     "pg_result_arrays",
+    "purge_batch",
     "purge_before",
     "queued_record",
     "queued_row",
@@ -64,6 +65,8 @@ __all__ = [
 #: Error code of a job whose publish the broker did not confirm.
 NOT_PUBLISHED = "not_published"
 MAX_PAGE = 1000
+#: Seconds one retention pass may run; the next pass (an hour later) carries on.
+PURGE_PASS_SECONDS = 600.0
 
 Status = Literal["queued", "ok", "error", "overdue"]
 
@@ -482,33 +485,45 @@ async def search(
     return Page(items, encode_cursor(items[-1]) if more and items else None)
 
 
+def purge_batch(cutoff: datetime, batch: int) -> Any:
+    """The DELETE of (at most) the `batch` oldest rows created before `cutoff`."""
+    oldest = (
+        sa.select(jobs.c.id)
+        .where(jobs.c.created_at < cutoff)
+        .order_by(jobs.c.created_at)
+        .limit(batch)
+    )
+    return jobs.delete().where(jobs.c.id.in_(oldest.scalar_subquery()))
+
+
 async def purge_before(
     engine: AsyncEngine,
     cutoff: datetime,
     *,
     batch: int = 1000,
     max_batches: int = 1_000_000,
-    max_seconds: float = 900.0,
+    max_seconds: float = PURGE_PASS_SECONDS,
+    delete: Callable[[Any], Awaitable[int]] | None = None,
 ) -> int:
     """Delete rows created before `cutoff`, `batch` rows per transaction; how many were deleted.
 
     Each batch is its own short transaction (its row locks last one batch), and the pass goes
     on until no old row is left, or `max_batches` or `max_seconds` are spent (the next pass
-    carries on).
+    carries on). `delete` runs one batch's statement in its own transaction (default: on
+    `engine`; SQLite's writer thread passes its own).
     """
+
+    async def on_engine(statement: Any) -> int:
+        async with engine.begin() as conn:
+            return (await conn.execute(statement)).rowcount
+
+    run = delete or on_engine
     total = 0
     loop = asyncio.get_running_loop()
     give_up = loop.time() + max_seconds
     for _ in range(max_batches):
-        oldest = (
-            sa.select(jobs.c.id)
-            .where(jobs.c.created_at < cutoff)
-            .order_by(jobs.c.created_at)
-            .limit(batch)
-        )
-        async with engine.begin() as conn:
-            done = await conn.execute(jobs.delete().where(jobs.c.id.in_(oldest.scalar_subquery())))
-        total += done.rowcount
-        if done.rowcount < batch or loop.time() >= give_up:
+        done = await run(purge_batch(cutoff, batch))
+        total += done
+        if done < batch or loop.time() >= give_up:
             break
     return total

@@ -112,6 +112,18 @@ class SqliteWriter:
         with self._engine.begin() as conn:
             conn.execute(results_upsert(sqlite.insert(jobs)), rows)
 
+    async def execute(self, statement: Any) -> int:
+        """Run one statement in its own transaction, in turn with the groups; its row count."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._execute, statement
+        )
+
+    def _execute(self, statement: Any) -> int:
+        with self._engine.begin() as conn:
+            return conn.execute(statement).rowcount
+
     def _abandon(self, ids: list[str]) -> None:
         with self._engine.begin() as conn:
             conn.execute(
