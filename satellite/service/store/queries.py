@@ -65,8 +65,8 @@ __all__ = [
 #: Error code of a job whose publish the broker did not confirm.
 NOT_PUBLISHED = "not_published"
 MAX_PAGE = 1000
-#: Seconds one retention pass may run; the next pass (an hour later) carries on.
-PURGE_PASS_SECONDS = 600.0
+#: Seconds one retention pass may run before it yields (the caller comes back for the rest).
+PURGE_PASS_SECONDS = 30.0
 
 Status = Literal["queued", "ok", "error", "overdue"]
 
@@ -504,8 +504,9 @@ async def purge_before(
     max_batches: int = 1_000_000,
     max_seconds: float = PURGE_PASS_SECONDS,
     delete: Callable[[Any], Awaitable[int]] | None = None,
-) -> int:
-    """Delete rows created before `cutoff`, `batch` rows per transaction; how many were deleted.
+) -> tuple[int, bool]:
+    """Delete rows created before `cutoff`, `batch` rows per transaction: how many were deleted,
+    and whether old rows may be left (the pass ran out of batches or time).
 
     Each batch is its own short transaction (its row locks last one batch), and the pass goes
     on until no old row is left, or `max_batches` or `max_seconds` are spent (the next pass
@@ -524,6 +525,8 @@ async def purge_before(
     for _ in range(max_batches):
         done = await run(purge_batch(cutoff, batch))
         total += done
-        if done < batch or loop.time() >= give_up:
+        if done < batch:
+            return total, False
+        if loop.time() >= give_up:
             break
-    return total
+    return total, True
