@@ -4,6 +4,8 @@ Every replica consumes the same quorum queue (competing consumers). Deliveries a
 a group of at most `batch` results or `linger` seconds, written in one transaction, and only then
 acked: a replica that dies before its commit leaves the results unacked and the broker hands them
 to another replica (or to it again); the store counts the copy as a second answer of one row.
+One group is committed while the next is gathered and decoded; the commits stay one at a time
+and in order, so a later copy of a result is never written before an earlier one.
 
 Bodies that are not a wire v1 result cannot be stored and there is no dead-letter queue for the
 history (the core's own `usm_poller.results` keeps every result anyway): they are acked, counted
