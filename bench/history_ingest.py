@@ -225,7 +225,9 @@ def main() -> int:
         "result's JSON is encoded once, by pydantic's serializer. Every replica commits one group",
         "while it gathers and decodes the next (one commit in flight, groups in order, each",
         "group acked after its own commit). SQLite's groups go through the store's writer thread",
-        "(docs/core-service.md).",
+        "(docs/core-service.md) as one `executemany` of a fixed statement through the driver,",
+        "the times as the text SQLAlchemy would store and the JSON encoded once (124 against",
+        "73 µs CPU per result for the store part, one A/B run).",
         "",
     ]
     section = "\n".join(lines)

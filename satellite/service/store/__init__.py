@@ -104,7 +104,7 @@ class Store:
     async def apply_results(self, results: Sequence[JobResult]) -> int:
         if self._writer is None:
             return await queries.apply_results(self.engine, results, self.clock())
-        rows = queries.result_rows(results, self.clock())
+        rows = queries.result_rows(results, self.clock(), json_text=True)
         if rows:
             await self._writer.write_results(rows)
         return len(rows)

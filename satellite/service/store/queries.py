@@ -37,6 +37,7 @@ from satellite.service.store.tables import jobs
 __all__ = [
     "NOT_PUBLISHED",
     "PG_RESULTS_UPSERT",
+    "SQLITE_RESULTS_UPSERT",
     "JobExistsError",
     "JobFilter",
     "JobRecord",
@@ -60,6 +61,7 @@ __all__ = [
     "result_rows",
     "results_upsert",
     "search",
+    "sqlite_result_params",
 ]
 
 #: Error code of a job whose publish the broker did not confirm.
@@ -370,6 +372,56 @@ PG_RESULTS_UPSERT = sa.text(
         update=", ".join(f"{name} = excluded.{name}" for name in _FROM_RESULT),
     )
 )
+
+
+#: SQLite's result upsert, run through the driver (`exec_driver_sql`) with one tuple per row from
+#: `sqlite_result_params`: SQLAlchemy's executemany processed each value of each row in Python.
+_SQLITE_COLUMNS = (
+    "id",
+    "satellite_id",
+    "kind",
+    "source",
+    "status",
+    "error_code",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "attempt",
+    "redelivered",
+    "worker",
+    "duration_ms",
+    "answers",
+    "result",
+)
+_SQLITE_TIMES = frozenset({"created_at", "updated_at", "started_at", "finished_at"})
+SQLITE_RESULTS_UPSERT = (
+    "INSERT INTO jobs ({names}) VALUES ({marks}) "  # noqa: S608 - constants; values bound
+    "ON CONFLICT (id) DO UPDATE SET {update}, answers = jobs.answers + excluded.answers".format(
+        names=", ".join(_SQLITE_COLUMNS),
+        marks=", ".join("?" for _ in _SQLITE_COLUMNS),
+        update=", ".join(f"{name} = excluded.{name}" for name in _FROM_RESULT),
+    )
+)
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """The text SQLAlchemy's SQLite DATETIME stores for `UtcDateTime` (naive UTC, microseconds
+    always written: the text compares and sorts like the instant)."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def sqlite_result_params(rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """`result_rows(..., json_text=True)` as the parameters of `SQLITE_RESULTS_UPSERT`."""
+    return [
+        tuple(
+            _sqlite_time(row[name]) if name in _SQLITE_TIMES else row[name]
+            for name in _SQLITE_COLUMNS
+        )
+        for row in rows
+    ]
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
