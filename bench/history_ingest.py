@@ -69,21 +69,37 @@ def results(n: int, tag: str) -> list[wire.JobResult]:
     ]
 
 
-async def bare_loop(store: Store, items: list[wire.JobResult]) -> float:
+class Timer:
+    """Wall time and this process's CPU time (what the service spends) of a phase."""
+
+    def __enter__(self) -> Timer:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+    def figures(self, n: int) -> tuple[float, float]:
+        """Results/s and CPU microseconds per result."""
+        return n / self.wall, self.cpu / n * 1e6
+
+
+async def bare_loop(store: Store, items: list[wire.JobResult]) -> tuple[float, float]:
     now = datetime.now(UTC)
     rows = [_result_row(r, 1, now) for r in items]
-    start = time.perf_counter()
-    for i in range(0, len(rows), BATCH):
-        async with store.engine.begin() as conn:
-            await conn.execute(jobs.insert(), rows[i : i + BATCH])
-    return len(rows) / (time.perf_counter() - start)
+    with Timer() as timer:
+        for i in range(0, len(rows), BATCH):
+            async with store.engine.begin() as conn:
+                await conn.execute(jobs.insert(), rows[i : i + BATCH])
+    return timer.figures(len(rows))
 
 
-async def store_groups(store: Store, items: list[wire.JobResult]) -> float:
-    start = time.perf_counter()
-    for i in range(0, len(items), BATCH):
-        await store.apply_results(items[i : i + BATCH])
-    return len(items) / (time.perf_counter() - start)
+async def store_groups(store: Store, items: list[wire.JobResult]) -> tuple[float, float]:
+    with Timer() as timer:
+        for i in range(0, len(items), BATCH):
+            await store.apply_results(items[i : i + BATCH])
+    return timer.figures(len(items))
 
 
 def fill_queue(dsn: str, items: list[wire.JobResult]) -> None:
@@ -99,7 +115,7 @@ def fill_queue(dsn: str, items: list[wire.JobResult]) -> None:
         conn.close()
 
 
-async def whole_ingest(store: Store, dsn: str, items: list[wire.JobResult]) -> float:
+async def whole_ingest(store: Store, dsn: str, items: list[wire.JobResult]) -> tuple[float, float]:
     ingest = Ingest(
         store,
         parse_dsn(dsn),
@@ -121,20 +137,19 @@ async def whole_ingest(store: Store, dsn: str, items: list[wire.JobResult]) -> f
         batch=BATCH,
         linger=0.05,
     )
-    start = time.perf_counter()
-    task = asyncio.create_task(ingest.run())
-    for _ in range(6000):
-        if ingest.stats.results >= len(items):
-            break
-        await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - start
+    with Timer() as timer:
+        task = asyncio.create_task(ingest.run())
+        for _ in range(12000):
+            if ingest.stats.results >= len(items):
+                break
+            await asyncio.sleep(0.01)
     await ingest.stop()
     await task
     await ingest.close()
-    return ingest.stats.results / elapsed
+    return timer.figures(ingest.stats.results)
 
 
-async def measure(db: DatabaseUrl, dsn: str, n: int) -> dict[str, float]:
+async def measure(db: DatabaseUrl, dsn: str, n: int) -> dict[str, tuple[float, float]]:
     store = await Store.open(db)
     try:
         out = {
@@ -143,9 +158,8 @@ async def measure(db: DatabaseUrl, dsn: str, n: int) -> dict[str, float]:
             "ingest": await whole_ingest(store, dsn, results(n, f"ing-{uuid.uuid4().hex[:6]}")),
         }
         async with store.engine.connect() as conn:
-            out["rows"] = float(
-                await conn.scalar(sa.select(sa.func.count()).select_from(jobs)) or 0
-            )
+            rows = float(await conn.scalar(sa.select(sa.func.count()).select_from(jobs)) or 0)
+        out["rows"] = (rows, 0.0)
         return out
     finally:
         await store.close()
@@ -164,7 +178,8 @@ def main() -> int:
     parser.add_argument("--results", type=int, default=20_000)
     args = parser.parse_args()
     n = max(1000, min(args.results, 200_000))
-    figures: dict[str, dict[str, float]] = {}
+    load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    figures: dict[str, dict[str, tuple[float, float]]] = {}
     with vhost() as amqp, tempfile.TemporaryDirectory(prefix="bench-history-") as tmp:
         sqlite = parse_database_url(f"sqlite:///{Path(tmp) / 'history.sqlite3'}")
         figures["SQLite (WAL)"] = asyncio.run(measure(sqlite, amqp.dsn, n))
@@ -179,24 +194,40 @@ def main() -> int:
         "## History ingest",
         "",
         f"`bench/history_ingest.py --results {n}` ({datetime.now(UTC):%Y-%m-%d}, 2 shared cores):",
-        f"results/s written into the history, groups of {BATCH}, one replica.",
+        f"results/s written into the history, groups of {BATCH}, one replica; in brackets the",
+        "CPU time of the bench's own process (the replica's share) per result.",
         "",
         "| database | bare INSERT loop | `Store.apply_results` (upsert) "
         "| whole ingest (AMQP → row, acked) | ingest / loop |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, f in figures.items():
-        lines.append(
-            f"| {name} | {f['bare']:,.0f} | {f['store']:,.0f} | {f['ingest']:,.0f} | "
-            f"{f['ingest'] / f['bare']:.2f}x |"
+        cells = " | ".join(
+            f"{f[k][0]:,.0f} ({f[k][1]:,.0f} µs CPU)" for k in ("bare", "store", "ingest")
         )
+        lines.append(f"| {name} | {cells} | {f['ingest'][0] / f['bare'][0]:.2f}x |")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines += [
         "",
         "Goal (issue 14): at least 5,000 results/s per replica and at least 0.5x the bare loop.",
-        f"Load average at the end of the run: {load} (the machine's 2 cores are shared; the",
+        f"Load average at the start {load_start}, at the end {load} (2 cores shared; the",
         "whole-ingest figure, which also waits on RabbitMQ's quorum queue, has varied about 2x",
         "between runs minutes apart: repeat the run before reading much into one figure).",
+        "Under a load average well above the 2 cores the wall-clock figures are a fraction of",
+        "what a quiet host does; the CPU time per result is the replica's own cost and moves",
+        "much less with the load (1,000,000 / µs per result = results/s one core could write).",
+        "",
+        "How the ingest gets there: on PostgreSQL a group is one `INSERT … SELECT FROM",
+        "unnest(…) ON CONFLICT (id) DO UPDATE` with one array per column. Its text does not",
+        "depend on the group's size, so each connection prepares it once, and no value is",
+        "processed row by row in Python (SQLAlchemy's executemany of the same upsert spent about",
+        "twice the CPU per result, decode included: 149 against 81 µs in one A/B run); the",
+        "result's JSON is encoded once, by pydantic's serializer. Every replica commits one group",
+        "while it gathers and decodes the next (one commit in flight, groups in order, each",
+        "group acked after its own commit). SQLite's groups go through the store's writer thread",
+        "(docs/core-service.md) as one `executemany` of a fixed statement through the driver,",
+        "the times as the text SQLAlchemy would store and the JSON encoded once (124 against",
+        "73 µs CPU per result for the store part, one A/B run).",
         "",
     ]
     section = "\n".join(lines)

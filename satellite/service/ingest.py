@@ -4,6 +4,8 @@ Every replica consumes the same quorum queue (competing consumers). Deliveries a
 a group of at most `batch` results or `linger` seconds, written in one transaction, and only then
 acked: a replica that dies before its commit leaves the results unacked and the broker hands them
 to another replica (or to it again); the store counts the copy as a second answer of one row.
+One group is committed while the next is gathered and decoded; the commits stay one at a time
+and in order, so a later copy of a result is never written before an earlier one.
 
 Bodies that are not a wire v1 result cannot be stored and there is no dead-letter queue for the
 history (the core's own `usm_poller.results` keeps every result anyway): they are acked, counted
@@ -123,12 +125,27 @@ class Ingest:
     async def run(self) -> None:
         """Consume and write until `stop()`; the broker connection heals itself meanwhile."""
         connection = asyncio.create_task(self.broker.run(), name="ingest-broker")
+        # One group is committed while the next one is gathered and decoded: the commits stay
+        # one at a time and in order (a later copy of a result is written after an earlier one).
+        writing: asyncio.Task[None] | None = None
         try:
             while not (self._stopping and self._inbox.empty()):
                 group = await self._gather()
+                if writing is not None and (group or writing.done()):
+                    await writing
+                    writing = None
                 if group:
-                    await self._write(group)
+                    decoded = self._decode(group)
+                    if decoded:
+                        writing = asyncio.create_task(self._write(decoded), name="ingest-commit")
+            if writing is not None:
+                await writing
+                writing = None
         finally:
+            if writing is not None:  # cancelled: its deliveries stay unacked (redelivered)
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connection
@@ -184,10 +201,7 @@ class Ingest:
             decoded.append((delivery, result))
         return decoded
 
-    async def _write(self, group: list[Delivery]) -> None:
-        decoded = self._decode(group)
-        if not decoded:
-            return
+    async def _write(self, decoded: list[tuple[Delivery, wire.JobResult]]) -> None:
         results = [result for _, result in decoded]
         written = await self._commit_with_retry(results)
         self.stats.commits += 1

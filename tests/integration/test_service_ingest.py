@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import pika
 import pytest
+import sqlalchemy as sa
 from structlog.testing import capture_logs
 
 from poller import wire
@@ -20,6 +21,7 @@ from poller.config import parse_dsn
 from satellite.service.ingest import Ingest
 from satellite.service.settings import DatabaseUrl
 from satellite.service.store import JobRecord, Store
+from satellite.service.store.tables import jobs
 from tests.support.database import pg_admin
 from tests.support.rabbitmq import AmqpVhost, list_bindings, list_queues
 
@@ -296,3 +298,47 @@ async def test_text_postgresql_cannot_hold_is_set_aside_and_the_rest_is_written(
         assert await store.get_job(f"{sid}-nul") is None
     else:
         await wait_for_rows(store, [f"{sid}-nul"])
+
+
+async def test_two_replicas_one_crashing_write_each_result_once(
+    db_url: DatabaseUrl, store: Store, publisher: Publisher, start_ingest: IngestFactory, sid: str
+) -> None:
+    """Two replicas share the queue; one dies (cancelled mid-group, its connection closed) while
+    results flow: every result ends up as exactly one row, none lost, none doubled (a result the
+    dead replica committed but did not ack counts a second answer on its row)."""
+    if db_url.dialect != "postgresql":
+        pytest.skip("several replicas share a store on PostgreSQL")
+    dying, surviving = start_ingest(), start_ingest()
+    assert await dying.broker.wait_ready(30)
+    assert await surviving.broker.wait_ready(30)
+    key = wire.result_routing_key(sid, "snmp.get")
+    ids = [f"{sid}-r-{n:04}" for n in range(1000)]
+    bodies = [result_body(job_id, sid) for job_id in ids]
+
+    def publish(part: list[bytes]) -> None:
+        for body in part:
+            publisher.result(body, key)
+
+    await asyncio.to_thread(publish, bodies[:500])
+    await eventually(lambda: dying.stats.commits >= 1)
+    await start_ingest.crash(dying)
+    await asyncio.to_thread(publish, bodies[500:])
+    mine = jobs.c.id.like(f"{sid}-r-%")
+
+    async def count() -> int:
+        async with store.engine.connect() as conn:
+            found = await conn.scalar(sa.select(sa.func.count()).select_from(jobs).where(mine))
+        return int(found or 0)
+
+    for _ in range(300):
+        if await count() >= len(ids):
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)  # nothing more arrives
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(jobs.c.id, jobs.c.answers).where(mine))).all()
+    assert sorted(job_id for job_id, _ in rows) == ids  # one row per result: none lost or doubled
+    assert all(answers >= 1 for _, answers in rows)
+    # Every write counted an answer (the dead replica may have committed a group it never
+    # counted nor acked: that group was written again by the survivor, as second answers).
+    assert sum(answers for _, answers in rows) >= dying.stats.results + surviving.stats.results

@@ -48,6 +48,8 @@ class Store:
         # SQLite: submits' `queued` rows (group-committed) and ingest's results are written by one
         # thread with its own connection (writer.py): no aiosqlite hops, no writer waits on another.
         self._writer = SqliteWriter(path, self._now) if path is not None else None
+        #: The last retention pass stopped on its time budget with old rows left.
+        self.purge_pending = False
 
     def _now(self) -> datetime:
         return self.clock()  # looked up each time: tests replace `clock`
@@ -102,7 +104,7 @@ class Store:
     async def apply_results(self, results: Sequence[JobResult]) -> int:
         if self._writer is None:
             return await queries.apply_results(self.engine, results, self.clock())
-        rows = queries.result_rows(results, self.clock())
+        rows = queries.result_rows(results, self.clock(), json_text=True)
         if rows:
             await self._writer.write_results(rows)
         return len(rows)
@@ -124,6 +126,27 @@ class Store:
     ) -> Page:
         return await queries.search(self.engine, where, limit=limit, cursor=cursor)
 
-    async def purge(self, retention_days: int, *, batch: int = 1000) -> int:
+    async def purge(
+        self,
+        retention_days: int,
+        *,
+        batch: int = 1000,
+        max_batches: int = 1_000_000,
+        max_seconds: float = queries.PURGE_PASS_SECONDS,
+    ) -> int:
+        """Delete the rows created more than `retention_days` ago, in short batches; how many.
+
+        `purge_pending` tells afterwards whether old rows were left (the pass ran out of time).
+        """
         cutoff = self.clock() - timedelta(days=retention_days)
-        return await queries.purge_before(self.engine, cutoff, batch=batch)
+        # SQLite: the batches go through the writer's thread, between its groups, rather than
+        # taking the one write lock from beside it (its submits would wait in the busy handler).
+        deleted, self.purge_pending = await queries.purge_before(
+            self.engine,
+            cutoff,
+            batch=batch,
+            max_batches=max_batches,
+            max_seconds=max_seconds,
+            delete=None if self._writer is None else self._writer.execute,
+        )
+        return deleted

@@ -17,12 +17,13 @@ The lifecycle of a row:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -35,6 +36,8 @@ from satellite.service.store.tables import jobs
 
 __all__ = [
     "NOT_PUBLISHED",
+    "PG_RESULTS_UPSERT",
+    "SQLITE_RESULTS_UPSERT",
     "JobExistsError",
     "JobFilter",
     "JobRecord",
@@ -47,6 +50,8 @@ __all__ = [
     "mark_not_published",
     "mark_not_published_many",
     "mark_overdue",
+    "pg_result_arrays",
+    "purge_batch",
     "purge_before",
     "queued_record",
     "queued_row",
@@ -56,11 +61,14 @@ __all__ = [
     "result_rows",
     "results_upsert",
     "search",
+    "sqlite_result_params",
 ]
 
 #: Error code of a job whose publish the broker did not confirm.
 NOT_PUBLISHED = "not_published"
 MAX_PAGE = 1000
+#: Seconds one retention pass may run before it yields (the caller comes back for the rest).
+PURGE_PASS_SECONDS = 30.0
 
 Status = Literal["queued", "ok", "error", "overdue"]
 
@@ -260,7 +268,11 @@ async def mark_not_published(engine: AsyncEngine, job_id: str, now: datetime) ->
     return done.rowcount == 1
 
 
-def _result_row(result: JobResult, answers: int, now: datetime) -> dict[str, Any]:
+def _result_row(
+    result: JobResult, answers: int, now: datetime, *, json_text: bool = False
+) -> dict[str, Any]:
+    """The row of a result; `json_text`: `result` as JSON text (PostgreSQL's arrays) rather
+    than the Python value SQLAlchemy's JSON type encodes."""
     return {
         "id": result.job_id,
         "satellite_id": result.satellite_id[:64],
@@ -277,7 +289,7 @@ def _result_row(result: JobResult, answers: int, now: datetime) -> dict[str, Any
         "worker": result.worker[:255],
         "duration_ms": result.duration_ms,
         "answers": answers,
-        "result": result.model_dump(mode="json"),
+        "result": result.model_dump_json() if json_text else result.model_dump(mode="json"),
     }
 
 
@@ -303,6 +315,8 @@ async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: 
     last copy's fields win. Raises SQLAlchemy's errors when the database fails (nothing is
     written then: the caller keeps the deliveries unacked).
     """
+    if engine.dialect.name == "postgresql":
+        return await _apply_results_pg(engine, results, now)
     rows = result_rows(results, now)
     if not rows:
         return 0
@@ -311,13 +325,130 @@ async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: 
     return len(rows)
 
 
-def result_rows(results: Sequence[JobResult], now: datetime) -> list[dict[str, Any]]:
+def result_rows(
+    results: Sequence[JobResult], now: datetime, *, json_text: bool = False
+) -> list[dict[str, Any]]:
     """One row per job of the group; copies of a job count as that many answers."""
     merged: dict[str, tuple[JobResult, int]] = {}
     for result in results:
         count = merged[result.job_id][1] if result.job_id in merged else 0
         merged[result.job_id] = (result, count + 1)
-    return [_result_row(result, count, now) for result, count in merged.values()]
+    return [
+        _result_row(result, count, now, json_text=json_text) for result, count in merged.values()
+    ]
+
+
+#: PostgreSQL's result upsert: one column array per parameter, unnested by the server. Its text
+#: does not depend on the group's size, so each connection prepares it once, and a group is one
+#: statement with 14 parameters however many rows it holds; SQLAlchemy's executemany processed
+#: every row's every value in Python first (about half of the ingest's CPU time per result).
+_PG_ARRAYS = (
+    ("id", "varchar"),
+    ("satellite_id", "varchar"),
+    ("kind", "varchar"),
+    ("source", "varchar"),
+    ("status", "varchar"),
+    ("error_code", "varchar"),
+    ("started_at", "timestamp"),
+    ("finished_at", "timestamp"),
+    ("attempt", "integer"),
+    ("redelivered", "boolean"),
+    ("worker", "varchar"),
+    ("duration_ms", "double precision"),
+    ("answers", "integer"),
+    ("result", "text"),
+)
+_PG_TIMES = frozenset({"started_at", "finished_at"})
+PG_RESULTS_UPSERT = sa.text(
+    "INSERT INTO jobs ({names}, created_at, updated_at) "  # noqa: S608 - constants; values bound
+    "SELECT {selected}, CAST(:now AS timestamp), CAST(:now AS timestamp) "
+    "FROM unnest({arrays}) AS u({names}) "
+    "ON CONFLICT (id) DO UPDATE SET {update}, answers = jobs.answers + excluded.answers".format(
+        names=", ".join(name for name, _ in _PG_ARRAYS),
+        selected=", ".join(
+            "CAST(u.result AS jsonb)" if name == "result" else f"u.{name}" for name, _ in _PG_ARRAYS
+        ),
+        arrays=", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _PG_ARRAYS),
+        update=", ".join(f"{name} = excluded.{name}" for name in _FROM_RESULT),
+    )
+)
+
+
+#: SQLite's result upsert, run through the driver (`exec_driver_sql`) with one tuple per row from
+#: `sqlite_result_params`: SQLAlchemy's executemany processed each value of each row in Python.
+_SQLITE_COLUMNS = (
+    "id",
+    "satellite_id",
+    "kind",
+    "source",
+    "status",
+    "error_code",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "attempt",
+    "redelivered",
+    "worker",
+    "duration_ms",
+    "answers",
+    "result",
+)
+_SQLITE_TIMES = frozenset({"created_at", "updated_at", "started_at", "finished_at"})
+SQLITE_RESULTS_UPSERT = (
+    "INSERT INTO jobs ({names}) VALUES ({marks}) "  # noqa: S608 - constants; values bound
+    "ON CONFLICT (id) DO UPDATE SET {update}, answers = jobs.answers + excluded.answers".format(
+        names=", ".join(_SQLITE_COLUMNS),
+        marks=", ".join("?" for _ in _SQLITE_COLUMNS),
+        update=", ".join(f"{name} = excluded.{name}" for name in _FROM_RESULT),
+    )
+)
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """The text SQLAlchemy's SQLite DATETIME stores for `UtcDateTime` (naive UTC, microseconds
+    always written: the text compares and sorts like the instant)."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def sqlite_result_params(rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """`result_rows(..., json_text=True)` as the parameters of `SQLITE_RESULTS_UPSERT`."""
+    return [
+        tuple(
+            _sqlite_time(row[name]) if name in _SQLITE_TIMES else row[name]
+            for name in _SQLITE_COLUMNS
+        )
+        for row in rows
+    ]
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def pg_result_arrays(results: Sequence[JobResult], now: datetime) -> dict[str, Any]:
+    """The parameters of `PG_RESULTS_UPSERT`: `result_rows`, by id, as one list per column."""
+    rows = sorted(result_rows(results, now, json_text=True), key=lambda row: row["id"])
+    params: dict[str, Any] = {
+        name: [row[name] for row in rows] for name, _ in _PG_ARRAYS if name not in _PG_TIMES
+    }
+    for name in _PG_TIMES:
+        params[name] = [_naive_utc(row[name]) for row in rows]
+    params["now"] = _naive_utc(now)
+    return params
+
+
+async def _apply_results_pg(
+    engine: AsyncEngine, results: Sequence[JobResult], now: datetime
+) -> int:
+    params = pg_result_arrays(results, now)
+    if not params["id"]:
+        return 0
+    async with engine.begin() as conn:
+        await conn.execute(PG_RESULTS_UPSERT, params)
+    return len(params["id"])
 
 
 def results_upsert(insert: Any) -> Any:
@@ -406,21 +537,48 @@ async def search(
     return Page(items, encode_cursor(items[-1]) if more and items else None)
 
 
+def purge_batch(cutoff: datetime, batch: int) -> Any:
+    """The DELETE of (at most) the `batch` oldest rows created before `cutoff`."""
+    oldest = (
+        sa.select(jobs.c.id)
+        .where(jobs.c.created_at < cutoff)
+        .order_by(jobs.c.created_at)
+        .limit(batch)
+    )
+    return jobs.delete().where(jobs.c.id.in_(oldest.scalar_subquery()))
+
+
 async def purge_before(
-    engine: AsyncEngine, cutoff: datetime, *, batch: int = 1000, max_batches: int = 1000
-) -> int:
-    """Delete rows created before `cutoff`, `batch` ids per transaction; how many were deleted."""
-    total = 0
-    for _ in range(max_batches):
-        oldest = (
-            sa.select(jobs.c.id)
-            .where(jobs.c.created_at < cutoff)
-            .order_by(jobs.c.created_at)
-            .limit(batch)
-        )
+    engine: AsyncEngine,
+    cutoff: datetime,
+    *,
+    batch: int = 1000,
+    max_batches: int = 1_000_000,
+    max_seconds: float = PURGE_PASS_SECONDS,
+    delete: Callable[[Any], Awaitable[int]] | None = None,
+) -> tuple[int, bool]:
+    """Delete rows created before `cutoff`, `batch` rows per transaction: how many were deleted,
+    and whether old rows may be left (the pass ran out of batches or time).
+
+    Each batch is its own short transaction (its row locks last one batch), and the pass goes
+    on until no old row is left, or `max_batches` or `max_seconds` are spent (the next pass
+    carries on). `delete` runs one batch's statement in its own transaction (default: on
+    `engine`; SQLite's writer thread passes its own).
+    """
+
+    async def on_engine(statement: Any) -> int:
         async with engine.begin() as conn:
-            done = await conn.execute(jobs.delete().where(jobs.c.id.in_(oldest.scalar_subquery())))
-        total += done.rowcount
-        if done.rowcount < batch:
+            return (await conn.execute(statement)).rowcount
+
+    run = delete or on_engine
+    total = 0
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + max_seconds
+    for _ in range(max_batches):
+        done = await run(purge_batch(cutoff, batch))
+        total += done
+        if done < batch:
+            return total, False
+        if loop.time() >= give_up:
             break
-    return total
+    return total, True

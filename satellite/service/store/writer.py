@@ -30,7 +30,12 @@ from sqlalchemy.dialects import sqlite
 
 from poller.logging import get_logger
 from satellite.service.store.engine import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
-from satellite.service.store.queries import NOT_PUBLISHED, queued_upsert, results_upsert
+from satellite.service.store.queries import (
+    NOT_PUBLISHED,
+    SQLITE_RESULTS_UPSERT,
+    queued_upsert,
+    sqlite_result_params,
+)
 from satellite.service.store.tables import jobs
 
 __all__ = ["SqliteWriter"]
@@ -103,14 +108,28 @@ class SqliteWriter:
             return [conn.execute(queued_upsert(insert, v)).rowcount == 1 for v, _ in group]
 
     async def write_results(self, rows: list[dict[str, Any]]) -> None:
-        """Commit a group of `result_rows` (ingest), in turn with the `queued` groups."""
+        """Commit a group of `result_rows(..., json_text=True)` (ingest), in turn with the
+        `queued` groups."""
         if self._closed:
             raise RuntimeError("the store is closed")
         await asyncio.get_running_loop().run_in_executor(self._thread, self._results, rows)
 
     def _results(self, rows: list[dict[str, Any]]) -> None:
+        params = sqlite_result_params(rows)
         with self._engine.begin() as conn:
-            conn.execute(results_upsert(sqlite.insert(jobs)), rows)
+            conn.exec_driver_sql(SQLITE_RESULTS_UPSERT, params)
+
+    async def execute(self, statement: Any) -> int:
+        """Run one statement in its own transaction, in turn with the groups; its row count."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._execute, statement
+        )
+
+    def _execute(self, statement: Any) -> int:
+        with self._engine.begin() as conn:
+            return conn.execute(statement).rowcount
 
     def _abandon(self, ids: list[str]) -> None:
         with self._engine.begin() as conn:
