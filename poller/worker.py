@@ -193,6 +193,7 @@ class Worker:
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
                 lane_prefetch=settings.effective_interactive_prefetch,
+                publish_timeout=settings.publish_timeout,
             ),
             queue=wire.jobs_queue(self._sid),
             lane_queue=wire.interactive_queue(self._sid),
