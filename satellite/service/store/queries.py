@@ -8,7 +8,10 @@ The lifecycle of a row:
   `not_published` (kept, visible, never left `queued`); submitting the same id again reuses it.
 * `apply_results`, one transaction per group of results from the ingest: an unknown id is
   inserted (source `amqp`); a known one takes the newest result's fields; `answers` grows by
-  the number of copies seen, so a redelivered result counts but never doubles the row.
+  the number of answers seen, so a repeated answer (a redelivered job) counts but never doubles
+  the row. The same result message delivered twice (an ingest replica died after its commit
+  and before its ack) is one answer: a result equal to the row's (worker, attempt, finish
+  time) is not counted again.
 * `mark_overdue` turns `queued` rows past deadline + grace into `overdue` (a late answer still
   turns them into `ok`/`error`).
 * `purge_before` deletes rows older than the retention in small batches, each its own
@@ -311,19 +314,35 @@ async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: 
     return len(rows)
 
 
+def _answer_key(result: JobResult) -> tuple[str, int, datetime]:
+    """What tells one answer from another: a copy of the same message has the same key."""
+    return result.worker[:255], result.attempt, result.finished_at
+
+
 def result_rows(results: Sequence[JobResult], now: datetime) -> list[dict[str, Any]]:
-    """One row per job of the group; copies of a job count as that many answers."""
-    merged: dict[str, tuple[JobResult, int]] = {}
+    """One row per job of the group; distinct answers of a job count as that many answers."""
+    merged: dict[str, tuple[JobResult, set[tuple[str, int, datetime]]]] = {}
     for result in results:
-        count = merged[result.job_id][1] if result.job_id in merged else 0
-        merged[result.job_id] = (result, count + 1)
-    return [_result_row(result, count, now) for result, count in merged.values()]
+        keys = merged[result.job_id][1] if result.job_id in merged else set()
+        keys.add(_answer_key(result))
+        merged[result.job_id] = (result, keys)
+    return [_result_row(result, len(keys), now) for result, keys in merged.values()]
 
 
 def results_upsert(insert: Any) -> Any:
-    """The dialect's `insert` of `result_rows`: a later result overwrites, answers add up."""
+    """The dialect's `insert` of `result_rows`: a later result overwrites, answers add up,
+    except for a copy of the answer the row holds already (the same message redelivered)."""
     update = {name: getattr(insert.excluded, name) for name in _FROM_RESULT}
-    update["answers"] = jobs.c.answers + insert.excluded.answers
+    same = (
+        (jobs.c.answers > 0)
+        & jobs.c.worker.is_not_distinct_from(insert.excluded.worker)
+        & jobs.c.attempt.is_not_distinct_from(insert.excluded.attempt)
+        & jobs.c.finished_at.is_not_distinct_from(insert.excluded.finished_at)
+    )
+    update["answers"] = sa.case(
+        (same, jobs.c.answers + insert.excluded.answers - 1),
+        else_=jobs.c.answers + insert.excluded.answers,
+    )
     return insert.on_conflict_do_update(index_elements=[jobs.c.id], set_=update)
 
 
