@@ -96,6 +96,32 @@ Scenario notes:
   strings in `ssh.exec` commands (sent to the device as text, never to a local shell): every one
   answered with its documented code (docs/errors.md) and the invalid ones dead-lettered; no
   device contacted, no poller exit, no body or secret in the log.
+- **8 memory alarm** (a private node, `tests/support/rabbitmq_node.py`): the memory watermark
+  set near zero for 10 s (60 s long) while a backlog is worked off. The broker blocks the
+  poller's connection: no result reaches the queue while the alarm lasts, the poller holds at
+  most its window (prefetch, plus the spare consumer's if it was open: 254 of 256 in the short
+  run, the rest stays ready in the queue), its RSS grows by under 2 MB, and it resumes when the
+  watermark is restored. Before this suite, a result whose confirm waited longer than
+  `USM_POLLER_PUBLISH_TIMEOUT` (30 s) in an alarm had its job returned to the queue although the
+  result reached it after the alarm: every job held in an alarm longer than 30 s ran twice (45 of
+  1,000 with a 5 s timeout and a 15 s alarm). The time the broker blocks publishes no longer
+  counts against the confirm's timeout (pika's `blocked_connection_timeout`, 300 s, bounds it).
+- **9 consumer timeout** (the private node, `consumer_timeout` 5 s, 60 s long; the node checks
+  every second): jobs that finish within it never trip it. A job whose device answers after
+  longer than it makes the broker close the poller's channel with 406 PRECONDITION_FAILED; the
+  poller reconnects (about a second), its unacked jobs come back and run again, flagged, and
+  nothing is lost. Known defect, not fixed: the redelivered slow job trips the timeout again
+  every time it runs (4 runs and 3 channel closes in the short run, each returning every job the
+  poller held: 25 ran twice). Keep `consumer_timeout` above the longest job `timeout` plus the
+  time a job can wait for its device slot.
+- **14 core replica SIGKILLed** (two `satellite serve` replicas on one PostgreSQL, a real poller):
+  (a) while it ingests (small commits, the results waiting in `usm_poller.history`): one history
+  row per answered job, none lost; before this suite, a result the broker redelivered because the
+  replica died after its commit and before its ack was counted as a second answer (2 of 1,500
+  rows said `answers: 2` for a job answered once); the store now counts the same result message
+  once. (b) just after a slot of a `spread: false` schedule starts (the whole slot is published
+  then), the killed replica restarted: every (slot, target) job published, answered and in the
+  history once.
 - **13 fuzzing** (no row): `decode_job` under hypothesis and atheris raises `WireError` and
   nothing else, within 100 ms of CPU per input.
 """

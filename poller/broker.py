@@ -25,6 +25,8 @@ a timeout, and owns everything that must survive a lost connection:
   return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`;
   so does a confirm that takes longer than `publish_timeout`. One timer watches every pending
   publish (the oldest one's deadline), not one timer per publish: publishes are the hot path.
+  While the broker blocks the connection (a memory or disk alarm) no confirm is overdue: the
+  broker reads nothing until the alarm clears and then confirms what it was sent.
 
 Everything here runs on the event loop's thread; nothing calls pika from another thread.
 """
