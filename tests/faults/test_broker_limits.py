@@ -253,6 +253,10 @@ def test_consumer_timeout_a_job_past_it_closes_the_channel_and_the_poller_recove
     assert not missing
     assert slow_job in {a.job_id for a in obs.answers}
     assert closes[0].get("reply_code") == 406, closes
+    # The slow job came back while its first run was still going on: that run answered it,
+    # and it was not run again (and did not trip the timeout again, and again).
+    assert slow_runs == 1, f"the slow job ran {slow_runs} times, {len(closes)} channel closes"
+    assert len(closes) == 1, closes
     assert poller.events("broker_reconnected")
     assert report.recover_s is not None
     assert report.recover_s <= 10, report.recover_s
