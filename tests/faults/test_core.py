@@ -28,6 +28,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from poller import wire
 from tests.faults.checker import (
     Answer,
     Observation,
@@ -127,7 +128,15 @@ def test_a_core_replica_killed_while_it_ingests_leaves_one_row_per_answer(  # no
         "USM_CORE_INGEST_BATCH": "2",
         "USM_CORE_INGEST_LINGER_MS": "0",
     }
-    serve(env=env).terminate()  # declares usm_poller.history; the results wait in it
+    first = serve(env=env)  # declares usm_poller.history; the results wait in it
+    deadline = time.monotonic() + 60
+    while not any(
+        line.get("event") == "broker_connected" and line.get("queue") == wire.history_queue()
+        for line in first.log_lines()
+    ):
+        assert time.monotonic() < deadline, first.log_text()[-2000:]
+        time.sleep(0.1)
+    assert first.terminate() == 0
     agent.delay = 0.02
     polled = Observation()
     fleet = Fleet(start_poller, sid, 1, POLLER)
