@@ -109,17 +109,23 @@ Scenario notes:
 - **9 consumer timeout** (the private node, `consumer_timeout` 5 s, 60 s long; the node checks
   every second): jobs that finish within it never trip it. A job whose device answers after
   longer than it makes the broker close the poller's channel with 406 PRECONDITION_FAILED; the
-  poller reconnects (about a second), its unacked jobs come back and run again, flagged, and
-  nothing is lost. Known defect, not fixed: the redelivered slow job trips the timeout again
-  every time it runs (4 runs and 3 channel closes in the short run, each returning every job the
-  poller held: 25 ran twice). Keep `consumer_timeout` above the longest job `timeout` plus the
-  time a job can wait for its device slot.
+  poller reconnects (under a second), and nothing is lost. Before this suite the slow job's
+  result, published as the channel closed, was dropped and the job ran again from the start,
+  tripping the timeout again every time (5 runs and 5 channel closes in the short run, 32 jobs
+  run twice). Now a result whose channel went before its confirm is published again on the
+  next channel (flagged `redelivered`, since the broker may have kept the first copy), and a
+  redelivered job that is still running in the same process waits for that run instead of
+  running again: 1 run, 1 channel close, 1 job answered twice (flagged). Keep
+  `consumer_timeout` above the longest job `timeout` plus the time a job can wait for its
+  device slot: every trip returns all the jobs the poller holds.
 - **14 core replica SIGKILLed** (two `satellite serve` replicas on one PostgreSQL, a real poller):
   (a) while it ingests (small commits, the results waiting in `usm_poller.history`): one history
   row per answered job, none lost; before this suite, a result the broker redelivered because the
   replica died after its commit and before its ack was counted as a second answer (2 of 1,500
   rows said `answers: 2` for a job answered once); the store now counts the same result message
-  once. (b) just after a slot of a `spread: false` schedule starts (the whole slot is published
+  (same worker, attempt and finish time) once. Its "recover" is the time from the kill until
+  every row was written (the other replica and the restarted one starting at a load of 15-18).
+  (b) just after a slot of a `spread: false` schedule starts (the whole slot is published
   then), the killed replica restarted: every (slot, target) job published, answered and in the
   history once.
 - **13 fuzzing** (no row): `decode_job` under hypothesis and atheris raises `WireError` and
