@@ -130,7 +130,7 @@ def test_memory_alarm_blocks_results_the_poller_stops_taking_jobs_and_loses_noth
                 publisher.publish_job(counting_job(sid, n, agent.port))
             # A slow device while the alarm is raised (a `rabbitmqctl eval` takes seconds on a
             # loaded machine): the queue still holds a backlog when it hits.
-            agent.delay = 1.0
+            agent.delay = 2.0
             fleet.start()
             poller = fleet.slots[0]
             # Let the poller work at full speed for a moment, then raise the alarm.
