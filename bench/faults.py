@@ -109,6 +109,38 @@ Scenario notes:
   strings in `ssh.exec` commands (sent to the device as text, never to a local shell): every one
   answered with its documented code (docs/errors.md) and the invalid ones dead-lettered; no
   device contacted, no poller exit, no body or secret in the log.
+- **8 memory alarm** (a private node, `tests/support/rabbitmq_node.py`): the memory watermark
+  set near zero for 10 s (60 s long) while a backlog is worked off. The broker blocks the
+  poller's connection: no result reaches the queue while the alarm lasts, the poller holds at
+  most its window (prefetch, plus the spare consumer's if it was open: 254 of 256 in the short
+  run, the rest stays ready in the queue), its RSS grows by under 2 MB, and it resumes when the
+  watermark is restored. Before this suite, a result whose confirm waited longer than
+  `USM_POLLER_PUBLISH_TIMEOUT` (30 s) in an alarm had its job returned to the queue although the
+  result reached it after the alarm: every job held in an alarm longer than 30 s ran twice (45 of
+  1,000 with a 5 s timeout and a 15 s alarm). The time the broker blocks publishes no longer
+  counts against the confirm's timeout (pika's `blocked_connection_timeout`, 300 s, bounds it).
+- **9 consumer timeout** (the private node, `consumer_timeout` 5 s, 60 s long; the node checks
+  every second): jobs that finish within it never trip it. A job whose device answers after
+  longer than it makes the broker close the poller's channel with 406 PRECONDITION_FAILED; the
+  poller reconnects (under a second), and nothing is lost. Before this suite the slow job's
+  result, published as the channel closed, was dropped and the job ran again from the start,
+  tripping the timeout again every time (5 runs and 5 channel closes in the short run, 32 jobs
+  run twice). Now a result whose channel went before its confirm is published again on the
+  next channel (flagged `redelivered`, since the broker may have kept the first copy), and a
+  redelivered job that is still running in the same process waits for that run instead of
+  running again: 1 run, 1 channel close, 1 job answered twice (flagged). Keep
+  `consumer_timeout` above the longest job `timeout` plus the time a job can wait for its
+  device slot: every trip returns all the jobs the poller holds.
+- **14 core replica SIGKILLed** (two `satellite serve` replicas on one PostgreSQL, a real poller):
+  (a) while it ingests (small commits, the results waiting in `usm_poller.history`): one history
+  row per answered job, none lost; before this suite, a result the broker redelivered because the
+  replica died after its commit and before its ack was counted as a second answer (2 of 1,500
+  rows said `answers: 2` for a job answered once); the store now counts the same result message
+  (same worker, attempt and finish time) once. Its "recover" is the time from the kill until
+  every row was written (the other replica and the restarted one starting at a load of 15-18).
+  (b) just after a slot of a `spread: false` schedule starts (the whole slot is published
+  then), the killed replica restarted: every (slot, target) job published, answered and in the
+  history once.
 - **13 fuzzing** (no row): `decode_job` under hypothesis and atheris raises `WireError` and
   nothing else, within 100 ms of CPU per input.
 """

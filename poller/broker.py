@@ -25,6 +25,8 @@ a timeout, and owns everything that must survive a lost connection:
   return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`;
   so does a confirm that takes longer than `publish_timeout`. One timer watches every pending
   publish (the oldest one's deadline), not one timer per publish: publishes are the hot path.
+  While the broker blocks the connection (a memory or disk alarm) no confirm is overdue: the
+  broker reads nothing until the alarm clears and then confirms what it was sent.
 
 Everything here runs on the event loop's thread; nothing calls pika from another thread.
 """
@@ -472,6 +474,7 @@ class Broker:
             ) from None
         self.connected = True
         self._watch_link(self._conn)
+        self.blocked = False  # a new connection: blocked again only when the broker says so
         self._conn.add_on_connection_blocked_callback(self._on_blocked)
         self._conn.add_on_connection_unblocked_callback(self._on_unblocked)
 
@@ -855,6 +858,13 @@ class Broker:
     def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
         self.blocked = False
         log.info("broker_unblocked")
+        # The confirms held up by the alarm come now: each pending publish gets a whole
+        # `publish_timeout` from here (deadlines stay in sequence order).
+        loop = asyncio.get_running_loop()
+        fresh = loop.time() + self._opts.publish_timeout
+        for pending in self._pending.values():
+            if pending.deadline is not None and pending.deadline < fresh:
+                pending.deadline = fresh
 
     def _on_consumer_cancelled(self, _frame: Any) -> None:
         self.consuming = False
@@ -952,9 +962,19 @@ class Broker:
                 item.future.set_exception(error)
 
     def _expire(self) -> None:
-        """Fail the publishes whose confirm is overdue; wait for the next deadline."""
+        """Fail the publishes whose confirm is overdue; wait for the next deadline.
+
+        Not while the broker blocks this connection (a memory or disk alarm): it reads nothing
+        from us until the alarm clears, and then confirms what it was sent. Failing those
+        publishes would return every job held in the alarm to the queue to run again, although
+        its result reaches the queue. pika's `blocked_connection_timeout` bounds the wait.
+        """
         self._expiry = None
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.blocked and self._pending:
+            self._expiry = loop.call_at(now + min(1.0, self._opts.publish_timeout), self._expire)
+            return
         for pending in self._pending.values():
             deadline = pending.deadline
             if deadline is None or pending.future.done():

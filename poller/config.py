@@ -167,6 +167,8 @@ class PollerSettings(BaseSettings):
     credentials_file: Path | None = None
     known_hosts: Path | None = None
     shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
+    #: Seconds a result waits for the broker's confirm (not counting a memory or disk alarm).
+    publish_timeout: PositiveFloat = Field(default=30.0, le=3600)
     #: None: 80 % of the container's memory limit, or off without one; 0: off.
     max_rss_mb: int | None = Field(default=None, ge=0, le=4_194_304)
     #: 0: off.

@@ -36,7 +36,7 @@ from poller.config import PollerSettings
 from poller.credentials import CredentialStore
 from poller.drivers import build_drivers
 from poller.drivers.base import Driver
-from poller.errors import BrokerError, WireError
+from poller.errors import BrokerError, BrokerUnavailableError, WireError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
 from poller.logging import get_logger
@@ -193,6 +193,7 @@ class Worker:
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
                 lane_prefetch=settings.effective_interactive_prefetch,
+                publish_timeout=settings.publish_timeout,
             ),
             queue=wire.jobs_queue(self._sid),
             lane_queue=wire.interactive_queue(self._sid),
@@ -208,6 +209,10 @@ class Worker:
         #: lookups of devices, which a slow DNS server can hold for seconds each).
         self._health_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-file")
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Jobs running in this process by id: whether their result was confirmed, once known.
+        #: A redelivered copy of a job still running here (the broker closed the channel it
+        #: came on: a `consumer_timeout`, docs/reliability.md scenario 9) waits for that run.
+        self._running_ids: dict[str, asyncio.Future[bool]] = {}
         self._stop = asyncio.Event()
         self._draining = False
         self._started_at = wire.now()
@@ -421,15 +426,38 @@ class Worker:
         )
         if _TEST_CRASH_ON_JOB and job.id in _TEST_CRASH_ON_JOB:
             _test_crash("crash_on_job", job.id)  # test-only hook (top of this module)
-        try:
-            result = await self._runner.run(job, attempt, interactive=delivery.interactive)
-        except NotStarted:
-            raise
-        except Exception:
-            log.exception("job_crashed")
-            await self._on_bug(delivery, job, attempt, started, started_at)
+        if attempt.redelivered and await self._joined(delivery, job.id):
             return
-        await self._deliver(delivery, result)
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._running_ids.setdefault(job.id, outcome)
+        confirmed = False
+        try:
+            try:
+                result = await self._runner.run(job, attempt, interactive=delivery.interactive)
+            except NotStarted:
+                raise
+            except Exception:
+                log.exception("job_crashed")
+                await self._on_bug(delivery, job, attempt, started, started_at)
+                return
+            confirmed = await self._deliver(delivery, result)
+        finally:
+            if self._running_ids.get(job.id) is outcome:
+                del self._running_ids[job.id]
+            outcome.set_result(confirmed)
+
+    async def _joined(self, delivery: Delivery, job_id: str) -> bool:
+        """Whether this redelivered job was answered by a run of it still going on here when it
+        came back: then it is acked once that run's result is confirmed, and not run again."""
+        running = self._running_ids.get(job_id)
+        if running is None:
+            return False
+        if not await asyncio.shield(running):
+            return False  # that run's result was not confirmed: run it again
+        self._broker.ack(delivery)
+        self.jobs_ok += 1
+        log.info("job_finished", job_id=job_id, outcome="answered_by_earlier_run")
+        return True
 
     async def _on_bug(
         self,
@@ -497,10 +525,22 @@ class Worker:
 
     async def _deliver(
         self, delivery: Delivery, result: wire.JobResult, *, dead_letter: bool = False
-    ) -> None:
-        """Publish the result, wait for its confirm, then ack (or dead-letter) the job."""
+    ) -> bool:
+        """Publish the result, wait for its confirm, then ack (or dead-letter) the job; whether
+        the result was confirmed."""
         try:
-            await self._publish_result(result, delivery)
+            try:
+                await self._publish_result(result, delivery)
+            except BrokerUnavailableError:
+                # The channel or connection went before the confirm (a `consumer_timeout`
+                # closes it): the answer is in hand, so it is published again on the next
+                # channel instead of running the job again. The broker may have kept the first
+                # copy: this one is flagged `redelivered`.
+                if not await self._channel_back():
+                    raise
+                result = result.model_copy(update={"redelivered": True})
+                log.info("result_published_again", job_id=result.job_id)
+                await self._publish_result(result, delivery)
         except UnroutableError:
             if delivery.reply_to:
                 # The caller's reply queue is gone: nobody is waiting for this answer.
@@ -512,11 +552,11 @@ class Worker:
                     hint="no queue is bound to usm_poller.results for this routing key",
                 )
                 self._broker.reject(delivery, requeue=True)
-                return
+                return False
         except BrokerError as exc:
             log.warning("result_not_confirmed", job_id=result.job_id, error=str(exc))
             self._broker.reject(delivery, requeue=True)
-            return
+            return False
         if _TEST_CRASH_AFTER_CONFIRM and random.random() < _TEST_CRASH_AFTER_CONFIRM:  # noqa: S311
             _test_crash("crash_after_confirm", result.job_id)  # test-only hook (module top)
         if dead_letter:
@@ -537,6 +577,17 @@ class Worker:
             duration_ms=result.duration_ms,
             **({"error": error.message} if error else {}),
         )
+        return True
+
+    async def _channel_back(self) -> bool:
+        """Wait (at most `publish_timeout`) until the broker consumes on a new channel."""
+        deadline = time.monotonic() + self._settings.publish_timeout
+        await asyncio.sleep(0.05)  # let the broker task see the channel go
+        while not self._broker.consuming:
+            if time.monotonic() > deadline or self._stop.is_set():
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     async def _publish_result(self, result: wire.JobResult, delivery: Delivery) -> None:
         kind = result.kind if result.kind in _SAFE_KIND else "unknown"

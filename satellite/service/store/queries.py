@@ -8,7 +8,10 @@ The lifecycle of a row:
   `not_published` (kept, visible, never left `queued`); submitting the same id again reuses it.
 * `apply_results`, one transaction per group of results from the ingest: an unknown id is
   inserted (source `amqp`); a known one takes the newest result's fields; `answers` grows by
-  the number of copies seen, so a redelivered result counts but never doubles the row.
+  the number of answers seen, so a repeated answer (a redelivered job) counts but never doubles
+  the row. The same result message delivered twice (an ingest replica died after its commit
+  and before its ack) is one answer: a result equal to the row's (worker, attempt, finish
+  time) is not counted again.
 * `mark_overdue` turns `queued` rows past deadline + grace into `overdue` (a late answer still
   turns them into `ok`/`error`).
 * `purge_before` deletes rows older than the retention in small batches, each its own
@@ -325,17 +328,42 @@ async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: 
     return len(rows)
 
 
+def _answer_key(result: JobResult) -> tuple[str, int, datetime]:
+    """What tells one answer from another: a copy of the same message has the same key."""
+    return result.worker[:255], result.attempt, result.finished_at
+
+
 def result_rows(
     results: Sequence[JobResult], now: datetime, *, json_text: bool = False
 ) -> list[dict[str, Any]]:
-    """One row per job of the group; copies of a job count as that many answers."""
-    merged: dict[str, tuple[JobResult, int]] = {}
+    """One row per job of the group; distinct answers of a job count as that many answers."""
+    merged: dict[str, tuple[JobResult, set[tuple[str, int, datetime]]]] = {}
     for result in results:
-        count = merged[result.job_id][1] if result.job_id in merged else 0
-        merged[result.job_id] = (result, count + 1)
+        keys = merged[result.job_id][1] if result.job_id in merged else set()
+        keys.add(_answer_key(result))
+        merged[result.job_id] = (result, keys)
     return [
-        _result_row(result, count, now, json_text=json_text) for result, count in merged.values()
+        _result_row(result, len(keys), now, json_text=json_text)
+        for result, keys in merged.values()
     ]
+
+
+#: The upserts' `answers`: they add up, except for a copy of the answer the row holds already
+#: (the same result message redelivered to the ingest: a replica died after its commit and
+#: before its ack). `IS` is SQL's null-safe equality in SQLite, `IS NOT DISTINCT FROM` in
+#: PostgreSQL.
+_SAME_ANSWER = (
+    "jobs.answers > 0 AND jobs.worker {eq} excluded.worker AND jobs.attempt {eq} "
+    "excluded.attempt AND jobs.finished_at {eq} excluded.finished_at"
+)
+
+
+def _answers_sql(eq: str) -> str:
+    same = _SAME_ANSWER.format(eq=eq)
+    return (
+        f"answers = CASE WHEN {same} THEN jobs.answers + excluded.answers - 1 "
+        "ELSE jobs.answers + excluded.answers END"
+    )
 
 
 #: PostgreSQL's result upsert: one column array per parameter, unnested by the server. Its text
@@ -363,13 +391,14 @@ PG_RESULTS_UPSERT = sa.text(
     "INSERT INTO jobs ({names}, created_at, updated_at) "  # noqa: S608 - constants; values bound
     "SELECT {selected}, CAST(:now AS timestamp), CAST(:now AS timestamp) "
     "FROM unnest({arrays}) AS u({names}) "
-    "ON CONFLICT (id) DO UPDATE SET {update}, answers = jobs.answers + excluded.answers".format(
+    "ON CONFLICT (id) DO UPDATE SET {update}, {answers}".format(
         names=", ".join(name for name, _ in _PG_ARRAYS),
         selected=", ".join(
             "CAST(u.result AS jsonb)" if name == "result" else f"u.{name}" for name, _ in _PG_ARRAYS
         ),
         arrays=", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _PG_ARRAYS),
         update=", ".join(f"{name} = excluded.{name}" for name in _FROM_RESULT),
+        answers=_answers_sql("IS NOT DISTINCT FROM"),
     )
 )
 
@@ -397,10 +426,11 @@ _SQLITE_COLUMNS = (
 _SQLITE_TIMES = frozenset({"created_at", "updated_at", "started_at", "finished_at"})
 SQLITE_RESULTS_UPSERT = (
     "INSERT INTO jobs ({names}) VALUES ({marks}) "  # noqa: S608 - constants; values bound
-    "ON CONFLICT (id) DO UPDATE SET {update}, answers = jobs.answers + excluded.answers".format(
+    "ON CONFLICT (id) DO UPDATE SET {update}, {answers}".format(
         names=", ".join(_SQLITE_COLUMNS),
         marks=", ".join("?" for _ in _SQLITE_COLUMNS),
         update=", ".join(f"{name} = excluded.{name}" for name in _FROM_RESULT),
+        answers=_answers_sql("IS"),
     )
 )
 
@@ -452,9 +482,19 @@ async def _apply_results_pg(
 
 
 def results_upsert(insert: Any) -> Any:
-    """The dialect's `insert` of `result_rows`: a later result overwrites, answers add up."""
+    """The dialect's `insert` of `result_rows`: a later result overwrites, answers add up,
+    except for a copy of the answer the row holds already (the same message redelivered)."""
     update = {name: getattr(insert.excluded, name) for name in _FROM_RESULT}
-    update["answers"] = jobs.c.answers + insert.excluded.answers
+    same = (
+        (jobs.c.answers > 0)
+        & jobs.c.worker.is_not_distinct_from(insert.excluded.worker)
+        & jobs.c.attempt.is_not_distinct_from(insert.excluded.attempt)
+        & jobs.c.finished_at.is_not_distinct_from(insert.excluded.finished_at)
+    )
+    update["answers"] = sa.case(
+        (same, jobs.c.answers + insert.excluded.answers - 1),
+        else_=jobs.c.answers + insert.excluded.answers,
+    )
     return insert.on_conflict_do_update(index_elements=[jobs.c.id], set_=update)
 
 
