@@ -343,8 +343,7 @@ def result_rows(
         keys.add(_answer_key(result))
         merged[result.job_id] = (result, keys)
     return [
-        _result_row(result, len(keys), now, json_text=json_text)
-        for result, keys in merged.values()
+        _result_row(result, len(keys), now, json_text=json_text) for result, keys in merged.values()
     ]
 
 
