@@ -325,20 +325,17 @@ def test_direct_methods_write_what_structlogs_methods_write() -> None:
 def test_context_binder_binds_what_bind_contextvars_binds() -> None:
     bind = plog.ContextBinder("job_id", "kind", "attempt")
 
-    def merged(binder: Any, *values: Any) -> dict[str, Any]:
-        binder(*values)
-        return structlog.contextvars.merge_contextvars(None, "info", {})
+    def ours(*values: Any) -> dict[str, Any]:
+        bind(*values)
+        return dict(structlog.contextvars.merge_contextvars(None, "info", {}))
+
+    def theirs(*values: Any) -> dict[str, Any]:
+        structlog.contextvars.bind_contextvars(job_id=values[0], kind=values[1], attempt=values[2])
+        return dict(structlog.contextvars.merge_contextvars(None, "info", {}))
 
     for values in (("j1", "snmp.get", 1), ("j2", "ssh.exec", 3)):  # first and later calls
-        ours = contextvars.copy_context().run(merged, bind, *values)
-        theirs = contextvars.copy_context().run(
-            lambda values=values: (
-                structlog.contextvars.bind_contextvars(
-                    job_id=values[0], kind=values[1], attempt=values[2]
-                )
-                and structlog.contextvars.merge_contextvars(None, "info", {})
-            )
-        )
-        assert ours == theirs == {"job_id": values[0], "kind": values[1], "attempt": values[2]}
+        mine = contextvars.copy_context().run(ours, *values)
+        structlogs = contextvars.copy_context().run(theirs, *values)
+        assert mine == structlogs == {"job_id": values[0], "kind": values[1], "attempt": values[2]}
     assert bind._vars is not None, "later calls set the variables directly"
     assert structlog.contextvars.merge_contextvars(None, "info", {}).get("job_id") is None
