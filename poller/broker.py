@@ -38,12 +38,14 @@ import contextlib
 import functools
 import itertools
 import random
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import pika
+import pika.data
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils.connection_workflow import (
@@ -1070,7 +1072,99 @@ class Broker:
 
 def properties(**kwargs: Any) -> pika.BasicProperties:
     """AMQP message properties (kept here so that no other module imports pika)."""
-    return pika.BasicProperties(**kwargs)
+    return _Properties(**kwargs)
+
+
+_BP = pika.BasicProperties
+_LENGTHS = [bytes((n,)) for n in range(256)]
+_TABLE_CACHE_SIZE = 64
+
+
+def _short(pieces: list[bytes], value: str | bytes, name: str) -> None:
+    """pika's `encode_short_string`, with pika's assertion and error."""
+    if isinstance(value, str):
+        raw = value.encode()
+    elif isinstance(value, bytes):
+        raw = value
+    else:
+        raise AssertionError(f"A non-string value was supplied for self.{name}")  # noqa: TRY004
+    if len(raw) > 255:  # a short string's limit
+        raise pika.exceptions.ShortStringTooLong(raw)
+    pieces.append(_LENGTHS[len(raw)])
+    pieces.append(raw)
+
+
+class _Properties(pika.BasicProperties):  # type: ignore[misc]
+    """pika's `BasicProperties`, whose `encode` gives the same bytes faster: every result is
+    published with them. Header tables of text values (the poller's own) are encoded once and
+    kept. The properties in the order of the content header (AMQP 0-9-1, 4.2.6.1)."""
+
+    _tables: dict[tuple[tuple[str, str], ...], bytes] = {}  # noqa: RUF012 - shared on purpose
+
+    def encode(self) -> list[bytes]:  # noqa: C901, PLR0912 - one branch per property
+        flags = 0
+        pieces: list[bytes] = []
+        if (v := self.content_type) is not None:
+            flags |= _BP.FLAG_CONTENT_TYPE
+            _short(pieces, v, "content_type")
+        if (v := self.content_encoding) is not None:
+            flags |= _BP.FLAG_CONTENT_ENCODING
+            _short(pieces, v, "content_encoding")
+        if (v := self.headers) is not None:
+            flags |= _BP.FLAG_HEADERS
+            pieces.append(self._table(v))
+        if (v := self.delivery_mode) is not None:
+            flags |= _BP.FLAG_DELIVERY_MODE
+            pieces.append(struct.pack("B", v))
+        if (v := self.priority) is not None:
+            flags |= _BP.FLAG_PRIORITY
+            pieces.append(struct.pack("B", v))
+        if (v := self.correlation_id) is not None:
+            flags |= _BP.FLAG_CORRELATION_ID
+            _short(pieces, v, "correlation_id")
+        if (v := self.reply_to) is not None:
+            flags |= _BP.FLAG_REPLY_TO
+            _short(pieces, v, "reply_to")
+        if (v := self.expiration) is not None:
+            flags |= _BP.FLAG_EXPIRATION
+            _short(pieces, v, "expiration")
+        if (v := self.message_id) is not None:
+            flags |= _BP.FLAG_MESSAGE_ID
+            _short(pieces, v, "message_id")
+        if (v := self.timestamp) is not None:
+            flags |= _BP.FLAG_TIMESTAMP
+            pieces.append(struct.pack(">Q", v))
+        if (v := self.type) is not None:
+            flags |= _BP.FLAG_TYPE
+            _short(pieces, v, "type")
+        if (v := self.user_id) is not None:
+            flags |= _BP.FLAG_USER_ID
+            _short(pieces, v, "user_id")
+        if (v := self.app_id) is not None:
+            flags |= _BP.FLAG_APP_ID
+            _short(pieces, v, "app_id")
+        if (v := self.cluster_id) is not None:
+            flags |= _BP.FLAG_CLUSTER_ID
+            _short(pieces, v, "cluster_id")
+        pieces.insert(0, struct.pack(">H", flags))  # every flag is in the first 16 bits
+        return pieces
+
+    @classmethod
+    def _table(cls, table: Mapping[str, Any]) -> bytes:
+        key = tuple(table.items())
+        if not all(type(k) is str and type(v) is str for k, v in key):
+            out: list[bytes] = []
+            pika.data.encode_table(out, table)
+            return b"".join(out)
+        cached = cls._tables.get(key)
+        if cached is None:
+            out = []
+            pika.data.encode_table(out, dict(key))
+            cached = b"".join(out)
+            if len(cls._tables) >= _TABLE_CACHE_SIZE:
+                cls._tables.clear()
+            cls._tables[key] = cached
+        return cached
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

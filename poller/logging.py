@@ -22,14 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO, Literal, TextIO
+from typing import Any, BinaryIO, Literal, TextIO, cast
 
 import pydantic_core
 import structlog
 from structlog.contextvars import STRUCTLOG_KEY_PREFIX, STRUCTLOG_KEY_PREFIX_LEN
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["JsonLineRenderer", "LineWriter", "configure_logging", "get_logger"]
+__all__ = ["ContextBinder", "JsonLineRenderer", "LineWriter", "configure_logging", "get_logger"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -64,13 +64,17 @@ def configure_logging(
     renderer: Processor
     processors: list[Processor]
     logger_factory: Callable[..., WrappedLogger]
+    direct: _Direct | None = None
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_to_json)
         shared.append(structlog.processors.dict_tracebacks)
         binary = _utf8_buffer(out)
-        processors = [JsonLineRenderer(as_bytes=binary is not None)]
+        fused = JsonLineRenderer(as_bytes=binary is not None)
+        processors = [fused]
         if binary is not None:
-            logger_factory = _LineWriterFactory(LineWriter(binary, text=out))
+            writer = LineWriter(binary, text=out)
+            logger_factory = _LineWriterFactory(writer)
+            direct = _Direct(processors, fused, writer, numeric)
         else:
             logger_factory = structlog.WriteLoggerFactory(file=out)
     else:
@@ -83,6 +87,8 @@ def configure_logging(
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
+    global _direct  # noqa: PLW0603 - the one configuration of this process
+    _direct = direct
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -121,6 +127,36 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return _Logger(name)
 
 
+class ContextBinder:
+    """`structlog.contextvars.bind_contextvars` for a fixed set of keys, values by position.
+
+    Binds the same context variables as structlog (its first call goes through structlog,
+    which makes them), then sets them directly: no name building and lookups on every call.
+    The worker binds each job's keys with one.
+    """
+
+    __slots__ = ("_keys", "_vars")
+
+    def __init__(self, *keys: str) -> None:
+        self._keys = keys
+        self._vars: tuple[contextvars.ContextVar[Any], ...] | None = None
+
+    def __call__(self, *values: Any) -> None:
+        bound = self._vars
+        if bound is None:
+            structlog.contextvars.bind_contextvars(**dict(zip(self._keys, values, strict=True)))
+            names = {f"{STRUCTLOG_KEY_PREFIX}{key}": i for i, key in enumerate(self._keys)}
+            found: list[contextvars.ContextVar[Any] | None] = [None] * len(self._keys)
+            for var in contextvars.copy_context():
+                if var.name in names:
+                    found[names[var.name]] = var
+            if all(var is not None for var in found):
+                self._vars = tuple(v for v in found if v is not None)
+            return
+        for var, value in zip(bound, values, strict=True):
+            var.set(value)
+
+
 #: Methods of a bound logger that `_Logger` keeps once structlog caches the bound logger.
 _LOG_METHODS = frozenset(
     (
@@ -157,11 +193,67 @@ class _Logger:
             raise AttributeError(name)
         value = getattr(self._proxy, name)
         if name in _LOG_METHODS and _loggers_are_cached():
+            direct = _direct
+            if direct is not None and name in _DIRECT_LEVELS and direct.configured():
+                value = direct.method(_DIRECT_LEVELS[name], value)
             setattr(self, name, value)
         return value
 
     def __repr__(self) -> str:
         return repr(self._proxy)
+
+
+#: Methods `_Direct` makes, and the level name each passes to the processors (structlog's).
+_DIRECT_LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "error": "error"}
+
+
+class _Direct:
+    """The JSON lines of `configure_logging`, written without structlog's bound-logger layers.
+
+    structlog's method builds the event dict (its bound context, which `get_logger` leaves
+    empty, then the keywords, then `event`), runs the processors and hands the rendered line to
+    the wrapped logger. With the fused renderer as the only processor, that is one call of it
+    and one write: a method made here does just that, and leaves every other call (positional
+    arguments to interpolate, a level below the configured one, processors changed in place as
+    by `structlog.testing.capture_logs`) to structlog's own method.
+    """
+
+    __slots__ = ("_level", "_processors", "_renderer", "_writer")
+
+    def __init__(
+        self,
+        processors: list[Processor],
+        renderer: JsonLineRenderer,
+        writer: LineWriter,
+        level: int,
+    ) -> None:
+        self._processors = processors  # the configured list itself: changes in place show
+        self._renderer = renderer
+        self._writer = writer
+        self._level = level
+
+    def configured(self) -> bool:
+        """Whether structlog still runs the configuration this was made for."""
+        return structlog.get_config()["processors"] is self._processors
+
+    def method(self, level_name: str, fallback: Callable[..., Any]) -> Callable[..., Any]:
+        if _LEVELS[level_name] < self._level:
+            return fallback  # structlog's no-op
+        processors, renderer, writer = self._processors, self._renderer, self._writer
+        write = writer.msg
+
+        def log(event: str, *args: Any, **kw: Any) -> Any:
+            if args or len(processors) != 1 or processors[0] is not renderer:
+                return fallback(event, *args, **kw)
+            if event is not None:  # structlog leaves `event` out when it is None
+                kw["event"] = event
+            write(cast("bytes", renderer(writer, level_name, kw)))
+            return None
+
+        return log
+
+
+_direct: _Direct | None = None
 
 
 def _loggers_are_cached() -> bool:

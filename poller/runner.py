@@ -13,9 +13,9 @@ import asyncio
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import NamedTuple
 
 from pydantic import JsonValue
 
@@ -40,12 +40,17 @@ __all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
 log = get_logger("poller.runner")
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """How often this job has been delivered: from the broker's flags and headers."""
+class Attempt(NamedTuple):
+    """How often this job has been delivered: from the broker's flags and headers.
+
+    A named tuple: one is made per job, in a fraction of a frozen dataclass's time."""
 
     number: int = 1
     redelivered: bool = False
+
+
+#: A job's first delivery.
+FIRST_ATTEMPT = Attempt()
 
 
 def _timeout_error(
@@ -145,7 +150,7 @@ class Runner:
         return self.admission.close()
 
     async def run(
-        self, job: JobRequest, attempt: Attempt = Attempt(), *, interactive: bool = False
+        self, job: JobRequest, attempt: Attempt = FIRST_ATTEMPT, *, interactive: bool = False
     ) -> JobResult:
         """Run one job to a result. Device failures become error results; bugs propagate, and
         so does `NotStarted` (shutting down: the job never started and goes back to the queue).

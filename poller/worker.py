@@ -39,7 +39,7 @@ from poller.drivers.base import Driver
 from poller.errors import BrokerError, BrokerUnavailableError, WireError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
-from poller.logging import get_logger
+from poller.logging import ContextBinder, get_logger
 from poller.quarantine import Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
@@ -49,6 +49,8 @@ __all__ = ["Worker", "build_topology", "run_worker"]
 log = get_logger("poller.worker")
 
 _SAFE_KIND = frozenset(k.value for k in wire.JobKind)
+#: The log context of a job, bound in its task: `job_id`, `kind`, `device`, `attempt`.
+_bind_job = ContextBinder("job_id", "kind", "device", "attempt")
 
 #: The spare consumer's window, in prefetch windows (docs/operations.md, "Dead devices").
 SPARE_WINDOWS = 3
@@ -421,9 +423,7 @@ class Worker:
             redelivered=delivery.redelivered or delivery.delivery_count > 0,
         )
         # Each delivery runs in its own task, whose context copy dies with it: bind, no reset.
-        structlog.contextvars.bind_contextvars(
-            job_id=job.id, kind=job.kind, device=job.target.host, attempt=attempt.number
-        )
+        _bind_job(job.id, job.kind, job.target.host, attempt.number)
         if _TEST_CRASH_ON_JOB and job.id in _TEST_CRASH_ON_JOB:
             _test_crash("crash_on_job", job.id)  # test-only hook (top of this module)
         if attempt.redelivered and await self._joined(delivery, job.id):

@@ -13,7 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pika
+import pika.exceptions
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, UnroutableError
 from poller.broker import properties as amqp_properties
@@ -380,3 +383,44 @@ async def test_a_missing_lane_is_tried_again_while_bulk_jobs_flow(amqp_vhost: Am
         assert delivery.interactive
         broker.ack(delivery)
         assert broker.consuming
+
+
+_short_text = st.one_of(st.none(), st.text(max_size=40), st.binary(max_size=40))
+_octet = st.one_of(st.none(), st.integers(0, 255))
+_header_value = st.one_of(
+    st.text(max_size=20), st.integers(-(2**31), 2**31 - 1), st.booleans(), st.none()
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    content_type=_short_text,
+    content_encoding=_short_text,
+    headers=st.one_of(st.none(), st.dictionaries(st.text(max_size=10), _header_value, max_size=4)),
+    delivery_mode=_octet,
+    priority=_octet,
+    correlation_id=_short_text,
+    reply_to=_short_text,
+    expiration=_short_text,
+    message_id=_short_text,
+    timestamp=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    type_=_short_text,
+    user_id=_short_text,
+    app_id=_short_text,
+    cluster_id=_short_text,
+)
+def test_properties_encode_to_the_bytes_pika_makes(type_: object, **fields: object) -> None:
+    """Every result is published with these: the fast encoder must say what pika's says."""
+    fields["type"] = type_
+    ours, pikas = amqp_properties(**fields), pika.BasicProperties(**fields)
+    assert isinstance(ours, pika.BasicProperties)
+    for _ in range(2):  # the second time from the kept header table
+        assert b"".join(ours.encode()) == b"".join(pikas.encode())
+
+
+def test_properties_refuse_what_pika_refuses() -> None:
+    too_long = "x" * 256
+    with pytest.raises(pika.exceptions.ShortStringTooLong):
+        amqp_properties(message_id=too_long).encode()
+    with pytest.raises(AssertionError):
+        amqp_properties(type=5).encode()

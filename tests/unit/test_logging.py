@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -290,3 +291,51 @@ def test_stderr_like_streams_use_the_binary_buffer() -> None:
     assert plog._utf8_buffer(io.TextIOWrapper(io.BytesIO(), encoding="UTF8")) is not None
     assert plog._utf8_buffer(io.TextIOWrapper(io.BytesIO(), encoding="latin-1")) is None
     assert plog._utf8_buffer(io.StringIO()) is None
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_direct_methods_write_what_structlogs_methods_write() -> None:
+    """`get_logger`'s methods skip structlog's layers once configured: the same lines."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    plog.configure_logging("json", "info", out)
+    ours, theirs = plog.get_logger("test.direct"), structlog.get_logger("test.direct")
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("info", ("job_finished",), {"job_id": "j", "outcome": "ok", "error_code": None}),
+        ("warning", ("job_finished",), {"duration_ms": 1.5, "error": "no answer"}),
+        ("error", ("result_unroutable",), {"job_id": "j", "thing": Opaque()}),
+        ("info", ("%s interpolated %d", "x", 3), {}),  # positional arguments: structlog's path
+        ("debug", ("below the level",), {"k": 1}),
+    ]
+    ctx = contextvars.copy_context()
+    ctx.run(structlog.contextvars.bind_contextvars, satellite_id="s1", attempt=2)
+    for name, args, kw in calls:
+        for logger in (ours, theirs):
+            ctx.run(getattr(logger, name), *args, **kw)
+    out.flush()
+    lines = raw.getvalue().decode().splitlines()
+    assert len(lines) == 8  # the debug calls write nothing
+    for mine, structlogs in zip(lines[::2], lines[1::2], strict=True):
+        same_but_time(mine, structlogs)
+    assert json.loads(lines[0])["satellite_id"] == "s1"
+    assert json.loads(lines[6])["event"] == "x interpolated 3"
+    assert "_Direct" in vars(ours)["info"].__qualname__, "the direct method is the one in use"
+
+
+def test_context_binder_binds_what_bind_contextvars_binds() -> None:
+    bind = plog.ContextBinder("job_id", "kind", "attempt")
+
+    def ours(*values: Any) -> dict[str, Any]:
+        bind(*values)
+        return dict(structlog.contextvars.merge_contextvars(None, "info", {}))
+
+    def theirs(*values: Any) -> dict[str, Any]:
+        structlog.contextvars.bind_contextvars(job_id=values[0], kind=values[1], attempt=values[2])
+        return dict(structlog.contextvars.merge_contextvars(None, "info", {}))
+
+    for values in (("j1", "snmp.get", 1), ("j2", "ssh.exec", 3)):  # first and later calls
+        mine = contextvars.copy_context().run(ours, *values)
+        structlogs = contextvars.copy_context().run(theirs, *values)
+        assert mine == structlogs == {"job_id": values[0], "kind": values[1], "attempt": values[2]}
+    assert bind._vars is not None, "later calls set the variables directly"
+    assert structlog.contextvars.merge_contextvars(None, "info", {}).get("job_id") is None
