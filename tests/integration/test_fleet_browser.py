@@ -132,9 +132,11 @@ def test_the_fleet_page_in_chromium(browser: Any, fleet_scene: FleetScene, shots
     # is net::ERR_ABORTED, not a fault of the page; any other failure is.
     page.on(
         "requestfailed",
-        lambda r: None
-        if r.failure == "net::ERR_ABORTED"
-        else problems.append(f"failed: {r.url} ({r.failure})"),
+        lambda r: (
+            None
+            if r.failure == "net::ERR_ABORTED"
+            else problems.append(f"failed: {r.url} ({r.failure})")
+        ),
     )
     page.on(
         "response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None
