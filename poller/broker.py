@@ -53,6 +53,7 @@ from poller import __version__
 from poller.config import AmqpUrl
 from poller.errors import BrokerUnavailableError, PublishNotConfirmedError
 from poller.logging import get_logger
+from poller.wire import RESENT_HEADER
 
 __all__ = ["Broker", "BrokerOptions", "Delivery", "Topology", "UnroutableError"]
 
@@ -110,6 +111,12 @@ class Delivery(NamedTuple):
         if isinstance(count, int) and count >= 0:
             return count
         return 1 if self.redelivered else 0
+
+    @property
+    def resent(self) -> bool:
+        """Whether the core published this job again after a lost connection (the first copy
+        may be in the queue too: `wire.RESENT_HEADER`)."""
+        return self.headers.get(RESENT_HEADER) is True
 
 
 @dataclass(frozen=True, slots=True)
