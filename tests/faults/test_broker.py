@@ -353,8 +353,20 @@ def _declare(cluster: Cluster, vhost: str, sid: str, node: int) -> None:
         client.declare([sid])
 
 
-def _leader(cluster: Cluster, vhost: str, queue: str) -> int:
-    return cluster.owner(cluster.queue_nodes(vhost)[queue]).index
+def _holders(cluster: Cluster, vhost: str) -> dict[str, int]:
+    """{quorum queue: the node that leads it}, in one rabbitmqctl call (`Cluster.queue_nodes`
+    makes one per node, and is needed for classic queues)."""
+    out = cluster.rabbitmqctl(
+        "list_queues", "-p", vhost, "name", "leader", "--formatter", "json", "-q"
+    )
+    held: dict[str, int] = {}
+    for row in json.loads(out or "[]"):
+        where = str(row.get("leader") or "")
+        for node in cluster.nodes:
+            if node.name in where:
+                held[str(row["name"])] = node.index
+                break
+    return held
 
 
 def _restart_in_background(cluster: Cluster, *nodes: int) -> threading.Thread:
@@ -367,6 +379,10 @@ KINDS = ("leader", "connected", "classic", "minority")
 
 
 @pytest.mark.cluster
+# The core's client (kombu/py-amqp) can leave a socket unclosed when the node it connects to
+# is lost or in a minority; garbage-collected later, it is an unraisable ResourceWarning in
+# whatever test runs then. A leak on the core's side, not a lost job: reported, not fixed here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("kind", KINDS)
 def test_cluster_node_loss_loses_nothing(  # noqa: PLR0917 - pytest fixtures
     kind: str,
@@ -382,7 +398,6 @@ def test_cluster_node_loss_loses_nothing(  # noqa: PLR0917 - pytest fixtures
     repeated `scale(1, 3)` times; between the repeats the nodes are started again."""
     vhost = cluster_vhost
     _declare(cluster, vhost, sid, node=1)
-    assert _leader(cluster, vhost, wire.jobs_queue(sid)) == 1
     reply_conn = None
     reply_to = None
     if kind == "classic":
@@ -395,14 +410,16 @@ def test_cluster_node_loss_loses_nothing(  # noqa: PLR0917 - pytest fixtures
             reply_to, exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
         )
         ch.queue_bind(reply_to, wire.results_exchange(), wire.reply_binding_key(reply_to))
-        assert cluster.queue_nodes(vhost)[reply_to] == cluster.node(3).name
     victims = {
         "leader": (1,),
         "connected": (2,),
         "classic": (3,),
         "minority": (1, 2),
     }[kind]
-    repeats, down = scale(1, 3), float(scale(6, 20))
+    assert _holders(cluster, vhost)[wire.jobs_queue(sid)] == 1
+    if reply_to is not None:
+        assert cluster.queue_nodes(vhost)[reply_to] == cluster.node(3).name
+    repeats, down = scale(1, 3), float(scale(4, 20))
     factory = PollerFactory(cluster.node(2).vhost, tmp_path)
     minority_windows: list[tuple[float, float]] = []
     with _running(
@@ -411,7 +428,7 @@ def test_cluster_node_loss_loses_nothing(  # noqa: PLR0917 - pytest fixtures
         poller_dsn=",".join(_urls(cluster, vhost, 2, 3, 1)),
         core_urls=_urls(cluster, vhost, 3, 1, 2),
         agent=agent,
-        rate=40,
+        rate=scale(25, 40),
         reply_to=reply_to,
     ) as run:
         try:
@@ -435,7 +452,6 @@ def test_cluster_node_loss_loses_nothing(  # noqa: PLR0917 - pytest fixtures
             if reply_conn is not None:
                 with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                     reply_conn.close()
-    print(f"resent by the core: {run.publisher.resent}")
     _report(run, report, fault_report)
     assert report.answered >= report.confirmed > 0
     assert max(run.consumers_back) <= CONSUMERS_BACK_S, run.consumers_back
@@ -443,12 +459,12 @@ def test_cluster_node_loss_loses_nothing(  # noqa: PLR0917 - pytest fixtures
         # A publish that started after the loss and was answered before the nodes came back
         # would have been confirmed by a minority.
         for start, end in minority_windows:
-            held = [
+            taken = [
                 p.job_id
                 for p in run.obs.published
                 if p.confirmed and start + 1 < p.at and run.publisher.confirmed_at[p.job_id] < end
             ]
-            assert not held, f"confirmed while two of three nodes were down: {held[:5]}"
+            assert not taken, f"confirmed while two of three nodes were down: {taken[:5]}"
         assert any(not p.confirmed for p in run.obs.published), "the minority refused nothing"
 
 
