@@ -107,9 +107,11 @@ class CorePublisher(Publisher):
         sends = itertools.count()
 
         def send() -> None:
-            if next(sends):
+            # As `Client.submit` does: the second send of a job is marked resent.
+            again = next(sends) > 0
+            if again:
                 self.resent.append(request.id)
-            client._publish(self._sid, request, reply_to=reply_to)
+            client._publish(self._sid, request, reply_to=reply_to, resent=again)
 
         try:
             # submit() takes no reply_to, and call() waits for the answer: the client's own parts.
