@@ -96,6 +96,21 @@ Scenario notes:
   random (iptables `statistic`; this kernel has no netem). TCP retransmits: no heartbeat
   disconnect at 5%, nothing lost at either; the row names the packets dropped and the
   disconnects at 5%/20%.
+- **4 lone broker SIGKILLed**: a private RabbitMQ node (never the machine's broker) is killed
+  and started again under load (CI: twice; long: 10 times, 20 s apart). Publishes while it is
+  down are refused (confirmed < published); every confirmed job is answered, no poller exits,
+  and every poller consumes again within 15 s of the node's return: the reconnect backoff is
+  capped at 8 s (at 30 s, pollers came back up to 28 s after the node did). Recover includes
+  the node's own restart.
+- **5 3-node cluster**: pollers list all three nodes; the job queue's leader is node 1, the
+  pollers are on node 2, the core (its own client, `satellite.client.Client`) on node 3 first.
+  (a) the leader is killed: a follower takes over, nothing is redelivered; (b) the pollers'
+  node: they fail over to another URL, their unacked jobs run again, flagged; (c) the node of
+  an RPC caller's classic reply queue (and of the core's connection): the core fails over, and
+  a job it publishes again after losing the connection before the confirm carries
+  `x-usm-resent`, so that if both copies are queued the second result is flagged
+  (before that, a job ran twice with neither result flagged); (d) two nodes of three: the node
+  left refuses or holds every publish (no confirm until the others return) and nothing is lost.
 - **10 kill between confirm and ack**: a test hook kills the poller right after a result's
   confirm, before the ack, on 1% of jobs. The job comes back and is answered again, flagged:
   duplicates are at least the kills (jobs whose confirms arrived in the same frame as the killed

@@ -57,6 +57,7 @@ from poller import __version__
 from poller.config import AmqpUrl
 from poller.errors import BrokerUnavailableError, PublishNotConfirmedError
 from poller.logging import get_logger
+from poller.wire import RESENT_HEADER
 
 __all__ = ["Broker", "BrokerOptions", "Delivery", "Topology", "UnroutableError"]
 
@@ -115,6 +116,12 @@ class Delivery(NamedTuple):
             return count
         return 1 if self.redelivered else 0
 
+    @property
+    def resent(self) -> bool:
+        """Whether the core published this job again after a lost connection (the first copy
+        may be in the queue too: `wire.RESENT_HEADER`)."""
+        return self.headers.get(RESENT_HEADER) is True
+
 
 @dataclass(frozen=True, slots=True)
 class QueueSpec:
@@ -143,8 +150,10 @@ class BrokerOptions:
     #: A TCP connect without an answer gives up after this long (SYNs go at 0, 1, 3 and 7 s).
     tcp_connect_timeout: float = 8.0
     backoff_initial: float = 0.5
-    #: At most this long between the starts of two connection attempts (see `_retry_delay`).
-    backoff_max: float = 10.0
+    #: At most this long between the starts of two connection attempts (see `_retry_delay`). A
+    #: broker that comes back is used within about this long plus a handshake: at 30 s, pollers
+    #: came back up to 28 s after a restarted node did (tests/faults/test_broker.py, scenario 4).
+    backoff_max: float = 8.0
     blocked_timeout: float = 300.0
     lane_prefetch: int = 4
     lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed

@@ -617,6 +617,10 @@ def interactive_routing_key(satellite_id: str) -> str:
 #: Lanes a job can come from; a result says which one in the `LANE_HEADER` header.
 Lane = Literal["interactive", "bulk"]
 LANE_HEADER = "x-lane"
+#: Header of a job the core published again after its connection was lost before the confirm:
+#: the first copy may have reached the queue too, so the poller treats this one as redelivered
+#: (flagged in its result; a non-idempotent job is answered `outcome_unknown`).
+RESENT_HEADER = "x-usm-resent"
 
 
 def lane_routing_key(satellite_id: str, lane: Lane) -> str:

@@ -420,7 +420,7 @@ class Worker:
             return
         attempt = Attempt(
             number=delivery.delivery_count + 1,
-            redelivered=delivery.redelivered or delivery.delivery_count > 0,
+            redelivered=delivery.redelivered or delivery.delivery_count > 0 or delivery.resent,
         )
         # Each delivery runs in its own task, whose context copy dies with it: bind, no reset.
         _bind_job(job.id, job.kind, job.target.host, attempt.number)
@@ -497,7 +497,7 @@ class Worker:
         self, delivery: Delivery, exc: WireError, started: float, started_at: datetime
     ) -> None:
         job_id = exc.job_id or delivery.message_id
-        attempt = Attempt(delivery.delivery_count + 1, delivery.redelivered)
+        attempt = Attempt(delivery.delivery_count + 1, delivery.redelivered or delivery.resent)
         if job_id:
             result = error_result(
                 job_id=job_id[: wire.MAX_JOB_ID_CHARS],

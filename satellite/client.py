@@ -17,6 +17,7 @@ with Client(load_core_settings()) as client:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -233,12 +234,18 @@ class Client:
         `lane="interactive"`: to its interactive lane, ahead of the bulk backlog (DESIGN §13).
 
         A publish cut by a lost connection is retried once on a new connection, but only for
-        an idempotent job (the first attempt may have reached the queue).
+        an idempotent job (the first attempt may have reached the queue): the retry carries
+        the header `x-usm-resent`, so a copy run twice is answered `redelivered: true`.
         """
-
+        sends = itertools.count()
         self._with_reconnect(
             lambda: self._publish(
-                satellite_id, job, priority=priority, expiration=expiration, lane=lane
+                satellite_id,
+                job,
+                priority=priority,
+                expiration=expiration,
+                lane=lane,
+                resent=next(sends) > 0,
             ),
             retry=job.idempotent,
         )
@@ -500,6 +507,7 @@ class Client:
         priority: int | None = None,
         expiration: float | None = None,
         lane: Lane = "bulk",
+        resent: bool = False,
     ) -> None:
         if self._publisher is None:
             conn = self._connection()
@@ -518,6 +526,7 @@ class Client:
                 priority=priority,
                 expiration=expiration,
                 lane=lane,
+                resent=resent,
             )
         finally:
             if publisher.broken:

@@ -32,6 +32,7 @@ from pydantic import JsonValue, TypeAdapter, ValidationError
 from poller.errors import BrokerError, PollerError, PublishNotConfirmedError, WireError
 from poller.wire import (
     PROTOCOL_VERSION,
+    RESENT_HEADER,
     JobKind,
     JobRequest,
     JobResult,
@@ -185,8 +186,13 @@ class JobPublisher:
         priority: int | None = None,
         expiration: float | None = None,
         lane: Lane = "bulk",
+        resent: bool = False,
     ) -> None:
         """Publish and wait for the confirm; raise `PublishNotConfirmedError` when not taken.
+
+        `resent`: this job was published before and that publish's outcome is unknown (its
+        connection was lost before the confirm): the header `RESENT_HEADER` tells the poller
+        that the job may be in the queue twice, so its result is flagged `redelivered`.
 
         `lane="interactive"` sends it to the satellite's interactive lane (DESIGN §13): the
         poller runs it before the bulk backlog. `priority` does not do that: quorum queues on
@@ -198,6 +204,8 @@ class JobPublisher:
             properties["reply_to"] = reply_to
         if correlation_id is not None:
             properties["correlation_id"] = correlation_id
+        if resent:
+            properties["headers"] = {RESENT_HEADER: True}
         self._returned.clear()
         try:
             self._producer.publish(

@@ -61,7 +61,7 @@ from tests.support.tls_broker import (
     _unavailable,
 )
 
-__all__ = ["Cluster", "ClusterNode", "cluster", "rabbitmq_cluster"]
+__all__ = ["Cluster", "ClusterNode", "cluster", "private_broker", "rabbitmq_cluster"]
 
 NODES = 3
 #: Each start (node 1 alone, then nodes 2 and 3 together) must be up within this many seconds.
@@ -117,7 +117,7 @@ class Cluster:
 
     def dsn(self, *order: int) -> str:
         """A DSN that lists the nodes in this order (default: all, in index order)."""
-        return ",".join(self.node(i).url() for i in order or range(1, NODES + 1))
+        return ",".join(self.node(i).url() for i in order or range(1, len(self.nodes) + 1))
 
     def node_env(self, node: ClusterNode) -> dict[str, str]:
         return self.env | _node_env(
@@ -230,19 +230,21 @@ def _config(cluster: Cluster, node: ClusterNode) -> str:
     return "\n".join(lines)
 
 
-def _start_cluster(root: Path) -> Cluster:
-    ports = _free_ports(2 * NODES + 1)
+def _start_cluster(root: Path, size: int = NODES) -> Cluster:
+    ports = _free_ports(2 * size + 1)
     epmd_port = ports.pop()
     env = _private_env(root, epmd_port, server_erl_args=ERL_ARGS)
     nodes = [
         ClusterNode(
             index=i,
-            name=f"usm-c{i}-{os.getpid()}@localhost",
+            name=f"usm-c{i}-{os.getpid()}@localhost"
+            if size == NODES
+            else f"usm-s{size}n{i}-{os.getpid()}@localhost",
             port=ports[2 * (i - 1)],
             dist_port=ports[2 * (i - 1) + 1],
             root=root / f"node{i}",
         )
-        for i in range(1, NODES + 1)
+        for i in range(1, size + 1)
     ]
     (root / "enabled_plugins").write_text("[].\n")
     epmd = _start_epmd(env, epmd_port)
@@ -263,12 +265,34 @@ def _boot(cluster: Cluster) -> None:
         (node.root / "advanced.config").write_text("[].\n")
     started = time.monotonic()
     cluster.start(1)
-    cluster.start(*range(2, NODES + 1))
+    if len(cluster.nodes) > 1:
+        cluster.start(*range(2, len(cluster.nodes) + 1))
     status = json.loads(cluster.rabbitmqctl("cluster_status", "--formatter", "json", node=1))
     running = sorted(status.get("running_nodes", []))
     if running != sorted(node.name for node in cluster.nodes):
         raise RuntimeError(f"the nodes did not form one cluster: running {running}")
     cluster.startup_s = round(time.monotonic() - started, 1)
+
+
+@contextlib.contextmanager
+def private_broker(size: int = 1) -> Iterator[Cluster]:
+    """`size` private nodes in one cluster (one: a lone node), stopped on exit; for a fixture
+    of a narrower scope than the session's cluster. Skips (or fails in CI) like it."""
+    reason = _unavailable()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the private RabbitMQ node is required in CI: {reason}")
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    root = Path(tempfile.mkdtemp(prefix=f"usm-rmq-{size}n-"))
+    try:
+        broker = _start_cluster(root, size)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")
