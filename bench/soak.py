@@ -280,8 +280,14 @@ def render(results: list[Soak], load: tuple[str, str], args: argparse.Namespace,
         after = res.readings[1:]
         flat_fds = no_growth([r.fds for r in res.readings])
         flat_threads = no_growth([r.threads for r in res.readings])
-        ok = (abs(growth) <= args.tolerance or res.recycles) and flat_fds and flat_threads
-        verdict = "flat" if ok else f"**not flat** ({growth:+.1f} MB)"
+        if res.recycles:  # a new process each time: its figures start afresh
+            verdict = f"recycled {res.recycles}x"
+        elif abs(growth) > args.tolerance:
+            verdict = f"**grew** {growth:+.1f} MB"
+        elif not (flat_fds and flat_threads):
+            verdict = "**fds or threads grew**"
+        else:
+            verdict = "flat"
         rate = sorted(r.rate for r in after)[len(after) // 2]
         lines.append(
             f"| {res.backend} | {last.jobs - first.jobs:,} | {rate:,.0f} | {first.rss:.1f} MB "
