@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,48 +31,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import snmp_agent, vhost, write_section  # noqa: E402
+from common import py_spy, snmp_agent, start_serve, vhost, write_section  # noqa: E402
 
 from satellite.client import Client  # noqa: E402
 from satellite.dispatch import build_job  # noqa: E402
 from satellite.service.tokens import TokensFile  # noqa: E402
 from tests.support.poller_proc import PollerFactory  # noqa: E402
-
-
-def start_serve(dsn: str, workdir: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
-    sock = workdir / "api.sock"
-    log = (workdir / "serve.log").open("ab")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
-    env |= {
-        "US_AMQP_DSN": dsn,
-        "USM_CORE_STATE_DIR": str(workdir / "state"),
-        "USM_CORE_LISTEN": f"unix:{sock},tcp:127.0.0.1:0",
-        "USM_CORE_LOG_FORMAT": "json",
-        "USM_CORE_LOG_LEVEL": "warning",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "satellite", "serve"], env=env, stdout=log, stderr=log
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if sock.exists():
-            break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        sys.exit("satellite serve did not start")
-    # The TCP port: ask the kernel which port the process listens on (ss), loopback only.
-    out = subprocess.run(
-        ["ss", "-Hltnp"], capture_output=True, text=True, check=False, timeout=10
-    ).stdout
-    port = 0
-    for line in out.splitlines():
-        if f"pid={proc.pid}," in line:
-            port = int(line.split()[3].rsplit(":", 1)[1])
-    if not port:
-        proc.kill()
-        sys.exit("could not find satellite serve's TCP port")
-    return proc, sock, port
 
 
 def timed(call: object, n: int) -> list[float]:
@@ -101,6 +64,13 @@ def round_ratios(samples: dict[str, list[float]], key: str) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="OUT",
+        help="py-spy the service during the measured rounds into OUT (.svg flame graph, .txt"
+        " raw stacks); docs/performance.md is left alone",
+    )
     args = parser.parse_args()
     n = max(20, min(args.calls, 5000))
     sid = f"bench{os.getpid()}"
@@ -153,19 +123,36 @@ def main() -> int:
                 for fn in (lambda: over(unix), lambda: over(tcp), call):  # warm-up
                     timed(fn, 10)
                 samples: dict[str, list[float]] = {"unix": [], "tcp": [], "amqp": []}
+                spy = py_spy(proc.pid, n / 100 + 5, args.profile) if args.profile else None
                 for _ in range(n // 10):  # interleaved rounds: load drifts hit all three
                     samples["unix"] += timed(lambda: over(unix), 10)
                     samples["tcp"] += timed(lambda: over(tcp), 10)
                     samples["amqp"] += timed(call, 10)
+            if spy is not None:
+                spy.wait(timeout=n + 120)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=40)
             for poller in pollers.started:
                 poller.kill()
 
-    amqp_p50 = statistics.median(samples["amqp"])
-    load_end = os.getloadavg()
+    section = render(samples, n, load_start, os.getloadavg())
+    print(section)
+    if args.profile:
+        print(f"profile: {args.profile}")
+        return 0
+    write_section("## Core service submit", section)
+    return 0
 
+
+def render(
+    samples: dict[str, list[float]],
+    n: int,
+    load_start: tuple[float, float, float],
+    load_end: tuple[float, float, float],
+) -> str:
+    """The `## Core service submit` section of docs/performance.md."""
+    amqp_p50 = statistics.median(samples["amqp"])
     rows = [
         ("HTTP over the unix socket (`Prefer: wait`)", "unix"),
         ("HTTP over TCP with a token (`Prefer: wait`)", "tcp"),
@@ -222,10 +209,7 @@ def main() -> int:
         "publisher channel of its own for submits, and measuring on a host that is not shared.",
         "",
     ]
-    section = "\n".join(lines)
-    print(section)
-    write_section("## Core service submit", section)
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

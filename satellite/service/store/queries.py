@@ -166,20 +166,22 @@ async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> J
     """
     values = queued_row(job, now)
     async with engine.begin() as conn:
-        done = await conn.execute(queued_upsert(_insert(conn), values))
+        done = await conn.execute(queued_upsert(_insert(conn), tuple(values)), values)
     if done.rowcount != 1:
         raise JobExistsError(job.id)
     return queued_record(values)
 
 
-def queued_upsert(insert: Any, values: dict[str, Any]) -> Any:
-    """The dialect's `insert` of a `queued` row; an id left `not_published` is reused.
+def queued_upsert(insert: Any, columns: Sequence[str]) -> Any:
+    """The dialect's `insert` of a `queued` row with these `columns` (execute it with the
+    values of `queued_row`); an id left `not_published` is reused.
 
-    One statement: its row count is 0 when the id is taken by a job that is not reusable.
+    One statement: its row count is 0 when the id is taken by a job that is not reusable. The
+    values are parameters, not part of the statement: one statement serves every row.
     """
-    return insert.values(values).on_conflict_do_update(
+    return insert.on_conflict_do_update(
         index_elements=[jobs.c.id],
-        set_={k: v for k, v in values.items() if k != "id"},
+        set_={k: insert.excluded[k] for k in columns if k != "id"},
         where=(jobs.c.error_code == NOT_PUBLISHED) & (jobs.c.answers == 0),
     )
 
