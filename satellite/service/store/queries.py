@@ -7,8 +7,9 @@ The lifecycle of a row:
 * `mark_not_published` when the publish was not confirmed: the row becomes `error` with code
   `not_published` (kept, visible, never left `queued`); submitting the same id again reuses it.
 * `apply_results`, one transaction per group of results from the ingest: an unknown id is
-  inserted (source `amqp`); a known one takes the newest result's fields; `answers` grows by
-  the number of copies seen, so a redelivered result counts but never doubles the row.
+  inserted (source `amqp`, or `cli` for the toolkit's jobs: ingest says which); a known one
+  takes the newest result's fields; `answers` grows by the number of copies seen, so a
+  redelivered result counts but never doubles the row.
 * `mark_overdue` turns `queued` rows past deadline + grace into `overdue` (a late answer still
   turns them into `ok`/`error`).
 * `purge_before` deletes rows older than the retention in small batches, each its own
@@ -20,7 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -262,12 +263,12 @@ async def mark_not_published(engine: AsyncEngine, job_id: str, now: datetime) ->
     return done.rowcount == 1
 
 
-def _result_row(result: JobResult, answers: int, now: datetime) -> dict[str, Any]:
+def _result_row(result: JobResult, answers: int, now: datetime, source: str) -> dict[str, Any]:
     return {
         "id": result.job_id,
         "satellite_id": result.satellite_id[:64],
         "kind": result.kind[:32],
-        "source": "amqp",
+        "source": source,
         "status": result.status,
         "error_code": result.error.code[:64] if result.error else None,
         "created_at": now,
@@ -298,14 +299,21 @@ _FROM_RESULT = (
 )
 
 
-async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: datetime) -> int:
+async def apply_results(
+    engine: AsyncEngine,
+    results: Sequence[JobResult],
+    now: datetime,
+    sources: Mapping[str, str] | None = None,
+) -> int:
     """Write a group of results in one transaction; the number of rows written.
 
     Copies of one job in the group become one row whose `answers` grows by the copies; the
-    last copy's fields win. Raises SQLAlchemy's errors when the database fails (nothing is
-    written then: the caller keeps the deliveries unacked).
+    last copy's fields win. A job the history does not know yet is inserted with its source
+    from `sources` (by job id; `amqp` when absent); a known job keeps its own. Raises
+    SQLAlchemy's errors when the database fails (nothing is written then: the caller keeps the
+    deliveries unacked).
     """
-    rows = result_rows(results, now)
+    rows = result_rows(results, now, sources)
     if not rows:
         return 0
     async with engine.begin() as conn:
@@ -313,13 +321,19 @@ async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: 
     return len(rows)
 
 
-def result_rows(results: Sequence[JobResult], now: datetime) -> list[dict[str, Any]]:
+def result_rows(
+    results: Sequence[JobResult], now: datetime, sources: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """One row per job of the group; copies of a job count as that many answers."""
     merged: dict[str, tuple[JobResult, int]] = {}
     for result in results:
         count = merged[result.job_id][1] if result.job_id in merged else 0
         merged[result.job_id] = (result, count + 1)
-    return [_result_row(result, count, now) for result, count in merged.values()]
+    sources = sources or {}
+    return [
+        _result_row(result, count, now, sources.get(job_id, "amqp"))
+        for job_id, (result, count) in merged.items()
+    ]
 
 
 def results_upsert(insert: Any) -> Any:
