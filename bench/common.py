@@ -89,6 +89,7 @@ def start_serve(
     else:
         proc.kill()
         sys.exit("satellite serve did not start")
+    _wait_ready(proc, sock, deadline)
     # The TCP port: ask the kernel which port the process listens on (ss), loopback only.
     out = subprocess.run(
         ["ss", "-Hltnp"], capture_output=True, text=True, check=False, timeout=10
@@ -101,6 +102,24 @@ def start_serve(
         proc.kill()
         sys.exit("could not find satellite serve's TCP port")
     return proc, sock, port
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], sock: Path, deadline: float) -> None:
+    """Until `GET /readyz` answers 200 over the unix socket (broker and store reachable)."""
+    import httpx  # noqa: PLC0415 - the `core` extra; only the service benchmarks need it
+
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=5
+    ) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("satellite serve did not become ready")
 
 
 def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
