@@ -62,7 +62,7 @@ def _refused(exc: BaseException) -> bool:
 
 def result_source(delivery: Delivery) -> str:
     """The source the history gives a job it first learns of from this result."""
-    return "amqp"
+    return "cli" if published_by_toolkit(delivery.correlation_id) else "amqp"
 
 
 def history_topology() -> Topology:
