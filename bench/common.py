@@ -1,4 +1,5 @@
-"""What every benchmark here needs: a throw-away vhost, a Net-SNMP agent, the docs section."""
+"""What every benchmark here needs: a throw-away vhost, a Net-SNMP agent, a `satellite serve`
+process, a py-spy recording of a process, the docs section."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +61,93 @@ def snmp_agent() -> Iterator[tuple[str, int, int]]:
     finally:
         snmpd_support._stop(proc)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_serve(
+    dsn: str, workdir: Path, *, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """A `satellite serve` (SQLite history under `workdir`) on a unix socket and a loopback TCP
+    port the kernel picks: (process, socket path, TCP port). Stop it with SIGTERM by its PID."""
+    sock = workdir / "api.sock"
+    log = (workdir / "serve.log").open("ab")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+    env |= {
+        "US_AMQP_DSN": dsn,
+        "USM_CORE_STATE_DIR": str(workdir / "state"),
+        "USM_CORE_LISTEN": f"unix:{sock},tcp:127.0.0.1:0",
+        "USM_CORE_LOG_FORMAT": "json",
+        "USM_CORE_LOG_LEVEL": "warning",
+    } | (extra_env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "satellite", "serve"], env=env, stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if sock.exists():
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        sys.exit("satellite serve did not start")
+    _wait_ready(proc, sock, deadline)
+    # The TCP port: ask the kernel which port the process listens on (ss), loopback only.
+    out = subprocess.run(
+        ["ss", "-Hltnp"], capture_output=True, text=True, check=False, timeout=10
+    ).stdout
+    port = 0
+    for line in out.splitlines():
+        if f"pid={proc.pid}," in line:
+            port = int(line.split()[3].rsplit(":", 1)[1])
+    if not port:
+        proc.kill()
+        sys.exit("could not find satellite serve's TCP port")
+    return proc, sock, port
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], sock: Path, deadline: float) -> None:
+    """Until `GET /readyz` answers 200 over the unix socket (broker and store reachable)."""
+    import httpx  # noqa: PLC0415 - the `core` extra; only the service benchmarks need it
+
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=5
+    ) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("satellite serve did not become ready")
+
+
+def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` for `seconds` into `out` (flame graph SVG, or raw stacks for a
+    `.txt`), all threads, idle frames left out; wait for the returned process."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        sys.exit("py-spy is needed: .venv/bin/pip install py-spy")
+    fmt = "raw" if out.suffix == ".txt" else "flamegraph"
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, int(seconds))),
+            "--rate",
+            "500",
+            "--format",
+            fmt,
+            "--nonblocking",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def write_section(heading: str, section: str) -> None:

@@ -38,8 +38,7 @@ import pika
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import vhost, write_section  # noqa: E402
-from core_submit import start_serve  # noqa: E402
+from common import start_serve, vhost, write_section  # noqa: E402
 
 from poller import wire  # noqa: E402
 from satellite.service.jobs import MAX_BATCH_JOBS  # noqa: E402

@@ -67,6 +67,7 @@ __all__ = [
     "decode_result",
     "encode",
     "format_timestamp",
+    "validate_job",
     "validate_satellite_id",
 ]
 
@@ -523,6 +524,25 @@ def decode_job(body: bytes, *, max_bytes: int | None = None) -> JobRequest:
         raise _classify(body, exc) from None
     except Exception as exc:  # noqa: BLE001 - the contract is: WireError and nothing else
         raise WireError(f"job body could not be parsed ({type(exc).__name__})") from None
+    return job
+
+
+def validate_job(raw: object) -> JobRequest:
+    """`decode_job` for a body parsed already (the core service parses it once to fill in `v`
+    and `id`): the same validation, the same `WireError`s, and only those.
+
+    A valid job is validated from the objects as they are; an invalid one is encoded and given
+    to `decode_job`, so that its error says what a poller would say (the wording of pydantic's
+    errors depends on whether it reads JSON or Python objects).
+    """
+    try:
+        job: JobRequest = _JOB_VALIDATOR.validate_python(raw)
+    except Exception:  # noqa: BLE001 - decode_job decides, and raises WireError only
+        try:
+            body = json.dumps(raw).encode()
+        except (TypeError, ValueError, RecursionError):
+            raise WireError("job body is not JSON") from None
+        return decode_job(body)
     return job
 
 

@@ -25,6 +25,7 @@ from satellite.dispatch import (
     CONTENT_TYPE,
     PERSISTENT,
     InvalidJobError,
+    cli_correlation_id,
     describe_validation_error,
     new_job_id,
 )
@@ -133,6 +134,8 @@ class BulkPublisher:
         self._channel.events["basic_nack"].add(self._on_nack)
         self._channel.events["basic_return"].add(self._on_return)
         self._seq = 0
+        # One correlation id for the jobs of one run: the toolkit's mark (satellite/dispatch.py).
+        self._correlation_id = cli_correlation_id()
         self._pending: OrderedDict[int, str] = OrderedDict()
         self._returned: dict[str, str] = {}
         self._report = BulkReport()
@@ -170,6 +173,7 @@ class BulkPublisher:
             delivery_mode=PERSISTENT,
             message_id=job.id,
             type=job.kind,
+            correlation_id=self._correlation_id,
         )
         self._channel.basic_publish(
             message, exchange=jobs_exchange(), routing_key=routing_key, mandatory=True

@@ -21,7 +21,6 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -39,6 +38,7 @@ from satellite.dispatch import (
     ReplyQueue,
     SenderCheck,
     SenderPolicy,
+    cli_correlation_id,
 )
 from satellite.dlq import (
     DeadLetter,
@@ -270,7 +270,7 @@ class Client:
         """
         wait = job.timeout + CALL_MARGIN_SECONDS if timeout is None else timeout
         reply = self._with_reconnect(self._reply_queue, retry=True)
-        correlation_id = uuid.uuid4().hex
+        correlation_id = cli_correlation_id()
         reply.expect(correlation_id, satellite_id=satellite_id, job_id=job.id)
         try:
             self._with_reconnect(

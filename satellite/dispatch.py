@@ -13,6 +13,11 @@ broker vouches for). `SenderPolicy` is the rule `Client` applies by default: the
 provisioned user `sat-<id>`, or a user the core trusts for every satellite (by default the core's
 own broker user, so that pollers run with the core's credentials, e.g. `guest` in a lab, work).
 `satellite_of_key` reads the satellite id out of a result's routing key.
+
+Every job the toolkit publishes carries a correlation id that starts with
+`CLI_CORRELATION_PREFIX` (unless the caller gives its own): the poller copies a job's correlation
+id into its result, and the core service's history records such a job's source as `cli` rather
+than `amqp` (`published_by_toolkit`; docs/core-service.md, "Sources").
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from poller.wire import (
 )
 
 __all__ = [
+    "CLI_CORRELATION_PREFIX",
     "InvalidJobError",
     "JobPublisher",
     "NoResultError",
@@ -53,7 +59,9 @@ __all__ = [
     "SenderCheck",
     "SenderPolicy",
     "build_job",
+    "cli_correlation_id",
     "new_job_id",
+    "published_by_toolkit",
     "reply_queue_name",
     "satellite_of_key",
 ]
@@ -88,6 +96,20 @@ class NoResultError(PollerError, TimeoutError):
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
+
+
+#: How the correlation ids of the toolkit's jobs begin (the rest: 32 hex digits).
+CLI_CORRELATION_PREFIX = "satellite-cli."
+
+
+def cli_correlation_id() -> str:
+    """A fresh correlation id that marks a job as published by the toolkit."""
+    return f"{CLI_CORRELATION_PREFIX}{uuid.uuid4().hex}"
+
+
+def published_by_toolkit(correlation_id: str | None) -> bool:
+    """Whether a result's correlation id (copied from its job) is one the toolkit gave."""
+    return correlation_id is not None and correlation_id.startswith(CLI_CORRELATION_PREFIX)
 
 
 def reply_queue_name() -> str:
@@ -199,11 +221,13 @@ class JobPublisher:
         RabbitMQ 3.x ignore message priorities (docs/wire.md, "Lanes").
         """
         routing_key = lane_routing_key(satellite_id, lane)
-        properties: dict[str, Any] = {"message_id": job.id, "type": job.kind}
+        properties: dict[str, Any] = {
+            "message_id": job.id,
+            "type": job.kind,
+            "correlation_id": correlation_id or cli_correlation_id(),
+        }
         if reply_to is not None:
             properties["reply_to"] = reply_to
-        if correlation_id is not None:
-            properties["correlation_id"] = correlation_id
         if resent:
             properties["headers"] = {RESENT_HEADER: True}
         self._returned.clear()

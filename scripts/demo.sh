@@ -122,9 +122,9 @@ echo "== the history, found again: GET /v1/jobs?host=127.0.0.1 over the unix soc
 echo "   curl --unix-socket .demo/core/api.sock 'http://localhost/v1/jobs?host=127.0.0.1'"
 history "host=127.0.0.1"
 echo "== the history of satellite $SID: GET /v1/jobs?satellite=$SID"
-echo "   (the jobs of satellite call above are there too, source amqp: the service archives every"
-echo "    result published on the broker, whoever sent the job; a result does not carry the"
-echo "    job's target, so their host is unknown)"
+echo "   (the jobs of satellite call above are there too, source cli: the service archives every"
+echo "    result published on the broker, whoever sent the job (another core's: source amqp);"
+echo "    a result does not carry the job's target, so their host is unknown)"
 for _ in $(seq 20); do  # they are written in group commits (50 ms): normally there already
     [ "$(history "satellite=$SID" | wc -l)" -ge 5 ] && break
     sleep 0.1

@@ -15,6 +15,10 @@ writing the group one row at a time; it is acked and counted in `unstorable`.
 
 When the database is down nothing is acked: the group is retried with capped exponential
 backoff, the prefetch window stops further deliveries, and ingest resumes where it stopped.
+
+A result of a job the history does not know yet (published straight to the broker, not through
+the service) is recorded with the source `result_source()` says: `cli` when the job's
+correlation id (which the poller copies into the result) is the toolkit's mark, else `amqp`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -33,9 +37,10 @@ from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology
 from poller.config import AmqpUrl
 from poller.errors import WireError
 from poller.logging import get_logger
+from satellite.dispatch import published_by_toolkit
 from satellite.service.store import Store
 
-__all__ = ["Ingest", "IngestStats", "history_topology"]
+__all__ = ["Ingest", "IngestStats", "history_topology", "result_source"]
 
 log = get_logger("satellite.service.ingest")
 
@@ -55,6 +60,11 @@ def _refused(exc: BaseException) -> bool:
         return True
     state = getattr(getattr(exc, "orig", None), "sqlstate", None)
     return isinstance(state, str) and state[:2] in ("22", "23")
+
+
+def result_source(delivery: Delivery) -> str:
+    """The source the history gives a job it first learns of from this result."""
+    return "cli" if published_by_toolkit(delivery.correlation_id) else "amqp"
 
 
 def history_topology() -> Topology:
@@ -203,7 +213,8 @@ class Ingest:
 
     async def _write(self, decoded: list[tuple[Delivery, wire.JobResult]]) -> None:
         results = [result for _, result in decoded]
-        written = await self._commit_with_retry(results)
+        sources = {result.job_id: result_source(delivery) for delivery, result in decoded}
+        written = await self._commit_with_retry(results, sources)
         self.stats.commits += 1
         self.stats.results += len(written)
         self.stats.last_commit_monotonic = time.monotonic()
@@ -213,7 +224,7 @@ class Ingest:
             self.on_committed(written)
 
     async def _commit_with_retry(
-        self, results: list[wire.JobResult], *, isolate: bool = True
+        self, results: list[wire.JobResult], sources: Mapping[str, str], *, isolate: bool = True
     ) -> list[wire.JobResult]:
         """Write the group; retry while the database is down; the results that were written.
 
@@ -223,12 +234,12 @@ class Ingest:
         attempt = 0
         while True:
             try:
-                await self.store.apply_results(results)
+                await self.store.apply_results(results, sources)
             except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
                 if _refused(exc):
                     if not isolate:
                         raise _RefusedError(_describe(exc)) from None
-                    return await self._one_by_one(results)
+                    return await self._one_by_one(results, sources)
                 attempt += 1
                 self.stats.db_failures += 1
                 delay = self._backoff(attempt)
@@ -245,12 +256,14 @@ class Ingest:
                 log.info("history_write_resumed", after_attempts=attempt)
             return results
 
-    async def _one_by_one(self, results: Iterable[wire.JobResult]) -> list[wire.JobResult]:
+    async def _one_by_one(
+        self, results: Iterable[wire.JobResult], sources: Mapping[str, str]
+    ) -> list[wire.JobResult]:
         """Write a group the database refused row by row; drop (and count) the refused rows."""
         written = []
         for result in results:
             try:
-                await self._commit_with_retry([result], isolate=False)
+                await self._commit_with_retry([result], sources, isolate=False)
             except _RefusedError as exc:
                 self.stats.unstorable += 1
                 log.error(

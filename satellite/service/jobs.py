@@ -2,11 +2,13 @@
 
 The layer below the HTTP routers (no HTTP here) and above the store and the broker:
 
-* `JobService.submit()` fills in `v` and `id` when missing, validates the job with the wire's own
-  decoder (so the API refuses exactly what a poller would, with the wire's codes), records it
-  `queued`, then publishes it to `usm_poller.jobs` and waits for the broker's confirm. A publish
-  that is not confirmed (broker down, no queue for the satellite) turns the row into `error`
-  with code `not_published`: a job is never left `queued` when no poller can ever answer it.
+* `JobService.submit()` takes the API's `lane` out of the body (the wire has no such field: it
+  picks the routing key, `<id>.interactive` or `<id>`), fills in `v` and `id` when missing,
+  validates the job once with the wire's own rules (so the API refuses exactly what a poller
+  would, with the wire's codes), records it `queued`, then publishes it to `usm_poller.jobs`
+  and waits for the broker's confirm. A publish that is not confirmed (broker down, no queue
+  for the satellite) turns the row into `error` with code `not_published`: a job is never
+  left `queued` when no poller can ever answer it.
 * A caller that waits (`Prefer: wait=N`) gets its result through this replica's reply queue:
   the job carries `reply_to`, the poller publishes the result as `reply.<sat>.<queue>`, which
   reaches this replica's exclusive-by-name queue and, through `reply.#`, the history.
@@ -32,6 +34,7 @@ from satellite.service.metrics import ServiceMetrics
 from satellite.service.store import JobExistsError, JobFilter, JobRecord, Page, QueuedJob, Store
 
 __all__ = [
+    "LANES",
     "MAX_BATCH_JOBS",
     "MAX_WAIT_SECONDS",
     "BatchOutcome",
@@ -48,6 +51,8 @@ MAX_WAIT_SECONDS = 60.0
 MAX_BATCH_JOBS = 1000
 #: How often a long poll re-reads the store (results another replica ingested).
 POLL_INTERVAL = 0.5
+#: The lanes a job submitted through the API may ask for (`"lane"` in its body).
+LANES: tuple[wire.Lane, ...] = ("interactive", "bulk")
 
 
 class JobSubmitError(Exception):
@@ -123,8 +128,8 @@ class Waiters:
         return sum(len(f) for f in self._waiting.values())
 
 
-def prepare_job(body: bytes | dict[str, Any], *, max_bytes: int) -> wire.JobRequest:
-    """The job in `body` with `v` and `id` filled in when missing; `WireError` when invalid."""
+def job_object(body: bytes | dict[str, Any], *, max_bytes: int) -> dict[str, Any]:
+    """The job of a request body as a JSON object (a dict given is used as it is)."""
     if isinstance(body, bytes):
         if len(body) > max_bytes:
             raise WireError(f"the job is {len(body)} bytes; the limit is {max_bytes} bytes")
@@ -136,10 +141,28 @@ def prepare_job(body: bytes | dict[str, Any], *, max_bytes: int) -> wire.JobRequ
         raw = body
     if not isinstance(raw, dict):
         raise WireError("the body must be a JSON object (one job)")
+    return raw
+
+
+def take_lane(raw: dict[str, Any]) -> wire.Lane | None:
+    """Remove the API's `lane` from a job object (the wire has no such field: the lane is the
+    routing key); None when the job names none. `WireError` for one that is not a lane."""
+    lane = raw.pop("lane", None)
+    if lane is None:
+        return None
+    for known in LANES:
+        if lane == known and isinstance(lane, str):
+            return known
+    raise WireError("lane: must be 'interactive' or 'bulk'")
+
+
+def prepare_job(raw: dict[str, Any]) -> wire.JobRequest:
+    """The job with `v` and `id` filled in when missing (in `raw` too), validated once, by the
+    wire's own rules (`WireError` with the wire's codes when invalid)."""
     raw.setdefault("v", wire.PROTOCOL_VERSION)
     if raw.get("id") is None:
         raw["id"] = str(uuid.uuid4())
-    return wire.decode_job(json.dumps(raw).encode())
+    return wire.validate_job(raw)
 
 
 def split_batch(body: bytes, *, ndjson: bool) -> list[Any]:
@@ -218,11 +241,13 @@ class JobService:
         """Validate, record, publish; wait up to `wait` s for the result. `JobSubmitError`."""
         _check_satellite(satellite_id)
         try:
-            job = prepare_job(body, max_bytes=self.max_job_bytes)
+            raw = job_object(body, max_bytes=self.max_job_bytes)
+            lane = take_lane(raw) or default_lane(wait)
+            job = prepare_job(raw)
         except WireError as exc:
             raise JobSubmitError(422, exc.error_code, exc.message) from None
         now = self.store.clock()
-        queued = _queued(job, satellite_id, source, now, lane=_lane(wait), retry_of=retry_of)
+        queued = _queued(job, satellite_id, source, now, lane=lane, retry_of=retry_of)
         try:
             record = await self.store.record_queued(queued)
         except JobExistsError:
@@ -231,7 +256,7 @@ class JobService:
             ) from None
         waiting = self.waiters.watch(job.id) if wait else None
         try:
-            await self._publish(satellite_id, job, reply=wait is not None and wait > 0)
+            await self._publish(satellite_id, job, lane, reply=wait is not None and wait > 0)
             if waiting is None or wait is None:
                 return Submitted(record, answered=False)
             return await self._wait(record, waiting, min(wait, MAX_WAIT_SECONDS))
@@ -264,7 +289,7 @@ class JobService:
             )
         batch = self._validate_batch(items)
         now = self.store.clock()
-        queued = [_queued(job, satellite_id, source, now, lane="bulk") for job in batch]
+        queued = [_queued(job, satellite_id, source, now, lane=lane) for job, lane in batch]
         try:
             await self.store.record_queued_many(queued)
         except JobExistsError as exc:
@@ -274,45 +299,50 @@ class JobService:
             ) from None
         return await self._publish_batch(satellite_id, batch, confirm_timeout)
 
-    def _validate_batch(self, items: list[Any]) -> list[wire.JobRequest]:
-        batch: list[wire.JobRequest] = []
+    def _validate_batch(self, items: list[Any]) -> list[tuple[wire.JobRequest, wire.Lane]]:
+        batch: list[tuple[wire.JobRequest, wire.Lane]] = []
         problems: list[str] = []
         codes: set[str] = set()
         seen: set[str] = set()
         for index, item in enumerate(items):
             try:
-                job = self._batch_item(item, seen)
+                job, lane = self._batch_item(item, seen)
             except WireError as exc:
                 codes.add(exc.error_code)
                 if len(problems) < 10:
                     problems.append(f"[{index}] {exc.message}")
                 continue
             seen.add(job.id)
-            batch.append(job)
+            batch.append((job, lane))
         if problems:
             code = codes.pop() if len(codes) == 1 else "invalid_job"
             raise JobSubmitError(422, code, "; ".join(problems))
         return batch
 
-    def _batch_item(self, item: object, seen: set[str]) -> wire.JobRequest:
+    def _batch_item(self, item: object, seen: set[str]) -> tuple[wire.JobRequest, wire.Lane]:
         if not isinstance(item, dict):
             raise WireError("must be a JSON object (one job)")
-        job = prepare_job(item, max_bytes=self.max_job_bytes)
+        lane = take_lane(item) or "bulk"
+        job = prepare_job(item)
         if job.id in seen:
             raise WireError(f"the id {job.id!r} appears twice in the batch")
-        return job
+        return job, lane
 
     async def _publish_batch(
-        self, satellite_id: str, batch: list[wire.JobRequest], confirm_timeout: float
+        self,
+        satellite_id: str,
+        batch: list[tuple[wire.JobRequest, wire.Lane]],
+        confirm_timeout: float,
     ) -> BatchOutcome:
         futures: dict[str, asyncio.Future[None]] = {}
         failed: list[str] = []
         unroutable = False
-        for job in batch:
+        keys = {lane: wire.lane_routing_key(satellite_id, lane) for lane in LANES}
+        for job, lane in batch:
             try:
                 futures[job.id] = self.publisher.publish_nowait(
                     wire.jobs_exchange(),
-                    wire.jobs_routing_key(satellite_id),
+                    keys[lane],
                     wire.encode(job),
                     self._properties(job, reply=False),
                 )
@@ -335,7 +365,8 @@ class JobService:
             log.warning(
                 "jobs_not_published", satellite_id=satellite_id, count=len(failed), of=len(batch)
             )
-        self._count_batch(satellite_id, batch, published, failed, unroutable=unroutable)
+        jobs = [job for job, _ in batch]
+        self._count_batch(satellite_id, jobs, published, failed, unroutable=unroutable)
         if not published:
             raise _not_published(satellite_id, unroutable=unroutable)
         return BatchOutcome(published, failed)
@@ -367,10 +398,11 @@ class JobService:
             reply_to=self.reply_queue if reply else None,
         )
 
-    async def _publish(self, satellite_id: str, job: wire.JobRequest, *, reply: bool) -> None:
+    async def _publish(
+        self, satellite_id: str, job: wire.JobRequest, lane: wire.Lane, *, reply: bool
+    ) -> None:
         props = self._properties(job, reply=reply)
-        # Someone waits for it: the interactive lane, ahead of the bulk backlog (design §13).
-        key = wire.lane_routing_key(satellite_id, "interactive" if reply else "bulk")
+        key = wire.lane_routing_key(satellite_id, lane)
         try:
             await self.publisher.publish(wire.jobs_exchange(), key, wire.encode(job), props)
         except BrokerError as exc:
@@ -419,7 +451,7 @@ class JobService:
             )
         body = dict(request, id=str(uuid.uuid4()))
         try:
-            prepare_job(dict(body), max_bytes=self.max_job_bytes)
+            prepare_job(dict(body))
         except WireError:
             raise JobSubmitError(
                 409,
@@ -496,7 +528,9 @@ def _queued(
     )
 
 
-def _lane(wait: float | None) -> wire.Lane:
+def default_lane(wait: float | None) -> wire.Lane:
+    """A job that names no lane: interactive when someone waits for it (ahead of the bulk
+    backlog, docs/design.md §13), bulk otherwise."""
     return "interactive" if wait is not None and wait > 0 else "bulk"
 
 
@@ -506,8 +540,8 @@ def _not_published(satellite_id: str, *, unroutable: bool, reason: str = "") -> 
             404,
             "unknown_satellite",
             f"no queue is bound for satellite {satellite_id!r} (or for its interactive lane, "
-            "for a job that is waited for): declare it with `satellite declare`, or start its "
-            "pollers",
+            "for a job that is waited for or asks for it): declare it with `satellite declare`, "
+            "or start its pollers",
         )
     detail = f"the broker did not take the job: {reason}" if reason else "the broker is down"
     return JobSubmitError(503, "broker_unavailable", detail, retry_after=5)

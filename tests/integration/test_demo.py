@@ -94,9 +94,9 @@ def test_the_demo_answers_a_job_over_http_and_finds_it_in_the_history(
     rows = re.findall(rf"^   ({UUID})  (\S+)\s+(\S+)\s+\S+\s+\S+\s+(\S+)\s+(\S+)", of_sid, re.M)
     assert rows[0] == (job_id, "api", "snmp.get", "ok", "-")
     assert sorted(row[1:] for row in rows[1:]) == [
-        ("amqp", "snmp.get", "error", "device_timeout"),
-        ("amqp", "snmp.get", "ok", "-"),
-        ("amqp", "snmp.walk", "ok", "-"),
+        ("cli", "snmp.get", "error", "device_timeout"),
+        ("cli", "snmp.get", "ok", "-"),
+        ("cli", "snmp.walk", "ok", "-"),
     ]
     # over TCP with the demo's read-only token, and refused without it
     tcp = out[out.index("== the same job over TCP") :]

@@ -543,3 +543,132 @@ async def test_every_request_is_one_log_line_without_its_token(
         ("GET", "/v1/jobs", 401, None),
     ]
     assert tokens.admin not in repr(logs)
+
+
+# The lane is the broker's business: one database is enough for these.
+ONE_DATABASE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+@ONE_DATABASE
+async def test_a_job_goes_to_the_lane_its_body_names(
+    core: Core, api: httpx.AsyncClient, sid: str
+) -> None:
+    await declare_satellite(core, sid)
+    url = f"/v1/satellites/{sid}/jobs"
+    asked = await api.post(url, json=job() | {"lane": "interactive"})
+    assert asked.status_code == 202, asked.text
+    assert asked.json()["lane"] == "interactive"
+    # Waited for but sent to the bulk queue as asked (nothing answers: 202 after the wait).
+    waited = await api.post(url, json=job() | {"lane": "bulk"}, headers={"Prefer": "wait=0.2"})
+    assert waited.status_code == 202, waited.text
+    assert waited.json()["lane"] == "bulk"
+    batch = [
+        job() | {"lane": "interactive"},
+        job(),
+        job() | {"lane": "bulk"},
+        job() | {"lane": None},
+    ]
+    accepted = await api.post(f"{url}:batch", json=batch)
+    assert accepted.status_code == 202, accepted.text
+    lanes = [(await api.get(f"/v1/jobs/{i}")).json()["lane"] for i in accepted.json()["ids"]]
+    assert lanes == ["interactive", "bulk", "bulk", "bulk"]
+    interactive = wire.interactive_queue(sid)
+    assert await asyncio.to_thread(queue_depth, core, sid, 2, queue=interactive) == 2
+    assert await asyncio.to_thread(queue_depth, core, sid, 4) == 4
+    # `lane` is the API's, not the wire's: the job a poller gets is a valid wire job.
+    client = JobClient(core.settings.amqp_dsn.get_secret_value(), sid)
+    try:
+        published = client.get(interactive)
+    finally:
+        client.close()
+    assert published is not None
+    assert wire.decode_job(published).id == asked.json()["id"]
+
+
+@ONE_DATABASE
+async def test_an_unknown_lane_is_422_with_its_path_and_the_schema_names_the_lanes(
+    api: httpx.AsyncClient, sid: str
+) -> None:
+    url = f"/v1/satellites/{sid}/jobs"
+    problem = assert_problem(
+        await api.post(url, json=job() | {"lane": "express"}), 422, "invalid_job"
+    )
+    assert "lane" in problem["detail"]
+    assert "express" not in problem["detail"]
+    batch = [job(), job() | {"lane": 3}]
+    problem = assert_problem(await api.post(f"{url}:batch", json=batch), 422, "invalid_job")
+    assert "[1] lane" in problem["detail"]
+    assert (await api.get("/v1/jobs", params={"satellite": sid})).json()["items"] == []
+    spec = (await api.get("/v1/openapi.json")).json()
+    post = spec["paths"]["/v1/satellites/{satellite_id}/jobs"]["post"]
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["properties"]["lane"]["enum"] == ["interactive", "bulk"]
+    post = spec["paths"]["/v1/satellites/{satellite_id}/jobs:batch"]["post"]
+    items = post["requestBody"]["content"]["application/json"]["schema"]["items"]
+    assert items["properties"]["lane"]["enum"] == ["interactive", "bulk"]
+
+
+@ONE_DATABASE
+async def test_a_real_poller_takes_each_job_from_the_lane_asked_and_toolkit_jobs_are_cli(
+    core: Core,
+    api: httpx.AsyncClient,
+    start_poller: PollerFactory,
+    snmpd: Snmpd,
+    sid: str,
+) -> None:
+    await asyncio.to_thread(start_poller, sid)
+    dsn = core.settings.amqp_dsn.get_secret_value()
+    watch = JobClient(dsn, sid)  # every result and reply of the satellite, with its headers
+    try:
+        body = job(snmpd.host, snmpd.port)
+        body["auth"]["community"] = snmpd.community
+        url = f"/v1/satellites/{sid}/jobs"
+        wait = {"Prefer": "wait=30"}
+        expected = {}
+        for extra, headers, lane in (
+            ({"lane": "bulk"}, wait, "bulk"),
+            ({}, wait, "interactive"),
+            ({"lane": "interactive"}, {}, "interactive"),
+            ({}, {}, "bulk"),
+        ):
+            response = await api.post(url, json=body | extra, headers=headers)
+            assert response.status_code == (200 if headers else 202), response.text
+            assert response.json()["lane"] == lane
+            expected[response.json()["id"]] = lane
+        # A job the toolkit publishes straight to the broker (`satellite call`): source `cli`.
+        called = await asyncio.to_thread(
+            satellite_cli,
+            [
+                "call",
+                sid,
+                "snmp.get",
+                "--host",
+                snmpd.host,
+                "--port",
+                str(snmpd.port),
+                "--community",
+                snmpd.community,
+                "--dsn",
+                dsn,
+                "1.3.6.1.2.1.1.5.0",
+            ],
+        )
+        assert called == 0
+        received = await asyncio.to_thread(watch.collect, len(expected) + 1, 60)
+    finally:
+        watch.close()
+    lanes = {r.result.job_id: (r.props.headers or {}).get(wire.LANE_HEADER) for r in received}
+    assert {job_id: lanes.get(job_id) for job_id in expected} == expected
+    (call_id,) = set(lanes) - set(expected)
+    assert lanes[call_id] == "interactive"  # `satellite call` uses the lane by default
+    for _ in range(100):
+        record = await core.store.get_job(call_id)
+        if record is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert record is not None
+    assert (record.source, record.status) == ("cli", "ok")
+    for job_id in expected:
+        stored = await core.store.get_job(job_id)
+        assert stored is not None
+        assert stored.source == "api"

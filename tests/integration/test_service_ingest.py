@@ -18,9 +18,10 @@ from structlog.testing import capture_logs
 from poller import wire
 from poller.broker import BrokerOptions
 from poller.config import parse_dsn
+from satellite.dispatch import cli_correlation_id
 from satellite.service.ingest import Ingest
 from satellite.service.settings import DatabaseUrl
-from satellite.service.store import JobRecord, Store
+from satellite.service.store import JobRecord, QueuedJob, Store
 from satellite.service.store.tables import jobs
 from tests.support.database import pg_admin
 from tests.support.rabbitmq import AmqpVhost, list_bindings, list_queues
@@ -63,9 +64,18 @@ class Publisher:
         self.channel.confirm_delivery()
         self.channel.exchange_declare(wire.results_exchange(), "topic", durable=True)
 
-    def result(self, body: bytes, key: str, message_id: str | None = None) -> None:
+    def result(
+        self,
+        body: bytes,
+        key: str,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
         props = pika.BasicProperties(
-            content_type="application/json", delivery_mode=2, message_id=message_id
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=message_id,
+            correlation_id=correlation_id,
         )
         self.channel.basic_publish(wire.results_exchange(), key, body, props)
 
@@ -196,6 +206,46 @@ async def test_published_results_become_rows_and_a_copy_counts_as_an_answer(
     assert rows[ids[1]].answers == 2
     assert (await store.get_job(ids[2])) is not None
     assert ingest.stats.malformed == 0
+
+
+async def test_results_of_toolkit_jobs_are_source_cli_and_others_amqp(
+    store: Store, publisher: Publisher, start_ingest: IngestFactory, sid: str
+) -> None:
+    # The poller copies a job's correlation id into its result; the toolkit marks its own.
+    ingest = start_ingest()
+    assert await ingest.broker.wait_ready(30)
+    key = wire.result_routing_key(sid, "snmp.get")
+    marks = {
+        f"{sid}-cli": cli_correlation_id(),
+        f"{sid}-other": "core-17",
+        f"{sid}-none": None,
+        f"{sid}-lookalike": "satellite-client.1",
+    }
+    for job_id, correlation_id in marks.items():
+        publisher.result(result_body(job_id, sid), key, correlation_id=correlation_id)
+    rows = await wait_for_rows(store, list(marks))
+    assert {job_id: row.source for job_id, row in rows.items()} == {
+        f"{sid}-cli": "cli",
+        f"{sid}-other": "amqp",
+        f"{sid}-none": "amqp",
+        f"{sid}-lookalike": "amqp",
+    }
+    # A job the history knows already keeps its source (the service recorded it first).
+    await store.record_queued(
+        QueuedJob(
+            id=f"{sid}-api",
+            satellite_id=sid,
+            kind="snmp.get",
+            host="h",
+            port=None,
+            source="api",
+            submitted_at=datetime.now(UTC),
+            timeout=5.0,
+        )
+    )
+    publisher.result(result_body(f"{sid}-api", sid), key, correlation_id=cli_correlation_id())
+    rows = await wait_for_rows(store, [f"{sid}-api"], answers=1)
+    assert rows[f"{sid}-api"].source == "api"
 
 
 async def test_a_malformed_result_is_acked_and_counted_without_its_body(

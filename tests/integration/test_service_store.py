@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -231,16 +232,46 @@ async def test_a_submit_cancelled_while_its_row_is_written_does_not_leave_it_que
     store: Store,
 ) -> None:
     # The request went away: it will never publish the job, so the row must not stay queued.
+    # On SQLite a row is written at once when the write lock is free (nothing to cancel): hold
+    # the lock from another connection so that the row waits for a group on the writer thread.
+    path = store.db.sqlite_path
+    holder = None
+    if path is not None:
+        holder = sqlite3.connect(path, isolation_level=None, timeout=10)
+        holder.execute("BEGIN IMMEDIATE")
     submit = asyncio.create_task(store.record_queued(queued("gone")))
     await asyncio.sleep(0)  # the submit waits for its group
     await asyncio.sleep(0)  # the group is being written
     submit.cancel()
+    if holder is not None:
+        holder.execute("COMMIT")
+        holder.close()
     with pytest.raises(asyncio.CancelledError):
         await submit
     await store.record_queued(queued("next"))  # after the group of "gone" and its clean-up
     record = await store.get_job("gone")
     assert record is None or (record.status, record.error_code) == ("error", NOT_PUBLISHED)
     assert (await store.get_job("next")) is not None
+
+
+async def test_a_queued_row_waits_for_a_writer_that_holds_sqlite(store: Store) -> None:
+    # A row is written at once on the event loop only when SQLite's write lock is free; when
+    # another connection holds it, the row waits (on the writer thread) and is written after.
+    path = store.db.sqlite_path
+    if path is None:
+        pytest.skip("SQLite only")
+    holder = sqlite3.connect(path, isolation_level=None, timeout=10)
+    holder.execute("BEGIN IMMEDIATE")
+    submit = asyncio.create_task(store.record_queued(queued("waits")))
+    await asyncio.sleep(0.2)
+    assert not submit.done()
+    holder.execute("COMMIT")
+    holder.close()
+    record = await asyncio.wait_for(submit, 10)
+    assert record.status == "queued"
+    stored = await store.get_job("waits")
+    assert stored is not None
+    assert stored.status == "queued"
 
 
 async def test_an_unpublished_job_leaves_queued_and_its_id_can_be_reused(store: Store) -> None:

@@ -80,6 +80,33 @@ def test_mangled_jobs_raise_wire_error(job: dict[str, Any], field: str) -> None:
         wire.decode_job(json.dumps(job).encode())
 
 
+def _outcome(decode: Any) -> tuple[str, ...]:
+    try:
+        return ("ok", wire.encode(decode()).decode())
+    except WireError as exc:
+        return ("error", exc.error_code, exc.message, str(exc.job_id))
+
+
+@given(
+    strategies.job_dicts(),
+    st.sampled_from(["v", "id", "kind", "target", "params", "auth", "timeout", "meta", "x"]),
+    strategies.json_values,
+    st.booleans(),
+)
+@settings(max_examples=100)
+def test_validate_job_of_parsed_json_says_what_decode_job_says(
+    job: dict[str, Any], field: str, value: object, mangle: bool
+) -> None:
+    # The core service parses a body once and validates the objects (`validate_job`): it must
+    # accept, refuse and word its refusals exactly as a poller decoding the bytes would.
+    if mangle:
+        job[field] = value
+    body = json.dumps(job).encode()
+    assert _outcome(lambda: wire.validate_job(json.loads(body))) == _outcome(
+        lambda: wire.decode_job(body)
+    )
+
+
 def test_other_version_is_unsupported_version_with_id() -> None:
     with pytest.raises(WireError) as info:
         wire.decode_job(body(v=2))

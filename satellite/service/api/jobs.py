@@ -9,12 +9,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from satellite.service.api.problems import PROBLEM_JSON, Problem
 from satellite.service.auth import require
 from satellite.service.jobs import (
+    LANES,
     MAX_BATCH_JOBS,
     MAX_WAIT_SECONDS,
     JobService,
@@ -80,32 +81,40 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _record_response(
     record: JobRecord, status: int, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(record.model_dump(mode="json"), status_code=status, headers=headers)
+) -> Response:
+    """The record as JSON, serialised once by its model (no dict in between)."""
+    body = record.__pydantic_serializer__.to_json(record)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
+
+_LANE_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "enum": list(LANES),
+    "description": (
+        "Not a wire field: the queue the job is sent to (docs/design.md §13). `interactive` "
+        "overtakes the satellite's bulk backlog. Default: `interactive` for a request that "
+        "waits (`Prefer: wait=N`), `bulk` otherwise and in a batch."
+    ),
+}
+
+_JOB_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": (
+        "A job in the wire v1 shape (docs/wire.md); `v` and `id` may be left out: the service "
+        "fills them in. `lane` is the API's own field (the wire has none)."
+    ),
+    "required": ["kind", "target"],
+    "properties": {
+        "v": {"type": "integer", "enum": [1]},
+        "id": {"type": "string", "maxLength": 128},
+        "kind": {"type": "string"},
+        "target": {"type": "object"},
+        "lane": _LANE_SCHEMA,
+    },
+}
 
 _JOB_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "description": (
-                        "A job in the wire v1 shape (docs/wire.md); `v` and `id` may be "
-                        "left out: the service fills them in."
-                    ),
-                    "required": ["kind", "target"],
-                    "properties": {
-                        "v": {"type": "integer", "enum": [1]},
-                        "id": {"type": "string", "maxLength": 128},
-                        "kind": {"type": "string"},
-                        "target": {"type": "object"},
-                    },
-                }
-            }
-        },
-    }
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _JOB_SCHEMA}}}
 }
 
 
@@ -132,7 +141,7 @@ async def submit_job(
     satellite_id: str,
     request: Request,
     prefer: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
+) -> Response:
     service = _service(request)
     body = await _read_body(request, service.max_job_bytes)
     wait = parse_prefer_wait(prefer)
@@ -149,7 +158,7 @@ def _submit_problem(exc: JobSubmitError) -> Problem:
     return Problem(exc.status, exc.code, exc.detail, headers=headers)
 
 
-def _submitted_response(submitted: Submitted, wait: float | None) -> JSONResponse:
+def _submitted_response(submitted: Submitted, wait: float | None) -> Response:
     record = submitted.record
     headers = {"Location": f"/v1/jobs/{quote(record.id, safe='')}"}
     if wait is not None:
@@ -175,7 +184,7 @@ def _submitted_response(submitted: Submitted, wait: float | None) -> JSONRespons
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "application/json": {"schema": {"type": "array", "items": _JOB_SCHEMA}},
                 "application/x-ndjson": {"schema": {"type": "string"}},
             },
         }
@@ -216,7 +225,7 @@ async def retry_job(
     job_id: str,
     request: Request,
     prefer: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
+) -> Response:
     wait = parse_prefer_wait(prefer)
     try:
         submitted = await _service(request).retry(job_id, wait=wait)
@@ -236,7 +245,7 @@ async def get_job(
     job_id: str,
     request: Request,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0.0,
-) -> JSONResponse:
+) -> Response:
     record = await _service(request).get(job_id, wait=wait)
     if record is None:
         raise Problem(404, "job_not_found", f"no job {job_id!r} in the history")

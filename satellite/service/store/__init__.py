@@ -7,7 +7,7 @@ directory when needed and brings the schema to the newest migration.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -101,10 +101,14 @@ class Store:
     async def mark_not_published(self, job_id: str) -> bool:
         return await queries.mark_not_published(self.engine, job_id, self.clock())
 
-    async def apply_results(self, results: Sequence[JobResult]) -> int:
+    async def apply_results(
+        self, results: Sequence[JobResult], sources: Mapping[str, str] | None = None
+    ) -> int:
+        """Write a group of results; `sources`: job id -> the source of a job first seen here
+        (default `amqp`)."""
         if self._writer is None:
-            return await queries.apply_results(self.engine, results, self.clock())
-        rows = queries.result_rows(results, self.clock(), json_text=True)
+            return await queries.apply_results(self.engine, results, self.clock(), sources)
+        rows = queries.result_rows(results, self.clock(), sources, json_text=True)
         if rows:
             await self._writer.write_results(rows)
         return len(rows)

@@ -7,11 +7,11 @@ The lifecycle of a row:
 * `mark_not_published` when the publish was not confirmed: the row becomes `error` with code
   `not_published` (kept, visible, never left `queued`); submitting the same id again reuses it.
 * `apply_results`, one transaction per group of results from the ingest: an unknown id is
-  inserted (source `amqp`); a known one takes the newest result's fields; `answers` grows by
-  the number of answers seen, so a repeated answer (a redelivered job) counts but never doubles
-  the row. The same result message delivered twice (an ingest replica died after its commit
-  and before its ack) is one answer: a result equal to the row's (worker, attempt, finish
-  time) is not counted again.
+  inserted (source `amqp`, or `cli` for the toolkit's jobs: ingest says which); a known one
+  takes the newest result's fields; `answers` grows by the number of answers seen, so a
+  repeated answer (a redelivered job) counts but never doubles the row. The same result message
+  delivered twice (an ingest replica died after its commit and before its ack) is one answer: a
+  result equal to the row's (worker, attempt, finish time) is not counted again.
 * `mark_overdue` turns `queued` rows past deadline + grace into `overdue` (a late answer still
   turns them into `ok`/`error`).
 * `purge_before` deletes rows older than the retention in small batches, each its own
@@ -24,7 +24,7 @@ import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -177,20 +177,22 @@ async def record_queued(engine: AsyncEngine, job: QueuedJob, now: datetime) -> J
     """
     values = queued_row(job, now)
     async with engine.begin() as conn:
-        done = await conn.execute(queued_upsert(_insert(conn), values))
+        done = await conn.execute(queued_upsert(_insert(conn), tuple(values)), values)
     if done.rowcount != 1:
         raise JobExistsError(job.id)
     return queued_record(values)
 
 
-def queued_upsert(insert: Any, values: dict[str, Any]) -> Any:
-    """The dialect's `insert` of a `queued` row; an id left `not_published` is reused.
+def queued_upsert(insert: Any, columns: Sequence[str]) -> Any:
+    """The dialect's `insert` of a `queued` row with these `columns` (execute it with the
+    values of `queued_row`); an id left `not_published` is reused.
 
-    One statement: its row count is 0 when the id is taken by a job that is not reusable.
+    One statement: its row count is 0 when the id is taken by a job that is not reusable. The
+    values are parameters, not part of the statement: one statement serves every row.
     """
-    return insert.values(values).on_conflict_do_update(
+    return insert.on_conflict_do_update(
         index_elements=[jobs.c.id],
-        set_={k: v for k, v in values.items() if k != "id"},
+        set_={k: insert.excluded[k] for k in columns if k != "id"},
         where=(jobs.c.error_code == NOT_PUBLISHED) & (jobs.c.answers == 0),
     )
 
@@ -272,7 +274,7 @@ async def mark_not_published(engine: AsyncEngine, job_id: str, now: datetime) ->
 
 
 def _result_row(
-    result: JobResult, answers: int, now: datetime, *, json_text: bool = False
+    result: JobResult, answers: int, now: datetime, source: str, *, json_text: bool = False
 ) -> dict[str, Any]:
     """The row of a result; `json_text`: `result` as JSON text (PostgreSQL's arrays) rather
     than the Python value SQLAlchemy's JSON type encodes."""
@@ -280,7 +282,7 @@ def _result_row(
         "id": result.job_id,
         "satellite_id": result.satellite_id[:64],
         "kind": result.kind[:32],
-        "source": "amqp",
+        "source": source,
         "status": result.status,
         "error_code": result.error.code[:64] if result.error else None,
         "created_at": now,
@@ -311,16 +313,23 @@ _FROM_RESULT = (
 )
 
 
-async def apply_results(engine: AsyncEngine, results: Sequence[JobResult], now: datetime) -> int:
+async def apply_results(
+    engine: AsyncEngine,
+    results: Sequence[JobResult],
+    now: datetime,
+    sources: Mapping[str, str] | None = None,
+) -> int:
     """Write a group of results in one transaction; the number of rows written.
 
     Copies of one job in the group become one row whose `answers` grows by the copies; the
-    last copy's fields win. Raises SQLAlchemy's errors when the database fails (nothing is
-    written then: the caller keeps the deliveries unacked).
+    last copy's fields win. A job the history does not know yet is inserted with its source
+    from `sources` (by job id; `amqp` when absent); a known job keeps its own. Raises
+    SQLAlchemy's errors when the database fails (nothing is written then: the caller keeps the
+    deliveries unacked).
     """
     if engine.dialect.name == "postgresql":
-        return await _apply_results_pg(engine, results, now)
-    rows = result_rows(results, now)
+        return await _apply_results_pg(engine, results, now, sources)
+    rows = result_rows(results, now, sources)
     if not rows:
         return 0
     async with engine.begin() as conn:
@@ -334,16 +343,23 @@ def _answer_key(result: JobResult) -> tuple[str, int, datetime]:
 
 
 def result_rows(
-    results: Sequence[JobResult], now: datetime, *, json_text: bool = False
+    results: Sequence[JobResult],
+    now: datetime,
+    sources: Mapping[str, str] | None = None,
+    *,
+    json_text: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per job of the group; distinct answers of a job count as that many answers."""
+    """One row per job of the group; distinct answers of a job count as that many answers.
+    `sources`: job id -> the source of a job first seen here (`amqp` when absent)."""
     merged: dict[str, tuple[JobResult, set[tuple[str, int, datetime]]]] = {}
     for result in results:
         keys = merged[result.job_id][1] if result.job_id in merged else set()
         keys.add(_answer_key(result))
         merged[result.job_id] = (result, keys)
+    sources = sources or {}
     return [
-        _result_row(result, len(keys), now, json_text=json_text) for result, keys in merged.values()
+        _result_row(result, len(keys), now, sources.get(job_id, "amqp"), json_text=json_text)
+        for job_id, (result, keys) in merged.items()
     ]
 
 
@@ -457,9 +473,11 @@ def _naive_utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
-def pg_result_arrays(results: Sequence[JobResult], now: datetime) -> dict[str, Any]:
+def pg_result_arrays(
+    results: Sequence[JobResult], now: datetime, sources: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The parameters of `PG_RESULTS_UPSERT`: `result_rows`, by id, as one list per column."""
-    rows = sorted(result_rows(results, now, json_text=True), key=lambda row: row["id"])
+    rows = sorted(result_rows(results, now, sources, json_text=True), key=lambda row: row["id"])
     params: dict[str, Any] = {
         name: [row[name] for row in rows] for name, _ in _PG_ARRAYS if name not in _PG_TIMES
     }
@@ -470,9 +488,12 @@ def pg_result_arrays(results: Sequence[JobResult], now: datetime) -> dict[str, A
 
 
 async def _apply_results_pg(
-    engine: AsyncEngine, results: Sequence[JobResult], now: datetime
+    engine: AsyncEngine,
+    results: Sequence[JobResult],
+    now: datetime,
+    sources: Mapping[str, str] | None = None,
 ) -> int:
-    params = pg_result_arrays(results, now)
+    params = pg_result_arrays(results, now, sources)
     if not params["id"]:
         return 0
     async with engine.begin() as conn:

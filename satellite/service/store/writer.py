@@ -44,8 +44,21 @@ log = get_logger("satellite.service.store")
 
 #: Most rows in one group (a burst beyond it waits for the next group).
 MAX_GROUP = 500
+#: `queued` rows written on the event loop between two passive checkpoints (on the thread).
+CHECKPOINT_EVERY = 500
+_SQLITE_BUSY = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
 
 _Pending = tuple[dict[str, Any], "asyncio.Future[bool]"]
+
+
+def _never_wait_pragmas(dbapi_connection: Any, record: Any) -> None:
+    sqlite_pragmas(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=0")
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
+    finally:
+        cursor.close()
 
 
 class SqliteWriter:
@@ -60,6 +73,22 @@ class SqliteWriter:
             hide_parameters=True,
         )
         event.listen(self._engine, "connect", sqlite_pragmas)
+        # The same `queued` statements for every row: built once per column set (building an
+        # upsert costs more than executing it; SQLAlchemy caches the compiled form by the
+        # statement). Result groups use the driver-level SQLITE_RESULTS_UPSERT.
+        self._queued_stmts: dict[tuple[str, ...], Any] = {}
+        # A second connection for `queued` rows written at once on the event loop when SQLite's
+        # write lock is free: it never waits for the lock (busy timeout 0: a busy database sends
+        # the row to the thread) and never checkpoints (the thread does, every CHECKPOINT_EVERY
+        # rows), so a write is an append to the WAL without fsync (synchronous=NORMAL).
+        self._now_engine = sa.create_engine(
+            f"sqlite:///{path}",
+            connect_args={"timeout": 0, "check_same_thread": False},
+            poolclass=sa.pool.StaticPool,
+            hide_parameters=True,
+        )
+        event.listen(self._now_engine, "connect", _never_wait_pragmas)
+        self._since_checkpoint = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -69,6 +98,10 @@ class SqliteWriter:
         """Commit the row; False when the id is taken (a job that is not reusable)."""
         if self._closed:
             raise RuntimeError("the store is closed")
+        if not self._pending and (self._flusher is None or self._flusher.done()):
+            written = self._write_now(values)
+            if written is not None:
+                return written
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((values, future))
         if self._flusher is None or self._flusher.done():
@@ -102,10 +135,35 @@ class SqliteWriter:
                 except (sa.exc.SQLAlchemyError, OSError):  # `overdue` at their deadline
                     log.warning("store_abandoned_rows_kept", count=len(gone))
 
+    def _queued_stmt(self, values: dict[str, Any]) -> Any:
+        keys = tuple(values)
+        stmt = self._queued_stmts.get(keys)
+        if stmt is None:
+            stmt = self._queued_stmts[keys] = queued_upsert(sqlite.insert(jobs), keys)
+        return stmt
+
+    def _write_now(self, values: dict[str, Any]) -> bool | None:
+        """Commit one row on the caller's thread; None when another writer holds the lock."""
+        try:
+            with self._now_engine.begin() as conn:
+                written = conn.execute(self._queued_stmt(values), values).rowcount == 1
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlite_errorcode", None) in _SQLITE_BUSY:
+                return None
+            raise
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= CHECKPOINT_EVERY:
+            self._since_checkpoint = 0
+            asyncio.get_running_loop().run_in_executor(self._thread, self._checkpoint)
+        return written
+
+    def _checkpoint(self) -> None:
+        with self._engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
     def _write(self, group: list[_Pending]) -> list[bool]:
         with self._engine.begin() as conn:
-            insert = sqlite.insert(jobs)
-            return [conn.execute(queued_upsert(insert, v)).rowcount == 1 for v, _ in group]
+            return [conn.execute(self._queued_stmt(v), v).rowcount == 1 for v, _ in group]
 
     async def write_results(self, rows: list[dict[str, Any]]) -> None:
         """Commit a group of `result_rows(..., json_text=True)` (ingest), in turn with the
@@ -145,4 +203,5 @@ class SqliteWriter:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._thread, self._engine.dispose)
+        self._now_engine.dispose()
         self._thread.shutdown(wait=True)
