@@ -41,6 +41,8 @@ class SwallowingRelay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await asyncio.wait_for(self._server.wait_closed(), timeout=5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async with asyncio.timeout(10):
@@ -54,13 +56,15 @@ class SwallowingRelay:
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_broker: bool
     ) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                if from_broker and self.cut_off:
-                    continue
-                writer.write(data)
-                await writer.drain()
-        writer.close()
+        try:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    if from_broker and self.cut_off:
+                        continue
+                    writer.write(data)
+                    await writer.drain()
+        finally:  # cancelled by close() too: a writer left open warns when the loop is gone
+            writer.close()
 
 
 @pytest.mark.integration
