@@ -17,6 +17,7 @@ import pytest
 
 from tests.faults.checker import Report, header
 from tests.faults.device import CountingAgent
+from tests.faults.harness import ALL
 from tests.support.netns import broker_link  # noqa: F401 - scenarios 6, 7: a poller's link
 
 _REPORTS: list[Report] = []
@@ -24,10 +25,15 @@ _REPORTS: list[Report] = []
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
+    extended = pytest.mark.skip(
+        reason="faults_extended: run with USM_FAULTS_ALL=1 or bench/faults.py (CI time)"
+    )
     for item in items:
         path = Path(str(item.fspath))
         if here in path.parents and path.name != "test_checker.py":
             item.add_marker(pytest.mark.faults)
+            if not ALL and item.get_closest_marker("faults_extended"):
+                item.add_marker(extended)
 
 
 @pytest.fixture

@@ -296,6 +296,7 @@ def lone_broker() -> Iterator[Cluster]:
         yield broker
 
 
+@pytest.mark.faults_extended
 @pytest.mark.cluster
 def test_lone_broker_killed_and_restarted_loses_nothing(
     lone_broker: Cluster,
@@ -380,6 +381,7 @@ def _restart_in_background(cluster: Cluster, *nodes: int) -> threading.Thread:
 KINDS = ("leader", "connected", "classic", "minority")
 
 
+@pytest.mark.faults_extended
 @pytest.mark.cluster
 # The core's client (kombu/py-amqp) can leave a socket unclosed when the node it connects to
 # is lost or in a minority; garbage-collected later, it is an unraisable ResourceWarning in

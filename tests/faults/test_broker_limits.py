@@ -100,6 +100,7 @@ def wait_answered(collector: Collector, obs: Observation, timeout: float) -> set
     return collector.wait_for(confirmed, timeout=timeout, settle=1.0)
 
 
+@pytest.mark.faults_extended
 def test_memory_alarm_blocks_results_the_poller_stops_taking_jobs_and_loses_nothing(
     fresh_node: PrivateNode,
     node_pollers: PollerFactory,
@@ -189,6 +190,7 @@ def test_memory_alarm_blocks_results_the_poller_stops_taking_jobs_and_loses_noth
     assert poller.terminate(30) == 0
 
 
+@pytest.mark.faults_extended
 def test_consumer_timeout_a_job_past_it_closes_the_channel_and_the_poller_recovers(
     fresh_node: PrivateNode,
     node_pollers: PollerFactory,

@@ -112,6 +112,7 @@ def _kill(process: ServeProcess) -> None:
     process.proc.wait(timeout=10)
 
 
+@pytest.mark.faults_extended
 def test_a_core_replica_killed_while_it_ingests_leaves_one_row_per_answer(  # noqa: PLR0917
     serve: ServeFactory,
     core_db: str,
@@ -208,6 +209,7 @@ def _schedule(path: Path, sid: str, hosts: list[str], port: int, every: int) -> 
     return path
 
 
+@pytest.mark.faults_extended
 def test_a_core_replica_killed_while_it_publishes_scheduled_jobs_sends_each_slot_once(  # noqa: PLR0917
     serve: ServeFactory,
     core_db: str,
