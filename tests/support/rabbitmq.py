@@ -241,9 +241,23 @@ def delete_queues(vhost: AmqpVhost, names: set[str]) -> None:
                 api.delete(f"/queues/{vh}/{quote(name, safe='')}")
 
 
+def purge_queue(vhost: AmqpVhost, name: str) -> None:
+    """Drop the ready messages of a queue (best effort, like `delete_queues`)."""
+    with contextlib.suppress(httpx.HTTPError), _management(vhost) as api:
+        api.delete(f"/queues/{quote(vhost.name, safe='')}/{quote(name, safe='')}/contents")
+
+
+#: The results queue every satellite of the session vhost publishes to. What a test leaves
+#: there is purged after it: a reader that filters by satellite holds the others' results
+#: (up to `satellite.results.MAX_HELD`), and a session's leftovers (over 10,000) kept the
+#: results of a later test out of its reader's reach.
+RESULTS_QUEUE = "usm_poller.results"
+
+
 @pytest.fixture(autouse=True)
 def satellite_queues_cleaned(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each test that uses the session vhost, delete the satellite queues it created."""
+    """After each test that uses the session vhost, delete the satellite queues it created and
+    purge the shared results queue."""
     if "amqp_vhost" not in request.fixturenames:
         yield
         return
@@ -251,3 +265,4 @@ def satellite_queues_cleaned(request: pytest.FixtureRequest) -> Iterator[None]:
     before = satellite_queue_names(vhost)
     yield
     delete_queues(vhost, satellite_queue_names(vhost) - before)
+    purge_queue(vhost, RESULTS_QUEUE)
