@@ -287,6 +287,7 @@ def test_crash_between_confirm_and_ack_duplicates_only_flagged(  # noqa: PLR0917
     assert report.answered_twice >= len(crashed)
 
 
+@pytest.mark.faults_extended
 @pytest.mark.xfail(
     strict=True,
     reason="known defect (docs/reliability.md, scenario 11): RabbitMQ counts a crashed "
