@@ -219,9 +219,8 @@ def _replay_note(text: str | None) -> str | None:
     return text if text and _REPLAY_NOTE.fullmatch(text) else None
 
 
-@router.post("/satellites/{satellite_id}/replay")
-async def replay(satellite_id: SatelliteId, request: Request) -> Response:
-    """Replay one dead letter (`id`) or all (`all=1`); back to the satellite page."""
+async def _admin_form(request: Request) -> tuple[Principal, dict[str, str]] | Response:
+    """The admin behind a form post and its fields, CSRF-checked; else the page that says no."""
     who = _who(request, "admin")
     if isinstance(who, Response):
         return who
@@ -230,6 +229,16 @@ async def replay(satellite_id: SatelliteId, request: Request) -> Response:
         session.check_csrf(request, form)
     except (ValueError, session.CsrfError) as exc:
         return _render(request, "error.html", who, 403, title="forbidden", detail=str(exc))
+    return who, form
+
+
+@router.post("/satellites/{satellite_id}/replay")
+async def replay(satellite_id: SatelliteId, request: Request) -> Response:
+    """Replay one dead letter (`id`) or all (`all=1`); back to the satellite page."""
+    checked = await _admin_form(request)
+    if isinstance(checked, Response):
+        return checked
+    who, form = checked
     ids = None if form.get("all") == "1" else [form.get("id", "")]
     if ids is not None and not ids[0]:
         return _render(
@@ -311,14 +320,10 @@ async def schedules_page(request: Request) -> Response:
 @router.post("/schedules/{name}/{action}")
 async def schedule_action(name: ScheduleName, action: str, request: Request) -> Response:
     """Run now, pause or resume a schedule; back to the page the form was on."""
-    who = _who(request, "admin")
-    if isinstance(who, Response):
-        return who
-    try:
-        form = await session.read_form(request)
-        session.check_csrf(request, form)
-    except (ValueError, session.CsrfError) as exc:
-        return _render(request, "error.html", who, 403, title="forbidden", detail=str(exc))
+    checked = await _admin_form(request)
+    if isinstance(checked, Response):
+        return checked
+    who, form = checked
     scheduler = _scheduler(request)
     if action not in ("run", "pause", "resume"):
         return _render(request, "error.html", who, 404, title="not_found", detail="no such action")
