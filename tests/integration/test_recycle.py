@@ -76,7 +76,14 @@ def assert_answered_once(ids: list[str], received: list[Received]) -> None:
     counts = Counter(r.result.job_id for r in received)
     assert set(counts) == set(ids)
     twice = {job_id: n for job_id, n in counts.items() if n > 1}
-    assert not twice, f"answered more than once: {twice}"
+    copies = [
+        (r.result.job_id, r.result.worker, r.result.attempt, r.result.redelivered, r.result.status)
+        for r in received
+        if r.result.job_id in twice
+    ]
+    assert not twice, (
+        f"answered more than once: {twice}: (id, worker, attempt, redelivered, status): {copies}"
+    )
     for r in received:
         # A job that an earlier process held and returned says so.
         assert r.result.redelivered == (r.result.attempt > 1), r.result
