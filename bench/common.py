@@ -3,6 +3,7 @@ process, a py-spy recording of a process, the docs section."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -13,11 +14,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import asyncpg  # noqa: E402
+
+from poller import wire  # noqa: E402
 from tests.support import snmpd as snmpd_support  # noqa: E402
 from tests.support.rabbitmq import (  # noqa: E402
     AmqpVhost,
@@ -26,6 +31,8 @@ from tests.support.rabbitmq import (  # noqa: E402
 )
 
 DOC = ROOT / "docs" / "performance.md"
+#: The machine's PostgreSQL (trust auth), where the history benchmarks make their databases.
+PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
 
 
 @contextlib.contextmanager
@@ -41,6 +48,46 @@ def vhost() -> Iterator[AmqpVhost]:
         yield AmqpVhost(name, "127.0.0.1", 5672, "guest", "guest")
     finally:
         rabbitmqctl("delete_vhost", name)
+
+
+async def _pg_admin(sql: str) -> None:
+    conn = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
+    try:
+        await conn.execute(sql, timeout=120)
+    finally:
+        await conn.close(timeout=10)
+
+
+@contextlib.contextmanager
+def pg_database(prefix: str) -> Iterator[str]:
+    """A throw-away database on the machine's PostgreSQL (its URL), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def sample_results(n: int, tag: str) -> list[wire.JobResult]:
+    """`n` ok `snmp.get` results of satellite `bench`, job ids `<tag>-<i>`."""
+    now = datetime.now(UTC)
+    return [
+        wire.JobResult(
+            job_id=f"{tag}-{i}",
+            kind="snmp.get",
+            satellite_id="bench",
+            worker="poller-bench",
+            status="ok",
+            data={"varbinds": [{"oid": "1.3.6.1.2.1.1.5.0", "type": "OctetString", "value": "sw"}]},
+            attempt=1,
+            redelivered=False,
+            started_at=now,
+            finished_at=now,
+            duration_ms=1.0,
+        )
+        for i in range(n)
+    ]
 
 
 @contextlib.contextmanager

@@ -27,14 +27,13 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import pika
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import vhost, write_section  # noqa: E402
+from common import pg_database, sample_results, vhost, write_section  # noqa: E402
 
 from poller import wire  # noqa: E402
 from poller.broker import BrokerOptions  # noqa: E402
@@ -46,27 +45,6 @@ from satellite.service.store.queries import _result_row  # noqa: E402
 from satellite.service.store.tables import jobs  # noqa: E402
 
 BATCH = 200
-PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
-
-
-def results(n: int, tag: str) -> list[wire.JobResult]:
-    now = datetime.now(UTC)
-    return [
-        wire.JobResult(
-            job_id=f"{tag}-{i}",
-            kind="snmp.get",
-            satellite_id="bench",
-            worker="poller-bench",
-            status="ok",
-            data={"varbinds": [{"oid": "1.3.6.1.2.1.1.5.0", "type": "OctetString", "value": "sw"}]},
-            attempt=1,
-            redelivered=False,
-            started_at=now,
-            finished_at=now,
-            duration_ms=1.0,
-        )
-        for i in range(n)
-    ]
 
 
 class Timer:
@@ -87,7 +65,7 @@ class Timer:
 
 async def bare_loop(store: Store, items: list[wire.JobResult]) -> tuple[float, float]:
     now = datetime.now(UTC)
-    rows = [_result_row(r, 1, now) for r in items]
+    rows = [_result_row(r, 1, now, "amqp") for r in items]
     with Timer() as timer:
         for i in range(0, len(rows), BATCH):
             async with store.engine.begin() as conn:
@@ -153,9 +131,11 @@ async def measure(db: DatabaseUrl, dsn: str, n: int) -> dict[str, tuple[float, f
     store = await Store.open(db)
     try:
         out = {
-            "bare": await bare_loop(store, results(n, f"bare-{uuid.uuid4().hex[:6]}")),
-            "store": await store_groups(store, results(n, f"store-{uuid.uuid4().hex[:6]}")),
-            "ingest": await whole_ingest(store, dsn, results(n, f"ing-{uuid.uuid4().hex[:6]}")),
+            "bare": await bare_loop(store, sample_results(n, f"bare-{uuid.uuid4().hex[:6]}")),
+            "store": await store_groups(store, sample_results(n, f"store-{uuid.uuid4().hex[:6]}")),
+            "ingest": await whole_ingest(
+                store, dsn, sample_results(n, f"ing-{uuid.uuid4().hex[:6]}")
+            ),
         }
         async with store.engine.connect() as conn:
             rows = float(await conn.scalar(sa.select(sa.func.count()).select_from(jobs)) or 0)
@@ -163,14 +143,6 @@ async def measure(db: DatabaseUrl, dsn: str, n: int) -> dict[str, tuple[float, f
         return out
     finally:
         await store.close()
-
-
-async def admin(sql: str) -> None:
-    conn = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
-    try:
-        await conn.execute(sql, timeout=60)
-    finally:
-        await conn.close(timeout=10)
 
 
 def main() -> int:
@@ -183,13 +155,8 @@ def main() -> int:
     with vhost() as amqp, tempfile.TemporaryDirectory(prefix="bench-history-") as tmp:
         sqlite = parse_database_url(f"sqlite:///{Path(tmp) / 'history.sqlite3'}")
         figures["SQLite (WAL)"] = asyncio.run(measure(sqlite, amqp.dsn, n))
-        name = f"bench_history_{os.getpid()}"
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-        try:
-            pg = parse_database_url(f"{PG_SERVER}/{name}")
-            figures["PostgreSQL 15"] = asyncio.run(measure(pg, amqp.dsn, n))
-        finally:
-            asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        with pg_database("bench_history") as url:
+            figures["PostgreSQL 15"] = asyncio.run(measure(parse_database_url(url), amqp.dsn, n))
     lines = [
         "## History ingest",
         "",

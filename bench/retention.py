@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import sys
 import time
@@ -40,7 +41,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import write_section  # noqa: E402
+from common import pg_database, sample_results, write_section  # noqa: E402
 
 from poller import wire  # noqa: E402
 from satellite.service.settings import parse_database_url  # noqa: E402
@@ -48,14 +49,13 @@ from satellite.service.store import Store  # noqa: E402
 from satellite.service.store.queries import PG_RESULTS_UPSERT, pg_result_arrays  # noqa: E402
 from satellite.service.store.tables import jobs  # noqa: E402
 
-PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
 GROUP = 200
 RETENTION_DAYS = 7
 
 _PARTITIONED_UPSERT = sa.text(
-    PG_RESULTS_UPSERT.text.replace("INSERT INTO jobs (", "INSERT INTO jobs_p (")
-    .replace("ON CONFLICT (id)", "ON CONFLICT (id, created_at)")
-    .replace("jobs.answers", "jobs_p.answers")
+    re.sub(r"\bjobs\b(?= \(|\.)", "jobs_p", PG_RESULTS_UPSERT.text).replace(
+        "ON CONFLICT (id)", "ON CONFLICT (id, created_at)"
+    )
 )
 _COLUMNS = (
     "id, satellite_id, kind, host, port, source, status, error_code, created_at, submitted_at,"
@@ -109,26 +109,6 @@ def partitioned_sql(day_old: datetime, today: datetime) -> list[str]:
     return statements
 
 
-def results(n: int, tag: str) -> list[wire.JobResult]:
-    now = datetime.now(UTC)
-    return [
-        wire.JobResult(
-            job_id=f"{tag}-{i}",
-            kind="snmp.get",
-            satellite_id="bench",
-            worker="poller-bench",
-            status="ok",
-            data={"varbinds": [{"oid": "1.3.6.1.2.1.1.5.0", "type": "OctetString", "value": "sw"}]},
-            attempt=1,
-            redelivered=False,
-            started_at=now,
-            finished_at=now,
-            duration_ms=1.0,
-        )
-        for i in range(n)
-    ]
-
-
 @dataclass
 class Phase:
     latencies: list[float] = field(default_factory=list)
@@ -170,7 +150,7 @@ class Ingest:
         n = 0
         start = time.perf_counter()
         while not self.stop.is_set():
-            group = results(GROUP, f"{tag}-{n}")
+            group = sample_results(GROUP, f"{tag}-{n}")
             n += 1
             t = time.perf_counter()
             await self._write(group)
@@ -312,14 +292,6 @@ async def run(dsn: str, n: int, rate: int, batch: int) -> tuple[list[str], dict[
         await store.close()
 
 
-async def admin(sql: str) -> None:
-    conn = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
-    try:
-        await conn.execute(sql, timeout=120)
-    finally:
-        await conn.close(timeout=10)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -328,12 +300,8 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print, do not edit the docs")
     args = parser.parse_args()
     n = max(10_000, min(args.rows, 5_000_000))
-    name = f"bench_retention_{os.getpid()}"
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        table, facts = asyncio.run(run(f"{PG_SERVER}/{name}", n, args.rate, args.batch))
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with pg_database("bench_retention") as url:
+        table, facts = asyncio.run(run(url, n, args.rate, args.batch))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         "## History retention",
