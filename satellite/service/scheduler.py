@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import random
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +50,7 @@ from poller import wire
 from poller.broker import Broker, UnroutableError, properties
 from poller.errors import BrokerError
 from poller.logging import get_logger
+from poller.worker import TEST_CRASH_EXIT
 from satellite.service.schedules import (
     Schedule,
     ScheduleFileError,
@@ -97,6 +100,22 @@ STALLED_TX_MS = 2000
 MAX_LOOKBACK_INTERVALS = 2
 
 
+# ---------------------------------------------------------------------- test-only fault hook
+# For the fault-injection suite (tests/faults) only; never set it in a deployment. Read once.
+# USM_TEST_SERVE_CRASH_AFTER_CONFIRM=P: with probability P per published batch, the process
+#   exits (code TEST_CRASH_EXIT) after the broker confirmed the batch and before its outbox
+#   rows are deleted: another replica takes them over once their lease expires.
+_TEST_CRASH_AFTER_CONFIRM = 0.0
+with contextlib.suppress(ValueError):
+    _TEST_CRASH_AFTER_CONFIRM = float(os.environ.get("USM_TEST_SERVE_CRASH_AFTER_CONFIRM", "0"))
+
+
+def _test_crash(confirmed: Sequence[str]) -> None:
+    line = {"event": "test_crash", "hook": "schedule_after_confirm", "jobs": len(confirmed)}
+    os.write(2, (json.dumps(line) + "\n").encode())
+    os._exit(TEST_CRASH_EXIT)
+
+
 class UnknownScheduleError(LookupError):
     """No schedule of that name in the schedules file."""
 
@@ -137,6 +156,10 @@ class Claimed:
     body: dict[str, Any]
     """The job without inline credentials."""
     not_after: float
+    resent: bool = False
+    """Taken over from a replica that died or stalled after its claim: whether that replica
+    published it is unknown, so it goes out with `x-usm-resent` (run twice, it is answered
+    `redelivered: true`)."""
 
 
 @dataclass
@@ -560,6 +583,7 @@ class Scheduler:
                         message_id=item.id,
                         type=str(body.get("kind", "")),
                         expiration=str(ttl),
+                        headers={wire.RESENT_HEADER: True} if item.resent else None,
                     ),
                 )
             except BrokerError:
@@ -578,6 +602,8 @@ class Scheduler:
             elif isinstance(future.exception(), UnroutableError):
                 unroutable.append(job_id)
         if confirmed:
+            if _TEST_CRASH_AFTER_CONFIRM and random.random() < _TEST_CRASH_AFTER_CONFIRM:  # noqa: S311
+                _test_crash(confirmed)
             async with self.engine.begin() as conn:
                 await conn.execute(
                     schedule_outbox.delete().where(schedule_outbox.c.id.in_(confirmed))
@@ -701,7 +727,14 @@ class Scheduler:
             for name, count in late.items():
                 await self._count_skips(conn, name, now, {"expired": count})
         todo = [
-            Claimed(row.id, row.schedule, row.satellite_id, dict(row.body), float(row.not_after))
+            Claimed(
+                row.id,
+                row.schedule,
+                row.satellite_id,
+                dict(row.body),
+                float(row.not_after),
+                resent=True,
+            )
             for row in rows
             if row.id not in done
         ]

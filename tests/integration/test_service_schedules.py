@@ -168,6 +168,7 @@ async def test_two_replicas_publish_every_slot_of_every_target_once(
         )
     props, body = seen[0]
     assert props.message_id == body["id"]
+    assert wire.RESENT_HEADER not in (props.headers or {})
     assert props.expiration == str(2000) or int(props.expiration) <= 2000
     job = wire.decode_job(json.dumps(body).encode())
     assert job.not_after is not None
@@ -305,6 +306,10 @@ async def test_a_dead_replicas_claims_are_published_unless_answered(
     await until(lambda: queue.ids() != [])
     await asyncio.sleep(1.5)
     assert queue.ids() == [claimed[1].id]
+    # Whether the dead replica published it is unknown: the copy says so, and a poller that
+    # runs it a second time answers `redelivered: true`.
+    props, _ = queue.seen[-1]
+    assert (props.headers or {}).get(wire.RESENT_HEADER) is True
     async with engine.connect() as conn:
         left = (
             await conn.execute(sa.select(sa.func.count()).select_from(schedule_outbox))
