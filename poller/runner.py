@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from functools import partial
 from typing import NamedTuple
 
 from pydantic import JsonValue
 
+from poller import testhooks
 from poller.admission import Admission, NotStarted
 from poller.credentials import CredentialStore
 from poller.drivers import get_driver
-from poller.drivers.base import Driver, JobContext
+from poller.drivers.base import Auth, Data, Driver, JobContext
 from poller.errors import (
     DeviceQuarantinedError,
     DeviceTimeoutError,
@@ -33,6 +34,7 @@ from poller.errors import (
 from poller.logging import get_logger
 from poller.pacing import Trickle
 from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
+from poller.sandbox import Sandbox, SandboxUnavailableError
 from poller.wire import ErrorInfo, JobRequest, JobResult, now
 
 __all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
@@ -120,7 +122,11 @@ class Runner:
         max_output_bytes: int = 4 * 1024 * 1024,
         quarantine: Quarantine | None = None,
         interactive_slots: int = 0,
+        sandbox: Sandbox | None = None,
+        sandbox_after: int = 2,
     ) -> None:
+        """`sandbox`: where suspect jobs run, those delivered `sandbox_after` times before
+        (`poller.sandbox`; None: every job runs in this process)."""
         self._drivers = dict(drivers)
         self._credentials = credentials
         self.satellite_id = satellite_id
@@ -140,6 +146,8 @@ class Runner:
         #: one per event-loop iteration.
         self._refusals = Trickle(per_turn=1)
         self._not_started = partial(self._refusals.fail, error=TimeoutError)
+        self.sandbox = sandbox
+        self._sandbox_after = sandbox_after
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -228,8 +236,9 @@ class Runner:
         try:
             async with lease, asyncio.timeout_at(deadline):
                 self.quarantine.check(ticket)
+                run = self._call_for(driver, job, attempt)
                 contacted = loop.time()
-                data = await driver.run(job, auth, ctx)
+                data = await run(job, auth, ctx)
                 outcome = classify(None, job.kind, data)
                 return data
         except TimeoutError as timeout_exc:
@@ -249,6 +258,31 @@ class Runner:
             if outcome is Outcome.TIMEOUT and contacted is not None:
                 silent_for = loop.time() - contacted
             self._settle(ticket, outcome, error, silent_for, timeout)
+
+    def _call_for(
+        self, driver: Driver, job: JobRequest, attempt: Attempt
+    ) -> Callable[[JobRequest, Auth | None, JobContext], Awaitable[Data]]:
+        """How the job's driver runs: in this process, or, for a suspect job (delivered
+        `sandbox_after` times before), in a sandbox child of its own."""
+        sandbox = self.sandbox
+        if sandbox is not None and attempt.number > self._sandbox_after:
+            return partial(self._sandboxed, sandbox, driver)
+        if testhooks.CRASH_ON_JOB:
+            testhooks.crash_on_job(job.id)  # test-only hook (poller/testhooks.py)
+        return driver.run
+
+    @staticmethod
+    async def _sandboxed(
+        sandbox: Sandbox, driver: Driver, job: JobRequest, auth: Auth | None, ctx: JobContext
+    ) -> Data:
+        """A suspect job's driver in a sandbox child (waiting for one of its slots first), or
+        in this process when the sandbox process cannot be started."""
+        async with sandbox.slot():
+            try:
+                return await sandbox.run(job, auth, ctx)
+            except SandboxUnavailableError:
+                pass
+        return await driver.run(job, auth, ctx)
 
     def _settle(
         self, ticket: Ticket, outcome: Outcome, error: str, silent_for: float, timeout: float
