@@ -180,7 +180,7 @@ class PollerSettings(BaseSettings):
     #: its own (poller/sandbox.py); 0: every job.
     sandbox_after: int = Field(default=2, ge=0, le=1000)
     #: Such children at once; 0: no sandbox, every job runs in the poller process.
-    sandbox_slots: int = Field(default=4, ge=0, le=1000)
+    sandbox_slots: int = Field(default=8, ge=0, le=1000)
     quarantine_after: int = Field(default=3, ge=0, le=1000)
     quarantine_seconds: PositiveFloat = Field(default=30.0, le=86_400)
     quarantine_max_seconds: PositiveFloat = Field(default=300.0, le=86_400)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import importlib
 import math
 import os
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from poller import errors, testhooks
+from poller import testhooks
 from poller.drivers.base import Auth, Data, JobContext
 from poller.errors import JobError, WorkerCrashedError
 from poller.logging import get_logger
@@ -255,6 +256,13 @@ class Sandbox:
         """One of the `slots` children at once (wait under the job's deadline)."""
         async with self._slots:
             yield
+
+    async def acquire(self) -> None:
+        """Take one of the `slots` (`release` it after `run`)."""
+        await self._slots.acquire()
+
+    def release(self) -> None:
+        self._slots.release()
 
     async def run(self, job: JobRequest, auth: Auth | None, ctx: JobContext) -> Data:
         """The driver's data for `job`, run in a child of its own (hold a `slot()`).
@@ -489,6 +497,8 @@ class _Zygote:
         self.children: dict[int, _Child] = {}  # by fd
 
     def serve(self, frames: _Frames) -> int:
+        # Children collect garbage without touching (so copying) what was here at the fork.
+        gc.freeze()
         self.selector.register(self.inp, selectors.EVENT_READ, None)
         while True:
             for key, _ in self.selector.select(timeout=1.0):
@@ -523,9 +533,7 @@ class _Zygote:
             try:
                 os.close(read_fd)
                 self._in_child(parent)
-                payload = asyncio.run(_run_job(self.settings, request))
-                _write_all(write_fd, payload)
-                code = 0
+                asyncio.run(_run_job(self.settings, request, write_fd))
             finally:
                 os._exit(code)
         os.close(write_fd)
@@ -579,15 +587,15 @@ class _Zygote:
                 os.waitpid(child.pid, 0)
 
 
-async def _run_job(settings: PollerSettings, request: _Request) -> bytes:
-    """In the child: run the job's driver; the answer, as a frame."""
+async def _run_job(settings: PollerSettings, request: _Request, answer_fd: int) -> None:
+    """In the child: run the job's driver, write the answer to `answer_fd` and exit at once
+    (no event-loop teardown: a driver thread still blocked in a C call cannot hold it up)."""
     from poller.drivers import driver_classes  # noqa: PLC0415 - imported by the preload
     from poller.wire import JobKind  # noqa: PLC0415 - imported by the preload
 
     structlog.contextvars.bind_contextvars(**request.log_context)
     job = request.job
     reply: tuple[Any, ...]
-    driver = None
     try:
         driver = driver_classes()[JobKind(job.kind)].from_settings(settings)
         loop = asyncio.get_running_loop()
@@ -601,15 +609,12 @@ async def _run_job(settings: PollerSettings, request: _Request) -> bytes:
     except JobError as exc:
         reply = ("error", type(exc).__name__, exc.code, exc.retryable, exc.message, exc.data)
     except TimeoutError:
-        timeout_error = errors.DeviceTimeoutError(f"no complete answer within {job.timeout:g} s")
-        reply = ("error", "DeviceTimeoutError", "device_timeout", True, timeout_error.message, None)
+        message = f"no complete answer from {job.target.host} within {job.timeout:g} s"
+        reply = ("error", "DeviceTimeoutError", "device_timeout", True, message, None)
     except Exception as exc:  # noqa: BLE001 - a bug: reported to the poller, which requeues
         reply = ("bug", "".join(traceback.format_exception_only(exc)).strip())
-    finally:
-        if driver is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(driver.aclose(), CLOSE_TIMEOUT)
-    return _frame(reply)
+    _write_all(answer_fd, _frame(reply))
+    os._exit(0)
 
 
 def main() -> int:

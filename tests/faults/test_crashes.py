@@ -317,7 +317,9 @@ def test_poison_job_alone_reaches_the_dlq(  # noqa: PLR0917 - pytest fixtures
     try:
         with Collector(amqp_vhost.dsn, sid, obs) as collector:
             for n in range(innocents + 1):
-                publisher.publish_job(counting_job(sid, n, agent.port))
+                # The wire protocol's default timeout (30 s): the whole batch comes back
+                # suspect at once, and runs `USM_POLLER_SANDBOX_SLOTS` jobs at a time.
+                publisher.publish_job(counting_job(sid, n, agent.port, timeout=30.0))
             fleet.slots.append(fleet.spawn())
             deadline = time.monotonic() + 240
             while len(obs.dead) < 1 and time.monotonic() < deadline:

@@ -22,6 +22,7 @@ from poller.credentials import CredentialStore
 from poller.drivers.base import JobContext
 from poller.drivers.tcp import TcpDriver
 from poller.errors import JobError, WorkerCrashedError
+from poller.quarantine import Quarantine
 from poller.runner import Attempt, Runner
 from poller.sandbox import Sandbox
 from poller.wire import JobRequest
@@ -139,3 +140,37 @@ async def test_only_suspect_jobs_go_to_the_sandbox_and_a_crash_there_is_no_resul
     assert runner.quarantine.entries() == []
     result = await runner.run(tcp_job("after", listening), Attempt(3, True))
     assert result.status == "ok"
+
+
+async def test_a_suspect_waits_for_a_sandbox_child_without_a_run_slot_or_blame_on_its_device(
+    listening: int,
+) -> None:
+    """With every sandbox child busy, a suspect job waits holding no run slot (first
+    deliveries still run), and when its time is up it is answered `not started`, neutral for
+    the device's quarantine."""
+    sandbox = Sandbox(settings(), slots=1)
+    runner = Runner(
+        drivers={"tcp.connect": TcpDriver.from_settings(settings())},
+        credentials=CredentialStore({}),
+        satellite_id="sandbox-test",
+        worker="w",
+        concurrency=1,
+        sandbox=sandbox,
+        sandbox_after=2,
+        quarantine=Quarantine(after=1),
+    )
+    await sandbox.acquire()  # the one child is busy
+    try:
+        waiting = asyncio.create_task(
+            runner.run(tcp_job("suspect", listening, timeout=1.0), Attempt(3, True))
+        )
+        first = await runner.run(tcp_job("first", listening), Attempt(1, False))
+        assert first.status == "ok", "the suspect held no run slot"
+        result = await waiting
+    finally:
+        sandbox.release()
+    assert result.error is not None
+    assert result.error.code == "device_timeout"
+    assert "waited for a sandbox child" in result.error.message
+    assert runner.quarantine.entries() == []
+    assert sandbox.started == 0
