@@ -100,17 +100,15 @@ def gone(pid: int, wait: float = 10.0) -> bool:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("backend", ["netsnmp", "pysnmp"])
 async def test_every_driver_runs_in_a_sandbox_child(
-    backend: str, snmpd: Snmpd, sshd_server: SshdServer, tmp_path: Path
+    snmpd: Snmpd, sshd_server: SshdServer, tmp_path: Path
 ) -> None:
     """Each kind's driver, built in a child of the sandbox process (spawned here: this test
-    process does not fork its event loop), against a real device of the test."""
+    process does not fork its event loop), against a real device of the test. The SNMP
+    backend is the default one (Net-SNMP where ezsnmp imports); the pysnmp backend passed the
+    same test by hand (`snmp_backend="pysnmp"`), left out of CI for its time."""
     settings = PollerSettings(
-        amqp_dsn="amqp://guest:guest@127.0.0.1/",
-        satellite_id="sandbox-kinds",
-        state_dir=tmp_path,
-        snmp_backend=backend,
+        amqp_dsn="amqp://guest:guest@127.0.0.1/", satellite_id="sandbox-kinds", state_dir=tmp_path
     )
     sandbox = Sandbox(settings, slots=2)
     ssh_auth = {
