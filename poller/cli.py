@@ -94,12 +94,15 @@ def _cmd_run(_args: argparse.Namespace) -> int:
     end = end_after_exit_handlers()  # first: its handler then runs after every other one
     from poller.config import load_settings  # noqa: PLC0415 - keeps `--version` fast
     from poller.logging import configure_logging  # noqa: PLC0415
+    from poller.sandbox import fork_sandbox  # noqa: PLC0415
     from poller.worker import run_worker  # noqa: PLC0415
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     _warn_unknown_variables()
-    return end(asyncio.run(run_worker(settings)))
+    # Before the event loop and any thread: the sandbox process for suspect jobs is a fork.
+    forked = fork_sandbox(settings) if settings.sandbox_slots else None
+    return end(asyncio.run(run_worker(settings, forked=forked)))
 
 
 def end_after_exit_handlers() -> Callable[[int], int]:

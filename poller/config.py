@@ -176,6 +176,11 @@ class PollerSettings(BaseSettings):
     max_job_bytes: int = Field(default=262_144, ge=1024, le=64 * 1024 * 1024)
     max_output_bytes: int = Field(default=4_194_304, ge=1024, le=1024 * 1024 * 1024)
     per_device_concurrency: int = Field(default=4, ge=1, le=1000)
+    #: A job delivered this many times before (`x-delivery-count`) runs in a child process of
+    #: its own (poller/sandbox.py); 0: every job.
+    sandbox_after: int = Field(default=2, ge=0, le=1000)
+    #: Such children at once; 0: no sandbox, every job runs in the poller process.
+    sandbox_slots: int = Field(default=8, ge=0, le=1000)
     quarantine_after: int = Field(default=3, ge=0, le=1000)
     quarantine_seconds: PositiveFloat = Field(default=30.0, le=86_400)
     quarantine_max_seconds: PositiveFloat = Field(default=300.0, le=86_400)

@@ -22,6 +22,8 @@ PollerError
     ├── OutputTooLargeError             not retryable
     ├── PingNotPermittedError           not retryable (a configuration problem)
     └── InternalJobError                a bug, reported as a result on the last delivery
+└── WorkerCrashedError                  a sandbox child died running a suspect job: requeued,
+                                        reported as a result on the last delivery
 ```
 
 `code` is what goes on the wire (`error.code` of a result); it never changes once released.
@@ -56,6 +58,7 @@ __all__ = [
     "SnmpError",
     "UnknownJobKindError",
     "WireError",
+    "WorkerCrashedError",
 ]
 
 
@@ -184,6 +187,16 @@ class InternalJobError(JobError):
     code = "internal_error"
 
 
+class WorkerCrashedError(PollerError):
+    """The sandbox child running a suspect job died without a result (poller/sandbox.py).
+
+    Not a `JobError`: like a bug, the job is requeued, and answered with this code only on
+    the last delivery the queue allows (then dead-lettered).
+    """
+
+    code = "worker_crashed"
+
+
 #: Every code a result can carry, with whether retrying the job can help.
 ERROR_CODES: dict[str, bool] = {
     "invalid_job": False,
@@ -204,6 +217,7 @@ ERROR_CODES: dict[str, bool] = {
             OutputTooLargeError,
             PingNotPermittedError,
             InternalJobError,
+            WorkerCrashedError,
         )
     },
 }

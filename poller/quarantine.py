@@ -50,6 +50,7 @@ _NEUTRAL_CODES = frozenset(
         "credential_not_found",
         "ping_not_permitted",
         "internal_error",
+        "worker_crashed",
     }
 )
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from functools import partial
 from typing import NamedTuple
 
 from pydantic import JsonValue
 
+from poller import testhooks
 from poller.admission import Admission, NotStarted
 from poller.credentials import CredentialStore
 from poller.drivers import get_driver
-from poller.drivers.base import Driver, JobContext
+from poller.drivers.base import Auth, Data, Driver, JobContext
 from poller.errors import (
     DeviceQuarantinedError,
     DeviceTimeoutError,
@@ -33,6 +34,7 @@ from poller.errors import (
 from poller.logging import get_logger
 from poller.pacing import Trickle
 from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
+from poller.sandbox import Sandbox, SandboxUnavailableError
 from poller.wire import ErrorInfo, JobRequest, JobResult, now
 
 __all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
@@ -120,7 +122,11 @@ class Runner:
         max_output_bytes: int = 4 * 1024 * 1024,
         quarantine: Quarantine | None = None,
         interactive_slots: int = 0,
+        sandbox: Sandbox | None = None,
+        sandbox_after: int = 2,
     ) -> None:
+        """`sandbox`: where suspect jobs run, those delivered `sandbox_after` times before
+        (`poller.sandbox`; None: every job runs in this process)."""
         self._drivers = dict(drivers)
         self._credentials = credentials
         self.satellite_id = satellite_id
@@ -140,6 +146,8 @@ class Runner:
         #: one per event-loop iteration.
         self._refusals = Trickle(per_turn=1)
         self._not_started = partial(self._refusals.fail, error=TimeoutError)
+        self.sandbox = sandbox
+        self._sandbox_after = sandbox_after
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -159,7 +167,11 @@ class Runner:
         started_at = now()
         started = time.monotonic()
         try:
-            data = await self._execute(job, attempt, started_at, interactive)
+            sandbox = self.sandbox
+            if sandbox is not None and attempt.number > self._sandbox_after and job.idempotent:
+                data = await self._execute_sandboxed(sandbox, job, attempt, started_at, interactive)
+            else:
+                data = await self._execute(job, attempt, started_at, interactive)
         except JobError as exc:
             return error_result(
                 job_id=job.id,
@@ -190,10 +202,49 @@ class Runner:
             meta=job.meta,
         )
 
+    async def _execute_sandboxed(
+        self,
+        sandbox: Sandbox,
+        job: JobRequest,
+        attempt: Attempt,
+        started_at: datetime,
+        interactive: bool,
+    ) -> Data:
+        """A suspect job (delivered `sandbox_after` times before): it waits for a sandbox
+        child before its run and device slots, so that suspects waiting for one hold no slot
+        of the jobs that run here, and that wait says nothing about its device."""
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(job.timeout):
+                await sandbox.acquire()
+        except TimeoutError:
+            raise DeviceTimeoutError(
+                f"not started within {job.timeout:g} s: it waited for a sandbox child (it was "
+                "delivered before with a job that crashed the poller; USM_POLLER_SANDBOX_SLOTS "
+                "at once); nothing was sent"
+            ) from None
+        try:
+            waited = time.monotonic() - t0
+            return await self._execute(
+                job, attempt, started_at, interactive, sandbox=sandbox, waited=waited
+            )
+        finally:
+            sandbox.release()
+
     async def _execute(
-        self, job: JobRequest, attempt: Attempt, started_at: datetime, interactive: bool
+        self,
+        job: JobRequest,
+        attempt: Attempt,
+        started_at: datetime,
+        interactive: bool,
+        *,
+        sandbox: Sandbox | None = None,
+        waited: float = 0.0,
     ) -> dict[str, JsonValue]:
-        timeout = job.timeout
+        """Run the job here, or its driver in a child of `sandbox` (holding one of its slots
+        after waiting `waited` s for it: counted against the job's timeout, and, like a wait
+        for a run or device slot, not against its device)."""
+        timeout = job.timeout  # from the start of the run, the wait for a sandbox child included
         if job.not_after is not None:
             left = (job.not_after - started_at).total_seconds()
             if left <= 0:
@@ -206,7 +257,7 @@ class Runner:
         driver = get_driver(self._drivers, job.kind)
         auth = self._credentials.resolve(job)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() - waited + timeout
         ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes)
         try:
             ticket = self.quarantine.admit(job.target.host)
@@ -228,8 +279,9 @@ class Runner:
         try:
             async with lease, asyncio.timeout_at(deadline):
                 self.quarantine.check(ticket)
+                run = self._call_for(driver, job, sandbox)
                 contacted = loop.time()
-                data = await driver.run(job, auth, ctx)
+                data = await run(job, auth, ctx)
                 outcome = classify(None, job.kind, data)
                 return data
         except TimeoutError as timeout_exc:
@@ -249,6 +301,28 @@ class Runner:
             if outcome is Outcome.TIMEOUT and contacted is not None:
                 silent_for = loop.time() - contacted
             self._settle(ticket, outcome, error, silent_for, timeout)
+
+    @classmethod
+    def _call_for(
+        cls, driver: Driver, job: JobRequest, sandbox: Sandbox | None
+    ) -> Callable[[JobRequest, Auth | None, JobContext], Awaitable[Data]]:
+        """How the job's driver runs: in this process, or in a child of `sandbox`."""
+        if sandbox is not None:
+            return partial(cls._sandboxed, sandbox, driver)
+        if testhooks.CRASH_ON_JOB:
+            testhooks.crash_on_job(job.id)  # test-only hook (poller/testhooks.py)
+        return driver.run
+
+    @staticmethod
+    async def _sandboxed(
+        sandbox: Sandbox, driver: Driver, job: JobRequest, auth: Auth | None, ctx: JobContext
+    ) -> Data:
+        """A suspect job's driver in a sandbox child (its slot held by the caller), or in this
+        process when the sandbox process cannot be started."""
+        try:
+            return await sandbox.run(job, auth, ctx)
+        except SandboxUnavailableError:
+            return await driver.run(job, auth, ctx)
 
     def _settle(
         self, ticket: Ticket, outcome: Outcome, error: str, silent_for: float, timeout: float

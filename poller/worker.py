@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import signal
@@ -29,20 +28,21 @@ from datetime import datetime
 
 import structlog
 
-from poller import __version__, wire
+from poller import __version__, testhooks, wire
 from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, UnroutableError
 from poller.broker import properties as amqp_properties
 from poller.config import PollerSettings
 from poller.credentials import CredentialStore
 from poller.drivers import build_drivers
 from poller.drivers.base import Driver
-from poller.errors import BrokerError, BrokerUnavailableError, WireError
+from poller.errors import BrokerError, BrokerUnavailableError, WireError, WorkerCrashedError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
 from poller.logging import ContextBinder, get_logger
 from poller.quarantine import Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
+from poller.sandbox import Forked, Sandbox
 
 __all__ = ["Worker", "build_topology", "run_worker"]
 
@@ -104,40 +104,8 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
     )
 
 
-# ---------------------------------------------------------------------- test-only fault hooks
-# For the fault-injection suite (tests/faults) only: never set them in a deployment, and they
-# are not documented for operators. Read once, at import; unset, each costs one falsy check.
-# Not `USM_POLLER_*`: they are no setting (`poller config show` and the unknown-setting check
-# never see them); a test passes them in the poller's environment.
-#
-# USM_TEST_CRASH_AFTER_CONFIRM=P: with probability P per job, the process exits (code
-#   TEST_CRASH_EXIT) after its result is confirmed and before the job is acked.
-# USM_TEST_CRASH_ON_JOB=ID[,ID...]: the process exits when it is about to run one of
-#   these jobs (a poison job that kills any poller that runs it).
-
-TEST_CRASH_EXIT = 86
-
-
-def _test_probability(name: str) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        return min(max(float(raw), 0.0), 1.0) if raw else 0.0
-    except ValueError:
-        return 0.0
-
-
-_TEST_CRASH_AFTER_CONFIRM = _test_probability("USM_TEST_CRASH_AFTER_CONFIRM")
-_TEST_CRASH_ON_JOB = frozenset(filter(None, os.environ.get("USM_TEST_CRASH_ON_JOB", "").split(",")))
-
-
-def _test_crash(hook: str, job_id: str) -> None:
-    """Exit now, as a crash would: no cleanup, no ack; one line on stderr says where."""
-    line = {"event": "test_crash", "hook": hook, "job_id": job_id, "level": "warning"}
-    os.write(2, (json.dumps(line) + "\n").encode())
-    os._exit(TEST_CRASH_EXIT)
-
-
-# ---------------------------------------------------------------------- end of test-only hooks
+#: Exit code of a test-only crash (poller/testhooks.py).
+TEST_CRASH_EXIT = testhooks.CRASH_EXIT
 
 
 def _worker_name(settings: PollerSettings) -> str:
@@ -163,9 +131,12 @@ class Worker:
         drivers: Mapping[str, Driver],
         credentials: CredentialStore,
         health_interval: float = WRITE_INTERVAL,
+        forked: Forked | None = None,
     ) -> None:
         """`health_interval`: seconds between health-file rewrites besides those on every
-        change of the broker state (a test seam; `poller check` allows `health.MAX_AGE`)."""
+        change of the broker state (a test seam; `poller check` allows `health.MAX_AGE`);
+        `forked`: the sandbox process forked at start-up for suspect jobs (else the first
+        one starts it)."""
         self._settings = settings
         self.name = _worker_name(settings)
         self._sid = settings.satellite_id
@@ -184,6 +155,11 @@ class Worker:
                 cooldown=settings.quarantine_seconds,
                 max_cooldown=settings.quarantine_max_seconds,
             ),
+            # Suspect jobs (delivered this often before) run in a child process each.
+            sandbox=Sandbox(settings, slots=settings.sandbox_slots, forked=forked)
+            if settings.sandbox_slots
+            else None,
+            sandbox_after=settings.sandbox_after,
         )
         urls = settings.amqp_urls
         self._broker = Broker(
@@ -267,6 +243,7 @@ class Worker:
             max_rss_mb=(self._recycler.max_rss_bytes or 0) // MIB or None,
             max_jobs=self._recycler.max_jobs,
             recycles=self._recycled_before.recycles if self._recycled_before else 0,
+            sandbox_pid=self._runner.sandbox.pid if self._runner.sandbox else None,
         )
         max_rss, rss = self._recycler.max_rss_bytes, _rss_bytes()
         if max_rss is not None and rss > max_rss:
@@ -322,6 +299,8 @@ class Worker:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
         await self._broker.close()
+        if self._runner.sandbox is not None:
+            await self._runner.sandbox.aclose()
         for driver in {id(d): d for d in self._drivers.values()}.values():
             try:
                 await asyncio.wait_for(driver.aclose(), timeout=5)
@@ -424,8 +403,6 @@ class Worker:
         )
         # Each delivery runs in its own task, whose context copy dies with it: bind, no reset.
         _bind_job(job.id, job.kind, job.target.host, attempt.number)
-        if _TEST_CRASH_ON_JOB and job.id in _TEST_CRASH_ON_JOB:
-            _test_crash("crash_on_job", job.id)  # test-only hook (top of this module)
         if attempt.redelivered and await self._joined(delivery, job.id):
             return
         outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -436,6 +413,10 @@ class Worker:
                 result = await self._runner.run(job, attempt, interactive=delivery.interactive)
             except NotStarted:
                 raise
+            except WorkerCrashedError as exc:
+                # A suspect job killed its sandbox child: only this job is blamed.
+                await self._on_bug(delivery, job, attempt, started, started_at, crashed=str(exc))
+                return
             except Exception:
                 log.exception("job_crashed")
                 await self._on_bug(delivery, job, attempt, started, started_at)
@@ -466,26 +447,39 @@ class Worker:
         attempt: Attempt,
         started: float,
         started_at: datetime,
+        *,
+        crashed: str | None = None,
     ) -> None:
-        """Requeue; on the last delivery the queue allows, answer and dead-letter instead."""
+        """Requeue; on the last delivery the queue allows, answer and dead-letter instead.
+
+        `crashed`: the job killed the sandbox child that ran it (how, in words): the code is
+        `worker_crashed` instead of `internal_error`."""
         counted = "x-delivery-count" in delivery.headers
         last = attempt.number >= wire.DEFAULT_DELIVERY_LIMIT if counted else attempt.redelivered
+        code = "internal_error" if crashed is None else WorkerCrashedError.code
         if not last:
             self._broker.reject(delivery, requeue=True)
             log.info(
                 "job_finished",
                 outcome="requeued",
-                error_code="internal_error",
+                error_code=code,
                 duration_ms=_ms(started),
             )
             return
+        if crashed is None:
+            message = "the poller failed on this job on every attempt; see its logs"
+        else:
+            message = (
+                "the process running this job died on every attempt (the last time: "
+                f"{crashed}); see the poller's logs"
+            )
         result = error_result(
             job_id=job.id,
             kind=job.kind,
             satellite_id=self._sid,
             worker=self.name,
-            code="internal_error",
-            message="the poller failed on this job on every attempt; see its logs",
+            code=code,
+            message=message,
             attempt=attempt,
             started_at=started_at,
             started_monotonic=started,
@@ -557,8 +551,9 @@ class Worker:
             log.warning("result_not_confirmed", job_id=result.job_id, error=str(exc))
             self._broker.reject(delivery, requeue=True)
             return False
-        if _TEST_CRASH_AFTER_CONFIRM and random.random() < _TEST_CRASH_AFTER_CONFIRM:  # noqa: S311
-            _test_crash("crash_after_confirm", result.job_id)  # test-only hook (module top)
+        crash_p = testhooks.CRASH_AFTER_CONFIRM
+        if crash_p and random.random() < crash_p:  # noqa: S311
+            testhooks.crash("crash_after_confirm", result.job_id)  # test-only hook
         if dead_letter:
             self._broker.reject(delivery, requeue=False)
         else:
@@ -754,9 +749,10 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
 
-async def run_worker(settings: PollerSettings) -> int:
-    """Build the worker from the settings and run it to completion."""
+async def run_worker(settings: PollerSettings, *, forked: Forked | None = None) -> int:
+    """Build the worker from the settings and run it to completion; `forked`: the sandbox
+    process forked at start-up (poller/sandbox.py)."""
     credentials = CredentialStore.load(settings.credentials_file)
     drivers = build_drivers(settings)
-    worker = Worker(settings, drivers=drivers, credentials=credentials)
+    worker = Worker(settings, drivers=drivers, credentials=credentials, forked=forked)
     return await worker.run()

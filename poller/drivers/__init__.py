@@ -17,7 +17,7 @@ from poller.wire import JobKind
 if TYPE_CHECKING:
     from poller.config import PollerSettings
 
-__all__ = ["DRIVERS", "build_drivers", "get_driver"]
+__all__ = ["DRIVERS", "build_drivers", "driver_classes", "get_driver"]
 
 # cryptography 51 deprecates DSA and warns when asyncssh (drivers.ssh) merely names the DSA key
 # types at import: five lines on stderr at every start, about no key in use. Only those go.
@@ -45,10 +45,16 @@ def _registry() -> dict[JobKind, type[DriverFactory]]:
 DRIVERS: dict[JobKind, type[DriverFactory]] = {}
 
 
-def build_drivers(settings: PollerSettings) -> dict[str, Driver]:
-    """One instance of every driver class, keyed by each job kind it runs."""
+def driver_classes() -> dict[JobKind, type[DriverFactory]]:
+    """`DRIVERS`, filled on first call (importing every driver module)."""
     if not DRIVERS:
         DRIVERS.update(_registry())
+    return DRIVERS
+
+
+def build_drivers(settings: PollerSettings) -> dict[str, Driver]:
+    """One instance of every driver class, keyed by each job kind it runs."""
+    driver_classes()
     instances: dict[type[DriverFactory], Driver] = {}
     out: dict[str, Driver] = {}
     for kind, cls in DRIVERS.items():

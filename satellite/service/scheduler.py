@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import signal
 import time
@@ -46,11 +45,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from poller import wire
+from poller import testhooks, wire
 from poller.broker import Broker, UnroutableError, properties
 from poller.errors import BrokerError
 from poller.logging import get_logger
-from poller.worker import TEST_CRASH_EXIT
 from satellite.service.schedules import (
     Schedule,
     ScheduleFileError,
@@ -98,22 +96,6 @@ SKIPS_KEPT = 7 * 86400.0
 STALLED_TX_MS = 2000
 #: Longest window one claim looks back over (in intervals) after the service was down.
 MAX_LOOKBACK_INTERVALS = 2
-
-
-# ---------------------------------------------------------------------- test-only fault hook
-# For the fault-injection suite (tests/faults) only; never set it in a deployment. Read once.
-# USM_TEST_SERVE_CRASH_AFTER_CONFIRM=P: with probability P per published batch, the process
-#   exits (code TEST_CRASH_EXIT) after the broker confirmed the batch and before its outbox
-#   rows are deleted: another replica takes them over once their lease expires.
-_TEST_CRASH_AFTER_CONFIRM = 0.0
-with contextlib.suppress(ValueError):
-    _TEST_CRASH_AFTER_CONFIRM = float(os.environ.get("USM_TEST_SERVE_CRASH_AFTER_CONFIRM", "0"))
-
-
-def _test_crash(confirmed: Sequence[str]) -> None:
-    line = {"event": "test_crash", "hook": "schedule_after_confirm", "jobs": len(confirmed)}
-    os.write(2, (json.dumps(line) + "\n").encode())
-    os._exit(TEST_CRASH_EXIT)
 
 
 class UnknownScheduleError(LookupError):
@@ -602,8 +584,9 @@ class Scheduler:
             elif isinstance(future.exception(), UnroutableError):
                 unroutable.append(job_id)
         if confirmed:
-            if _TEST_CRASH_AFTER_CONFIRM and random.random() < _TEST_CRASH_AFTER_CONFIRM:  # noqa: S311
-                _test_crash(confirmed)
+            hook = testhooks.SERVE_CRASH_AFTER_CONFIRM
+            if hook and random.random() < hook:  # noqa: S311 - a test hook's coin
+                testhooks.crash("schedule_after_confirm", confirmed[0])
             async with self.engine.begin() as conn:
                 await conn.execute(
                     schedule_outbox.delete().where(schedule_outbox.c.id.in_(confirmed))

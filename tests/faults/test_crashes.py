@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
+from poller import wire
+from poller.worker import TEST_CRASH_EXIT
 from tests.faults.checker import Expectation, Observation, Report, assert_invariants, check
 from tests.faults.device import CountingAgent
 from tests.faults.harness import (
@@ -258,7 +260,9 @@ def test_crash_between_confirm_and_ack_duplicates_only_flagged(  # noqa: PLR0917
 ) -> None:
     """Scenario 10: the test hook kills the poller after a result's confirm, before its ack,
     on 1% of jobs: nothing lost, the killed job answered again, every duplicate flagged."""
-    monkeypatch.setenv("USM_TEST_CRASH_AFTER_CONFIRM", "0.01")  # test-only hook, poller/worker.py
+    monkeypatch.setenv(
+        "USM_TEST_CRASH_AFTER_CONFIRM", "0.01"
+    )  # test-only hook, poller/testhooks.py
     report, fleet, obs = _run_stream(
         "10 kill between confirm and ack",
         amqp_vhost=amqp_vhost,
@@ -287,14 +291,6 @@ def test_crash_between_confirm_and_ack_duplicates_only_flagged(  # noqa: PLR0917
     assert report.answered_twice >= len(crashed)
 
 
-@pytest.mark.faults_extended
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (docs/reliability.md, scenario 11): RabbitMQ counts a crashed "
-    "replica's returned jobs against the delivery limit, so the jobs delivered with a poison "
-    "job reach the DLQ with it. A fix (run jobs returned several times alone) was measured and "
-    "not kept: it slowed a crash storm or a flapping connection to one job at a time.",
-)
 def test_poison_job_alone_reaches_the_dlq(  # noqa: PLR0917 - pytest fixtures
     monkeypatch: pytest.MonkeyPatch,
     amqp_vhost: AmqpVhost,
@@ -303,22 +299,27 @@ def test_poison_job_alone_reaches_the_dlq(  # noqa: PLR0917 - pytest fixtures
     sid: str,
     fault_report: Callable[[Report], None],
 ) -> None:
-    """Scenario 11: one batch holds a job that kills every poller that runs it, among innocent
-    ones; the poller is restarted each time and gets the same batch back. Only the poison job
-    is dead-lettered (the queue's delivery limit); every innocent job is answered."""
+    """Scenario 11: one batch holds a job that kills every process that runs it, among
+    innocent ones; the poller is restarted each time and gets the same batch back. From their
+    third delivery on (`USM_POLLER_SANDBOX_AFTER`, 2) the jobs run in sandbox children, one
+    each: the poison job kills only its own child from then on, until its last allowed
+    delivery, when it is answered `worker_crashed` and dead-lettered; every innocent job is
+    answered, none dead-lettered, and the poller exits only the two times before."""
     innocents = scale(40, 200)
     poison = f"{sid}-{innocents // 2}"
     # Declare the topology, then queue the whole batch before a poller runs.
     start_poller(sid).terminate()
     obs = Observation()
     publisher = Publisher(amqp_vhost.dsn, sid, obs)
-    monkeypatch.setenv("USM_TEST_CRASH_ON_JOB", poison)  # test-only hook, poller/worker.py
+    monkeypatch.setenv("USM_TEST_CRASH_ON_JOB", poison)  # test-only hook, poller/testhooks.py
     fleet = Fleet(start_poller, sid, 1, dict(POLLER))
     expect = Expectation(dlq=frozenset({poison}))
     try:
         with Collector(amqp_vhost.dsn, sid, obs) as collector:
             for n in range(innocents + 1):
-                publisher.publish_job(counting_job(sid, n, agent.port))
+                # The wire protocol's default timeout (30 s): the whole batch comes back
+                # suspect at once, and runs `USM_POLLER_SANDBOX_SLOTS` jobs at a time.
+                publisher.publish_job(counting_job(sid, n, agent.port, timeout=30.0))
             fleet.slots.append(fleet.spawn())
             deadline = time.monotonic() + 240
             while len(obs.dead) < 1 and time.monotonic() < deadline:
@@ -334,5 +335,13 @@ def test_poison_job_alone_reaches_the_dlq(  # noqa: PLR0917 - pytest fixtures
     report = check("11 poison job", obs, expect)
     fault_report(report)
     assert_invariants(report)
-    assert {e["job_id"] for e in fleet.events("test_crash")} == {poison}
-    assert len(fleet.exits) >= 15  # about the delivery limit (20)
+    crashes = fleet.events("test_crash")
+    assert {e["job_id"] for e in crashes} == {poison}
+    # Every delivery of the poison job crashed whatever ran it: the poller twice, then a
+    # sandbox child each time, up to the queue's delivery limit.
+    assert len(crashes) == wire.DEFAULT_DELIVERY_LIMIT
+    assert [code for _, code in fleet.exits] == [TEST_CRASH_EXIT] * 2
+    assert [(a.code, a.attempt) for a in obs.answers if a.job_id == poison] == [
+        ("worker_crashed", wire.DEFAULT_DELIVERY_LIMIT)
+    ]
+    assert [d.reason for d in obs.dead] == ["rejected"]  # by the poller, with its answer
