@@ -6,6 +6,9 @@ history), and three callers taking turns, one `snmp.get` at a time each, N round
 * HTTP over the unix socket: `POST /v1/satellites/{id}/jobs` with `Prefer: wait=30` (httpx,
   keep-alive);
 * HTTP over TCP, the same with a bearer token;
+* HTTP over the unix socket with the standard library's `http.client` (one kept-alive
+  connection): the same requests with a client that costs less per request than httpx, to
+  tell the client's share of the round trip from the service's;
 * AMQP: `satellite.Client.call()` (kombu; an exclusive reply queue, kept open), what
   `satellite call` does without its process start-up.
 
@@ -16,15 +19,20 @@ in docs/performance.md. Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import os
 import signal
+import socket
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -37,6 +45,37 @@ from satellite.client import Client  # noqa: E402
 from satellite.dispatch import build_job  # noqa: E402
 from satellite.service.tokens import TokensFile  # noqa: E402
 from tests.support.poller_proc import PollerFactory  # noqa: E402
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """`http.client` over a unix socket (kept alive between requests, as httpx's pool does)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=60)
+        self.socket_path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def plain_caller(
+    lean: http.client.HTTPConnection, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> Callable[[], None]:
+    """One submit-and-wait with `http.client` per call; exits on anything but 200."""
+    raw = json.dumps(body).encode()
+    sent = headers | {"Content-Type": "application/json"}
+
+    def plain() -> None:
+        lean.request("POST", url, body=raw, headers=sent)
+        response = lean.getresponse()
+        text = response.read()
+        if response.status != 200:
+            sys.exit(f"HTTP {response.status}: {text[:300]!r}")
+
+    return plain
 
 
 def timed(call: object, n: int) -> list[float]:
@@ -102,12 +141,15 @@ def main() -> int:
                     timeout=60,
                 ) as tcp,
                 Client(amqp.dsn) as core,
+                contextlib.closing(UnixHTTPConnection(sock)) as lean,
             ):
 
                 def over(client: httpx.Client) -> None:
                     response = client.post(url, json=body, headers=wait)
                     if response.status_code != 200:
                         sys.exit(f"HTTP {response.status_code}: {response.text[:300]}")
+
+                plain = plain_caller(lean, url, body, wait)
 
                 def call() -> None:
                     job = build_job(
@@ -120,13 +162,14 @@ def main() -> int:
                     if result.status != "ok":
                         sys.exit(f"call: {json.dumps(result.model_dump(mode='json'))[:300]}")
 
-                for fn in (lambda: over(unix), lambda: over(tcp), call):  # warm-up
+                for fn in (lambda: over(unix), lambda: over(tcp), plain, call):  # warm-up
                     timed(fn, 10)
-                samples: dict[str, list[float]] = {"unix": [], "tcp": [], "amqp": []}
+                samples: dict[str, list[float]] = {"unix": [], "tcp": [], "plain": [], "amqp": []}
                 spy = py_spy(proc.pid, n / 100 + 5, args.profile) if args.profile else None
                 for _ in range(n // 10):  # interleaved rounds: load drifts hit all three
                     samples["unix"] += timed(lambda: over(unix), 10)
                     samples["tcp"] += timed(lambda: over(tcp), 10)
+                    samples["plain"] += timed(plain, 10)
                     samples["amqp"] += timed(call, 10)
             if spy is not None:
                 spy.wait(timeout=n + 120)
@@ -156,6 +199,7 @@ def render(
     rows = [
         ("HTTP over the unix socket (`Prefer: wait`)", "unix"),
         ("HTTP over TCP with a token (`Prefer: wait`)", "tcp"),
+        ("HTTP over the unix socket, `http.client` (`Prefer: wait`)", "plain"),
         ("AMQP: `Client.call()` (what `satellite call` does)", "amqp"),
     ]
     lines = [
@@ -182,36 +226,51 @@ def render(
         )
     lines += [
         "",
-        "Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's: not met on this host. What was",
-        "measured and changed (2026-12-06/07; `--profile OUT` records the service with py-spy):",
+        "httpx (keep-alive, one pool per transport) for the first two rows, the standard",
+        "library's `http.client` on one kept-alive unix connection for the third: the client's",
+        "own share of a round trip (about 1 ms of httpx per request on this host).",
         "",
-        "- Timers inside `JobService.submit` (200 submits, load 18-20): the `queued` commit",
-        "  p50 32.6 ms, the publish and its confirm 17 ms, the wait for the reply 25 ms,",
-        "  validation 0.3 ms; the AMQP call took 43 ms in all. The commit was the hand-over to",
-        "  the SQLite writer thread and back: two wake-ups of threads that wait for one of 2",
-        "  cores shared by ~20 runnable processes, plus the GIL. Now a `queued` row is committed",
-        "  at once on the event loop when no other writer holds SQLite's lock (busy timeout 0,",
-        "  no checkpoint on that connection; otherwise the writer thread as before): the commit",
-        "  p50 fell to 1.5 ms in the same conditions. The statements are built once (building",
-        "  the upsert cost more than running it: 42% of the writer's time for result groups).",
-        "- Each job is validated once (`wire.validate_job` on the parsed body, the wire's own",
-        "  rules and messages) and a record is serialised once (pydantic straight to bytes).",
-        "- What is left is the service's extra hop (client -> service -> broker and back) and",
-        "  its CPU on a host where every wake-up waits for a core: the publish confirm and the",
-        "  reply cost the service what they cost the AMQP caller. Per-round ratios (unix / TCP)",
-        "  of `--calls 200` runs with py-spy attached: before the change 2.53/2.96, 2.94/2.86,",
-        "  2.60/3.15x (load 15-20), after it 2.51/2.67, 2.11/2.32x (load 16-25): better, but",
-        "  within the spread of this host (httptools was installed for all but the first of",
-        "  them: uvicorn uses it when present; it is not a dependency, and the table's run is",
-        "  without it). A separate publisher channel was not tried: the confirm waits on the",
-        "  quorum queue, as the AMQP caller's does.",
-        "- Earlier (2026-12-06): the SQLite writer thread (`store/writer.py`, 3.68x -> 2.6x at",
-        "  load 5); uvloop tried and not kept (a SIGTERM during a waiting request answered 503,",
-        "  tests/integration/test_satellite_serve.py); FastAPI's layer is not the cause",
-        "  (`GET /healthz` 0.7-0.9 ms at the client).",
-        "- Seen in the profile, outside this path: the fleet page's collector builds a new",
-        "  HTTP client (and TLS context) per pass, and the alert sender polls the store every",
-        "  second; both cost the replica CPU that a submit then waits for on a busy host.",
+        "Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's: not met on this host. What was",
+        "measured and changed (2026-12-07; `--profile OUT` records the service with py-spy):",
+        "",
+        "- Where a submit's time goes, timers inside the service (`--calls 200`, load 11-13,",
+        "  medians, ms): request to `JobService.submit` 0.53 (routing, auth, body), validation",
+        "  0.18, the `queued` commit 0.74, publish to confirm 2.87, confirm to reply 2.49, the",
+        "  response 0.35: 9.2 in the service, against 5.25 for the whole AMQP call in the same",
+        "  run. The service's own broker round trip (publish to reply, 5.4) is the AMQP call's",
+        "  (the same broker, queue and poller); what HTTP adds is the hop from the client to",
+        "  the service and back, about 1.8 ms of Python in the service (HTTP, store,",
+        "  validation, response) and the client's own cost, each of them waiting for a core on",
+        "  a host where every wake-up queues behind other processes. py-spy on the same",
+        "  bench: a third of the event loop's busy samples are inside pika's `send()` to the",
+        "  broker (a write that wakes RabbitMQ often hands it the core), and the ingest's",
+        "  group commits on the writer thread hold the GIL the loop then waits for.",
+        "- The reply reaches the waiting request straight from the replica's reply queue (the",
+        "  consumer sets the request's future): no store read, no poll, no commit on that path;",
+        "  the history's copy is written by ingest after the answer has gone out.",
+        "- pika wrote each message as three `send()`s (method, header and body frames: three",
+        "  TCP segments, three wake-ups of the broker); `poller.broker` now joins them (one",
+        "  write per message), for the service's publishes and the poller's results alike:",
+        "  with it the AMQP call fell from 6.5 to 4.0 ms and the HTTP submit from 11.5 to",
+        "  7.7 ms (unix socket; one `--calls 100` run before and one after, load 4-5); the",
+        "  ratio stayed (both paths gained).",
+        "- The reply queue is consumed without acks (a reply only wakes a request; the history",
+        "  keeps its own copy): one frame less to the broker per request.",
+        "- uvicorn runs with httptools (now in the `core` extra) instead of h11: `GET /healthz`",
+        "  with `http.client` 0.98 -> 0.58 ms at the client (one run each, load 4-6).",
+        "- Tried and not kept: the reply consumer on a channel of its own (publishes alone on",
+        "  theirs): four alternating runs, no difference beyond this host's spread; a shorter",
+        "  GIL switch interval: no difference either. Not worth it: the `queued` insert through",
+        "  the driver instead of SQLAlchemy Core (0.40 -> 0.30 ms in isolation). The `queued`",
+        "  commit and the publish stay serial: the contract records `queued` before publishing.",
+        "- Seen in the service's profile, off this path, and gone: the fleet collector built an",
+        "  httpx client (and TLS context) per pass (now one per replica, closed at stop), and",
+        "  the alert sender read the store every second (now woken by its replica's new",
+        "  notifications, a row falling due, or a 15 s fallback poll).",
+        "- Earlier (2026-12-06/07): the SQLite writer thread and the `queued` row committed on",
+        "  the event loop when SQLite's lock is free (the commit p50 32.6 -> 1.5 ms at load",
+        "  18-20); each job validated once, a record serialised once; uvloop tried and not kept",
+        "  (a SIGTERM during a waiting request answered 503).",
         "",
     ]
     return "\n".join(lines)

@@ -20,6 +20,12 @@ a timeout, and owns everything that must survive a lost connection:
   remembers its lane and the channel generation it came from: acks go to the channel it came
   from, and acks for a channel that is gone are dropped (the broker has already put those jobs
   back in the queue). Results are published on the bulk channel whatever the lane.
+* `auto_ack` consumes the queue without acks (the broker forgets a message once sent): for a
+  queue whose messages only wake someone up and are kept elsewhere (`satellite serve`'s reply
+  queue); `ack()` and `reject()` must not be called for such deliveries.
+* A message goes out in one write: pika hands the transport its method, header and body frames
+  one at a time and sends each in a syscall of its own (a TCP segment each, with TCP_NODELAY);
+  `_Connection` joins them, so the broker wakes once per message, not three times.
 * `publish()` resolves when the broker confirms the message. Confirms are pipelined: sequence
   numbers map to futures and `multiple=True` acks resolve every future up to the tag. A nack, a
   return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`;
@@ -156,6 +162,8 @@ class BrokerOptions:
     backoff_max: float = 8.0
     blocked_timeout: float = 300.0
     lane_prefetch: int = 4
+    #: Consume the queue without acks (see the module docstring); never for jobs or history.
+    auto_ack: bool = False
     lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
@@ -469,7 +477,7 @@ class Broker:
             if not opened.done():
                 opened.set_exception(BrokerUnavailableError(_describe(exc)))
 
-        self._conn = AsyncioConnection(
+        self._conn = _Connection(
             self._parameters(url_index, url),
             on_open_callback=on_open,
             on_open_error_callback=on_open_error,
@@ -649,6 +657,7 @@ class Broker:
             tag: str = channel.basic_consume(
                 queue or self._queue,
                 functools.partial(self._on_message, generation, interactive),
+                auto_ack=self._opts.auto_ack and not interactive,
                 callback=lambda frame: _resolve(consumed, frame),
             )
             async with asyncio.timeout(self._opts.operation_timeout):
@@ -1077,6 +1086,17 @@ class Broker:
         channel = self._usable(delivery)
         if channel is not None:
             channel.basic_reject(delivery.delivery_tag, requeue=requeue)
+
+
+class _Connection(AsyncioConnection):  # type: ignore[misc]
+    """pika's connection, writing each message (method, header and body frames) in one piece."""
+
+    def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
+        # pika (1.x) calls this once per message with its frames; the transport then sends each
+        # buffer it was given in a send() of its own. One buffer: one send, one TCP segment.
+        if len(marshaled_frames) > 1:
+            marshaled_frames = [b"".join(marshaled_frames)]
+        super()._output_marshaled_frames(marshaled_frames)
 
 
 def properties(**kwargs: Any) -> pika.BasicProperties:

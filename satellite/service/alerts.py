@@ -466,78 +466,96 @@ async def apply_finding(
     channels: Sequence[str],
     *,
     mute: bool,
+    on_queued: Callable[[], None] | None = None,
 ) -> str | None:
     """Record the verdict; on a state change (claimed once) queue it per channel. The new
-    state when it changed, else None.
+    state when it changed, else None. `on_queued` is called once notifications were queued
+    and committed (this replica's sender wakes up for them).
 
     States: `ok`, `pending` (the condition was seen, for less than the finding's `hold`;
     nothing is sent), `firing`. A verdict older than the one last recorded (a replica that
     was slow between its look and this write) is ignored: a stale look never undoes a newer
     one."""
+    async with engine.begin() as conn:
+        new, queued = await _record_finding(conn, finding, now, channels, mute=mute)
+    if queued and on_queued is not None:
+        on_queued()
+    return new
+
+
+async def _record_finding(
+    conn: AsyncConnection,
+    finding: Finding,
+    now: datetime,
+    channels: Sequence[str],
+    *,
+    mute: bool,
+) -> tuple[str | None, bool]:
+    """`apply_finding` in the caller's transaction: (the new state or None, whether
+    notifications were queued)."""
     key = {"rule": finding.rule, "satellite_id": finding.satellite_id}
     where = (alert_states.c.rule == finding.rule) & (
         alert_states.c.satellite_id == finding.satellite_id
     )
-    async with engine.begin() as conn:
-        row = (await conn.execute(sa.select(alert_states).where(where))).first()
-        if row is None:
-            stmt = _insert(conn, alert_states).values(
-                **key, state="ok", since=now, summary="", seq=0, evaluated_at=now
-            )
-            await conn.execute(stmt.on_conflict_do_nothing())
-            if not finding.firing:
-                return None
-            row = (await conn.execute(sa.select(alert_states).where(where))).one()
-        if row.evaluated_at > now:
-            return None  # a newer evaluation is recorded already
-        new, since = _next_state(row.state, row.since, finding, now)
-        summary = finding.summary
-        if new == "firing" and finding.hold > 0:
-            summary += f" (for {(now - since).total_seconds():.0f} s)"
-        if row.state == new:
-            await conn.execute(
-                alert_states.update()
-                .where(where & (alert_states.c.seq == row.seq))
-                .values(
-                    evaluated_at=now,
-                    summary=summary[:500] if finding.firing else row.summary,
-                )
-            )
-            return None
-        changed = await conn.execute(
+    row = (await conn.execute(sa.select(alert_states).where(where))).first()
+    if row is None:
+        stmt = _insert(conn, alert_states).values(
+            **key, state="ok", since=now, summary="", seq=0, evaluated_at=now
+        )
+        await conn.execute(stmt.on_conflict_do_nothing())
+        if not finding.firing:
+            return None, False
+        row = (await conn.execute(sa.select(alert_states).where(where))).one()
+    if row.evaluated_at > now:
+        return None, False  # a newer evaluation is recorded already
+    new, since = _next_state(row.state, row.since, finding, now)
+    summary = finding.summary
+    if new == "firing" and finding.hold > 0:
+        summary += f" (for {(now - since).total_seconds():.0f} s)"
+    if row.state == new:
+        await conn.execute(
             alert_states.update()
             .where(where & (alert_states.c.seq == row.seq))
             .values(
-                state=new,
-                since=since,
-                seq=row.seq + 1,
                 evaluated_at=now,
-                summary=(summary if finding.firing else row.summary)[:500],
+                summary=summary[:500] if finding.firing else row.summary,
             )
         )
-        if changed.rowcount != 1:
-            return None  # another replica recorded this change
-        # Only firing and leaving `firing` are news (`pending` and back are not).
-        news = (new == "firing") or (row.state == "firing")
-        if not news or mute or not channels:
-            return new
-        event = f"{finding.rule}/{finding.satellite_id}/{row.seq + 1}"
-        summary = summary if finding.firing else f"resolved: {row.summary}"
-        for channel in channels:
-            stmt = _insert(conn, alert_outbox).values(
-                event=event,
-                channel=channel,
-                rule=finding.rule,
-                satellite_id=finding.satellite_id,
-                state="firing" if finding.firing else "resolved",
-                since=since,
-                summary=summary[:500],
-                created_at=now,
-                next_attempt_at=now,
-                attempts=0,
-            )
-            await conn.execute(stmt.on_conflict_do_nothing(index_elements=["event", "channel"]))
-        return new
+        return None, False
+    changed = await conn.execute(
+        alert_states.update()
+        .where(where & (alert_states.c.seq == row.seq))
+        .values(
+            state=new,
+            since=since,
+            seq=row.seq + 1,
+            evaluated_at=now,
+            summary=(summary if finding.firing else row.summary)[:500],
+        )
+    )
+    if changed.rowcount != 1:
+        return None, False  # another replica recorded this change
+    # Only firing and leaving `firing` are news (`pending` and back are not).
+    news = (new == "firing") or (row.state == "firing")
+    if not news or mute or not channels:
+        return new, False
+    event = f"{finding.rule}/{finding.satellite_id}/{row.seq + 1}"
+    summary = summary if finding.firing else f"resolved: {row.summary}"
+    for channel in channels:
+        stmt = _insert(conn, alert_outbox).values(
+            event=event,
+            channel=channel,
+            rule=finding.rule,
+            satellite_id=finding.satellite_id,
+            state="firing" if finding.firing else "resolved",
+            since=since,
+            summary=summary[:500],
+            created_at=now,
+            next_attempt_at=now,
+            attempts=0,
+        )
+        await conn.execute(stmt.on_conflict_do_nothing(index_elements=["event", "channel"]))
+    return new, True
 
 
 async def alert_states_list(engine: AsyncEngine) -> list[dict[str, Any]]:
@@ -609,10 +627,13 @@ class AlertEngine:
         replica: str,
         interval: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
+        """`on_queued`: called when this replica queued notifications (wakes its sender)."""
         self.engine = engine
         self.config = config
         self.facts = facts
+        self.on_queued = on_queued
         self.replica = replica
         self.interval = interval
         self.clock = clock
@@ -645,7 +666,9 @@ class AlertEngine:
                     continue
                 channels = [c.name for c in self.config.channels_for(finding.rule)]
                 mute = silenced(silences, finding.satellite_id, finding.rule)
-                new = await apply_finding(self.engine, finding, now, channels, mute=mute)
+                new = await apply_finding(
+                    self.engine, finding, now, channels, mute=mute, on_queued=self.on_queued
+                )
                 if new is not None:
                     self.changes += 1
                     log.info(

@@ -151,12 +151,16 @@ class Core:
             core.scheduler_task = asyncio.create_task(core.scheduler.run(), name="scheduler")
         # Alerts (issue 18): rules evaluated by every replica, one per slot; the outbox sender.
         core.alerts_config = alerts_config
+        # The sender sleeps until this replica queues a notification (or a row falls due, or
+        # its fallback poll: another replica's notifications), rather than polling each second.
+        queued = asyncio.Event()
         alerts = AlertEngine(
             store.engine,
             alerts_config,
             fleet_facts(fleet, store.engine, alerts_config.rules),
             replica=replica,
             interval=settings.alert_interval,
+            on_queued=queued.set,
         )
         sender = Sender(
             store.engine,
@@ -164,6 +168,7 @@ class Core:
             replica=replica,
             retry_base=settings.alert_retry_base,
             retention_days=settings.retention_days,
+            wakeup=queued,
         )
         metrics.registry.register(SenderCollector(sender))
         core.tasks += [

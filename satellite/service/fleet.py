@@ -5,6 +5,11 @@ for the life of the replica, so that `GET /v1/satellites` answers from heartbeat
 received instead of listening for seconds per request; it reconnects with capped backoff. The
 queue statistics come from the RabbitMQ management API per request, and `satellite_status()`
 (the code behind `satellite status --json`) puts them together.
+
+One management API client (`management_api()`: an httpx client, its TLS context and its kept-alive
+connection) serves the replica from its first use to `stop()`: the fleet page, the alert rules'
+pass and `/v1/satellites` all ask for the same figures, and building a client per pass cost
+more CPU than the requests did. httpx clients can be shared between threads.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from poller import __version__, wire
@@ -69,13 +76,35 @@ class FleetWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="fleet-heartbeats", daemon=True)
         self.connected = False
+        self._api: ManagementApi | None = None
+        self._api_lock = threading.Lock()  # guards `_api`, not its use (httpx: thread-safe)
+        self._api_closed = False
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the heartbeat listener and close the management API client."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._api_lock:
+            self._api_closed = True
+            api, self._api = self._api, None
+        if api is not None:
+            api.close()
+
+    @contextmanager
+    def management_api(self) -> Iterator[ManagementApi]:
+        """The replica's management API client, built on first use and kept until `stop()`
+        (blocking: call it from a thread). `ManagementError` once stopped."""
+        with self._api_lock:
+            if self._api_closed:
+                raise ManagementError("the service is stopping")
+            if self._api is None:
+                self._api = ManagementApi(self.management)
+            api = self._api
+        yield api
 
     def _listen(self) -> None:
         attempt = 0
@@ -113,7 +142,7 @@ class FleetWatch:
         return statuses
 
     def _collect(self, only: str | None) -> list[SatelliteStatus]:
-        with ManagementApi(self.management) as api:
+        with self.management_api() as api:
             queues: dict[str, dict[str, Any]] = {str(q.get("name")): q for q in api.queues()}
             ids = {sid for name in queues if (sid := wire.satellite_of_jobs_queue(name))}
             ids |= set(self.fleet.satellites())

@@ -8,6 +8,13 @@ capped exponential backoff (or after Telegram's `retry_after`) for as long as it
 never dropped, and a channel whose oldest waiting row has failed `FAILING_AFTER` times is
 `failing` in `GET /v1/alerts` and `satellite_core_alert_channel_failing` in `/metrics`.
 
+The sender does not poll the store every second. After a pass it sleeps until the earliest of:
+its `wakeup` event (set by this replica's alert engine once it has committed new
+notifications), the moment the next waiting row becomes due (a retry's `next_attempt_at`, a
+held Telegram chat, another replica's lease running out: all read from the rows the pass
+loaded anyway), and the fallback `poll` (15 s): notifications another replica queued are
+found then, when that replica's own sender (woken at once) has not taken them already.
+
 Webhook: a JSON POST (`alert`, `satellite`, `state`, `since`, `summary`, `channel`, `event`),
 with `X-Satellite-Signature: sha256=<hex HMAC-SHA256 of the body>` when the channel has a
 `secret_file`. Telegram: the bot API's `sendMessage`, at most one message per second per chat
@@ -51,6 +58,11 @@ HTTP_TIMEOUT = 10.0
 TELEGRAM_GAP = 1.0
 #: Longest `retry_after` honoured as given (a larger one is capped).
 RETRY_AFTER_CAP = 3600.0
+#: The fallback poll: at most this long between two passes (other replicas' new rows).
+POLL_SECONDS = 15.0
+#: The shortest sleep between two passes that made no attempt (a row due "now" that this
+#: replica could not claim must not spin the loop).
+MIN_IDLE = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +116,13 @@ class Sender:
         retry_base: float = 5.0,
         retry_cap: float = 300.0,
         lease: float = 60.0,
-        poll: float = 1.0,
+        poll: float = POLL_SECONDS,
         retention_days: int = 7,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        wakeup: asyncio.Event | None = None,
     ) -> None:
+        """`wakeup`: set it when this replica has queued notifications (`AlertEngine`'s
+        `on_queued`); `poll`: the fallback between passes (see the module doc)."""
         self.engine = engine
         self.config = config
         self.replica = replica
@@ -117,6 +132,7 @@ class Sender:
         self.poll = poll
         self.retention = timedelta(days=retention_days)
         self.clock = clock
+        self.wakeup = wakeup if wakeup is not None else asyncio.Event()
         self._chat_next: dict[str, float] = {}
         self.attempts: dict[tuple[str, bool], int] = {}
         """(channel, ok) -> attempts made by this replica (for /metrics)."""
@@ -311,10 +327,15 @@ class Sender:
         next_purge = time.monotonic() + 60.0
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             while True:
+                # Cleared before the pass: a wake-up during the pass means "look again".
+                self.wakeup.clear()
+                due_in: float | None = None
                 try:
                     async with asyncio.timeout(300.0):
                         made = await self.pass_once(client)
-                        self.report = await channel_report(self.engine, self.config)
+                        rows = await _waiting_rows(self.engine)
+                        self.report = _report(rows, self.config)
+                        due_in = self.due_in(rows)
                         if time.monotonic() >= next_purge:
                             next_purge = time.monotonic() + 3600.0
                             await self.purge()
@@ -322,11 +343,35 @@ class Sender:
                     made = 0
                     log.warning("notify_pass_failed", error=f"{type(exc).__name__}")
                 if not made:
-                    await asyncio.sleep(self.poll)
+                    await self.idle(due_in)
+
+    def due_in(self, rows: list[dict[str, Any]]) -> float | None:
+        """Seconds until the first of these waiting rows may be claimed; None for none."""
+        due = [
+            max(row["next_attempt_at"], row["lease_until"])
+            if row["lease_until"] is not None
+            else row["next_attempt_at"]
+            for row in rows
+        ]
+        return (min(due) - self.clock()).total_seconds() if due else None
+
+    async def idle(self, due_in: float | None) -> None:
+        """Sleep until woken, until the next row is due, or for the fallback poll."""
+        delay = self.poll if due_in is None else min(self.poll, max(MIN_IDLE, due_in))
+        try:
+            async with asyncio.timeout(delay):
+                await self.wakeup.wait()
+        except TimeoutError:
+            pass
 
 
 async def channel_report(engine: AsyncEngine, config: AlertsConfig) -> list[dict[str, Any]]:
     """Per channel: notifications waiting, the oldest one's attempts and error, `failing`."""
+    return _report(await _waiting_rows(engine), config)
+
+
+async def _waiting_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
+    """The outbox rows not delivered yet, oldest first (at most 1000)."""
     stmt = (
         sa.select(alert_outbox)
         .where(alert_outbox.c.sent_at.is_(None))
@@ -334,7 +379,10 @@ async def channel_report(engine: AsyncEngine, config: AlertsConfig) -> list[dict
         .limit(1000)
     )
     async with engine.connect() as conn:
-        rows = [dict(r._mapping) for r in await conn.execute(stmt)]
+        return [dict(r._mapping) for r in await conn.execute(stmt)]
+
+
+def _report(rows: list[dict[str, Any]], config: AlertsConfig) -> list[dict[str, Any]]:
     names = [c.name for c in config.channels]
     names += sorted({str(r["channel"]) for r in rows} - set(names))
     kinds = {c.name: c.type for c in config.channels}

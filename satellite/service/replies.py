@@ -3,11 +3,15 @@
 A job submitted with `Prefer: wait` carries `reply_to = usm_poller.core-reply.<replica>`; the
 poller publishes its result as `reply.<satellite>.<that queue>`, which this queue (bound with
 `reply.*.<queue>`) and the history (bound with `reply.#`) both receive. The copy here only wakes
-the waiting caller and is acked at once; the history's copy is the one that is stored. The same
-connection publishes the service's jobs (with confirms).
+the waiting caller; the history's copy is the one that is stored. So the queue is consumed
+without acks (`auto_ack`): a copy lost with its replica loses nothing (the caller that waited
+for it is gone too), and no ack goes back to the broker per reply. The same connection
+publishes the service's jobs (with confirms).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from poller import wire
 from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology
@@ -45,7 +49,7 @@ class Replies:
         self.waiters = waiters
         self.broker = Broker(
             urls,
-            options,
+            dataclasses.replace(options, auto_ack=True),
             queue=self.queue,
             topology=reply_topology(self.queue),
             on_delivery=self._on_delivery,
@@ -58,4 +62,3 @@ class Replies:
             log.warning("reply_malformed", reason=str(exc)[:300])
         else:
             self.waiters.notify([result])
-        self.broker.ack(delivery)

@@ -339,8 +339,74 @@ async def test_telegram_429_retry_after_is_waited_for(store: Store, tmp_path: Pa
     assert "SECRET" not in str(archive)
 
 
-def _down_source() -> Callable[[], Awaitable[list[Facts]]]:
+def _down_source(sid: str = "sat-a") -> Callable[[], Awaitable[list[Facts]]]:
     async def source() -> list[Facts]:
-        return [facts("sat-a", consumers=0)]
+        return [facts(sid, consumers=0)]
 
     return source
+
+
+async def _until(check: Callable[[], bool], seconds: float = 15.0) -> None:
+    """Until `check()` (polled every 50 ms, at most `seconds`)."""
+    for _ in range(int(seconds / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_the_sender_is_woken_by_its_replica_and_polls_for_the_others(store: Store) -> None:
+    """No store poll each second: a replica's own notifications wake its sender at once (the
+    fallback poll is an hour here); another replica's are found by the fallback poll."""
+    async with Receiver([(200, {"ok": True})]) as hook:
+        cfg = config({"channels": [{"name": "ops", "type": "webhook", "url": hook.url}]})
+        wakeup = asyncio.Event()
+        sender = Sender(store.engine, cfg, replica="r1", poll=3600, wakeup=wakeup)
+        mine = AlertEngine(
+            store.engine, cfg, _down_source(), replica="r1", clock=Clock(), on_queued=wakeup.set
+        )
+        mine.started -= 120
+        task = asyncio.create_task(sender.run())
+        try:
+            await _until(lambda: bool(sender.report))  # the first pass found nothing: asleep
+            assert hook.requests == []
+            await mine.tick()
+            await _until(lambda: len(hook.requests) == 1)
+            assert len(hook.requests) == 1
+        finally:
+            task.cancel()
+        # Another replica queues (its sender is down); this one's fallback poll finds it.
+        later = Clock()
+        later.now += timedelta(seconds=60)  # the next slot (r1 evaluated this one)
+        other = AlertEngine(store.engine, cfg, _down_source("sat-b"), replica="r2", clock=later)
+        other.started -= 120
+        poller = Sender(store.engine, cfg, replica="r1", poll=0.2)
+        task = asyncio.create_task(poller.run())
+        try:
+            await _until(lambda: bool(poller.report))
+            await other.tick()
+            await _until(lambda: len(hook.requests) == 2)
+        finally:
+            task.cancel()
+    assert [r.json()["satellite"] for r in hook.requests] == ["sat-a", "sat-b"]
+
+
+async def test_a_failed_attempt_is_retried_when_it_falls_due_not_at_the_poll(
+    store: Store,
+) -> None:
+    async with Receiver([(500, {}), (200, {"ok": True})]) as hook:
+        cfg = config({"channels": [{"name": "ops", "type": "webhook", "url": hook.url}]})
+        wakeup = asyncio.Event()
+        sender = Sender(store.engine, cfg, replica="r", retry_base=0.2, poll=3600, wakeup=wakeup)
+        engine = AlertEngine(
+            store.engine, cfg, _down_source(), replica="r", clock=Clock(), on_queued=wakeup.set
+        )
+        engine.started -= 120
+        await engine.tick()
+        task = asyncio.create_task(sender.run())
+        try:
+            await _until(lambda: len(hook.requests) == 2)
+        finally:
+            task.cancel()
+    assert len(hook.requests) == 2
+    archive = list(reversed(await archive_page(store.engine)))
+    assert [(a["status"], a["http_status"]) for a in archive] == [("failed", 500), ("sent", 200)]

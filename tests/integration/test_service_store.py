@@ -190,6 +190,43 @@ async def test_a_second_answer_counts_and_the_same_result_again_does_not(store: 
     assert records["twice"].answers == 1
 
 
+async def test_a_redelivered_copy_and_a_new_answer_in_one_group_count_one_answer(
+    store: Store,
+) -> None:
+    """The row holds answer A; one ingest group then brings a copy of A (redelivered: its
+    replica died between commit and ack) and a new answer B, in either order. Only B is new."""
+    first = result("ab", worker="w1", attempt=1)
+    again = result("ab", worker="w1", attempt=1)
+    new = result("ab", worker="w2", attempt=2, finished_at=T0 + timedelta(seconds=9))
+    await store.apply_results([first])
+    await store.apply_results([again, new])
+    record = await store.get_job("ab")
+    assert record is not None
+    assert (record.answers, record.worker, record.attempt) == (2, "w2", 2)
+    # The other order: the copy last (its fields are the row's again, as the last copy's are).
+    await store.apply_results([result("ba", worker="w1", attempt=1)])
+    await store.apply_results(
+        [
+            result("ba", worker="w2", attempt=2, finished_at=T0 + timedelta(seconds=9)),
+            result("ba", worker="w1", attempt=1),
+        ]
+    )
+    record = await store.get_job("ba")
+    assert record is not None
+    assert (record.answers, record.worker, record.attempt) == (2, "w1", 1)
+    # Two new answers in one group still count two.
+    await store.apply_results(
+        [
+            result("cc", worker="w3", attempt=3, finished_at=T0 + timedelta(seconds=20)),
+            result("cc", worker="w4", attempt=4, finished_at=T0 + timedelta(seconds=21)),
+        ]
+    )
+    await store.apply_results([result("cc", worker="w1", attempt=1)])
+    record = await store.get_job("cc")
+    assert record is not None
+    assert record.answers == 3
+
+
 async def test_a_later_result_updates_the_row(store: Store) -> None:
     await store.apply_results([result("j", status="error")])
     await store.apply_results([result("j", status="ok", attempt=2, redelivered=True)])

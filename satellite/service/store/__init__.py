@@ -110,7 +110,7 @@ class Store:
             return await queries.apply_results(self.engine, results, self.clock(), sources)
         rows = queries.result_rows(results, self.clock(), sources, json_text=True)
         if rows:
-            await self._writer.write_results(rows)
+            await self._writer.write_results(rows, queries.prior_answers(results))
         return len(rows)
 
     async def mark_overdue(self, grace: float) -> int:

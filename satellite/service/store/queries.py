@@ -40,6 +40,8 @@ from satellite.service.store.tables import jobs
 __all__ = [
     "NOT_PUBLISHED",
     "PG_RESULTS_UPSERT",
+    "PRIOR_ANSWERS_UPDATE",
+    "SQLITE_PRIOR_ANSWERS_UPDATE",
     "SQLITE_RESULTS_UPSERT",
     "JobExistsError",
     "JobFilter",
@@ -54,6 +56,7 @@ __all__ = [
     "mark_not_published_many",
     "mark_overdue",
     "pg_result_arrays",
+    "prior_answers",
     "purge_batch",
     "purge_before",
     "queued_record",
@@ -64,6 +67,7 @@ __all__ = [
     "result_rows",
     "results_upsert",
     "search",
+    "sqlite_prior_params",
     "sqlite_result_params",
 ]
 
@@ -332,7 +336,10 @@ async def apply_results(
     rows = result_rows(results, now, sources)
     if not rows:
         return 0
+    priors = prior_answers(results)
     async with engine.begin() as conn:
+        if priors:
+            await conn.execute(PRIOR_ANSWERS_UPDATE, priors)
         await conn.execute(results_upsert(_insert(conn)), rows)
     return len(rows)
 
@@ -360,6 +367,63 @@ def result_rows(
     return [
         _result_row(result, len(keys), now, sources.get(job_id, "amqp"), json_text=json_text)
         for job_id, (result, keys) in merged.items()
+    ]
+
+
+def prior_answers(results: Sequence[JobResult]) -> list[dict[str, Any]]:
+    """The answers of a group the upsert does not compare with the row: per job, each distinct
+    answer but the last one (whose fields the row takes). Parameters of `PRIOR_ANSWERS_UPDATE`
+    (`sqlite_prior_params` for SQLite's driver), run in the group's transaction before the
+    upsert; empty unless a job has two different answers in the group (rare).
+
+    The upsert adds the group's distinct answers and takes one back when the row holds the
+    group's last answer already (a redelivered copy). When the row holds another of the
+    group's answers (a copy of the answer it holds, and a new one after it), that update takes
+    it back instead: a copy never counts, in whichever order the group brings it.
+    """
+    keys: dict[str, dict[tuple[str, int, datetime], None]] = {}
+    last: dict[str, tuple[str, int, datetime]] = {}
+    for result in results:
+        key = _answer_key(result)
+        keys.setdefault(result.job_id, {})[key] = None
+        last[result.job_id] = key
+    return [
+        {"prior_id": job_id, "prior_worker": w, "prior_attempt": a, "prior_finished_at": f}
+        for job_id, seen in keys.items()
+        if len(seen) > 1
+        for (w, a, f) in seen
+        if (w, a, f) != last[job_id]
+    ]
+
+
+#: One answer taken back from a row that holds one of the group's earlier answers already.
+PRIOR_ANSWERS_UPDATE = (
+    jobs.update()
+    .where(
+        (jobs.c.id == sa.bindparam("prior_id"))
+        & (jobs.c.answers > 0)
+        & (jobs.c.worker == sa.bindparam("prior_worker"))
+        & (jobs.c.attempt == sa.bindparam("prior_attempt"))
+        & (jobs.c.finished_at == sa.bindparam("prior_finished_at"))
+    )
+    .values(answers=jobs.c.answers - 1)
+)
+SQLITE_PRIOR_ANSWERS_UPDATE = (
+    "UPDATE jobs SET answers = answers - 1 WHERE id = ? AND answers > 0 AND worker = ? "
+    "AND attempt = ? AND finished_at = ?"
+)
+
+
+def sqlite_prior_params(priors: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """`prior_answers` as the parameters of `SQLITE_PRIOR_ANSWERS_UPDATE`."""
+    return [
+        (
+            p["prior_id"],
+            p["prior_worker"],
+            p["prior_attempt"],
+            _sqlite_time(p["prior_finished_at"]),
+        )
+        for p in priors
     ]
 
 
@@ -496,7 +560,10 @@ async def _apply_results_pg(
     params = pg_result_arrays(results, now, sources)
     if not params["id"]:
         return 0
+    priors = prior_answers(results)
     async with engine.begin() as conn:
+        if priors:
+            await conn.execute(PRIOR_ANSWERS_UPDATE, priors)
         await conn.execute(PG_RESULTS_UPSERT, params)
     return len(params["id"])
 

@@ -32,8 +32,10 @@ from poller.logging import get_logger
 from satellite.service.store.engine import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
 from satellite.service.store.queries import (
     NOT_PUBLISHED,
+    SQLITE_PRIOR_ANSWERS_UPDATE,
     SQLITE_RESULTS_UPSERT,
     queued_upsert,
+    sqlite_prior_params,
     sqlite_result_params,
 )
 from satellite.service.store.tables import jobs
@@ -165,16 +167,22 @@ class SqliteWriter:
         with self._engine.begin() as conn:
             return [conn.execute(self._queued_stmt(v), v).rowcount == 1 for v, _ in group]
 
-    async def write_results(self, rows: list[dict[str, Any]]) -> None:
-        """Commit a group of `result_rows(..., json_text=True)` (ingest), in turn with the
-        `queued` groups."""
+    async def write_results(
+        self, rows: list[dict[str, Any]], priors: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Commit a group of `result_rows(..., json_text=True)` (ingest), with its
+        `prior_answers`, in turn with the `queued` groups."""
         if self._closed:
             raise RuntimeError("the store is closed")
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._results, rows)
+        await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._results, rows, priors or []
+        )
 
-    def _results(self, rows: list[dict[str, Any]]) -> None:
+    def _results(self, rows: list[dict[str, Any]], priors: list[dict[str, Any]]) -> None:
         params = sqlite_result_params(rows)
         with self._engine.begin() as conn:
+            if priors:
+                conn.exec_driver_sql(SQLITE_PRIOR_ANSWERS_UPDATE, sqlite_prior_params(priors))
             conn.exec_driver_sql(SQLITE_RESULTS_UPSERT, params)
 
     async def execute(self, statement: Any) -> int:

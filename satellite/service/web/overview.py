@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from poller import __version__, wire
-from satellite.management import ManagementApi, ManagementError
+from satellite.management import ManagementError
 from satellite.service.fleet import HEARTBEAT_MAX_AGE, REQUEST_TIMEOUT, FleetError, FleetWatch
 from satellite.service.web.history import SatelliteHistory
 from satellite.status import QueueView, SatelliteStatus, satellite_status
@@ -149,7 +149,7 @@ def attention_order(rows: list[Row]) -> list[Row]:
 
 
 def _collect(fleet: FleetWatch, only: str | None) -> list[tuple[SatelliteStatus, QueueView | None]]:
-    with ManagementApi(fleet.management) as api:
+    with fleet.management_api() as api:
         queues: dict[str, dict[str, Any]] = {str(q.get("name")): q for q in api.queues()}
         ids = {sid for name in queues if (sid := wire.satellite_of_jobs_queue(name))}
         ids |= set(fleet.fleet.satellites())
