@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Trickle"]
+__all__ = ["LaneFirst", "Trickle"]
 
 _Entry = tuple[asyncio.Future[Any], Callable[[], BaseException] | None]
 
@@ -92,3 +92,120 @@ class Trickle:
             asyncio.get_running_loop().call_soon(self._next_turn)
         else:
             self._turning = False
+
+
+class LaneFirst:
+    """While a job of the interactive lane is in flight, bulk work waits: for a while only.
+
+    The lane's jobs have their own queue, channel, window and run slots, but they share the
+    event loop, the process's CPU and the broker with the bulk jobs: behind a backlog that
+    keeps the poller busy (about 1,100 bulk jobs/s on 2 cores) every step of an interactive
+    job waited behind bulk deliveries, results, confirms and log lines. `hold()` (when an
+    interactive job is delivered) starts a *pause*: bulk tasks that reach `bulk_turn()` (a bulk
+    job about to start on its device, a bulk result about to be published) wait until every
+    hold is released (the interactive result is published) or the pause has lasted
+    `max_pause` seconds, whichever comes first; then they all resume, in order.
+
+    Bulk jobs cannot starve: a pause begins only with a new hold (an interactive job that
+    runs long pauses bulk work once, not for as long as it runs), never lasts longer than
+    `max_pause`, and the next one cannot begin before bulk work has run for as long as the
+    last pause lasted (a hold that comes earlier begins its pause then, if it is still
+    held). So bulk work runs at least half the time, however many interactive jobs come.
+    A bulk task that is cancelled while it waits just leaves. No I/O; the loop's clock only.
+    """
+
+    def __init__(self, max_pause: float = 0.1) -> None:
+        """`max_pause` 0: bulk work never waits (`hold` does nothing)."""
+        if max_pause < 0:
+            raise ValueError("max_pause must be >= 0")
+        self.max_pause = max_pause
+        self._holds = 0
+        self._paused_at: float | None = None  # loop time the current pause began
+        self._not_before = 0.0  # loop time before which no pause may begin
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = False  # a hold came while no pause could begin: one begins when it may
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        #: Pauses begun so far (for tests and logs).
+        self.pauses = 0
+
+    @property
+    def paused(self) -> bool:
+        """Whether bulk work waits now."""
+        return self._paused_at is not None
+
+    @property
+    def waiting(self) -> int:
+        """Bulk tasks waiting for the pause to end."""
+        return len(self._waiting)
+
+    def hold(self) -> Callable[[], None]:
+        """An interactive job is in flight: pause bulk work (when allowed) until the returned
+        callable is called (once is enough; later calls do nothing)."""
+        if not self.max_pause:
+            return _nothing
+        self._holds += 1
+        self._due = True
+        self._begin()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self._holds -= 1
+            if not self._holds:
+                self._due = False
+                if self._paused_at is not None:
+                    self._end()
+
+        return release
+
+    async def bulk_turn(self) -> None:
+        """Return at once, or when the current pause ends."""
+        if self._paused_at is None:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        await future
+
+    def _begin(self) -> None:
+        """Begin the pause a new hold asked for, now or once bulk work has had its turn."""
+        if self._paused_at is not None:
+            self._due = False  # this hold is covered by the pause going on
+            return
+        if not self._due or not self._holds or self._timer is not None:
+            return  # nothing asked for, or the end of bulk's turn is awaited already
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._not_before:
+            self._timer = loop.call_at(self._not_before, self._resume_check)
+            return
+        self._due = False
+        self._paused_at = now
+        self.pauses += 1
+        self._timer = loop.call_at(now + self.max_pause, self._end)
+
+    def _resume_check(self) -> None:
+        """Bulk work has had its turn: a hold that came meanwhile, still held, pauses it."""
+        self._timer = None
+        self._begin()
+
+    def _end(self) -> None:
+        started = self._paused_at
+        if started is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._paused_at = None
+        now = asyncio.get_running_loop().time()
+        self._not_before = now + (now - started)
+        waiting, self._waiting = self._waiting, deque()
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
+
+
+def _nothing() -> None:
+    return None

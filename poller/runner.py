@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from functools import partial
 from typing import NamedTuple
@@ -120,7 +120,10 @@ class Runner:
         max_output_bytes: int = 4 * 1024 * 1024,
         quarantine: Quarantine | None = None,
         interactive_slots: int = 0,
+        bulk_turn: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`bulk_turn`: awaited by a bulk job once it has its slots, before it contacts its
+        device (`poller.pacing.LaneFirst.bulk_turn`: it waits while the lane goes first)."""
         self._drivers = dict(drivers)
         self._credentials = credentials
         self.satellite_id = satellite_id
@@ -140,6 +143,7 @@ class Runner:
         #: one per event-loop iteration.
         self._refusals = Trickle(per_turn=1)
         self._not_started = partial(self._refusals.fail, error=TimeoutError)
+        self._bulk_turn = bulk_turn
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -227,6 +231,8 @@ class Runner:
         )
         try:
             async with lease, asyncio.timeout_at(deadline):
+                if not interactive and self._bulk_turn is not None:
+                    await self._bulk_turn()
                 self.quarantine.check(ticket)
                 contacted = loop.time()
                 data = await driver.run(job, auth, ctx)
