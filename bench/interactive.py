@@ -341,6 +341,27 @@ def section(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> 
     lines.append("")
     for pause, group in by_pause.items():
         lines.extend(_verdicts(group, args, pause if several else None))
+    lines.append(
+        "- The lane's jobs never queue behind the bulk backlog or the bulk window (their own "
+        "queue, channel and window) and take one of the 8 run slots bulk jobs may not use. "
+        "What they share with the backlog is the event loop, the broker and the cores: with "
+        "50 ms devices the poller runs about 1,100 bulk jobs/s, each a delivery, a result, a "
+        "confirm, an ack and a log line, on the 2 cores it shares with the broker, this "
+        "benchmark and its slow devices. From an interactive job's delivery until its result "
+        "is confirmed, bulk jobs start nothing and publish nothing "
+        '(`USM_POLLER_INTERACTIVE_PAUSE_MS`, docs/operations.md, "Interactive lane"): that '
+        "shortens the time *in the poller* and *back*. The time *to the poller* (the broker "
+        "committing the job to the lane's quorum queue and sending it, the poller's loop "
+        "reading it) passes before the poller knows the job exists, and no pause can shorten "
+        "it."
+    )
+    rank = args.jobs - int(0.99 * args.jobs)
+    nth = f"{rank}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(rank, 'th') }"
+    lines.append(
+        f"- The p99 of {args.jobs} jobs is their {nth} slowest: a scheduling hiccup of the "
+        "machine moves it, hence the per-round range and the p99 of all rounds' jobs together. "
+        "Compare rows of the same run only, with the load average above in mind."
+    )
     if any(c.name == PRIORITY for c in rounds[0]):
         lines.append(
             f"- The bulk key with AMQP priority 9 (limit {args.limit:g} s per job): the job "

@@ -18,6 +18,7 @@ No clocks and no I/O: waiting tasks are resumed by a callback that runs on the n
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -103,14 +104,16 @@ class LaneFirst:
     job waited behind bulk deliveries, results, confirms and log lines. `hold()` (when an
     interactive job is delivered) starts a *pause*: bulk tasks that reach `bulk_turn()` (a bulk
     job about to start on its device, a bulk result about to be published) wait until every
-    hold is released (the interactive result is published) or the pause has lasted
-    `max_pause` seconds, whichever comes first; then they all resume, in order.
+    hold is released (the interactive job is answered) or the pause runs out of *credit*,
+    whichever comes first; then they all resume, in order.
 
-    Bulk jobs cannot starve: a pause begins only with a new hold (an interactive job that
-    runs long pauses bulk work once, not for as long as it runs), never lasts longer than
-    `max_pause`, and the next one cannot begin before bulk work has run for as long as the
-    last pause lasted (a hold that comes earlier begins its pause then, if it is still
-    held). So bulk work runs at least half the time, however many interactive jobs come.
+    Bulk jobs cannot starve. Pauses spend credit, one second per second paused; bulk work
+    earns it back, one second per second it runs, up to `max_pause`. So no pause lasts longer
+    than `max_pause`, and over any stretch of time the pauses add up to at most the time bulk
+    work ran plus `max_pause`: bulk work runs at least half the time, however many interactive
+    jobs come. A pause begins only with a new hold (an interactive job that runs long pauses
+    bulk work once, not for as long as it runs), once at least a tenth of `max_pause` is
+    there to spend (a hold that comes earlier begins its pause then, if it is still held).
     A bulk task that is cancelled while it waits just leaves. No I/O; the loop's clock only.
     """
 
@@ -119,9 +122,11 @@ class LaneFirst:
         if max_pause < 0:
             raise ValueError("max_pause must be >= 0")
         self.max_pause = max_pause
+        self._least = max_pause / 10  # the least credit a pause begins with
         self._holds = 0
         self._paused_at: float | None = None  # loop time the current pause began
-        self._not_before = 0.0  # loop time before which no pause may begin
+        self._credit = max_pause  # seconds of pause to spend, as of `_credit_at`
+        self._credit_at = -math.inf  # loop time `_credit` was worked out at
         self._timer: asyncio.TimerHandle | None = None
         self._due = False  # a hold came while no pause could begin: one begins when it may
         self._waiting: deque[asyncio.Future[None]] = deque()
@@ -170,24 +175,26 @@ class LaneFirst:
         await future
 
     def _begin(self) -> None:
-        """Begin the pause a new hold asked for, now or once bulk work has had its turn."""
+        """Begin the pause a new hold asked for, now or once there is credit for it."""
         if self._paused_at is not None:
             self._due = False  # this hold is covered by the pause going on
             return
         if not self._due or not self._holds or self._timer is not None:
-            return  # nothing asked for, or the end of bulk's turn is awaited already
+            return  # nothing asked for, or a later look is scheduled already
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if now < self._not_before:
-            self._timer = loop.call_at(self._not_before, self._resume_check)
+        credit = min(self.max_pause, self._credit + (now - self._credit_at))
+        if credit < self._least:
+            self._timer = loop.call_at(now + self._least - credit, self._look_again)
             return
         self._due = False
+        self._credit, self._credit_at = credit, now
         self._paused_at = now
         self.pauses += 1
-        self._timer = loop.call_at(now + self.max_pause, self._end)
+        self._timer = loop.call_at(now + credit, self._end)
 
-    def _resume_check(self) -> None:
-        """Bulk work has had its turn: a hold that came meanwhile, still held, pauses it."""
+    def _look_again(self) -> None:
+        """Bulk work has earned some credit: a hold that came meanwhile, still held, pauses."""
         self._timer = None
         self._begin()
 
@@ -200,7 +207,8 @@ class LaneFirst:
             self._timer = None
         self._paused_at = None
         now = asyncio.get_running_loop().time()
-        self._not_before = now + (now - started)
+        self._credit = max(0.0, self._credit - (now - started))
+        self._credit_at = now
         waiting, self._waiting = self._waiting, deque()
         for future in waiting:
             if not future.done():
