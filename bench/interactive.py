@@ -341,6 +341,8 @@ def section(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> 
     lines.append("")
     for pause, group in by_pause.items():
         lines.extend(_verdicts(group, args, pause if several else None))
+    if several:
+        lines.extend(_pause_effect(by_pause, args))
     lines.append(
         "- The lane's jobs never queue behind the bulk backlog or the bulk window (their own "
         "queue, channel and window) and take one of the 8 run slots bulk jobs may not use. "
@@ -419,6 +421,30 @@ def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, pause: int | N
             f"which {verdict} the goal of at most 2x."
         )
     return lines
+
+
+def _pause_effect(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> list[str]:
+    """The pollers with and without the pause side by side: its effect, and the noise."""
+    p99 = {
+        pause: {
+            name: statistics.median(c.pct(0.99) for c in cells) for name, cells in names.items()
+        }
+        for pause, names in ((p, _by_name(r)) for p, r in by_pause.items())
+    }
+    pauses = sorted(p99, reverse=True)
+    on, off = pauses[0], pauses[-1]
+    effect = "; ".join(
+        f"{d * 1000:g} ms devices {p99[on][behind(d)]:.0f} against {p99[off][behind(d)]:.0f} ms "
+        f"({p99[on][behind(d)] / p99[off][behind(d)]:.2f}x)"
+        for d in args.delay_list
+    )
+    return [
+        f"- Pause {on} ms against {off} ms, the same run, rounds interleaved: the lane's p99 "
+        f"behind the backlog (median of the rounds) with {effect}.",
+        f"- The idle rows of the pollers with pause {on} and {off} ms measure the same thing "
+        f"(nothing to pause): their p99 of {p99[on][IDLE]:.1f} and {p99[off][IDLE]:.1f} ms show "
+        "how far this host's noise moves the idle p99, the divisor of every ratio above.",
+    ]
 
 
 def serve_slow(hosts: list[str], delay: float) -> None:
