@@ -160,6 +160,9 @@ class PollerSettings(BaseSettings):
     prefetch: int | None = Field(default=None, ge=1, le=65_535)
     interactive_slots: int | None = Field(default=None, ge=0, le=10_000)
     interactive_prefetch: int | None = Field(default=None, ge=1, le=65_535)
+    #: The longest pause of bulk work while an interactive job is in flight, and the most
+    #: pause credit bulk work earns back while it runs (0: bulk work never pauses).
+    interactive_pause_ms: int = Field(default=100, ge=0, le=10_000)
     declare: bool = True
     queue_type: Literal["quorum", "classic"] = "quorum"
     heartbeat: int = Field(default=30, ge=0, le=3600)

@@ -124,9 +124,12 @@ class Runner:
         interactive_slots: int = 0,
         sandbox: Sandbox | None = None,
         sandbox_after: int = 2,
+        bulk_turn: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`sandbox`: where suspect jobs run, those delivered `sandbox_after` times before
-        (`poller.sandbox`; None: every job runs in this process)."""
+        (`poller.sandbox`; None: every job runs in this process). `bulk_turn`: awaited by a
+        bulk job once it has its slots, before it contacts its device
+        (`poller.pacing.LaneFirst.bulk_turn`: it waits while the lane goes first)."""
         self._drivers = dict(drivers)
         self._credentials = credentials
         self.satellite_id = satellite_id
@@ -148,6 +151,7 @@ class Runner:
         self._not_started = partial(self._refusals.fail, error=TimeoutError)
         self.sandbox = sandbox
         self._sandbox_after = sandbox_after
+        self._bulk_turn = bulk_turn
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -278,6 +282,8 @@ class Runner:
         )
         try:
             async with lease, asyncio.timeout_at(deadline):
+                if not interactive and self._bulk_turn is not None:
+                    await self._bulk_turn()
                 self.quarantine.check(ticket)
                 run = self._call_for(driver, job, sandbox)
                 contacted = loop.time()

@@ -22,7 +22,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -39,6 +39,7 @@ from poller.errors import BrokerError, BrokerUnavailableError, WireError, Worker
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
 from poller.logging import ContextBinder, get_logger
+from poller.pacing import LaneFirst
 from poller.quarantine import Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
@@ -141,6 +142,8 @@ class Worker:
         self.name = _worker_name(settings)
         self._sid = settings.satellite_id
         self._drivers = drivers
+        #: While an interactive job is in flight, bulk work waits (for a bounded while).
+        self._lane_first = LaneFirst(settings.interactive_pause_ms / 1000)
         self._runner = Runner(
             drivers=drivers,
             credentials=credentials,
@@ -160,6 +163,7 @@ class Worker:
             if settings.sandbox_slots
             else None,
             sandbox_after=settings.sandbox_after,
+            bulk_turn=self._lane_first.bulk_turn,
         )
         urls = settings.amqp_urls
         self._broker = Broker(
@@ -315,7 +319,9 @@ class Worker:
         if self._draining:
             self._broker.reject(delivery, requeue=True)
             return
-        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        # An interactive job pauses bulk work from its delivery until it is answered.
+        release = self._lane_first.hold() if delivery.interactive else None
+        task = asyncio.get_running_loop().create_task(self._handle(delivery, release))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._check_window()
@@ -373,7 +379,7 @@ class Worker:
             await asyncio.sleep(WINDOW_CHECK_INTERVAL)
             self._check_window()
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, release: Callable[[], None] | None) -> None:
         started = time.monotonic()
         started_at = wire.now()
         self.in_flight += 1
@@ -387,11 +393,15 @@ class Worker:
             log.warning("job_returned_to_queue", job_id=delivery.message_id, reason="shutdown")
             raise
         finally:
+            if release is not None:
+                release()
             self.in_flight -= 1
             if self._recycler.jobs_reached(self.jobs_ok + self.jobs_error):
                 self._begin_recycle("jobs")
 
     async def _process(self, delivery: Delivery, started: float, started_at: datetime) -> None:
+        if not delivery.interactive:
+            await self._lane_first.bulk_turn()
         try:
             job = wire.decode_job(delivery.body, max_bytes=self._settings.max_job_bytes)
         except WireError as exc:
@@ -521,7 +531,9 @@ class Worker:
         self, delivery: Delivery, result: wire.JobResult, *, dead_letter: bool = False
     ) -> bool:
         """Publish the result, wait for its confirm, then ack (or dead-letter) the job; whether
-        the result was confirmed."""
+        the result was confirmed. A bulk result waits while the lane goes first."""
+        if not delivery.interactive:
+            await self._lane_first.bulk_turn()
         try:
             try:
                 await self._publish_result(result, delivery)

@@ -201,6 +201,47 @@ def test_a_steady_interactive_stream_does_not_starve_bulk_jobs(
     assert poller.terminate() == 0
 
 
+@pytest.mark.timeout(60)
+def test_bulk_work_waits_while_an_interactive_job_is_in_flight(
+    *,
+    amqp_vhost: AmqpVhost,
+    sid: str,
+    start_poller: PollerFactory,
+    client: JobClient,
+    replies: ReplyQueue,
+    slow_devices: SlowSnmpAgents,
+) -> None:
+    # The lane's device answers after 1.5 s; bulk work may step aside for up to 10 s.
+    poller = start_poller(sid, interactive_pause_ms=10_000)
+    with SlowSnmpAgents(["127.0.0.50"], delay=1.5) as slow_lane:
+        replies.publish(
+            sid, snmp_job("127.0.0.50", slow_lane.port, job_id="lane-slow"), interactive=True
+        )
+        wait_for(
+            "the lane's job delivered",
+            lambda: client.queue_depth(wire.interactive_queue(sid)) == 0,
+            20,
+        )
+        publish_bulk(amqp_vhost.dsn, sid, slow_devices.port, 20)  # answered after 50 ms
+        order: list[str] = []
+        deadline = time.monotonic() + 30
+        while len(order) < 21 and time.monotonic() < deadline:
+            method, _props, body = client._ch.basic_get(client.queue, auto_ack=True)
+            while method is not None:
+                order.append(wire.decode_result(body).job_id)  # a reply may come here too
+                method, _props, body = client._ch.basic_get(client.queue, auto_ack=True)
+            got = replies.get(timeout=0)
+            if got is not None:
+                order.append(got[1].job_id)
+            order = list(dict.fromkeys(order))
+            client._conn.sleep(0.01)
+    # Each round reads the bulk results first: the lane's answer, routed before any of them
+    # was published, comes first all the same.
+    assert order[0] == "lane-slow", order
+    assert sorted(order[1:]) == sorted(f"bulk-{n}" for n in range(20))
+    assert poller.terminate() == 0
+
+
 # ------------------------------------------------------------------ pollers without the lane
 
 

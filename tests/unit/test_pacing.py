@@ -1,13 +1,15 @@
-"""The low-priority lane: a few callers per event-loop iteration, in order, none lost."""
+"""The low-priority lane: a few callers per event-loop iteration, in order, none lost; and
+bulk work that waits, for a bounded while, while an interactive job is in flight."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from functools import partial
 
 import pytest
 
-from poller.pacing import Trickle
+from poller.pacing import LaneFirst, Trickle
 
 
 async def test_a_burst_goes_through_a_few_per_iteration_in_order() -> None:
@@ -101,3 +103,105 @@ async def test_fail_resolves_futures_in_the_lanes_order_and_skips_cancelled_ones
 def test_per_turn_is_checked() -> None:
     with pytest.raises(ValueError, match="per_turn"):
         Trickle(per_turn=0)
+
+
+# ---------------------------------------------------------------------- LaneFirst
+
+
+async def _until(check: Callable[[], bool], limit: float = 5.0) -> None:
+    """Let the loop run until `check()` holds (at most `limit` seconds: a bounded loop)."""
+    async with asyncio.timeout(limit):
+        while not check():  # noqa: ASYNC110 - no event tells when a timer has fired
+            await asyncio.sleep(0.001)
+
+
+async def test_bulk_work_waits_while_an_interactive_job_is_in_flight() -> None:
+    first = LaneFirst(max_pause=30)
+    assert not first.paused
+    await first.bulk_turn()  # nothing in flight: at once
+    release = first.hold()
+    assert first.paused
+    bulk = asyncio.ensure_future(first.bulk_turn())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not bulk.done()
+    assert first.waiting == 1
+    release()
+    release()  # a second call does nothing
+    await asyncio.wait_for(bulk, timeout=5)
+    assert not first.paused
+    assert first.waiting == 0
+
+
+async def test_the_pause_ends_with_the_last_interactive_job() -> None:
+    first = LaneFirst(max_pause=30)
+    one, two = first.hold(), first.hold()
+    bulk = asyncio.ensure_future(first.bulk_turn())
+    one()
+    await asyncio.sleep(0)
+    assert first.paused
+    assert not bulk.done()
+    two()
+    await asyncio.wait_for(bulk, timeout=5)
+    assert first.pauses == 1
+
+
+async def test_a_pause_is_bounded_and_an_interactive_job_that_runs_long_pauses_once() -> None:
+    first = LaneFirst(max_pause=0.02)
+    release = first.hold()
+    bulk = asyncio.ensure_future(first.bulk_turn())
+    await asyncio.wait_for(bulk, timeout=5)  # although the job is still in flight
+    assert not first.paused
+    await asyncio.sleep(0.1)  # longer than any turn bulk work is owed
+    assert not first.paused
+    await asyncio.wait_for(first.bulk_turn(), timeout=5)
+    assert first.pauses == 1
+    release()
+
+
+async def test_bulk_work_gets_its_turn_before_the_next_pause() -> None:
+    first = LaneFirst(max_pause=0.05)
+    release = first.hold()
+    await _until(lambda: not first.paused)  # ended by its bound
+    again = first.hold()  # a new job at once: bulk work is owed as long as the pause was
+    assert not first.paused
+    await first.bulk_turn()  # goes through meanwhile
+    await _until(lambda: first.paused)  # then the new job gets its pause
+    assert first.pauses == 2
+    again()
+    release()
+    assert not first.paused
+
+
+async def test_a_job_answered_during_bulks_turn_asks_for_no_pause() -> None:
+    first = LaneFirst(max_pause=0.05)
+    release = first.hold()
+    await _until(lambda: not first.paused)
+    release()
+    short = first.hold()
+    short()  # answered before bulk work's turn ended
+    await asyncio.sleep(0.15)
+    assert not first.paused
+    assert first.pauses == 1
+
+
+async def test_a_cancelled_bulk_task_leaves_and_the_others_resume() -> None:
+    first = LaneFirst(max_pause=30)
+    release = first.hold()
+    doomed = asyncio.ensure_future(first.bulk_turn())
+    other = asyncio.ensure_future(first.bulk_turn())
+    await asyncio.sleep(0)
+    doomed.cancel()
+    release()
+    await asyncio.wait_for(other, timeout=5)
+    assert doomed.cancelled()
+
+
+async def test_a_max_pause_of_0_never_pauses() -> None:
+    first = LaneFirst(max_pause=0)
+    release = first.hold()
+    assert not first.paused
+    await asyncio.wait_for(first.bulk_turn(), timeout=5)
+    release()
+    with pytest.raises(ValueError, match="max_pause"):
+        LaneFirst(max_pause=-1)

@@ -14,6 +14,7 @@ from poller import wire
 from poller.credentials import CredentialStore
 from poller.drivers.base import Auth, Data, JobContext
 from poller.errors import DeviceAuthError, SnmpError
+from poller.pacing import LaneFirst
 from poller.quarantine import Quarantine
 from poller.runner import Attempt, NotStarted, Runner
 from poller.wire import JobKind, JobRequest
@@ -502,3 +503,27 @@ async def test_interactive_jobs_run_in_the_slots_kept_for_them(driver: MemoryDri
     assert (await asyncio.wait_for(lane, timeout=5)).status == "ok"
     assert sum(t.done() for t in bulk) <= 3  # it did not wait for the bulk jobs ahead of it
     assert all(r.status == "ok" for r in await asyncio.gather(*bulk))
+
+
+async def test_bulk_jobs_contact_no_device_while_the_lane_goes_first(
+    driver: MemoryDriver,
+) -> None:
+    lane_first = LaneFirst(max_pause=30)
+    runner = Runner(
+        drivers={"snmp.get": driver},
+        credentials=CredentialStore({}),
+        satellite_id="7",
+        worker="w1",
+        concurrency=8,
+        interactive_slots=2,
+        bulk_turn=lane_first.bulk_turn,
+    )
+    release = lane_first.hold()  # an interactive job was delivered
+    bulk = [asyncio.ensure_future(runner.run(make_job(f"d{n}", id=f"b{n}"))) for n in range(3)]
+    lane = asyncio.ensure_future(runner.run(make_job("10.0.0.9", id="lane"), interactive=True))
+    assert (await asyncio.wait_for(lane, timeout=5)).status == "ok"
+    assert [host for host, _ in driver.calls] == ["10.0.0.9"]  # the bulk jobs waited
+    assert not any(t.done() for t in bulk)
+    release()  # it was answered: the bulk jobs go on
+    assert all(r.status == "ok" for r in await asyncio.wait_for(asyncio.gather(*bulk), 5))
+    assert len(driver.calls) == 4
