@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -138,3 +139,63 @@ async def test_shutdown_cancels_queued_calls_and_refuses_new_ones() -> None:
 def test_needs_a_thread() -> None:
     with pytest.raises(ValueError, match="threads"):
         CallPool(0)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):  # bounded: 5 s
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_quick_calls_run_on_the_fast_threads_only() -> None:
+    # slow_after far away: no call ever counts as slow, however many are queued.
+    pool = CallPool(16, fast=2, slow_after=3600)
+    gate = threading.Event()
+    futures = [pool.submit(gate.wait, 5) for _ in range(8)]
+    await _until(lambda: pool.running == 2)
+    await asyncio.sleep(0.05)
+    assert pool.running == 2
+    assert pool.threads == 2
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*futures), 10) == [True] * 8
+    assert pool.threads == 2
+    pool.shutdown()
+
+
+async def test_slow_calls_all_run_at_once_up_to_the_thread_cap() -> None:
+    # Each call waits until all 8 run together (a blocked call to a slow agent): with only the
+    # 2 fast threads they never would, and the barrier would break.
+    pool = CallPool(16, fast=2, slow_after=0.01)
+    barrier = threading.Barrier(8, timeout=10)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(pool.submit(barrier.wait) for _ in range(8))), 15
+    )
+    assert sorted(results) == list(range(8))
+    assert pool.threads == 8
+    pool.shutdown()
+
+
+async def test_a_slow_call_does_not_hold_a_fast_slot_past_slow_after() -> None:
+    pool = CallPool(4, fast=1, slow_after=0.01)
+    gate = threading.Event()
+    stuck = pool.submit(gate.wait, 5)
+    assert await asyncio.wait_for(pool.submit(int, "3"), 5) == 3
+    assert not stuck.done()
+    gate.set()
+    assert await stuck is True
+    pool.shutdown()
+
+
+async def test_calls_of_a_key_known_to_be_slow_start_at_once() -> None:
+    pool = CallPool(8, fast=1, slow_after=0.2)
+    await pool.submit_keyed("slow", time.sleep, 0.3)  # its moving average: 300 ms
+    await pool.submit_keyed("quick", int, "1")
+    gate = threading.Event()
+    slow = [pool.submit_keyed("slow", gate.wait, 5) for _ in range(6)]
+    assert pool.running == 6  # started on submit, without waiting to be seen as slow
+    quick = [pool.submit_keyed("quick", gate.wait, 5) for _ in range(4)]
+    assert pool.running == 7  # and one quick call besides them (fast=1)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*slow, *quick), 10) == [True] * 10
+    pool.shutdown()
