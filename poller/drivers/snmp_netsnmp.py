@@ -872,6 +872,8 @@ def _numeric_oid(printed: str) -> str:
     """
     if _PLAIN_OID.fullmatch(printed):  # what Net-SNMP prints with -On: no parsing needed
         return printed.removeprefix(".")
+    if printed.startswith("iso.") and _PLAIN_OID.fullmatch(printed, 4):
+        return "1." + printed[4:]  # the same text as parsed below, without parsing it
     first, _, rest = printed.strip().removeprefix(".").partition(".")
     text = f"{_ROOT_NAMES.get(first, first)}.{rest}" if rest else _ROOT_NAMES.get(first, first)
     try:
