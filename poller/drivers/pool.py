@@ -12,12 +12,12 @@ is quick until it has run for `slow_after` seconds; calls with a `key` (the devi
 take that long, or longer, are slow from the start (a moving average of their durations, so
 that one late answer does not make a quick device's next calls slow). Calls to agents that
 answer within a few milliseconds then run on `fast` threads, however many are queued: a few
-threads keep the CPU busy, and dozens of them would only take turns at the GIL (64 threads cost
-7-20% more CPU per SNMP GET than 4 in side-by-side runs on a 2-core host). Calls to slow or
-silent agents, whose threads only wait, all run at once, up to `threads`. While calls wait, the
-loop looks for calls that have become slow every `slow_after` (nothing runs when nothing waits);
-so the first calls to slow agents, before their keys are known, start at `fast` per `slow_after`
-at least.
+threads keep the CPU busy, and dozens of them would only take turns at the GIL (in side-by-side
+runs on a loaded 2-core host, 64 threads took between about as much and 20% more CPU per SNMP
+GET than 4). Calls to slow or silent agents, whose threads only wait, all run at once, up to
+`threads`. While calls wait, the loop looks for calls that have become slow every `slow_after`
+(nothing runs when nothing waits); so the first calls to slow agents, before their keys are
+known, start at `fast` per `slow_after` at least.
 
 A call whose future was cancelled before a thread took it is skipped; one that is running when
 its future is cancelled finishes on its thread (a blocking call cannot be interrupted) and its

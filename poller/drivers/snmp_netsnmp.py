@@ -198,9 +198,10 @@ _CallKind = Literal["get", "next", "bulk", "set"]
 _Row = Row  # (oid, Net-SNMP type, printed value)
 
 #: Quick calls running at once (`CallPool.fast`): agents that answer within `SLOW_CALL` seconds
-#: keep this many threads busy, the event loop and the GIL being the limit (64 threads cost 7-20%
-#: more CPU per GET than 4 in side-by-side runs). Calls to slower or silent agents (by address,
-#: or once they have run that long) all wait at once, up to `threads`.
+#: keep this many threads busy, the event loop and the GIL being the limit (64 threads took up to
+#: 20% more CPU per GET than 4 in side-by-side runs, within the noise in others). Calls to slower
+#: or silent agents (by address, or once they have run that long) all wait at once, up to
+#: `threads`.
 FAST_CALLS = 4
 SLOW_CALL = 0.01
 
