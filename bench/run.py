@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -69,12 +70,15 @@ from tests.support.rabbitmq import (  # noqa: E402
     AmqpVhost,
     rabbitmqctl,
 )
+from tests.support.slow_snmp import SlowSnmpAgents  # noqa: E402
 
 HEADING = "## SNMP jobs and walks"
 WORKERS = Path(__file__).resolve().parent / "snmp_workers.py"
 GET_OID = "1.3.6.1.2.1.1.5.0"  # sysName.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FAMILIES = ("poller", "bare", "celery", "celery-client")
+#: The slow devices (`--slow-delay`): 127.0.9.1-32, answered by one `SlowSnmpAgents`.
+SLOW_HOSTS = [f"127.0.9.{n}" for n in range(1, 33)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,6 +368,23 @@ def poller_source(sid: str, job: dict[str, Any]) -> JobSource:
     return JobSource(wire.jobs_exchange(), sid, lambda job_id: head + job_id.encode() + tail, props)
 
 
+def slow_source(sid: str, job: dict[str, Any], hosts: list[str], port: int) -> JobSource:
+    """`poller_source`'s job, to `hosts` (the slow devices) in turn."""
+    parts = []
+    for host in hosts:
+        target = dict(job["target"], host=host, port=port)
+        body = json.dumps(dict(job, id="@ID@", target=target), separators=(",", ":")).encode()
+        parts.append(body.split(b"@ID@"))
+    turn = itertools.cycle(parts)
+
+    def body(job_id: str) -> bytes:
+        head, tail = next(turn)
+        return head + job_id.encode() + tail
+
+    base = poller_source(sid, job)
+    return JobSource(base.exchange, base.routing_key, body, base.properties)
+
+
 def celery_source(sid: str, job: dict[str, Any], task: str) -> JobSource:
     """Celery protocol 2 messages (what `apply_async` sends), published by our driver."""
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -511,6 +532,7 @@ class Bench:
     broker_pids: list[int]
     agent_pid: int
     job: dict[str, Any]
+    slow: SlowSnmpAgents | None = None
 
     def measure(self, cell: Cell, *, window: int, seconds: float, max_jobs: int) -> Sample:
         pids = cell.worker_pids()
@@ -666,6 +688,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--skip", default="", help="leave out: poller, bare, celery, celery-client, walks"
     )
+    ap.add_argument(
+        "--slow-delay",
+        type=float,
+        default=0.5,
+        help="also run the poller and bare cells against 32 devices answering after this delay"
+        " (seconds; 0: not)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; docs untouched")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument(
@@ -713,12 +742,19 @@ def main(argv: list[str] | None = None) -> int:
     loop = asyncio.new_event_loop()
     factory: PollerFactory | None = None
     try:
-        with vhost() as vh, snmp_agent() as (host, port, agent_pid):
+        with contextlib.ExitStack() as stack:
+            vh = stack.enter_context(vhost())
+            host, port, agent_pid = stack.enter_context(snmp_agent())
+            slow = None
+            if args.slow_delay > 0:
+                slow = stack.enter_context(
+                    SlowSnmpAgents(SLOW_HOSTS, delay=args.slow_delay, max_seconds=3600)
+                )
             driver = Driver(vh.dsn)
             loop.run_until_complete(driver.start())
             factory = PollerFactory(vh, workdir)
             bench = Bench(
-                args, driver, loop, pids_named("beam.smp"), agent_pid, get_job(host, port)
+                args, driver, loop, pids_named("beam.smp"), agent_pid, get_job(host, port), slow
             )
             setup = start_workers(bench, vh, factory, procs, backends)
             print(f"started in {time.monotonic() - started:.1f} s; work dir {workdir}", flush=True)
@@ -820,6 +856,17 @@ def start_workers(
                     poller_source(sid, job),
                 )
             )
+            if bench.slow is not None and backend == "netsnmp":
+                setup.cells.append(
+                    Cell(
+                        f"{key}/slow",
+                        "slow",
+                        lib,
+                        f"{name}, {backend} backend, {bench.slow.delay * 1000:g} ms devices",
+                        lambda pp=pp: [pp.pid],
+                        slow_source(sid, job, bench.slow.hosts, bench.slow.port),
+                    )
+                )
         common = [sys.executable, str(WORKERS)]
         if "bare" not in args.skip:
             sid = f"bench-bare-{backend}"
@@ -838,6 +885,17 @@ def start_workers(
                     poller_source(sid, job),
                 )
             )
+            if bench.slow is not None and backend == "netsnmp":
+                setup.cells.append(
+                    Cell(
+                        f"bare/{lib}/slow",
+                        "slow",
+                        lib,
+                        f"bare pika worker, {lib}, {bench.slow.delay * 1000:g} ms devices",
+                        lambda proc=proc: [proc.pid],
+                        slow_source(sid, job, bench.slow.hosts, bench.slow.port),
+                    )
+                )
         if {"celery", "celery-client"} <= args.skip:
             continue
         sid = f"bench-celery-{backend}"
@@ -919,6 +977,8 @@ def run_cells(bench: Bench, setup: Setup, host: str, port: int) -> dict[str, lis
             )
     for r in range(args.rounds):
         for cell in cells:
+            if cell.family == "slow":
+                continue  # a job takes the devices' delay: throughput only
             s = bench.measure(cell, window=1, seconds=10, max_jobs=args.latency_jobs)
             cell.latency.append(s)
             print(
@@ -1240,6 +1300,21 @@ def _header(
         "process calls `task.apply_async` with the same window (py-amqp waits for each "
         "publish's confirm) and reads the results with kombu.",
         "",
+        *(
+            [
+                f"Rows with *{args.slow_delay * 1000:g} ms devices* (netsnmp only): the same "
+                f"worker and window, each job to one of {len(SLOW_HOSTS)} devices in turn that "
+                f"answer every request after {args.slow_delay * 1000:g} ms "
+                "(`tests/support/slow_snmp.py`); throughput only. A worker that runs every job "
+                f"in flight at once does up to {args.window / args.slow_delay:.0f} jobs/s "
+                f"({args.window} / {args.slow_delay:g} s), a little less per round since the "
+                "round's last jobs are waited for; one that runs them on 4 threads, "
+                f"{4 / args.slow_delay:.0f}.",
+                "",
+            ]
+            if args.slow_delay > 0
+            else []
+        ),
     ]
 
 

@@ -2,10 +2,11 @@
 
 ezsnmp 2.x runs Net-SNMP's own `snmpget`/`snmpgetnext`/`snmpbulkget`/`snmpset` code in-process
 from an argument vector: every call parses its options, opens its own Net-SNMP session, sends,
-waits, closes, and returns the varbinds as Net-SNMP prints them. The calls block, so they run in a
-bounded thread pool and never on the event loop. There is no session object to share between
-threads or jobs: what a "cached session" would hold here is the argument vector, which is
-immutable and cached per credential identity (with the SNMPv3 master keys, computed once).
+waits, closes, and returns the varbinds as Net-SNMP prints them. The calls block their thread for
+the whole request (the GIL is released while Net-SNMP waits), so they run in a bounded thread
+pool and never on the event loop. There is no session object to share between threads or jobs:
+what a "cached session" would hold here is the argument vector, which is immutable and cached per
+credential identity (with the SNMPv3 master keys, computed once).
 
 What is shared is Net-SNMP's process-wide state, and this module is written around it:
 
@@ -862,6 +863,8 @@ def _numeric_oid(printed: str) -> str:
     """
     if _PLAIN_OID.fullmatch(printed):  # what Net-SNMP prints with -On: no parsing needed
         return printed.removeprefix(".")
+    if printed.startswith("iso.") and _PLAIN_OID.fullmatch(printed, 4):
+        return "1." + printed[4:]  # the same text as parsed below, without parsing it
     first, _, rest = printed.strip().removeprefix(".").partition(".")
     text = f"{_ROOT_NAMES.get(first, first)}.{rest}" if rest else _ROOT_NAMES.get(first, first)
     try:
