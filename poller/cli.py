@@ -10,7 +10,6 @@ argument (one line on stderr naming it; for `exec`, after that kind's usage).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
 import contextlib
 import json
@@ -20,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from poller import __version__, stopsignal
-from poller.errors import ConfigError, WireError
 
 if TYPE_CHECKING:
     from poller.config import PollerSettings
@@ -38,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "run":
         # First of all: a SIGTERM while still starting is a requested stop (exit 0), not death.
         stopsignal.install()
+    # Only now (pydantic, asyncio): a SIGTERM while they are imported is recorded already.
+    from poller.errors import ConfigError  # noqa: PLC0415
+
     parser = _parser(with_exec_kinds=command == "exec")
     args, unknown = parser.parse_known_args(argv)
     # The parser of the command (an `exec` kind) names what it does not know, with its usage.
@@ -100,6 +101,8 @@ def _cmd_run(_args: argparse.Namespace) -> int:
     from poller import testhooks  # noqa: PLC0415 - standard library only
 
     testhooks.hold_start("imports")
+    import asyncio  # noqa: PLC0415 - see `main`
+
     from poller.config import load_settings  # noqa: PLC0415 - keeps `--version` fast
     from poller.logging import configure_logging  # noqa: PLC0415
     from poller.sandbox import close_forked, fork_sandbox  # noqa: PLC0415
@@ -222,8 +225,11 @@ def build_exec_job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - see `main`
+
     from poller import wire  # noqa: PLC0415
     from poller.config import DSN_ALIASES, load_settings  # noqa: PLC0415
+    from poller.errors import ConfigError, WireError  # noqa: PLC0415
     from poller.logging import configure_logging  # noqa: PLC0415
 
     try:
