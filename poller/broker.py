@@ -228,6 +228,8 @@ class Broker:
         self._ready: asyncio.Event = asyncio.Event()
         self._closing = False
         self._close_waiter: asyncio.Future[None] | None = None
+        #: While `_connect` waits for the handshake: its future, which `close()` ends.
+        self._opening: asyncio.Future[None] | None = None
         self.blocked = False
         self.reconnects = 0
         #: False once the broker refused a declaration for permissions (403): not tried again.
@@ -301,6 +303,8 @@ class Broker:
             except (BrokerUnavailableError, OSError, pika.exceptions.AMQPError) as exc:
                 attempts += 1
                 await self._drop_connection()
+                if self._closing:
+                    break  # `close()` gave this attempt up: no failure to report
                 delay = self._retry_delay(attempts, asyncio.get_running_loop().time() - started)
                 log.warning(
                     "broker_connect_failed",
@@ -428,6 +432,15 @@ class Broker:
         conn = self._conn
         if conn is None or conn.is_closed:
             return
+        opening = self._opening
+        if opening is not None and not opening.done():
+            # Still in the handshake (a broker that does not answer, a stop while starting):
+            # nothing to close gracefully, and pika's close of a half-open connection waits
+            # for an answer that may never come, then logs its own assertion. `run()` gives
+            # the attempt up at once; the socket goes with the process (or the loop).
+            self._conn = None  # its late callbacks are ignored
+            opening.set_exception(BrokerUnavailableError("closing before the handshake ended"))
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close_waiter = done
         if not conn.is_closing:
@@ -484,6 +497,7 @@ class Broker:
             on_close_callback=self._on_connection_closed,
             custom_ioloop=loop,
         )
+        self._opening = opened
         try:
             async with asyncio.timeout(self._opts.connect_timeout + 1):
                 await opened
@@ -491,6 +505,8 @@ class Broker:
             raise BrokerUnavailableError(
                 f"no connection within {self._opts.connect_timeout:g} s"
             ) from None
+        finally:
+            self._opening = None
         self.connected = True
         self._watch_link(self._conn)
         self.blocked = False  # a new connection: blocked again only when the broker says so

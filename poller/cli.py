@@ -10,7 +10,6 @@ argument (one line on stderr naming it; for `exec`, after that kind's usage).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
 import contextlib
 import json
@@ -19,8 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from poller import __version__
-from poller.errors import ConfigError, WireError
+from poller import __version__, stopsignal
 
 if TYPE_CHECKING:
     from poller.config import PollerSettings
@@ -34,7 +32,14 @@ EXEC_JOB_TIMEOUT = 10.0
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser(with_exec_kinds=_command_of(argv) == "exec")
+    command = _command_of(argv)
+    if command == "run":
+        # First of all: a SIGTERM while still starting is a requested stop (exit 0), not death.
+        stopsignal.install()
+    # Only now (pydantic, asyncio): a SIGTERM while they are imported is recorded already.
+    from poller.errors import ConfigError  # noqa: PLC0415
+
+    parser = _parser(with_exec_kinds=command == "exec")
     args, unknown = parser.parse_known_args(argv)
     # The parser of the command (an `exec` kind) names what it does not know, with its usage.
     leaf: argparse.ArgumentParser = getattr(args, "parser", parser)
@@ -92,16 +97,31 @@ def _parser(*, with_exec_kinds: bool = True) -> argparse.ArgumentParser:
 
 def _cmd_run(_args: argparse.Namespace) -> int:
     end = end_after_exit_handlers()  # first: its handler then runs after every other one
+    stopsignal.install()  # (again: `main` installs it for `run` already; a caller may not)
+    from poller import testhooks  # noqa: PLC0415 - standard library only
+
+    testhooks.hold_start("imports")
+    import asyncio  # noqa: PLC0415 - see `main`
+
     from poller.config import load_settings  # noqa: PLC0415 - keeps `--version` fast
     from poller.logging import configure_logging  # noqa: PLC0415
-    from poller.sandbox import fork_sandbox  # noqa: PLC0415
-    from poller.worker import run_worker  # noqa: PLC0415
+    from poller.sandbox import close_forked, fork_sandbox  # noqa: PLC0415
+    from poller.worker import run_worker, stopped_while_starting  # noqa: PLC0415
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     _warn_unknown_variables()
+    if stopsignal.requested():
+        return end(stopped_while_starting(settings, "settings"))
     # Before the event loop and any thread: the sandbox process for suspect jobs is a fork.
     forked = fork_sandbox(settings) if settings.sandbox_slots else None
+    testhooks.hold_start("sandbox")
+    if stopsignal.requested():
+        if forked is not None:
+            close_forked(forked)
+        return end(stopped_while_starting(settings, "sandbox"))
+    # The event loop's own handlers take over in `Worker.run`, which honours a request
+    # recorded until then.
     return end(asyncio.run(run_worker(settings, forked=forked)))
 
 
@@ -205,8 +225,11 @@ def build_exec_job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - see `main`
+
     from poller import wire  # noqa: PLC0415
     from poller.config import DSN_ALIASES, load_settings  # noqa: PLC0415
+    from poller.errors import ConfigError, WireError  # noqa: PLC0415
     from poller.logging import configure_logging  # noqa: PLC0415
 
     try:

@@ -52,7 +52,14 @@ if TYPE_CHECKING:
     from poller.config import PollerSettings
     from poller.wire import JobRequest
 
-__all__ = ["Forked", "Sandbox", "SandboxBugError", "SandboxUnavailableError", "fork_sandbox"]
+__all__ = [
+    "Forked",
+    "Sandbox",
+    "SandboxBugError",
+    "SandboxUnavailableError",
+    "close_forked",
+    "fork_sandbox",
+]
 
 log = get_logger("poller.sandbox")
 
@@ -151,6 +158,29 @@ def fork_sandbox(settings: PollerSettings) -> Forked | None:
     os.close(req_r)
     os.close(ans_w)
     return Forked(pid, req_w, ans_r)
+
+
+def close_forked(forked: Forked, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Stop a sandbox process that no event loop took over (the poller stops while still
+    starting): close its pipes (it reads EOF and exits), reap it, SIGKILL after `timeout`."""
+    for fd in (forked.to_child, forked.from_child):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _ = os.waitpid(forked.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid:
+            return
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(forked.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(forked.pid, 0)
+            return
+        time.sleep(0.01)
 
 
 class _Channel:
@@ -346,6 +376,10 @@ class Sandbox:
             "poller.sandbox",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            # Out of the poller's process group: a SIGTERM/SIGINT sent to the group must not
+            # kill it while it is still importing (before it ignores them); it goes when the
+            # poller closes its stdin, or exits.
+            start_new_session=True,
         )
         assert proc.stdin is not None
         assert proc.stdout is not None

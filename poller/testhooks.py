@@ -14,6 +14,11 @@ environment, which the sandbox process (poller/sandbox.py) inherits.
   scheduled jobs, the process exits after the broker confirmed the batch and before its outbox
   rows are deleted: another replica takes them over once their lease expires
   (satellite/service/scheduler.py).
+- `USM_TEST_HOLD_START=POINT`: start-up pauses at POINT (up to `HOLD_SECONDS`, less once a
+  SIGTERM/SIGINT is recorded) after one `test_start_held` line on stderr, so that a test can
+  signal a process that is still starting (poller/stopsignal.py). Points: `imports` (`poller
+  run` before its heavy imports), `sandbox` (`poller run` after the sandbox fork, before the
+  event loop), `serve` (`satellite serve` before it opens and migrates the store).
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from __future__ import annotations
 import json
 import os
 
+from poller import stopsignal
+
 __all__ = [
     "CRASH_AFTER_CONFIRM",
     "CRASH_EXIT",
     "CRASH_ON_JOB",
+    "HOLD_START",
     "SERVE_CRASH_AFTER_CONFIRM",
     "crash",
     "crash_on_job",
+    "hold_start",
 ]
 
 CRASH_EXIT = 86
@@ -44,6 +53,9 @@ def _probability(name: str) -> float:
 CRASH_AFTER_CONFIRM = _probability("USM_TEST_CRASH_AFTER_CONFIRM")
 SERVE_CRASH_AFTER_CONFIRM = _probability("USM_TEST_SERVE_CRASH_AFTER_CONFIRM")
 CRASH_ON_JOB = frozenset(filter(None, os.environ.get("USM_TEST_CRASH_ON_JOB", "").split(",")))
+HOLD_START = os.environ.get("USM_TEST_HOLD_START", "")
+#: The longest a `USM_TEST_HOLD_START` hold lasts, in seconds.
+HOLD_SECONDS = 10.0
 
 
 def crash(hook: str, job_id: str) -> None:
@@ -57,3 +69,11 @@ def crash_on_job(job_id: str) -> None:
     """The `USM_TEST_CRASH_ON_JOB` hook: exit if `job_id` is one of its jobs."""
     if CRASH_ON_JOB and job_id in CRASH_ON_JOB:
         crash("crash_on_job", job_id)
+
+
+def hold_start(point: str) -> None:
+    """The `USM_TEST_HOLD_START` hook: pause start-up here if this is its point."""
+    if point == HOLD_START:
+        line = {"event": "test_start_held", "point": point, "level": "info"}
+        os.write(2, (json.dumps(line) + "\n").encode())
+        stopsignal.hold(HOLD_SECONDS)

@@ -28,7 +28,7 @@ from datetime import datetime
 
 import structlog
 
-from poller import __version__, testhooks, wire
+from poller import __version__, stopsignal, testhooks, wire
 from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, UnroutableError
 from poller.broker import properties as amqp_properties
 from poller.config import PollerSettings
@@ -45,7 +45,7 @@ from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_reco
 from poller.runner import Attempt, NotStarted, Runner, error_result
 from poller.sandbox import Forked, Sandbox
 
-__all__ = ["Worker", "build_topology", "run_worker"]
+__all__ = ["Worker", "build_topology", "run_worker", "stopped_while_starting"]
 
 log = get_logger("poller.worker")
 
@@ -223,17 +223,29 @@ class Worker:
     def broker(self) -> Broker:
         return self._broker
 
-    def request_stop(self) -> None:
+    def request_stop(self, signal_name: str | None = None) -> None:
+        """Stop consuming and drain (`signal_name`: the signal that asked, if one did)."""
         if not self._stop.is_set():
-            log.info("shutdown_requested", grace_s=self._settings.shutdown_grace)
+            # `starting`: never connected yet; the broker task stops trying at once.
+            connected_once = self._broker.connected or self._broker.reconnects > 0
+            log.info(
+                "shutdown_requested",
+                grace_s=self._settings.shutdown_grace,
+                phase="running" if connected_once else "starting",
+                **({"signal": signal_name} if signal_name else {}),
+            )
         self._stop.set()
 
     async def run(self) -> int:
         """Consume until SIGTERM/SIGINT, then drain; the process exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
         structlog.contextvars.bind_contextvars(satellite_id=self._sid, worker=self.name)
+        early = stopsignal.requested()
+        if early:
+            # Received while the process was starting (poller/stopsignal.py): the same drain.
+            self.request_stop(early)
         log.info(
             "poller_started",
             version=__version__,
@@ -280,6 +292,7 @@ class Worker:
             await broker_task
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        stopsignal.install()  # a second SIGTERM until the exit is not fatal either
         log.info("poller_stopped", jobs_ok=self.jobs_ok, jobs_error=self.jobs_error)
         return code
 
@@ -768,3 +781,19 @@ async def run_worker(settings: PollerSettings, *, forked: Forked | None = None) 
     drivers = build_drivers(settings)
     worker = Worker(settings, drivers=drivers, credentials=credentials, forked=forked)
     return await worker.run()
+
+
+def stopped_while_starting(settings: PollerSettings, phase: str) -> int:
+    """A SIGTERM/SIGINT arrived before the event loop (`phase`: the last step done): one
+    line, nothing taken from the broker, exit 0 (poller/stopsignal.py)."""
+    structlog.contextvars.bind_contextvars(
+        satellite_id=settings.satellite_id, worker=_worker_name(settings)
+    )
+    log.info(
+        "shutdown_requested",
+        grace_s=settings.shutdown_grace,
+        phase="starting",
+        signal=stopsignal.requested(),
+        step=phase,
+    )
+    return 0

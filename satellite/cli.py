@@ -925,6 +925,10 @@ def _add_serve(commands: Any) -> None:
 
 
 def _prepare_serve(args: argparse.Namespace) -> None:
+    # First of all: a SIGTERM while still starting is a requested stop (exit 0), not death.
+    from poller import stopsignal  # noqa: PLC0415 - standard library only
+
+    stopsignal.install()
     try:
         import satellite.service.app  # noqa: F401, PLC0415 - the `core` extra, checked early
     except ImportError as exc:
@@ -936,10 +940,12 @@ def _prepare_serve(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace, ctx: Context) -> int:
     import asyncio  # noqa: PLC0415
 
+    from poller import testhooks  # noqa: PLC0415
     from satellite.service.app import run  # noqa: PLC0415 - needs the `core` extra
     from satellite.service.settings import load_settings  # noqa: PLC0415
 
     settings = load_settings(ctx.environ)
+    testhooks.hold_start("serve")
     return asyncio.run(run(settings))
 
 

@@ -16,13 +16,14 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI
 
-from poller import __version__
+from poller import __version__, stopsignal
 from poller.broker import BrokerOptions
 from poller.errors import ConfigError
 from poller.logging import configure_logging, get_logger
@@ -58,6 +59,9 @@ RETENTION_EVERY = 3600.0
 #: The SIGTERM budget (DESIGN §10: exit within 30 s): requests in flight, then the ingest.
 HTTP_DRAIN_SECONDS = 18.0
 INGEST_DRAIN_SECONDS = 5.0
+#: On SIGTERM while the store is being opened and migrated: how long that may go on before it
+#: is cancelled (as `migrate`'s own timeout would: the migration's transaction is rolled back).
+START_STOP_SECONDS = 2.0
 
 
 def replica_name() -> str:
@@ -264,18 +268,81 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     return app
 
 
+class _StopRequest:
+    """SIGTERM/SIGINT for `run`: recorded from the first line of `satellite serve`
+    (poller/stopsignal.py), then by the event loop; `on_stop` once the server is up."""
+
+    def __init__(self) -> None:
+        self.signal = stopsignal.requested()
+        self.event = asyncio.Event()
+        if self.signal:
+            self.event.set()
+        self.on_stop: Callable[[], None] | None = None
+
+    def __call__(self, signal_name: str) -> None:
+        if self.signal is None:
+            self.signal = signal_name
+        self.event.set()
+        if self.on_stop is not None:
+            self.on_stop()
+
+    def stopped_while_starting(self, step: str) -> int:
+        """One line (`phase: starting`, `step`: the last one done), then exit 0."""
+        log.info("shutdown_requested", phase="starting", signal=self.signal, step=step)
+        return 0
+
+
 async def run(settings: CoreSettings) -> int:
-    """Serve until SIGTERM/SIGINT; the exit code (0 after a clean stop).
+    """Serve until SIGTERM/SIGINT; the exit code (0 after a clean stop, also when the signal
+    arrives while it is still starting).
 
     Raises `ConfigError` (exit 2) for an address that cannot be listened on or a tokens file
     that cannot be read, before anything connects.
     """
     configure_logging(settings.log_format, settings.log_level)
+    loop = asyncio.get_running_loop()
+    request = _StopRequest()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request, sig.name)
+    try:
+        return await _run(settings, request)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        stopsignal.install()  # a second SIGTERM until the exit is not fatal either
+
+
+async def _start_core(settings: CoreSettings, request: _StopRequest) -> Core | None:
+    """`Core.start`, or None when a stop is requested first: a start-up already under way
+    (migrations) gets `START_STOP_SECONDS` to end, then is cancelled."""
+    starting = asyncio.create_task(Core.start(settings), name="core-start")
+    stopping = asyncio.create_task(request.event.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        await asyncio.wait({starting}, timeout=START_STOP_SECONDS)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return None
+    core = starting.result()
+    if request.signal is not None:
+        await core.stop()
+        return None
+    return core
+
+
+async def _run(settings: CoreSettings, request: _StopRequest) -> int:
+    if request.signal:
+        return request.stopped_while_starting("settings")
     tokens = TokensFile(settings.tokens_path)
     await asyncio.to_thread(tokens.load)
     sockets = await asyncio.to_thread(bind_all, parse_listen(settings.listen))
     try:
-        core = await Core.start(settings)
+        core = await _start_core(settings, request)
     except (OSError, TimeoutError, sa.exc.SQLAlchemyError) as exc:
         close_all(sockets)
         # The store could not be opened or migrated: one line, no URL (it may hold a password).
@@ -291,6 +358,9 @@ async def run(settings: CoreSettings) -> int:
     except BaseException:
         close_all(sockets)
         raise
+    if core is None:
+        close_all(sockets)
+        return request.stopped_while_starting("store")
     log.info(
         "core_started",
         replica=core.replica,
@@ -301,18 +371,16 @@ async def run(settings: CoreSettings) -> int:
     server = ApiServer(
         create_app(core, tokens=tokens), sockets, shutdown_timeout=HTTP_DRAIN_SECONDS
     )
-    loop = asyncio.get_running_loop()
 
     def stop() -> None:
         server.stop()
         core.waiters.close()  # waiting requests answer now (202), not cancelled at the drain
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
+    request.on_stop = stop
+    if request.signal is not None:  # between the start and now
+        stop()
     try:
         await server.serve()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         await core.stop()
     return 0
