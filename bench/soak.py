@@ -60,6 +60,7 @@ class Reading:
     fds: int
     threads: int
     in_flight: int
+    tasks: int
     pid: int
 
 
@@ -115,8 +116,9 @@ def thread_count(pid: int) -> int:
     return -1
 
 
-def health_in_flight(poller: PollerProcess, after: float, timeout: float = 6.0) -> int:
-    """`in_flight` of the first health file written after `after` (time.time()); -1: none."""
+def health_counts(poller: PollerProcess, after: float, timeout: float = 6.0) -> tuple[int, int]:
+    """`in_flight` and `tasks` of the first health file written after `after` (time.time());
+    -1: none."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -124,9 +126,9 @@ def health_in_flight(poller: PollerProcess, after: float, timeout: float = 6.0) 
         except (OSError, ValueError):
             state = {}
         if state.get("updated", 0) > after:
-            return int(state.get("in_flight", -1))
+            return int(state.get("in_flight", -1)), int(state.get("tasks", -1))
         time.sleep(0.2)
-    return -1
+    return -1, -1
 
 
 def no_growth(values: list[int]) -> bool:
@@ -213,7 +215,7 @@ def soak(args: argparse.Namespace, backend: str) -> Soak:
                     out.errors += result.errors
                     rate = result.jobs / max(time.monotonic() - t0, 1e-9)
                     pid = sup.poller.pid
-                    in_flight = health_in_flight(sup.poller, time.time())
+                    in_flight, tasks = health_counts(sup.poller, time.time())
                     reading = Reading(
                         done,
                         rss_mb(pid),
@@ -221,13 +223,14 @@ def soak(args: argparse.Namespace, backend: str) -> Soak:
                         fd_count(pid),
                         thread_count(pid),
                         in_flight,
+                        tasks,
                         pid,
                     )
                     out.readings.append(reading)
                     print(
                         f"{backend}: {done:>8} jobs  RSS {reading.rss:6.1f} MB  "
                         f"fds {reading.fds}  threads {reading.threads}  "
-                        f"in flight {reading.in_flight}  {rate:,.0f}/s  "
+                        f"in flight {reading.in_flight}  tasks {reading.tasks}  {rate:,.0f}/s  "
                         f"recycles {sup.recycles}  errors {out.errors}  lost {out.lost}",
                         flush=True,
                     )
@@ -263,14 +266,15 @@ def render(results: list[Soak], load: tuple[str, str], args: argparse.Namespace,
         f"{time.strftime('%Y-%m-%d')} ({versions()}): one `poller run` (concurrency 64) per "
         "SNMP backend, `snmp.get` of sysName.0 against Net-SNMP `snmpd` on loopback, 64 jobs "
         f"in flight. After a {args.warmup:,}-job warm-up and then every {size:,} jobs (nothing "
-        "in flight): RSS, open fds, threads and the jobs the replica's health file says are in "
-        f"flight. Load average (1/5/15 min) {load[0]} at the start, {load[1]} at the end.",
+        "in flight): RSS, open fds, threads, and the jobs in flight and asyncio tasks the "
+        "replica's health file counts. Load average (1/5/15 min) "
+        f"{load[0]} at the start, {load[1]} at the end.",
         "",
         "| backend | jobs after warm-up | jobs/s | RSS after warm-up | RSS at the end | growth "
-        "| max RSS | fds | threads | in flight | recycles | errors, lost "
+        "| max RSS | fds | threads | in flight | asyncio tasks | recycles | errors, lost "
         f"| verdict (+-{args.tolerance:g} MB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| --- |",
+        "| ---: | --- |",
     ]
     for res in results:
         if len(res.readings) < 2:
@@ -280,12 +284,13 @@ def render(results: list[Soak], load: tuple[str, str], args: argparse.Namespace,
         after = res.readings[1:]
         flat_fds = no_growth([r.fds for r in res.readings])
         flat_threads = no_growth([r.threads for r in res.readings])
+        flat_tasks = no_growth([r.tasks for r in res.readings])
         if res.recycles:  # a new process each time: its figures start afresh
             verdict = f"recycled {res.recycles}x"
         elif abs(growth) > args.tolerance:
             verdict = f"**grew** {growth:+.1f} MB"
-        elif not (flat_fds and flat_threads):
-            verdict = "**fds or threads grew**"
+        elif not (flat_fds and flat_threads and flat_tasks):
+            verdict = "**fds, threads or tasks grew**"
         else:
             verdict = "flat"
         rate = sorted(r.rate for r in after)[len(after) // 2]
@@ -294,7 +299,8 @@ def render(results: list[Soak], load: tuple[str, str], args: argparse.Namespace,
             f"| {last.rss:.1f} MB | {growth:+.1f} MB | {max(r.rss for r in res.readings):.1f} MB "
             f"| {_spread([r.fds for r in res.readings])} "
             f"| {_spread([r.threads for r in res.readings])} "
-            f"| {_spread([r.in_flight for r in res.readings])} | {res.recycles} "
+            f"| {_spread([r.in_flight for r in res.readings])} "
+            f"| {_spread([r.tasks for r in res.readings])} | {res.recycles} "
             f"| {res.errors}, {res.lost} | {verdict} |"
         )
     for res in results:

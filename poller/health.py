@@ -28,6 +28,8 @@ class HealthState:
     consuming: bool
     updated: float  # time.time()
     in_flight: int = 0
+    tasks: int = 0
+    """asyncio tasks alive in the replica (a task that outlives its job would show here)."""
 
 
 def write_state(path: Path, state: HealthState) -> None:

@@ -745,6 +745,7 @@ class Worker:
             consuming=self._broker.consuming and not self._draining,
             updated=time.time(),
             in_flight=self.in_flight,
+            tasks=len(asyncio.all_tasks()),
         )
         try:
             await asyncio.get_running_loop().run_in_executor(
