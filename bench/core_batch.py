@@ -11,7 +11,8 @@ turns, each submitting the same N `snmp.get` jobs per round:
   and the jobs/s it reports itself, which leaves out its start-up).
 
 Every job is confirmed by the broker before it counts (the service: recorded `queued` in its
-history first). Usage: `.venv/bin/python bench/core_batch.py [--jobs N] [--rounds R]`; writes
+history first). For the HTTP cells the service's CPU time per job is read from /proc too.
+Usage: `.venv/bin/python bench/core_batch.py [--jobs N] [--rounds R]`; writes
 `## Core service batch submit` in docs/performance.md. Goal (issue 14): batch jobs/s at least
 0.5x `satellite submit --file`'s.
 """
@@ -59,19 +60,27 @@ def jobs(n: int) -> list[dict[str, object]]:
     ]
 
 
-def http_cell(client: httpx.Client, sid: str, n: int) -> float:
-    """Jobs/s of N jobs posted in batches of the limit, one request at a time."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_cell(client: httpx.Client, sid: str, n: int, pid: int) -> tuple[float, float]:
+    """(jobs/s, the service's CPU µs per job) of N jobs posted in batches of the limit, one
+    request at a time."""
     batch = jobs(n)
     bodies = [
         json.dumps(batch[i : i + MAX_BATCH_JOBS]).encode() for i in range(0, n, MAX_BATCH_JOBS)
     ]
     headers = {"Content-Type": "application/json"}
+    cpu = cpu_seconds(pid)
     started = time.perf_counter()
     for body in bodies:
         response = client.post(f"/v1/satellites/{sid}/jobs:batch", content=body, headers=headers)
         if response.status_code != 202:
             sys.exit(f"HTTP {response.status_code}: {response.text[:300]}")
-    return n / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started), (cpu_seconds(pid) - cpu) / n * 1e6
 
 
 def cli_cell(dsn: str, sid: str, n: int, workdir: Path) -> tuple[float, float]:
@@ -127,6 +136,7 @@ def main() -> int:
         proc, sock, tcp_port = start_serve(amqp.dsn, workdir)
         token = TokensFile(workdir / "state" / "tokens.yaml").create("bench", ["submit"])
         samples: dict[str, list[float]] = {"unix": [], "tcp": [], "cli": [], "cli_own": []}
+        cpu: dict[str, list[float]] = {"unix": [], "tcp": []}
         try:
             with (
                 httpx.Client(
@@ -146,14 +156,15 @@ def main() -> int:
                 def purge() -> None:
                     channel.queue_purge(wire.jobs_queue(sid))
 
-                http_cell(unix, sid, min(n, MAX_BATCH_JOBS))  # warm-up
+                http_cell(unix, sid, min(n, MAX_BATCH_JOBS), proc.pid)  # warm-up
                 cli_cell(amqp.dsn, sid, min(n, MAX_BATCH_JOBS), workdir)
                 purge()
                 for _ in range(rounds):  # interleaved: load drifts hit all three
-                    samples["unix"].append(http_cell(unix, sid, n))
-                    purge()
-                    samples["tcp"].append(http_cell(tcp, sid, n))
-                    purge()
+                    for key, client in (("unix", unix), ("tcp", tcp)):
+                        rate, per_job = http_cell(client, sid, n, proc.pid)
+                        samples[key].append(rate)
+                        cpu[key].append(per_job)
+                        purge()
                     wall, own = cli_cell(amqp.dsn, sid, n, workdir)
                     samples["cli"].append(wall)
                     samples["cli_own"].append(own)
@@ -186,13 +197,15 @@ def main() -> int:
         f"{MAX_BATCH_JOBS} jobs one after the other; submitters interleaved, each round's ratio",
         "against the same round's `satellite submit --file`. Medians (min-max) of the rounds.",
         "",
-        "| submitter | jobs/s | / `submit --file` wall | / `submit --file` own |",
-        "| --- | --- | --- | --- |",
+        "| submitter | jobs/s | / `submit --file` wall | / `submit --file` own"
+        " | service CPU per job |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, key in rows:
+        per_job = f"{spread(cpu[key])} µs" if key in cpu else "-"
         lines.append(
             f"| {name} | {spread(samples[key])} | {spread(ratios(key, 'cli'), '.2f')}x"
-            f" | {spread(ratios(key, 'cli_own'), '.2f')}x |"
+            f" | {spread(ratios(key, 'cli_own'), '.2f')}x | {per_job} |"
         )
     lines += [
         "",

@@ -25,7 +25,18 @@ a timeout, and owns everything that must survive a lost connection:
   queue); `ack()` and `reject()` must not be called for such deliveries.
 * A message goes out in one write: pika hands the transport its method, header and body frames
   one at a time and sends each in a syscall of its own (a TCP segment each, with TCP_NODELAY);
-  `_Connection` joins them, so the broker wakes once per message, not three times.
+  `_Connection` joins them, so the broker wakes once per message, not three times. Messages
+  issued in the same event-loop turn (a batch of publishes, a group's acks) go out together:
+  pika queues every write until the socket is writable, and on a plaintext connection
+  `_Connection` joins the queued buffers (up to `_JOIN_LIMIT` bytes a piece) before pika sends
+  them, so a batch of 1,000 publishes is a few send()s, not 1,000. Confirms and returns stay per
+  message (they are matched by sequence number and message id, not by write).
+* `group_acks` keeps the delivery tags of the bulk channel that are not yet acked or rejected,
+  in delivery order, and `ack_many()` acks a group of deliveries with one `basic.ack` with
+  `multiple=True` up to the highest tag of the group's oldest run: only as far as *every*
+  unsettled tag at or below it belongs to the group (an ack with `multiple` acks every earlier
+  delivery of the channel; one that was not the caller's to ack would be lost on a crash). The
+  rest of the group is acked one by one.
 * `publish()` resolves when the broker confirms the message. Confirms are pipelined: sequence
   numbers map to futures and `multiple=True` acks resolve every future up to the tag. A nack, a
   return of a mandatory message, or a channel that closes first raise `PublishNotConfirmedError`;
@@ -45,7 +56,8 @@ import functools
 import itertools
 import random
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -58,6 +70,7 @@ from pika.adapters.utils.connection_workflow import (
     AMQPConnectionWorkflowFailed,
     AMQPConnectorPhaseErrorBase,
 )
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 
 from poller import __version__
 from poller.config import AmqpUrl
@@ -164,6 +177,9 @@ class BrokerOptions:
     lane_prefetch: int = 4
     #: Consume the queue without acks (see the module docstring); never for jobs or history.
     auto_ack: bool = False
+    #: Track the bulk channel's unsettled deliveries so that `ack_many()` can ack a group with
+    #: one `multiple` ack (see the module docstring); off: `ack_many()` acks one by one.
+    group_acks: bool = False
     lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
@@ -217,6 +233,8 @@ class Broker:
         self._waiters: set[asyncio.Future[Any]] = set()
         self._consumer_tag: str | None = None
         self._spare_tag: str | None = None
+        #: The bulk channel's unsettled delivery tags (`group_acks`; None: not tracked).
+        self._unacked: _Unacked | None = None
         self._spare_changing = False
         self._lane_queue = lane_queue
         self._lane_channel: Any = None  # consuming the lane (None: not consuming it)
@@ -576,6 +594,7 @@ class Broker:
         self.generation += 1
         self._channel = channel
         self._spare_tag = None
+        self._unacked = _Unacked(self.generation) if self._opts.group_acks else None
         self._consumer_tag = await self._consume(channel, self.generation)
         self.consuming = True
         if self._lane_queue is not None:
@@ -918,6 +937,9 @@ class Broker:
         props: Any,
         body: bytes,
     ) -> None:
+        unacked = self._unacked
+        if unacked is not None and not interactive and unacked.generation == generation:
+            unacked.add(method.delivery_tag)
         # Positional, in field order: this runs once per job.
         self._on_delivery(
             Delivery(
@@ -1096,16 +1118,133 @@ class Broker:
         channel = self._usable(delivery)
         if channel is not None:
             channel.basic_ack(delivery.delivery_tag)
+            self._settled(delivery)
 
     def reject(self, delivery: Delivery, *, requeue: bool) -> None:
         """`requeue=False` dead-letters the job; `True` puts it back for another worker."""
         channel = self._usable(delivery)
         if channel is not None:
             channel.basic_reject(delivery.delivery_tag, requeue=requeue)
+            self._settled(delivery)
+
+    def _settled(self, delivery: Delivery) -> None:
+        unacked = self._unacked
+        if (
+            unacked is not None
+            and not delivery.interactive
+            and unacked.generation == delivery.generation
+        ):
+            unacked.settle(delivery.delivery_tag)
+
+    def ack_many(self, deliveries: Iterable[Delivery]) -> int:
+        """Ack every delivery given (a group its caller is done with); the acks sent.
+
+        With `group_acks`, the group's deliveries on the current bulk channel that are the
+        oldest unsettled ones of that channel are acked with one `basic.ack` with
+        `multiple=True` up to the highest of them: `_Unacked.settle_run` stops at the first
+        unsettled tag that is not the group's, so no delivery outside the group is ever acked
+        by it. The others (a later run, the interactive lane, an older channel's: dropped) are
+        acked one by one.
+        """
+        unacked, channel = self._unacked, self._channel
+        if unacked is None or channel is None or not channel.is_open:
+            ones = list(deliveries)
+            for delivery in ones:
+                self.ack(delivery)
+            return len(ones)
+        mine: set[int] = set()
+        others: list[Delivery] = []
+        for delivery in deliveries:
+            if not delivery.interactive and delivery.generation == unacked.generation:
+                mine.add(delivery.delivery_tag)
+            else:
+                others.append(delivery)
+        sent = 0
+        if mine:
+            last, covered = unacked.settle_run(mine)
+            if last is not None:
+                channel.basic_ack(last, multiple=covered > 1)
+                sent += 1
+                mine = {tag for tag in mine if tag > last}
+            for tag in sorted(mine):
+                channel.basic_ack(tag)
+                unacked.settle(tag)
+                sent += 1
+        for delivery in others:
+            self.ack(delivery)
+            sent += 1
+        return sent
+
+
+class _Unacked:
+    """The delivery tags of one channel not yet acked or rejected, oldest first.
+
+    A channel's delivery tags grow with each delivery, so the oldest unsettled tag is the head
+    of `_tags`; a tag settled out of order is remembered in `_settled` until it reaches the head.
+    """
+
+    __slots__ = ("_settled", "_tags", "generation")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self._tags: deque[int] = deque()
+        self._settled: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._tags) - len(self._settled)
+
+    def add(self, tag: int) -> None:
+        self._tags.append(tag)
+
+    def settle(self, tag: int) -> None:
+        if self._tags and self._tags[0] == tag:
+            self._tags.popleft()
+            self._drop_settled()
+        else:
+            self._settled.add(tag)
+
+    def settle_run(self, group: set[int]) -> tuple[int | None, int]:
+        """Settle the oldest unsettled tags while they are in `group`: (the highest of them,
+        how many of the group's tags it covers); (None, 0) when the oldest is not the group's.
+
+        Every unsettled tag at or below the highest is the group's: what an ack with
+        `multiple=True` up to it may settle.
+        """
+        tags, last, covered = self._tags, None, 0
+        while tags and tags[0] in group:
+            last = tags.popleft()
+            covered += 1
+            self._drop_settled()
+        return last, covered
+
+    def _drop_settled(self) -> None:
+        tags, settled = self._tags, self._settled
+        while settled and tags and tags[0] in settled:
+            settled.discard(tags.popleft())
+
+
+#: Most bytes of queued writes joined into one buffer (one send()).
+_JOIN_LIMIT = 256 * 1024
 
 
 class _Connection(AsyncioConnection):  # type: ignore[misc]
-    """pika's connection, writing each message (method, header and body frames) in one piece."""
+    """pika's connection, writing each message (method, header and body frames) in one piece,
+    and the messages queued in one event-loop turn in one send() (plaintext connections)."""
+
+    def _proto_connection_made(self, transport: Any) -> None:
+        # pika's plaintext transport queues each write and, once the socket is writable, sends
+        # the queued buffers one send() each; joined first, a burst goes out in one. Not over
+        # TLS: a TLS write that must be retried has to be retried with the same buffer.
+        if isinstance(transport, _AsyncPlaintextTransport):
+            produce = transport._produce
+            buffers: deque[bytes] = transport._tx_buffers
+
+            def joined_produce() -> None:
+                _join_buffers(buffers)
+                produce()
+
+            transport._produce = joined_produce
+        super()._proto_connection_made(transport)
 
     def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
         # pika (1.x) calls this once per message with its frames; the transport then sends each
@@ -1113,6 +1252,26 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
         if len(marshaled_frames) > 1:
             marshaled_frames = [b"".join(marshaled_frames)]
         super()._output_marshaled_frames(marshaled_frames)
+
+
+def _join_buffers(buffers: deque[bytes]) -> None:
+    """Join runs of queued buffers into buffers of at most `_JOIN_LIMIT` bytes (a larger one
+    stays alone), in order: the same bytes in fewer sends."""
+    if len(buffers) < 2:
+        return
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for buffer in buffers:
+        if run and size + len(buffer) > _JOIN_LIMIT:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run, size = [], 0
+        run.append(buffer)
+        size += len(buffer)
+    out.append(run[0] if len(run) == 1 else b"".join(run))
+    if len(out) < len(buffers):
+        buffers.clear()
+        buffers.extend(out)
 
 
 def properties(**kwargs: Any) -> pika.BasicProperties:

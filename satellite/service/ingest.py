@@ -4,6 +4,9 @@ Every replica consumes the same quorum queue (competing consumers). Deliveries a
 a group of at most `batch` results or `linger` seconds, written in one transaction, and only then
 acked: a replica that dies before its commit leaves the results unacked and the broker hands them
 to another replica (or to it again); the store counts the copy as a second answer of one row.
+A committed group is acked with one `basic.ack` with `multiple=True` when its deliveries are the
+oldest unacked ones of the channel (`Broker.ack_many`, which checks it: never an ack that would
+also take a delivery not yet committed), one by one otherwise.
 One group is committed while the next is gathered and decoded; the commits stay one at a time
 and in order, so a later copy of a result is never written before an earlier one.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -89,6 +93,8 @@ class IngestStats:
     results: int = 0
     """Results written (copies included)."""
     commits: int = 0
+    acks: int = 0
+    """`basic.ack` frames sent for committed groups (one per group when it is acked at once)."""
     malformed: int = 0
     unstorable: int = 0
     db_failures: int = 0
@@ -121,7 +127,7 @@ class Ingest:
         self._stopping = False
         self.broker = Broker(
             urls,
-            options,
+            dataclasses.replace(options, group_acks=True),
             queue=wire.history_queue(),
             topology=history_topology(),
             on_delivery=self._inbox.put_nowait,
@@ -218,8 +224,7 @@ class Ingest:
         self.stats.commits += 1
         self.stats.results += len(written)
         self.stats.last_commit_monotonic = time.monotonic()
-        for delivery, _ in decoded:
-            self.broker.ack(delivery)
+        self.stats.acks += self.broker.ack_many(delivery for delivery, _ in decoded)
         if self.on_committed is not None and written:
             self.on_committed(written)
 

@@ -1,11 +1,14 @@
-"""What `poller.broker` puts on the wire, against the real broker: a message in one write, and
-`satellite serve`'s reply queue consumed without acks."""
+"""What `poller.broker` puts on the wire, against the real broker: a message in one write, the
+messages of one event-loop turn in one send(), a group of deliveries acked with one `multiple`
+ack only when no other delivery is below it, and `satellite serve`'s reply queue consumed without
+acks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +17,16 @@ import pika
 import pytest
 
 from poller import wire
-from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, properties
+from poller.broker import (
+    _JOIN_LIMIT,
+    Broker,
+    BrokerOptions,
+    Delivery,
+    QueueSpec,
+    Topology,
+    _join_buffers,
+    properties,
+)
 from poller.config import parse_dsn
 from satellite.service.jobs import Waiters
 from satellite.service.replies import Replies
@@ -72,6 +84,155 @@ async def test_a_published_message_goes_to_the_socket_in_one_write(amqp_vhost: A
             await asyncio.sleep(0.05)
         assert [(d.body, d.message_id) for d in got] == [(body, "m1")]
         broker.ack(got[0])
+
+
+async def arrived(got: list[Delivery], count: int) -> None:
+    for _ in range(600):
+        if len(got) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{len(got)} of {count} deliveries after 30 s")
+
+
+async def left_unacked(dsn: str, spec: QueueSpec) -> list[Delivery]:
+    """What comes back on a new connection: everything before a marker published now (what the
+    closed channel left unacked was put back at the head of the queue)."""
+    again: list[Delivery] = []
+    broker = Broker(
+        parse_dsn(dsn),
+        BrokerOptions(connection_name="test left unacked", group_acks=True),
+        queue=spec.name,
+        topology=Topology(queues=(spec,)),
+        on_delivery=again.append,
+    )
+    async with running(broker):
+        await broker.publish("", spec.name, b"marker", properties(message_id="marker"))
+        for _ in range(600):
+            if any(d.body == b"marker" for d in again):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the marker did not come back")
+        broker.ack_many(again)
+    return [d for d in again if d.body != b"marker"]
+
+
+async def test_publishes_of_one_loop_turn_leave_in_one_send(amqp_vhost: AmqpVhost) -> None:
+    """pika queued each message and then sent each queued buffer in a send() of its own: a batch
+    of 50 publishes was 50 syscalls and 50 TCP segments. Every one is still confirmed."""
+    queue = f"test-burst-{uuid.uuid4().hex[:8]}"
+    broker = Broker(
+        parse_dsn(amqp_vhost.dsn),
+        BrokerOptions(connection_name="test burst"),
+        queue=queue,
+        topology=Topology(queues=(QueueSpec(queue, {"x-expires": 60_000}),)),
+        on_delivery=lambda _d: None,
+    )
+    async with running(broker):
+        transport: Any = broker._conn._transport  # the socket writes are the point
+        sends: list[bytes] = []
+        send = transport._sigint_safe_send
+
+        def recording(sock: Any, data: bytes) -> int:
+            sends.append(bytes(data))
+            sent: int = send(sock, data)
+            return sent
+
+        transport._sigint_safe_send = recording
+        bodies = [b"burst-%03d-" % n + b"y" * 100 for n in range(50)]
+        futures = [
+            broker.publish_nowait("", queue, body, properties(message_id=f"b{n}"))
+            for n, body in enumerate(bodies)
+        ]
+        async with asyncio.timeout(30):
+            await asyncio.gather(*futures)  # each confirmed on its own
+        carrying = [w for w in sends if any(body in w for body in bodies)]
+        assert len(carrying) == 1, [len(w) for w in sends]
+        assert all(body in carrying[0] for body in bodies)
+        depth = {q["name"]: q["messages"] for q in list_queues(amqp_vhost.name, "name", "messages")}
+        assert depth[queue] == 50
+
+
+def test_queued_buffers_are_joined_in_order_up_to_the_limit() -> None:
+    small = [bytes([n]) * 1000 for n in range(10)]
+    big = b"B" * (_JOIN_LIMIT + 1)
+    buffers = deque([*small, big, *small, b"t" * (_JOIN_LIMIT - 5), b"u" * 10])
+    before = b"".join(buffers)
+    _join_buffers(buffers)
+    assert b"".join(buffers) == before
+    assert [len(b) for b in buffers] == [10_000, len(big), 10_000, _JOIN_LIMIT - 5, 10]
+    one = deque([b"only"])
+    _join_buffers(one)
+    assert list(one) == [b"only"]
+
+
+async def test_a_group_is_acked_at_once_only_when_nothing_older_is_unacked(
+    amqp_vhost: AmqpVhost,
+) -> None:
+    """`ack_many` acks with `multiple=True` up to the group's highest tag only while every
+    unacked delivery below it is the group's: the others stay unacked and come back."""
+    queue = f"test-group-acks-{uuid.uuid4().hex[:8]}"
+    got: list[Delivery] = []
+    options = BrokerOptions(connection_name="test group acks", group_acks=True)
+    spec = QueueSpec(queue, {"x-expires": 60_000})
+    broker = Broker(
+        parse_dsn(amqp_vhost.dsn),
+        options,
+        queue=queue,
+        topology=Topology(queues=(spec,)),
+        on_delivery=got.append,
+    )
+    async with running(broker):
+        for n in range(1, 9):
+            await broker.publish("", queue, b"m%d" % n, properties(message_id=f"m{n}"))
+        await arrived(got, 8)
+        m = {d.body.decode(): d for d in got}
+        assert broker.ack_many([m["m1"], m["m2"]]) == 1  # the oldest two: one multiple ack
+        # m3 is not committed: a multiple ack up to m5 would take it too. One by one instead.
+        assert broker.ack_many([m["m5"], m["m4"]]) == 2
+        broker.ack(m["m7"])  # settled out of order, below the next group's highest tag
+        # m6 and m8 are the oldest unacked after m3: still not a run that starts at the oldest.
+        assert broker.ack_many([m["m6"], m["m8"]]) == 2
+        broker.ack(m["m3"])  # now nothing is unacked
+        for n in range(9, 12):
+            await broker.publish("", queue, b"m%d" % n, properties(message_id=f"m{n}"))
+        await arrived(got, 11)
+        m = {d.body.decode(): d for d in got}
+        assert broker.ack_many([m["m9"], m["m10"]]) == 1  # a run from the oldest again
+        # m11 stays unacked: it is the only message that comes back after the close.
+    again = await left_unacked(amqp_vhost.dsn, spec)
+    assert [(d.body, d.redelivered) for d in again] == [(b"m11", True)]
+
+
+async def test_uncommitted_deliveries_between_groups_stay_unacked(amqp_vhost: AmqpVhost) -> None:
+    """The ingest's invariant with the deliveries interleaved: a group's multiple ack never takes
+    an older delivery that is not the group's (it is redelivered after the channel closes)."""
+    queue = f"test-interleaved-{uuid.uuid4().hex[:8]}"
+    got: list[Delivery] = []
+    options = BrokerOptions(connection_name="test interleaved", group_acks=True)
+    spec = QueueSpec(queue, {"x-expires": 60_000})
+    broker = Broker(
+        parse_dsn(amqp_vhost.dsn),
+        options,
+        queue=queue,
+        topology=Topology(queues=(spec,)),
+        on_delivery=got.append,
+    )
+    async with running(broker):
+        futures = [
+            broker.publish_nowait("", queue, b"%02d" % n, properties(message_id=str(n)))
+            for n in range(40)
+        ]
+        async with asyncio.timeout(30):
+            await asyncio.gather(*futures)
+        await arrived(got, 40)
+        by_tag = sorted(got, key=lambda d: d.delivery_tag)
+        uncommitted = {d.body for d in by_tag[::4]}  # every fourth: never acked
+        for start in range(0, 40, 8):
+            group = [d for d in by_tag[start : start + 8] if d.body not in uncommitted]
+            broker.ack_many(reversed(group))
+    again = await left_unacked(amqp_vhost.dsn, spec)
+    assert sorted(d.body for d in again) == sorted(uncommitted)
 
 
 async def test_the_reply_queue_is_consumed_without_acks(amqp_vhost: AmqpVhost) -> None:

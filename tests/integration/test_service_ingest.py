@@ -290,6 +290,39 @@ async def test_results_published_while_no_replica_runs_are_archived_when_one_sta
     assert sorted(rows) == sorted(ids)
 
 
+async def test_a_committed_group_is_acked_with_one_ack(
+    store: Store,
+    publisher: Publisher,
+    start_ingest: IngestFactory,
+    amqp_vhost: AmqpVhost,
+    sid: str,
+) -> None:
+    """Groups are committed in order and each is the oldest unacked run of the channel: one
+    `basic.ack` with `multiple` per group, not one per result, and none left unacked."""
+    first = start_ingest()
+    assert await first.broker.wait_ready(30)  # the queue exists from now on
+    await first.stop()
+    await first.close()
+    ids = [f"{sid}-grouped-{n}" for n in range(120)]
+    for job_id in ids:
+        publisher.result(result_body(job_id, sid), wire.result_routing_key(sid, "snmp.get"))
+    ingest = start_ingest(linger=0.2)
+    rows = await wait_for_rows(store, ids)
+    assert sorted(rows) == sorted(ids)
+    await eventually(lambda: ingest.stats.results == len(ids))
+    assert ingest.stats.acks == ingest.stats.commits < len(ids)
+    async with asyncio.timeout(30):
+        while True:
+            (queue,) = [
+                q
+                for q in list_queues(amqp_vhost.name, "name", "messages")
+                if q["name"] == "usm_poller.history"
+            ]
+            if queue["messages"] == 0:  # ready and unacked: every result was acked
+                break
+            await asyncio.sleep(0.2)
+
+
 async def test_a_database_that_is_down_stops_acks_and_nothing_is_lost(
     db_url: DatabaseUrl,
     store: Store,

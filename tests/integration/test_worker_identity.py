@@ -171,7 +171,8 @@ async def test_health_file_is_written_when_the_broker_state_changes(
             state = _read_health(health)
             # The worker's own tasks at least (run, the health writer, the broker's): a count a
             # soak watches for tasks that outlive their jobs.
-            assert state is not None and state.tasks >= 2, state
+            assert state is not None
+            assert state.tasks >= 2, state
             # The broker drops the connection and (permissions gone) refuses it from now on.
             await asyncio.to_thread(rabbitmqctl, "clear_permissions", "-p", amqp_vhost.name, user)
             # Meanwhile every thread of the default executor is busy (as with name lookups
