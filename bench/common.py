@@ -3,7 +3,6 @@ process, a py-spy recording of a process, the docs section."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -20,10 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import asyncpg  # noqa: E402
-
 from poller import wire  # noqa: E402
 from tests.support import snmpd as snmpd_support  # noqa: E402
+from tests.support.database import (  # noqa: E402, F401 - the history benchmarks' databases
+    throwaway_database as pg_database,
+)
 from tests.support.rabbitmq import (  # noqa: E402
     AmqpVhost,
     rabbitmq_unavailable_reason,
@@ -31,8 +31,6 @@ from tests.support.rabbitmq import (  # noqa: E402
 )
 
 DOC = ROOT / "docs" / "performance.md"
-#: The machine's PostgreSQL (trust auth), where the history benchmarks make their databases.
-PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
 
 
 @contextlib.contextmanager
@@ -48,25 +46,6 @@ def vhost() -> Iterator[AmqpVhost]:
         yield AmqpVhost(name, "127.0.0.1", 5672, "guest", "guest")
     finally:
         rabbitmqctl("delete_vhost", name)
-
-
-async def _pg_admin(sql: str) -> None:
-    conn = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
-    try:
-        await conn.execute(sql, timeout=120)
-    finally:
-        await conn.close(timeout=10)
-
-
-@contextlib.contextmanager
-def pg_database(prefix: str) -> Iterator[str]:
-    """A throw-away database on the machine's PostgreSQL (its URL), dropped afterwards."""
-    name = f"{prefix}_{os.getpid()}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def sample_results(n: int, tag: str) -> list[wire.JobResult]:

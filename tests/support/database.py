@@ -15,6 +15,7 @@ async def test_x(db_url: DatabaseUrl) -> None:   # runs twice: sqlite, postgresq
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,13 @@ import pytest
 
 from satellite.service.settings import DatabaseUrl, parse_database_url
 
-__all__ = ["db_url", "pg_admin", "pg_database", "postgres_unavailable_reason"]
+__all__ = [
+    "db_url",
+    "pg_admin",
+    "pg_database",
+    "postgres_unavailable_reason",
+    "throwaway_database",
+]
 
 _DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432"
 
@@ -60,7 +67,15 @@ def pg_database() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is required in CI: {reason}")
         pytest.skip(f"PostgreSQL is not available: {reason}")
-    name = f"t_core_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with throwaway_database("t_core") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def throwaway_database(prefix: str) -> Iterator[str]:
+    """A new database on the server (its URL), dropped afterwards with its connections (the
+    session's fixture above, and the history benchmarks)."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
     try:
         yield f"{_server()}/{name}"
