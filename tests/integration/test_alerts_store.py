@@ -326,7 +326,7 @@ async def test_telegram_429_retry_after_is_waited_for(store: Store, tmp_path: Pa
                     break
                 await asyncio.sleep(0.05)
         finally:
-            task.cancel()
+            await _stopped(task)
     assert len(bot.requests) == 2
     assert bot.requests[0].path == "/bot123456:SECRET-bot-token/sendMessage"
     sent = bot.requests[0].json()
@@ -344,6 +344,14 @@ def _down_source(sid: str = "sat-a") -> Callable[[], Awaitable[list[Facts]]]:
         return [facts(sid, consumers=0)]
 
     return source
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    """Cancel a sender and wait until it has ended, before the store closes under it (a task
+    cancelled but not awaited could be left waiting on the closed store's thread for ever)."""
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=15)
+    assert done, "the sender did not end within 15 s of its cancel"
 
 
 async def _until(check: Callable[[], bool], seconds: float = 15.0) -> None:
@@ -373,7 +381,7 @@ async def test_the_sender_is_woken_by_its_replica_and_polls_for_the_others(store
             await _until(lambda: len(hook.requests) == 1)
             assert len(hook.requests) == 1
         finally:
-            task.cancel()
+            await _stopped(task)
         # Another replica queues (its sender is down); this one's fallback poll finds it.
         later = Clock()
         later.now += timedelta(seconds=60)  # the next slot (r1 evaluated this one)
@@ -386,7 +394,7 @@ async def test_the_sender_is_woken_by_its_replica_and_polls_for_the_others(store
             await other.tick()
             await _until(lambda: len(hook.requests) == 2)
         finally:
-            task.cancel()
+            await _stopped(task)
     assert [r.json()["satellite"] for r in hook.requests] == ["sat-a", "sat-b"]
 
 
@@ -405,8 +413,12 @@ async def test_a_failed_attempt_is_retried_when_it_falls_due_not_at_the_poll(
         task = asyncio.create_task(sender.run())
         try:
             await _until(lambda: len(hook.requests) == 2)
+            for _ in range(150):  # an attempt is archived once its answer has arrived
+                if len(await archive_page(store.engine)) == 2:
+                    break
+                await asyncio.sleep(0.1)
         finally:
-            task.cancel()
+            await _stopped(task)
     assert len(hook.requests) == 2
     archive = list(reversed(await archive_page(store.engine)))
     assert [(a["status"], a["http_status"]) for a in archive] == [("failed", 500), ("sent", 200)]
