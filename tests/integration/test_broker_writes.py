@@ -35,6 +35,17 @@ from tests.support.rabbitmq import AmqpVhost, _list, list_queues
 pytestmark = pytest.mark.integration
 
 
+def group_acking_broker(vhost: AmqpVhost, spec: QueueSpec, got: list[Delivery]) -> Broker:
+    """A consumer of its own queue `spec` with `group_acks`."""
+    return Broker(
+        parse_dsn(vhost.dsn),
+        BrokerOptions(connection_name=f"test {spec.name}", group_acks=True),
+        queue=spec.name,
+        topology=Topology(queues=(spec,)),
+        on_delivery=got.append,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(broker: Broker) -> AsyncIterator[Broker]:
     task = asyncio.create_task(broker.run())
@@ -173,15 +184,8 @@ async def test_a_group_is_acked_at_once_only_when_nothing_older_is_unacked(
     unacked delivery below it is the group's: the others stay unacked and come back."""
     queue = f"test-group-acks-{uuid.uuid4().hex[:8]}"
     got: list[Delivery] = []
-    options = BrokerOptions(connection_name="test group acks", group_acks=True)
     spec = QueueSpec(queue, {"x-expires": 60_000})
-    broker = Broker(
-        parse_dsn(amqp_vhost.dsn),
-        options,
-        queue=queue,
-        topology=Topology(queues=(spec,)),
-        on_delivery=got.append,
-    )
+    broker = group_acking_broker(amqp_vhost, spec, got)
     async with running(broker):
         for n in range(1, 9):
             await broker.publish("", queue, b"m%d" % n, properties(message_id=f"m{n}"))
@@ -209,15 +213,8 @@ async def test_uncommitted_deliveries_between_groups_stay_unacked(amqp_vhost: Am
     an older delivery that is not the group's (it is redelivered after the channel closes)."""
     queue = f"test-interleaved-{uuid.uuid4().hex[:8]}"
     got: list[Delivery] = []
-    options = BrokerOptions(connection_name="test interleaved", group_acks=True)
     spec = QueueSpec(queue, {"x-expires": 60_000})
-    broker = Broker(
-        parse_dsn(amqp_vhost.dsn),
-        options,
-        queue=queue,
-        topology=Topology(queues=(spec,)),
-        on_delivery=got.append,
-    )
+    broker = group_acking_broker(amqp_vhost, spec, got)
     async with running(broker):
         futures = [
             broker.publish_nowait("", queue, b"%02d" % n, properties(message_id=str(n)))
