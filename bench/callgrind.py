@@ -40,6 +40,7 @@ from run import WORKERS, Driver, get_job, poller_source  # noqa: E402
 
 from poller import wire  # noqa: E402
 from tests.support.poller_proc import PollerFactory  # noqa: E402
+from tests.support.procs import stop_process  # noqa: E402
 
 
 def callgrind(out: Path) -> list[str]:
@@ -134,12 +135,7 @@ class Counting:
             wait_for(proc, lambda text: "ready" in text)
             jobs = self.count(sid, proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc, grace=120)
         return "bare pika worker, ezsnmp", jobs, instructions(out)
 
 

@@ -66,6 +66,7 @@ from common import DOC, snmp_agent, vhost, write_section  # noqa: E402
 
 from poller import wire  # noqa: E402
 from tests.support.poller_proc import PollerFactory, PollerProcess  # noqa: E402
+from tests.support.procs import stop_process  # noqa: E402
 from tests.support.rabbitmq import (  # noqa: E402
     AmqpVhost,
     rabbitmqctl,
@@ -474,13 +475,7 @@ class Processes:
     def stop_all(self) -> None:
         for _name, proc in reversed(self.started):
             children = [p for p in process_tree(proc.pid) if p != proc.pid]
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            stop_process(proc, grace=15)
             for pid in children:  # prefork children whose parent was killed
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)

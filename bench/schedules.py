@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +40,15 @@ import pika
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import vhost, write_section  # noqa: E402
+from common import pg_database, vhost, write_section  # noqa: E402
 
 from poller import wire  # noqa: E402
 from satellite.cli import main as satellite_cli  # noqa: E402
 from satellite.service.settings import parse_database_url  # noqa: E402
 from satellite.service.store import Store  # noqa: E402
 from satellite.service.store.tables import schedule_outbox  # noqa: E402
+from tests.support.procs import stop_process  # noqa: E402
 
-PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 SID = "benchsched"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -160,14 +160,13 @@ async def delete_window(url: str, rows: int = 42, rounds: int = 200) -> tuple[fl
     return statistics.median(times), times[int(len(times) * 0.99) - 1]
 
 
-def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one measurement after the other
+def main() -> None:  # noqa: PLR0915 - one measurement after the other
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--targets", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=60)
     args = parser.parse_args()
-    db = f"bench_sched_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    asyncio.run(sql(f"{PG_SERVER}/postgres", f'CREATE DATABASE "{db}"'))
-    url = f"{PG_SERVER}/{db}"
+    cleanup = contextlib.ExitStack()  # the database, dropped at the end
+    url = cleanup.enter_context(pg_database("bench_sched"))
     work = Path(tempfile.mkdtemp(prefix="bench-sched-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -266,13 +265,8 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one measurement after the 
             window_median, window_p99 = asyncio.run(delete_window(url))
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        asyncio.run(sql(f"{PG_SERVER}/postgres", f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+            stop_process(p, grace=40)
+        cleanup.close()
     load = os.getloadavg()
     section = f"""## Schedules
 

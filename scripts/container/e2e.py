@@ -230,13 +230,7 @@ def snmp_agent() -> Iterator[int]:
         check(proc.poll() is None, f"snmpd exited {proc.returncode}")
         yield port
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc, grace=5)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -315,12 +309,21 @@ class Compose:
             try:
                 yield Path(out.name)
             finally:
-                proc.terminate()  # the PID we started
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+                stop_process(proc, grace=5)  # the PID we started
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM a process this script started (by its PID); SIGKILL it after `grace` seconds.
+
+    tests/support/procs.py has the same for the tests and benchmarks; this script stands alone.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait(timeout=10)
 
 
 def inspect(container: str, template: str) -> str:

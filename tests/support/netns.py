@@ -33,6 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.support.procs import stop_process
+
 __all__ = [
     "BlackHoleNetns",
     "BrokerLink",
@@ -293,12 +295,7 @@ def broker_link() -> Iterator[BrokerLink]:
         yield link
     finally:
         if link.forwarder is not None:
-            link.forwarder.terminate()
-            try:
-                link.forwarder.wait(10)
-            except subprocess.TimeoutExpired:
-                link.forwarder.kill()
-                link.forwarder.wait(10)
+            stop_process(link.forwarder, grace=10)
             if link.forwarder.stdout is not None:
                 link.forwarder.stdout.close()
         for ns in made:

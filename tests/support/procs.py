@@ -1,4 +1,4 @@
-"""What /proc says about a process a test started: its command line, and whether it has ended.
+"""Processes a test started: what /proc says of them (command line, ended or not); stopping them.
 
 A child that has exited but is not reaped yet (a zombie) still has its `/proc/<pid>` directory;
 its `cmdline` reads as empty, as it does for a moment before, while the exiting process has
@@ -7,10 +7,12 @@ already given back its memory. Both mean "ended", not "started with no arguments
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["has_ended", "process_state", "read_cmdline"]
+__all__ = ["has_ended", "process_state", "read_cmdline", "stop_process"]
 
 #: How long `read_cmdline` waits for a process whose command line reads empty to be a zombie.
 _EXITING_WAIT = 2.0
@@ -52,3 +54,18 @@ def read_cmdline(pid: int) -> list[str] | None:
         if time.monotonic() >= deadline:
             return []
         time.sleep(0.01)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> int:
+    """Stop a process this program started, by its PID: SIGTERM, `grace` seconds, then SIGKILL.
+
+    A process that has already exited is only reaped. Returns its exit status (negative: the
+    signal that ended it).
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout=10)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import stop_process
+
 __all__ = ["V3_USERS", "Snmpd", "V3User", "snmpd"]
 
 #: Read-only community for v1 and v2c.
@@ -182,14 +184,7 @@ def _start(binary: str, workdir: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()  # signals exactly the PID we started
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+    stop_process(proc)  # signals exactly the PID we started
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import stop_process
+
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
 HOST = "127.0.0.1"
@@ -129,13 +131,8 @@ def start_sshd(max_sessions: int = 64) -> Iterator[SshdServer]:
             workdir=workdir,
         )
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, grace=10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,4 +1,5 @@
-"""tests/support/procs.py: a process that exited but is not reaped yet counts as ended."""
+"""tests/support/procs.py: a process that exited but is not reaped yet counts as ended; stopping
+processes by PID, politely first."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.procs import has_ended, process_state, read_cmdline
+from tests.support.procs import has_ended, process_state, read_cmdline, stop_process
 
 
 @pytest.fixture
@@ -53,3 +54,33 @@ def test_a_reaped_child_has_ended(sleeper: subprocess.Popen[bytes]) -> None:
     assert process_state(sleeper.pid) is None
     assert has_ended(sleeper.pid)
     assert read_cmdline(sleeper.pid) is None
+
+
+def test_stop_process_terminates_politely_and_reaps() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert stop_process(proc) == -15
+    assert proc.returncode == -15
+
+
+def test_stop_process_kills_a_process_that_ignores_sigterm() -> None:
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    assert stop_process(proc, grace=0.5) == -9
+    assert time.monotonic() - started < 5
+    proc.stdout.close()
+
+
+def test_stop_process_only_reaps_one_that_has_exited() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    deadline = time.monotonic() + 10
+    while not has_ended(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stop_process(proc) == 3
