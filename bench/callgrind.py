@@ -186,7 +186,7 @@ def wait_for(proc: subprocess.Popen[bytes], ready: Callable[[str], bool]) -> Non
     assert proc.stdout is not None
     seen = ""
     for _ in range(10_000):
-        chunk = proc.stdout.read1(256)
+        chunk = os.read(proc.stdout.fileno(), 256)
         if not chunk:
             sys.exit("the bare worker exited before it was ready")
         seen += chunk.decode(errors="replace")

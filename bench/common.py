@@ -21,9 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from poller import wire  # noqa: E402
 from tests.support import snmpd as snmpd_support  # noqa: E402
-from tests.support.database import (  # noqa: E402, F401 - the history benchmarks' databases
-    throwaway_database as pg_database,
-)
+from tests.support.database import throwaway_database  # noqa: E402
 from tests.support.rabbitmq import (  # noqa: E402
     AmqpVhost,
     rabbitmq_unavailable_reason,
@@ -31,6 +29,9 @@ from tests.support.rabbitmq import (  # noqa: E402
 )
 
 DOC = ROOT / "docs" / "performance.md"
+
+#: A PostgreSQL database of its own (a URL), dropped afterwards: the history benchmarks'.
+pg_database = throwaway_database
 
 
 @contextlib.contextmanager

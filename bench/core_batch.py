@@ -202,10 +202,10 @@ def main() -> int:
         "| --- | --- | --- | --- | --- |",
     ]
     for name, key in rows:
-        per_job = f"{spread(cpu[key])} µs" if key in cpu else "-"
+        cpu_cell = f"{spread(cpu[key])} µs" if key in cpu else "-"
         lines.append(
             f"| {name} | {spread(samples[key])} | {spread(ratios(key, 'cli'), '.2f')}x"
-            f" | {spread(ratios(key, 'cli_own'), '.2f')}x | {per_job} |"
+            f" | {spread(ratios(key, 'cli_own'), '.2f')}x | {cpu_cell} |"
         )
     lines += [
         "",

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -102,6 +102,20 @@ def cpu_seconds(pids: list[int]) -> float:
         if fields is not None:
             total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+T = TypeVar("T")
+
+
+def settle(future: asyncio.Future[T], value: T) -> None:
+    """Resolve `future` with `value` unless it is done already (pika callbacks may come twice)."""
+    if not future.done():
+        future.set_result(value)
+
+
+def pids(pid: int) -> Callable[[], list[int]]:
+    """A cell's worker PIDs: one process."""
+    return lambda: [pid]
 
 
 def process_tree(root: int) -> list[int]:
@@ -223,7 +237,7 @@ class Driver:
         params.client_properties = {"connection_name": "bench driver"}
         self.conn = AsyncioConnection(
             params,
-            on_open_callback=lambda c: opened.done() or opened.set_result(c),
+            on_open_callback=lambda c: settle(opened, c),
             on_open_error_callback=on_error,
             custom_ioloop=loop,
         )
@@ -280,14 +294,14 @@ class Driver:
                 wire.results_queue(),
                 self._on_result,
                 auto_ack=True,
-                callback=lambda f: future.done() or future.set_result(f),
+                callback=lambda f: settle(future, f),
             )
             await asyncio.wait_for(future, 30)
 
     async def close(self) -> None:
         if self.conn is not None and self.conn.is_open:
             closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.conn.add_on_close_callback(lambda *_: closed.done() or closed.set_result(None))
+            self.conn.add_on_close_callback(lambda *_: settle(closed, None))
             self.conn.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closed, 10)
@@ -374,8 +388,8 @@ def slow_source(sid: str, job: dict[str, Any], hosts: list[str], port: int) -> J
     parts = []
     for host in hosts:
         target = dict(job["target"], host=host, port=port)
-        body = json.dumps(dict(job, id="@ID@", target=target), separators=(",", ":")).encode()
-        parts.append(body.split(b"@ID@"))
+        template = json.dumps(dict(job, id="@ID@", target=target), separators=(",", ":"))
+        parts.append(template.encode().split(b"@ID@"))
     turn = itertools.cycle(parts)
 
     def body(job_id: str) -> bytes:
@@ -833,7 +847,7 @@ def start_workers(
     """Start every worker of the matrix at once; return when all are ready."""
     args, job, setup = bench.args, bench.job, Setup()
     starting: list[tuple[str, subprocess.Popen[bytes]]] = []
-    qtype = "classic" if args.queue_type == "classic" else "quorum"
+    qtype: Literal["quorum", "classic"] = "classic" if args.queue_type == "classic" else "quorum"
     for backend in backends:
         lib = LIBS[backend]
         variants = [("poller", None)] + ([("candidate", args.candidate)] if args.candidate else [])
@@ -847,7 +861,7 @@ def start_workers(
                     "poller",
                     lib,
                     f"{name}, {backend} backend",
-                    lambda pp=pp: [pp.pid],
+                    pids(pp.pid),
                     poller_source(sid, job),
                 )
             )
@@ -858,7 +872,7 @@ def start_workers(
                         "slow",
                         lib,
                         f"{name}, {backend} backend, {bench.slow.delay * 1000:g} ms devices",
-                        lambda pp=pp: [pp.pid],
+                        pids(pp.pid),
                         slow_source(sid, job, bench.slow.hosts, bench.slow.port),
                     )
                 )
@@ -876,7 +890,7 @@ def start_workers(
                     "bare",
                     lib,
                     f"bare pika worker, {lib}",
-                    lambda proc=proc: [proc.pid],
+                    pids(proc.pid),
                     poller_source(sid, job),
                 )
             )
@@ -887,7 +901,7 @@ def start_workers(
                         "slow",
                         lib,
                         f"bare pika worker, {lib}, {bench.slow.delay * 1000:g} ms devices",
-                        lambda proc=proc: [proc.pid],
+                        pids(proc.pid),
                         slow_source(sid, job, bench.slow.hosts, bench.slow.port),
                     )
                 )

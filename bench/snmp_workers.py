@@ -235,7 +235,7 @@ class BareWorker:
                 callback=lambda _f: channel.basic_consume(
                     self.args.queue,
                     self.on_message,
-                    callback=lambda _f: ready.done() or ready.set_result(None),
+                    callback=lambda _f: None if ready.done() else ready.set_result(None),
                 ),
             )
 
@@ -314,8 +314,10 @@ class BareWorker:
 
 
 def make_celery(args: argparse.Namespace) -> Any:
+    import kombu  # noqa: PLC0415
     from celery import Celery  # noqa: PLC0415 - only the celery runs need it
-    from kombu import Exchange, Queue  # noqa: PLC0415
+
+    k: Any = kombu  # untyped
 
     app = Celery("bench_snmp", broker=args.dsn.replace("amqp://", "pyamqp://", 1))
     queue_args = json.loads(args.queue_arguments)
@@ -328,9 +330,9 @@ def make_celery(args: argparse.Namespace) -> Any:
         broker_transport_options={"confirm_publish": True},
         worker_prefetch_multiplier=args.prefetch_multiplier,
         task_queues=[
-            Queue(
+            k.Queue(
                 args.queue,
-                Exchange("usm_poller.jobs", type="direct", durable=True),
+                k.Exchange("usm_poller.jobs", type="direct", durable=True),
                 routing_key=args.sid,
                 queue_arguments=queue_args,
                 durable=True,
@@ -406,14 +408,16 @@ def run_celery_worker(args: argparse.Namespace) -> None:
 
 def run_celery_client(args: argparse.Namespace) -> None:
     """Celery's own client: `apply_async` with a window; results read with kombu."""
-    from kombu import Consumer, Queue  # noqa: PLC0415
+    import kombu  # noqa: PLC0415
+
+    k: Any = kombu  # untyped
 
     app = make_celery(args)
     task = app.bench_task
     template = json.loads(args.job_template)
     conn = app.connection_for_write()
     conn.ensure_connection(max_retries=3)
-    results = Queue(
+    results = k.Queue(
         "usm_poller.results",
         no_declare=True,
     )
@@ -430,7 +434,7 @@ def run_celery_client(args: argparse.Namespace) -> None:
             state["errors"] += 1
         state["done"] += 1
 
-    consumer = Consumer(
+    consumer = k.Consumer(
         conn.channel(), queues=[results], callbacks=[on_result], no_ack=True, accept=["json"]
     )
     print("ready", flush=True)

@@ -34,16 +34,15 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from common import write_section
+from common import snmp_agent, vhost, write_section
 from run import (
     Driver,
     get_job,
     netsnmp_backend_works,
     poller_source,
     rss_mb,
-    snmp_agent,
-    vhost,
 )
 
 from tests.support.poller_proc import PollerFactory, PollerProcess
@@ -97,7 +96,7 @@ def block_size(args: argparse.Namespace) -> int:
     """`--block`, else 10,000 (at most ~20 readings: 50,000 for a million jobs)."""
     if args.block > 0:
         return int(args.block)
-    return max(BLOCK, -(-args.jobs // 20 // BLOCK) * BLOCK)
+    return max(BLOCK, -(-int(args.jobs) // 20 // BLOCK) * BLOCK)
 
 
 def blocks(jobs: int, size: int = BLOCK) -> list[int]:
@@ -177,7 +176,7 @@ def soak(args: argparse.Namespace, backend: str) -> Soak:
     out = Soak(backend)
     loop = asyncio.new_event_loop()
     workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-    settings: dict[str, str | int | float] = {
+    settings: dict[str, Any] = {
         "concurrency": 64,
         "per_device_concurrency": 64,
         "snmp_backend": backend,
