@@ -13,7 +13,10 @@ it), and the error code the poller answered with. The poller cannot put headers 
 that code is found again the way the poller found it: by decoding the body with
 `poller.wire.decode_job` (`invalid_job`, `unsupported_version`, `unknown_kind`); a body that
 decodes was rejected after the poller failed on it on its last allowed delivery
-(`internal_error`). When the job id was readable, the poller also published that error result.
+(`internal_error`), or after its driver crashed the worker's process on each try (`worker_crashed`,
+poller/sandbox.py): a reject carries no code to tell these apart, so both show as
+`internal_error`, and the error result the poller published (when the job id was readable) says
+which.
 
 The copy drops the broker's bookkeeping headers (`x-death`, `x-first-death-*`,
 `x-last-death-*`, `x-delivery-count`) and records the replay in `x-replay-count`,
@@ -80,7 +83,11 @@ def diagnose(reason: str | None, body: bytes) -> tuple[str | None, str]:
         decode_job(body)
     except WireError as exc:
         return exc.error_code, exc.message.removeprefix("invalid job: ")
-    return "internal_error", "a valid job: the poller failed on it on its last allowed delivery"
+    return "internal_error", (
+        "a valid job: the poller failed on it on its last allowed delivery (internal_error), "
+        "or its driver crashed the worker process each time (worker_crashed); the error "
+        "result published for it says which"
+    )
 
 
 def _is_secret(key: str) -> bool:

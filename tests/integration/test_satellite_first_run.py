@@ -276,6 +276,7 @@ def test_dlq_names_a_valid_job_rejected_after_a_bug_internal_error(
     [row] = rows
     assert (row["kind"], row["error_code"]) == ("icmp.ping", "internal_error")
     assert "last allowed delivery" in row["why"]
+    assert "worker_crashed" in row["why"]  # a reject cannot tell the two apart
 
 
 # ------------------------------------------------------------------------------ status
