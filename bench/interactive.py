@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/interactive.py              # writes docs/performance.md
     .venv/bin/python bench/interactive.py --no-write --rounds 1 --backlog 2000 --jobs 100
-    .venv/bin/python bench/interactive.py --pause-ms 100,0   # with and without the pause
+    .venv/bin/python bench/interactive.py --variant pause --variant "off:interactive_pause_ms=0"
 
 Side by side in one run (every scenario in each of `--rounds` rounds, a fresh poller per
-round and per value of `--pause-ms`, taken in turn, the order swapped every round; the table
-gives medians and ranges), against the real RabbitMQ (a vhost of its own), the real Net-SNMP
+round and per `--variant` (poller settings), taken in turn, the order swapped every round; the
+table gives medians and ranges), against the real RabbitMQ (a vhost of its own), the real Net-SNMP
 agent and real `poller run` processes with the default settings (concurrency 64, 8 run slots
 kept for the lane, 4 jobs at once per device, prefetch 512):
 
@@ -76,6 +76,29 @@ def behind(delay: float) -> str:
 def bulk_hosts(index: int) -> list[str]:
     """The slow devices of the `index`th delay: 127.0.<2 + index>.1-32."""
     return [f"127.0.{2 + index}.{n}" for n in range(1, DEVICES + 1)]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A poller's settings to compare (`--variant LABEL[:SETTING=VALUE,...]`; settings by their
+    `USM_POLLER_` name in lower case, e.g. `interactive_pause_ms=0`)."""
+
+    label: str
+    settings: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        label, _, rest = text.partition(":")
+        pairs = [p.split("=", 1) for p in rest.split(",") if p.strip()]
+        if not label.strip() or any(len(p) != 2 for p in pairs):
+            raise argparse.ArgumentTypeError(f"not LABEL[:SETTING=VALUE,...]: {text!r}")
+        return cls(label.strip(), {k.strip().lower(): v.strip() for k, v in pairs})
+
+    def describe(self) -> str:
+        if not self.settings:
+            return f"*{self.label}*: the defaults"
+        pairs = ", ".join(f"`USM_POLLER_{k.upper()}={v}`" for k, v in self.settings.items())
+        return f"*{self.label}*: {pairs}"
 
 
 @dataclass(frozen=True)
@@ -257,11 +280,11 @@ def run_round(
     backlogs: list[Backlog],
     args: argparse.Namespace,
     *,
-    pause_ms: int,
+    variant: Variant,
 ) -> list[Cell]:
     sid = f"bench{uuid.uuid4().hex[:8]}"
-    print(f"USM_POLLER_INTERACTIVE_PAUSE_MS={pause_ms}", flush=True)
-    poller = factory(sid, interactive_pause_ms=pause_ms)
+    print(f"variant {variant.describe()}", flush=True)
+    poller = factory(sid, wait=True, named=True, **variant.settings)
     caller = Caller(dsn, sid)
     try:
         warm = argparse.Namespace(**{**vars(args), "jobs": 10})
@@ -297,9 +320,9 @@ def pooled(cells: list[Cell], q: float, field: str = "latencies") -> float:
     return cells[0].pct(q, values) if values else float("nan")
 
 
-def section(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> str:
-    rounds = by_pause[args.pause_list[0]]
-    several = len(by_pause) > 1
+def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -> str:
+    rounds = by_variant[args.variants[0].label]
+    several = len(by_variant) > 1
     lines = [
         HEADING,
         "",
@@ -325,24 +348,28 @@ def section(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> 
         "columns are medians (min-max) of the rounds. Load average (1 min) at the start and "
         f"end: {args.load_start:.1f} and {os.getloadavg()[0]:.1f}."
         + (
-            " Each round ran a poller per value of `USM_POLLER_INTERACTIVE_PAUSE_MS` (how long "
-            "bulk work may wait while an interactive job is in flight; 0: never), in turn, "
-            "the order swapped every round."
+            " Each round ran a poller per variant, in turn, the order swapped every round: "
+            + "; ".join(v.describe() for v in args.variants)
+            + "."
             if several
-            else ""
+            else (
+                f" Poller settings: {args.variants[0].describe()}."
+                if args.variants[0].settings
+                else ""
+            )
         ),
         "",
         "| scenario | p50 | p99 [all rounds] | max | p99 to the poller | p99 in the poller | "
         "p99 back | answered | least bulk backlog left |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for pause, group in by_pause.items():
-        lines.extend(_rows(group, pause if several else None))
+    for label, group in by_variant.items():
+        lines.extend(_rows(group, label if several else None))
     lines.append("")
-    for pause, group in by_pause.items():
-        lines.extend(_verdicts(group, args, pause if several else None))
+    for label, group in by_variant.items():
+        lines.extend(_verdicts(group, args, label if several else None))
     if several:
-        lines.extend(_pause_effect(by_pause, args))
+        lines.extend(_variant_effect(by_variant, args))
     lines.append(
         "- The lane's jobs never queue behind the bulk backlog or the bulk window (their own "
         "queue, channel and window) and take one of the 8 run slots bulk jobs may not use. "
@@ -380,9 +407,9 @@ def _by_name(rounds: list[list[Cell]]) -> dict[str, list[Cell]]:
     return {name: [next(c for c in r if c.name == name) for r in rounds] for name in names}
 
 
-def _rows(rounds: list[list[Cell]], pause: int | None) -> list[str]:
+def _rows(rounds: list[list[Cell]], label: str | None) -> list[str]:
     lines = []
-    suffix = "" if pause is None else f", pause {pause} ms"
+    suffix = "" if label is None else f", {label}"
     for name, cells in _by_name(rounds).items():
         left = [float(c.backlog_after) for c in cells if c.backlog_after is not None]
         lines.append(
@@ -398,7 +425,7 @@ def _rows(rounds: list[list[Cell]], pause: int | None) -> list[str]:
     return lines
 
 
-def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, pause: int | None) -> list[str]:
+def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, label: str | None) -> list[str]:
     lines = []
     by_name = _by_name(rounds)
     ratios: dict[float, list[float]] = {d: [] for d in args.delay_list}
@@ -408,7 +435,7 @@ def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, pause: int | N
             if by[IDLE].latencies and by[behind(d)].latencies:
                 ratios[d].append(by[behind(d)].pct(0.99) / by[IDLE].pct(0.99))
     idle = by_name[IDLE]
-    poller = "" if pause is None else f" (pause {pause} ms)"
+    poller = "" if label is None else f" ({label})"
     for d, values in ratios.items():
         ratio = statistics.median(values) if values else float("nan")
         together = pooled(by_name[behind(d)], 0.99) / pooled(idle, 0.99)
@@ -423,27 +450,28 @@ def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, pause: int | N
     return lines
 
 
-def _pause_effect(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> list[str]:
-    """The pollers with and without the pause side by side: its effect, and the noise."""
+def _variant_effect(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -> list[str]:
+    """The first and the last variant side by side: the effect, and the noise."""
     p99 = {
-        pause: {
+        label: {
             name: statistics.median(c.pct(0.99) for c in cells) for name, cells in names.items()
         }
-        for pause, names in ((p, _by_name(r)) for p, r in by_pause.items())
+        for label, names in ((v, _by_name(r)) for v, r in by_variant.items())
     }
-    pauses = sorted(p99, reverse=True)
-    on, off = pauses[0], pauses[-1]
+    labels = list(p99)
+    first, last = labels[0], labels[-1]
     effect = "; ".join(
-        f"{d * 1000:g} ms devices {p99[on][behind(d)]:.0f} against {p99[off][behind(d)]:.0f} ms "
-        f"({p99[on][behind(d)] / p99[off][behind(d)]:.2f}x)"
+        f"{d * 1000:g} ms devices {p99[first][behind(d)]:.0f} against "
+        f"{p99[last][behind(d)]:.0f} ms ({p99[first][behind(d)] / p99[last][behind(d)]:.2f}x)"
         for d in args.delay_list
     )
+    idle = " and ".join(f"{p99[v][IDLE]:.1f}" for v in labels)
     return [
-        f"- Pause {on} ms against {off} ms, the same run, rounds interleaved: the lane's p99 "
+        f"- *{first}* against *{last}*, the same run, rounds interleaved: the lane's p99 "
         f"behind the backlog (median of the rounds) with {effect}.",
-        f"- The idle rows of the pollers with pause {on} and {off} ms measure the same thing "
-        f"(nothing to pause): their p99 of {p99[on][IDLE]:.1f} and {p99[off][IDLE]:.1f} ms show "
-        "how far this host's noise moves the idle p99, the divisor of every ratio above.",
+        f"- The idle rows of the variants measure much the same thing (no backlog): their p99 "
+        f"of {idle} ms show how far this host's noise moves the idle p99, the divisor of "
+        "every ratio above.",
     ]
 
 
@@ -494,9 +522,12 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=30.0, help="seconds per job at most")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario")
     parser.add_argument(
-        "--pause-ms",
-        default="100",
-        help="USM_POLLER_INTERACTIVE_PAUSE_MS values, comma-separated: a poller each per round",
+        "--variant",
+        dest="variants",
+        action="append",
+        type=Variant.parse,
+        metavar="LABEL[:SETTING=VALUE,...]",
+        help="poller settings to compare (repeat; a poller each per round); default: defaults",
     )
     parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
     parser.add_argument("--serve-slow", metavar="HOSTS", help=argparse.SUPPRESS)
@@ -506,8 +537,10 @@ def main() -> None:
         return
     args.load_start = os.getloadavg()[0]
     args.delay_list = [float(d) for d in args.delays.split(",") if d.strip()]
-    args.pause_list = [int(p) for p in args.pause_ms.split(",") if p.strip()]
-    by_pause: dict[int, list[list[Cell]]] = {p: [] for p in args.pause_list}
+    args.variants = args.variants or [Variant("defaults", {})]
+    if len({v.label for v in args.variants}) < len(args.variants):
+        sys.exit("--variant labels must differ")
+    by_variant: dict[str, list[list[Cell]]] = {v.label: [] for v in args.variants}
     with (
         vhost() as vh,
         snmp_agent() as (agent_host, agent_port, _agent_pid),
@@ -523,22 +556,22 @@ def main() -> None:
         try:
             for r in range(max(1, args.rounds)):
                 print(f"round {r + 1} of {args.rounds}", flush=True)
-                order = args.pause_list if r % 2 == 0 else args.pause_list[::-1]
-                for pause in order:
-                    by_pause[pause].append(
+                order = args.variants if r % 2 == 0 else args.variants[::-1]
+                for variant in order:
+                    by_variant[variant.label].append(
                         run_round(
                             factory,
                             vh.dsn,
                             (agent_host, agent_port),
                             backlogs,
                             args,
-                            pause_ms=pause,
+                            variant=variant,
                         )
                     )
         finally:
             for poller in factory.started:
                 poller.kill()
-    text = section(by_pause, args)
+    text = section(by_variant, args)
     print()
     print(text)
     if not args.no_write:

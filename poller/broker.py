@@ -181,6 +181,9 @@ class BrokerOptions:
     #: one `multiple` ack (see the module docstring); off: `ack_many()` acks one by one.
     group_acks: bool = False
     lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed
+    #: Consume the lane on a connection of its own (to the same node): its deliveries never
+    #: wait behind the bulk channel's in one TCP stream. Off: a channel of the bulk connection.
+    lane_connection: bool = False
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
 
@@ -223,6 +226,7 @@ class Broker:
         self._conn: Any = None
         self._channel: Any = None
         self._url: AmqpUrl = urls[0]
+        self._url_index = 0
         self.generation = 0
         self._seq = 0
         #: Publishes awaiting their confirm by sequence number, oldest first (dict order).
@@ -238,6 +242,10 @@ class Broker:
         self._spare_changing = False
         self._lane_queue = lane_queue
         self._lane_channel: Any = None  # consuming the lane (None: not consuming it)
+        #: The lane's own connection (`lane_connection`; None: none open or opening).
+        self._lane_conn: Any = None
+        #: Futures waiting on the lane's connection (its handshake, its channel opening).
+        self._lane_waiters: set[asyncio.Future[Any]] = set()
         self._lane_generation = 0
         self._lane_generations = itertools.count(1)
         self._lane_task: asyncio.Task[None] | None = None
@@ -446,7 +454,20 @@ class Broker:
         """Close the connection cleanly; unacked deliveries return to the queue."""
         self._closing = True
         self._stop_lane_retry()
+        lane_conn = self._lane_conn
+        self._close_lane_conn()
         self._lost.set()
+        try:
+            await self._close_main(timeout)
+        finally:
+            if lane_conn is not None:
+                # Closed with the bulk connection's handshake, in parallel: a moment at most.
+                for _ in range(100):
+                    if lane_conn.is_closed:
+                        break
+                    await asyncio.sleep(0.01)
+
+    async def _close_main(self, timeout: float) -> None:
         conn = self._conn
         if conn is None or conn.is_closed:
             return
@@ -471,7 +492,9 @@ class Broker:
 
     # ---------------------------------------------------------------- connecting
 
-    def _parameters(self, url_index: int, url: AmqpUrl) -> pika.ConnectionParameters:
+    def _parameters(
+        self, url_index: int, url: AmqpUrl, name: str | None = None
+    ) -> pika.ConnectionParameters:
         ssl_options = None
         context = self._opts.ssl_contexts.get(url_index)
         if context is not None:
@@ -488,7 +511,7 @@ class Broker:
             stack_timeout=self._opts.connect_timeout,
             ssl_options=ssl_options,
             client_properties={
-                "connection_name": self._opts.connection_name,
+                "connection_name": name or self._opts.connection_name,
                 "product": "satellite-poller",
                 "version": __version__,
             },
@@ -497,7 +520,7 @@ class Broker:
     async def _connect(self, url_index: int, url: AmqpUrl) -> None:
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
-        self._url = url
+        self._url, self._url_index = url, url_index
         self._lost.clear()
 
         def on_open(_conn: Any) -> None:
@@ -608,15 +631,18 @@ class Broker:
             return
         channel = None
         try:
-            channel = await self._open_channel()
+            lane_conn = await self._connect_lane() if self._opts.lane_connection else None
+            channel = await self._open_channel(lane_conn)
             await self._rpc(channel, channel.basic_qos, prefetch_count=self._opts.lane_prefetch)
             generation = next(self._lane_generations)
             tag = await self._consume(channel, generation, queue=queue, interactive=True)
         except (BrokerUnavailableError, TimeoutError, pika.exceptions.AMQPError) as exc:
             if conn is not self._conn or not conn.is_open or self._closing:
+                self._close_lane_conn()
                 return  # the connection went: the next one tries again
             if channel is not None and channel.is_open:
                 channel.close()
+            self._close_lane_conn()
             event = "interactive_lane_unavailable"
             fields = {
                 "queue": queue,
@@ -636,6 +662,7 @@ class Broker:
             # Lost or stopped meanwhile: this channel is not ours any more.
             if channel.is_open:
                 channel.close()
+            self._close_lane_conn()
             return
         channel._usm_tag = tag
         channel.add_on_cancel_callback(functools.partial(self._on_lane_cancelled, channel))
@@ -644,6 +671,65 @@ class Broker:
         if self._lane_warned:
             self._lane_warned = False
             log.info("interactive_lane_consuming", queue=queue)
+
+    async def _connect_lane(self) -> Any:
+        """Open the lane's own connection, to the node the bulk connection is on."""
+        self._close_lane_conn()
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._lane_waiters.add(opened)
+
+        def on_open(_conn: Any) -> None:
+            _resolve(opened, None)
+
+        def on_open_error(_conn: Any, exc: BaseException) -> None:
+            if not opened.done():
+                opened.set_exception(BrokerUnavailableError(_describe(exc)))
+
+        conn = _Connection(
+            self._parameters(
+                self._url_index, self._url, f"{self._opts.connection_name} (interactive lane)"
+            ),
+            on_open_callback=on_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=self._on_lane_connection_closed,
+            custom_ioloop=loop,
+        )
+        self._lane_conn = conn
+        try:
+            async with asyncio.timeout(self._opts.connect_timeout + 1):
+                await opened
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"no lane connection within {self._opts.connect_timeout:g} s"
+            ) from None
+        finally:
+            self._lane_waiters.discard(opened)
+        return conn
+
+    def _close_lane_conn(self) -> None:
+        """Close the lane's own connection, if one is open or opening (its unacked jobs go
+        back to the lane's queue)."""
+        conn, self._lane_conn = self._lane_conn, None  # its late callbacks are ignored
+        if conn is None or conn.is_closed:
+            return
+        if not conn.is_open:
+            self._abort(conn, "closing before the handshake ended")
+        elif not conn.is_closing:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                conn.close(reply_code=200, reply_text="lane closed")
+
+    def _on_lane_connection_closed(self, conn: Any, exc: BaseException) -> None:
+        if conn is not self._lane_conn:
+            return
+        self._lane_conn = None
+        error = BrokerUnavailableError(f"lane connection lost: {_describe(exc)}")
+        for waiter in list(self._lane_waiters):
+            if not waiter.done():
+                waiter.set_exception(error)
+        if self._lane_channel is not None:
+            # The channel's close callback has run (and retries) unless it was not ours.
+            self._lane_lost()
 
     def _retry_lane(self, conn: Any, delay: float | None = None) -> None:
         """Try the lane again in `delay` (`lane_retry`) seconds, if this connection is still up."""
@@ -668,6 +754,7 @@ class Broker:
         channel, self._lane_channel = self._lane_channel, None
         if channel is not None and channel.is_open:
             channel.close()
+        self._close_lane_conn()
         conn = self._conn
         if conn is not None and conn.is_open and not self._closing and self.consuming:
             self._retry_lane(conn, delay)
@@ -704,19 +791,21 @@ class Broker:
             self._channel_waiters(channel).discard(consumed)
         return tag
 
-    async def _open_channel(self) -> Any:
+    async def _open_channel(self, conn: Any = None) -> Any:
+        """A new channel on `conn` (None: the bulk connection)."""
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[Any] = loop.create_future()
-        self._waiters.add(opened)
+        waiters = self._waiters if conn is None else self._lane_waiters
+        waiters.add(opened)
         try:
-            channel = self._conn.channel(on_open_callback=lambda ch: _resolve(opened, ch))
+            channel = (conn or self._conn).channel(on_open_callback=lambda ch: _resolve(opened, ch))
             channel.add_on_close_callback(self._on_channel_closed)
             async with asyncio.timeout(self._opts.operation_timeout):
                 return await opened
         except TimeoutError:
             raise BrokerUnavailableError("channel did not open in time") from None
         finally:
-            self._waiters.discard(opened)
+            waiters.discard(opened)
 
     async def _rpc(
         self,
@@ -849,6 +938,7 @@ class Broker:
         self._spare_tag = None
         self._lane_channel = None
         self._stop_lane_retry()
+        self._close_lane_conn()
         if conn is not None and not conn.is_closed and not conn.is_closing:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 conn.close()
@@ -867,6 +957,7 @@ class Broker:
         self._channel = None
         self._lane_channel = None
         self._stop_lane_retry()
+        self._close_lane_conn()
         self._fail_pending(BrokerUnavailableError(f"connection lost: {_describe(exc)}"))
         for waiter in list(self._waiters):
             if not waiter.done():

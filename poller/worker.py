@@ -175,6 +175,7 @@ class Worker:
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
                 lane_prefetch=settings.effective_interactive_prefetch,
+                lane_connection=settings.interactive_connection,
                 publish_timeout=settings.publish_timeout,
             ),
             queue=wire.jobs_queue(self._sid),
