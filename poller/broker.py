@@ -246,6 +246,10 @@ class Broker:
         self._lane_conn: Any = None
         #: Futures waiting on the lane's connection (its handshake, its channel opening).
         self._lane_waiters: set[asyncio.Future[Any]] = set()
+        #: Results published on the lane's own connection, awaiting their confirm, by sequence
+        #: number (`lane_connection`: its channel is in confirm mode).
+        self._lane_seq = 0
+        self._lane_pending: dict[int, _Pending] = {}
         self._lane_generation = 0
         self._lane_generations = itertools.count(1)
         self._lane_task: asyncio.Task[None] | None = None
@@ -633,6 +637,12 @@ class Broker:
         try:
             lane_conn = await self._connect_lane() if self._opts.lane_connection else None
             channel = await self._open_channel(lane_conn)
+            if lane_conn is not None:
+                # Its jobs' results go out on it too (`publish(interactive=True)`).
+                channel.add_on_return_callback(self._on_lane_return)
+                await self._rpc(
+                    channel, channel.confirm_delivery, ack_nack_callback=self._on_lane_confirm
+                )
             await self._rpc(channel, channel.basic_qos, prefetch_count=self._opts.lane_prefetch)
             generation = next(self._lane_generations)
             tag = await self._consume(channel, generation, queue=queue, interactive=True)
@@ -667,6 +677,8 @@ class Broker:
         channel._usm_tag = tag
         channel.add_on_cancel_callback(functools.partial(self._on_lane_cancelled, channel))
         self._lane_generation = generation
+        self._lane_seq = 0
+        self._lane_pending = {}
         self._lane_channel = channel
         if self._lane_warned:
             self._lane_warned = False
@@ -711,6 +723,7 @@ class Broker:
         """Close the lane's own connection, if one is open or opening (its unacked jobs go
         back to the lane's queue)."""
         conn, self._lane_conn = self._lane_conn, None  # its late callbacks are ignored
+        self._fail_lane_pending(BrokerUnavailableError("the lane's connection closed"))
         if conn is None or conn.is_closed:
             return
         if not conn.is_open:
@@ -718,6 +731,12 @@ class Broker:
         elif not conn.is_closing:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 conn.close(reply_code=200, reply_text="lane closed")
+
+    def _fail_lane_pending(self, error: Exception) -> None:
+        pending, self._lane_pending = self._lane_pending, {}
+        for item in pending.values():
+            if not item.future.done():
+                item.future.set_exception(error)
 
     def _on_lane_connection_closed(self, conn: Any, exc: BaseException) -> None:
         if conn is not self._lane_conn:
@@ -984,6 +1003,7 @@ class Broker:
                     retry_in_s=self._opts.lane_retry,
                 )
             self._lane_channel = None
+            self._fail_lane_pending(error)
             self._lane_lost()
             return
         if channel is self._channel:
@@ -1184,16 +1204,76 @@ class Broker:
         properties: pika.BasicProperties,
         *,
         mandatory: bool = True,
+        interactive: bool = False,
     ) -> None:
         """Publish and wait for the confirm (`PublishNotConfirmedError` otherwise).
 
         No confirm within `publish_timeout` raises `PublishNotConfirmedError` as well; the
-        shared timer of `_expire` enforces it.
+        shared timer of `_expire` enforces it. `interactive`: the result of a lane job, which
+        goes out on the lane's own connection when it has one (`lane_connection`), else on
+        the bulk channel like every other publish.
         """
         timeout = self._opts.publish_timeout
+        lane = self._lane_channel
+        if interactive and self._opts.lane_connection and lane is not None and lane.is_open:
+            await self._publish_lane(
+                lane, exchange, routing_key, body, properties, mandatory=mandatory
+            )
+            return
         await self._publish(
             exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
         )
+
+    async def _publish_lane(
+        self,
+        channel: Any,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        *,
+        mandatory: bool,
+    ) -> None:
+        """Publish on the lane's channel and wait for its confirm (a timer of its own: lane
+        publishes are few)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        self._lane_seq += 1
+        seq = self._lane_seq
+        self._lane_pending[seq] = _Pending(future, properties.message_id)
+        try:
+            async with asyncio.timeout(self._opts.publish_timeout):
+                await future
+        except TimeoutError:
+            raise PublishNotConfirmedError(
+                f"no confirm within {self._opts.publish_timeout:g} s"
+            ) from None
+        finally:
+            if channel is self._lane_channel:
+                self._lane_pending.pop(seq, None)
+
+    def _on_lane_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag: int = method.delivery_tag
+        pendings = self._lane_pending
+        tags = [t for t in pendings if t <= tag] if method.multiple else [tag]
+        ok = isinstance(method, _BASIC_ACK)
+        for t in tags:
+            pending = pendings.pop(t, None)
+            if pending is None or pending.future.done():
+                continue
+            if not ok:
+                pending.future.set_exception(PublishNotConfirmedError("the broker nacked it"))
+            elif pending.returned:
+                pending.future.set_exception(UnroutableError("no queue is bound for it"))
+            else:
+                pending.future.set_result(None)
+
+    def _on_lane_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
+        for pending in self._lane_pending.values():
+            if pending.message_id == props.message_id and not pending.returned:
+                pending.returned = True
+                return
 
     def _usable(self, delivery: Delivery) -> Any:
         if delivery.interactive:

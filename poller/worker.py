@@ -629,7 +629,13 @@ class Worker:
                 wire.LANE_HEADER: "interactive" if delivery.interactive else "bulk",
             },
         )
-        await self._broker.publish(wire.results_exchange(), key, wire.encode(result), props)
+        await self._broker.publish(
+            wire.results_exchange(),
+            key,
+            wire.encode(result),
+            props,
+            interactive=delivery.interactive,
+        )
 
     # ------------------------------------------------------------------ background loops
 

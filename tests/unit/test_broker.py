@@ -481,3 +481,30 @@ async def test_a_lost_lane_connection_is_opened_again_while_bulk_jobs_flow(
         assert after[queue] == before[queue]
         assert after[lane] != before[lane]
         assert after[lane] != after[queue]
+
+
+@pytest.mark.parametrize("lane_connection", [False, True], ids=["shared", "own-connection"])
+async def test_lane_results_are_confirmed_on_the_lanes_connection_when_it_has_one(
+    amqp_vhost: AmqpVhost, lane_connection: bool
+) -> None:
+    queue, exchange = _names()
+    lane = f"{queue}.interactive"
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_lane_topology(queue, lane, exchange),
+        on_delivery=got.put_nowait,
+        lane_queue=lane,
+        lane_connection=lane_connection,
+    ) as broker:
+        await broker.publish(exchange, "bulk", b"{}", _props("r1"), interactive=True)
+        [delivery] = await _take(got, 1)
+        assert delivery.message_id == "r1"
+        broker.ack(delivery)
+        with pytest.raises(UnroutableError):
+            await broker.publish(exchange, "nowhere", b"{}", _props("r2"), interactive=True)
+        # Confirmed on the lane's channel (its own sequence), or on the bulk channel.
+        assert (broker._lane_seq, broker._seq) == ((2, 0) if lane_connection else (0, 2))
+        assert broker._lane_pending == {}
+        assert broker._pending == {}
