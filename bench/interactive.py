@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pika  # noqa: E402
+import pika.exceptions  # noqa: E402
 from common import DOC, snmp_agent, vhost, write_section  # noqa: E402
 
 from poller import wire  # noqa: E402
@@ -114,6 +115,7 @@ class Cell:
     latencies: list[float]  # ms, of the jobs answered within the limit
     in_poller: list[float]  # ms, their `duration_ms`: from delivery to result, in the poller
     to_poller: list[float]  # ms, publish → the job's `started_at` (broker, delivery, loop)
+    to_bystander: list[float]  # ms, publish → a copy of the job in a bystander's hands
     back: list[float]  # ms, the result's `finished_at` → in the caller's hands
     sent: int
     ok: int
@@ -133,6 +135,7 @@ class Answer:
     duration_ms: float  # the result's own, in the poller
     to_poller_ms: float  # publish → the result's `started_at` (wall clocks of one host)
     back_ms: float  # the result's `finished_at` → received
+    published: float = math.nan  # wall clock
 
 
 MISSED = Answer(float("inf"), float("nan"), float("nan"), float("nan"))
@@ -207,9 +210,70 @@ class Caller:
                         result.duration_ms,
                         (result.started_at.timestamp() - published) * 1000,
                         (received - result.finished_at.timestamp()) * 1000,
+                        published,
                     )
             self._inbox.clear()
         return MISSED
+
+
+class Bystander:
+    """A copy of every interactive job, in a quorum queue of its own bound to the lane's key,
+    consumed by a process of its own that notes when each copy arrives: publish → its hands
+    is what the broker and the host take to deliver a lane job to a consumer that does
+    nothing else, the share of *to the poller* the poller cannot shorten."""
+
+    def __init__(self, dsn: str, sid: str, channel: Any, path: Path) -> None:
+        self.path = path
+        self.queue = f"bench-bystander-{sid}"
+        self.channel = channel
+        channel.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(
+            self.queue, wire.jobs_exchange(), wire.lane_routing_key(sid, "interactive")
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--bystander", dsn, self.queue, str(path)],
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        if not self.proc.stdout.readline().strip():
+            sys.exit("the bystander did not start")
+
+    def seen(self) -> dict[str, float]:
+        """Job id → when its copy arrived (wall clock), for every copy so far."""
+        time.sleep(0.2)  # the last job's copy is written
+        got = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                job_id, _, at = line.partition(" ")
+                got[job_id] = float(at)
+        return got
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            self.channel.queue_delete(self.queue)
+
+
+def serve_bystander(dsn: str, queue: str, path: str) -> None:
+    """`--bystander`: consume `queue`, write `<job id> <wall clock>` per copy to `path`."""
+    conn = pika.BlockingConnection(pika.URLParameters(dsn))
+    channel = conn.channel()
+    with open(path, "a", encoding="utf-8") as out:
+
+        def on_copy(_ch: Any, _method: Any, props: Any, _body: bytes) -> None:
+            out.write(f"{props.message_id} {time.time():.6f}\n")
+            out.flush()
+
+        channel.basic_consume(queue, on_copy, auto_ack=True)
+        print("ready", flush=True)
+        end = time.monotonic() + 3600
+        while time.monotonic() < end:
+            conn.process_data_events(time_limit=1)
 
 
 def run_cell(
@@ -220,11 +284,13 @@ def run_cell(
     *,
     lane: wire.Lane = "interactive",
     backlog: Backlog | None = None,
+    bystander: Bystander | None = None,
     **props: Any,
 ) -> Cell:
     """`args.jobs` jobs one at a time; with a backlog, it is topped up to `args.backlog` bulk
     jobs before each `args.batch` of them (the same "queued ahead" for every job)."""
-    cell = Cell(name, [], [], [], [], args.jobs, 0, None)
+    cell = Cell(name, [], [], [], [], [], args.jobs, 0, None)
+    sent: dict[str, tuple[float, float]] = {}  # job id → published (wall clock), to the poller
     ok = 0
     published = 0
     lefts: list[int] = []
@@ -240,6 +306,7 @@ def run_cell(
         job = snmp_job(*agent, job_id=f"{uuid.uuid4().hex[:6]}-{n}", timeout=10)
         answer = caller.call(job, lane=lane, limit=args.limit, **props)
         if answer.seconds != float("inf"):
+            sent[job["id"]] = (answer.published, answer.to_poller_ms)
             cell.latencies.append(answer.seconds * 1000)
             cell.in_poller.append(answer.duration_ms)
             cell.to_poller.append(answer.to_poller_ms)
@@ -248,11 +315,15 @@ def run_cell(
         time.sleep(args.gap)
     if backlog is not None:
         lefts.append(caller.depth(wire.jobs_queue(caller.sid)))
+    seen = bystander.seen() if bystander is not None else {}
+    # Per job: how much longer it took to reach the poller than its copy the bystander.
+    beyond = sorted(to - (seen[i] - t) * 1000 for i, (t, to) in sent.items() if i in seen)
     cell = Cell(
         name,
         cell.latencies,
         cell.in_poller,
         cell.to_poller,
+        [(seen[i] - t) * 1000 for i, (t, _) in sent.items() if i in seen],
         cell.back,
         args.jobs,
         ok,
@@ -261,15 +332,22 @@ def run_cell(
     print(
         f"{name}: p50 {cell.pct(0.5):.1f} ms p99 {cell.pct(0.99):.1f} ms "
         f"max {max(cell.latencies, default=float('nan')):.1f} ms; p50/p99 to the poller "
-        f"{cell.pct(0.5, cell.to_poller):.1f}/{cell.pct(0.99, cell.to_poller):.1f}, in it "
+        f"{cell.pct(0.5, cell.to_poller):.1f}/{cell.pct(0.99, cell.to_poller):.1f} (a "
+        f"bystander {cell.pct(0.5, cell.to_bystander):.1f}/"
+        f"{cell.pct(0.99, cell.to_bystander):.1f}), in it "
         f"{cell.pct(0.5, cell.in_poller):.1f}/{cell.pct(0.99, cell.in_poller):.1f}, back "
         f"{cell.pct(0.5, cell.back):.1f}/{cell.pct(0.99, cell.back):.1f} "
-        f"({cell.ok}/{args.jobs} answered), least backlog left {cell.backlog_after}",
+        f"({cell.ok}/{args.jobs} answered), least backlog left {cell.backlog_after}; to the "
+        f"poller beyond the bystander p50/p90/p99 {cell.pct(0.5, beyond):.1f}/"
+        f"{cell.pct(0.9, beyond):.1f}/{cell.pct(0.99, beyond):.1f}",
         flush=True,
     )
     if backlog is not None:
         caller.channel.queue_purge(wire.jobs_queue(caller.sid))
         time.sleep(backlog.delay * 10)  # the jobs the poller holds finish
+        # A core consumes the bulk results as they come; nobody does here: drop them, so that
+        # the broker does not carry a results queue growing by 1,100 messages a second.
+        caller.channel.queue_purge(wire.results_queue())
     return cell
 
 
@@ -286,12 +364,26 @@ def run_round(
     print(f"variant {variant.describe()}", flush=True)
     poller = factory(sid, wait=True, named=True, **variant.settings)
     caller = Caller(dsn, sid)
+    bystander = (
+        Bystander(dsn, sid, caller.channel, Path(args.tmp) / f"bystander-{sid}.txt")
+        if args.bystander
+        else None
+    )
     try:
         warm = argparse.Namespace(**{**vars(args), "jobs": 10})
         run_cell("warm-up (not reported)", caller, agent, warm)
-        cells = [run_cell(IDLE, caller, agent, args)]
+        cells = [run_cell(IDLE, caller, agent, args, bystander=bystander)]
         for n, backlog in enumerate(backlogs):
-            cells.append(run_cell(behind(backlog.delay), caller, agent, args, backlog=backlog))
+            cells.append(
+                run_cell(
+                    behind(backlog.delay),
+                    caller,
+                    agent,
+                    args,
+                    backlog=backlog,
+                    bystander=bystander,
+                )
+            )
             if n == 0 and args.priority_jobs:
                 # Right after the fastest backlog: the poller holds only its jobs.
                 few = argparse.Namespace(**{**vars(args), "jobs": args.priority_jobs})
@@ -300,6 +392,8 @@ def run_round(
                 )
         return cells
     finally:
+        if bystander is not None:
+            bystander.close()
         caller.close()
         poller.kill()
 
@@ -359,9 +453,9 @@ def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -
             )
         ),
         "",
-        "| scenario | p50 | p99 [all rounds] | max | p99 to the poller | p99 in the poller | "
-        "p99 back | answered | least bulk backlog left |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | p50 | p99 [all rounds] | max | p99 to the poller | p99 to a bystander | "
+        "p99 in the poller | p99 back | answered | least bulk backlog left |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, group in by_variant.items():
         lines.extend(_rows(group, label if several else None))
@@ -417,6 +511,7 @@ def _rows(rounds: list[list[Cell]], label: str | None) -> list[str]:
             f"{median_range([c.pct(0.99) for c in cells])} [{pooled(cells, 0.99):.1f}] ms | "
             f"{median_range([max(c.latencies, default=math.nan) for c in cells])} ms | "
             f"{median_range([c.pct(0.99, c.to_poller) for c in cells])} ms | "
+            f"{median_range([c.pct(0.99, c.to_bystander) for c in cells])} ms | "
             f"{median_range([c.pct(0.99, c.in_poller) for c in cells])} ms | "
             f"{median_range([c.pct(0.99, c.back) for c in cells])} ms | "
             f"{sum(c.ok for c in cells)}/{sum(c.sent for c in cells)} | "
@@ -530,10 +625,20 @@ def main() -> None:
         help="poller settings to compare (repeat; a poller each per round); default: defaults",
     )
     parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
+    parser.add_argument(
+        "--no-bystander",
+        dest="bystander",
+        action="store_false",
+        help="no copy of the lane's jobs to a bystander consumer",
+    )
     parser.add_argument("--serve-slow", metavar="HOSTS", help=argparse.SUPPRESS)
+    parser.add_argument("--bystander", nargs=3, dest="serve_bystander", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_slow:
         serve_slow(args.serve_slow.split(","), float(args.delays))
+        return
+    if args.serve_bystander:
+        serve_bystander(*args.serve_bystander)
         return
     args.load_start = os.getloadavg()[0]
     args.delay_list = [float(d) for d in args.delays.split(",") if d.strip()]
@@ -553,6 +658,7 @@ def main() -> None:
             port = stack.enter_context(slow_devices(hosts, delay))
             backlogs.append(Backlog(hosts, port, delay))
         factory = PollerFactory(vh, Path(tmp))
+        args.tmp = tmp
         try:
             for r in range(max(1, args.rounds)):
                 print(f"round {r + 1} of {args.rounds}", flush=True)
