@@ -330,8 +330,8 @@ def test_sigterm_returns_unstarted_lane_jobs_and_reconnects_consume_the_lane_aga
     slow_devices: SlowSnmpAgents,
     own_connection: bool,
 ) -> None:
-    lane_setting = {"interactive_connection": str(own_connection).lower()}
-    poller = start_poller(sid, concurrency=2, shutdown_grace=5, **lane_setting)
+    own = str(own_connection).lower()
+    poller = start_poller(sid, concurrency=2, shutdown_grace=5, interactive_connection=own)
     # The lane: 1 run slot, a window of 4; these wait (silent device), one at a time.
     ids = [f"lane-{n}" for n in range(6)]
     for job_id in ids:
@@ -343,7 +343,7 @@ def test_sigterm_returns_unstarted_lane_jobs_and_reconnects_consume_the_lane_aga
     assert poller.terminate(timeout=30) == 0
     assert poller.events("returning_unstarted_jobs")
     assert not poller.events("interactive_lane_unavailable")
-    start_poller(sid, concurrency=4, **lane_setting)
+    start_poller(sid, concurrency=4, interactive_connection=own)
     results = client.collect_ids(ids, timeout=60)
     assert sorted({r.result.job_id for r in results}) == sorted(ids)
     assert {r.props.headers[wire.LANE_HEADER] for r in results} == {"interactive"}
