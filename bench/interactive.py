@@ -473,10 +473,14 @@ def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -
         "benchmark and its slow devices. From an interactive job's delivery until its result "
         "is confirmed, bulk jobs start nothing and publish nothing "
         '(`USM_POLLER_INTERACTIVE_PAUSE_MS`, docs/operations.md, "Interactive lane"): that '
-        "shortens the time *in the poller* and *back*. The time *to the poller* (the broker "
-        "committing the job to the lane's quorum queue and sending it, the poller's loop "
-        "reading it) passes before the poller knows the job exists, and no pause can shorten "
-        "it."
+        "shortens the time *in the poller* and *back*. Part of the time *to the poller* (the "
+        "broker committing the job to the lane's quorum queue and sending it) passes before "
+        "the poller knows the job exists: the *bystander* column is that share, a copy of "
+        "every lane job (a quorum queue of its own bound to the lane's key) delivered by the "
+        "same broker on the same host to a process that does nothing else; no change in the "
+        "poller can shorten it. The rest is the poller's loop reading the delivery (a turn or "
+        "more late when the backlog keeps it busy) and starting the job, which goes ahead of "
+        "the bulk work already scheduled."
     )
     rank = args.jobs - int(0.99 * args.jobs)
     nth = f"{rank}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(rank, 'th') }"
