@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/interactive.py              # writes docs/performance.md
     .venv/bin/python bench/interactive.py --no-write --rounds 1 --backlog 2000 --jobs 100
-    .venv/bin/python bench/interactive.py --pause-ms 100,0   # with and without the pause
+    .venv/bin/python bench/interactive.py --variant pause --variant "off:interactive_pause_ms=0"
 
 Side by side in one run (every scenario in each of `--rounds` rounds, a fresh poller per
-round and per value of `--pause-ms`, taken in turn, the order swapped every round; the table
-gives medians and ranges), against the real RabbitMQ (a vhost of its own), the real Net-SNMP
+round and per `--variant` (poller settings), taken in turn, the order swapped every round; the
+table gives medians and ranges), against the real RabbitMQ (a vhost of its own), the real Net-SNMP
 agent and real `poller run` processes with the default settings (concurrency 64, 8 run slots
 kept for the lane, 4 jobs at once per device, prefetch 512):
 
@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pika  # noqa: E402
+import pika.exceptions  # noqa: E402
 from common import DOC, snmp_agent, vhost, write_section  # noqa: E402
 
 from poller import wire  # noqa: E402
@@ -79,6 +80,29 @@ def bulk_hosts(index: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A poller's settings to compare (`--variant LABEL[:SETTING=VALUE,...]`; settings by their
+    `USM_POLLER_` name in lower case, e.g. `interactive_pause_ms=0`)."""
+
+    label: str
+    settings: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        label, _, rest = text.partition(":")
+        pairs = [p.split("=", 1) for p in rest.split(",") if p.strip()]
+        if not label.strip() or any(len(p) != 2 for p in pairs):
+            raise argparse.ArgumentTypeError(f"not LABEL[:SETTING=VALUE,...]: {text!r}")
+        return cls(label.strip(), {k.strip().lower(): v.strip() for k, v in pairs})
+
+    def describe(self) -> str:
+        if not self.settings:
+            return f"*{self.label}*: the defaults"
+        pairs = ", ".join(f"`USM_POLLER_{k.upper()}={v}`" for k, v in self.settings.items())
+        return f"*{self.label}*: {pairs}"
+
+
+@dataclass(frozen=True)
 class Backlog:
     hosts: list[str]
     port: int
@@ -91,6 +115,7 @@ class Cell:
     latencies: list[float]  # ms, of the jobs answered within the limit
     in_poller: list[float]  # ms, their `duration_ms`: from delivery to result, in the poller
     to_poller: list[float]  # ms, publish → the job's `started_at` (broker, delivery, loop)
+    to_bystander: list[float]  # ms, publish → a copy of the job in a bystander's hands
     back: list[float]  # ms, the result's `finished_at` → in the caller's hands
     sent: int
     ok: int
@@ -110,6 +135,7 @@ class Answer:
     duration_ms: float  # the result's own, in the poller
     to_poller_ms: float  # publish → the result's `started_at` (wall clocks of one host)
     back_ms: float  # the result's `finished_at` → received
+    published: float = math.nan  # wall clock
 
 
 MISSED = Answer(float("inf"), float("nan"), float("nan"), float("nan"))
@@ -184,9 +210,70 @@ class Caller:
                         result.duration_ms,
                         (result.started_at.timestamp() - published) * 1000,
                         (received - result.finished_at.timestamp()) * 1000,
+                        published,
                     )
             self._inbox.clear()
         return MISSED
+
+
+class Bystander:
+    """A copy of every interactive job, in a quorum queue of its own bound to the lane's key,
+    consumed by a process of its own that notes when each copy arrives: publish → its hands
+    is what the broker and the host take to deliver a lane job to a consumer that does
+    nothing else, the share of *to the poller* the poller cannot shorten."""
+
+    def __init__(self, dsn: str, sid: str, channel: Any, path: Path) -> None:
+        self.path = path
+        self.queue = f"bench-bystander-{sid}"
+        self.channel = channel
+        channel.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(
+            self.queue, wire.jobs_exchange(), wire.lane_routing_key(sid, "interactive")
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--bystander", dsn, self.queue, str(path)],
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        if not self.proc.stdout.readline().strip():
+            sys.exit("the bystander did not start")
+
+    def seen(self) -> dict[str, float]:
+        """Job id → when its copy arrived (wall clock), for every copy so far."""
+        time.sleep(0.2)  # the last job's copy is written
+        got = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                job_id, _, at = line.partition(" ")
+                got[job_id] = float(at)
+        return got
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            self.channel.queue_delete(self.queue)
+
+
+def serve_bystander(dsn: str, queue: str, path: str) -> None:
+    """`--bystander`: consume `queue`, write `<job id> <wall clock>` per copy to `path`."""
+    conn = pika.BlockingConnection(pika.URLParameters(dsn))
+    channel = conn.channel()
+    with open(path, "a", encoding="utf-8") as out:
+
+        def on_copy(_ch: Any, _method: Any, props: Any, _body: bytes) -> None:
+            out.write(f"{props.message_id} {time.time():.6f}\n")
+            out.flush()
+
+        channel.basic_consume(queue, on_copy, auto_ack=True)
+        print("ready", flush=True)
+        end = time.monotonic() + 3600
+        while time.monotonic() < end:
+            conn.process_data_events(time_limit=1)
 
 
 def run_cell(
@@ -197,11 +284,13 @@ def run_cell(
     *,
     lane: wire.Lane = "interactive",
     backlog: Backlog | None = None,
+    bystander: Bystander | None = None,
     **props: Any,
 ) -> Cell:
     """`args.jobs` jobs one at a time; with a backlog, it is topped up to `args.backlog` bulk
     jobs before each `args.batch` of them (the same "queued ahead" for every job)."""
-    cell = Cell(name, [], [], [], [], args.jobs, 0, None)
+    cell = Cell(name, [], [], [], [], [], args.jobs, 0, None)
+    sent: dict[str, tuple[float, float]] = {}  # job id → published (wall clock), to the poller
     ok = 0
     published = 0
     lefts: list[int] = []
@@ -217,6 +306,7 @@ def run_cell(
         job = snmp_job(*agent, job_id=f"{uuid.uuid4().hex[:6]}-{n}", timeout=10)
         answer = caller.call(job, lane=lane, limit=args.limit, **props)
         if answer.seconds != float("inf"):
+            sent[job["id"]] = (answer.published, answer.to_poller_ms)
             cell.latencies.append(answer.seconds * 1000)
             cell.in_poller.append(answer.duration_ms)
             cell.to_poller.append(answer.to_poller_ms)
@@ -225,11 +315,15 @@ def run_cell(
         time.sleep(args.gap)
     if backlog is not None:
         lefts.append(caller.depth(wire.jobs_queue(caller.sid)))
+    seen = bystander.seen() if bystander is not None else {}
+    # Per job: how much longer it took to reach the poller than its copy the bystander.
+    beyond = sorted(to - (seen[i] - t) * 1000 for i, (t, to) in sent.items() if i in seen)
     cell = Cell(
         name,
         cell.latencies,
         cell.in_poller,
         cell.to_poller,
+        [(seen[i] - t) * 1000 for i, (t, _) in sent.items() if i in seen],
         cell.back,
         args.jobs,
         ok,
@@ -238,15 +332,22 @@ def run_cell(
     print(
         f"{name}: p50 {cell.pct(0.5):.1f} ms p99 {cell.pct(0.99):.1f} ms "
         f"max {max(cell.latencies, default=float('nan')):.1f} ms; p50/p99 to the poller "
-        f"{cell.pct(0.5, cell.to_poller):.1f}/{cell.pct(0.99, cell.to_poller):.1f}, in it "
+        f"{cell.pct(0.5, cell.to_poller):.1f}/{cell.pct(0.99, cell.to_poller):.1f} (a "
+        f"bystander {cell.pct(0.5, cell.to_bystander):.1f}/"
+        f"{cell.pct(0.99, cell.to_bystander):.1f}), in it "
         f"{cell.pct(0.5, cell.in_poller):.1f}/{cell.pct(0.99, cell.in_poller):.1f}, back "
         f"{cell.pct(0.5, cell.back):.1f}/{cell.pct(0.99, cell.back):.1f} "
-        f"({cell.ok}/{args.jobs} answered), least backlog left {cell.backlog_after}",
+        f"({cell.ok}/{args.jobs} answered), least backlog left {cell.backlog_after}; to the "
+        f"poller beyond the bystander p50/p90/p99 {cell.pct(0.5, beyond):.1f}/"
+        f"{cell.pct(0.9, beyond):.1f}/{cell.pct(0.99, beyond):.1f}",
         flush=True,
     )
     if backlog is not None:
         caller.channel.queue_purge(wire.jobs_queue(caller.sid))
         time.sleep(backlog.delay * 10)  # the jobs the poller holds finish
+        # A core consumes the bulk results as they come; nobody does here: drop them, so that
+        # the broker does not carry a results queue growing by 1,100 messages a second.
+        caller.channel.queue_purge(wire.results_queue())
     return cell
 
 
@@ -257,18 +358,32 @@ def run_round(
     backlogs: list[Backlog],
     args: argparse.Namespace,
     *,
-    pause_ms: int,
+    variant: Variant,
 ) -> list[Cell]:
     sid = f"bench{uuid.uuid4().hex[:8]}"
-    print(f"USM_POLLER_INTERACTIVE_PAUSE_MS={pause_ms}", flush=True)
-    poller = factory(sid, interactive_pause_ms=pause_ms)
+    print(f"variant {variant.describe()}", flush=True)
+    poller = factory(sid, wait=True, named=True, **variant.settings)
     caller = Caller(dsn, sid)
+    bystander = (
+        Bystander(dsn, sid, caller.channel, Path(args.tmp) / f"bystander-{sid}.txt")
+        if args.bystander
+        else None
+    )
     try:
         warm = argparse.Namespace(**{**vars(args), "jobs": 10})
         run_cell("warm-up (not reported)", caller, agent, warm)
-        cells = [run_cell(IDLE, caller, agent, args)]
+        cells = [run_cell(IDLE, caller, agent, args, bystander=bystander)]
         for n, backlog in enumerate(backlogs):
-            cells.append(run_cell(behind(backlog.delay), caller, agent, args, backlog=backlog))
+            cells.append(
+                run_cell(
+                    behind(backlog.delay),
+                    caller,
+                    agent,
+                    args,
+                    backlog=backlog,
+                    bystander=bystander,
+                )
+            )
             if n == 0 and args.priority_jobs:
                 # Right after the fastest backlog: the poller holds only its jobs.
                 few = argparse.Namespace(**{**vars(args), "jobs": args.priority_jobs})
@@ -277,6 +392,8 @@ def run_round(
                 )
         return cells
     finally:
+        if bystander is not None:
+            bystander.close()
         caller.close()
         poller.kill()
 
@@ -297,9 +414,9 @@ def pooled(cells: list[Cell], q: float, field: str = "latencies") -> float:
     return cells[0].pct(q, values) if values else float("nan")
 
 
-def section(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> str:
-    rounds = by_pause[args.pause_list[0]]
-    several = len(by_pause) > 1
+def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -> str:
+    rounds = by_variant[args.variants[0].label]
+    several = len(by_variant) > 1
     lines = [
         HEADING,
         "",
@@ -325,24 +442,28 @@ def section(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> 
         "columns are medians (min-max) of the rounds. Load average (1 min) at the start and "
         f"end: {args.load_start:.1f} and {os.getloadavg()[0]:.1f}."
         + (
-            " Each round ran a poller per value of `USM_POLLER_INTERACTIVE_PAUSE_MS` (how long "
-            "bulk work may wait while an interactive job is in flight; 0: never), in turn, "
-            "the order swapped every round."
+            " Each round ran a poller per variant, in turn, the order swapped every round: "
+            + "; ".join(v.describe() for v in args.variants)
+            + "."
             if several
-            else ""
+            else (
+                f" Poller settings: {args.variants[0].describe()}."
+                if args.variants[0].settings
+                else ""
+            )
         ),
         "",
-        "| scenario | p50 | p99 [all rounds] | max | p99 to the poller | p99 in the poller | "
-        "p99 back | answered | least bulk backlog left |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | p50 | p99 [all rounds] | max | p99 to the poller | p99 to a bystander | "
+        "p99 in the poller | p99 back | answered | least bulk backlog left |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for pause, group in by_pause.items():
-        lines.extend(_rows(group, pause if several else None))
+    for label, group in by_variant.items():
+        lines.extend(_rows(group, label if several else None))
     lines.append("")
-    for pause, group in by_pause.items():
-        lines.extend(_verdicts(group, args, pause if several else None))
+    for label, group in by_variant.items():
+        lines.extend(_verdicts(group, args, label if several else None))
     if several:
-        lines.extend(_pause_effect(by_pause, args))
+        lines.extend(_variant_effect(by_variant, args))
     lines.append(
         "- The lane's jobs never queue behind the bulk backlog or the bulk window (their own "
         "queue, channel and window) and take one of the 8 run slots bulk jobs may not use. "
@@ -352,10 +473,14 @@ def section(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> 
         "benchmark and its slow devices. From an interactive job's delivery until its result "
         "is confirmed, bulk jobs start nothing and publish nothing "
         '(`USM_POLLER_INTERACTIVE_PAUSE_MS`, docs/operations.md, "Interactive lane"): that '
-        "shortens the time *in the poller* and *back*. The time *to the poller* (the broker "
-        "committing the job to the lane's quorum queue and sending it, the poller's loop "
-        "reading it) passes before the poller knows the job exists, and no pause can shorten "
-        "it."
+        "shortens the time *in the poller* and *back*. Part of the time *to the poller* (the "
+        "broker committing the job to the lane's quorum queue and sending it) passes before "
+        "the poller knows the job exists: the *bystander* column is that share, a copy of "
+        "every lane job (a quorum queue of its own bound to the lane's key) delivered by the "
+        "same broker on the same host to a process that does nothing else; no change in the "
+        "poller can shorten it. The rest is the poller's loop reading the delivery (a turn or "
+        "more late when the backlog keeps it busy) and starting the job, which goes ahead of "
+        "the bulk work already scheduled."
     )
     rank = args.jobs - int(0.99 * args.jobs)
     nth = f"{rank}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(rank, 'th') }"
@@ -380,9 +505,9 @@ def _by_name(rounds: list[list[Cell]]) -> dict[str, list[Cell]]:
     return {name: [next(c for c in r if c.name == name) for r in rounds] for name in names}
 
 
-def _rows(rounds: list[list[Cell]], pause: int | None) -> list[str]:
+def _rows(rounds: list[list[Cell]], label: str | None) -> list[str]:
     lines = []
-    suffix = "" if pause is None else f", pause {pause} ms"
+    suffix = "" if label is None else f", {label}"
     for name, cells in _by_name(rounds).items():
         left = [float(c.backlog_after) for c in cells if c.backlog_after is not None]
         lines.append(
@@ -390,6 +515,7 @@ def _rows(rounds: list[list[Cell]], pause: int | None) -> list[str]:
             f"{median_range([c.pct(0.99) for c in cells])} [{pooled(cells, 0.99):.1f}] ms | "
             f"{median_range([max(c.latencies, default=math.nan) for c in cells])} ms | "
             f"{median_range([c.pct(0.99, c.to_poller) for c in cells])} ms | "
+            f"{median_range([c.pct(0.99, c.to_bystander) for c in cells])} ms | "
             f"{median_range([c.pct(0.99, c.in_poller) for c in cells])} ms | "
             f"{median_range([c.pct(0.99, c.back) for c in cells])} ms | "
             f"{sum(c.ok for c in cells)}/{sum(c.sent for c in cells)} | "
@@ -398,7 +524,7 @@ def _rows(rounds: list[list[Cell]], pause: int | None) -> list[str]:
     return lines
 
 
-def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, pause: int | None) -> list[str]:
+def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, label: str | None) -> list[str]:
     lines = []
     by_name = _by_name(rounds)
     ratios: dict[float, list[float]] = {d: [] for d in args.delay_list}
@@ -408,7 +534,7 @@ def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, pause: int | N
             if by[IDLE].latencies and by[behind(d)].latencies:
                 ratios[d].append(by[behind(d)].pct(0.99) / by[IDLE].pct(0.99))
     idle = by_name[IDLE]
-    poller = "" if pause is None else f" (pause {pause} ms)"
+    poller = "" if label is None else f" ({label})"
     for d, values in ratios.items():
         ratio = statistics.median(values) if values else float("nan")
         together = pooled(by_name[behind(d)], 0.99) / pooled(idle, 0.99)
@@ -423,27 +549,28 @@ def _verdicts(rounds: list[list[Cell]], args: argparse.Namespace, pause: int | N
     return lines
 
 
-def _pause_effect(by_pause: dict[int, list[list[Cell]]], args: argparse.Namespace) -> list[str]:
-    """The pollers with and without the pause side by side: its effect, and the noise."""
+def _variant_effect(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -> list[str]:
+    """The first and the last variant side by side: the effect, and the noise."""
     p99 = {
-        pause: {
+        label: {
             name: statistics.median(c.pct(0.99) for c in cells) for name, cells in names.items()
         }
-        for pause, names in ((p, _by_name(r)) for p, r in by_pause.items())
+        for label, names in ((v, _by_name(r)) for v, r in by_variant.items())
     }
-    pauses = sorted(p99, reverse=True)
-    on, off = pauses[0], pauses[-1]
+    labels = list(p99)
+    first, last = labels[0], labels[-1]
     effect = "; ".join(
-        f"{d * 1000:g} ms devices {p99[on][behind(d)]:.0f} against {p99[off][behind(d)]:.0f} ms "
-        f"({p99[on][behind(d)] / p99[off][behind(d)]:.2f}x)"
+        f"{d * 1000:g} ms devices {p99[first][behind(d)]:.0f} against "
+        f"{p99[last][behind(d)]:.0f} ms ({p99[first][behind(d)] / p99[last][behind(d)]:.2f}x)"
         for d in args.delay_list
     )
+    idle = " and ".join(f"{p99[v][IDLE]:.1f}" for v in labels)
     return [
-        f"- Pause {on} ms against {off} ms, the same run, rounds interleaved: the lane's p99 "
+        f"- *{first}* against *{last}*, the same run, rounds interleaved: the lane's p99 "
         f"behind the backlog (median of the rounds) with {effect}.",
-        f"- The idle rows of the pollers with pause {on} and {off} ms measure the same thing "
-        f"(nothing to pause): their p99 of {p99[on][IDLE]:.1f} and {p99[off][IDLE]:.1f} ms show "
-        "how far this host's noise moves the idle p99, the divisor of every ratio above.",
+        f"- The idle rows of the variants measure much the same thing (no backlog): their p99 "
+        f"of {idle} ms show how far this host's noise moves the idle p99, the divisor of "
+        "every ratio above.",
     ]
 
 
@@ -494,20 +621,35 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=30.0, help="seconds per job at most")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario")
     parser.add_argument(
-        "--pause-ms",
-        default="100",
-        help="USM_POLLER_INTERACTIVE_PAUSE_MS values, comma-separated: a poller each per round",
+        "--variant",
+        dest="variants",
+        action="append",
+        type=Variant.parse,
+        metavar="LABEL[:SETTING=VALUE,...]",
+        help="poller settings to compare (repeat; a poller each per round); default: defaults",
     )
     parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
+    parser.add_argument(
+        "--no-bystander",
+        dest="bystander",
+        action="store_false",
+        help="no copy of the lane's jobs to a bystander consumer",
+    )
     parser.add_argument("--serve-slow", metavar="HOSTS", help=argparse.SUPPRESS)
+    parser.add_argument("--bystander", nargs=3, dest="serve_bystander", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_slow:
         serve_slow(args.serve_slow.split(","), float(args.delays))
         return
+    if args.serve_bystander:
+        serve_bystander(*args.serve_bystander)
+        return
     args.load_start = os.getloadavg()[0]
     args.delay_list = [float(d) for d in args.delays.split(",") if d.strip()]
-    args.pause_list = [int(p) for p in args.pause_ms.split(",") if p.strip()]
-    by_pause: dict[int, list[list[Cell]]] = {p: [] for p in args.pause_list}
+    args.variants = args.variants or [Variant("defaults", {})]
+    if len({v.label for v in args.variants}) < len(args.variants):
+        sys.exit("--variant labels must differ")
+    by_variant: dict[str, list[list[Cell]]] = {v.label: [] for v in args.variants}
     with (
         vhost() as vh,
         snmp_agent() as (agent_host, agent_port, _agent_pid),
@@ -520,25 +662,26 @@ def main() -> None:
             port = stack.enter_context(slow_devices(hosts, delay))
             backlogs.append(Backlog(hosts, port, delay))
         factory = PollerFactory(vh, Path(tmp))
+        args.tmp = tmp
         try:
             for r in range(max(1, args.rounds)):
                 print(f"round {r + 1} of {args.rounds}", flush=True)
-                order = args.pause_list if r % 2 == 0 else args.pause_list[::-1]
-                for pause in order:
-                    by_pause[pause].append(
+                order = args.variants if r % 2 == 0 else args.variants[::-1]
+                for variant in order:
+                    by_variant[variant.label].append(
                         run_round(
                             factory,
                             vh.dsn,
                             (agent_host, agent_port),
                             backlogs,
                             args,
-                            pause_ms=pause,
+                            variant=variant,
                         )
                     )
         finally:
             for poller in factory.started:
                 poller.kill()
-    text = section(by_pause, args)
+    text = section(by_variant, args)
     print()
     print(text)
     if not args.no_write:

@@ -181,6 +181,9 @@ class BrokerOptions:
     #: one `multiple` ack (see the module docstring); off: `ack_many()` acks one by one.
     group_acks: bool = False
     lane_retry: float = 60.0  # seconds between attempts to consume a lane that failed
+    #: Consume the lane on a connection of its own (to the same node): its deliveries never
+    #: wait behind the bulk channel's in one TCP stream. Off: a channel of the bulk connection.
+    lane_connection: bool = False
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
 
@@ -223,6 +226,7 @@ class Broker:
         self._conn: Any = None
         self._channel: Any = None
         self._url: AmqpUrl = urls[0]
+        self._url_index = 0
         self.generation = 0
         self._seq = 0
         #: Publishes awaiting their confirm by sequence number, oldest first (dict order).
@@ -238,6 +242,14 @@ class Broker:
         self._spare_changing = False
         self._lane_queue = lane_queue
         self._lane_channel: Any = None  # consuming the lane (None: not consuming it)
+        #: The lane's own connection (`lane_connection`; None: none open or opening).
+        self._lane_conn: Any = None
+        #: Futures waiting on the lane's connection (its handshake, its channel opening).
+        self._lane_waiters: set[asyncio.Future[Any]] = set()
+        #: Results published on the lane's own connection, awaiting their confirm, by sequence
+        #: number (`lane_connection`: its channel is in confirm mode).
+        self._lane_seq = 0
+        self._lane_pending: dict[int, _Pending] = {}
         self._lane_generation = 0
         self._lane_generations = itertools.count(1)
         self._lane_task: asyncio.Task[None] | None = None
@@ -446,7 +458,20 @@ class Broker:
         """Close the connection cleanly; unacked deliveries return to the queue."""
         self._closing = True
         self._stop_lane_retry()
+        lane_conn = self._lane_conn
+        self._close_lane_conn()
         self._lost.set()
+        try:
+            await self._close_main(timeout)
+        finally:
+            if lane_conn is not None:
+                # Closed with the bulk connection's handshake, in parallel: a moment at most.
+                for _ in range(100):
+                    if lane_conn.is_closed:
+                        break
+                    await asyncio.sleep(0.01)
+
+    async def _close_main(self, timeout: float) -> None:
         conn = self._conn
         if conn is None or conn.is_closed:
             return
@@ -471,7 +496,9 @@ class Broker:
 
     # ---------------------------------------------------------------- connecting
 
-    def _parameters(self, url_index: int, url: AmqpUrl) -> pika.ConnectionParameters:
+    def _parameters(
+        self, url_index: int, url: AmqpUrl, name: str | None = None
+    ) -> pika.ConnectionParameters:
         ssl_options = None
         context = self._opts.ssl_contexts.get(url_index)
         if context is not None:
@@ -488,7 +515,7 @@ class Broker:
             stack_timeout=self._opts.connect_timeout,
             ssl_options=ssl_options,
             client_properties={
-                "connection_name": self._opts.connection_name,
+                "connection_name": name or self._opts.connection_name,
                 "product": "satellite-poller",
                 "version": __version__,
             },
@@ -497,7 +524,7 @@ class Broker:
     async def _connect(self, url_index: int, url: AmqpUrl) -> None:
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
-        self._url = url
+        self._url, self._url_index = url, url_index
         self._lost.clear()
 
         def on_open(_conn: Any) -> None:
@@ -608,15 +635,24 @@ class Broker:
             return
         channel = None
         try:
-            channel = await self._open_channel()
+            lane_conn = await self._connect_lane() if self._opts.lane_connection else None
+            channel = await self._open_channel(lane_conn)
+            if lane_conn is not None:
+                # Its jobs' results go out on it too (`publish(interactive=True)`).
+                channel.add_on_return_callback(self._on_lane_return)
+                await self._rpc(
+                    channel, channel.confirm_delivery, ack_nack_callback=self._on_lane_confirm
+                )
             await self._rpc(channel, channel.basic_qos, prefetch_count=self._opts.lane_prefetch)
             generation = next(self._lane_generations)
             tag = await self._consume(channel, generation, queue=queue, interactive=True)
         except (BrokerUnavailableError, TimeoutError, pika.exceptions.AMQPError) as exc:
             if conn is not self._conn or not conn.is_open or self._closing:
+                self._close_lane_conn()
                 return  # the connection went: the next one tries again
             if channel is not None and channel.is_open:
                 channel.close()
+            self._close_lane_conn()
             event = "interactive_lane_unavailable"
             fields = {
                 "queue": queue,
@@ -636,14 +672,83 @@ class Broker:
             # Lost or stopped meanwhile: this channel is not ours any more.
             if channel.is_open:
                 channel.close()
+            self._close_lane_conn()
             return
         channel._usm_tag = tag
         channel.add_on_cancel_callback(functools.partial(self._on_lane_cancelled, channel))
         self._lane_generation = generation
+        self._lane_seq = 0
+        self._lane_pending = {}
         self._lane_channel = channel
         if self._lane_warned:
             self._lane_warned = False
             log.info("interactive_lane_consuming", queue=queue)
+
+    async def _connect_lane(self) -> Any:
+        """Open the lane's own connection, to the node the bulk connection is on."""
+        self._close_lane_conn()
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._lane_waiters.add(opened)
+
+        def on_open(_conn: Any) -> None:
+            _resolve(opened, None)
+
+        def on_open_error(_conn: Any, exc: BaseException) -> None:
+            if not opened.done():
+                opened.set_exception(BrokerUnavailableError(_describe(exc)))
+
+        conn = _Connection(
+            self._parameters(
+                self._url_index, self._url, f"{self._opts.connection_name} (interactive lane)"
+            ),
+            on_open_callback=on_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=self._on_lane_connection_closed,
+            custom_ioloop=loop,
+        )
+        self._lane_conn = conn
+        try:
+            async with asyncio.timeout(self._opts.connect_timeout + 1):
+                await opened
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"no lane connection within {self._opts.connect_timeout:g} s"
+            ) from None
+        finally:
+            self._lane_waiters.discard(opened)
+        return conn
+
+    def _close_lane_conn(self) -> None:
+        """Close the lane's own connection, if one is open or opening (its unacked jobs go
+        back to the lane's queue)."""
+        conn, self._lane_conn = self._lane_conn, None  # its late callbacks are ignored
+        self._fail_lane_pending(BrokerUnavailableError("the lane's connection closed"))
+        if conn is None or conn.is_closed:
+            return
+        if not conn.is_open:
+            self._abort(conn, "closing before the handshake ended")
+        elif not conn.is_closing:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                conn.close(reply_code=200, reply_text="lane closed")
+
+    def _fail_lane_pending(self, error: Exception) -> None:
+        pending, self._lane_pending = self._lane_pending, {}
+        for item in pending.values():
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _on_lane_connection_closed(self, conn: Any, exc: BaseException) -> None:
+        if conn is not self._lane_conn:
+            return
+        self._lane_conn = None
+        error = BrokerUnavailableError(f"lane connection lost: {_describe(exc)}")
+        for waiter in list(self._lane_waiters):
+            if not waiter.done():
+                waiter.set_exception(error)
+        if self._lane_channel is not None:
+            # The channel's close callback has run (and retries) unless it was not ours.
+            self._lane_lost()
 
     def _retry_lane(self, conn: Any, delay: float | None = None) -> None:
         """Try the lane again in `delay` (`lane_retry`) seconds, if this connection is still up."""
@@ -668,6 +773,7 @@ class Broker:
         channel, self._lane_channel = self._lane_channel, None
         if channel is not None and channel.is_open:
             channel.close()
+        self._close_lane_conn()
         conn = self._conn
         if conn is not None and conn.is_open and not self._closing and self.consuming:
             self._retry_lane(conn, delay)
@@ -704,19 +810,21 @@ class Broker:
             self._channel_waiters(channel).discard(consumed)
         return tag
 
-    async def _open_channel(self) -> Any:
+    async def _open_channel(self, conn: Any = None) -> Any:
+        """A new channel on `conn` (None: the bulk connection)."""
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[Any] = loop.create_future()
-        self._waiters.add(opened)
+        waiters = self._waiters if conn is None else self._lane_waiters
+        waiters.add(opened)
         try:
-            channel = self._conn.channel(on_open_callback=lambda ch: _resolve(opened, ch))
+            channel = (conn or self._conn).channel(on_open_callback=lambda ch: _resolve(opened, ch))
             channel.add_on_close_callback(self._on_channel_closed)
             async with asyncio.timeout(self._opts.operation_timeout):
                 return await opened
         except TimeoutError:
             raise BrokerUnavailableError("channel did not open in time") from None
         finally:
-            self._waiters.discard(opened)
+            waiters.discard(opened)
 
     async def _rpc(
         self,
@@ -849,6 +957,7 @@ class Broker:
         self._spare_tag = None
         self._lane_channel = None
         self._stop_lane_retry()
+        self._close_lane_conn()
         if conn is not None and not conn.is_closed and not conn.is_closing:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 conn.close()
@@ -867,6 +976,7 @@ class Broker:
         self._channel = None
         self._lane_channel = None
         self._stop_lane_retry()
+        self._close_lane_conn()
         self._fail_pending(BrokerUnavailableError(f"connection lost: {_describe(exc)}"))
         for waiter in list(self._waiters):
             if not waiter.done():
@@ -893,6 +1003,7 @@ class Broker:
                     retry_in_s=self._opts.lane_retry,
                 )
             self._lane_channel = None
+            self._fail_lane_pending(error)
             self._lane_lost()
             return
         if channel is self._channel:
@@ -1093,16 +1204,76 @@ class Broker:
         properties: pika.BasicProperties,
         *,
         mandatory: bool = True,
+        interactive: bool = False,
     ) -> None:
         """Publish and wait for the confirm (`PublishNotConfirmedError` otherwise).
 
         No confirm within `publish_timeout` raises `PublishNotConfirmedError` as well; the
-        shared timer of `_expire` enforces it.
+        shared timer of `_expire` enforces it. `interactive`: the result of a lane job, which
+        goes out on the lane's own connection when it has one (`lane_connection`), else on
+        the bulk channel like every other publish.
         """
         timeout = self._opts.publish_timeout
+        lane = self._lane_channel
+        if interactive and self._opts.lane_connection and lane is not None and lane.is_open:
+            await self._publish_lane(
+                lane, exchange, routing_key, body, properties, mandatory=mandatory
+            )
+            return
         await self._publish(
             exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
         )
+
+    async def _publish_lane(
+        self,
+        channel: Any,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        *,
+        mandatory: bool,
+    ) -> None:
+        """Publish on the lane's channel and wait for its confirm (a timer of its own: lane
+        publishes are few)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        self._lane_seq += 1
+        seq = self._lane_seq
+        self._lane_pending[seq] = _Pending(future, properties.message_id)
+        try:
+            async with asyncio.timeout(self._opts.publish_timeout):
+                await future
+        except TimeoutError:
+            raise PublishNotConfirmedError(
+                f"no confirm within {self._opts.publish_timeout:g} s"
+            ) from None
+        finally:
+            if channel is self._lane_channel:
+                self._lane_pending.pop(seq, None)
+
+    def _on_lane_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag: int = method.delivery_tag
+        pendings = self._lane_pending
+        tags = [t for t in pendings if t <= tag] if method.multiple else [tag]
+        ok = isinstance(method, _BASIC_ACK)
+        for t in tags:
+            pending = pendings.pop(t, None)
+            if pending is None or pending.future.done():
+                continue
+            if not ok:
+                pending.future.set_exception(PublishNotConfirmedError("the broker nacked it"))
+            elif pending.returned:
+                pending.future.set_exception(UnroutableError("no queue is bound for it"))
+            else:
+                pending.future.set_result(None)
+
+    def _on_lane_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
+        for pending in self._lane_pending.values():
+            if pending.message_id == props.message_id and not pending.returned:
+                pending.returned = True
+                return
 
     def _usable(self, delivery: Delivery) -> Any:
         if delivery.interactive:

@@ -163,6 +163,9 @@ class PollerSettings(BaseSettings):
     #: The longest pause of bulk work while an interactive job is in flight, and the most
     #: pause credit bulk work earns back while it runs (0: bulk work never pauses).
     interactive_pause_ms: int = Field(default=100, ge=0, le=10_000)
+    #: Consume the interactive lane on an AMQP connection of its own (false: a channel of the
+    #: bulk connection).
+    interactive_connection: bool = False
     declare: bool = True
     queue_type: Literal["quorum", "classic"] = "quorum"
     heartbeat: int = Field(default=30, ge=0, le=3600)

@@ -39,7 +39,7 @@ from poller.errors import BrokerError, BrokerUnavailableError, WireError, Worker
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
 from poller.logging import ContextBinder, get_logger
-from poller.pacing import LaneFirst
+from poller.pacing import LaneFirst, first_in_line
 from poller.quarantine import Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
@@ -175,6 +175,7 @@ class Worker:
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
                 lane_prefetch=settings.effective_interactive_prefetch,
+                lane_connection=settings.interactive_connection,
                 publish_timeout=settings.publish_timeout,
             ),
             queue=wire.jobs_queue(self._sid),
@@ -334,7 +335,10 @@ class Worker:
             return
         # An interactive job pauses bulk work from its delivery until it is answered.
         release = self._lane_first.hold() if delivery.interactive else None
-        task = asyncio.get_running_loop().create_task(self._handle(delivery, release))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._handle(delivery, release))
+        if delivery.interactive:
+            first_in_line(loop)  # it starts before the bulk work already scheduled
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._check_window()
@@ -628,7 +632,13 @@ class Worker:
                 wire.LANE_HEADER: "interactive" if delivery.interactive else "bulk",
             },
         )
-        await self._broker.publish(wire.results_exchange(), key, wire.encode(result), props)
+        await self._broker.publish(
+            wire.results_exchange(),
+            key,
+            wire.encode(result),
+            props,
+            interactive=delivery.interactive,
+        )
 
     # ------------------------------------------------------------------ background loops
 

@@ -319,6 +319,7 @@ def test_a_broker_without_the_lane_queue_keeps_consuming_bulk_jobs(
     assert poller.terminate() == 0
 
 
+@pytest.mark.parametrize("own_connection", [False, True], ids=["shared", "own-connection"])
 def test_sigterm_returns_unstarted_lane_jobs_and_reconnects_consume_the_lane_again(
     *,
     amqp_vhost: AmqpVhost,
@@ -327,8 +328,10 @@ def test_sigterm_returns_unstarted_lane_jobs_and_reconnects_consume_the_lane_aga
     client: JobClient,
     silent_udp_port: int,
     slow_devices: SlowSnmpAgents,
+    own_connection: bool,
 ) -> None:
-    poller = start_poller(sid, concurrency=2, shutdown_grace=5)
+    own = str(own_connection).lower()
+    poller = start_poller(sid, concurrency=2, shutdown_grace=5, interactive_connection=own)
     # The lane: 1 run slot, a window of 4; these wait (silent device), one at a time.
     ids = [f"lane-{n}" for n in range(6)]
     for job_id in ids:
@@ -340,7 +343,7 @@ def test_sigterm_returns_unstarted_lane_jobs_and_reconnects_consume_the_lane_aga
     assert poller.terminate(timeout=30) == 0
     assert poller.events("returning_unstarted_jobs")
     assert not poller.events("interactive_lane_unavailable")
-    start_poller(sid, concurrency=4)
+    start_poller(sid, concurrency=4, interactive_connection=own)
     results = client.collect_ids(ids, timeout=60)
     assert sorted({r.result.job_id for r in results}) == sorted(ids)
     assert {r.props.headers[wire.LANE_HEADER] for r in results} == {"interactive"}

@@ -141,6 +141,21 @@ def list_bindings(vhost: str) -> list[tuple[str, str, str]]:
     ]
 
 
+def consumer_connections(vhost: str) -> dict[str, set[str]]:
+    """{queue name: the connections of its consumers} in `vhost`, as broker pids in the form
+    `rabbitmqctl close_connection` takes (its JSON output has another form)."""
+
+    def rows(*args: str) -> list[list[str]]:
+        out = rabbitmqctl(*args, "-p", vhost, "--quiet", "--no-table-headers")
+        return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+    channels = dict(rows("list_channels", "pid", "connection"))
+    found: dict[str, set[str]] = {}
+    for queue, channel in rows("list_consumers", "queue_name", "channel_pid"):
+        found.setdefault(queue, set()).add(channels.get(channel, "?"))
+    return found
+
+
 def queue_arguments(vhost: str) -> dict[str, dict[str, Any]]:
     """{queue name: {argument: value}} as the broker holds them."""
     return {

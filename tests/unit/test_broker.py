@@ -22,7 +22,7 @@ from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, 
 from poller.broker import properties as amqp_properties
 from poller.config import parse_dsn
 from poller.errors import PublishNotConfirmedError
-from tests.support.rabbitmq import AmqpVhost
+from tests.support.rabbitmq import AmqpVhost, consumer_connections, rabbitmqctl
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +91,7 @@ async def running_broker(
     lane_queue: str | None = None,
     lane_prefetch: int = 4,
     lane_retry: float = 60.0,
+    lane_connection: bool = False,
 ) -> AsyncIterator[Broker]:
     broker = Broker(
         parse_dsn(dsn),
@@ -100,6 +101,7 @@ async def running_broker(
             prefetch=prefetch,
             lane_prefetch=lane_prefetch,
             lane_retry=lane_retry,
+            lane_connection=lane_connection,
         ),
         queue=queue,
         topology=topology,
@@ -304,8 +306,9 @@ def _lane_topology(queue: str, lane: str, exchange: str, *, with_lane: bool = Tr
     return Topology(exchanges=((exchange, "direct"),), queues=tuple(queues))
 
 
+@pytest.mark.parametrize("lane_connection", [False, True], ids=["shared", "own-connection"])
 async def test_the_lane_has_its_own_channel_and_window_and_its_acks_go_there(
-    amqp_vhost: AmqpVhost,
+    amqp_vhost: AmqpVhost, lane_connection: bool
 ) -> None:
     queue, exchange = _names()
     lane = f"{queue}.interactive"
@@ -318,8 +321,12 @@ async def test_the_lane_has_its_own_channel_and_window_and_its_acks_go_there(
         prefetch=2,
         lane_queue=lane,
         lane_prefetch=3,
+        lane_connection=lane_connection,
     ) as broker:
         assert broker.lane_consuming
+        consumers = await asyncio.to_thread(consumer_connections, amqp_vhost.name)
+        # On a connection of its own, or on the bulk connection (a channel of its own).
+        assert (consumers[lane] != consumers[queue]) is lane_connection
         for i in range(5):
             await broker.publish(exchange, "bulk", b"{}", _props(f"b{i}"))
         bulk = await _take(got, 2)
@@ -347,7 +354,10 @@ async def test_the_lane_has_its_own_channel_and_window_and_its_acks_go_there(
         await _nothing_more(got)  # the lane's consumer was cancelled too
 
 
-async def test_a_missing_lane_is_tried_again_while_bulk_jobs_flow(amqp_vhost: AmqpVhost) -> None:
+@pytest.mark.parametrize("lane_connection", [False, True], ids=["shared", "own-connection"])
+async def test_a_missing_lane_is_tried_again_while_bulk_jobs_flow(
+    amqp_vhost: AmqpVhost, lane_connection: bool
+) -> None:
     queue, exchange = _names()
     lane = f"{queue}.interactive"
     got: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -358,6 +368,7 @@ async def test_a_missing_lane_is_tried_again_while_bulk_jobs_flow(amqp_vhost: Am
         on_delivery=got.put_nowait,
         lane_queue=lane,
         lane_retry=0.3,
+        lane_connection=lane_connection,
     ) as broker:
         assert broker.consuming
         assert not broker.lane_consuming
@@ -424,3 +435,76 @@ def test_properties_refuse_what_pika_refuses() -> None:
         amqp_properties(message_id=too_long).encode()
     with pytest.raises(AssertionError):
         amqp_properties(type=5).encode()
+
+
+async def test_a_lost_lane_connection_is_opened_again_while_bulk_jobs_flow(
+    amqp_vhost: AmqpVhost,
+) -> None:
+    queue, exchange = _names()
+    lane = f"{queue}.interactive"
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_lane_topology(queue, lane, exchange),
+        on_delivery=got.put_nowait,
+        lane_queue=lane,
+        lane_retry=0.3,
+        lane_connection=True,
+    ) as broker:
+        before = await asyncio.to_thread(consumer_connections, amqp_vhost.name)
+        [lane_conn] = before[lane]
+        await broker.publish(exchange, "lane", b"{}", _props("held"))
+        [held] = await _take(got, 1)
+        # The broker drops the lane's connection (an operator, a failed-over node).
+        await asyncio.to_thread(rabbitmqctl, "close_connection", lane_conn, "test")
+        for _ in range(100):
+            if not broker.lane_consuming:
+                break
+            await asyncio.sleep(0.05)
+        assert not broker.lane_consuming
+        broker.ack(held)  # its channel is gone: dropped, the broker delivers it again
+        # The bulk connection stays and bulk jobs flow meanwhile.
+        await broker.publish(exchange, "bulk", b"{}", _props("bulk"))
+        [bulk] = await _take(got, 1)
+        assert not bulk.interactive
+        broker.ack(bulk)
+        for _ in range(100):
+            if broker.lane_consuming:
+                break
+            await asyncio.sleep(0.05)
+        assert broker.lane_consuming
+        [again] = await _take(got, 1)
+        assert (again.message_id, again.interactive, again.redelivered) == ("held", True, True)
+        broker.ack(again)
+        after = await asyncio.to_thread(consumer_connections, amqp_vhost.name)
+        assert after[queue] == before[queue]
+        assert after[lane] != before[lane]
+        assert after[lane] != after[queue]
+
+
+@pytest.mark.parametrize("lane_connection", [False, True], ids=["shared", "own-connection"])
+async def test_lane_results_are_confirmed_on_the_lanes_connection_when_it_has_one(
+    amqp_vhost: AmqpVhost, lane_connection: bool
+) -> None:
+    queue, exchange = _names()
+    lane = f"{queue}.interactive"
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with running_broker(
+        amqp_vhost.dsn,
+        queue=queue,
+        topology=_lane_topology(queue, lane, exchange),
+        on_delivery=got.put_nowait,
+        lane_queue=lane,
+        lane_connection=lane_connection,
+    ) as broker:
+        await broker.publish(exchange, "bulk", b"{}", _props("r1"), interactive=True)
+        [delivery] = await _take(got, 1)
+        assert delivery.message_id == "r1"
+        broker.ack(delivery)
+        with pytest.raises(UnroutableError):
+            await broker.publish(exchange, "nowhere", b"{}", _props("r2"), interactive=True)
+        # Confirmed on the lane's channel (its own sequence), or on the bulk channel.
+        assert (broker._lane_seq, broker._seq) == ((2, 0) if lane_connection else (0, 2))
+        assert broker._lane_pending == {}
+        assert broker._pending == {}

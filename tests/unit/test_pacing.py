@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 
-from poller.pacing import LaneFirst, Trickle
+from poller.pacing import LaneFirst, Trickle, first_in_line
 
 
 async def test_a_burst_goes_through_a_few_per_iteration_in_order() -> None:
@@ -205,3 +205,28 @@ async def test_a_max_pause_of_0_never_pauses() -> None:
     release()
     with pytest.raises(ValueError, match="max_pause"):
         LaneFirst(max_pause=-1)
+
+
+async def test_first_in_line_starts_the_newest_task_before_those_scheduled_earlier() -> None:
+    ran: list[str] = []
+
+    async def job(name: str) -> None:
+        ran.append(name)
+        await asyncio.sleep(0)
+        ran.append(f"{name} again")
+
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(job(f"bulk-{n}")) for n in range(3)]
+    tasks.append(loop.create_task(job("lane")))
+    first_in_line(loop)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+    # The lane's first step runs first; nothing else changes place, nothing runs twice.
+    assert ran[:4] == ["lane", "bulk-0", "bulk-1", "bulk-2"]
+    assert sorted(ran[4:]) == sorted(f"{n} again" for n in ("lane", "bulk-0", "bulk-1", "bulk-2"))
+
+
+async def test_first_in_line_with_nothing_else_scheduled_changes_nothing() -> None:
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(asyncio.sleep(0, result="done"))
+    first_in_line(loop)
+    assert await asyncio.wait_for(task, timeout=5) == "done"
