@@ -262,7 +262,8 @@ class Runner:
         auth = self._credentials.resolve(job)
         loop = asyncio.get_running_loop()
         deadline = loop.time() - waited + timeout
-        ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes)
+        # Run under `asyncio.timeout_at(deadline)` below: drivers need no timer of their own.
+        ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes, guarded=True)
         try:
             ticket = self.quarantine.admit(job.target.host)
         except DeviceQuarantinedError:

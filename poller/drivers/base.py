@@ -29,10 +29,16 @@ class JobContext:
     """What the runner tells a driver about the job it is running."""
 
     #: Event-loop time (`loop.time()`) by which the whole job must be finished. The runner also
-    #: enforces it with `asyncio.timeout_at`; drivers use it to size per-request timeouts.
+    #: enforces it with `asyncio.timeout_at` (`guarded`); drivers use it to size per-request
+    #: timeouts.
     deadline: float
     #: Cap on collected output; past it a driver raises `OutputTooLargeError` with partial data.
     max_output_bytes: int
+    #: True when the caller cancels the run at `deadline` itself (the runner's and the sandbox
+    #: child's `asyncio.timeout_at`): a driver then needs no timer of its own for the deadline
+    #: (one timer per job, not one per layer). False (a driver called on its own): it bounds
+    #: its waits by `deadline` itself.
+    guarded: bool = False
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

@@ -391,6 +391,9 @@ class SnmpTarget:
     timeout: float
     retries: int
     max_output_bytes: int
+    #: True when the caller cancels the job at `deadline` itself (`JobContext.guarded`): a
+    #: backend may then leave out timers of its own for the deadline.
+    guarded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

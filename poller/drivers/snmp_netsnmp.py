@@ -1297,31 +1297,41 @@ class NetsnmpBackend:
     async def _request(
         self, target: SnmpTarget, kind: _CallKind, names: list[str], max_repetitions: int = 0
     ) -> _Answer:
-        """Run one request in the pool, never waiting past the deadline."""
-        loop = asyncio.get_running_loop()
+        """Run one request in the pool, never waiting past the deadline: the caller's timer
+        ends it there when `target.guarded` (one timer per job), else one of its own."""
+        if target.guarded:
+            return await self._submit(target, kind, names, max_repetitions)
         try:
             async with asyncio.timeout_at(target.deadline):
-                peer, address = await _resolve(target)
-                call = _Call(
-                    kind=kind,
-                    device=address,
-                    peer=peer,
-                    ident=_identity(target.auth),
-                    user=target.auth.user or "",
-                    names=names,
-                    timeout=target.timeout,
-                    retries=target.retries,
-                    deadline=time.monotonic() + (target.deadline - loop.time()),
-                    max_repetitions=max_repetitions,
-                )
-                pool, gate = await self._ready()
-                return await pool.submit(_run_sync, call, gate)
+                return await self._submit(target, kind, names, max_repetitions)
         except DeviceTimeoutError:
             raise
         except TimeoutError:
             raise no_response_error(
                 f"{target.host}:{target.port}", v3=target.auth.version == "3", before_deadline=True
             ) from None
+
+    async def _submit(
+        self, target: SnmpTarget, kind: _CallKind, names: list[str], max_repetitions: int
+    ) -> _Answer:
+        literal = _literal(target.host.strip("[]"), target.port)
+        peer, address = literal if literal is not None else await _resolve(target)
+        call = _Call(
+            kind=kind,
+            device=address,
+            peer=peer,
+            ident=_identity(target.auth),
+            user=target.auth.user or "",
+            names=names,
+            timeout=target.timeout,
+            retries=target.retries,
+            deadline=time.monotonic() + (target.deadline - asyncio.get_running_loop().time()),
+            max_repetitions=max_repetitions,
+        )
+        pool, gate = self._pool, _Process.gate
+        if pool is None or gate is None:
+            pool, gate = await self._ready()
+        return await pool.submit(_run_sync, call, gate)
 
     async def _ready(self) -> tuple[CallPool, _UsmGate]:
         gate = _Process.gate
