@@ -35,7 +35,7 @@ from poller.logging import get_logger
 from poller.pacing import Trickle
 from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
 from poller.sandbox import Sandbox, SandboxUnavailableError
-from poller.wire import ErrorInfo, JobRequest, JobResult, now
+from poller.wire import ErrorInfo, JobRequest, JobResult, build_result, now
 
 __all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
 
@@ -90,20 +90,22 @@ def error_result(
     meta: dict[str, JsonValue] | None = None,
 ) -> JobResult:
     """An error result; also used by the worker for jobs that could not be decoded."""
-    return JobResult(
-        job_id=job_id,
-        kind=kind,
-        satellite_id=satellite_id,
-        worker=worker,
-        status="error",
-        data=data,
-        error=ErrorInfo(code=code, message=message, retryable=retryable),
-        attempt=attempt.number,
-        redelivered=attempt.redelivered,
-        started_at=started_at,
-        finished_at=now(),
-        duration_ms=round((time.monotonic() - started_monotonic) * 1000, 3),
-        meta=meta,
+    return build_result(
+        {
+            "job_id": job_id,
+            "kind": kind,
+            "satellite_id": satellite_id,
+            "worker": worker,
+            "status": "error",
+            "data": data,
+            "error": ErrorInfo(code=code, message=message, retryable=retryable),
+            "attempt": attempt.number,
+            "redelivered": attempt.redelivered,
+            "started_at": started_at,
+            "finished_at": now(),
+            "duration_ms": round((time.monotonic() - started_monotonic) * 1000, 3),
+            "meta": meta,
+        }
     )
 
 
@@ -191,19 +193,22 @@ class Runner:
                 data=exc.data,
                 meta=job.meta,
             )
-        return JobResult(
-            job_id=job.id,
-            kind=job.kind,
-            satellite_id=self.satellite_id,
-            worker=self.worker,
-            status="ok",
-            data=data,
-            attempt=attempt.number,
-            redelivered=attempt.redelivered,
-            started_at=started_at,
-            finished_at=now(),
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
-            meta=job.meta,
+        return build_result(
+            {
+                "job_id": job.id,
+                "kind": job.kind,
+                "satellite_id": self.satellite_id,
+                "worker": self.worker,
+                "status": "ok",
+                "data": data,
+                "error": None,
+                "attempt": attempt.number,
+                "redelivered": attempt.redelivered,
+                "started_at": started_at,
+                "finished_at": now(),
+                "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                "meta": job.meta,
+            }
         )
 
     async def _execute_sandboxed(
