@@ -47,7 +47,8 @@ class MemoryDriver:
             if host == "buggy":
                 raise RuntimeError("driver bug")
             if host == "not-json":  # a driver bug: data that is not JSON
-                return {"varbinds": [{"oid": "1.3", "type": "OctetString", "value": b"sw"}]}
+                varbind: dict[str, Any] = {"oid": "1.3", "type": "OctetString", "value": b"sw"}
+                return {"varbinds": [varbind]}
             if host == "unguarded" and not ctx.guarded:
                 raise RuntimeError("the runner must guard the deadline it gives a driver")
             await asyncio.sleep(self.delay)
