@@ -32,7 +32,7 @@ from poller.errors import (
     OutcomeUnknownError,
 )
 from poller.logging import get_logger
-from poller.pacing import Trickle
+from poller.pacing import LaneFirst, Trickle
 from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
 from poller.sandbox import Sandbox, SandboxUnavailableError
 from poller.wire import ErrorInfo, JobRequest, JobResult, build_result, now
@@ -126,12 +126,12 @@ class Runner:
         interactive_slots: int = 0,
         sandbox: Sandbox | None = None,
         sandbox_after: int = 2,
-        bulk_turn: Callable[[], Awaitable[None]] | None = None,
+        lane_first: LaneFirst | None = None,
     ) -> None:
         """`sandbox`: where suspect jobs run, those delivered `sandbox_after` times before
-        (`poller.sandbox`; None: every job runs in this process). `bulk_turn`: awaited by a
-        bulk job once it has its slots, before it contacts its device
-        (`poller.pacing.LaneFirst.bulk_turn`: it waits while the lane goes first)."""
+        (`poller.sandbox`; None: every job runs in this process). `lane_first`: a bulk job
+        that has its slots waits while it pauses bulk work, before it contacts its device
+        (`LaneFirst.bulk_turn`: the interactive lane goes first)."""
         self._drivers = dict(drivers)
         self._credentials = credentials
         self.satellite_id = satellite_id
@@ -153,7 +153,7 @@ class Runner:
         self._not_started = partial(self._refusals.fail, error=TimeoutError)
         self.sandbox = sandbox
         self._sandbox_after = sandbox_after
-        self._bulk_turn = bulk_turn
+        self._lane_first = lane_first
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -288,8 +288,9 @@ class Runner:
         )
         try:
             async with lease, asyncio.timeout_at(deadline):
-                if not interactive and self._bulk_turn is not None:
-                    await self._bulk_turn()
+                lane_first = self._lane_first
+                if lane_first is not None and lane_first.paused and not interactive:
+                    await lane_first.bulk_turn()
                 self.quarantine.check(ticket)
                 run = self._call_for(driver, job, sandbox)
                 contacted = loop.time()

@@ -163,7 +163,7 @@ class Worker:
             if settings.sandbox_slots
             else None,
             sandbox_after=settings.sandbox_after,
-            bulk_turn=self._lane_first.bulk_turn,
+            lane_first=self._lane_first,
         )
         urls = settings.amqp_urls
         self._broker = Broker(
@@ -413,7 +413,7 @@ class Worker:
                 self._begin_recycle("jobs")
 
     async def _process(self, delivery: Delivery, started: float, started_at: datetime) -> None:
-        if not delivery.interactive:
+        if self._lane_first.paused and not delivery.interactive:
             await self._lane_first.bulk_turn()
         try:
             job = wire.decode_job(delivery.body, max_bytes=self._settings.max_job_bytes)
@@ -545,7 +545,7 @@ class Worker:
     ) -> bool:
         """Publish the result, wait for its confirm, then ack (or dead-letter) the job; whether
         the result was confirmed. A bulk result waits while the lane goes first."""
-        if not delivery.interactive:
+        if self._lane_first.paused and not delivery.interactive:
             await self._lane_first.bulk_turn()
         try:
             try:

@@ -62,7 +62,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -1294,13 +1294,18 @@ class NetsnmpBackend:
         # The program stops after a page with noSuchObject/noSuchInstance; the walk goes on.
         return None if stopped else done
 
-    async def _request(
+    def _request(
         self, target: SnmpTarget, kind: _CallKind, names: list[str], max_repetitions: int = 0
-    ) -> _Answer:
+    ) -> Coroutine[Any, Any, _Answer]:
         """Run one request in the pool, never waiting past the deadline: the caller's timer
         ends it there when `target.guarded` (one timer per job), else one of its own."""
         if target.guarded:
-            return await self._submit(target, kind, names, max_repetitions)
+            return self._submit(target, kind, names, max_repetitions)
+        return self._timed(target, kind, names, max_repetitions)
+
+    async def _timed(
+        self, target: SnmpTarget, kind: _CallKind, names: list[str], max_repetitions: int
+    ) -> _Answer:
         try:
             async with asyncio.timeout_at(target.deadline):
                 return await self._submit(target, kind, names, max_repetitions)

@@ -533,7 +533,7 @@ async def test_bulk_jobs_contact_no_device_while_the_lane_goes_first(
         worker="w1",
         concurrency=8,
         interactive_slots=2,
-        bulk_turn=lane_first.bulk_turn,
+        lane_first=lane_first,
     )
     release = lane_first.hold()  # an interactive job was delivered
     bulk = [asyncio.ensure_future(runner.run(make_job(f"d{n}", id=f"b{n}"))) for n in range(3)]
