@@ -253,16 +253,7 @@ class Runner:
         """Run the job here, or its driver in a child of `sandbox` (holding one of its slots
         after waiting `waited` s for it: counted against the job's timeout, and, like a wait
         for a run or device slot, not against its device)."""
-        timeout = job.timeout  # from the start of the run, the wait for a sandbox child included
-        if job.not_after is not None:
-            left = (job.not_after - started_at).total_seconds()
-            if left <= 0:
-                raise ExpiredError(f"not_after {job.not_after.isoformat()} has passed; not run")
-            timeout = min(timeout, left)
-        if attempt.redelivered and not job.idempotent:
-            raise OutcomeUnknownError(
-                "delivered again after an earlier attempt may have run; not idempotent, not rerun"
-            )
+        timeout = _time_allowed(job, attempt, started_at)
         driver = get_driver(self._drivers, job.kind)
         auth = self._credentials.resolve(job)
         loop = asyncio.get_running_loop()
@@ -277,26 +268,25 @@ class Runner:
             raise
         outcome, error = Outcome.NEUTRAL, ""
         contacted: float | None = None  # loop time the job went to its device
-        lease = self.admission.lease(
-            job.target.host,
-            returnable=job.idempotent,
-            # Still waiting for its slots at the deadline: answered through the low-priority
-            # lane (jobs delivered together expire together; no device was contacted).
-            deadline=deadline,
-            expire=self._not_started,
-            interactive=interactive,
-        )
+        admission, host = self.admission, job.target.host
         try:
-            async with lease, asyncio.timeout_at(deadline):
-                lane_first = self._lane_first
-                if lane_first is not None and lane_first.paused and not interactive:
-                    await lane_first.bulk_turn()
-                self.quarantine.check(ticket)
-                run = self._call_for(driver, job, sandbox)
-                contacted = loop.time()
-                data = await run(job, auth, ctx)
-                outcome = classify(None, job.kind, data)
-                return data
+            # Most jobs get their slots at once (`take`); the others wait for them.
+            untrusted = None if interactive else admission.take(host, returnable=job.idempotent)
+            if untrusted is None:
+                untrusted = await self._wait_for_slots(job, deadline, interactive)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    lane_first = self._lane_first
+                    if lane_first is not None and lane_first.paused and not interactive:
+                        await lane_first.bulk_turn()
+                    self.quarantine.check(ticket)
+                    run = self._call_for(driver, job, sandbox)
+                    contacted = loop.time()
+                    data = await run(job, auth, ctx)
+                    outcome = classify(None, job.kind, data)
+                    return data
+            finally:
+                admission.release(host, untrusted, interactive)
         except TimeoutError as timeout_exc:
             had = None if contacted is None else loop.time() - contacted
             failure = _timeout_error(timeout_exc, job.target.host, timeout, had=had)
@@ -314,6 +304,18 @@ class Runner:
             if outcome is Outcome.TIMEOUT and contacted is not None:
                 silent_for = loop.time() - contacted
             self._settle(ticket, outcome, error, silent_for, timeout)
+
+    async def _wait_for_slots(self, job: JobRequest, deadline: float, interactive: bool) -> bool:
+        """`Admission.acquire` for a job that cannot have its slots at once."""
+        return await self.admission.acquire(
+            job.target.host,
+            returnable=job.idempotent,
+            # Still waiting for its slots at the deadline: answered through the low-priority
+            # lane (jobs delivered together expire together; no device was contacted).
+            deadline=deadline,
+            expire=self._not_started,
+            interactive=interactive,
+        )
 
     @classmethod
     def _call_for(
@@ -363,6 +365,22 @@ class Runner:
             )
         elif change is Change.RELEASED:
             log.info("device_released", device=device, probe=ticket.probe)
+
+
+def _time_allowed(job: JobRequest, attempt: Attempt, started_at: datetime) -> float:
+    """The job's timeout from the start of its run (`not_after` may shorten it); raises when
+    it must not run (expired, or maybe run before and not idempotent)."""
+    timeout = job.timeout  # from the start of the run, the wait for a sandbox child included
+    if job.not_after is not None:
+        left = (job.not_after - started_at).total_seconds()
+        if left <= 0:
+            raise ExpiredError(f"not_after {job.not_after.isoformat()} has passed; not run")
+        timeout = min(timeout, left)
+    if attempt.redelivered and not job.idempotent:
+        raise OutcomeUnknownError(
+            "delivered again after an earlier attempt may have run; not idempotent, not rerun"
+        )
+    return timeout
 
 
 def _refusal(quarantine: Quarantine, device: str) -> BaseException:
