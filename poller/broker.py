@@ -1085,7 +1085,7 @@ class Broker:
                 self._expiry = loop.call_at(deadline, self._expire)
         return future
 
-    async def publish(
+    def publish(
         self,
         exchange: str,
         routing_key: str,
@@ -1093,15 +1093,21 @@ class Broker:
         properties: pika.BasicProperties,
         *,
         mandatory: bool = True,
-    ) -> None:
-        """Publish and wait for the confirm (`PublishNotConfirmedError` otherwise).
+    ) -> asyncio.Future[None]:
+        """Publish now; await the returned future for the confirm (it raises
+        `PublishNotConfirmedError` otherwise). `BrokerUnavailableError` at once when there is
+        no channel to publish on.
 
         No confirm within `publish_timeout` raises `PublishNotConfirmedError` as well; the
-        shared timer of `_expire` enforces it.
+        shared timer of `_expire` enforces it. A future, not a coroutine: one per result.
         """
-        timeout = self._opts.publish_timeout
-        await self._publish(
-            exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
+        return self._publish(
+            exchange,
+            routing_key,
+            body,
+            properties,
+            mandatory=mandatory,
+            timeout=self._opts.publish_timeout,
         )
 
     def _usable(self, delivery: Delivery) -> Any:

@@ -609,7 +609,8 @@ class Worker:
             await asyncio.sleep(0.1)
         return True
 
-    async def _publish_result(self, result: wire.JobResult, delivery: Delivery) -> None:
+    def _publish_result(self, result: wire.JobResult, delivery: Delivery) -> asyncio.Future[None]:
+        """Publish the result now; the future resolves on its confirm."""
         kind = result.kind if result.kind in _SAFE_KIND else "unknown"
         if delivery.reply_to:
             key = wire.reply_routing_key(self._sid, delivery.reply_to)
@@ -628,7 +629,7 @@ class Worker:
                 wire.LANE_HEADER: "interactive" if delivery.interactive else "bulk",
             },
         )
-        await self._broker.publish(wire.results_exchange(), key, wire.encode(result), props)
+        return self._broker.publish(wire.results_exchange(), key, wire.encode(result), props)
 
     # ------------------------------------------------------------------ background loops
 
