@@ -686,16 +686,36 @@ class _Identity:
     c_community: bytes | None = None  # `community` as Net-SNMP sees it (`_c_string`)
 
 
-@functools.lru_cache(maxsize=4096)
+#: v1/v2c identities by (version, community): one dict lookup per request, where a lookup by
+#: the `SnmpAuth` itself hashes and compares the whole pydantic model (~1.4 us a request).
+_COMMUNITY_IDENTITIES: dict[tuple[str, str], _Identity] = {}
+_MAX_COMMUNITY_IDENTITIES = 4096
+
+
 def _identity(auth: SnmpAuth) -> _Identity:
-    if auth.version in ("1", "2c"):
-        community = _secret(auth.community)
-        return _Identity(
-            ("-v", auth.version),
-            secrets=(community,),
-            community=community,
-            c_community=_c_string(community),
-        )
+    """The request's `_Identity`: cached by version and community (v1/v2c), else by `auth`."""
+    if auth.version == "3":
+        return _v3_identity(auth)
+    key = (auth.version, _secret(auth.community))
+    ident = _COMMUNITY_IDENTITIES.get(key)
+    if ident is None:
+        if len(_COMMUNITY_IDENTITIES) >= _MAX_COMMUNITY_IDENTITIES:
+            _COMMUNITY_IDENTITIES.clear()  # bounded; whoever comes next is cached again
+        ident = _COMMUNITY_IDENTITIES[key] = _community_identity(*key)
+    return ident
+
+
+def _community_identity(version: str, community: str) -> _Identity:
+    return _Identity(
+        ("-v", version),
+        secrets=(community,),
+        community=community,
+        c_community=_c_string(community),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _v3_identity(auth: SnmpAuth) -> _Identity:
     level = auth.effective_security_level
     args = ["-v", "3", "-u", auth.user or "", "-l", level]
     secrets: list[str] = []
