@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Literal, NamedTuple, Protocol, get_args
 
 from pydantic import JsonValue
 
@@ -378,9 +378,9 @@ class OutputBudget:
 # The backend seam
 
 
-@dataclass(frozen=True, slots=True)
-class SnmpTarget:
-    """One job's agent, credentials and limits, as a backend sees them."""
+class SnmpTarget(NamedTuple):
+    """One job's agent, credentials and limits, as a backend sees them (a named tuple: one is
+    made per job)."""
 
     host: str
     port: int
