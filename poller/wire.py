@@ -525,25 +525,36 @@ def _flat_data_schema() -> CoreSchema:
 
 
 def _quick_result_validator() -> SchemaValidator | None:
-    """`JobResult`'s own validator with `data` checked by `_flat_data_schema`; None if the
-    model's schema is not laid out as expected (then every result takes the full path)."""
+    """`JobResult`'s validator with `data` and `meta` tried as `_flat_data_schema` first, then
+    as `JsonValue`: it accepts what the model accepts and gives the same result. None if the
+    model's schema is not laid out as expected (then every result takes the model's path)."""
     schema: Any = copy.deepcopy(JobResult.__pydantic_core_schema__)
     model = schema["schema"] if schema.get("type") == "definitions" else schema
     try:
-        field = model["schema"]["fields"]["data"]["schema"]  # default -> nullable -> dict
-        nullable = field["schema"]
-        if (
-            model["type"] != "model"
-            or model["cls"] is not JobResult
-            or field["type"] != "default"
-            or nullable["type"] != "nullable"
-            or nullable["schema"]["type"] != "dict"
-        ):
+        if model["type"] != "model" or model["cls"] is not JobResult:
             return None
+        for name in ("data", "meta"):
+            field = model["schema"]["fields"][name]["schema"]  # default -> nullable -> dict
+            nullable = field["schema"]
+            if field["type"] != "default" or nullable["type"] != "nullable":
+                return None
+            if nullable["schema"]["type"] != "dict":
+                return None
+            nullable["schema"] = cs.union_schema(
+                [_flat_data_schema(), nullable["schema"]], mode="left_to_right"
+            )
     except (KeyError, TypeError):
         return None
-    nullable["schema"] = _flat_data_schema()
-    return SchemaValidator(schema)
+    # pydantic-core builds the schema of a complete model as that model's own validator, and
+    # would ignore the change above: it is built as for a model that is not complete yet.
+    complete = JobResult.__dict__.get("__pydantic_complete__")
+    if complete is not True:
+        return None
+    type.__setattr__(JobResult, "__pydantic_complete__", False)
+    try:
+        return SchemaValidator(schema)
+    finally:
+        type.__setattr__(JobResult, "__pydantic_complete__", complete)
 
 
 _QUICK_RESULT = _quick_result_validator()
@@ -570,9 +581,9 @@ class ResultFields(TypedDict):
 def build_result(fields: ResultFields) -> JobResult:
     """`JobResult(**fields)`: the same result, or the same `ValidationError`.
 
-    Data of the usual shape (`_flat_data_schema`) is checked in pydantic-core alone; anything
-    else (and any invalid field) goes through the model as it is, so a driver that returns
-    data that is not JSON still fails here as before.
+    `data` and `meta` of the usual shape (`_flat_data_schema`) are checked in pydantic-core
+    alone, other JSON as `JsonValue` checks it; an invalid result is built again through the
+    model for its errors, so a driver that returns data that is not JSON fails as before.
     """
     quick = _QUICK_RESULT
     if quick is not None:

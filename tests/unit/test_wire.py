@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum, StrEnum
+from types import FrameType
 from typing import Any, cast
 
 import pydantic_core
@@ -589,12 +591,31 @@ def test_build_result_is_the_model_for_any_data(data: object) -> None:
     _same_as_the_model(_fields(data))
 
 
-@given(_varbinds)
-@settings(max_examples=50)
-def test_build_result_of_driver_data_takes_the_quick_path(data: dict[str, Any]) -> None:
+@given(_varbinds | strategies.json_values.filter(lambda v: isinstance(v, dict)))
+@settings(max_examples=100)
+def test_build_result_of_any_valid_data_takes_the_quick_path(data: dict[str, Any]) -> None:
     assert wire._QUICK_RESULT is not None
     built = wire._QUICK_RESULT.validate_python(_fields(data))
     assert wire.encode(built) == wire.encode(wire.JobResult(**_fields(data)))
+
+
+def test_build_result_checks_driver_data_without_calling_python() -> None:
+    """`JsonValue` calls a Python function for every value; the quick path calls none."""
+    called: list[str] = []
+
+    def profile(frame: FrameType, event: str, _arg: object) -> None:
+        if event == "call":
+            called.append(frame.f_code.co_name)
+
+    varbind = {"oid": "1.3.6.1.2.1.1.5.0", "type": "OctetString", "value": "sw", "hex": "7377"}
+    fields = _fields({"varbinds": [varbind]})  # meta {"device_id": 1532}
+    sys.setprofile(profile)
+    try:
+        wire.build_result(fields)
+    finally:
+        sys.setprofile(None)
+    assert called == ["build_result"]
+    assert wire.encode(wire.build_result(fields)) == wire.encode(wire.JobResult(**fields))
 
 
 @pytest.mark.parametrize(
