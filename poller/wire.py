@@ -206,10 +206,15 @@ class SnmpOidParams(_Model):
     @classmethod
     def _oids(cls, value: list[str]) -> list[str]:
         match = _OID_RE.match
-        for oid in value:
+        normal = value
+        for index, oid in enumerate(value):
             if match(oid) is None:
                 raise ValueError("not a numeric OID such as 1.3.6.1.2.1.1.5.0")
-        return [oid.removeprefix(".") for oid in value]
+            if oid[0] == ".":  # a leading dot, rare: a copy without it
+                if normal is value:
+                    normal = list(value)
+                normal[index] = oid[1:]
+        return normal
 
 
 class SnmpWalkParams(SnmpOidParams):

@@ -420,10 +420,8 @@ class Worker:
         except WireError as exc:
             await self._dead_letter(delivery, exc, started, started_at)
             return
-        attempt = Attempt(
-            number=delivery.delivery_count + 1,
-            redelivered=delivery.redelivered or delivery.delivery_count > 0 or delivery.resent,
-        )
+        count = delivery.delivery_count
+        attempt = Attempt(count + 1, delivery.redelivered or count > 0 or delivery.resent)
         # Each delivery runs in its own task, whose context copy dies with it: bind, no reset.
         _bind_job(job.id, job.kind, job.target.host, attempt.number)
         if attempt.redelivered and await self._joined(delivery, job.id):

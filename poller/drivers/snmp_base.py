@@ -194,7 +194,17 @@ def varbind_json_size(varbind: Varbind) -> int:
     # json.dumps's default separators: '{"k": v, "k": v}' plus one comma.
     size = 2 + 2 * (len(varbind) - 1) + 1 if varbind else 3
     for key, value in varbind.items():
-        size += len(key) + 4 + _json_len(value)
+        # `_json_len`'s plain text, inline: most values of a varbind are (one call a varbind).
+        if (
+            type(value) is str
+            and value.isascii()
+            and value.isprintable()
+            and '"' not in value
+            and "\\" not in value
+        ):
+            size += len(key) + 6 + len(value)
+        else:
+            size += len(key) + 4 + _json_len(value)
     return size
 
 
