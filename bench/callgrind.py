@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/callgrind.py                      # ~3 min: poller (netsnmp) and bare
     .venv/bin/python bench/callgrind.py --candidate /tmp/copy  # and a changed copy of `poller/`
+    .venv/bin/python bench/callgrind.py --candidate /tmp/a --candidate /tmp/b --keep /tmp/cg
 
 CPU time per job moves with the machine's load (other processes' cache misses, the scheduler
 waking threads late); an instruction count does not, so it shows a change of a few per cent
@@ -14,8 +15,11 @@ Each worker runs under `valgrind --tool=callgrind` with counting off; the driver
 `bench/run.py` (64 jobs in flight, the same job as there) warms it up, counting is switched on
 for `--jobs` jobs and off again (`callgrind_control`), and the count is divided by the jobs.
 The workers: `poller run` (netsnmp backend, concurrency 64, 64 jobs at once per device, JSON
-log line per job) and the bare pika + ezsnmp worker of `bench/snmp_workers.py`. Prints a
-table; writes nothing. Needs valgrind. Only the processes started here are stopped, by PID.
+log line per job) and the bare pika + ezsnmp worker of `bench/snmp_workers.py`. Each
+`--candidate` (a directory holding a copy of `poller/`, named by the directory) is counted
+after the repository's own `poller`, in the order given. Prints a table; writes nothing, unless
+`--keep DIR` (the callgrind files, for `callgrind_annotate`). Needs valgrind. Only the
+processes started here are stopped, by PID.
 """
 
 from __future__ import annotations
@@ -143,7 +147,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=1000, help="jobs counted per worker")
     ap.add_argument("--warmup", type=int, default=300, help="jobs before counting")
-    ap.add_argument("--candidate", help="also count `poller run` from this copy of `poller/`")
+    ap.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        help="also count `poller run` from this directory holding a copy of `poller/` (repeatable)",
+    )
+    ap.add_argument("--keep", help="copy the callgrind files into this directory")
     args = ap.parse_args()
     args.jobs = max(100, min(args.jobs, 20_000))
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -158,8 +168,9 @@ def main() -> int:
             counting = Counting(loop, driver, get_job(host, port), work, args)
             factory = PollerFactory(vh, work)
             pollers: list[tuple[str, str | None]] = [("poller", None)]
-            if args.candidate:
-                pollers.append(("candidate", str(Path(args.candidate).resolve())))
+            for path in args.candidate:
+                resolved = Path(path).resolve()
+                pollers.append((resolved.name or "candidate", str(resolved)))
             try:
                 for name, path in pollers:
                     rows.append(counting.poller(factory, name, path))
@@ -172,6 +183,11 @@ def main() -> int:
                     started.kill()
     finally:
         loop.close()
+        if args.keep:
+            keep = Path(args.keep)
+            keep.mkdir(parents=True, exist_ok=True)
+            for found in work.glob("*.callgrind*"):
+                shutil.copy2(found, keep / found.name)
         shutil.rmtree(work, ignore_errors=True)
     floor = rows[-1][2] / rows[-1][1]
     print("\n| worker | jobs counted | instructions/job | vs the bare floor |")

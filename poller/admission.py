@@ -169,6 +169,23 @@ class Admission:
         """`async with admission.lease(host):` holds a run slot and a slot of `host`."""
         return Lease(self, device, returnable, deadline, expire, interactive=interactive)
 
+    def take(self, device: str, *, returnable: bool = True) -> bool | None:
+        """A bulk job's slots if it may have them at once, as `acquire` would give them
+        (whether they count as untrusted); None when it would have to wait (then `acquire`).
+        Raises `NotStarted` as `acquire` does. No coroutine: most jobs start at once."""
+        if self._closed and returnable:
+            raise NotStarted
+        dev = self._devices.get(device)
+        if dev is None:
+            dev = self._devices[device] = _Device(device)
+        if dev.waiters or dev.urgent:
+            return None
+        untrusted = not self._trusted(device)
+        if not self._may_run(dev, untrusted):
+            return None
+        self._take(dev, untrusted)
+        return untrusted
+
     async def acquire(
         self,
         device: str,
@@ -185,18 +202,17 @@ class Admission:
         set for the device's waiting jobs, and, still waiting at `deadline` (loop time), what
         `expire` sets on its future (by default `TimeoutError` at once).
         """
-        if self._closed and returnable:
+        if not interactive:
+            taken = self.take(device, returnable=returnable)
+            if taken is not None:
+                return taken
+        elif self._closed and returnable:
             raise NotStarted
         dev = self._devices.get(device)
         if dev is None:
             dev = self._devices[device] = _Device(device)
         if interactive:
             return await self._acquire_urgent(dev, returnable, deadline, expire)
-        if not dev.waiters and not dev.urgent:
-            untrusted = not self._trusted(device)
-            if self._may_run(dev, untrusted):
-                self._take(dev, untrusted)
-                return untrusted
         loop = asyncio.get_running_loop()
         waiter = _Waiter(next(self._seq), loop.create_future(), returnable)
         if deadline is not None:

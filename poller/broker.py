@@ -1196,7 +1196,7 @@ class Broker:
                 self._expiry = loop.call_at(deadline, self._expire)
         return future
 
-    async def publish(
+    def publish(
         self,
         exchange: str,
         routing_key: str,
@@ -1205,23 +1205,30 @@ class Broker:
         *,
         mandatory: bool = True,
         interactive: bool = False,
-    ) -> None:
-        """Publish and wait for the confirm (`PublishNotConfirmedError` otherwise).
+    ) -> asyncio.Future[None]:
+        """Publish now; await the returned future for the confirm (it raises
+        `PublishNotConfirmedError` otherwise). `BrokerUnavailableError` at once when there is
+        no channel to publish on.
 
         No confirm within `publish_timeout` raises `PublishNotConfirmedError` as well; the
-        shared timer of `_expire` enforces it. `interactive`: the result of a lane job, which
-        goes out on the lane's own connection when it has one (`lane_connection`), else on
-        the bulk channel like every other publish.
+        shared timer of `_expire` enforces it. A future, not a coroutine: one per result.
+        `interactive`: the result of a lane job, which goes out on the lane's own connection
+        when it has one (`lane_connection`), else on the bulk channel like every other publish.
         """
-        timeout = self._opts.publish_timeout
         lane = self._lane_channel
         if interactive and self._opts.lane_connection and lane is not None and lane.is_open:
-            await self._publish_lane(
-                lane, exchange, routing_key, body, properties, mandatory=mandatory
+            return asyncio.ensure_future(
+                self._publish_lane(
+                    lane, exchange, routing_key, body, properties, mandatory=mandatory
+                )
             )
-            return
-        await self._publish(
-            exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
+        return self._publish(
+            exchange,
+            routing_key,
+            body,
+            properties,
+            mandatory=mandatory,
+            timeout=self._opts.publish_timeout,
         )
 
     async def _publish_lane(

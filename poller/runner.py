@@ -32,10 +32,10 @@ from poller.errors import (
     OutcomeUnknownError,
 )
 from poller.logging import get_logger
-from poller.pacing import Trickle
+from poller.pacing import LaneFirst, Trickle
 from poller.quarantine import Change, Outcome, Quarantine, Ticket, classify
 from poller.sandbox import Sandbox, SandboxUnavailableError
-from poller.wire import ErrorInfo, JobRequest, JobResult, now
+from poller.wire import ErrorInfo, JobRequest, JobResult, build_result, now
 
 __all__ = ["Attempt", "NotStarted", "Runner", "error_result"]
 
@@ -90,20 +90,22 @@ def error_result(
     meta: dict[str, JsonValue] | None = None,
 ) -> JobResult:
     """An error result; also used by the worker for jobs that could not be decoded."""
-    return JobResult(
-        job_id=job_id,
-        kind=kind,
-        satellite_id=satellite_id,
-        worker=worker,
-        status="error",
-        data=data,
-        error=ErrorInfo(code=code, message=message, retryable=retryable),
-        attempt=attempt.number,
-        redelivered=attempt.redelivered,
-        started_at=started_at,
-        finished_at=now(),
-        duration_ms=round((time.monotonic() - started_monotonic) * 1000, 3),
-        meta=meta,
+    return build_result(
+        {
+            "job_id": job_id,
+            "kind": kind,
+            "satellite_id": satellite_id,
+            "worker": worker,
+            "status": "error",
+            "data": data,
+            "error": ErrorInfo(code=code, message=message, retryable=retryable),
+            "attempt": attempt.number,
+            "redelivered": attempt.redelivered,
+            "started_at": started_at,
+            "finished_at": now(),
+            "duration_ms": round((time.monotonic() - started_monotonic) * 1000, 3),
+            "meta": meta,
+        }
     )
 
 
@@ -124,12 +126,12 @@ class Runner:
         interactive_slots: int = 0,
         sandbox: Sandbox | None = None,
         sandbox_after: int = 2,
-        bulk_turn: Callable[[], Awaitable[None]] | None = None,
+        lane_first: LaneFirst | None = None,
     ) -> None:
         """`sandbox`: where suspect jobs run, those delivered `sandbox_after` times before
-        (`poller.sandbox`; None: every job runs in this process). `bulk_turn`: awaited by a
-        bulk job once it has its slots, before it contacts its device
-        (`poller.pacing.LaneFirst.bulk_turn`: it waits while the lane goes first)."""
+        (`poller.sandbox`; None: every job runs in this process). `lane_first`: a bulk job
+        that has its slots waits while it pauses bulk work, before it contacts its device
+        (`LaneFirst.bulk_turn`: the interactive lane goes first)."""
         self._drivers = dict(drivers)
         self._credentials = credentials
         self.satellite_id = satellite_id
@@ -151,7 +153,7 @@ class Runner:
         self._not_started = partial(self._refusals.fail, error=TimeoutError)
         self.sandbox = sandbox
         self._sandbox_after = sandbox_after
-        self._bulk_turn = bulk_turn
+        self._lane_first = lane_first
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -191,19 +193,22 @@ class Runner:
                 data=exc.data,
                 meta=job.meta,
             )
-        return JobResult(
-            job_id=job.id,
-            kind=job.kind,
-            satellite_id=self.satellite_id,
-            worker=self.worker,
-            status="ok",
-            data=data,
-            attempt=attempt.number,
-            redelivered=attempt.redelivered,
-            started_at=started_at,
-            finished_at=now(),
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
-            meta=job.meta,
+        return build_result(
+            {
+                "job_id": job.id,
+                "kind": job.kind,
+                "satellite_id": self.satellite_id,
+                "worker": self.worker,
+                "status": "ok",
+                "data": data,
+                "error": None,
+                "attempt": attempt.number,
+                "redelivered": attempt.redelivered,
+                "started_at": started_at,
+                "finished_at": now(),
+                "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                "meta": job.meta,
+            }
         )
 
     async def _execute_sandboxed(
@@ -248,21 +253,13 @@ class Runner:
         """Run the job here, or its driver in a child of `sandbox` (holding one of its slots
         after waiting `waited` s for it: counted against the job's timeout, and, like a wait
         for a run or device slot, not against its device)."""
-        timeout = job.timeout  # from the start of the run, the wait for a sandbox child included
-        if job.not_after is not None:
-            left = (job.not_after - started_at).total_seconds()
-            if left <= 0:
-                raise ExpiredError(f"not_after {job.not_after.isoformat()} has passed; not run")
-            timeout = min(timeout, left)
-        if attempt.redelivered and not job.idempotent:
-            raise OutcomeUnknownError(
-                "delivered again after an earlier attempt may have run; not idempotent, not rerun"
-            )
+        timeout = _time_allowed(job, attempt, started_at)
         driver = get_driver(self._drivers, job.kind)
         auth = self._credentials.resolve(job)
         loop = asyncio.get_running_loop()
         deadline = loop.time() - waited + timeout
-        ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes)
+        # Run under `asyncio.timeout_at(deadline)` below: drivers need no timer of their own.
+        ctx = JobContext(deadline=deadline, max_output_bytes=self._max_output_bytes, guarded=True)
         try:
             ticket = self.quarantine.admit(job.target.host)
         except DeviceQuarantinedError:
@@ -271,25 +268,25 @@ class Runner:
             raise
         outcome, error = Outcome.NEUTRAL, ""
         contacted: float | None = None  # loop time the job went to its device
-        lease = self.admission.lease(
-            job.target.host,
-            returnable=job.idempotent,
-            # Still waiting for its slots at the deadline: answered through the low-priority
-            # lane (jobs delivered together expire together; no device was contacted).
-            deadline=deadline,
-            expire=self._not_started,
-            interactive=interactive,
-        )
+        admission, host = self.admission, job.target.host
         try:
-            async with lease, asyncio.timeout_at(deadline):
-                if not interactive and self._bulk_turn is not None:
-                    await self._bulk_turn()
-                self.quarantine.check(ticket)
-                run = self._call_for(driver, job, sandbox)
-                contacted = loop.time()
-                data = await run(job, auth, ctx)
-                outcome = classify(None, job.kind, data)
-                return data
+            # Most jobs get their slots at once (`take`); the others wait for them.
+            untrusted = None if interactive else admission.take(host, returnable=job.idempotent)
+            if untrusted is None:
+                untrusted = await self._wait_for_slots(job, deadline, interactive)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    lane_first = self._lane_first
+                    if lane_first is not None and lane_first.paused and not interactive:
+                        await lane_first.bulk_turn()
+                    self.quarantine.check(ticket)
+                    run = self._call_for(driver, job, sandbox)
+                    contacted = loop.time()
+                    data = await run(job, auth, ctx)
+                    outcome = classify(None, job.kind, data)
+                    return data
+            finally:
+                admission.release(host, untrusted, interactive)
         except TimeoutError as timeout_exc:
             had = None if contacted is None else loop.time() - contacted
             failure = _timeout_error(timeout_exc, job.target.host, timeout, had=had)
@@ -307,6 +304,18 @@ class Runner:
             if outcome is Outcome.TIMEOUT and contacted is not None:
                 silent_for = loop.time() - contacted
             self._settle(ticket, outcome, error, silent_for, timeout)
+
+    async def _wait_for_slots(self, job: JobRequest, deadline: float, interactive: bool) -> bool:
+        """`Admission.acquire` for a job that cannot have its slots at once."""
+        return await self.admission.acquire(
+            job.target.host,
+            returnable=job.idempotent,
+            # Still waiting for its slots at the deadline: answered through the low-priority
+            # lane (jobs delivered together expire together; no device was contacted).
+            deadline=deadline,
+            expire=self._not_started,
+            interactive=interactive,
+        )
 
     @classmethod
     def _call_for(
@@ -356,6 +365,22 @@ class Runner:
             )
         elif change is Change.RELEASED:
             log.info("device_released", device=device, probe=ticket.probe)
+
+
+def _time_allowed(job: JobRequest, attempt: Attempt, started_at: datetime) -> float:
+    """The job's timeout from the start of its run (`not_after` may shorten it); raises when
+    it must not run (expired, or maybe run before and not idempotent)."""
+    timeout = job.timeout  # from the start of the run, the wait for a sandbox child included
+    if job.not_after is not None:
+        left = (job.not_after - started_at).total_seconds()
+        if left <= 0:
+            raise ExpiredError(f"not_after {job.not_after.isoformat()} has passed; not run")
+        timeout = min(timeout, left)
+    if attempt.redelivered and not job.idempotent:
+        raise OutcomeUnknownError(
+            "delivered again after an earlier attempt may have run; not idempotent, not rerun"
+        )
+    return timeout
 
 
 def _refusal(quarantine: Quarantine, device: str) -> BaseException:

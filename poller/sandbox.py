@@ -633,8 +633,10 @@ async def _run_job(settings: PollerSettings, request: _Request, answer_fd: int) 
     try:
         driver = driver_classes()[JobKind(job.kind)].from_settings(settings)
         loop = asyncio.get_running_loop()
-        ctx = JobContext(
-            deadline=loop.time() + request.timeout, max_output_bytes=request.max_output_bytes
+        ctx = JobContext(  # guarded: run under the `timeout_at` below
+            deadline=loop.time() + request.timeout,
+            max_output_bytes=request.max_output_bytes,
+            guarded=True,
         )
         testhooks.crash_on_job(job.id)  # test-only hook (poller/testhooks.py)
         async with asyncio.timeout_at(ctx.deadline):

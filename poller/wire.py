@@ -7,12 +7,13 @@ routing-key names are built only by the functions at the bottom of this file.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self, TypedDict
 
 import pydantic_core
 from pydantic import (
@@ -30,6 +31,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import CoreSchema, SchemaValidator
+from pydantic_core import core_schema as cs
 
 from poller.errors import WireError
 
@@ -48,6 +51,7 @@ __all__ = [
     "PingJob",
     "PingParams",
     "QuarantineEntry",
+    "ResultFields",
     "SetVarbind",
     "SnmpAuth",
     "SnmpGetJob",
@@ -63,6 +67,7 @@ __all__ = [
     "Target",
     "TcpConnectJob",
     "TcpParams",
+    "build_result",
     "decode_job",
     "decode_result",
     "encode",
@@ -201,10 +206,15 @@ class SnmpOidParams(_Model):
     @classmethod
     def _oids(cls, value: list[str]) -> list[str]:
         match = _OID_RE.match
-        for oid in value:
+        normal = value
+        for index, oid in enumerate(value):
             if match(oid) is None:
                 raise ValueError("not a numeric OID such as 1.3.6.1.2.1.1.5.0")
-        return [oid.removeprefix(".") for oid in value]
+            if oid[0] == ".":  # a leading dot, rare: a copy without it
+                if normal is value:
+                    normal = list(value)
+                normal[index] = oid[1:]
+        return normal
 
 
 class SnmpWalkParams(SnmpOidParams):
@@ -496,6 +506,99 @@ class Heartbeat(_Model):
 
 
 _RESULT_ADAPTER: TypeAdapter[JobResult] = TypeAdapter(JobResult)
+
+
+def _flat_data_schema() -> CoreSchema:
+    """`data` as every driver writes it, checked without calling back into Python.
+
+    An object whose values are scalars or lists of objects of scalars (varbinds, command
+    results, ping and connect figures). `JsonValue` asks a Python function for the type of
+    every value; these strict choices stay in pydantic-core. Each accepts a subset of what
+    `JsonValue` accepts and gives what it gives (a `str` subclass becomes a `str`, keys keep
+    their order: tests/unit/test_wire.py), so anything else is left to `JsonValue`.
+    """
+    text, whole = cs.str_schema(strict=True), cs.int_schema(strict=True)
+    flag, real = cs.bool_schema(strict=True), cs.float_schema(strict=True)
+    scalar = cs.nullable_schema(cs.union_schema([text, whole, flag, real], mode="left_to_right"))
+    row = cs.dict_schema(text, scalar, strict=True)
+    value = cs.nullable_schema(
+        cs.union_schema(
+            [cs.list_schema(row, strict=True), text, whole, flag, real], mode="left_to_right"
+        )
+    )
+    return cs.dict_schema(text, value, strict=True)
+
+
+def _quick_result_validator() -> SchemaValidator | None:
+    """`JobResult`'s validator with `data` and `meta` tried as `_flat_data_schema` first, then
+    as `JsonValue`: it accepts what the model accepts and gives the same result. None if the
+    model's schema is not laid out as expected (then every result takes the model's path)."""
+    schema: Any = copy.deepcopy(JobResult.__pydantic_core_schema__)
+    model = schema["schema"] if schema.get("type") == "definitions" else schema
+    try:
+        if model["type"] != "model" or model["cls"] is not JobResult:
+            return None
+        for name in ("data", "meta"):
+            field = model["schema"]["fields"][name]["schema"]  # default -> nullable -> dict
+            nullable = field["schema"]
+            if field["type"] != "default" or nullable["type"] != "nullable":
+                return None
+            if nullable["schema"]["type"] != "dict":
+                return None
+            nullable["schema"] = cs.union_schema(
+                [_flat_data_schema(), nullable["schema"]], mode="left_to_right"
+            )
+    except (KeyError, TypeError):
+        return None
+    # pydantic-core builds the schema of a complete model as that model's own validator, and
+    # would ignore the change above: it is built as for a model that is not complete yet.
+    complete = JobResult.__dict__.get("__pydantic_complete__")
+    if complete is not True:
+        return None
+    type.__setattr__(JobResult, "__pydantic_complete__", False)
+    try:
+        return SchemaValidator(schema)
+    finally:
+        type.__setattr__(JobResult, "__pydantic_complete__", complete)
+
+
+_QUICK_RESULT = _quick_result_validator()
+
+
+class ResultFields(TypedDict):
+    """The fields of a `JobResult`, for `build_result`."""
+
+    job_id: str
+    kind: str
+    satellite_id: str
+    worker: str
+    status: Literal["ok", "error"]
+    data: dict[str, JsonValue] | None
+    error: ErrorInfo | None
+    attempt: int
+    redelivered: bool
+    started_at: datetime
+    finished_at: datetime
+    duration_ms: float
+    meta: dict[str, JsonValue] | None
+
+
+def build_result(fields: ResultFields) -> JobResult:
+    """`JobResult(**fields)`: the same result, or the same `ValidationError`.
+
+    `data` and `meta` of the usual shape (`_flat_data_schema`) are checked in pydantic-core
+    alone, other JSON as `JsonValue` checks it; an invalid result is built again through the
+    model for its errors, so a driver that returns data that is not JSON fails as before.
+    """
+    quick = _QUICK_RESULT
+    if quick is not None:
+        try:
+            result: JobResult = quick.validate_python(fields)
+        except ValidationError:
+            pass
+        else:
+            return result
+    return JobResult(**fields)
 
 
 def encode(model: BaseModel) -> bytes:

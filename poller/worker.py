@@ -163,7 +163,7 @@ class Worker:
             if settings.sandbox_slots
             else None,
             sandbox_after=settings.sandbox_after,
-            bulk_turn=self._lane_first.bulk_turn,
+            lane_first=self._lane_first,
         )
         urls = settings.amqp_urls
         self._broker = Broker(
@@ -417,17 +417,15 @@ class Worker:
                 self._begin_recycle("jobs")
 
     async def _process(self, delivery: Delivery, started: float, started_at: datetime) -> None:
-        if not delivery.interactive:
+        if self._lane_first.paused and not delivery.interactive:
             await self._lane_first.bulk_turn()
         try:
             job = wire.decode_job(delivery.body, max_bytes=self._settings.max_job_bytes)
         except WireError as exc:
             await self._dead_letter(delivery, exc, started, started_at)
             return
-        attempt = Attempt(
-            number=delivery.delivery_count + 1,
-            redelivered=delivery.redelivered or delivery.delivery_count > 0 or delivery.resent,
-        )
+        count = delivery.delivery_count
+        attempt = Attempt(count + 1, delivery.redelivered or count > 0 or delivery.resent)
         # Each delivery runs in its own task, whose context copy dies with it: bind, no reset.
         _bind_job(job.id, job.kind, job.target.host, attempt.number)
         if attempt.redelivered and await self._joined(delivery, job.id):
@@ -549,7 +547,7 @@ class Worker:
     ) -> bool:
         """Publish the result, wait for its confirm, then ack (or dead-letter) the job; whether
         the result was confirmed. A bulk result waits while the lane goes first."""
-        if not delivery.interactive:
+        if self._lane_first.paused and not delivery.interactive:
             await self._lane_first.bulk_turn()
         try:
             try:
@@ -613,7 +611,8 @@ class Worker:
             await asyncio.sleep(0.1)
         return True
 
-    async def _publish_result(self, result: wire.JobResult, delivery: Delivery) -> None:
+    def _publish_result(self, result: wire.JobResult, delivery: Delivery) -> asyncio.Future[None]:
+        """Publish the result now; the future resolves on its confirm."""
         kind = result.kind if result.kind in _SAFE_KIND else "unknown"
         if delivery.reply_to:
             key = wire.reply_routing_key(self._sid, delivery.reply_to)
@@ -632,7 +631,7 @@ class Worker:
                 wire.LANE_HEADER: "interactive" if delivery.interactive else "bulk",
             },
         )
-        await self._broker.publish(
+        return self._broker.publish(
             wire.results_exchange(),
             key,
             wire.encode(result),

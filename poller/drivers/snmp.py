@@ -147,6 +147,7 @@ class SnmpDriver:
             timeout=self.options.timeout,
             retries=self.options.retries,
             max_output_bytes=ctx.max_output_bytes,
+            guarded=ctx.guarded,
         )
         if isinstance(job, SnmpGetJob):
             return {"varbinds": list(await self.backend.get(target, job.params.oids))}

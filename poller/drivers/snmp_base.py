@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Literal, NamedTuple, Protocol, get_args
 
 from pydantic import JsonValue
 
@@ -194,7 +194,17 @@ def varbind_json_size(varbind: Varbind) -> int:
     # json.dumps's default separators: '{"k": v, "k": v}' plus one comma.
     size = 2 + 2 * (len(varbind) - 1) + 1 if varbind else 3
     for key, value in varbind.items():
-        size += len(key) + 4 + _json_len(value)
+        # `_json_len`'s plain text, inline: most values of a varbind are (one call a varbind).
+        if (
+            type(value) is str
+            and value.isascii()
+            and value.isprintable()
+            and '"' not in value
+            and "\\" not in value
+        ):
+            size += len(key) + 6 + len(value)
+        else:
+            size += len(key) + 4 + _json_len(value)
     return size
 
 
@@ -378,9 +388,9 @@ class OutputBudget:
 # The backend seam
 
 
-@dataclass(frozen=True, slots=True)
-class SnmpTarget:
-    """One job's agent, credentials and limits, as a backend sees them."""
+class SnmpTarget(NamedTuple):
+    """One job's agent, credentials and limits, as a backend sees them (a named tuple: one is
+    made per job)."""
 
     host: str
     port: int
@@ -391,6 +401,9 @@ class SnmpTarget:
     timeout: float
     retries: int
     max_output_bytes: int
+    #: True when the caller cancels the job at `deadline` itself (`JobContext.guarded`): a
+    #: backend may then leave out timers of its own for the deadline.
+    guarded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -556,3 +556,26 @@ async def test_random_schedules_with_both_lanes_keep_every_rule() -> None:
             assert not could, f"{device} waits though it may run"
     assert len(granted) > 500
     assert expired > 50
+
+
+async def test_take_gives_free_slots_at_once_and_never_jumps_the_queue() -> None:
+    """`take` is `acquire` without a coroutine for a job that would not wait; None otherwise."""
+    admission = Admission(concurrency=3, per_device=1, trusted=lambda device: device != "new")
+    assert admission.take("a") is False  # trusted: counted as trusted
+    assert admission.take("a") is None  # its device slot is taken
+    waiter = asyncio.ensure_future(admission.acquire("b"))
+    await settle()
+    assert waiter.done()
+    assert admission.take("new") is True  # the last run slot; an untrusted device
+    assert admission.running == 3
+    queued = asyncio.ensure_future(admission.acquire("c"))  # waits for a run slot
+    await settle()
+    admission.release("a", untrusted=False)
+    assert admission.take("d") is None  # the freed slot went to "c", which was waiting
+    await settle()
+    assert queued.done()
+    assert admission.running == 3
+    admission.close()
+    with pytest.raises(NotStarted):
+        admission.take("e")
+    assert admission.take("e", returnable=False) is None  # no slot free: it would wait

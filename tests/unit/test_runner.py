@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
+from pydantic import ValidationError
 
 from poller import wire
 from poller.credentials import CredentialStore
@@ -45,6 +46,11 @@ class MemoryDriver:
                 raise SnmpError("noSuchName at index 2", data={"varbinds": [{"oid": "1.3"}]})
             if host == "buggy":
                 raise RuntimeError("driver bug")
+            if host == "not-json":  # a driver bug: data that is not JSON
+                varbind: dict[str, Any] = {"oid": "1.3", "type": "OctetString", "value": b"sw"}
+                return {"varbinds": [varbind]}
+            if host == "unguarded" and not ctx.guarded:
+                raise RuntimeError("the runner must guard the deadline it gives a driver")
             await asyncio.sleep(self.delay)
             return {"varbinds": [], "remaining": round(ctx.remaining())}
         finally:
@@ -189,6 +195,17 @@ async def test_kind_without_driver_is_unknown_kind(runner: Runner) -> None:
 async def test_a_bug_propagates_for_the_worker_to_requeue(runner: Runner) -> None:
     with pytest.raises(RuntimeError, match="driver bug"):
         await runner.run(make_job("buggy"))
+
+
+async def test_data_that_is_not_json_is_a_bug_not_a_result(runner: Runner) -> None:
+    """The result's check of `data` is cheaper on the usual shape, and still a check."""
+    with pytest.raises(ValidationError, match="input was not a valid JSON value"):
+        await runner.run(make_job("not-json"))
+
+
+async def test_the_runner_tells_drivers_it_guards_the_deadline(runner: Runner) -> None:
+    """Drivers leave out timers of their own for the deadline when it is guarded."""
+    assert (await runner.run(make_job("unguarded"))).status == "ok"
 
 
 async def test_per_device_limit_holds_and_other_devices_proceed(
@@ -516,7 +533,7 @@ async def test_bulk_jobs_contact_no_device_while_the_lane_goes_first(
         worker="w1",
         concurrency=8,
         interactive_slots=2,
-        bulk_turn=lane_first.bulk_turn,
+        lane_first=lane_first,
     )
     release = lane_first.hold()  # an interactive job was delivered
     bulk = [asyncio.ensure_future(runner.run(make_job(f"d{n}", id=f"b{n}"))) for n in range(3)]

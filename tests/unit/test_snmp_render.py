@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -173,6 +174,18 @@ def test_varbind_json_size_matches_the_encoded_body() -> None:
     body = json.dumps({"varbinds": vbs}, ensure_ascii=False).encode()
     estimate = len('{"varbinds":[]}') + sum(varbind_json_size(vb) for vb in vbs)
     assert abs(estimate - len(body)) <= 16
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["oid", "type", "value", "hex"]),
+        st.none() | st.booleans() | st.integers() | st.text() | st.sampled_from(['a"b', "a\\b"]),
+    )
+)
+def test_varbind_json_size_is_its_json_with_a_comma(varbind: dict[str, Any]) -> None:
+    """The size is that of `json.dumps` (default separators, UTF-8) plus one comma."""
+    text = json.dumps(varbind, ensure_ascii=False)
+    assert varbind_json_size(cast("Varbind", varbind)) == len(text.encode()) + 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from enum import IntEnum, StrEnum
+from types import FrameType
+from typing import Any, cast
 
 import pydantic_core
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from poller import wire
 from poller.errors import WireError
@@ -463,3 +468,170 @@ def test_tcp_connect_built_from_models_finds_its_port_in_either_place() -> None:
     assert built.params.port == 22
     fields = {"v": 1, "id": "m", "kind": "tcp.connect", "target": target}
     assert wire.TcpConnectJob.model_validate(fields).params.port == 443
+
+
+# --------------------------------------------------------------------------------------------
+# build_result: JobResult(**fields), with the usual data checked in pydantic-core alone
+
+
+class _Text(str):
+    __slots__ = ()
+
+
+class _Whole(int):
+    pass
+
+
+class _Real(float):
+    pass
+
+
+class _Rows(list[Any]):
+    pass
+
+
+class _Object(dict[str, Any]):
+    pass
+
+
+class _Kind(StrEnum):
+    GET = "snmp.get"
+
+
+class _Number(IntEnum):
+    ONE = 1
+
+
+#: Values `JsonValue` reads (subclasses too, which it turns into their base type) and values it
+#: refuses (a tuple, bytes, a set, other objects, non-str keys), at any depth.
+_odd_leaf = st.one_of(
+    strategies.json_leaf,
+    st.floats(),  # nan and infinities too
+    st.integers().map(_Whole),
+    st.floats(allow_nan=False).map(_Real),
+    strategies.text.map(_Text),
+    st.sampled_from([_Kind.GET, _Number.ONE, (1,), b"x", frozenset(), object(), 2**80]),
+)
+_odd_values = st.recursive(
+    _odd_leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(_Rows),
+        st.dictionaries(
+            st.one_of(strategies.names, strategies.names.map(_Text)), inner, max_size=3
+        ),
+        st.dictionaries(strategies.names, inner, max_size=3).map(_Object),
+        st.dictionaries(st.integers(0, 3), inner, min_size=1, max_size=2),
+    ),
+    max_leaves=8,
+)
+#: Data as the drivers write it (the shape `build_result` checks in pydantic-core alone).
+_varbinds = st.fixed_dictionaries(
+    {
+        "varbinds": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "oid": strategies.text,
+                    "type": st.sampled_from(["OctetString", "Counter32", "Null"]),
+                    "value": st.one_of(st.none(), strategies.text, st.integers()),
+                },
+                optional={"hex": strategies.text},
+            ),
+            max_size=4,
+        )
+    },
+    optional={"truncated": st.booleans()},
+)
+
+
+def _fields(data: object, **changes: object) -> wire.ResultFields:
+    started = datetime(2026, 11, 23, 9, 59, 58, 120000, tzinfo=UTC)
+    fields: dict[str, object] = {
+        "job_id": "5e0b2c1e",
+        "kind": "snmp.get",
+        "satellite_id": "7",
+        "worker": "poller-3f9a",
+        "status": "ok",
+        "data": data,
+        "error": None,
+        "attempt": 1,
+        "redelivered": False,
+        "started_at": started,
+        "finished_at": started + timedelta(milliseconds=15),
+        "duration_ms": 15.1,
+        "meta": {"device_id": 1532},
+    }
+    return cast("wire.ResultFields", fields | changes)
+
+
+def _built(build: Callable[[], wire.JobResult]) -> wire.JobResult | list[Any]:
+    """What `build` gives: its result, or the errors it raises."""
+    try:
+        return build()
+    except ValidationError as exc:
+        return list(exc.errors())
+
+
+def _same_as_the_model(fields: wire.ResultFields) -> None:
+    """`build_result(fields)` is `JobResult(**fields)`: the same result, or the same errors."""
+    expected = _built(lambda: wire.JobResult(**fields))
+    built = _built(lambda: wire.build_result(fields))
+    assert type(built) is type(expected)
+    assert built == expected
+    if isinstance(built, wire.JobResult):
+        assert isinstance(expected, wire.JobResult)
+        assert built.model_fields_set == expected.model_fields_set
+        assert wire.encode(built) == wire.encode(expected)
+        assert repr(built.data) == repr(expected.data)  # the same types: str, not a subclass
+
+
+@given(st.one_of(st.none(), _varbinds, st.dictionaries(strategies.names, _odd_values, max_size=3)))
+@settings(max_examples=400)
+def test_build_result_is_the_model_for_any_data(data: object) -> None:
+    _same_as_the_model(_fields(data))
+
+
+@given(_varbinds | strategies.json_values.filter(lambda v: isinstance(v, dict)))
+@settings(max_examples=100)
+def test_build_result_of_any_valid_data_takes_the_quick_path(data: dict[str, Any]) -> None:
+    assert wire._QUICK_RESULT is not None
+    built = wire._QUICK_RESULT.validate_python(_fields(data))
+    assert wire.encode(built) == wire.encode(wire.JobResult(**_fields(data)))
+
+
+def test_build_result_checks_driver_data_without_calling_python() -> None:
+    """`JsonValue` calls a Python function for every value; the quick path calls none."""
+    called: list[str] = []
+
+    def profile(frame: FrameType, event: str, _arg: object) -> None:
+        if event == "call":
+            called.append(frame.f_code.co_name)
+
+    varbind = {"oid": "1.3.6.1.2.1.1.5.0", "type": "OctetString", "value": "sw", "hex": "7377"}
+    fields = _fields({"varbinds": [varbind]})  # meta {"device_id": 1532}
+    sys.setprofile(profile)
+    try:
+        wire.build_result(fields)
+    finally:
+        sys.setprofile(None)
+    assert called == ["build_result"]
+    assert wire.encode(wire.build_result(fields)) == wire.encode(wire.JobResult(**fields))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"attempt": 0},
+        {"status": "maybe"},
+        {"started_at": datetime(2026, 11, 23)},  # naive
+        {"meta": {"x": (1, 2)}},
+        {"data": {"varbinds": [{"oid": b"1.3"}]}},
+        {"data": {"varbinds": [{"oid": "1.3", "value": object()}]}},
+        {"data": {"x": {1: "y"}}},
+    ],
+)
+def test_build_result_raises_what_the_model_raises(changes: dict[str, object]) -> None:
+    fields = _fields({"varbinds": []}) | changes
+    with pytest.raises(ValidationError):
+        wire.JobResult(**fields)
+    _same_as_the_model(cast("wire.ResultFields", fields))
