@@ -271,6 +271,7 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     app.add_middleware(AccessLog)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    jobs.install_lean_submit(app)  # the hot endpoint without FastAPI's request handler
     app.include_router(satellites.router)
     app.include_router(metrics_api.router)
     app.include_router(alerts_api.router)
