@@ -469,3 +469,27 @@ async def test_a_stop_lets_the_attempt_under_way_be_archived_so_a_restart_does_n
     archive = await archive_page(store.engine)
     assert [(a["status"], a["http_status"]) for a in archive] == [("sent", 200)]
     assert (await outbox(store))[0]["sent_at"] is not None
+
+
+async def test_a_stopped_sender_releases_the_rows_it_claimed_but_did_not_attempt(
+    store: Store,
+) -> None:
+    answer = asyncio.Event()
+    async with Receiver([(200, {"ok": True})], hold=answer) as hook:
+        channels = [{"name": n, "type": "webhook", "url": hook.url} for n in ("ops", "oncall")]
+        cfg = config({"channels": channels})
+        engine = AlertEngine(store.engine, cfg, _down_source(), replica="r0", clock=Clock())
+        engine.started -= 120
+        await engine.tick()
+        assert len(await outbox(store)) == 2
+        sender = Sender(store.engine, cfg, replica="r1")
+        async with httpx.AsyncClient(timeout=10) as client:
+            passing = asyncio.create_task(sender.pass_once(client))
+            await _until(lambda: len(hook.requests) == 1)
+            sender.stop()
+            answer.set()
+            assert await asyncio.wait_for(passing, 15) == 1
+    rows = await outbox(store)
+    assert [r["sent_at"] is not None for r in rows] == [True, False]
+    assert [r["lease_owner"] for r in rows] == [None, None]
+    assert len(hook.requests) == 1
