@@ -37,7 +37,7 @@ from satellite.service.api.access import AccessLog
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.deadletters import DeadLetters
 from satellite.service.fleet import FleetWatch
-from satellite.service.ingest import Ingest
+from satellite.service.ingest import Ingest, ingest_prefetch
 from satellite.service.jobs import JobService, Waiters
 from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
 from satellite.service.metrics import ServiceMetrics
@@ -124,7 +124,7 @@ class Core:
             urls,
             BrokerOptions(
                 connection_name=f"satellite-serve {replica} ingest",
-                prefetch=settings.ingest_batch * 2,
+                prefetch=ingest_prefetch(settings.ingest_batch),
                 ssl_contexts=contexts,
             ),
             batch=settings.ingest_batch,
