@@ -675,6 +675,7 @@ async def test_a_real_poller_takes_each_job_from_the_lane_asked_and_toolkit_jobs
         assert stored.source == "api"
 
 
+@ONE_DATABASE  # the routes are compared: the store behind them is the same for both
 async def test_the_lean_submit_route_answers_as_fastapis_route_does(
     core: Core, tokens: Tokens, sid: str
 ) -> None:
