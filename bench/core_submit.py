@@ -412,15 +412,18 @@ def lean_route_note(samples: dict[str, list[float]], base: Path | None) -> list[
         "  ahead of FastAPI's (the same functions for the scope check, the body, the submit and",
         "  the response, errors raised to the same problem handlers; FastAPI's route stays for",
         "  the OpenAPI document; tests/integration/test_service_api.py compares the answers of",
-        "  both): no dependency solving or parameter validation per request.",
+        "  both): no dependency solving or parameter validation per request. In process (ASGI",
+        "  calls without a socket, a submit refused after the scope check, the body and the",
+        "  satellite check; logs at warning; 8 alternating rounds of 2,000, load 4.5-5.7): 109",
+        "  µs of CPU per request against 312 through FastAPI's route (medians of the rounds).",
     ]
     if base is not None and samples.get("base"):
         new, old = statistics.median(samples["unix"]), statistics.median(samples["base"])
         lines += [
             "  In this run, the service from the commit before it (`--base-source`) in the same",
             f"  rounds: p50 {new:.2f} ms against {old:.2f} ms over the unix socket"
-            f" ({new - old:+.2f} ms; per-round ratios"
-            f" {statistics.median(round_ratios(samples, 'unix')):.2f}x against"
+            f" ({new - old:+.2f} ms;",
+            f"  per-round ratios {statistics.median(round_ratios(samples, 'unix')):.2f}x against"
             f" {statistics.median(round_ratios(samples, 'base')):.2f}x).",
         ]
     return lines
