@@ -91,10 +91,12 @@ def snmp_agent() -> Iterator[tuple[str, int, int]]:
 
 
 def start_serve(
-    dsn: str, workdir: Path, *, extra_env: dict[str, str] | None = None
+    dsn: str, workdir: Path, *, extra_env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], Path, int]:
     """A `satellite serve` (SQLite history under `workdir`) on a unix socket and a loopback TCP
-    port the kernel picks: (process, socket path, TCP port). Stop it with SIGTERM by its PID."""
+    port the kernel picks: (process, socket path, TCP port). Stop it with SIGTERM by its PID.
+    `cwd`: its working directory (`python -m` looks there first: not a checkout when
+    `PYTHONPATH` in `extra_env` names other sources)."""
     sock = workdir / "api.sock"
     log = (workdir / "serve.log").open("ab")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
@@ -106,7 +108,7 @@ def start_serve(
         "USM_CORE_LOG_LEVEL": "warning",
     } | (extra_env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "satellite", "serve"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "satellite", "serve"], env=env, stdout=log, stderr=log, cwd=cwd
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -37,7 +37,7 @@ from satellite.service.api.access import AccessLog
 from satellite.service.api.problems import install_problem_handlers
 from satellite.service.deadletters import DeadLetters
 from satellite.service.fleet import FleetWatch
-from satellite.service.ingest import Ingest
+from satellite.service.ingest import Ingest, ingest_prefetch
 from satellite.service.jobs import JobService, Waiters
 from satellite.service.listen import ApiServer, bind_all, close_all, parse_listen
 from satellite.service.metrics import ServiceMetrics
@@ -59,6 +59,9 @@ RETENTION_EVERY = 3600.0
 #: The SIGTERM budget (DESIGN §10: exit within 30 s): requests in flight, then the ingest.
 HTTP_DRAIN_SECONDS = 18.0
 INGEST_DRAIN_SECONDS = 5.0
+#: How long after the stop request a notification attempt under way may take to end and be
+#: archived (the sender's HTTP timeout is 10 s); it is cancelled after that.
+SENDER_DRAIN_SECONDS = 10.0
 #: On SIGTERM while the store is being opened and migrated: how long that may go on before it
 #: is cancelled (as `migrate`'s own timeout would: the migration's transaction is rolled back).
 START_STOP_SECONDS = 2.0
@@ -88,6 +91,9 @@ class Core:
     scheduler: Scheduler | None = None
     scheduler_task: asyncio.Task[None] | None = None
     alerts_config: AlertsConfig = field(default_factory=AlertsConfig)
+    sender: Sender | None = None
+    #: When the sender must have ended (the event loop's clock), once a stop was requested.
+    sender_stop_by: float | None = None
 
     @classmethod
     async def start(cls, settings: CoreSettings, *, replica: str | None = None) -> Core:
@@ -118,7 +124,7 @@ class Core:
             urls,
             BrokerOptions(
                 connection_name=f"satellite-serve {replica} ingest",
-                prefetch=settings.ingest_batch * 2,
+                prefetch=ingest_prefetch(settings.ingest_batch),
                 ssl_contexts=contexts,
             ),
             batch=settings.ingest_batch,
@@ -175,6 +181,7 @@ class Core:
             wakeup=queued,
         )
         metrics.registry.register(SenderCollector(sender))
+        core.sender = sender
         core.tasks += [
             asyncio.create_task(alerts.run(), name="alerts"),
             asyncio.create_task(sender.run(), name="notify"),
@@ -207,16 +214,25 @@ class Core:
             except Exception as exc:  # noqa: BLE001 - housekeeping must outlive a bad moment
                 log.warning("housekeeping_failed", error=f"{type(exc).__name__}: {exc}"[:300])
 
+    def finish_notifying(self) -> None:
+        """Let the notification attempt under way end and be archived, start no other (called
+        on SIGTERM, before the requests in flight are drained, and by `stop()`)."""
+        if self.sender is not None and self.sender_stop_by is None:
+            self.sender_stop_by = asyncio.get_running_loop().time() + SENDER_DRAIN_SECONDS
+            self.sender.stop()
+
     async def stop(self) -> None:
-        """Commit and ack what was ingested, close both connections and the store."""
+        """Commit and ack what was ingested, let the notification under way be archived, close
+        both connections and the store."""
         ingest_task, _replies, housekeeping, *alerting = self.tasks
+        self.finish_notifying()
         housekeeping.cancel()
         if self.scheduler_task is not None:
             self.scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.scheduler_task
-        for task in alerting:
-            task.cancel()
+        evaluator, *sending = alerting
+        evaluator.cancel()
         await self.ingest.stop(timeout=INGEST_DRAIN_SECONDS)
         try:
             async with asyncio.timeout(INGEST_DRAIN_SECONDS):
@@ -224,6 +240,11 @@ class Core:
         except TimeoutError:
             log.warning("ingest_drain_timed_out", left=self.ingest.backlog)
             ingest_task.cancel()
+        if sending and self.sender_stop_by is not None:
+            left = self.sender_stop_by - asyncio.get_running_loop().time()
+            _, late = await asyncio.wait(sending, timeout=max(0.0, left))
+            if late:
+                log.warning("notification_cancelled_at_stop", waited_s=SENDER_DRAIN_SECONDS)
         await self.ingest.close(timeout=2.0)
         await self.replies.broker.close(timeout=2.0)
         for task in self.tasks:
@@ -250,6 +271,7 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     app.add_middleware(AccessLog)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    jobs.install_lean_submit(app)  # the hot endpoint without FastAPI's request handler
     app.include_router(satellites.router)
     app.include_router(metrics_api.router)
     app.include_router(alerts_api.router)
@@ -375,6 +397,7 @@ async def _run(settings: CoreSettings, request: _StopRequest) -> int:
     def stop() -> None:
         server.stop()
         core.waiters.close()  # waiting requests answer now (202), not cancelled at the drain
+        core.finish_notifying()  # alongside the drain: an attempt under way gets archived
 
     request.on_stop = stop
     if request.signal is not None:  # between the start and now

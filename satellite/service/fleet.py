@@ -35,6 +35,9 @@ log = get_logger("satellite.service.fleet")
 
 #: A replica whose last heartbeat is older than this is not counted (6 x the default interval).
 HEARTBEAT_MAX_AGE = 60.0
+#: Seconds between two looks for the events exchange while it does not exist (no poller and
+#: no `satellite declare` yet): no heartbeat can arrive before it does.
+EXCHANGE_RETRY_SECONDS = 5.0
 REQUEST_TIMEOUT = 30.0
 
 
@@ -110,21 +113,32 @@ class FleetWatch:
         attempt = 0
         while not self._stop.is_set():
             try:
-                with Client(self.broker) as client:
-                    listener = client.heartbeat_listener(self.fleet)
-                    self.connected, attempt = True, 0
-                    try:
-                        while not self._stop.is_set():
-                            listener.listen(1.0)
-                    finally:
-                        listener.close()
+                missing = self._listen_once()
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any broker error
                 self.connected = False
                 attempt += 1
                 delay = random.uniform(0.5, min(30.0, 2.0**attempt))  # noqa: S311 - jitter
                 log.warning("heartbeats_lost", error=f"{type(exc).__name__}", retry_in_s=delay)
                 self._stop.wait(delay)
+                continue
+            attempt = 0
+            if missing:  # bind again once a poller or `satellite declare` has made it
+                self._stop.wait(EXCHANGE_RETRY_SECONDS)
         self.connected = False
+
+    def _listen_once(self) -> bool:
+        """Take heartbeats until `stop()`; True at once when the events exchange is missing
+        (the listener cannot bind: its `listen()` returns at once, and looping on it would
+        spin this thread, holding the GIL the event loop needs)."""
+        with Client(self.broker) as client:
+            listener = client.heartbeat_listener(self.fleet)
+            self.connected = True
+            try:
+                while listener.missing is None and not self._stop.is_set():
+                    listener.listen(1.0)
+            finally:
+                listener.close()
+        return listener.missing is not None
 
     async def status(self, satellite_id: str | None = None) -> list[SatelliteStatus]:
         """Every known satellite's status (or one's; `FleetError` 404 when unknown)."""

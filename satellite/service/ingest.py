@@ -44,9 +44,26 @@ from poller.logging import get_logger
 from satellite.dispatch import published_by_toolkit
 from satellite.service.store import Store
 
-__all__ = ["Ingest", "IngestStats", "history_topology", "result_source"]
+__all__ = [
+    "PREFETCH_GROUPS",
+    "Ingest",
+    "IngestStats",
+    "history_topology",
+    "ingest_prefetch",
+    "result_source",
+]
 
 log = get_logger("satellite.service.ingest")
+
+#: Groups a replica may hold unacked (its prefetch window, in groups): one being committed and
+#: the next one arriving and decoded meanwhile. A wider window (5 groups) kept the ingest from
+#: ever waiting for the broker, and wrote no faster: docs/performance.md, *History ingest*.
+PREFETCH_GROUPS = 2
+
+
+def ingest_prefetch(batch: int) -> int:
+    """The prefetch window of a replica's ingest for groups of `batch` results."""
+    return min(65535, batch * PREFETCH_GROUPS)
 
 
 class _RefusedError(Exception):

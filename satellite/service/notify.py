@@ -138,6 +138,7 @@ class Sender:
         """(channel, ok) -> attempts made by this replica (for /metrics)."""
         self.report: list[dict[str, Any]] = []
         """The channels' state as of the last pass (for /metrics)."""
+        self._stopping = False
 
     def backoff(self, attempts: int) -> float:
         return float(min(self.retry_cap, self.retry_base * 2 ** max(0, attempts - 1)))
@@ -300,10 +301,25 @@ class Sender:
         error = f"HTTP {response.status_code}" + (f": {described}" if described else "")
         return Attempt(False, response.status_code, error.replace(token, "***"), retry_after)
 
+    def stop(self) -> None:
+        """End `run()` once the attempt under way (if any) is archived; claim nothing more.
+
+        The caller waits for `run()` a bounded time and cancels it after that: an attempt
+        cancelled between the channel's answer and its archive row would be made again after
+        a restart (a duplicate notification).
+        """
+        self._stopping = True
+        self.wakeup.set()
+
     async def pass_once(self, client: httpx.AsyncClient) -> int:
         """Deliver what is due now; how many attempts were made."""
         made = 0
-        for row in await self.claim():
+        claimed = await self.claim()
+        for n, row in enumerate(claimed):
+            if self._stopping:  # the rest is left for the next replica, without a lease
+                for left in claimed[n:]:
+                    await self._release(left, left["next_attempt_at"])
+                break
             attempt = await self.deliver(client, row)
             if attempt is not None:
                 await self.record(row, attempt)
@@ -326,13 +342,15 @@ class Sender:
         timeout = httpx.Timeout(HTTP_TIMEOUT)
         next_purge = time.monotonic() + 60.0
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
-            while True:
+            while not self._stopping:
                 # Cleared before the pass: a wake-up during the pass means "look again".
                 self.wakeup.clear()
                 due_in: float | None = None
                 try:
                     async with asyncio.timeout(300.0):
                         made = await self.pass_once(client)
+                        if self._stopping:
+                            break
                         rows = await _waiting_rows(self.engine)
                         self.report = _report(rows, self.config)
                         due_in = self.due_in(rows)
@@ -342,7 +360,7 @@ class Sender:
                 except Exception as exc:  # noqa: BLE001 - the sender must outlive a bad pass
                     made = 0
                     log.warning("notify_pass_failed", error=f"{type(exc).__name__}")
-                if not made:
+                if not made and not self._stopping:
                     await self.idle(due_in)
 
     def due_in(self, rows: list[dict[str, Any]]) -> float | None:

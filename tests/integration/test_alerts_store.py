@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,10 +29,12 @@ from satellite.service.alerts import (
     evaluate_row,
     parse_alerts,
 )
+from satellite.service.app import Core
 from satellite.service.notify import FAILING_AFTER, Sender, SenderCollector, channel_report
-from satellite.service.settings import DatabaseUrl
+from satellite.service.settings import DatabaseUrl, load_settings
 from satellite.service.store import Store
 from satellite.service.store.alert_tables import alert_outbox
+from tests.support.rabbitmq import AmqpVhost
 from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -422,3 +425,71 @@ async def test_a_failed_attempt_is_retried_when_it_falls_due_not_at_the_poll(
     assert len(hook.requests) == 2
     archive = list(reversed(await archive_page(store.engine)))
     assert [(a["status"], a["http_status"]) for a in archive] == [("failed", 500), ("sent", 200)]
+
+
+async def test_a_stop_lets_the_attempt_under_way_be_archived_so_a_restart_does_not_resend(
+    store: Store, db_url: DatabaseUrl, amqp_vhost: AmqpVhost, tmp_path: Path
+) -> None:
+    """A replica stopped while its webhook is answering waits (bounded) for the answer and
+    archives it; cancelled between the answer and the archive row, it would send the
+    notification again after a restart."""
+    answer = asyncio.Event()
+    async with Receiver([(200, {"ok": True})], hold=answer) as hook:
+        alerts_file = tmp_path / "alerts.yaml"
+        alerts_file.write_text(
+            json.dumps({"channels": [{"name": "ops", "type": "webhook", "url": hook.url}]})
+        )
+        cfg = config({"channels": [{"name": "ops", "type": "webhook", "url": hook.url}]})
+        engine = AlertEngine(store.engine, cfg, _down_source(), replica="r0", clock=Clock())
+        engine.started -= 120
+        await engine.tick()
+        settings = load_settings(
+            {
+                "US_AMQP_DSN": amqp_vhost.dsn,
+                "USM_CORE_DB": db_url.url.render_as_string(hide_password=False),
+                "USM_CORE_ALERTS_FILE": str(alerts_file),
+            }
+        )
+        core = await Core.start(settings)  # its sender's first pass takes the row
+        stopping: asyncio.Task[None] | None = None
+        try:
+            await _until(lambda: len(hook.requests) == 1)
+            assert len(hook.requests) == 1
+            stopping = asyncio.create_task(core.stop())
+            await asyncio.sleep(0.3)  # the stop is under way when the webhook answers
+            answer.set()
+        finally:
+            answer.set()
+            await (stopping if stopping is not None else core.stop())
+        # The restarted replica (another name) has nothing left to send.
+        again = Sender(store.engine, cfg, replica="r-restarted")
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert await again.pass_once(client) == 0
+    assert len(hook.requests) == 1
+    archive = await archive_page(store.engine)
+    assert [(a["status"], a["http_status"]) for a in archive] == [("sent", 200)]
+    assert (await outbox(store))[0]["sent_at"] is not None
+
+
+async def test_a_stopped_sender_releases_the_rows_it_claimed_but_did_not_attempt(
+    store: Store,
+) -> None:
+    answer = asyncio.Event()
+    async with Receiver([(200, {"ok": True})], hold=answer) as hook:
+        channels = [{"name": n, "type": "webhook", "url": hook.url} for n in ("ops", "oncall")]
+        cfg = config({"channels": channels})
+        engine = AlertEngine(store.engine, cfg, _down_source(), replica="r0", clock=Clock())
+        engine.started -= 120
+        await engine.tick()
+        assert len(await outbox(store)) == 2
+        sender = Sender(store.engine, cfg, replica="r1")
+        async with httpx.AsyncClient(timeout=10) as client:
+            passing = asyncio.create_task(sender.pass_once(client))
+            await _until(lambda: len(hook.requests) == 1)
+            sender.stop()
+            answer.set()
+            assert await asyncio.wait_for(passing, 15) == 1
+    rows = await outbox(store)
+    assert [r["sent_at"] is not None for r in rows] == [True, False]
+    assert [r["lease_owner"] for r in rows] == [None, None]
+    assert len(hook.requests) == 1

@@ -21,6 +21,7 @@ from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.management import ManagementApi
 from satellite.service import app as app_module
+from satellite.service.api import jobs as jobs_api
 from satellite.service.app import Core, create_app
 from satellite.service.settings import DatabaseUrl, load_settings
 from satellite.service.store.queries import NOT_PUBLISHED
@@ -672,3 +673,68 @@ async def test_a_real_poller_takes_each_job_from_the_lane_asked_and_toolkit_jobs
         stored = await core.store.get_job(job_id)
         assert stored is not None
         assert stored.source == "api"
+
+
+@ONE_DATABASE  # the routes are compared: the store behind them is the same for both
+async def test_the_lean_submit_route_answers_as_fastapis_route_does(
+    core: Core, tokens: Tokens, sid: str
+) -> None:
+    """`POST /v1/satellites/{id}/jobs` is served by a plain Starlette route ahead of FastAPI's
+    (the hot path): the same answers, headers and log line's caller, and the same OpenAPI
+    document, as the app without it."""
+    lean = create_app(core, tokens=tokens.file)
+    assert getattr(lean.router.routes[0], "endpoint", None) is jobs_api._lean_submit
+    plain = create_app(core, tokens=tokens.file)
+    plain.router.routes[:] = [
+        r for r in plain.router.routes if getattr(r, "endpoint", None) is not jobs_api._lean_submit
+    ]
+    await declare_satellite(core, sid)
+    url = f"/v1/satellites/{sid}/jobs"
+    admin = {"Authorization": f"Bearer {tokens.admin}"}
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", url, {"json": job()}),  # no token
+        ("POST", url, {"json": job(), "headers": {"Authorization": f"Bearer {tokens.reader}"}}),
+        ("POST", url, {"content": b"{not json", "headers": admin}),
+        ("POST", url, {"content": b" " * 300_000, "headers": admin}),
+        ("POST", url, {"json": {"kind": "snmp.gte", "target": {"host": "h"}}, "headers": admin}),
+        ("POST", "/v1/satellites/no%20such/jobs", {"json": job(), "headers": admin}),
+        ("POST", f"/v1/satellites/x{sid}/jobs", {"json": job(), "headers": admin}),  # no queue
+        ("GET", url, {"headers": admin}),
+        ("POST", url + "/", {"json": job(), "headers": admin}),
+    ]
+    answers: list[list[object]] = []
+    statuses: list[int] = []
+    for app in (lean, plain):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://core:8480") as client:
+            seen: list[object] = []
+            for method, path, kw in cases:
+                response = await client.request(method, path, **kw)
+                headers = {
+                    k: v for k, v in response.headers.items() if k not in ("content-length",)
+                }
+                seen.append((response.status_code, headers, response.content))
+                statuses.append(response.status_code)
+            for wait in ("wait=0", None):  # queued: the same record but for its id and times
+                response = await client.post(
+                    url, json=job(), headers=admin | {"Prefer": wait or ""}
+                )
+                record = response.json()
+                assert response.headers["location"] == f"/v1/jobs/{record['id']}"
+                shape = {k: v for k, v in record.items() if not k.endswith(("id", "_at"))}
+                seen.append(
+                    (
+                        response.status_code,
+                        {"preference-applied": response.headers.get("preference-applied")},
+                        shape,
+                    )
+                )
+            with capture_logs() as logs:
+                await client.post(url, json=job(), headers=admin)
+            seen.append(
+                [(e["status"], e["caller"]) for e in logs if e["event"] == "request_finished"]
+            )
+            seen.append((await client.get("/v1/openapi.json")).json())
+        answers.append(seen)
+    assert answers[0] == answers[1]
+    assert statuses[: len(cases)] == [401, 403, 422, 413, 422, 404, 404, 405, 307]

@@ -2,7 +2,8 @@
 
 A small asyncio server on 127.0.0.1 (HTTP/1.1, one request per connection), standing in for a
 webhook endpoint or Telegram's bot API. `answers` is the list of `(status, json body)` to give,
-in order; the last one repeats.
+in order; the last one repeats. With `hold`, each answer waits until that event is set (a
+channel slow to answer).
 
 ```python
 async with Receiver([(500, {}), (200, {"ok": True})]) as hook:
@@ -37,8 +38,11 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, answers: list[tuple[int, Any]] | None = None) -> None:
+    def __init__(
+        self, answers: list[tuple[int, Any]] | None = None, *, hold: asyncio.Event | None = None
+    ) -> None:
         self.answers = list(answers or [(200, {"ok": True})])
+        self.hold = hold
         self.requests: list[Received] = []
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -72,6 +76,8 @@ class Receiver:
                 self.requests.append(Received(method, path, headers, body, time.monotonic()))
                 n = len(self.requests) - 1
                 status, answer = self.answers[min(n, len(self.answers) - 1)]
+                if self.hold is not None:
+                    await self.hold.wait()
                 data = json.dumps(answer).encode()
                 writer.write(
                     f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"

@@ -1,4 +1,11 @@
-"""Jobs: submit (`Prefer: wait=N`), look up (`?wait=N`), search. Parse, call, render."""
+"""Jobs: submit (`Prefer: wait=N`), look up (`?wait=N`), search. Parse, call, render.
+
+The submit (`POST /v1/satellites/{id}/jobs`) is the API's hot path: `install_lean_submit()`
+puts a plain Starlette route for it ahead of FastAPI's, which skips FastAPI's request handler
+(dependency solving, parameter validation) and does the same work with the same functions: the
+`submit` scope check of `require()`, `_submit()`, and errors raised to the app's problem
+handlers. FastAPI's route stays for the OpenAPI document (and behind the lean one, unreached).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.routing import Route
 
 from satellite.service.api.problems import PROBLEM_JSON, Problem
 from satellite.service.auth import require
@@ -24,7 +32,7 @@ from satellite.service.jobs import (
 )
 from satellite.service.store import JobFilter, JobRecord
 
-__all__ = ["JobPage", "parse_prefer_wait", "router"]
+__all__ = ["JobPage", "install_lean_submit", "parse_prefer_wait", "router"]
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -142,6 +150,10 @@ async def submit_job(
     request: Request,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response:
+    return await _submit(request, satellite_id, prefer)
+
+
+async def _submit(request: Request, satellite_id: str, prefer: str | None) -> Response:
     service = _service(request)
     body = await _read_body(request, service.max_job_bytes)
     wait = parse_prefer_wait(prefer)
@@ -150,6 +162,28 @@ async def submit_job(
     except JobSubmitError as exc:
         raise _submit_problem(exc) from None
     return _submitted_response(submitted, wait)
+
+
+_submitter = require("submit")
+
+
+async def _lean_submit(request: Request) -> Response:
+    """`submit_job` without FastAPI's request handler (see the module docstring)."""
+    await _submitter(request)
+    return await _submit(
+        request, request.path_params["satellite_id"], request.headers.get("prefer")
+    )
+
+
+def install_lean_submit(app: FastAPI) -> None:
+    """Serve `POST /v1/satellites/{id}/jobs` through `_lean_submit`, ahead of every route."""
+    route = Route(
+        "/v1/satellites/{satellite_id}/jobs",
+        _lean_submit,
+        methods=["POST"],
+        include_in_schema=False,
+    )
+    app.router.routes.insert(0, route)
 
 
 def _submit_problem(exc: JobSubmitError) -> Problem:
