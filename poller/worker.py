@@ -39,7 +39,7 @@ from poller.errors import BrokerError, BrokerUnavailableError, WireError, Worker
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
 from poller.logging import ContextBinder, get_logger
-from poller.pacing import LaneFirst, first_in_line
+from poller.pacing import Headroom, LaneFirst, first_in_line
 from poller.quarantine import Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
@@ -144,6 +144,11 @@ class Worker:
         self._drivers = drivers
         #: While an interactive job is in flight, bulk work waits (for a bounded while).
         self._lane_first = LaneFirst(settings.interactive_pause_ms / 1000)
+        #: While the loop is saturated, bulk jobs start at a capped rate (never below one run
+        #: slot's worth per second per slot: `concurrency` a second).
+        self._headroom = Headroom(
+            settings.bulk_headroom_ms / 1000, floor=float(settings.concurrency)
+        )
         self._runner = Runner(
             drivers=drivers,
             credentials=credentials,
@@ -268,6 +273,7 @@ class Worker:
             log.warning(
                 "max_rss_below_start", rss_mb=round(rss / MIB, 1), max_rss_mb=max_rss // MIB
             )
+        self._headroom.start()
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
         helpers = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -302,6 +308,7 @@ class Worker:
         self._health_changed()
         await self._broker.stop_consuming()
         waiting = self._runner.close()
+        self._headroom.stop()  # bulk jobs waiting for their turn go back to the queue now
         if waiting:
             log.info("returning_unstarted_jobs", count=waiting)
         running = set(self._tasks)
@@ -418,6 +425,7 @@ class Worker:
 
     async def _process(self, delivery: Delivery, started: float, started_at: datetime) -> None:
         if not delivery.interactive:
+            await self._headroom.bulk_turn()
             await self._lane_first.bulk_turn()
         try:
             job = wire.decode_job(delivery.body, max_bytes=self._settings.max_job_bytes)
