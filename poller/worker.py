@@ -261,6 +261,7 @@ class Worker:
             interactive_queue=wire.interactive_queue(self._sid),
             interactive_slots=self._settings.effective_interactive_slots,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
+            bulk_headroom_ms=self._settings.bulk_headroom_ms or None,
             drivers=sorted(self._drivers),
             max_rss_mb=(self._recycler.max_rss_bytes or 0) // MIB or None,
             max_jobs=self._recycler.max_jobs,
