@@ -120,6 +120,7 @@ class Cell:
     sent: int
     ok: int
     backlog_after: int | None  # bulk jobs still queued when the last job was answered
+    bulk_per_s: float | None = None  # bulk jobs taken from the backlog per second meanwhile
 
     def pct(self, q: float, values: list[float] | None = None) -> float:
         values = self.latencies if values is None else values
@@ -294,14 +295,22 @@ def run_cell(
     ok = 0
     published = 0
     lefts: list[int] = []
+    taken = 0  # bulk jobs taken from the backlog since `since` (between depth readings)
+    since = 0.0
+    after = 0  # the depth read right after the last top-up
     for n in range(args.jobs):
         if backlog is not None and n % args.batch == 0:
             depth = caller.depth(wire.jobs_queue(caller.sid))
             if n:
                 lefts.append(depth)
+                taken += after - depth
             if depth < args.backlog:
                 caller.backlog(backlog, args.backlog - depth, published)
                 published += args.backlog - depth
+            after = caller.depth(wire.jobs_queue(caller.sid))
+            if not n:
+                since = time.monotonic()
+            if depth < args.backlog:
                 time.sleep(args.settle)  # the broker has written them
         job = snmp_job(*agent, job_id=f"{uuid.uuid4().hex[:6]}-{n}", timeout=10)
         answer = caller.call(job, lane=lane, limit=args.limit, **props)
@@ -313,8 +322,12 @@ def run_cell(
             cell.back.append(answer.back_ms)
             ok += 1
         time.sleep(args.gap)
+    bulk_per_s = None
     if backlog is not None:
-        lefts.append(caller.depth(wire.jobs_queue(caller.sid)))
+        depth = caller.depth(wire.jobs_queue(caller.sid))
+        lefts.append(depth)
+        taken += after - depth
+        bulk_per_s = taken / max(time.monotonic() - since, 1e-6)
     seen = bystander.seen() if bystander is not None else {}
     # Per job: how much longer it took to reach the poller than its copy the bystander.
     beyond = sorted(to - (seen[i] - t) * 1000 for i, (t, to) in sent.items() if i in seen)
@@ -328,6 +341,7 @@ def run_cell(
         args.jobs,
         ok,
         min(lefts) if lefts else None,
+        bulk_per_s,
     )
     print(
         f"{name}: p50 {cell.pct(0.5):.1f} ms p99 {cell.pct(0.99):.1f} ms "
@@ -337,7 +351,8 @@ def run_cell(
         f"{cell.pct(0.99, cell.to_bystander):.1f}), in it "
         f"{cell.pct(0.5, cell.in_poller):.1f}/{cell.pct(0.99, cell.in_poller):.1f}, back "
         f"{cell.pct(0.5, cell.back):.1f}/{cell.pct(0.99, cell.back):.1f} "
-        f"({cell.ok}/{args.jobs} answered), least backlog left {cell.backlog_after}; to the "
+        f"({cell.ok}/{args.jobs} answered), least backlog left {cell.backlog_after}, bulk "
+        f"{cell.bulk_per_s or float('nan'):.0f} jobs/s; to the "
         f"poller beyond the bystander p50/p90/p99 {cell.pct(0.5, beyond):.1f}/"
         f"{cell.pct(0.9, beyond):.1f}/{cell.pct(0.99, beyond):.1f}",
         flush=True,
@@ -432,7 +447,9 @@ def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -
         f"{args.backlog:,} before every {args.batch} interactive jobs, for {DEVICES} devices "
         "answering after a delay (a row per delay; served by a process of their own), which "
         "keep the poller's bulk run slots full for the whole measurement (the least backlog "
-        "left before a top-up is in the table). The latency split: *to the poller* = publish "
+        "left before a top-up is in the table, and *bulk jobs/s*: the jobs taken from the "
+        "backlog per second while the interactive ones ran, from the queue's depth). The "
+        "latency split: *to the poller* = publish "
         "→ the job's `started_at` (the broker, the delivery, the poller's event loop until "
         "the job's task runs), *in the poller* = its `duration_ms` (admission, the device, "
         "the result), *back* = its `finished_at` → in the caller's hands (the result's "
@@ -454,8 +471,8 @@ def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -
         ),
         "",
         "| scenario | p50 | p99 [all rounds] | max | p99 to the poller | p99 to a bystander | "
-        "p99 in the poller | p99 back | answered | least bulk backlog left |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "p99 in the poller | p99 back | answered | least bulk backlog left | bulk jobs/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, group in by_variant.items():
         lines.extend(_rows(group, label if several else None))
@@ -510,6 +527,7 @@ def _rows(rounds: list[list[Cell]], label: str | None) -> list[str]:
     suffix = "" if label is None else f", {label}"
     for name, cells in _by_name(rounds).items():
         left = [float(c.backlog_after) for c in cells if c.backlog_after is not None]
+        rates = [c.bulk_per_s for c in cells if c.bulk_per_s is not None]
         lines.append(
             f"| {name}{suffix} | {median_range([c.pct(0.5) for c in cells])} ms | "
             f"{median_range([c.pct(0.99) for c in cells])} [{pooled(cells, 0.99):.1f}] ms | "
@@ -519,7 +537,8 @@ def _rows(rounds: list[list[Cell]], label: str | None) -> list[str]:
             f"{median_range([c.pct(0.99, c.in_poller) for c in cells])} ms | "
             f"{median_range([c.pct(0.99, c.back) for c in cells])} ms | "
             f"{sum(c.ok for c in cells)}/{sum(c.sent for c in cells)} | "
-            f"{median_range(left, '{:,.0f}')} |"
+            f"{median_range(left, '{:,.0f}')} | "
+            f"{median_range(rates, '{:,.0f}')} |"
         )
     return lines
 

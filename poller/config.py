@@ -166,6 +166,9 @@ class PollerSettings(BaseSettings):
     #: Consume the interactive lane on an AMQP connection of its own (false: a channel of the
     #: bulk connection).
     interactive_connection: bool = False
+    #: The event-loop lag (mean, in ms) above which bulk job starts are slowed, so that the
+    #: loop keeps room to read an interactive delivery (0: off; docs/operations.md).
+    bulk_headroom_ms: float = Field(default=0, ge=0, le=1000)
     declare: bool = True
     queue_type: Literal["quorum", "classic"] = "quorum"
     heartbeat: int = Field(default=30, ge=0, le=3600)

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LaneFirst", "Trickle", "first_in_line"]
+__all__ = ["Headroom", "LaneFirst", "Trickle", "first_in_line"]
 
 _Entry = tuple[asyncio.Future[Any], Callable[[], BaseException] | None]
 
@@ -234,3 +234,154 @@ def first_in_line(loop: asyncio.AbstractEventLoop) -> None:
     ready = getattr(loop, "_ready", None)
     if isinstance(ready, deque) and len(ready) > 1:
         ready.appendleft(ready.pop())
+
+
+class Headroom:
+    """Bulk job starts slowed while the event loop is saturated, so that it reads a lane
+    delivery promptly (`USM_POLLER_BULK_HEADROOM_MS`).
+
+    Behind a backlog of fast devices (50 ms) the poller's loop is about 90 % busy with bulk
+    work (about 1,100 jobs/s on 2 cores), every turn is long, and an interactive delivery waits
+    a turn or more before the loop reads it. A ticker every `tick` seconds measures how late
+    the loop runs it; every `window` seconds the mean lateness is compared with `target`:
+
+    - above it, bulk starts are capped at 0.8 x the lower of the cap and the rate they started
+      at in that window (never below `floor` per second: bulk work does not starve);
+    - below half of it, the cap grows by a tenth (at least `floor / 10`), and goes once it is
+      twice the rate bulk jobs start at (the cap does not bind: an idle or lightly loaded
+      poller is not paced at all);
+    - in between, it stays.
+
+    `bulk_turn()` is a token bucket at the cap (a burst of one tick's worth); waiters go in
+    order. Interactive jobs never call it. No I/O; the loop's clock only.
+    """
+
+    def __init__(
+        self, target: float, *, floor: float, tick: float = 0.01, window: float = 0.1
+    ) -> None:
+        """`target` seconds of mean loop lag (0: off, `bulk_turn` returns at once); `floor`:
+        the least bulk starts per second the cap allows."""
+        if target < 0 or floor <= 0 or tick <= 0 or window < tick:
+            raise ValueError("target >= 0, floor > 0, 0 < tick <= window")
+        self.target = target
+        self.floor = floor
+        self.tick = tick
+        self.window = window
+        #: Bulk starts per second allowed (inf: no cap).
+        self.rate = math.inf
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the ticker should run
+        self._late_sum = 0.0
+        self._ticks = 0
+        self._window_at = 0.0
+        self._started = 0  # bulk starts in this window
+        #: Times the cap was lowered (for tests and logs).
+        self.cuts = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Begin measuring the loop's lag (on the running loop)."""
+        if not self.target or self._ticker is not None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._window_at = self._tokens_at = now
+        self._due = now + self.tick
+        self._ticker = loop.call_at(self._due, self._on_tick)
+
+    def stop(self) -> None:
+        for handle in (self._ticker, self._timer):
+            if handle is not None:
+                handle.cancel()
+        self._ticker = self._timer = None
+        self._uncap()
+
+    async def bulk_turn(self) -> None:
+        """Return at once, or when the cap lets one more bulk job start."""
+        if math.isinf(self.rate) and not self._waiting:
+            self._started += 1
+            return
+        loop = asyncio.get_running_loop()
+        self._refill(loop.time())
+        if not self._waiting and self._tokens >= 1:
+            self._tokens -= 1
+            self._started += 1
+            return
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(future)
+        self._schedule(loop)
+        await future
+
+    def adjust(self, mean_lag: float, started_per_s: float) -> None:
+        """One window's verdict: `mean_lag` seconds late on average, `started_per_s` bulk
+        starts per second in it. The seam of the unit tests."""
+        if mean_lag > self.target:
+            self.rate = max(self.floor, 0.8 * min(self.rate, started_per_s))
+            self.cuts += 1
+        elif mean_lag < self.target / 2 and not math.isinf(self.rate):
+            grown = max(self.rate * 1.1, self.rate + self.floor / 10)
+            if grown >= 2 * started_per_s:
+                self._uncap()
+            else:
+                self.rate = grown
+
+    def _on_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._late_sum += max(0.0, now - self._due)
+        self._ticks += 1
+        elapsed = now - self._window_at
+        if elapsed >= self.window:
+            self.adjust(self._late_sum / self._ticks, self._started / elapsed)
+            self._late_sum, self._ticks, self._started = 0.0, 0, 0
+            self._window_at = now
+            if self._waiting:
+                self._release()
+        self._due = now + self.tick
+        self._ticker = loop.call_at(self._due, self._on_tick)
+
+    def _uncap(self) -> None:
+        self.rate = math.inf
+        waiting, self._waiting = self._waiting, deque()
+        for future in waiting:
+            if not future.done():
+                self._started += 1
+                future.set_result(None)
+
+    def _refill(self, now: float) -> None:
+        if math.isinf(self.rate):
+            return
+        burst = max(1.0, self.rate * self.tick)
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * self.rate)
+        self._tokens_at = now
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None or not self._waiting or math.isinf(self.rate):
+            return
+        delay = max(0.0, (1 - self._tokens) / self.rate)
+        self._timer = loop.call_at(loop.time() + delay, self._release)
+
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if math.isinf(self.rate):
+            self._uncap()
+            return
+        loop = asyncio.get_running_loop()
+        self._refill(loop.time())
+        while self._waiting and self._tokens >= 1:
+            future = self._waiting.popleft()
+            if future.done():
+                continue  # cancelled while it waited
+            self._tokens -= 1
+            self._started += 1
+            future.set_result(None)
+        self._schedule(loop)

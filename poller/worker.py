@@ -39,7 +39,7 @@ from poller.errors import BrokerError, BrokerUnavailableError, WireError, Worker
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
 from poller.logging import ContextBinder, get_logger
-from poller.pacing import LaneFirst, first_in_line
+from poller.pacing import Headroom, LaneFirst, first_in_line
 from poller.quarantine import Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
@@ -144,6 +144,11 @@ class Worker:
         self._drivers = drivers
         #: While an interactive job is in flight, bulk work waits (for a bounded while).
         self._lane_first = LaneFirst(settings.interactive_pause_ms / 1000)
+        #: While the loop is saturated, bulk jobs start at a capped rate (never below one run
+        #: slot's worth per second per slot: `concurrency` a second).
+        self._headroom = Headroom(
+            settings.bulk_headroom_ms / 1000, floor=float(settings.concurrency)
+        )
         self._runner = Runner(
             drivers=drivers,
             credentials=credentials,
@@ -256,6 +261,7 @@ class Worker:
             interactive_queue=wire.interactive_queue(self._sid),
             interactive_slots=self._settings.effective_interactive_slots,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
+            bulk_headroom_ms=self._settings.bulk_headroom_ms or None,
             drivers=sorted(self._drivers),
             max_rss_mb=(self._recycler.max_rss_bytes or 0) // MIB or None,
             max_jobs=self._recycler.max_jobs,
@@ -268,6 +274,7 @@ class Worker:
             log.warning(
                 "max_rss_below_start", rss_mb=round(rss / MIB, 1), max_rss_mb=max_rss // MIB
             )
+        self._headroom.start()
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
         helpers = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -302,6 +309,7 @@ class Worker:
         self._health_changed()
         await self._broker.stop_consuming()
         waiting = self._runner.close()
+        self._headroom.stop()  # bulk jobs waiting for their turn go back to the queue now
         if waiting:
             log.info("returning_unstarted_jobs", count=waiting)
         running = set(self._tasks)
@@ -417,8 +425,11 @@ class Worker:
                 self._begin_recycle("jobs")
 
     async def _process(self, delivery: Delivery, started: float, started_at: datetime) -> None:
-        if self._lane_first.paused and not delivery.interactive:
-            await self._lane_first.bulk_turn()
+        if not delivery.interactive:
+            if self._headroom.target:  # off: no coroutine per job
+                await self._headroom.bulk_turn()
+            if self._lane_first.paused:
+                await self._lane_first.bulk_turn()
         try:
             job = wire.decode_job(delivery.body, max_bytes=self._settings.max_job_bytes)
         except WireError as exc:

@@ -69,6 +69,9 @@ def test_alternative_dsn_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
         ("USM_POLLER_INTERACTIVE_SLOTS", "64", "USM_POLLER_INTERACTIVE_SLOTS: must be below"),
         ("USM_POLLER_INTERACTIVE_SLOTS", "-1", "USM_POLLER_INTERACTIVE_SLOTS: "),
         ("USM_POLLER_INTERACTIVE_PREFETCH", "0", "USM_POLLER_INTERACTIVE_PREFETCH: "),
+        ("USM_POLLER_BULK_HEADROOM_MS", "-1", "USM_POLLER_BULK_HEADROOM_MS: "),
+        ("USM_POLLER_BULK_HEADROOM_MS", "5ms", "USM_POLLER_BULK_HEADROOM_MS: "),
+        ("USM_POLLER_BULK_HEADROOM_MS", "1001", "USM_POLLER_BULK_HEADROOM_MS: "),
         ("USM_POLLER_MAX_RSS_MB", "-1", "USM_POLLER_MAX_RSS_MB: "),
         ("USM_POLLER_MAX_RSS_MB", "512MB", "USM_POLLER_MAX_RSS_MB: "),
         ("USM_POLLER_MAX_RSS_MB", "0.5", "USM_POLLER_MAX_RSS_MB: "),
@@ -161,7 +164,12 @@ def test_cli_exits_2_with_one_line_and_no_password() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("USM_POLLER_MAX_RSS_MB", "lots"), ("USM_POLLER_MAX_JOBS", "-1")]
+    ("name", "value"),
+    [
+        ("USM_POLLER_MAX_RSS_MB", "lots"),
+        ("USM_POLLER_MAX_JOBS", "-1"),
+        ("USM_POLLER_BULK_HEADROOM_MS", "-3"),
+    ],
 )
 def test_cli_exits_2_naming_a_bad_recycle_setting(name: str, value: str) -> None:
     proc = run_cli("run", env=dict(os.environ) | {name: value})

@@ -4,12 +4,14 @@ bulk work that waits, for a bounded while, while an interactive job is in flight
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable
 from functools import partial
 
 import pytest
 
-from poller.pacing import LaneFirst, Trickle, first_in_line
+from poller.pacing import Headroom, LaneFirst, Trickle, first_in_line
 
 
 async def test_a_burst_goes_through_a_few_per_iteration_in_order() -> None:
@@ -230,3 +232,121 @@ async def test_first_in_line_with_nothing_else_scheduled_changes_nothing() -> No
     task = loop.create_task(asyncio.sleep(0, result="done"))
     first_in_line(loop)
     assert await asyncio.wait_for(task, timeout=5) == "done"
+
+
+# ---------------------------------------------------------------- Headroom
+
+
+def test_a_saturated_window_caps_bulk_starts_below_their_rate_down_to_the_floor() -> None:
+    headroom = Headroom(0.005, floor=50)
+    assert math.isinf(headroom.rate)
+    headroom.adjust(0.012, started_per_s=1000)  # 12 ms late on average: saturated
+    assert headroom.rate == pytest.approx(800)
+    headroom.adjust(0.012, started_per_s=800)
+    assert headroom.rate == pytest.approx(640)
+    for _ in range(50):
+        headroom.adjust(0.02, started_per_s=headroom.rate)
+    assert headroom.rate == 50  # the floor: bulk work never starves
+    assert headroom.cuts == 52
+
+
+def test_the_cap_holds_near_the_target_grows_below_it_and_goes_once_it_does_not_bind() -> None:
+    headroom = Headroom(0.01, floor=50)
+    headroom.adjust(0.05, started_per_s=500)
+    assert headroom.rate == pytest.approx(400)
+    headroom.adjust(0.007, started_per_s=400)  # between 5 and 10 ms: holds
+    assert headroom.rate == pytest.approx(400)
+    headroom.adjust(0.002, started_per_s=400)  # below half: grows by a tenth
+    assert headroom.rate == pytest.approx(440)
+    headroom.adjust(0.002, started_per_s=300)  # demand fell: the cap stays until 2x demand
+    assert headroom.rate == pytest.approx(484)
+    headroom.adjust(0.002, started_per_s=100)  # 532 >= 2 x 100: no cap any more
+    assert math.isinf(headroom.rate)
+    headroom.adjust(0.0, started_per_s=0)
+    assert math.isinf(headroom.rate)
+
+
+def test_a_light_load_is_never_paced() -> None:
+    headroom = Headroom(0.005, floor=50)
+    for _ in range(20):
+        headroom.adjust(0.004, started_per_s=300)  # under the target: no cut
+    assert math.isinf(headroom.rate)
+    assert headroom.cuts == 0
+
+
+def test_headroom_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="floor"):
+        Headroom(0.005, floor=0)
+    with pytest.raises(ValueError, match="target"):
+        Headroom(-1, floor=10)
+
+
+async def test_a_blocked_loop_slows_bulk_starts_to_the_floor_and_they_recover_after() -> None:
+    headroom = Headroom(0.003, floor=40, tick=0.005, window=0.025)
+    headroom.start()
+    hogging = True
+    loop = asyncio.get_running_loop()
+
+    def hog() -> None:  # bulk work that keeps every turn of the loop 10 ms long
+        if hogging:
+            time.sleep(0.01)
+            loop.call_soon(hog)
+
+    loop.call_soon(hog)
+    try:
+        await _until(lambda: headroom.cuts >= 2)
+        passed = 0
+
+        async def bulk() -> None:
+            nonlocal passed
+            await headroom.bulk_turn()
+            passed += 1
+
+        tasks = [asyncio.ensure_future(bulk()) for _ in range(200)]
+        t0 = time.monotonic()
+        await asyncio.sleep(0.5)
+        rate = passed / (time.monotonic() - t0)
+        assert passed >= 5, "bulk work starved"
+        assert rate < 40 * 2, f"{passed} bulk starts in 0.5 s: not paced"
+        assert headroom.waiting > 100
+        hogging = False
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+        assert passed == 200
+        await _until(lambda: math.isinf(headroom.rate))  # idle again: no cap
+    finally:
+        hogging = False
+        headroom.stop()
+
+
+async def test_an_unsaturated_loop_lets_bulk_work_through_at_once_and_off_means_off() -> None:
+    for headroom in (Headroom(0.005, floor=10), Headroom(0, floor=10)):
+        headroom.start()
+        try:
+            await asyncio.sleep(0.15)
+            passed = 0
+
+            async def bulk(h: Headroom = headroom) -> None:
+                nonlocal passed
+                await h.bulk_turn()
+                passed += 1
+
+            await asyncio.wait_for(asyncio.gather(*(bulk() for _ in range(500))), timeout=1)
+            assert passed == 500
+            assert headroom.cuts == 0
+        finally:
+            headroom.stop()
+
+
+async def test_stop_lets_every_waiting_bulk_task_go_and_cancelled_ones_leave() -> None:
+    headroom = Headroom(0.005, floor=1)
+    headroom.adjust(1.0, started_per_s=0)  # capped at 1 a second
+    assert headroom.rate == 1
+    first = asyncio.ensure_future(headroom.bulk_turn())
+    waiters = [asyncio.ensure_future(headroom.bulk_turn()) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    waiters[0].cancel()
+    await asyncio.sleep(0)
+    assert sum(w.done() for w in waiters[1:]) == 0
+    headroom.stop()
+    await asyncio.wait_for(asyncio.gather(*waiters[1:], first), timeout=1)
+    assert math.isinf(headroom.rate)
