@@ -118,8 +118,9 @@ def test_a_database_that_cannot_be_reached_at_start_is_one_line_and_exit_1(
 def test_two_replicas_on_postgresql_ingest_every_result_once_while_one_is_killed(
     start_serve: ServeFactory, pg_database: str, amqp_vhost: AmqpVhost, sid: str
 ) -> None:
-    """2,000 results wait in usm_poller.history; two replicas share them; one is SIGKILLed
-    while both hold full windows. Every result ends up as exactly one row."""
+    """3,000 results wait in usm_poller.history; two replicas start together and share them; one
+    is SIGKILLed in the middle of the ingest, with deliveries it has not committed. Every result
+    ends up as exactly one row."""
     asyncio.run(reset_schema(pg_database))
     # Small commits (prefetch = 2 x batch) make the ingest slow enough to kill a replica in the
     # middle of it, with deliveries held that it has not committed.
@@ -130,7 +131,7 @@ def test_two_replicas_on_postgresql_ingest_every_result_once_while_one_is_killed
     }
     first = start_serve(env=env)  # declares the queue; stopped before the results come
     assert first.terminate() == 0
-    ids = [f"{sid}-{n:04}" for n in range(2000)]
+    ids = [f"{sid}-{n:04}" for n in range(3000)]
     conn = pika.BlockingConnection(pika.URLParameters(amqp_vhost.dsn))
     try:
         channel = conn.channel()
@@ -141,16 +142,19 @@ def test_two_replicas_on_postgresql_ingest_every_result_once_while_one_is_killed
             channel.basic_publish(wire.results_exchange(), key, result_body(job_id, sid), props)
     finally:
         conn.close()
-    victim, survivor = start_serve(env=env), start_serve(env=env)
+    # Both start at once and neither is waited for: a replica that is ready before the other
+    # would ingest everything alone (the ingest is faster than a process start).
+    victim, survivor = start_serve(wait=False, env=env), start_serve(wait=False, env=env)
     rows, answers = 0, 0
-    for _ in range(600):
+    for _ in range(3000):
         rows, answers = asyncio.run(count_rows(pg_database, sid))
-        if rows >= 300:
+        if rows >= 200 or victim.proc.poll() is not None:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert 0 < rows < len(ids), "the kill must land while results are still coming"
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(timeout=10)
+    survivor.wait_listening()
     for _ in range(600):
         rows, answers = asyncio.run(count_rows(pg_database, sid))
         if rows == len(ids):
