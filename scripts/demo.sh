@@ -118,6 +118,9 @@ for j in json.load(sys.stdin)["items"]:
 for row in rows:
     print("   %-36s  %-6s  %-9s  %-9s  %-5s  %-6s  %s" % row)'
 }
+# The reply reached the waiting request directly; the history row is written by the ingest a
+# moment later (its group commit): wait for it, as a client reading its own write would.
+curl -sS --max-time 10 --unix-socket "$SOCK" "http://localhost/v1/jobs/$JOB_ID?wait=5" >/dev/null
 echo "== the history, found again: GET /v1/jobs?host=127.0.0.1 over the unix socket (newest first)"
 echo "   curl --unix-socket .demo/core/api.sock 'http://localhost/v1/jobs?host=127.0.0.1'"
 history "host=127.0.0.1"

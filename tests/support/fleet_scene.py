@@ -227,6 +227,7 @@ def fleet_scene(
                 tmp_path, healthy, stopped, snmpd, ops=ops.url, pager=pager.url
             )
             serve = factory(env=env)
+            serve.wait_ready()
             with serve.tcp(admin) as http:
                 answered = http.post(
                     f"/v1/satellites/{healthy}/jobs",

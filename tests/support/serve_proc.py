@@ -50,6 +50,26 @@ class ServeProcess:
             time.sleep(0.1)
         raise AssertionError(f"serve not listening after {timeout} s:\n{self.log_text()}")
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until `/readyz` says 200: the service listens before its broker connection is up,
+        and a submit in between is 503 `broker_unavailable` (with Retry-After)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        with self.unix() as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log_text()}")
+                try:
+                    response = http.get("/readyz", timeout=5)
+                except httpx.HTTPError as exc:
+                    last = repr(exc)
+                else:
+                    if response.status_code == 200:
+                        return
+                    last = response.text
+                time.sleep(0.1)
+        raise AssertionError(f"serve not ready after {timeout} s: {last}\n{self.log_text()}")
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
