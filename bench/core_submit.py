@@ -179,6 +179,13 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--operator-calls", type=int, default=20, metavar="N")
     parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="timestamp each step of the round trips in every process (bench/trace/) into DIR"
+        " and print where the time goes; docs/performance.md is left alone",
+    )
+    parser.add_argument(
         "--base-source",
         type=Path,
         metavar="DIR",
@@ -192,6 +199,11 @@ def main() -> int:
     n = max(20, min(args.calls, 5000))
     sid = f"bench{os.getpid()}"
     load_start = os.getloadavg()
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_SUBMIT_TRACE"] = str(args.trace.resolve())
+        paths = [str(ROOT / "bench" / "trace"), os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     with vhost() as amqp, snmp_agent() as (host, port, _pid), tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         pollers = PollerFactory(amqp, workdir)
@@ -216,8 +228,10 @@ def main() -> int:
         )
         try:
             spy = py_spy(proc.pid, n / 100 + 5, args.profile) if args.profile else None
-            samples = strict_rounds(scene, n)
-            samples |= operator_rounds(scene, max(0, min(args.operator_calls, 500)))
+            calls: list[tuple[str, int, int]] | None = [] if args.trace else None
+            samples = strict_rounds(scene, n, calls)
+            if args.trace is None:
+                samples |= operator_rounds(scene, max(0, min(args.operator_calls, 500)))
             if spy is not None:
                 spy.wait(timeout=n + 120)
         finally:
@@ -225,8 +239,14 @@ def main() -> int:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=40)
             for poller in pollers.started:
-                poller.kill()
+                if args.trace is None:
+                    poller.kill()
+                else:
+                    poller.terminate(timeout=40)  # its events are written at exit
 
+    if args.trace is not None and calls is not None:
+        print(trace_report(args.trace, calls))
+        return 0
     section = render(samples, n, load_start, os.getloadavg(), base=args.base_source)
     print(section)
     if args.profile:
@@ -236,8 +256,11 @@ def main() -> int:
     return 0
 
 
-def strict_rounds(scene: Scene, n: int) -> dict[str, list[float]]:
-    """The in-process callers, interleaved in rounds of 10 (load drifts hit all of them)."""
+def strict_rounds(
+    scene: Scene, n: int, calls: list[tuple[str, int, int]] | None = None
+) -> dict[str, list[float]]:
+    """The in-process callers, interleaved in rounds of 10 (load drifts hit all of them);
+    `calls` gets each measured call's caller, start and end (perf_counter_ns) when given."""
     wait = {"Prefer": "wait=30"}
     with contextlib.ExitStack() as stack:
         unix = stack.enter_context(
@@ -293,8 +316,48 @@ def strict_rounds(scene: Scene, n: int) -> dict[str, list[float]]:
         samples: dict[str, list[float]] = {key: [] for key in callers}
         for _ in range(n // 10):
             for key, fn in callers.items():
-                samples[key] += timed(fn, 10)
+                if calls is None:
+                    samples[key] += timed(fn, 10)
+                    continue
+                for _ in range(10):
+                    started = time.perf_counter_ns()
+                    fn()
+                    ended = time.perf_counter_ns()
+                    calls.append((key, started, ended))
+                    samples[key].append((ended - started) / 1e6)
     return samples
+
+
+def trace_report(trace: Path, calls: list[tuple[str, int, int]]) -> str:
+    """Where each caller's round trips go: for each process's step, the median of its first
+    time inside a call's window, in ms from the call's start (bench/trace/sitecustomize.py)."""
+    processes: dict[str, list[tuple[int, str]]] = {}
+    for path in sorted(trace.glob("*.tsv")):
+        events: list[tuple[int, str]] = []
+        for line in path.read_text().splitlines():
+            stamp, name = line.split("\t")
+            events.append((int(stamp), name))
+        names = {name for _, name in events}
+        role = "serve" if "submit" in names else "poller" if "job_delivered" in names else "other"
+        processes[f"{role}:{path.stem}"] = events
+    out = []
+    for key in dict.fromkeys(k for k, _, _ in calls):
+        windows = [(s, e) for k, s, e in calls if k == key]
+        offsets: dict[str, list[float]] = {}
+        for proc, events in processes.items():
+            for start, end in windows:
+                seen: set[str] = set()
+                for t, name in events:
+                    if start <= t <= end and name not in seen:
+                        seen.add(name)
+                        offsets.setdefault(f"{proc.split(':')[0]} {name}", []).append(
+                            (t - start) / 1e6
+                        )
+        total = statistics.median((e - s) / 1e6 for s, e in windows)
+        out.append(f"{key}: {len(windows)} calls, p50 {total:.3f} ms")
+        rows = sorted((statistics.median(v), len(v), step) for step, v in offsets.items())
+        out += [f"  {m:7.3f} ms  {step} (in {c} calls)" for m, c, step in rows]
+    return "\n".join(out)
 
 
 def operator_rounds(scene: Scene, n: int) -> dict[str, list[float]]:
