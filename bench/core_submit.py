@@ -328,15 +328,31 @@ def strict_rounds(
     return samples
 
 
+#: The steps of a round trip, in order, that `trace_report` measures from one to the next.
+TRACE_CHAIN = (
+    "serve http_read",
+    "serve submit",
+    "serve queued_write",
+    "serve queued_committed",
+    "serve amqp_send",
+    "poller job_delivered",
+    "poller result_publish",
+    "serve reply",
+    "serve submitted",
+)
+
+
 def trace_report(trace: Path, calls: list[tuple[str, int, int]]) -> str:
-    """Where each caller's round trips go: for each process's step, the median of its first
-    time inside a call's window, in ms from the call's start (bench/trace/sitecustomize.py)."""
+    """Where each caller's round trips go (bench/trace/sitecustomize.py): for each process's
+    step, the median of its first time inside a call's window (ms from the call's start), then
+    the medians of the per-call segments between the steps of `TRACE_CHAIN` the caller passes."""
     processes: dict[str, list[tuple[int, str]]] = {}
     for path in sorted(trace.glob("*.tsv")):
         events: list[tuple[int, str]] = []
         for line in path.read_text().splitlines():
-            stamp, name = line.split("\t")
-            events.append((int(stamp), name))
+            text, name = line.split("\t")
+            events.append((int(text), name))
+        events.sort()
         names = {name for _, name in events}
         role = "serve" if "submit" in names else "poller" if "job_delivered" in names else "other"
         processes[f"{role}:{path.stem}"] = events
@@ -344,19 +360,37 @@ def trace_report(trace: Path, calls: list[tuple[str, int, int]]) -> str:
     for key in dict.fromkeys(k for k, _, _ in calls):
         windows = [(s, e) for k, s, e in calls if k == key]
         offsets: dict[str, list[float]] = {}
-        for proc, events in processes.items():
-            for start, end in windows:
-                seen: set[str] = set()
-                for t, name in events:
-                    if start <= t <= end and name not in seen:
-                        seen.add(name)
-                        offsets.setdefault(f"{proc.split(':')[0]} {name}", []).append(
-                            (t - start) / 1e6
-                        )
+        per_call: list[dict[str, float]] = []
+        for start, end in windows:
+            firsts: dict[str, float] = {}
+            for proc, events in processes.items():
+                role = proc.split(":")[0]
+                for stamp, name in events:
+                    step = f"{role} {name}"
+                    if start <= stamp <= end and step not in firsts:
+                        firsts[step] = (stamp - start) / 1e6
+            for step, ms in firsts.items():
+                offsets.setdefault(step, []).append(ms)
+            per_call.append(firsts | {"end": (end - start) / 1e6})
         total = statistics.median((e - s) / 1e6 for s, e in windows)
         out.append(f"{key}: {len(windows)} calls, p50 {total:.3f} ms")
         rows = sorted((statistics.median(v), len(v), step) for step, v in offsets.items())
         out += [f"  {m:7.3f} ms  {step} (in {c} calls)" for m, c, step in rows]
+        # The steps seen in (nearly) every call of this caller; a call that misses one of
+        # them (an event flushed late, a step skipped) counts from the step before it.
+        chain = [s for s in TRACE_CHAIN if len(offsets.get(s, ())) >= 0.9 * len(windows)]
+        segments: dict[str, list[float]] = {}
+        for firsts in per_call:
+            previous, at = "start", 0.0
+            for step in [*chain, "end"]:
+                if step in firsts and firsts[step] >= at:
+                    segments.setdefault(f"{previous} -> {step}", []).append(firsts[step] - at)
+                    previous, at = step, firsts[step]
+        out.append("  segments (median of the calls, ms):")
+        out += [
+            f"    {statistics.median(v):7.3f}  {name} ({len(v)} calls)"
+            for name, v in segments.items()
+        ]
     return "\n".join(out)
 
 

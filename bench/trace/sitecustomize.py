@@ -107,7 +107,10 @@ def _patch_uvicorn(module: ModuleType) -> None:
 def _patch_jobs(module: ModuleType) -> None:
     _around_async(module.JobService, "submit", "submit", "submitted")
     _around_async(module.JobService, "_wait", None, "woken")
-    _around(module.Waiters, "notify", "notify")
+
+
+def _patch_replies(module: ModuleType) -> None:
+    _around(module.Replies, "_on_delivery", "reply")
 
 
 def _patch_api(module: ModuleType) -> None:
@@ -135,6 +138,7 @@ _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.protocols.http.httptools_impl": _patch_uvicorn,
     "satellite.service.jobs": _patch_jobs,
     "satellite.service.store": _patch_store,
+    "satellite.service.replies": _patch_replies,
     "satellite.service.api.jobs": _patch_api,
     "satellite.service.api.access": _patch_access,
 }
