@@ -145,12 +145,18 @@ def command_caller(argv: list[str]) -> Callable[[], None]:
     return run
 
 
-def timed(call: object, n: int) -> list[float]:
+def timed(
+    call: object, n: int, calls: list[tuple[str, int, int]] | None = None, key: str = ""
+) -> list[float]:
+    """`n` calls, each one's ms; `calls` gets `(key, start, end)` of each (perf_counter_ns)."""
     out = []
     for _ in range(n):
-        started = time.perf_counter()
+        started = time.perf_counter_ns()
         call()  # type: ignore[operator]
-        out.append((time.perf_counter() - started) * 1000)
+        ended = time.perf_counter_ns()
+        out.append((ended - started) / 1e6)
+        if calls is not None:
+            calls.append((key, started, ended))
     return out
 
 
@@ -229,7 +235,7 @@ def main() -> int:
         try:
             spy = py_spy(proc.pid, n / 100 + 5, args.profile) if args.profile else None
             calls: list[tuple[str, int, int]] | None = [] if args.trace else None
-            samples = strict_rounds(scene, n, calls)
+            samples = strict_rounds(scene, n, calls, args.trace)
             if args.trace is None:
                 samples |= operator_rounds(scene, max(0, min(args.operator_calls, 500)))
             if spy is not None:
@@ -256,11 +262,29 @@ def main() -> int:
     return 0
 
 
+def mark_publishes(core: Client, marks: list[tuple[int, str]]) -> None:
+    """Record when `core` publishes a job and when the broker has confirmed it."""
+    publish = core._publish
+
+    def marked(*args: Any, **kwargs: Any) -> None:
+        marks.append((time.perf_counter_ns(), "publish"))
+        try:
+            publish(*args, **kwargs)
+        finally:
+            marks.append((time.perf_counter_ns(), "confirmed"))
+
+    core._publish = marked  # type: ignore[method-assign]
+
+
 def strict_rounds(
-    scene: Scene, n: int, calls: list[tuple[str, int, int]] | None = None
+    scene: Scene,
+    n: int,
+    calls: list[tuple[str, int, int]] | None = None,
+    trace: Path | None = None,
 ) -> dict[str, list[float]]:
     """The in-process callers, interleaved in rounds of 10 (load drifts hit all of them);
-    `calls` gets each measured call's caller, start and end (perf_counter_ns) when given."""
+    `calls` gets each measured call's caller, start and end (perf_counter_ns) when given, and
+    `trace/client.tsv` the AMQP caller's publishes (sent, confirmed)."""
     wait = {"Prefer": "wait=30"}
     with contextlib.ExitStack() as stack:
         unix = stack.enter_context(
@@ -278,6 +302,9 @@ def strict_rounds(
             )
         )
         core = stack.enter_context(Client(scene.dsn))
+        client_marks: list[tuple[int, str]] = []
+        if trace is not None:
+            mark_publishes(core, client_marks)
         lean = stack.enter_context(contextlib.closing(UnixHTTPConnection(scene.sock)))
 
         def over(client: httpx.Client) -> None:
@@ -316,15 +343,10 @@ def strict_rounds(
         samples: dict[str, list[float]] = {key: [] for key in callers}
         for _ in range(n // 10):
             for key, fn in callers.items():
-                if calls is None:
-                    samples[key] += timed(fn, 10)
-                    continue
-                for _ in range(10):
-                    started = time.perf_counter_ns()
-                    fn()
-                    ended = time.perf_counter_ns()
-                    calls.append((key, started, ended))
-                    samples[key].append((ended - started) / 1e6)
+                samples[key] += timed(fn, 10, calls, key)
+    if trace is not None:
+        lines = "".join(f"{t}\t{name}\n" for t, name in client_marks)
+        (trace / "client.tsv").write_text(lines)
     return samples
 
 
@@ -335,6 +357,7 @@ TRACE_CHAIN = (
     "serve queued_write",
     "serve queued_committed",
     "serve amqp_send",
+    "client publish",
     "poller job_delivered",
     "poller result_publish",
     "serve reply",
@@ -354,7 +377,15 @@ def trace_report(trace: Path, calls: list[tuple[str, int, int]]) -> str:
             events.append((int(text), name))
         events.sort()
         names = {name for _, name in events}
-        role = "serve" if "submit" in names else "poller" if "job_delivered" in names else "other"
+        role = (
+            "client"
+            if path.stem == "client"
+            else "serve"
+            if "submit" in names
+            else "poller"
+            if "job_delivered" in names
+            else "other"
+        )
         processes[f"{role}:{path.stem}"] = events
     out = []
     for key in dict.fromkeys(k for k, _, _ in calls):
