@@ -21,6 +21,11 @@ start-up included), timed from the start of the process to its exit.
 example `git archive <commit> | tar -x -C DIR`), asked over its unix socket in the same rounds:
 a before/after of a change to the service in one run (its row is labelled with DIR).
 
+`--trace DIR` runs every process with bench/trace/ on `PYTHONPATH` (its sitecustomize.py
+timestamps each step of a round trip on one clock) and prints, per caller, where the time goes:
+the medians of each step's offset in the calls and of the per-call segments between the steps
+(docs/performance.md leaves them to the section's text).
+
 Usage: `.venv/bin/python bench/core_submit.py [--calls N]`; writes `## Core service submit`
 in docs/performance.md. Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's.
 """
@@ -38,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,12 +151,18 @@ def command_caller(argv: list[str]) -> Callable[[], None]:
     return run
 
 
-def timed(call: object, n: int) -> list[float]:
+def timed(
+    call: object, n: int, calls: list[tuple[str, int, int]] | None = None, key: str = ""
+) -> list[float]:
+    """`n` calls, each one's ms; `calls` gets `(key, start, end)` of each (perf_counter_ns)."""
     out = []
     for _ in range(n):
-        started = time.perf_counter()
+        started = time.perf_counter_ns()
         call()  # type: ignore[operator]
-        out.append((time.perf_counter() - started) * 1000)
+        ended = time.perf_counter_ns()
+        out.append((ended - started) / 1e6)
+        if calls is not None:
+            calls.append((key, started, ended))
     return out
 
 
@@ -179,6 +191,13 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--operator-calls", type=int, default=20, metavar="N")
     parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="timestamp each step of the round trips in every process (bench/trace/) into DIR"
+        " and print where the time goes; docs/performance.md is left alone",
+    )
+    parser.add_argument(
         "--base-source",
         type=Path,
         metavar="DIR",
@@ -192,6 +211,11 @@ def main() -> int:
     n = max(20, min(args.calls, 5000))
     sid = f"bench{os.getpid()}"
     load_start = os.getloadavg()
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_SUBMIT_TRACE"] = str(args.trace.resolve())
+        paths = [str(ROOT / "bench" / "trace"), os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     with vhost() as amqp, snmp_agent() as (host, port, _pid), tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         pollers = PollerFactory(amqp, workdir)
@@ -199,7 +223,9 @@ def main() -> int:
         served = [start_serve(amqp.dsn, workdir)]
         if args.base_source is not None:
             (workdir / "base").mkdir()
-            source = {"PYTHONPATH": str(args.base_source.resolve())}
+            # Its sources first; then what this run's PYTHONPATH holds (bench/trace/ with --trace).
+            paths = [str(args.base_source.resolve()), os.environ.get("PYTHONPATH", "")]
+            source = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
             base = workdir / "base"
             served.append(start_serve(amqp.dsn, base, extra_env=source, cwd=base))
         token = TokensFile(workdir / "state" / "tokens.yaml").create("bench", ["submit"])
@@ -216,8 +242,10 @@ def main() -> int:
         )
         try:
             spy = py_spy(proc.pid, n / 100 + 5, args.profile) if args.profile else None
-            samples = strict_rounds(scene, n)
-            samples |= operator_rounds(scene, max(0, min(args.operator_calls, 500)))
+            calls: list[tuple[str, int, int]] | None = [] if args.trace else None
+            samples = strict_rounds(scene, n, calls, args.trace)
+            if args.trace is None:
+                samples |= operator_rounds(scene, max(0, min(args.operator_calls, 500)))
             if spy is not None:
                 spy.wait(timeout=n + 120)
         finally:
@@ -225,8 +253,14 @@ def main() -> int:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=40)
             for poller in pollers.started:
-                poller.kill()
+                if args.trace is None:
+                    poller.kill()
+                else:
+                    poller.terminate(timeout=40)  # its events are written at exit
 
+    if args.trace is not None and calls is not None:
+        print(trace_report(args.trace, calls))
+        return 0
     section = render(samples, n, load_start, os.getloadavg(), base=args.base_source)
     print(section)
     if args.profile:
@@ -236,8 +270,29 @@ def main() -> int:
     return 0
 
 
-def strict_rounds(scene: Scene, n: int) -> dict[str, list[float]]:
-    """The in-process callers, interleaved in rounds of 10 (load drifts hit all of them)."""
+def mark_publishes(core: Client, marks: list[tuple[int, str]]) -> None:
+    """Record when `core` publishes a job and when the broker has confirmed it."""
+    publish = core._publish
+
+    def marked(*args: Any, **kwargs: Any) -> None:
+        marks.append((time.perf_counter_ns(), "publish"))
+        try:
+            publish(*args, **kwargs)
+        finally:
+            marks.append((time.perf_counter_ns(), "confirmed"))
+
+    core._publish = marked  # type: ignore[method-assign]
+
+
+def strict_rounds(
+    scene: Scene,
+    n: int,
+    calls: list[tuple[str, int, int]] | None = None,
+    trace: Path | None = None,
+) -> dict[str, list[float]]:
+    """The in-process callers, interleaved in rounds of 10 (load drifts hit all of them);
+    `calls` gets each measured call's caller, start and end (perf_counter_ns) when given, and
+    `trace/client.tsv` the AMQP caller's publishes (sent, confirmed)."""
     wait = {"Prefer": "wait=30"}
     with contextlib.ExitStack() as stack:
         unix = stack.enter_context(
@@ -255,6 +310,9 @@ def strict_rounds(scene: Scene, n: int) -> dict[str, list[float]]:
             )
         )
         core = stack.enter_context(Client(scene.dsn))
+        client_marks: list[tuple[int, str]] = []
+        if trace is not None:
+            mark_publishes(core, client_marks)
         lean = stack.enter_context(contextlib.closing(UnixHTTPConnection(scene.sock)))
 
         def over(client: httpx.Client) -> None:
@@ -293,8 +351,86 @@ def strict_rounds(scene: Scene, n: int) -> dict[str, list[float]]:
         samples: dict[str, list[float]] = {key: [] for key in callers}
         for _ in range(n // 10):
             for key, fn in callers.items():
-                samples[key] += timed(fn, 10)
+                samples[key] += timed(fn, 10, calls, key)
+    if trace is not None:
+        lines = "".join(f"{t}\t{name}\n" for t, name in client_marks)
+        (trace / "client.tsv").write_text(lines)
     return samples
+
+
+#: The steps of a round trip, in order, that `trace_report` measures from one to the next.
+TRACE_CHAIN = (
+    "serve http_read",
+    "serve submit",
+    "serve queued_write",
+    "serve queued_committed",
+    "serve amqp_send",
+    "client publish",
+    "poller job_delivered",
+    "poller result_publish",
+    "serve reply",
+    "serve submitted",
+)
+
+
+def trace_report(trace: Path, calls: list[tuple[str, int, int]]) -> str:
+    """Where each caller's round trips go (bench/trace/sitecustomize.py): for each process's
+    step, the median of its first time inside a call's window (ms from the call's start), then
+    the medians of the per-call segments between the steps of `TRACE_CHAIN` the caller passes."""
+    processes: dict[str, list[tuple[int, str]]] = {}
+    for path in sorted(trace.glob("*.tsv")):
+        events: list[tuple[int, str]] = []
+        for line in path.read_text().splitlines():
+            text, name = line.split("\t")
+            events.append((int(text), name))
+        events.sort()
+        names = {name for _, name in events}
+        role = (
+            "client"
+            if path.stem == "client"
+            else "serve"
+            if "submit" in names
+            else "poller"
+            if "job_delivered" in names
+            else "other"
+        )
+        processes[f"{role}:{path.stem}"] = events
+    out = []
+    for key in dict.fromkeys(k for k, _, _ in calls):
+        windows = [(s, e) for k, s, e in calls if k == key]
+        offsets: dict[str, list[float]] = {}
+        per_call: list[dict[str, float]] = []
+        for start, end in windows:
+            firsts: dict[str, float] = {}
+            for proc, events in processes.items():
+                role = proc.split(":")[0]
+                for stamp, name in events:
+                    step = f"{role} {name}"
+                    if start <= stamp <= end and step not in firsts:
+                        firsts[step] = (stamp - start) / 1e6
+            for step, ms in firsts.items():
+                offsets.setdefault(step, []).append(ms)
+            per_call.append(firsts | {"end": (end - start) / 1e6})
+        total = statistics.median((e - s) / 1e6 for s, e in windows)
+        out.append(f"{key}: {len(windows)} calls, p50 {total:.3f} ms")
+        rows = sorted((statistics.median(v), len(v), step) for step, v in offsets.items())
+        out += [f"  {m:7.3f} ms  {step} (in {c} calls)" for m, c, step in rows]
+        # The steps seen in (nearly) every call of this caller; a call that misses one of
+        # them (an event flushed late, a step skipped) counts from the step before it.
+        chain = [s for s in TRACE_CHAIN if len(offsets.get(s, ())) >= 0.9 * len(windows)]
+        segments: dict[str, list[float]] = {}
+        for firsts in per_call:
+            previous, at = "start", 0.0
+            for step in [*chain, "end"]:
+                if step in firsts and firsts[step] >= at:
+                    segments.setdefault(f"{previous} -> {step}", []).append(firsts[step] - at)
+                    previous, at = step, firsts[step]
+        out.append("  segments (median of the calls, ms):")
+        out += [
+            f"    {statistics.median(v):7.3f}  {name} ({len(v)} calls)"
+            for name, v in segments.items()
+        ]
+    return "\n".join(out)
 
 
 def operator_rounds(scene: Scene, n: int) -> dict[str, list[float]]:
@@ -355,13 +491,90 @@ def render(
     lines += [
         "",
         "httpx (keep-alive, one pool per transport) for the HTTP rows but one, the standard",
-        "library's `http.client` on one kept-alive unix connection for that one: the client's",
-        "own share of a round trip (about 1-2 ms of httpx per request on this host).",
+        "library's `http.client` on one kept-alive unix connection for that one. The AMQP row",
+        "uses the toolkit's own client (kombu); the service's own HTTP client (`satellite",
+        "--api`, `satellite/apiclient.py`) is httpx.",
         "",
-        "Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's: not met on this host. What was",
-        "measured and changed (2026-12-07; `--profile OUT` records the service with py-spy):",
+        *verdict(samples),
         "",
-        *lean_route_note(samples, base),
+        "Where the time goes (`--trace DIR`: bench/trace/sitecustomize.py timestamps each step",
+        "in every process, on one clock; `--calls 300 --base-source` of the commit before this",
+        "round, 2026-12-07, load average 6.2 at the start, 7.2 at the end; medians of the",
+        "calls' own segments, ms; the marks themselves cost a few µs a step):",
+        "",
+        "| segment | unix, httpx | unix, `http.client` | AMQP `Client.call()` |"
+        " before, unix, httpx |",
+        "| --- | --- | --- | --- | --- |",
+        "| client sends -> the service reads the request | 0.38 | 0.12 | - | 0.40 |",
+        "| request -> `JobService.submit` (uvicorn, routing, auth, body) | 0.24 | 0.19 | - |"
+        " 0.24 |",
+        "| validation, the `queued` row built | 0.10 | 0.07 | - | 0.09 |",
+        "| the `queued` row committed (SQLite) | 0.22 | 0.18 | - | 0.40 |",
+        "| publish written to the broker's socket | 0.11 | 0.09 | - | 0.11 |",
+        "| broker -> the poller has the job | 1.55 | 1.21 | 1.39 (from the client's publish,"
+        " kombu's own send in it) | 1.24 |",
+        "| the poller runs the job (snmpd) | 0.74 | 0.63 | 0.56 | 0.67 |",
+        "| result published -> the service's reply consumer has it | 0.53 | 0.49 | - | 0.53 |",
+        "| reply -> the request's answer ready | 0.11 | 0.09 | - | 0.12 |",
+        "| answer ready -> the client has the response | 0.56 | 0.25 | - | 0.63 |",
+        "| result published -> the client has it | - | - | 0.52 | - |",
+        "| whole round trip, p50 | 6.84 | 4.49 | 2.78 | 5.92 |",
+        "",
+        "The broker and poller legs are the AMQP call's: the same broker, queue and poller,",
+        "as slow for either caller in the same run. What HTTP adds is its hop: the client's",
+        "request and response (0.37 ms with `http.client`, 0.94 ms with httpx: httpx costs",
+        "about 0.55 ms more per request than `http.client` on this host), the service's",
+        "Python before the publish (0.45-0.65 ms: uvicorn, routing and auth, validation, the",
+        "`queued` commit, the publish) and after the reply (about 0.1 ms), and two more",
+        "wake-ups of processes per round trip (client -> service -> broker and back), each of",
+        "which waits for one of the 2 cores behind the other test runs. The medians of the",
+        "segments add up to less than the p50 of the whole: the wake-ups' waits make a long",
+        "tail in every segment, and the more segments a path has, the more of that tail it",
+        "collects; this is why the ratio grows with the load average (1.24x for",
+        "`http.client` at load 3, about 1.5x at load 5-6 in the runs below).",
+        "",
+        "Runs of the same hour (`--calls 300 --base-source`, each round's p50 over its AMQP",
+        "p50, median of the rounds; unix with httpx / the commit before / TCP with httpx /",
+        "unix with `http.client`): load 3.2-3.3: 1.45x / 1.52x / 1.40x / 1.25x; load 3.5-5.2:",
+        "1.88x / 1.63x / 1.84x / 1.35x; load 5.2-6.1: 1.75x / 1.87x / 2.09x / 1.50x. The",
+        "service's own steps gained 0.2-0.3 ms per round trip (the trace); the round trips'",
+        "spread between runs is larger than that, so the before/after shows in the trace's",
+        "steps, not in these ratios.",
+        "",
+        "Changed in this round (issue 14 item 9, 2026-12-07):",
+        "",
+        "- The `queued` row on SQLite goes through the driver: `SQLITE_QUEUED_UPSERT` with",
+        "  `sqlite_queued_params` (the same row, byte for byte, as SQLAlchemy's upsert writes;",
+        "  tests/integration/test_service_store.py compares them) on the connection kept for",
+        "  the event loop, and on the writer thread for a group. `Store.record_queued` in",
+        "  isolation 132 -> 80 µs (medians of 2,000 rows); in the trace above, the commit step",
+        "  0.40 -> 0.18-0.22 ms in the same run. Still committed before the publish.",
+        "- A response's status line and headers leave with its first body bytes in one send()",
+        "  (uvicorn wrote them in two: two wake-ups of the client). `satellite serve` runs",
+        "  uvicorn's httptools protocol with a transport per response that holds the head",
+        "  until the body's first write or the response's end (HEAD, an empty body, a close);",
+        "  `100 Continue` is never held (tests/unit/test_service_listen.py). The last segment",
+        "  above: 0.63 -> 0.56 ms with httpx.",
+        "- A `Prefer: wait` request awaits its own future (no `asyncio.shield`; it is",
+        "  cancelled at the timeout and forgotten): one loop turn less between the reply and",
+        "  the answer (0.12 -> 0.11 ms above, within the noise).",
+        *base_note(samples, base),
+        "- Checked and left: the lane (a waited-for job goes to the interactive lane in both",
+        "  paths, `Client.call()` too); uvicorn already runs httptools without its access log",
+        "  (the service's own `request_finished` line is at info; the bench runs at warning);",
+        "  the waiter is woken by this replica's reply queue, not by ingest (the history's",
+        "  copy of the result comes through `usm_poller.history` after the answer has gone",
+        "  out); ingest's group commits (50 ms linger) fall in one call in about fifteen.",
+        "  pika's write of a publish waits for the socket to be reported writable (one loop",
+        "  turn, two `epoll_ctl`): left alone, since its bursts are joined there",
+        "  (`poller.broker._Connection`) and the saving would be tens of µs.",
+        "- The `queued` commit and the publish stay serial (the contract records `queued`",
+        "  before publishing, and a publish that is not confirmed turns the row into",
+        "  `not_published`); a single caller has nothing to group-commit with.",
+        "",
+        "Earlier rounds (2026-12-06/07):",
+        "",
+        *lean_route_note(),
         "- Found while profiling the submit in process (ASGI calls, cProfile on): a replica",
         "  started before the `usm_poller.events` exchange existed (no poller and no `satellite",
         "  declare` yet) ran its heartbeat thread in a busy loop for its whole life (about 70% of",
@@ -371,21 +584,14 @@ def render(
         "  (it looks for the exchange again every 5 s) 2.0 and 6.6 ms. This bench starts its",
         "  service after its poller (the exchange exists), so its figures were not affected; a",
         "  service started before its first poller was.",
-        "- Where a submit's time goes, timers inside the service (`--calls 200`, load 11-13,",
-        "  medians, ms): request to `JobService.submit` 0.53 (routing, auth, body), validation",
-        "  0.18, the `queued` commit 0.74, publish to confirm 2.87, confirm to reply 2.49, the",
-        "  response 0.35: 9.2 in the service, against 5.25 for the whole AMQP call in the same",
-        "  run. The service's own broker round trip (publish to reply, 5.4) is the AMQP call's",
-        "  (the same broker, queue and poller); what HTTP adds is the hop from the client to",
-        "  the service and back, about 1.8 ms of Python in the service (HTTP, store,",
-        "  validation, response) and the client's own cost, each of them waiting for a core on",
-        "  a host where every wake-up queues behind other processes. py-spy on the same",
-        "  bench: a third of the event loop's busy samples are inside pika's `send()` to the",
-        "  broker (a write that wakes RabbitMQ often hands it the core), and the ingest's",
-        "  group commits on the writer thread hold the GIL the loop then waits for.",
+        "- Timers inside the service then (`--calls 200`, load 11-13, medians, ms): request to",
+        "  `JobService.submit` 0.53 (routing, auth, body), validation 0.18, the `queued` commit",
+        "  0.74, publish to confirm 2.87, confirm to reply 2.49, the response 0.35: 9.2 in the",
+        "  service, against 5.25 for the whole AMQP call in the same run. py-spy on the same",
+        "  bench: a third of the event loop's busy samples were inside pika's `send()` to the",
+        "  broker (a write that wakes RabbitMQ often hands it the core).",
         "- The reply reaches the waiting request straight from the replica's reply queue (the",
-        "  consumer sets the request's future): no store read, no poll, no commit on that path;",
-        "  the history's copy is written by ingest after the answer has gone out.",
+        "  consumer sets the request's future): no store read, no poll, no commit on that path.",
         "- pika wrote each message as three `send()`s (method, header and body frames: three",
         "  TCP segments, three wake-ups of the broker); `poller.broker` now joins them (one",
         "  write per message), for the service's publishes and the poller's results alike:",
@@ -398,25 +604,43 @@ def render(
         "  with `http.client` 0.98 -> 0.58 ms at the client (one run each, load 4-6).",
         "- Tried and not kept: the reply consumer on a channel of its own (publishes alone on",
         "  theirs): four alternating runs, no difference beyond this host's spread; a shorter",
-        "  GIL switch interval: no difference either. Not worth it: the `queued` insert through",
-        "  the driver instead of SQLAlchemy Core (0.40 -> 0.30 ms in isolation). The `queued`",
-        "  commit and the publish stay serial: the contract records `queued` before publishing.",
+        "  GIL switch interval: no difference either.",
         "- Seen in the service's profile, off this path, and gone: the fleet collector built an",
         "  httpx client (and TLS context) per pass (now one per replica, closed at stop), and",
         "  the alert sender read the store every second (now woken by its replica's new",
         "  notifications, a row falling due, or a 15 s fallback poll).",
-        "- Earlier (2026-12-06/07): the SQLite writer thread and the `queued` row committed on",
-        "  the event loop when SQLite's lock is free (the commit p50 32.6 -> 1.5 ms at load",
-        "  18-20); each job validated once, a record serialised once; uvloop tried and not kept",
-        "  (a SIGTERM during a waiting request answered 503).",
+        "- The SQLite writer thread and the `queued` row committed on the event loop when",
+        "  SQLite's lock is free (the commit p50 32.6 -> 1.5 ms at load 18-20); each job",
+        "  validated once, a record serialised once; uvloop tried and not kept (a SIGTERM",
+        "  during a waiting request answered 503).",
         "",
     ]
     return "\n".join(lines)
 
 
-def lean_route_note(samples: dict[str, list[float]], base: Path | None) -> list[str]:
-    """The bullet on the lean submit route, with this run's before/after when there is one."""
-    lines = [
+def verdict(samples: dict[str, list[float]]) -> list[str]:
+    """The goal's verdict for each HTTP caller of this run."""
+    amqp_p50 = statistics.median(samples["amqp"])
+    parts = []
+    for name, key in (
+        ("over the unix socket with httpx", "unix"),
+        ("over TCP with httpx", "tcp"),
+        ("over the unix socket with `http.client`", "plain"),
+    ):
+        ratio = statistics.median(samples[key]) / amqp_p50
+        per_round = statistics.median(round_ratios(samples, key))
+        met = "met" if ratio <= 1.3 and per_round <= 1.3 else "not met"
+        parts.append(f"{name} {ratio:.2f}x (rounds {per_round:.2f}x): {met}")
+    text = (
+        "Goal (issue 14): HTTP p50 at most 1.3x the AMQP call's (met: both the p50 ratio and"
+        " the median of the rounds' ratios at most 1.3x). In this run: " + "; ".join(parts) + "."
+    )
+    return textwrap.wrap(text, 88)
+
+
+def lean_route_note() -> list[str]:
+    """The bullet on the lean submit route (an earlier round)."""
+    return [
         "- The submit (`POST /v1/satellites/{id}/jobs`) is served by a plain Starlette route",
         "  ahead of FastAPI's (the same functions for the scope check, the body, the submit and",
         "  the response, errors raised to the same problem handlers; FastAPI's route stays for",
@@ -426,16 +650,28 @@ def lean_route_note(samples: dict[str, list[float]], base: Path | None) -> list[
         "  satellite check; logs at warning; 8 alternating rounds of 2,000, load 4.5-5.7): 109",
         "  µs of CPU per request against 312 through FastAPI's route (medians of the rounds).",
     ]
-    if base is not None and samples.get("base"):
-        new, old = statistics.median(samples["unix"]), statistics.median(samples["base"])
-        lines += [
-            "  In this run, the service from the commit before it (`--base-source`) in the same",
-            f"  rounds: p50 {new:.2f} ms against {old:.2f} ms over the unix socket"
-            f" ({new - old:+.2f} ms;",
-            f"  per-round ratios {statistics.median(round_ratios(samples, 'unix')):.2f}x against"
-            f" {statistics.median(round_ratios(samples, 'base')):.2f}x).",
-        ]
-    return lines
+
+
+def base_note(samples: dict[str, list[float]], base: Path | None) -> list[str]:
+    """This run's before/after (`--base-source`): each round's unix p50 over the same round's
+    p50 of the service from the commit before."""
+    if base is None or not samples.get("base"):
+        return []
+    new, old = statistics.median(samples["unix"]), statistics.median(samples["base"])
+    paired = [
+        statistics.median(samples["unix"][i : i + 10])
+        / statistics.median(samples["base"][i : i + 10])
+        for i in range(0, len(samples["unix"]), 10)
+    ]
+    text = (
+        "In the table's run, the service from the commit before this round (`--base-source`)"
+        f" in the same rounds: p50 {new:.2f} ms against {old:.2f} ms over the unix socket"
+        f" ({new - old:+.2f} ms); this round's p50 over the one before, round by round:"
+        f" {statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f}). The steps"
+        " above move by tenths of a ms; the whole round trip, by more than that between"
+        " rounds of one run."
+    )
+    return textwrap.wrap(text, 88, initial_indent="- ", subsequent_indent="  ")
 
 
 def operator_rows(samples: dict[str, list[float]]) -> list[str]:

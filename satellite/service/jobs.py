@@ -426,8 +426,10 @@ class JobService:
         self, record: JobRecord, waiting: asyncio.Future[wire.JobResult], wait: float
     ) -> Submitted:
         try:
+            # The future is this request's own (`Waiters.watch`): a timeout may cancel it, so
+            # no shield, and the reply's `set_result` wakes this task in one loop turn, not two.
             async with asyncio.timeout(wait):
-                result = await asyncio.shield(waiting)
+                result = await waiting
         except (TimeoutError, WaitEndedError):
             latest = await self.store.get_job(record.id)
             if latest is not None and latest.status not in ("queued", "overdue"):

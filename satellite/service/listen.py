@@ -386,6 +386,79 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
+class _OneWriteTransport:
+    """A response's transport that sends its status line and headers with its first body
+    bytes: one send() per small response, so one wake-up of the client, not two.
+
+    uvicorn writes the head (at `http.response.start`) and the body (at `http.response.body`)
+    in two `transport.write()` calls, and asyncio sends each at once. Here the head waits for
+    the next write of the same response, or for its end (a HEAD request, an empty body, a
+    `close()`), whichever comes first; everything else goes through as it is, in order. An
+    interim `100 Continue` is never held (the client waits for it before sending its body).
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._seen_head = False
+
+    def write(self, data: bytes) -> None:
+        if not self._seen_head and data.startswith(b"HTTP/") and data[9:12] != b"100":
+            self._seen_head = True
+            self._head = data
+            return
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _one_write_protocol() -> type[asyncio.Protocol] | None:
+    """uvicorn's httptools protocol with `_OneWriteTransport` for each response; None without
+    httptools (uvicorn's own choice then) or with a uvicorn whose internals differ."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import (  # noqa: PLC0415 - optional
+            HttpToolsProtocol,
+            RequestResponseCycle,
+        )
+    except ImportError:
+        return None
+    if not hasattr(HttpToolsProtocol, "_start_asgi_task"):
+        return None
+
+    class OneWriteHttpToolsProtocol(HttpToolsProtocol):
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            transport = cycle.transport
+            if not isinstance(transport, _OneWriteTransport):
+                held = _OneWriteTransport(transport)
+                # It writes, flushes, closes and hands every other call to the transport.
+                cycle.transport = held  # type: ignore[assignment]
+                done = cycle.on_response
+
+                def on_response() -> None:
+                    held.flush()  # a response that ended without a write after its head
+                    done()
+
+                cycle.on_response = on_response
+            super()._start_asgi_task(cycle, app)
+
+    return OneWriteHttpToolsProtocol
+
+
 class ApiServer:
     """Serves one ASGI app with uvicorn on pre-bound sockets until `stop()` is called.
 
@@ -417,6 +490,7 @@ class ApiServer:
         self._served = False
         config = uvicorn.Config(
             app,
+            http=_one_write_protocol() or "auto",
             lifespan=lifespan,
             ws="none",
             log_config=None,

@@ -286,6 +286,7 @@ async def test_prefer_wait_that_runs_out_is_202_and_a_long_poll_gets_the_answer(
         f"/v1/satellites/{sid}/jobs", json=body, headers={"Prefer": "respond-async, wait=1"}
     )
     assert response.status_code == 202, response.text
+    assert len(core.waiters) == 0  # the wait that ran out left nothing behind
     location = response.headers["location"]
     lane = wire.interactive_queue(sid)
     assert await asyncio.to_thread(queue_depth, core, sid, 1, queue=lane) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 
 from poller import wire
 from satellite.service.settings import DatabaseUrl, parse_database_url
-from satellite.service.store import JobExistsError, JobFilter, QueuedJob, Store
+from satellite.service.store import JobExistsError, JobFilter, QueuedJob, Store, queries
 from satellite.service.store.engine import current_revision, head_revision, migrate
 from satellite.service.store.queries import NOT_PUBLISHED, decode_cursor
 from satellite.service.store.tables import metadata
@@ -309,6 +310,56 @@ async def test_a_queued_row_waits_for_a_writer_that_holds_sqlite(store: Store) -
     stored = await store.get_job("waits")
     assert stored is not None
     assert stored.status == "queued"
+
+
+async def test_sqlite_queued_rows_through_the_driver_are_the_rows_sqlalchemy_writes(
+    store: Store,
+) -> None:
+    # The submit's `queued` row skips SQLAlchemy on SQLite (SQLITE_QUEUED_UPSERT): at once on the
+    # event loop, and in a group on the writer thread. Both must store what SQLAlchemy's upsert
+    # stores, byte for byte, and reuse a `not_published` id the way it does.
+    path = store.db.sqlite_path
+    if path is None:
+        pytest.skip("SQLite only")
+    request = {"v": 1, "kind": "snmp.get", "target": {"host": "10.0.0.1", "port": 161}}
+    variants: list[dict[str, object]] = [
+        {"lane": "interactive", "request": request},
+        {"lane": None, "request": None, "retry_of": "old", "host": None, "port": None},
+    ]
+    for n, kw in enumerate(variants):
+        now = clock(store).now = T0 + timedelta(microseconds=123_456 + n)
+        await store.record_queued(queued(f"now{n}", **kw))  # at once: the lock is free
+        holder = sqlite3.connect(path, isolation_level=None, timeout=10)
+        holder.execute("BEGIN IMMEDIATE")
+        grouped = asyncio.create_task(store.record_queued(queued(f"group{n}", **kw)))
+        await asyncio.sleep(0.1)
+        holder.execute("COMMIT")
+        holder.close()
+        await asyncio.wait_for(grouped, 10)
+        await queries.record_queued(store.engine, queued(f"orm{n}", **kw), now)
+
+    def rows(ids: list[str]) -> list[tuple[object, ...]]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            out = conn.execute(
+                "SELECT * FROM jobs WHERE id IN ({})".format(",".join("?" * len(ids))),
+                ids,
+            ).fetchall()
+        return sorted(row[1:] for row in out)  # the id is the first column
+
+    for n in range(len(variants)):
+        expected = rows([f"orm{n}"])
+        assert expected, "the reference row is missing"
+        assert rows([f"now{n}"]) == expected
+        assert rows([f"group{n}"]) == expected
+
+    # Reuse of an id the broker did not take, and refusal of a live one, through the driver.
+    assert await store.mark_not_published("now0")
+    await store.record_queued(queued("now0", host="10.9.9.9"))
+    with pytest.raises(JobExistsError):
+        await store.record_queued(queued("now0"))
+    record = await store.get_job("now0")
+    assert record is not None
+    assert (record.status, record.error_code, record.host) == ("queued", None, "10.9.9.9")
 
 
 async def test_an_unpublished_job_leaves_queued_and_its_id_can_be_reused(store: Store) -> None:

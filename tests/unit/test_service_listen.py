@@ -17,7 +17,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
@@ -502,3 +502,100 @@ async def test_cancelling_serve_closes_everything_at_once(sock_dir: Path) -> Non
     # The asyncio servers are closed too (else their selector entries outlive the closed
     # descriptors, whose numbers the next socket may get).
     assert not any(listener.is_serving() for listener in server._server.servers)
+
+
+# ------------------------------------------------------------------ one send per response
+
+
+def one_write_app() -> Starlette:
+    async def small(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse((await request.body()).decode())
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"one"
+        await asyncio.sleep(0.01)
+        yield b"two"
+
+    async def streamed(request: Request) -> StreamingResponse:
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    return Starlette(
+        routes=[
+            Route("/small", small),
+            Route("/echo", echo, methods=["POST"]),
+            Route("/streamed", streamed),
+        ]
+    )
+
+
+async def read_response(reader: asyncio.StreamReader, *, head_only: bool = False) -> bytes:
+    """One HTTP/1.1 response (Content-Length or chunked), within WAIT."""
+    async with asyncio.timeout(WAIT):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head_only:
+            return head
+        if b"transfer-encoding: chunked" in head.lower():
+            return head + await reader.readuntil(b"0\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return head + await reader.readexactly(length)
+
+
+async def test_a_response_leaves_in_one_send_head_and_body(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn writes a response's head and its body in two writes: two sends, two wake-ups of
+    # the client. The service's server sends them together; the rest of HTTP is unchanged.
+    path = sock_dir / "api.sock"
+    sent: list[bytes] = []
+    send = socket.socket.send
+
+    def recording(sock: socket.socket, data: bytes, *args: int) -> int:
+        n = send(sock, data, *args)
+        if sock.family == socket.AF_UNIX and sock.getsockname() == str(path):
+            sent.append(bytes(data[:n]))
+        return n
+
+    monkeypatch.setattr(socket.socket, "send", recording)
+    async with running(bind_all([UnixAddress(str(path))]), one_write_app()):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(b"GET /small HTTP/1.1\r\nhost: api\r\n\r\n")
+            response = await read_response(reader)
+            assert response.startswith(b"HTTP/1.1 200 ")
+            assert response.endswith(b"\r\n\r\nhello")
+            assert sent == [response]
+
+            sent.clear()  # the same connection again (keep-alive): its own single send
+            writer.write(b"GET /small HTTP/1.1\r\nhost: api\r\n\r\n")
+            assert sent == [await read_response(reader)]
+
+            sent.clear()  # HEAD: a head and no body; it is sent at the response's end
+            writer.write(b"HEAD /small HTTP/1.1\r\nhost: api\r\n\r\n")
+            head = await read_response(reader, head_only=True)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert sent == [head]
+
+            sent.clear()  # streamed: the head with the first chunk, then each chunk as it comes
+            writer.write(b"GET /streamed HTTP/1.1\r\nhost: api\r\n\r\n")
+            streamed = await read_response(reader)
+            assert b"".join(sent) == streamed
+            assert sent[0].startswith(b"HTTP/1.1 200 ")
+            assert sent[0].endswith(b"3\r\none\r\n")
+            assert len(sent) >= 2
+
+            sent.clear()  # `Expect: 100-continue`: the interim answer is never held back
+            writer.write(
+                b"POST /echo HTTP/1.1\r\nhost: api\r\ncontent-length: 4\r\n"
+                b"expect: 100-continue\r\n\r\n"
+            )
+            interim = await read_response(reader, head_only=True)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"ping")
+            echoed = await read_response(reader)
+            assert echoed.endswith(b"\r\n\r\nping")
+            assert sent == [interim, echoed]
+        finally:
+            writer.close()

@@ -42,6 +42,7 @@ __all__ = [
     "PG_RESULTS_UPSERT",
     "PRIOR_ANSWERS_UPDATE",
     "SQLITE_PRIOR_ANSWERS_UPDATE",
+    "SQLITE_QUEUED_UPSERT",
     "SQLITE_RESULTS_UPSERT",
     "JobExistsError",
     "JobFilter",
@@ -68,6 +69,7 @@ __all__ = [
     "results_upsert",
     "search",
     "sqlite_prior_params",
+    "sqlite_queued_params",
     "sqlite_result_params",
 ]
 
@@ -228,6 +230,62 @@ def queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:
         "retry_of": job.retry_of,
         "request": job.request,
     }
+
+
+#: The columns of `queued_row`, in its order (the `?` of `SQLITE_QUEUED_UPSERT`).
+_QUEUED_COLUMNS = (
+    "id",
+    "satellite_id",
+    "kind",
+    "host",
+    "port",
+    "source",
+    "status",
+    "error_code",
+    "created_at",
+    "submitted_at",
+    "deadline_at",
+    "updated_at",
+    "answers",
+    "lane",
+    "retry_of",
+    "request",
+)
+#: SQLite's `queued_upsert`, run through the driver with `sqlite_queued_params`: the submit's
+#: hot write without SQLAlchemy's statement and parameter processing (about 110 of its 130 µs).
+SQLITE_QUEUED_UPSERT = (
+    "INSERT INTO jobs ({names}) VALUES ({marks}) "  # noqa: S608 - constants; values bound
+    "ON CONFLICT (id) DO UPDATE SET {update} "
+    "WHERE jobs.error_code = '{reusable}' AND jobs.answers = 0".format(
+        names=", ".join(_QUEUED_COLUMNS),
+        marks=", ".join("?" for _ in _QUEUED_COLUMNS),
+        update=", ".join(f"{name} = excluded.{name}" for name in _QUEUED_COLUMNS[1:]),
+        reusable=NOT_PUBLISHED,
+    )
+)
+
+
+def sqlite_queued_params(values: dict[str, Any]) -> tuple[Any, ...]:
+    """`queued_row` values as the parameters of `SQLITE_QUEUED_UPSERT`: the same text SQLAlchemy
+    stores for them (times as `UtcDateTime` writes them, the request as its JSON)."""
+    return (
+        values["id"],
+        values["satellite_id"],
+        values["kind"],
+        values["host"],
+        values["port"],
+        values["source"],
+        values["status"],
+        values["error_code"],
+        _sqlite_time(values["created_at"]),
+        _sqlite_time(values["submitted_at"]),
+        _sqlite_time(values["deadline_at"]),
+        _sqlite_time(values["updated_at"]),
+        values["answers"],
+        values["lane"],
+        values["retry_of"],
+        json.dumps(values["request"]),
+    )
 
 
 async def record_queued_many(
