@@ -55,6 +55,7 @@ import ipaddress
 import itertools
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
@@ -1448,7 +1449,7 @@ class NetsnmpBackend:
             # After `_prepare_process`: Net-SNMP's initialisation reads the private directory.
             lib = await asyncio.to_thread(snmp_netsnmp_open.load)
             if lib is not None and self.sessions is None:  # not set meanwhile
-                self.sessions = OpenSessions(lib, self.open_sessions)
+                self.sessions = OpenSessions(lib, _sessions_per_thread(self))
         if self._pool is None:  # looked at again: other requests may have made it meanwhile
             on_exit = self.sessions.close_thread if self.sessions is not None else None
             self._pool = CallPool(self.threads, name="netsnmp", on_exit=on_exit)
@@ -1506,6 +1507,16 @@ def _program_outcome(
             named = f" for user {user!r}" if user else ""
             raise DeviceAuthError(f"{where}: {message}{named}")
     return False if code == 0 else None
+
+
+def _sessions_per_thread(backend: NetsnmpBackend) -> int:
+    """`open_sessions`, lowered so that the pool's sessions hold at most a quarter of the
+    process's file descriptors (`RLIMIT_NOFILE`): one UDP socket each, on up to twice as many
+    threads as the pool's size (abandoned calls do not count against it, see `CallPool`)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return backend.open_sessions
+    return max(1, min(backend.open_sessions, soft // 4 // (2 * backend.threads)))
 
 
 def _position(answer: _Answer, oids: Sequence[str]) -> int:

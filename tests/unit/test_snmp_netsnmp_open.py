@@ -50,3 +50,19 @@ def test_plain_numeric_oids_are_sent_as_they_are(
 )
 def test_anything_else_goes_through_ezsnmp(lib: snmp_netsnmp_open._Lib, name: str) -> None:
     assert snmp_netsnmp_open._oid(lib, name) is None
+
+
+@pytest.mark.parametrize(
+    ("soft", "threads", "expected"),
+    [(1_048_576, 64, 8), (1024, 64, 2), (1024, 256, 1), (4096, 32, 8), (2048, 64, 4)],
+)
+def test_open_sessions_hold_at_most_a_quarter_of_the_descriptors(
+    monkeypatch: pytest.MonkeyPatch, soft: int, threads: int, expected: int
+) -> None:
+    import resource  # noqa: PLC0415 - patched for this test only
+
+    from poller.drivers import snmp_netsnmp  # noqa: PLC0415
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, soft))
+    backend = snmp_netsnmp.NetsnmpBackend(threads=threads, open_sessions=8)
+    assert snmp_netsnmp._sessions_per_thread(backend) == expected
