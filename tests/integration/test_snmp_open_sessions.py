@@ -292,9 +292,9 @@ async def get_agent() -> AsyncIterator[Callable[..., Awaitable[int]]]:
     loop = asyncio.get_running_loop()
     transports: list[asyncio.BaseTransport] = []
 
-    async def start(**faults: Any) -> int:
+    async def start(host: str = "127.0.0.1", **faults: Any) -> int:
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: GetAgent(fake_values(), **faults), local_addr=("127.0.0.1", 0)
+            lambda: GetAgent(fake_values(), **faults), local_addr=(host, 0)
         )
         transports.append(transport)
         port: int = transport.get_extra_info("sockname")[1]
@@ -336,6 +336,22 @@ async def test_every_type_and_edge_value_renders_the_same(
     values = fake_values().values()
     v1_oids = [o for o, v in zip(oids, values, strict=True) if not isinstance(v, P.Counter64)]
     assert len(varbinds(await same(paths, v1_oids, PUBLIC_V1, port))) == len(v1_oids)
+
+
+async def test_ipv6_agents_are_asked_on_open_sessions_too(
+    paths: tuple[SnmpDriver, SnmpDriver], get_agent: Callable[..., Awaitable[int]]
+) -> None:
+    fast, _ = paths
+    try:
+        port = await get_agent("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    oids = [dotted(oid) for oid in fake_values()]
+    before = handled(fast)
+    for host in ("::1", "[::1]"):
+        got = await same(paths, oids, PUBLIC, port, host=host)
+        assert len(varbinds(got)) == len(oids)
+    assert handled(fast) - before == 2
 
 
 async def test_values_it_does_not_decode_are_handed_to_ezsnmp(
