@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -74,6 +75,7 @@ TAG_END_OF_MIB_VIEW = 0x82
 _NO_VALUE = frozenset({TAG_NULL, TAG_NO_SUCH_OBJECT, TAG_NO_SUCH_INSTANCE, TAG_END_OF_MIB_VIEW})
 _UNSIGNED32 = frozenset({TAG_COUNTER32, TAG_GAUGE32, TAG_TIMETICKS})
 _BYTES = frozenset({TAG_OCTET_STRING, TAG_OPAQUE})
+_OPAQUE_FLOATS = frozenset({TAG_OPAQUE_FLOAT, TAG_OPAQUE_DOUBLE})
 
 #: (name, tag, value): value is an int, bytes (OCTET STRING, Opaque, the 4 bytes of an
 #: IpAddress), a tuple of ints (OID), a float (Opaque float/double) or None.
@@ -286,10 +288,10 @@ class OpenSessions:
             return ((counter.high & 0xFFFFFFFF) << 32) | (counter.low & 0xFFFFFFFF)
         if tag == TAG_IPADDRESS:  # IPv4 only, as Net-SNMP prints it
             return ffi.buffer(var.val.string, 4)[:] if size == 4 else _UNHANDLED
-        if tag == TAG_OPAQUE_FLOAT:
-            return float(var.val.floatVal[0])
-        if tag == TAG_OPAQUE_DOUBLE:
-            return float(var.val.doubleVal[0])
+        if tag in _OPAQUE_FLOATS:
+            number = float(var.val.floatVal[0] if tag == TAG_OPAQUE_FLOAT else var.val.doubleVal[0])
+            # C prints a NaN as "nan" or "-nan" (its sign), Python as "nan": let ezsnmp print it.
+            return _UNHANDLED if math.isnan(number) else number
         return _UNHANDLED
 
     def _mine(self) -> _ThreadSessions:

@@ -226,8 +226,12 @@ def fake_values() -> dict[tuple[int, ...], Any]:
     return {(*FAKE, 1, n): value for n, value in enumerate(values, start=1)}
 
 
-#: An Opaque the open sessions hand to ezsnmp (an Opaque I64: Net-SNMP decodes it otherwise).
-HANDED_OVER = (*FAKE, 2, 1)
+#: Values the open sessions hand to ezsnmp: an Opaque I64 (Net-SNMP decodes it to a type they
+#: do not read) and an Opaque float NaN (C prints its sign, Python does not).
+HANDED_OVER: dict[tuple[int, ...], bytes] = {
+    (*FAKE, 2, 1): b"\x9f\x7a\x01\x05",
+    (*FAKE, 2, 2): b"\x9f\x78\x04" + struct.pack(">f", float("nan")),
+}
 
 
 class GetAgent(asyncio.DatagramProtocol):
@@ -268,8 +272,8 @@ class GetAgent(asyncio.DatagramProtocol):
             if oid in self.errors:
                 status, index = self.errors[oid]
             value = self.values.get(oid)
-            if value is None and oid == HANDED_OVER:
-                value = P.Opaque(b"\x9f\x7a\x01\x05")
+            if value is None and oid in HANDED_OVER:
+                value = P.Opaque(HANDED_OVER[oid])
             if value is None:
                 if version == api.SNMP_VERSION_1:
                     status, index = status or 2, index or asked.index(oid) + 1
@@ -359,10 +363,11 @@ async def test_values_it_does_not_decode_are_handed_to_ezsnmp(
 ) -> None:
     fast, _ = paths
     port = await get_agent()
-    before = handled(fast)
-    got = await same(paths, [dotted((*FAKE, 1, 1)), dotted(HANDED_OVER)], PUBLIC, port)
-    assert handled(fast) == before  # the whole request went through ezsnmp
-    assert [vb["type"] for vb in varbinds(got)] == ["Integer", "Opaque"]
+    for oid in HANDED_OVER:
+        before = handled(fast)
+        got = await same(paths, [dotted((*FAKE, 1, 1)), dotted(oid)], PUBLIC, port)
+        assert handled(fast) == before  # the whole request went through ezsnmp
+        assert [vb["type"] for vb in varbinds(got)] == ["Integer", "Opaque"]
 
 
 async def test_error_statuses_are_the_same(
