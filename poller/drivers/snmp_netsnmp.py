@@ -31,6 +31,13 @@ What is shared is Net-SNMP's process-wide state, and this module is written arou
   community is kept at the community in use so that requests can leave `-c` out (`_Native`,
   `_DefaultCommunity`).
 
+Plain SNMPv1/v2c GETs do not go through ezsnmp: they are sent on Net-SNMP sessions kept open per
+pool thread (`poller.drivers.snmp_netsnmp_open`, another copy of libnetsnmp with its own state),
+and their varbinds are read out of the response PDU and rendered by `_render_raw` exactly as
+`_decode` renders ezsnmp's printed ones. Whatever that path cannot promise to answer the same
+(other types, odd error statuses, a send error) it hands back, and the request runs through
+ezsnmp as before (`_run_sync`).
+
 A call that outlives its job's deadline is abandoned by the event loop (the runner's timeout
 cancels the await) and finishes on its own thread, bounded by the per-request timeout and
 retries; it keeps its `_UsmGate` slot until then, so it cannot be pulled out from under it.
@@ -1196,6 +1203,9 @@ class NetsnmpBackend:
     `program_after_pages`: pages of a subtree walked in-process before the rest of it goes to
     `snmpbulkwalk`/`snmpwalk` (None: never; 0: from the start). The programs are looked up on
     PATH here, once; without them every walk stays in-process.
+
+    `open_sessions`: Net-SNMP sessions each pool thread keeps open for plain v1/v2c GETs (0:
+    every request through ezsnmp); lowered to fit a quarter of `RLIMIT_NOFILE`.
     """
 
     def __init__(
