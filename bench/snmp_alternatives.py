@@ -10,8 +10,11 @@ CPU time (user + system, all threads) and wall time of the measured requests. Ca
 in interleaved rounds; the table shows medians. Candidates whose library is not installed are
 skipped (install them into the venv only: `pip install netsnmp-cffi gufo-snmp`).
 
-- `backend`: today's Net-SNMP backend (`NetsnmpBackend.get`, ezsnmp 2.5 with the ctypes
-  workaround, through its thread pool) - the baseline of the ratios.
+- `backend`: the Net-SNMP backend with every request through ezsnmp (`NetsnmpBackend.get` with
+  `open_sessions=0`: ezsnmp 2.5 with the ctypes workaround, through its thread pool) - the
+  baseline of the ratios.
+- `backend-open`: the same backend as configured by default: plain v1/v2c GETs on Net-SNMP
+  sessions kept open per pool thread (`poller/drivers/snmp_netsnmp_open.py`).
 - `ezsnmp`: `ezsnmp.netsnmp.snmpget(args)` called directly, as ezsnmp ships it.
 - `ezsnmp-session`: one `ezsnmp.Session` kept for all requests.
 - `open-session`: the floor of "keep Net-SNMP sessions open across requests": one session
@@ -45,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OID = "1.3.6.1.2.1.1.5.0"
 CANDIDATES = (
     "backend",
+    "backend-open",
     "ezsnmp",
     "ezsnmp-session",
     "open-session",
@@ -61,14 +65,14 @@ def rss_mb() -> float:
 
 
 def _async_candidate(name: str, host: str, port: int) -> Callable[[], Coroutine[Any, Any, None]]:
-    if name == "backend":
+    if name in ("backend", "backend-open"):
         from pydantic import SecretStr
 
         from poller import wire
         from poller.drivers.snmp_base import SnmpTarget
         from poller.drivers.snmp_netsnmp import NetsnmpBackend
 
-        backend = NetsnmpBackend(threads=1)
+        backend = NetsnmpBackend(threads=1, open_sessions=0 if name == "backend" else 8)
         auth = wire.SnmpAuth(version="2c", community=SecretStr("public"))
 
         async def call_backend() -> None:
@@ -174,9 +178,12 @@ def child(name: str, host: str, port: int, warmup: int, requests: int) -> dict[s
 
 
 def installed(name: str) -> bool:
-    module = {"netsnmp-cffi": "netsnmpy", "open-session": "netsnmpy", "gufo-snmp": "gufo.snmp"}.get(
-        name, "ezsnmp"
-    )
+    module = {
+        "netsnmp-cffi": "netsnmpy",
+        "open-session": "netsnmpy",
+        "backend-open": "netsnmpy",
+        "gufo-snmp": "gufo.snmp",
+    }.get(name, "ezsnmp")
     probe = subprocess.run(
         [sys.executable, "-c", f"import {module}"], capture_output=True, timeout=60, check=False
     )

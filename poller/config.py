@@ -196,6 +196,8 @@ class PollerSettings(BaseSettings):
     snmp_backend: Literal["auto", "pysnmp", "netsnmp"] = "auto"
     snmp_timeout: PositiveFloat = Field(default=2.0, le=60)
     snmp_retries: int = Field(default=2, ge=0, le=10)
+    #: Net-SNMP sessions each SNMP pool thread keeps open for plain v1/v2c GETs (0: off).
+    snmp_open_sessions: int = Field(default=8, ge=0, le=1024)
     state_dir: Path = Path("/tmp/usm-poller")  # noqa: S108 - a tmpfs in the container; see docs
     ssh_tofu_file: Path | None = None
     ssh_idle_timeout: float = Field(default=60.0, ge=0, le=86_400)

@@ -508,6 +508,8 @@ def _preload(settings: PollerSettings) -> None:
     names = []
     if settings.snmp_backend in ("auto", "netsnmp"):
         names.append("poller.drivers.snmp_netsnmp")
+        if settings.snmp_open_sessions:  # its library, loaded (not initialised) once
+            names.append("netsnmpy._netsnmp")
     if settings.snmp_backend in ("auto", "pysnmp"):
         names.append("poller.drivers.snmp_pysnmp")
     for name in names:

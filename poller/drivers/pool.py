@@ -35,11 +35,15 @@ _Item = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
 class CallPool:
     """Runs blocking callables on up to `threads` threads for one event loop."""
 
-    def __init__(self, threads: int, *, name: str = "pool") -> None:
+    def __init__(
+        self, threads: int, *, name: str = "pool", on_exit: Callable[[], None] | None = None
+    ) -> None:
+        """`on_exit`: called by each thread, on that thread, when it stops (`shutdown`)."""
         if threads < 1:
             raise ValueError("threads must be >= 1")
         self.max_threads = threads
         self._name = name
+        self._on_exit = on_exit
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -128,6 +132,9 @@ class CallPool:
                 if item is not None:
                     self._busy.add(item[0])
             if item is None:
+                if self._on_exit is not None:
+                    with suppress(Exception):
+                        self._on_exit()
                 return
             future, fn, args = item
             if future.cancelled():  # a plain attribute read: safe from this thread

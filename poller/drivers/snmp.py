@@ -82,13 +82,16 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class SnmpOptions:
-    """Driver options: per-request timeout (seconds), retries, which backend to use, and the
-    size of the Net-SNMP backend's thread pool."""
+    """Driver options: per-request timeout (seconds), retries, which backend to use, the size
+    of the Net-SNMP backend's thread pool and the sessions each of its threads keeps open."""
 
     timeout: float = 2.0
     retries: int = 2
     backend: Literal["auto", "pysnmp", "netsnmp"] = "auto"
     threads: int = 32
+    #: Net-SNMP sessions kept open per pool thread for plain v1/v2c GETs (0: every request
+    #: through ezsnmp); the Net-SNMP backend only.
+    open_sessions: int = 8
 
     @classmethod
     def from_settings(cls, settings: PollerSettings) -> Self:
@@ -98,6 +101,7 @@ class SnmpOptions:
             backend=settings.snmp_backend,
             # A thread per run slot: jobs of silent devices block theirs until the deadline.
             threads=min(256, settings.concurrency),
+            open_sessions=settings.snmp_open_sessions,
         )
 
 
@@ -113,7 +117,7 @@ def _make_backend(options: SnmpOptions) -> SnmpBackend:
                     f"imported ({exc}); install it or set USM_POLLER_SNMP_BACKEND=auto or pysnmp"
                 ) from None
         else:
-            return NetsnmpBackend(threads=options.threads)
+            return NetsnmpBackend(threads=options.threads, open_sessions=options.open_sessions)
     from poller.drivers.snmp_pysnmp import PysnmpBackend  # noqa: PLC0415 - pysnmp on first use
 
     return PysnmpBackend()

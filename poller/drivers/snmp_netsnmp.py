@@ -31,6 +31,13 @@ What is shared is Net-SNMP's process-wide state, and this module is written arou
   community is kept at the community in use so that requests can leave `-c` out (`_Native`,
   `_DefaultCommunity`).
 
+Plain SNMPv1/v2c GETs do not go through ezsnmp: they are sent on Net-SNMP sessions kept open per
+pool thread (`poller.drivers.snmp_netsnmp_open`, another copy of libnetsnmp with its own state),
+and their varbinds are read out of the response PDU and rendered by `_render_raw` exactly as
+`_decode` renders ezsnmp's printed ones. Whatever that path cannot promise to answer the same
+(other types, odd error statuses, a send error) it hands back, and the request runs through
+ezsnmp as before (`_run_sync`).
+
 A call that outlives its job's deadline is abandoned by the event loop (the runner's timeout
 cancels the await) and finishes on its own thread, bounded by the per-request timeout and
 retries; it keeps its `_UsmGate` slot until then, so it cannot be pulled out from under it.
@@ -55,6 +62,7 @@ import ipaddress
 import itertools
 import os
 import re
+import resource
 import shutil
 import socket
 import stat
@@ -72,6 +80,7 @@ from ezsnmp import netsnmp as ezsnmp_calls
 from ezsnmp import sessionbase as ezsnmp_base
 from pydantic import SecretStr
 
+from poller.drivers import snmp_netsnmp_open
 from poller.drivers.pool import CallPool
 from poller.drivers.snmp_base import (
     ERROR_STATUS_NAMES,
@@ -92,6 +101,7 @@ from poller.drivers.snmp_base import (
     walk_roots,
     walk_subtree,
 )
+from poller.drivers.snmp_netsnmp_open import OpenSessions, RawVarbind
 from poller.drivers.snmp_netsnmp_walk import (
     Row,
     WalkChild,
@@ -194,6 +204,10 @@ _FAILED = re.compile(r"Failed object:\s*(\S+)")
 
 _CallKind = Literal["get", "next", "bulk", "set"]
 _Row = Row  # (oid, Net-SNMP type, printed value)
+
+#: Net-SNMP sessions each pool thread keeps open for plain v1/v2c GETs (0: every request through
+#: ezsnmp); `USM_POLLER_SNMP_OPEN_SESSIONS`, see `poller.drivers.snmp_netsnmp_open`.
+OPEN_SESSIONS = 8
 
 #: Pages of a subtree walked in-process before the rest goes to `snmpbulkwalk`: starting the
 #: program costs ~5 ms of CPU and ~10 ms in all, a page in-process ~1-3 ms, so short walks
@@ -684,6 +698,7 @@ class _Identity:
     secrets: tuple[str, ...] = ()
     community: str | None = None
     c_community: bytes | None = None  # `community` as Net-SNMP sees it (`_c_string`)
+    version: str = ""  # "1" or "2c" for a community; "" for SNMPv3
 
 
 #: v1/v2c identities by (version, community): one dict lookup per request, where a lookup by
@@ -711,6 +726,7 @@ def _community_identity(version: str, community: str) -> _Identity:
         secrets=(community,),
         community=community,
         c_community=_c_string(community),
+        version=version,
     )
 
 
@@ -997,6 +1013,40 @@ def _render(oid: str, smi: SmiType, kind: str, value: str) -> Varbind:
     return render_varbind(oid, smi, _VALUES.get(smi, _no_value)(kind, value))
 
 
+_SMI_BY_TAG: dict[int, SmiType] = {
+    snmp_netsnmp_open.TAG_INTEGER: "Integer",
+    snmp_netsnmp_open.TAG_OCTET_STRING: "OctetString",
+    snmp_netsnmp_open.TAG_NULL: "Null",
+    snmp_netsnmp_open.TAG_OID: "ObjectIdentifier",
+    snmp_netsnmp_open.TAG_IPADDRESS: "IpAddress",
+    snmp_netsnmp_open.TAG_COUNTER32: "Counter32",
+    snmp_netsnmp_open.TAG_GAUGE32: "Gauge32",
+    snmp_netsnmp_open.TAG_TIMETICKS: "TimeTicks",
+    snmp_netsnmp_open.TAG_OPAQUE: "Opaque",
+    snmp_netsnmp_open.TAG_COUNTER64: "Counter64",
+    snmp_netsnmp_open.TAG_OPAQUE_FLOAT: "Opaque",
+    snmp_netsnmp_open.TAG_OPAQUE_DOUBLE: "Opaque",
+    snmp_netsnmp_open.TAG_NO_SUCH_OBJECT: "noSuchObject",
+    snmp_netsnmp_open.TAG_NO_SUCH_INSTANCE: "noSuchInstance",
+    snmp_netsnmp_open.TAG_END_OF_MIB_VIEW: "endOfMibView",
+}
+
+
+def _render_raw(varbind: RawVarbind) -> Varbind:
+    """A varbind read from an open session's answer, rendered exactly as the same varbind
+    printed by ezsnmp's `snmpget` and decoded by `_decode`: OIDs as Net-SNMP prints them with
+    `-On`, an Opaque float or double re-encoded from its `%f` text (`_opaque_bytes`)."""
+    name, tag, value = varbind
+    if tag == snmp_netsnmp_open.TAG_OID:
+        value = format_oid(value)
+    elif tag == snmp_netsnmp_open.TAG_OPAQUE_FLOAT:
+        value = _opaque_bytes(f"Float: {value:f}")
+    elif tag == snmp_netsnmp_open.TAG_OPAQUE_DOUBLE:
+        # Net-SNMP prints a double as "Opaque: Float: %f" too (mib.c), so ezsnmp reads a float.
+        value = _opaque_bytes(f"Float: {value:f}")
+    return render_varbind(format_oid(name), _SMI_BY_TAG[tag], value)
+
+
 # --------------------------------------------------------------------------------------------
 # One blocking call
 
@@ -1007,6 +1057,8 @@ class _Answer(NamedTuple):
     rows: list[_Row]
     status: int = 0
     failed_oid: str | None = None
+    #: The varbinds already rendered (an open session's answer): `rows` is then empty.
+    varbinds: list[Varbind] | None = None
 
 
 def _status_number(message: str) -> int:
@@ -1083,11 +1135,16 @@ class _Call(NamedTuple):
         return [*args, self.peer, *self.names]
 
 
-def _run_sync(call: _Call, gate: _UsmGate) -> _Answer:
-    """Run one request on this pool thread; SNMPv3 requests go through the gate."""
+def _run_sync(call: _Call, gate: _UsmGate, sessions: OpenSessions | None = None) -> _Answer:
+    """Run one request on this pool thread; SNMPv3 requests go through the gate, plain v1/v2c
+    GETs through an open session when `sessions` can promise the same answer."""
     if _left(call.deadline) <= 0:
         raise _deadline_error(call.device)
     if not call.ident.fingerprint:
+        if sessions is not None and call.kind == "get" and call.ident.c_community:
+            answer = _open_get(call, sessions)
+            if answer is not None:
+                return answer
         return _exchange_sync(call, call.timeout, call.retries)
     with gate.use(call.device, call.ident, call.deadline) as ticket:
         timeout, retries = call.timeout, call.retries
@@ -1096,6 +1153,25 @@ def _run_sync(call: _Call, gate: _UsmGate) -> _Answer:
         answer = _exchange_sync(call, timeout, retries)
         ticket.ok = True
         return answer
+
+
+def _open_get(call: _Call, sessions: OpenSessions) -> _Answer | None:
+    """A v1/v2c GET on an open session: the same `_Answer` (or error) as `_exchange_sync`'s,
+    or None when it must go through ezsnmp (see `poller.drivers.snmp_netsnmp_open`)."""
+    timeout, retries = plan_timeout(_left(call.deadline), call.timeout, call.retries)
+    community = call.ident.c_community
+    assert community is not None  # checked by the caller
+    raw = sessions.get(
+        call.peer, call.ident.version, community, call.names, timeout=timeout, retries=retries
+    )
+    if raw is None:
+        return None
+    if raw is snmp_netsnmp_open.TIMED_OUT:
+        raise no_response_error(f"{call.device[0]}:{call.device[1]}", v3=False)
+    if raw.status:
+        failed = format_oid(raw.varbinds[raw.error_index - 1][0]) if raw.error_index else None
+        return _Answer([], raw.status, failed)
+    return _Answer([], varbinds=[_render_raw(varbind) for varbind in raw.varbinds])
 
 
 def _exchange_sync(call: _Call, timeout: float, retries: int) -> _Answer:
@@ -1127,12 +1203,23 @@ class NetsnmpBackend:
     `program_after_pages`: pages of a subtree walked in-process before the rest of it goes to
     `snmpbulkwalk`/`snmpwalk` (None: never; 0: from the start). The programs are looked up on
     PATH here, once; without them every walk stays in-process.
+
+    `open_sessions`: Net-SNMP sessions each pool thread keeps open for plain v1/v2c GETs (0:
+    every request through ezsnmp); lowered to fit a quarter of `RLIMIT_NOFILE`.
     """
 
     def __init__(
-        self, *, threads: int = 32, program_after_pages: int | None = PROGRAM_AFTER_PAGES
+        self,
+        *,
+        threads: int = 32,
+        program_after_pages: int | None = PROGRAM_AFTER_PAGES,
+        open_sessions: int = OPEN_SESSIONS,
     ) -> None:
         self.threads = max(1, threads)
+        self.open_sessions = max(0, open_sessions)
+        #: The open sessions of plain GETs; None until the first request, or when turned off or
+        #: netsnmp-cffi cannot be loaded (then every request goes through ezsnmp).
+        self.sessions: OpenSessions | None = None
         self._pool: CallPool | None = None
         self.programs = WalkPrograms.find()
         self.program_after_pages = program_after_pages
@@ -1207,7 +1294,10 @@ class NetsnmpBackend:
                     raise snmp_status_error(
                         answer.status, index, oids, budget.varbinds, offset=start
                     )
-                budget.extend([_decode(row)[0] for row in answer.rows])
+                if answer.varbinds is not None:
+                    budget.extend(answer.varbinds)
+                else:
+                    budget.extend([_decode(row)[0] for row in answer.rows])
                 start += len(part)
         except JobError as exc:
             if exc.data is None:
@@ -1359,14 +1449,20 @@ class NetsnmpBackend:
         pool, gate = self._pool, _Process.gate
         if pool is None or gate is None:
             pool, gate = await self._ready()
-        return await pool.submit(_run_sync, call, gate)
+        return await pool.submit(_run_sync, call, gate, self.sessions)
 
     async def _ready(self) -> tuple[CallPool, _UsmGate]:
         gate = _Process.gate
         if gate is None:
             gate = await asyncio.to_thread(_prepare_process)
-        if self._pool is None:
-            self._pool = CallPool(self.threads, name="netsnmp")
+        if self._pool is None and self.open_sessions and self.sessions is None:
+            # After `_prepare_process`: Net-SNMP's initialisation reads the private directory.
+            lib = await asyncio.to_thread(snmp_netsnmp_open.load)
+            if lib is not None and self.sessions is None:  # not set meanwhile
+                self.sessions = OpenSessions(lib, _sessions_per_thread(self))
+        if self._pool is None:  # looked at again: other requests may have made it meanwhile
+            on_exit = self.sessions.close_thread if self.sessions is not None else None
+            self._pool = CallPool(self.threads, name="netsnmp", on_exit=on_exit)
         return self._pool, gate
 
 
@@ -1421,6 +1517,16 @@ def _program_outcome(
             named = f" for user {user!r}" if user else ""
             raise DeviceAuthError(f"{where}: {message}{named}")
     return False if code == 0 else None
+
+
+def _sessions_per_thread(backend: NetsnmpBackend) -> int:
+    """`open_sessions`, lowered so that the pool's sessions hold at most a quarter of the
+    process's file descriptors (`RLIMIT_NOFILE`): one UDP socket each, on up to twice as many
+    threads as the pool's size (abandoned calls do not count against it, see `CallPool`)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return backend.open_sessions
+    return max(1, min(backend.open_sessions, soft // 4 // (2 * backend.threads)))
 
 
 def _position(answer: _Answer, oids: Sequence[str]) -> int:

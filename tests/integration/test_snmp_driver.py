@@ -76,17 +76,28 @@ def v3(v3user: V3User, /, **override: str) -> dict[str, JsonValue]:
 
 Backend = Literal["pysnmp", "netsnmp"]
 BACKENDS: tuple[Backend, ...] = ("pysnmp", "netsnmp")
+#: The contract runs on the netsnmp backend twice: with its open sessions for plain v1/v2c GETs
+#: (the default) and with every request through ezsnmp (`open_sessions=0`).
+VARIANTS: tuple[tuple[Backend, int], ...] = (("pysnmp", 8), ("netsnmp", 8), ("netsnmp", 0))
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> Backend:
-    name: Backend = request.param
-    return name
+@pytest.fixture(params=VARIANTS, ids=["pysnmp", "netsnmp", "netsnmp-ezsnmp-only"])
+def variant(request: pytest.FixtureRequest) -> tuple[Backend, int]:
+    chosen: tuple[Backend, int] = request.param
+    return chosen
 
 
 @pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[SnmpDriver]:
-    drv = SnmpDriver(SnmpOptions(timeout=1.0, retries=1, backend=backend))
+def backend(variant: tuple[Backend, int]) -> Backend:
+    return variant[0]
+
+
+@pytest.fixture
+async def driver(variant: tuple[Backend, int]) -> AsyncIterator[SnmpDriver]:
+    backend, open_sessions = variant
+    drv = SnmpDriver(
+        SnmpOptions(timeout=1.0, retries=1, backend=backend, open_sessions=open_sessions)
+    )
     assert (
         type(drv.backend).__name__
         == {"pysnmp": "PysnmpBackend", "netsnmp": "NetsnmpBackend"}[backend]

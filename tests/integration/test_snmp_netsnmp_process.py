@@ -97,7 +97,7 @@ async def main():
         await asyncio.sleep(60)  # killed before this ends
         walk.cancel()
         return
-    backend = netsnmp.NetsnmpBackend()
+    backend = netsnmp.NetsnmpBackend(open_sessions=int(os.environ.get("OPEN_SESSIONS", "8")))
     if mode == "get":
         await gets(backend, 1)
         report()
@@ -106,10 +106,13 @@ async def main():
         await gets(backend, 5000)
         before = rss_kib()
         await gets(backend, int(sys.argv[3]))
-        native = netsnmp._Process.native
+        native, sessions = netsnmp._Process.native, backend.sessions
         report(rss_before=before, rss_after=rss_kib(),
                handlers=native.handlers() if native else None,
-               default=(netsnmp._Process.community.value or b"").decode())
+               default=(netsnmp._Process.community.value or b"").decode(),
+               handled=sessions.handled if sessions else 0,
+               opened=sessions.opened if sessions else 0,
+               fds=len(os.listdir("/proc/self/fd")))
     await backend.aclose()
 
 
@@ -120,8 +123,13 @@ asyncio.run(main())
 class Child:
     """One child process running `CHILD`, with `TMPDIR` pointing into the test's directory."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
-        env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    def __init__(self, tmp: Path, *args: str, open_sessions: int = 8) -> None:
+        env = {
+            **os.environ,
+            "TMPDIR": str(tmp),
+            "PYTHONPATH": str(ROOT),
+            "OPEN_SESSIONS": str(open_sessions),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, *args],
             stdin=subprocess.PIPE,
@@ -209,17 +217,25 @@ def test_a_killed_process_leaves_its_directory_and_the_next_one_removes_it(
 # Memory
 
 
+@pytest.mark.parametrize("open_sessions", [0, 8], ids=["ezsnmp", "open-sessions"])
 def test_memory_stays_flat_over_thousands_of_requests(
-    tmp_path: Path, children: list[Child], snmpd: Snmpd
+    tmp_path: Path, children: list[Child], snmpd: Snmpd, open_sessions: int
 ) -> None:
     requests = 20_000
-    child = Child(tmp_path, "soak", str(snmpd.port), str(requests))
+    child = Child(tmp_path, "soak", str(snmpd.port), str(requests), open_sessions=open_sessions)
     children.append(child)
     report = child.report(timeout=300)
     assert child.proc.wait(60) == 0
     # ezsnmp alone keeps ~120 bytes per request: 2.4 MB here.
     growth_kib = report["rss_after"] - report["rss_before"]
     assert growth_kib < 800, f"RSS grew by {growth_kib} KiB over {requests} requests"
+    if open_sessions:
+        # Every GET on an open session: one per pool thread (32) for the one agent, kept.
+        assert report["handled"] == requests + 5000
+        assert 1 <= report["opened"] <= 32
+        assert report["fds"] < 100
+        return
+    assert report["handled"] == 0
     # Freed every TRIM_EVERY requests, but the newest few; the pool has 32 threads.
     assert report["handlers"] is not None
     assert report["handlers"] <= TRIM_EVERY + _KEEP_HANDLERS + 32

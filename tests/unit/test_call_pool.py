@@ -138,3 +138,24 @@ async def test_shutdown_cancels_queued_calls_and_refuses_new_ones() -> None:
 def test_needs_a_thread() -> None:
     with pytest.raises(ValueError, match="threads"):
         CallPool(0)
+
+
+async def test_each_thread_calls_on_exit_on_itself_when_the_pool_stops() -> None:
+    exited: list[str] = []
+    done = threading.Event()
+
+    def on_exit() -> None:
+        exited.append(threading.current_thread().name)
+        if len(exited) == 3:
+            done.set()
+        raise RuntimeError("ignored: the thread stops all the same")
+
+    pool = CallPool(3, name="exits", on_exit=on_exit)
+    barrier = threading.Barrier(3, timeout=5)
+    names = await asyncio.gather(
+        *(pool.submit(lambda: (barrier.wait(), threading.current_thread().name)[1]) for _ in "abc")
+    )
+    assert not exited
+    pool.shutdown()
+    assert await asyncio.to_thread(done.wait, 5)
+    assert sorted(exited) == sorted(names)
