@@ -140,7 +140,9 @@ class Ingest:
         self.retry_max = retry_max
         self.on_committed = on_committed
         self.stats = IngestStats()
-        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        # None wakes a gather that waits for a first delivery when `stop()` has stopped the
+        # consumer (nothing more comes): the stop does not wait out the gather's timeout.
+        self._inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._stopping = False
         self.broker = Broker(
             urls,
@@ -187,6 +189,7 @@ class Ingest:
         """Stop consuming, let `run()` commit and ack what it holds, then close the connection."""
         self._stopping = True
         await self.broker.stop_consuming(timeout=min(timeout, 5.0))
+        self._inbox.put_nowait(None)
 
     async def close(self, timeout: float = 5.0) -> None:
         await self.broker.close(timeout)
@@ -196,24 +199,34 @@ class Ingest:
         group: list[Delivery] = []
         try:
             async with asyncio.timeout(0.25 if self._stopping else 1.0):
-                group.append(await self._inbox.get())
+                first = await self._inbox.get()
         except TimeoutError:
             return group
+        if first is None:
+            return group
+        group.append(first)
         deadline = asyncio.get_running_loop().time() + self.linger
         while len(group) < self.batch:
             try:
-                group.append(self._inbox.get_nowait())
-                continue
+                more = self._inbox.get_nowait()
             except asyncio.QueueEmpty:
                 pass
+            else:
+                if more is None:
+                    break
+                group.append(more)
+                continue
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
                 break
             try:
                 async with asyncio.timeout(left):
-                    group.append(await self._inbox.get())
+                    more = await self._inbox.get()
             except TimeoutError:
                 break
+            if more is None:
+                break
+            group.append(more)
         return group
 
     def _decode(self, group: list[Delivery]) -> list[tuple[Delivery, wire.JobResult]]:
