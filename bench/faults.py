@@ -3,13 +3,17 @@
     .venv/bin/python bench/faults.py --long        # the long versions; writes docs/reliability.md
     .venv/bin/python bench/faults.py               # the short versions of every scenario
     .venv/bin/python bench/faults.py --no-write -k poison
+    .venv/bin/python bench/faults.py --long --timeout 2700 tests/faults/test_broker.py ...
 
 It runs pytest on `tests/faults` (every scenario; CI runs the same short versions) with
 `USM_FAULTS_LONG=1` for `--long` (10,000-job SIGKILL loops, a 60 s SIGSTOP, 100 of each bad
 input, ten broker restarts, each cluster loss three times, a longer fuzzing budget) and
 `USM_FAULTS_REPORT` pointing at a file where every scenario appends its figures, then writes
 docs/reliability.md: date, versions, machine, one row per scenario, and what each figure means
-for an operator. The scenarios bound themselves in time; pytest's exit code is this program's.
+for an operator. The scenarios bound themselves in time; `--timeout` bounds the whole run (pytest
+gets SIGINT, ends the running scenario and tears its fixtures down; the page then has the rows
+of the scenarios that finished, and says so). Paths run in the order given. pytest's exit code
+is this program's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -222,31 +227,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="run the long versions")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     parser.add_argument("-k", default="", help="pytest -k expression: a subset of scenarios")
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="stop the run after this many seconds"
+    )
+    parser.add_argument("paths", nargs="*", default=["tests/faults"], help="test files, in order")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "reports.jsonl"
         env = {**os.environ, "USM_FAULTS_REPORT": str(report)}
         if args.long:
             env["USM_FAULTS_LONG"] = "1"
-        command = [sys.executable, "-m", "pytest", "-q", "tests/faults", "-p", "no:cacheprovider"]
+        command = [sys.executable, "-m", "pytest", "-q", *args.paths, "-p", "no:cacheprovider"]
         if args.k:
             command += ["-k", args.k]
         started = time.monotonic()
-        done = subprocess.run(command, cwd=ROOT, env=env, check=False)
+        code, stopped = _run(command, env, args.timeout)
         took = time.monotonic() - started
         rows = (
             [json.loads(line) for line in report.read_text().splitlines()]
             if report.exists()
             else []
         )
-    outcome = "all passed" if done.returncode == 0 else f"exit {done.returncode} (see its output)"
+    outcome = "all passed" if code == 0 else f"exit {code} (see its output)"
+    if stopped:
+        outcome = f"stopped after {args.timeout:.0f} s (--timeout): the scenarios that finished"
     text = render(rows, long=args.long, took=took, outcome=outcome)
     if args.no_write:
         print(text)
     else:
         DOC.write_text(text + ("\n" if not text.endswith("\n") else ""))
         print(f"wrote {DOC.relative_to(ROOT)} ({len(rows)} scenarios, {outcome})")
-    return done.returncode
+    return code
+
+
+def _run(command: list[str], env: dict[str, str], timeout: float) -> tuple[int, bool]:
+    """Run pytest; past `timeout` s (0: none) SIGINT it and wait for its teardown. (exit code,
+    whether it was stopped)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        return proc.wait(timeout=timeout or None), False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # pytest ends the running test, runs its teardowns
+        try:
+            return proc.wait(timeout=300), True
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(), True
 
 
 if __name__ == "__main__":
