@@ -151,7 +151,7 @@ Scenario notes:
   result reached it after the alarm: every job held in an alarm longer than 30 s ran twice (45 of
   1,000 with a 5 s timeout and a 15 s alarm). The time the broker blocks publishes no longer
   counts against the confirm's timeout (pika's `blocked_connection_timeout`, 300 s, bounds it).
-- **9 consumer timeout** (the private node, `consumer_timeout` 5 s, 60 s long; the node checks
+- **9 consumer timeout** (the private node, `consumer_timeout` 5 s, 30 s long; the node checks
   every second): jobs that finish within it never trip it. A job whose device answers after
   longer than it makes the broker close the poller's channel with 406 PRECONDITION_FAILED; the
   poller reconnects (under a second), and nothing is lost. Before this suite the slow job's
@@ -174,9 +174,11 @@ Scenario notes:
   after the broker confirmed a whole slot of a `spread: false` schedule (30 targets), before it
   deletes the slot's outbox rows (CI: once; long: 4 times). Its restarted copy takes the rows
   over when their lease expires and publishes them again marked `x-usm-resent` (it cannot know
-  that they went out); no poller runs until then, so both copies of each job are queued: every
-  job of that slot is answered twice and the second answer is flagged, in the results and in
-  the history; the next slot is published and answered once.
+  that they went out); no poller runs until then, so both copies of each job are queued and
+  reach the poller. A resent copy is flagged: answered again, its answer says `redelivered`
+  (results and history); taken while the first copy of its job runs (what happens here), it is
+  answered by that run and acked (`answered_by_earlier_run`): one answer per job. Long: the
+  restarted replica's own next slot is published and answered once.
 - **13 fuzzing** (no row): `decode_job` under hypothesis and atheris raises `WireError` and
   nothing else, within 100 ms of CPU per input.
 """

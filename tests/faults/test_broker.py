@@ -418,8 +418,12 @@ class ReplyQueue:
         self._conn: pika.BlockingConnection | None = None
 
     def open(self) -> None:
-        if self._conn is not None and self._conn.is_open:
-            return
+        if self._conn is not None:
+            # An idle BlockingConnection notices that its node went only when it reads.
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                self._conn.process_data_events(0)
+            if self._conn.is_open:
+                return
         self._conn = _connect(self.cluster.node(3).url(self.vhost))
         ch = self._conn.channel()
         ch.queue_declare(

@@ -176,14 +176,21 @@ def test_consumer_timeout_a_job_past_it_closes_the_channel_and_the_poller_recove
     sid: str,
     fault_report: Callable[[Report], None],
 ) -> None:
-    """Scenario 9: `consumer_timeout` 5 s (60 s long); a stream of 0.2 s jobs never trips it,
+    """Scenario 9: `consumer_timeout` 5 s (30 s long); a stream of 0.2 s jobs never trips it,
     one job whose device answers after longer than the timeout does."""
     node = fault_node
-    timeout_s = scale(5, 60)
+    timeout_s = scale(5, 30)
     node.eval(node.set_env("consumer_timeout", timeout_s * 1000))
     rate = 40.0
     obs = Observation()
-    fleet = Fleet(node_pollers, sid, 1, dict(POLLER))
+    # One SNMP request per job that waits for the whole job timeout: the slow job runs until
+    # its device answers (the default 2 s x 3 tries gives up after 6 s, within a long timeout).
+    settings: dict[str, str | int | float] = {
+        **POLLER,
+        "snmp_timeout": timeout_s + 10,
+        "snmp_retries": 0,
+    }
+    fleet = Fleet(node_pollers, sid, 1, settings)
     fleet.start()
     poller = fleet.slots[0]
     publisher = Publisher(node.vhost.dsn, sid, obs)
