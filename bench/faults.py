@@ -3,13 +3,17 @@
     .venv/bin/python bench/faults.py --long        # the long versions; writes docs/reliability.md
     .venv/bin/python bench/faults.py               # the short versions of every scenario
     .venv/bin/python bench/faults.py --no-write -k poison
+    .venv/bin/python bench/faults.py --long --timeout 2700 tests/faults/test_broker.py ...
 
-It runs pytest on `tests/faults` with `USM_FAULTS_ALL=1` (the `faults_extended` scenarios too,
-which CI leaves out) and `USM_FAULTS_LONG=1` for `--long` (10,000-job SIGKILL
-loops, a 60 s SIGSTOP, 100 of each bad input, a longer fuzzing budget) and
+It runs pytest on `tests/faults` (every scenario; CI runs the same short versions) with
+`USM_FAULTS_LONG=1` for `--long` (10,000-job SIGKILL loops, a 60 s SIGSTOP, 100 of each bad
+input, ten broker restarts, each cluster loss three times, a longer fuzzing budget) and
 `USM_FAULTS_REPORT` pointing at a file where every scenario appends its figures, then writes
 docs/reliability.md: date, versions, machine, one row per scenario, and what each figure means
-for an operator. The scenarios bound themselves in time; pytest's exit code is this program's.
+for an operator. The scenarios bound themselves in time; `--timeout` bounds the whole run (pytest
+gets SIGINT, ends the running scenario and tears its fixtures down; the page then has the rows
+of the scenarios that finished, and says so). Paths run in the order given. pytest's exit code
+is this program's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,12 +52,11 @@ namespaces of the test). Every scenario is checked by one "total queue" checker
 the core published and whether the broker confirmed it, every result, the dead-letter queue,
 and, at a fake SNMP device (`tests/faults/device.py`), every execution of every job.
 
-CI runs the short versions of scenarios 1-3, 6, 7, 10-13 (`bash scripts/test.sh`, marker
-`faults`). The short versions of 4, 5, 8, 9 and 14 (marker `faults_extended`: private broker
-nodes, a 3-node cluster, core replicas) take about ten minutes together on this 2-core machine,
-more than a CI run can spend; they run with `USM_FAULTS_ALL=1 bash scripts/test.sh tests/faults`
-or `bench/faults.py`, and `bench/faults.py --long` runs the long versions of every scenario and
-writes this page.
+CI runs the short version of every scenario (`bash scripts/test.sh`, marker `faults`; about
+6 minutes of the run on this 2-core machine). Scenarios 4, 8 and 9 share one private RabbitMQ
+node (tests/faults/node.py), scenario 5 loses its four kinds of node in turn on one fleet of
+the session's 3-node cluster. `bench/faults.py --long` runs the long versions of every scenario
+(`USM_FAULTS_LONG=1`) and writes this page; `bench/faults.py` alone, the short ones.
 """
 
 MEANING = """\
@@ -101,21 +105,25 @@ Scenario notes:
   random (iptables `statistic`; this kernel has no netem). TCP retransmits: no heartbeat
   disconnect at 5%, nothing lost at either; the row names the packets dropped and the
   disconnects at 5%/20%.
-- **4 lone broker SIGKILLed**: a private RabbitMQ node (never the machine's broker) is killed
-  and started again under load (CI: twice; long: 10 times, 20 s apart). Publishes while it is
-  down are refused (confirmed < published); every confirmed job is answered, no poller exits,
-  and every poller consumes again within 15 s of the node's return: the reconnect backoff is
-  capped at 8 s (at 30 s, pollers came back up to 28 s after the node did). Recover includes
-  the node's own restart.
-- **5 3-node cluster**: pollers list all three nodes; the job queue's leader is node 1, the
-  pollers are on node 2, the core (its own client, `satellite.client.Client`) on node 3 first.
-  (a) the leader is killed: a follower takes over, nothing is redelivered; (b) the pollers'
-  node: they fail over to another URL, their unacked jobs run again, flagged; (c) the node of
-  an RPC caller's classic reply queue (and of the core's connection): the core fails over, and
-  a job it publishes again after losing the connection before the confirm carries
-  `x-usm-resent`, so that if both copies are queued the second result is flagged
-  (before that, a job ran twice with neither result flagged); (d) two nodes of three: the node
-  left refuses or holds every publish (no confirm until the others return) and nothing is lost.
+- **4 lone broker SIGKILLed**: a private RabbitMQ node (never the machine's broker; the one
+  scenarios 4, 8 and 9 share, tests/faults/node.py) is killed and started again under load (CI:
+  twice; long: 10 times, 20 s apart). Publishes while it is down are refused (confirmed <
+  published); every confirmed job is answered, no poller exits, and every poller consumes again
+  within 15 s of the node's return: the reconnect backoff is capped at 8 s (at 30 s, pollers
+  came back up to 28 s after the node did). Recover includes the node's own restart.
+- **5 3-node cluster**: one fleet and one stream for four losses in turn (long: the four, three
+  times over), each loss's nodes started again before the next; a row per kind of loss counts
+  the jobs published in its window (from the end of the loss before it until every poller
+  consumed again). Pollers list all three nodes; the job queue's leader is node 1, the pollers
+  are on node 2, the core (its own client, `satellite.client.Client`) on node 3 first, with an
+  RPC caller's classic reply queue. (a) the job queue's leader is killed (whichever node leads
+  it then): a follower takes over, nothing is redelivered; (b) the pollers' node: they fail
+  over to another URL, their unacked jobs run again, flagged; (c) node 3, the node of the
+  classic reply queue (and of the core's connection): the core fails over, and a job it
+  publishes again after losing the connection before the confirm carries `x-usm-resent`, so
+  that if both copies are queued the second result is flagged (before that, a job ran twice
+  with neither result flagged); (d) two nodes of three: the node left refuses or holds every
+  publish (no confirm until the others return) and nothing is lost.
 - **10 kill between confirm and ack**: a test hook kills the poller right after a result's
   confirm, before the ack, on 1% of jobs. The job comes back and is answered again, flagged:
   duplicates are at least the kills (jobs whose confirms arrived in the same frame as the killed
@@ -133,7 +141,7 @@ Scenario notes:
   strings in `ssh.exec` commands (sent to the device as text, never to a local shell): every one
   answered with its documented code (docs/errors.md) and the invalid ones dead-lettered; no
   device contacted, no poller exit, no body or secret in the log.
-- **8 memory alarm** (a private node, `tests/support/rabbitmq_node.py`): the memory watermark
+- **8 memory alarm** (the private node, tests/faults/node.py): the memory watermark
   set near zero for 10 s (60 s long) while a backlog is worked off. The broker blocks the
   poller's connection: no result reaches the queue while the alarm lasts, the poller holds at
   most its window (prefetch, plus the spare consumer's if it was open: 254 of 256 in the short
@@ -143,7 +151,7 @@ Scenario notes:
   result reached it after the alarm: every job held in an alarm longer than 30 s ran twice (45 of
   1,000 with a 5 s timeout and a 15 s alarm). The time the broker blocks publishes no longer
   counts against the confirm's timeout (pika's `blocked_connection_timeout`, 300 s, bounds it).
-- **9 consumer timeout** (the private node, `consumer_timeout` 5 s, 60 s long; the node checks
+- **9 consumer timeout** (the private node, `consumer_timeout` 5 s, 30 s long; the node checks
   every second): jobs that finish within it never trip it. A job whose device answers after
   longer than it makes the broker close the poller's channel with 406 PRECONDITION_FAILED; the
   poller reconnects (under a second), and nothing is lost. Before this suite the slow job's
@@ -162,9 +170,15 @@ Scenario notes:
   rows said `answers: 2` for a job answered once); the store now counts the same result message
   (same worker, attempt and finish time) once. Its "recover" is the time from the kill until
   every row was written (the other replica and the restarted one starting at a load of 15-18).
-  (b) just after a slot of a `spread: false` schedule starts (the whole slot is published
-  then), the killed replica restarted: every (slot, target) job published, answered and in the
-  history once.
+  (b) in the confirm window of a schedule's slot: a test hook makes the replica exit right
+  after the broker confirmed a whole slot of a `spread: false` schedule (30 targets), before it
+  deletes the slot's outbox rows (CI: once; long: 4 times). Its restarted copy takes the rows
+  over when their lease expires and publishes them again marked `x-usm-resent` (it cannot know
+  that they went out); no poller runs until then, so both copies of each job are queued and
+  reach the poller. A resent copy is flagged: answered again, its answer says `redelivered`
+  (results and history); taken while the first copy of its job runs (what happens here), it is
+  answered by that run and acked (`answered_by_earlier_run`): one answer per job. Long: the
+  restarted replica's own next slot is published and answered once.
 - **13 fuzzing** (no row): `decode_job` under hypothesis and atheris raises `WireError` and
   nothing else, within 100 ms of CPU per input.
 """
@@ -215,31 +229,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="run the long versions")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     parser.add_argument("-k", default="", help="pytest -k expression: a subset of scenarios")
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="stop the run after this many seconds"
+    )
+    parser.add_argument("paths", nargs="*", default=["tests/faults"], help="test files, in order")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "reports.jsonl"
-        env = {**os.environ, "USM_FAULTS_REPORT": str(report), "USM_FAULTS_ALL": "1"}
+        env = {**os.environ, "USM_FAULTS_REPORT": str(report)}
         if args.long:
             env["USM_FAULTS_LONG"] = "1"
-        command = [sys.executable, "-m", "pytest", "-q", "tests/faults", "-p", "no:cacheprovider"]
+        command = [sys.executable, "-m", "pytest", "-q", *args.paths, "-p", "no:cacheprovider"]
         if args.k:
             command += ["-k", args.k]
         started = time.monotonic()
-        done = subprocess.run(command, cwd=ROOT, env=env, check=False)
+        code, stopped = _run(command, env, args.timeout)
         took = time.monotonic() - started
         rows = (
             [json.loads(line) for line in report.read_text().splitlines()]
             if report.exists()
             else []
         )
-    outcome = "all passed" if done.returncode == 0 else f"exit {done.returncode} (see its output)"
+    outcome = "all passed" if code == 0 else f"exit {code} (see its output)"
+    if stopped:
+        outcome = f"stopped after {args.timeout:.0f} s (--timeout): the scenarios that finished"
     text = render(rows, long=args.long, took=took, outcome=outcome)
     if args.no_write:
         print(text)
     else:
         DOC.write_text(text + ("\n" if not text.endswith("\n") else ""))
         print(f"wrote {DOC.relative_to(ROOT)} ({len(rows)} scenarios, {outcome})")
-    return done.returncode
+    return code
+
+
+def _run(command: list[str], env: dict[str, str], timeout: float) -> tuple[int, bool]:
+    """Run pytest; past `timeout` s (0: none) SIGINT it and wait for its teardown. (exit code,
+    whether it was stopped)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        return proc.wait(timeout=timeout or None), False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # pytest ends the running test, runs its teardowns
+        try:
+            return proc.wait(timeout=300), True
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(), True
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Fault scenarios (issue 17): real pollers, the machine's broker, the shared checker.
 
-Every scenario test is marked `faults`; its `Report` goes through the `fault_report` fixture,
-which prints the table at the end of the session and, when `USM_FAULTS_REPORT` names a file,
-appends one JSON line per scenario to it (bench/faults.py reads it for docs/reliability.md).
+Every scenario test is marked `faults` (CI runs the short version of every one); its `Report`
+goes through the `fault_report` fixture, which prints the table at the end of the session and,
+when `USM_FAULTS_REPORT` names a file, appends one JSON line per scenario to it
+(bench/faults.py reads it for docs/reliability.md). `fault_node` is the private RabbitMQ node
+that scenarios 4, 8 and 9 share (tests/faults/node.py).
 """
 
 from __future__ import annotations
@@ -17,23 +19,19 @@ import pytest
 
 from tests.faults.checker import Report, header
 from tests.faults.device import CountingAgent
-from tests.faults.harness import ALL
+from tests.faults.node import ADVANCED, FaultNode
 from tests.support.netns import broker_link  # noqa: F401 - scenarios 6, 7: a poller's link
+from tests.support.rabbitmq_cluster import private_broker
 
 _REPORTS: list[Report] = []
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
-    extended = pytest.mark.skip(
-        reason="faults_extended: run with USM_FAULTS_ALL=1 or bench/faults.py (CI time)"
-    )
     for item in items:
         path = Path(str(item.fspath))
         if here in path.parents and path.name != "test_checker.py":
             item.add_marker(pytest.mark.faults)
-            if not ALL and item.get_closest_marker("faults_extended"):
-                item.add_marker(extended)
 
 
 @pytest.fixture
@@ -56,6 +54,21 @@ def agent() -> Iterator[CountingAgent]:
     hits."""
     with CountingAgent(delay=0.2) as device:
         yield device
+
+
+@pytest.fixture(scope="package")
+def shared_fault_node() -> Iterator[FaultNode]:
+    """One private RabbitMQ node for scenarios 4, 8 and 9 (a start costs 5-20 s here)."""
+    with private_broker(1, ADVANCED) as broker:
+        yield FaultNode(broker)
+
+
+@pytest.fixture
+def fault_node(shared_fault_node: FaultNode) -> Iterator[FaultNode]:
+    """The shared node, running with its defaults; reset again after the scenario."""
+    shared_fault_node.reset()
+    yield shared_fault_node
+    shared_fault_node.reset()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -36,10 +36,6 @@ __all__ = [
 
 #: `USM_FAULTS_LONG=1` (set by `bench/faults.py --long`) runs the long versions.
 LONG = os.environ.get("USM_FAULTS_LONG", "") not in ("", "0")
-#: `USM_FAULTS_ALL=1` (set by `bench/faults.py`, implied by the long versions) also runs the
-#: scenarios marked `faults_extended`: their short versions (private broker nodes, a cluster,
-#: core replicas) take about ten minutes together, more than a CI run can spend.
-ALL = LONG or os.environ.get("USM_FAULTS_ALL", "") not in ("", "0")
 
 
 def scale(short: int, long: int) -> int:

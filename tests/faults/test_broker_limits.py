@@ -1,11 +1,10 @@
 """Scenarios 8 and 9 of issue 17: the broker's own limits, on a private node.
 
-A memory alarm and `consumer_timeout` apply to a whole node, so both run on one private
-RabbitMQ node started for this module (`tests/support/rabbitmq_node.py`), never on the machine's
-broker that other tests share. The node checks consumer timeouts every second
-(`channel_tick_interval`; 60 s by default, which would make any timeout below a minute act a
-minute late); each test sets the `consumer_timeout` it needs at runtime, before its pollers open
-their channels.
+A memory alarm and `consumer_timeout` apply to a whole node, so both run on the private RabbitMQ
+node the fault scenarios share (`fault_node`, tests/faults/node.py: the node scenario 4 kills),
+never on the machine's broker that other tests share. The node checks consumer timeouts every
+second; each test sets the `consumer_timeout` it needs at runtime, before its pollers open their
+channels, and the node's defaults are set back after it.
 
 * 8: the watermark is set near zero while a backlog is worked off: the broker blocks the
   poller's result publishes; the poller must stop taking jobs (its prefetch window bounds what
@@ -37,14 +36,11 @@ from tests.faults.harness import (
     executions_by_job,
     scale,
 )
+from tests.faults.node import NORMAL_WATERMARK, FaultNode
 from tests.support.poller_proc import PollerFactory
-from tests.support.rabbitmq_node import PrivateNode, private_node
 
 pytestmark = pytest.mark.timeout(240 if not LONG else 900)
 
-#: `consumer_timeout` as RabbitMQ ships it (30 min), restored between the tests.
-DEFAULT_CONSUMER_TIMEOUT_MS = 1_800_000
-NORMAL_WATERMARK = 0.4
 #: Every job goes to the one counting device; 32 run slots, so the window is 8 x 32.
 POLLER: dict[str, str | int | float] = {
     "concurrency": 32,
@@ -54,25 +50,9 @@ POLLER: dict[str, str | int | float] = {
 MB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[PrivateNode]:
-    with private_node("[{rabbit, [{channel_tick_interval, 1000}]}].") as started:
-        yield started
-
-
 @pytest.fixture
-def fresh_node(node: PrivateNode) -> Iterator[PrivateNode]:
-    """The module's node; its defaults (watermark, consumer timeout) back after the test."""
-    yield node
-    node.eval(
-        node.watermark(NORMAL_WATERMARK),
-        node.set_env("consumer_timeout", DEFAULT_CONSUMER_TIMEOUT_MS),
-    )
-
-
-@pytest.fixture
-def node_pollers(fresh_node: PrivateNode, tmp_path: Path) -> Iterator[PollerFactory]:
-    factory = PollerFactory(fresh_node.vhost, tmp_path)
+def node_pollers(fault_node: FaultNode, tmp_path: Path) -> Iterator[PollerFactory]:
+    factory = PollerFactory(fault_node.vhost, tmp_path)
     yield factory
     for poller in factory.started:
         poller.kill()
@@ -85,7 +65,7 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def queue_ready(node: PrivateNode, queue: str) -> int:
+def queue_ready(node: FaultNode, queue: str) -> int:
     """Messages ready in one queue (a connection that never publishes: an alarm spares it)."""
     conn = pika.BlockingConnection(pika.URLParameters(node.vhost.dsn))
     try:
@@ -100,9 +80,8 @@ def wait_answered(collector: Collector, obs: Observation, timeout: float) -> set
     return collector.wait_for(confirmed, timeout=timeout, settle=1.0)
 
 
-@pytest.mark.faults_extended
 def test_memory_alarm_blocks_results_the_poller_stops_taking_jobs_and_loses_nothing(
-    fresh_node: PrivateNode,
+    fault_node: FaultNode,
     node_pollers: PollerFactory,
     agent: CountingAgent,
     sid: str,
@@ -111,7 +90,7 @@ def test_memory_alarm_blocks_results_the_poller_stops_taking_jobs_and_loses_noth
     """Scenario 8: the memory watermark near zero for 15 s (60 s long) during a backlog."""
     from poller import wire  # noqa: PLC0415 - only the queue name
 
-    node = fresh_node
+    node = fault_node
     alarm_s = scale(10, 60)
     jobs = scale(1000, 4000)
     obs = Observation()
@@ -190,22 +169,28 @@ def test_memory_alarm_blocks_results_the_poller_stops_taking_jobs_and_loses_noth
     assert poller.terminate(30) == 0
 
 
-@pytest.mark.faults_extended
 def test_consumer_timeout_a_job_past_it_closes_the_channel_and_the_poller_recovers(
-    fresh_node: PrivateNode,
+    fault_node: FaultNode,
     node_pollers: PollerFactory,
     agent: CountingAgent,
     sid: str,
     fault_report: Callable[[Report], None],
 ) -> None:
-    """Scenario 9: `consumer_timeout` 5 s (60 s long); a stream of 0.2 s jobs never trips it,
+    """Scenario 9: `consumer_timeout` 5 s (30 s long); a stream of 0.2 s jobs never trips it,
     one job whose device answers after longer than the timeout does."""
-    node = fresh_node
-    timeout_s = scale(5, 60)
+    node = fault_node
+    timeout_s = scale(5, 30)
     node.eval(node.set_env("consumer_timeout", timeout_s * 1000))
     rate = 40.0
     obs = Observation()
-    fleet = Fleet(node_pollers, sid, 1, dict(POLLER))
+    # One SNMP request per job that waits for the whole job timeout: the slow job runs until
+    # its device answers (the default 2 s x 3 tries gives up after 6 s, within a long timeout).
+    settings: dict[str, str | int | float] = {
+        **POLLER,
+        "snmp_timeout": timeout_s + 10,
+        "snmp_retries": 0,
+    }
+    fleet = Fleet(node_pollers, sid, 1, settings)
     fleet.start()
     poller = fleet.slots[0]
     publisher = Publisher(node.vhost.dsn, sid, obs)
@@ -214,7 +199,7 @@ def test_consumer_timeout_a_job_past_it_closes_the_channel_and_the_poller_recove
         try:
             with Collector(node.vhost.dsn, sid, obs) as collector:
                 # First: jobs well within the timeout, for longer than the timeout.
-                quiet = int(rate * (timeout_s + 3))
+                quiet = int(rate * (timeout_s + 2))
                 stream = publisher.stream(
                     (counting_job(sid, n, agent.port) for n in range(quiet)), rate
                 )
@@ -225,7 +210,7 @@ def test_consumer_timeout_a_job_past_it_closes_the_channel_and_the_poller_recove
                 slow = counting_job(sid, 0, slow_device.port, timeout=timeout_s + 10.0)
                 slow["id"] = slow_job
                 publisher.publish_job(slow)
-                more = int(rate * (timeout_s + 12))
+                more = int(rate * (timeout_s + 6))
                 stream = publisher.stream(
                     (counting_job(sid, n, agent.port) for n in range(quiet, quiet + more)), rate
                 )

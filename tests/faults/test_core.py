@@ -6,10 +6,13 @@ PostgreSQL, with a real poller answering the jobs.
   in the middle. The history must hold one row per answered job, none lost, and each row's
   `answers` must be what the pollers published: a result the broker redelivers because the
   replica died after its commit and before its ack is the same answer, not a second one.
-* While it publishes scheduled jobs: both replicas run one schedule (`spread: false`: every
-  slot is published at its start) and one replica is SIGKILLed just after a slot starts, twice
-  (a replica is restarted after each kill). Every (slot, target) job of the run is published,
-  answered and in the history exactly once; a second copy would have to be flagged.
+* While it publishes scheduled jobs: a replica running alone exits (a test hook,
+  `USM_TEST_SERVE_CRASH_AFTER_CONFIRM`) right after the broker confirmed a whole slot of a
+  `spread: false` schedule and before it deleted the slot's outbox rows: the deterministic
+  version of a SIGKILL in the confirm window. Its restarted copy takes the rows over and sends
+  them again, marked `x-usm-resent`; with no poller running until then, both copies of every
+  job are queued. Every (slot, target) job is answered and in the history, and a second answer
+  is flagged (long: four crashes, and the restarted replica's own slot answered once each).
 
 Both go through the shared checker: the history's rows are the core's view of the answers.
 The pieces come from tests/integration/test_satellite_serve.py (its 2,000-result ingest kill)
@@ -28,7 +31,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from poller import wire
+from poller import testhooks, wire
+from satellite.client import Client
+from satellite.config import CoreSettings
 from tests.faults.checker import (
     Answer,
     Observation,
@@ -40,7 +45,7 @@ from tests.faults.checker import (
 from tests.faults.device import CountingAgent, oid_for
 from tests.faults.harness import LONG, Collector, Fleet, Publisher, counting_job, scale
 from tests.integration.test_satellite_serve import count_rows, reset_schema
-from tests.support.poller_proc import PollerFactory
+from tests.support.poller_proc import PollerFactory, PollerProcess
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.serve_proc import ServeFactory, ServeProcess
 from tests.support.slow_snmp import SlowSnmpAgents
@@ -112,7 +117,6 @@ def _kill(process: ServeProcess) -> None:
     process.proc.wait(timeout=10)
 
 
-@pytest.mark.faults_extended
 def test_a_core_replica_killed_while_it_ingests_leaves_one_row_per_answer(  # noqa: PLR0917
     serve: ServeFactory,
     core_db: str,
@@ -122,7 +126,7 @@ def test_a_core_replica_killed_while_it_ingests_leaves_one_row_per_answer(  # no
     sid: str,
     fault_report: Callable[[Report], None],
 ) -> None:
-    jobs = scale(1500, 10_000)
+    jobs = scale(1000, 10_000)
     env = {
         "USM_CORE_DB": core_db,
         # Small commits (prefetch = 2 x batch): slow enough to kill a replica in the middle.
@@ -209,7 +213,31 @@ def _schedule(path: Path, sid: str, hosts: list[str], port: int, every: int) -> 
     return path
 
 
-@pytest.mark.faults_extended
+def _taken_over(replica: ServeProcess) -> list[int]:
+    """`publishing` of each `schedule_outbox_taken_over` line of the replica's log."""
+    return [
+        int(line.get("publishing") or 0)
+        for line in replica.log_lines()
+        if line.get("event") == "schedule_outbox_taken_over"
+    ]
+
+
+def _finished(poller: PollerProcess, slot: int | None = None) -> int:
+    """The poller's `job_finished` lines (of one slot's jobs): one per copy it took."""
+    return sum(
+        1
+        for line in poller.events("job_finished")
+        if slot is None or str(line.get("job_id", "")).split(":")[1:2] == [str(slot)]
+    )
+
+
+def _wait(what: str, done: Callable[[], bool], timeout: float, log: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} after {timeout:g} s:\n{log()[-3000:]}"
+        time.sleep(0.1)
+
+
 def test_a_core_replica_killed_while_it_publishes_scheduled_jobs_sends_each_slot_once(  # noqa: PLR0917
     serve: ServeFactory,
     core_db: str,
@@ -219,43 +247,76 @@ def test_a_core_replica_killed_while_it_publishes_scheduled_jobs_sends_each_slot
     tmp_path: Path,
     fault_report: Callable[[Report], None],
 ) -> None:
-    every = 10  # longer than a dead replica's lease (5 s): its claims are taken over in time
-    kills = scale(1, 4)
+    """A replica dies in the confirm window: the test hook `USM_TEST_SERVE_CRASH_AFTER_CONFIRM`
+    (1: always) makes it exit right after the broker confirmed its first batch, a whole slot of
+    a `spread: false` schedule, before it deletes the slot's outbox rows. It runs alone, so the
+    slot is its for sure. Its supervisor starts it again without the hook; the restarted replica
+    takes the rows over once their lease (5 s) expires and publishes them again, marked
+    `x-usm-resent`, since it cannot know that they went out. No poller runs until then, so
+    both copies of every job of the slot are queued: each is answered twice, and the second
+    answer is flagged `redelivered` (or, taken while the first runs, is answered by that run:
+    the poller joins a flagged copy to a run of the same job). Long: four such crashes, each
+    followed by the restarted replica's own slot, published and answered once."""
+    every = 20  # a job's TTL: both copies still queued when the poller starts
+    crashes = scale(1, 4)
     hosts = [f"127.0.0.{n}" for n in range(1, 31)]
     polled = Observation()
+    crashed_slots: list[int] = []
+    slots: list[int] = []
+    pollers: list[PollerProcess] = []
     with SlowSnmpAgents(hosts, delay=0.02) as devices:
         path = _schedule(tmp_path / "schedules.yaml", sid, hosts, devices.port, every)
         env = {"USM_CORE_DB": core_db, "USM_CORE_SCHEDULES_FILE": str(path)}
-        fleet = Fleet(start_poller, sid, 1, POLLER)
-        fleet.start()
-        with Collector(amqp_vhost.dsn, sid, polled):
-            replicas = [serve(env=env, wait=False), serve(env=env, wait=False)]
-            for replica in replicas:
-                replica.wait_listening()
-            # Kill one just after a slot starts (the whole slot is published then), start it
-            # again, and kill the other at the first slot after the restarted one runs: one
-            # replica runs at every slot.
-            slots = []
-            for n in range(kills):
-                slot = int(time.time() // every * every) + every
+        # The satellite's queues, as the core declares them: the jobs wait there for a poller.
+        with Client(CoreSettings.from_dsn(amqp_vhost.dsn)) as core:
+            core.declare([sid])
+        with Collector(amqp_vhost.dsn, sid, polled) as collector:
+
+            def answers(slot: int) -> int:
+                return sum(1 for a in polled.answers if a.job_id.split(":")[1] == str(slot))
+
+            for _ in range(crashes):
+                victim = serve(env=env | {"USM_TEST_SERVE_CRASH_AFTER_CONFIRM": "1"}, wait=False)
+                code = victim.proc.wait(timeout=every + 90)
+                assert code == testhooks.CRASH_EXIT, victim.log_text()[-3000:]
+                crash = [e for e in victim.log_lines() if e.get("event") == "test_crash"]
+                assert crash, victim.log_text()[-3000:]
+                slot = int(str(crash[0]["job_id"]).split(":")[1])
+                crashed_slots.append(slot)
                 slots.append(slot)
-                time.sleep(max(0.0, slot + 0.05 - time.time()))
-                victim = n % 2
                 polled.faults.append(time.monotonic())
-                _kill(replicas[victim])
-                replicas[victim] = serve(env=env, wait=False)
-                replicas[victim].wait_listening()
-            slots.append(int(time.time() // every * every) + every)
-            # The last slot, and time for taken-over claims (lease 5 s) and their answers.
-            time.sleep(max(0.0, slots[-1] + 8 - time.time()))
-            for replica in replicas:
-                with contextlib.suppress(AssertionError):
-                    replica.wait_listening(30)
-                assert replica.terminate() == 0
-            time.sleep(1.0)
-        assert fleet.stop() == [0]
+                survivor = serve(env=env, wait=False)
+                _wait(
+                    "the slot was not taken over",
+                    lambda: sum(_taken_over(survivor)) > 0,  # noqa: B023 - called in the loop
+                    60,
+                    survivor.log_text,
+                )
+                fleet = Fleet(start_poller, sid, 1, POLLER)
+                fleet.start()
+                poller = fleet.slots[0]
+                _wait(
+                    "the poller did not finish the slot's two copies",
+                    lambda: _finished(poller, slot) >= 2 * len(hosts),  # noqa: B023 - in the loop
+                    60,
+                    poller.log_text,
+                )
+                pollers.append(poller)
+                if LONG:  # and the restarted replica's own slot, once
+                    slots.append(slot + every)
+                    _wait(
+                        "the next slot was not answered",
+                        lambda: answers(slot + every) >= len(hosts),  # noqa: B023 - in the loop
+                        every + 60,
+                        survivor.log_text,
+                    )
+                collector.wait_for((), timeout=0, settle=1.5)  # late copies
+                assert survivor.terminate() == 0
+                assert _taken_over(survivor) == [len(hosts)], _taken_over(survivor)
+                assert fleet.stop() == [0]
     history = asyncio.run(_rows(core_db, sid))
     wanted = [f"fleet:{slot}:{host}:{devices.port}" for slot in slots for host in hosts]
+    resent = {f"fleet:{slot}:{host}:{devices.port}" for slot in crashed_slots for host in hosts}
     # The core "published" every job of the checked slots: the checker wants each answered.
     t0 = time.monotonic() - time.time()
     polled.published = [
@@ -269,13 +330,30 @@ def test_a_core_replica_killed_while_it_publishes_scheduled_jobs_sends_each_slot
     seen.answers = history_answers({k: v for k, v in history.items() if k in wanted}, 0.0)
     in_history = check("14 history of the schedule", seen)
     twice = doubled(history, polled)
+    # Each copy of a job the poller took: a run (an answer), or a copy of a job running at
+    # that moment, answered by that run (`answered_by_earlier_run`, no second answer).
+    finished: dict[str, list[str]] = {}
+    for poller in pollers:
+        for line in poller.events("job_finished"):
+            finished.setdefault(str(line.get("job_id")), []).append(str(line.get("outcome")))
+    joined = sum(outcomes.count("answered_by_earlier_run") for outcomes in finished.values())
     print(
-        f"scenario 14 schedule: {len(slots)} slots x {len(hosts)} targets, {kills} kills, "
-        f"answered {report.answered}, answered twice {report.answered_twice}, rows "
-        f"{len([k for k in wanted if k in history])}, doubled {len(twice)}, "
-        f"other slots answered {len(extra)}"
+        f"scenario 14 schedule: {len(slots)} slots x {len(hosts)} targets, {crashes} crash(es) "
+        f"after a confirm, {len(resent)} jobs sent twice: answered {report.answered}, answered "
+        f"twice {report.answered_twice} (flagged {report.flagged}), copies answered by the run "
+        f"of the other {joined}; rows {len([k for k in wanted if k in history])}, doubled "
+        f"{len(twice)}, other slots answered {len(extra)}"
     )
     assert_invariants(report)
     assert_invariants(in_history)
-    assert report.answered_twice == 0
+    assert report.answered == len(wanted)
+    # Every job of a crashed slot reached the poller twice (the replica's copy and the resent
+    # one), every job of a restarted replica's own slot once. A second answer is flagged (the
+    # invariants above), in the results and in the history.
+    assert {job_id: len(finished.get(job_id, [])) for job_id in wanted} == {
+        job_id: 2 if job_id in resent else 1 for job_id in wanted
+    }
+    assert report.answered_twice + joined == len(resent)
+    assert report.flagged == report.answered_twice
+    assert in_history.answered_twice == in_history.flagged == report.answered_twice
     assert not twice

@@ -230,7 +230,7 @@ def _config(cluster: Cluster, node: ClusterNode) -> str:
     return "\n".join(lines)
 
 
-def _start_cluster(root: Path, size: int = NODES) -> Cluster:
+def _start_cluster(root: Path, size: int = NODES, advanced: str = "[].") -> Cluster:
     ports = _free_ports(2 * size + 1)
     epmd_port = ports.pop()
     env = _private_env(root, epmd_port, server_erl_args=ERL_ARGS)
@@ -250,19 +250,20 @@ def _start_cluster(root: Path, size: int = NODES) -> Cluster:
     epmd = _start_epmd(env, epmd_port)
     cluster = Cluster(root=root, nodes=nodes, epmd=epmd, epmd_port=epmd_port, env=env)
     try:
-        _boot(cluster)
+        _boot(cluster, advanced)
     except BaseException:
         cluster.stop()
         raise
     return cluster
 
 
-def _boot(cluster: Cluster) -> None:
-    """Write the nodes' files, start node 1, then the others; check the cluster."""
+def _boot(cluster: Cluster, advanced: str = "[].") -> None:
+    """Write the nodes' files (`advanced`: each node's `advanced.config`, Erlang terms), start
+    node 1, then the others; check the cluster."""
     for node in cluster.nodes:
         (node.root / "log").mkdir(parents=True)
         (node.root / "rabbitmq.conf").write_text(_config(cluster, node))
-        (node.root / "advanced.config").write_text("[].\n")
+        (node.root / "advanced.config").write_text(advanced.strip() + "\n")
     started = time.monotonic()
     cluster.start(1)
     if len(cluster.nodes) > 1:
@@ -275,9 +276,10 @@ def _boot(cluster: Cluster) -> None:
 
 
 @contextlib.contextmanager
-def private_broker(size: int = 1) -> Iterator[Cluster]:
+def private_broker(size: int = 1, advanced: str = "[].") -> Iterator[Cluster]:
     """`size` private nodes in one cluster (one: a lone node), stopped on exit; for a fixture
-    of a narrower scope than the session's cluster. Skips (or fails in CI) like it."""
+    of a narrower scope than the session's cluster. `advanced` is every node's
+    `advanced.config` (Erlang terms). Skips (or fails in CI) like it."""
     reason = _unavailable()
     if reason is not None:
         if os.environ.get("CI"):
@@ -285,7 +287,7 @@ def private_broker(size: int = 1) -> Iterator[Cluster]:
         pytest.skip(f"no private RabbitMQ node: {reason}")
     root = Path(tempfile.mkdtemp(prefix=f"usm-rmq-{size}n-"))
     try:
-        broker = _start_cluster(root, size)
+        broker = _start_cluster(root, size, advanced)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
