@@ -9,7 +9,11 @@ devices that answer, and a waiting job costs nothing but its unacked message: th
 prefetch window is larger than its concurrency so that jobs for live devices keep arriving
 while the jobs of dead ones wait (docs/operations.md, "Dead devices").
 
-Waiters are served in arrival order among those allowed to run. `close()` turns every
+Waiters are served in arrival order among those allowed to run, except that a job delivered
+more times before goes first (`priority`, its attempt number): a process that dies returns every
+job it held, started or not, and the quorum queue counts each return against its delivery limit
+(20), so in a crash storm the jobs returned most often are the ones about to be dead-lettered
+without ever having run. `close()` turns every
 returnable waiter, and every later returnable `acquire`, into `NotStarted`: on shutdown, jobs
 that never started go back to the queue at once instead of being started during the drain.
 A job that is not idempotent is not returnable: the broker would mark it redelivered, and a
@@ -46,6 +50,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 __all__ = ["Admission", "Lease", "NotStarted"]
+
+#: A waiter's `seq` is its arrival number less this for each unit of priority: arrival numbers
+#: never reach it, so priority orders first and arrival second, in one integer (heap keys).
+_PRIORITY_STEP = 1 << 48
 
 
 class NotStarted(Exception):  # noqa: N818 - a state, not a failure of the job
@@ -194,9 +202,11 @@ class Admission:
         deadline: float | None = None,
         expire: _Expire = _time_out,
         interactive: bool = False,
+        priority: int = 0,
     ) -> bool:
         """Wait for both slots; whether they count as untrusted. Give them back with
-        `release(device, untrusted, interactive)`.
+        `release(device, untrusted, interactive)`. Bulk waiters with a higher `priority` (the
+        job's attempt number) are served before those with a lower one, then by arrival.
 
         Raises `NotStarted` once closed, unless the job is not `returnable`, whatever `refuse`
         set for the device's waiting jobs, and, still waiting at `deadline` (loop time), what
@@ -214,10 +224,11 @@ class Admission:
         if interactive:
             return await self._acquire_urgent(dev, returnable, deadline, expire)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(next(self._seq), loop.create_future(), returnable)
+        seq = next(self._seq) - max(0, priority) * _PRIORITY_STEP
+        waiter = _Waiter(seq, loop.create_future(), returnable)
         if deadline is not None:
             waiter.expiry = loop.call_at(deadline, self._expire, dev, waiter, expire)
-        dev.waiters.append(waiter)
+        self._enqueue(dev, waiter)
         self._waiting += 1
         if dev.lane is None:
             self._file(dev)
@@ -303,6 +314,19 @@ class Admission:
             waiter.future.set_result(untrusted)
             return True
         return False
+
+    def _enqueue(self, dev: _Device, waiter: _Waiter) -> None:
+        """Into its device's queue, which stays ordered by `seq` (a plain append unless the
+        job came with a higher priority than some waiting; then its device is filed again
+        when it now leads)."""
+        waiters = dev.waiters
+        if not waiters or waiters[-1].seq < waiter.seq:
+            waiters.append(waiter)
+            return
+        at = next(i for i, w in enumerate(waiters) if w.seq > waiter.seq)
+        waiters.insert(at, waiter)
+        if at == 0 and dev.lane is not None:
+            self._file(dev)
 
     def _remove(self, dev: _Device, waiter: _Waiter) -> None:
         """Take one waiter out of its device's queue (its lane entry goes stale if it led)."""

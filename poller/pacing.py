@@ -18,12 +18,14 @@ No clocks and no I/O: waiting tasks are resumed by a callback that runs on the n
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Headroom", "LaneFirst", "Trickle", "first_in_line"]
+__all__ = ["Headroom", "LaneFirst", "PrioritySlots", "Trickle", "first_in_line"]
 
 _Entry = tuple[asyncio.Future[Any], Callable[[], BaseException] | None]
 
@@ -385,3 +387,47 @@ class Headroom:
             self._started += 1
             future.set_result(None)
         self._schedule(loop)
+
+
+class PrioritySlots:
+    """A semaphore whose waiters go highest `priority` first, then in arrival order.
+
+    The sandbox's children (`poller.sandbox.Sandbox`): a job waiting for one with a higher
+    attempt number goes first. A free slot goes to a newcomer only when nobody waits.
+    """
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("need slots >= 1")
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        """Waiters still queued (cancelled ones leave at the next release)."""
+        return sum(1 for _, _, future in self._waiters if not future.done())
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self._free > 0:
+            # A live waiter is only ever queued while no slot is free (`release` hands its
+            # slot to one): what is left in the queue now was cancelled.
+            self._waiters.clear()
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (-priority, next(self._seq), future))
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release()  # granted, then cancelled before it resumed: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():  # skips the cancelled
+                future.set_result(None)
+                return
+        self._free += 1

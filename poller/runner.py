@@ -225,7 +225,7 @@ class Runner:
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(job.timeout):
-                await sandbox.acquire()
+                await sandbox.acquire(priority=attempt.number)
         except TimeoutError:
             raise DeviceTimeoutError(
                 f"not started within {job.timeout:g} s: it waited for a sandbox child (it was "
@@ -273,7 +273,7 @@ class Runner:
             # Most jobs get their slots at once (`take`); the others wait for them.
             untrusted = None if interactive else admission.take(host, returnable=job.idempotent)
             if untrusted is None:
-                untrusted = await self._wait_for_slots(job, deadline, interactive)
+                untrusted = await self._wait_for_slots(job, deadline, interactive, attempt)
             try:
                 async with asyncio.timeout_at(deadline):
                     lane_first = self._lane_first
@@ -305,8 +305,11 @@ class Runner:
                 silent_for = loop.time() - contacted
             self._settle(ticket, outcome, error, silent_for, timeout)
 
-    async def _wait_for_slots(self, job: JobRequest, deadline: float, interactive: bool) -> bool:
-        """`Admission.acquire` for a job that cannot have its slots at once."""
+    async def _wait_for_slots(
+        self, job: JobRequest, deadline: float, interactive: bool, attempt: Attempt
+    ) -> bool:
+        """`Admission.acquire` for a job that cannot have its slots at once: the jobs
+        delivered most often first (they are the nearest to the queue's delivery limit)."""
         return await self.admission.acquire(
             job.target.host,
             returnable=job.idempotent,
@@ -315,6 +318,7 @@ class Runner:
             deadline=deadline,
             expire=self._not_started,
             interactive=interactive,
+            priority=attempt.number,
         )
 
     @classmethod

@@ -47,6 +47,7 @@ from poller import testhooks
 from poller.drivers.base import Auth, Data, JobContext
 from poller.errors import JobError, WorkerCrashedError
 from poller.logging import get_logger
+from poller.pacing import PrioritySlots
 
 if TYPE_CHECKING:
     from poller.config import PollerSettings
@@ -261,7 +262,7 @@ class Sandbox:
         self, settings: PollerSettings, *, slots: int, forked: Forked | None = None
     ) -> None:
         self._settings = settings
-        self._slots = asyncio.Semaphore(max(1, slots))
+        self._slots = PrioritySlots(max(1, slots))
         self._forked = forked
         self._channel: _Channel | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -284,12 +285,18 @@ class Sandbox:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """One of the `slots` children at once (wait under the job's deadline)."""
-        async with self._slots:
-            yield
-
-    async def acquire(self) -> None:
-        """Take one of the `slots` (`release` it after `run`)."""
         await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def acquire(self, priority: int = 0) -> None:
+        """Take one of the `slots` (`release` it after `run`): waiting jobs with a higher
+        `priority` (their attempt number) first, then in arrival order. Suspects are jobs
+        that processes which died held; in a crash storm the most returned of them are the
+        nearest to the queue's delivery limit."""
+        await self._slots.acquire(priority)
 
     def release(self) -> None:
         self._slots.release()

@@ -293,9 +293,10 @@ def test_crash_between_confirm_and_ack_duplicates_only_flagged(  # noqa: PLR0917
     kills = [code for _, code in fleet.exits]
     assert kills
     assert set(kills) == {86}, kills
-    crashed = {e["job_id"] for e in fleet.events("test_crash")}
+    crash_lines = [e["job_id"] for e in fleet.events("test_crash")]
+    crashed = set(crash_lines)  # a job run again after its kill may be killed again (1%)
     twice = {a.job_id for a in obs.answers if a.redelivered}
-    assert len(crashed) >= len(kills) - 1  # the last one may still be running
+    assert len(crash_lines) >= len(kills) - 1  # the last one may still be running
     assert crashed <= twice, "every job killed after its confirm was answered again, flagged"
     # Duplicates = kills, give or take the jobs whose confirms came in the same frame as the
     # killed job's (their tasks had not acked yet): at least one per kill.

@@ -579,3 +579,59 @@ async def test_take_gives_free_slots_at_once_and_never_jumps_the_queue() -> None
     with pytest.raises(NotStarted):
         admission.take("e")
     assert admission.take("e", returnable=False) is None  # no slot free: it would wait
+
+
+async def test_jobs_delivered_more_often_are_served_first_then_by_arrival() -> None:
+    """A crash storm returns every job a dead process held: the most returned go first,
+    across devices and within one device's queue, before the queue's delivery limit."""
+    admission = Admission(concurrency=1, per_device=1)
+    gate, started = asyncio.Event(), list[str]()
+
+    async def job(name: str, device: str, priority: int) -> None:
+        await admission.acquire(device, priority=priority)
+        started.append(name)
+        admission.release(device, False)
+
+    blocker = holder(admission, "busy", gate, [])
+    await settle()
+    tasks = []
+    for name, device, priority in [
+        ("a1", "a", 1),
+        ("b1", "b", 1),
+        ("a5", "a", 5),  # ahead of its device's waiting job and of every other device
+        ("b3", "b", 3),
+        ("c1", "c", 1),
+        ("c3", "c", 3),
+    ]:
+        tasks.append(asyncio.ensure_future(job(name, device, priority)))
+        await settle()
+    assert started == []
+    gate.set()
+    await asyncio.gather(blocker, *tasks)
+    assert started == ["a5", "b3", "c3", "a1", "b1", "c1"]
+    assert (admission.running, admission.waiting, admission.devices) == (0, 0, 0)
+
+
+async def test_a_cancelled_priority_waiter_leaves_its_device_queue_in_order() -> None:
+    admission = Admission(concurrency=1, per_device=1)
+    gate, started = asyncio.Event(), list[str]()
+    blocker = holder(admission, "a", gate, [])
+    await settle()
+
+    async def job(name: str, priority: int) -> None:
+        await admission.acquire("a", priority=priority)
+        started.append(name)
+        admission.release("a", False)
+
+    first = asyncio.ensure_future(job("first", 1))
+    await settle()
+    urgent = asyncio.ensure_future(job("urgent", 9))
+    await settle()
+    late = asyncio.ensure_future(job("late", 4))
+    await settle()
+    urgent.cancel()
+    await settle()
+    gate.set()
+    await asyncio.gather(blocker, first, late)
+    assert started == ["late", "first"]
+    assert admission.waiting == 0

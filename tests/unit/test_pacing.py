@@ -11,7 +11,7 @@ from functools import partial
 
 import pytest
 
-from poller.pacing import Headroom, LaneFirst, Trickle, first_in_line
+from poller.pacing import Headroom, LaneFirst, PrioritySlots, Trickle, first_in_line
 
 
 async def test_a_burst_goes_through_a_few_per_iteration_in_order() -> None:
@@ -350,3 +350,50 @@ async def test_stop_lets_every_waiting_bulk_task_go_and_cancelled_ones_leave() -
     headroom.stop()
     await asyncio.wait_for(asyncio.gather(*waiters[1:], first), timeout=1)
     assert math.isinf(headroom.rate)
+
+
+async def test_priority_slots_go_to_the_highest_priority_then_by_arrival() -> None:
+    slots = PrioritySlots(2)
+    order: list[str] = []
+    await slots.acquire()
+    await slots.acquire()  # both taken
+
+    async def wait(name: str, priority: int) -> None:
+        await slots.acquire(priority)
+        order.append(name)
+
+    tasks = []
+    for name, priority in [("p1", 1), ("p3", 3), ("p1b", 1), ("p5", 5), ("p3b", 3)]:
+        tasks.append(asyncio.ensure_future(wait(name, priority)))
+        await asyncio.sleep(0)
+    assert slots.waiting == 5
+    for _ in range(5):
+        slots.release()
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order == ["p5", "p3", "p3b", "p1", "p1b"]
+    assert slots.waiting == 0
+
+
+async def test_priority_slots_survive_cancelled_waiters() -> None:
+    slots = PrioritySlots(1)
+    await slots.acquire()
+    waiting = asyncio.ensure_future(slots.acquire(7))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.sleep(0)
+    slots.release()  # nobody live waits: the slot is free again
+    async with asyncio.timeout(1):
+        await slots.acquire(0)  # not stuck behind the cancelled one
+    granted = asyncio.ensure_future(slots.acquire(1))
+    await asyncio.sleep(0)
+    slots.release()  # handed to `granted`...
+    granted.cancel()  # ...which is cancelled before it resumes: the slot is passed on
+    await asyncio.sleep(0)
+    async with asyncio.timeout(1):
+        await slots.acquire(0)
+
+
+def test_priority_slots_need_one() -> None:
+    with pytest.raises(ValueError, match="slots >= 1"):
+        PrioritySlots(0)
