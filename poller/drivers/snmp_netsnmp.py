@@ -1032,6 +1032,9 @@ _SMI_BY_TAG: dict[int, SmiType] = {
 }
 
 
+_OPAQUE_FLOATS = (snmp_netsnmp_open.TAG_OPAQUE_FLOAT, snmp_netsnmp_open.TAG_OPAQUE_DOUBLE)
+
+
 def _render_raw(varbind: RawVarbind) -> Varbind:
     """A varbind read from an open session's answer, rendered exactly as the same varbind
     printed by ezsnmp's `snmpget` and decoded by `_decode`: OIDs as Net-SNMP prints them with
@@ -1039,9 +1042,7 @@ def _render_raw(varbind: RawVarbind) -> Varbind:
     name, tag, value = varbind
     if tag == snmp_netsnmp_open.TAG_OID:
         value = format_oid(value)
-    elif tag == snmp_netsnmp_open.TAG_OPAQUE_FLOAT:
-        value = _opaque_bytes(f"Float: {value:f}")
-    elif tag == snmp_netsnmp_open.TAG_OPAQUE_DOUBLE:
+    elif tag in _OPAQUE_FLOATS:
         # Net-SNMP prints a double as "Opaque: Float: %f" too (mib.c), so ezsnmp reads a float.
         value = _opaque_bytes(f"Float: {value:f}")
     return render_varbind(format_oid(name), _SMI_BY_TAG[tag], value)

@@ -31,6 +31,7 @@ from poller.drivers.snmp_netsnmp_open import OpenSessions
 from poller.errors import JobError
 from tests.integration.test_snmp_driver import run, v1, v2c, varbinds
 from tests.support.snmpd import Snmpd
+from tests.support.udp_agents import DatagramAgents
 
 pytestmark = pytest.mark.integration
 
@@ -293,20 +294,13 @@ class GetAgent(asyncio.DatagramProtocol):
 
 @pytest.fixture
 async def get_agent() -> AsyncIterator[Callable[..., Awaitable[int]]]:
-    loop = asyncio.get_running_loop()
-    transports: list[asyncio.BaseTransport] = []
+    agents = DatagramAgents()
 
     async def start(host: str = "127.0.0.1", **faults: Any) -> int:
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: GetAgent(fake_values(), **faults), local_addr=(host, 0)
-        )
-        transports.append(transport)
-        port: int = transport.get_extra_info("sockname")[1]
-        return port
+        return await agents.start(lambda: GetAgent(fake_values(), **faults), host)
 
     yield start
-    for transport in transports:
-        transport.close()
+    agents.close()
 
 
 PUBLIC: dict[str, JsonValue] = {"version": "2c", "community": "public"}

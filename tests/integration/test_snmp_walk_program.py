@@ -51,6 +51,7 @@ from tests.integration.test_snmp_driver import (  # the contract's walk tests, c
 )
 from tests.support.procs import read_cmdline
 from tests.support.snmpd import Snmpd
+from tests.support.udp_agents import DatagramAgents
 
 pytestmark = pytest.mark.integration
 
@@ -271,20 +272,13 @@ class FakeAgent(asyncio.DatagramProtocol):
 @pytest.fixture
 async def fake_agent() -> AsyncIterator[Callable[..., Awaitable[int]]]:
     """Starts FakeAgents on 127.0.0.1; returns the port of each."""
-    loop = asyncio.get_running_loop()
-    transports: list[asyncio.BaseTransport] = []
+    agents = DatagramAgents()
 
     async def start(mib: list[tuple[tuple[int, ...], Any]], **faults: Any) -> int:
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: FakeAgent(mib, **faults), local_addr=("127.0.0.1", 0)
-        )
-        transports.append(transport)
-        port: int = transport.get_extra_info("sockname")[1]
-        return port
+        return await agents.start(lambda: FakeAgent(mib, **faults))
 
     yield start
-    for transport in transports:
-        transport.close()
+    agents.close()
 
 
 PUBLIC: dict[str, JsonValue] = {"version": "2c", "community": "public"}
