@@ -83,6 +83,7 @@ def _patch_broker(module: ModuleType) -> None:
 
     broker._publish = publish
     _around(broker, "_on_message", "delivery")
+    _around(module, "_send_through", "amqp_send")  # a write-through (`BrokerOptions`)
 
 
 def _patch_pika_io(module: ModuleType) -> None:
