@@ -499,9 +499,8 @@ def render(
         "",
         "Where the time goes (`--trace DIR`: bench/trace/sitecustomize.py timestamps each step",
         "in every process, on one clock; `--calls 300 --base-source` of the commit before this",
-        "round, 2026-12-07, load average 3.6 at the start, 3.9 at the end (the host was",
-        "busier than for the table above: every figure is about twice as long); medians of",
-        "the calls' own segments, ms; the marks themselves cost a few µs a step):",
+        "round, 2026-12-07, load average 3.6 at the start, 3.9 at the end; medians of the",
+        "calls' own segments, ms; the marks themselves cost a few µs a step):",
         "",
         "| segment | unix, httpx | unix, `http.client` | AMQP `Client.call()` |"
         " before, unix, httpx |",
