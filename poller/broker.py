@@ -31,6 +31,13 @@ a timeout, and owns everything that must survive a lost connection:
   `_Connection` joins the queued buffers (up to `_JOIN_LIMIT` bytes a piece) before pika sends
   them, so a batch of 1,000 publishes is a few send()s, not 1,000. Confirms and returns stay per
   message (they are matched by sequence number and message id, not by write).
+* `write_through` (plaintext only; `satellite serve`'s publishing connection): the first write
+  of a loop turn, with nothing queued before it, is sent at once, in the call that issued it,
+  rather than at the next loop turn that finds the socket writable (a loop turn and two
+  `epoll_ctl` less before a job leaves); what it cannot send (a full socket, an error) is queued
+  as pika queues it, and the writes that follow in the same turn are queued and joined as above.
+  An error is never handled in the caller: pika meets it again at the writable socket and
+  aborts there.
 * `group_acks` keeps the delivery tags of the bulk channel that are not yet acked or rejected,
   in delivery order, and `ack_many()` acks a group of deliveries with one `basic.ack` with
   `multiple=True` up to the highest tag of the group's oldest run: only as far as *every*
@@ -184,6 +191,8 @@ class BrokerOptions:
     #: Consume the lane on a connection of its own (to the same node): its deliveries never
     #: wait behind the bulk channel's in one TCP stream. Off: a channel of the bulk connection.
     lane_connection: bool = False
+    #: Send a write at once when nothing is queued before it (see the module docstring).
+    write_through: bool = False
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
 
@@ -541,6 +550,7 @@ class Broker:
             on_open_error_callback=on_open_error,
             on_close_callback=self._on_connection_closed,
             custom_ioloop=loop,
+            write_through=self._opts.write_through,
         )
         self._opening = opened
         try:
@@ -1407,7 +1417,12 @@ _JOIN_LIMIT = 256 * 1024
 
 class _Connection(AsyncioConnection):  # type: ignore[misc]
     """pika's connection, writing each message (method, header and body frames) in one piece,
-    and the messages queued in one event-loop turn in one send() (plaintext connections)."""
+    and the messages queued in one event-loop turn in one send() (plaintext connections);
+    with `write_through`, a write with nothing queued before it at once."""
+
+    def __init__(self, *args: Any, write_through: bool = False, **kwargs: Any) -> None:
+        self._write_through = write_through
+        super().__init__(*args, **kwargs)
 
     def _proto_connection_made(self, transport: Any) -> None:
         # pika's plaintext transport queues each write and, once the socket is writable, sends
@@ -1422,6 +1437,8 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
                 produce()
 
             transport._produce = joined_produce
+            if self._write_through:
+                transport.write = _write_through(transport)
         super()._proto_connection_made(transport)
 
     def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
@@ -1430,6 +1447,42 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
         if len(marshaled_frames) > 1:
             marshaled_frames = [b"".join(marshaled_frames)]
         super()._output_marshaled_frames(marshaled_frames)
+
+
+def _write_through(transport: Any) -> Callable[[bytes], None]:
+    """The plaintext transport's `write`, sending the first write of a loop turn at once when
+    nothing is queued (see the module docstring); the turn's later writes, and what a send
+    leaves (all of it on an error), queued by pika's own `write`."""
+    queue = transport.write
+    sock = transport._sock
+    loop = asyncio.get_running_loop()
+    sent_this_turn = False
+
+    def next_turn() -> None:
+        nonlocal sent_this_turn
+        sent_this_turn = False
+
+    def write(data: bytes) -> None:
+        nonlocal sent_this_turn
+        if sent_this_turn or transport._tx_buffers or transport._state != transport._STATE_ACTIVE:
+            queue(data)
+            return
+        sent_this_turn = True
+        loop.call_soon(next_turn)
+        try:
+            sent = _send_through(sock, data)
+        except OSError:  # a full socket, or a broken one: pika sends (or aborts) when writable
+            sent = 0
+        if sent < len(data):
+            queue(data[sent:] if sent else data)
+
+    return write
+
+
+def _send_through(sock: Any, data: bytes) -> int:
+    """One `send()` of a write-through (a function of its own for bench/trace/)."""
+    sent: int = sock.send(data)
+    return sent
 
 
 def _join_buffers(buffers: deque[bytes]) -> None:

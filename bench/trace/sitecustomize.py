@@ -83,6 +83,8 @@ def _patch_broker(module: ModuleType) -> None:
 
     broker._publish = publish
     _around(broker, "_on_message", "delivery")
+    if hasattr(module, "_send_through"):  # a write-through (`BrokerOptions`); not in older sources
+        _around(module, "_send_through", "amqp_send")
 
 
 def _patch_pika_io(module: ModuleType) -> None:

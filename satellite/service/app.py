@@ -259,7 +259,7 @@ class Core:
 
 def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     """The HTTP API v1 over a started `Core`; `tokens` authenticates TCP (and unix on `token`)."""
-    app = FastAPI(
+    app = jobs.LeanSubmitApp(
         title="satellite serve",
         summary="Jobs for the satellite pollers over HTTP, and their history",
         version=__version__,
@@ -271,7 +271,7 @@ def create_app(core: Core, *, tokens: TokensFile | None = None) -> FastAPI:
     app.add_middleware(AccessLog)
     app.include_router(health.router)
     app.include_router(jobs.router)
-    jobs.install_lean_submit(app)  # the hot endpoint without FastAPI's request handler
+    jobs.install_lean_submit(app)  # the hot endpoint in front of FastAPI's stack
     app.include_router(satellites.router)
     app.include_router(metrics_api.router)
     app.include_router(alerts_api.router)

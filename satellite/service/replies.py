@@ -6,7 +6,8 @@ poller publishes its result as `reply.<satellite>.<that queue>`, which this queu
 the waiting caller; the history's copy is the one that is stored. So the queue is consumed
 without acks (`auto_ack`): a copy lost with its replica loses nothing (the caller that waited
 for it is gone too), and no ack goes back to the broker per reply. The same connection
-publishes the service's jobs (with confirms).
+publishes the service's jobs (with confirms), each sent in the call that publishes it
+(`write_through`: no loop turn between the `queued` commit and the job's send()).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Replies:
         self.waiters = waiters
         self.broker = Broker(
             urls,
-            dataclasses.replace(options, auto_ack=True),
+            dataclasses.replace(options, auto_ack=True, write_through=True),
             queue=self.queue,
             topology=reply_topology(self.queue),
             on_delivery=self._on_delivery,

@@ -16,6 +16,7 @@ from typing import Any
 import pika
 import pytest
 
+from poller import broker as broker_module
 from poller import wire
 from poller.broker import (
     _JOIN_LIMIT,
@@ -162,6 +163,61 @@ async def test_publishes_of_one_loop_turn_leave_in_one_send(amqp_vhost: AmqpVhos
         assert all(body in carrying[0] for body in bodies)
         depth = {q["name"]: q["messages"] for q in list_queues(amqp_vhost.name, "name", "messages")}
         assert depth[queue] == 50
+
+
+async def test_a_write_through_publish_leaves_in_the_call_and_a_burst_behind_it_joined(
+    amqp_vhost: AmqpVhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `write_through` (`satellite serve`'s publishing connection) the first publish of a
+    loop turn, with nothing queued before it, is sent before `publish_nowait` returns, not at
+    the next turn; the publishes behind it in the same turn are queued and leave joined. All
+    arrive, in order, each confirmed."""
+    queue = f"test-through-{uuid.uuid4().hex[:8]}"
+    got: list[Delivery] = []
+    broker = Broker(
+        parse_dsn(amqp_vhost.dsn),
+        BrokerOptions(connection_name="test write-through", write_through=True),
+        queue=queue,
+        topology=Topology(queues=(QueueSpec(queue, {"x-expires": 60_000}),)),
+        on_delivery=got.append,
+    )
+    async with running(broker):
+        through: list[bytes] = []
+        send_through = broker_module._send_through
+
+        def recording_through(sock: Any, data: bytes) -> int:
+            through.append(bytes(data))
+            return send_through(sock, data)
+
+        monkeypatch.setattr(broker_module, "_send_through", recording_through)
+        transport: Any = broker._conn._transport  # the socket writes are the point
+        queued: list[bytes] = []
+        send = transport._sigint_safe_send
+
+        def recording(sock: Any, data: bytes) -> int:
+            queued.append(bytes(data))
+            sent: int = send(sock, data)
+            return sent
+
+        transport._sigint_safe_send = recording
+        bodies = [b"through-%03d-" % n + b"z" * 100 for n in range(21)]
+        first = broker.publish_nowait("", queue, bodies[0], properties(message_id="t0"))
+        assert len(through) == 1
+        assert bodies[0] in through[0]
+        futures = [
+            broker.publish_nowait("", queue, body, properties(message_id=f"t{n}"))
+            for n, body in enumerate(bodies[1:], 1)
+        ]
+        assert len(through) == 1  # the later publishes of the same turn are queued
+        async with asyncio.timeout(30):
+            await asyncio.gather(first, *futures)  # each confirmed on its own
+        carrying = [w for w in queued if any(body in w for body in bodies)]
+        assert len(carrying) == 1, [len(w) for w in queued]
+        assert all(body in carrying[0] for body in bodies[1:])
+        await arrived(got, len(bodies))
+        assert [d.body for d in got] == bodies
+        for delivery in got:
+            broker.ack(delivery)
 
 
 def test_queued_buffers_are_joined_in_order_up_to_the_limit() -> None:

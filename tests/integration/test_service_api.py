@@ -739,3 +739,35 @@ async def test_the_lean_submit_route_answers_as_fastapis_route_does(
         answers.append(seen)
     assert answers[0] == answers[1]
     assert statuses[: len(cases)] == [401, 403, 422, 413, 422, 404, 404, 405, 307]
+
+
+@ONE_DATABASE
+async def test_an_unexpected_error_in_the_submit_is_the_same_500_in_front_of_the_stack(
+    core: Core, tokens: Tokens, sid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit served in front of FastAPI's stack (`LeanSubmitApp`) answers an error no
+    handler takes as the stack does: a plain 500, the error raised on to the server, and one
+    `request_finished` line with status 500 and the caller."""
+    lean = create_app(core, tokens=tokens.file)
+    plain = create_app(core, tokens=tokens.file)
+    plain.router.routes[:] = [
+        r for r in plain.router.routes if getattr(r, "endpoint", None) is not jobs_api._lean_submit
+    ]
+
+    async def broken(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(core.jobs, "submit", broken)
+    answers = []
+    for app in (lean, plain):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://core:8480") as client:
+            with capture_logs() as logs:
+                response = await client.post(
+                    f"/v1/satellites/{sid}/jobs",
+                    json=job(),
+                    headers={"Authorization": f"Bearer {tokens.admin}"},
+                )
+        lines = [(e["status"], e["caller"]) for e in logs if e["event"] == "request_finished"]
+        answers.append((response.status_code, response.text, lines))
+    assert answers[0] == answers[1] == (500, "Internal Server Error", [(500, "tester")])

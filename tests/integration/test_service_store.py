@@ -7,7 +7,7 @@ import contextlib
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -360,6 +360,24 @@ async def test_sqlite_queued_rows_through_the_driver_are_the_rows_sqlalchemy_wri
     record = await store.get_job("now0")
     assert record is not None
     assert (record.status, record.error_code, record.host) == ("queued", None, "10.9.9.9")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        T0,
+        T0 + timedelta(microseconds=7),
+        datetime(2026, 12, 1, 17, 30, 0, 999_999, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(1000, 1, 1, tzinfo=UTC),
+        datetime(999, 12, 31, 23, 59, 59, 5, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ],
+)
+def test_sqlite_times_are_the_text_sqlalchemy_writes(value: datetime) -> None:
+    """The driver's rows write times as SQLAlchemy's SQLite DATETIME does (its `strftime`),
+    though with `isoformat` where that writes the same text."""
+    expected = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    assert queries._sqlite_time(value) == expected
 
 
 async def test_an_unpublished_job_leaves_queued_and_its_id_can_be_reused(store: Store) -> None:

@@ -5,10 +5,20 @@ puts a plain Starlette route for it ahead of FastAPI's, which skips FastAPI's re
 (dependency solving, parameter validation) and does the same work with the same functions: the
 `submit` scope check of `require()`, `_submit()`, and errors raised to the app's problem
 handlers. FastAPI's route stays for the OpenAPI document (and behind the lean one, unreached).
+
+`LeanSubmitApp` (the service's FastAPI application) goes one step further: a request that the
+router would give to the lean route (the first route, its path and method) is served in front
+of FastAPI's stack (its telemetry check, Starlette's middleware, the exception middleware, the
+exit stack, the router, the route's wrapper) by `_lean_asgi`, inside the two middlewares whose
+work it keeps: Starlette's `ServerErrorMiddleware` (an unexpected error is the same 500,
+re-raised to the server's log) and `AccessLog` (the same `request_finished` line). A refusal is
+rendered by the app's own exception handler for it, looked up as Starlette's exception
+middleware does. Without the lean route first (or with a `root_path`) requests take the stack.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from datetime import UTC, datetime
@@ -18,8 +28,12 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from satellite.service.api.access import AccessLog
 from satellite.service.api.problems import PROBLEM_JSON, Problem
 from satellite.service.auth import require
 from satellite.service.jobs import (
@@ -32,7 +46,7 @@ from satellite.service.jobs import (
 )
 from satellite.service.store import JobFilter, JobRecord
 
-__all__ = ["JobPage", "install_lean_submit", "parse_prefer_wait", "router"]
+__all__ = ["JobPage", "LeanSubmitApp", "install_lean_submit", "parse_prefer_wait", "router"]
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -184,6 +198,76 @@ def install_lean_submit(app: FastAPI) -> None:
         include_in_schema=False,
     )
     app.router.routes.insert(0, route)
+
+
+class LeanSubmitApp(FastAPI):
+    """FastAPI with the lean submit route's requests served in front of its stack (see the
+    module docstring); everything else, and the OpenAPI document, as FastAPI does."""
+
+    _lean_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not self.root_path:
+            route = self.router.routes[0] if self.router.routes else None
+            if (
+                isinstance(route, Route)
+                and route.endpoint is _lean_submit
+                and not scope.get("root_path")
+                and (match := route.path_regex.match(scope["path"])) is not None
+            ):
+                # What the router and the route would put in the scope.
+                scope["app"] = self
+                scope.setdefault("router", self.router)
+                scope["route"] = route
+                scope["endpoint"] = route.endpoint
+                scope["path_params"] = {
+                    key: route.param_convertors[key].convert(value)
+                    for key, value in match.groupdict().items()
+                }
+                stack = self._lean_stack
+                if stack is None:
+                    stack = self._lean_stack = self._build_lean_stack()
+                await stack(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    def _build_lean_stack(self) -> ASGIApp:
+        handler = self.exception_handlers.get(500) or self.exception_handlers.get(Exception)
+        return ServerErrorMiddleware(AccessLog(_lean_asgi), handler=handler, debug=self.debug)
+
+
+async def _lean_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    """`_lean_submit` as an ASGI app; refusals through the app's exception handlers."""
+    request = Request(scope, receive, send)
+    try:
+        await _submitter(request)
+        response = await _submit(
+            request, scope["path_params"]["satellite_id"], request.headers.get("prefer")
+        )
+    except Exception as exc:
+        handled = _handle(request, exc)
+        if handled is None:
+            raise
+        response = await handled if inspect.isawaitable(handled) else handled
+    await response(scope, receive, send)
+
+
+def _handle(request: Request, exc: Exception) -> Any:
+    """The app's handler's answer to `exc` (a response or an awaitable of one), as Starlette's
+    `ExceptionMiddleware` finds it: by status for an `HTTPException`, else by the exception's
+    classes in order; None when no handler takes it (the 500 of `ServerErrorMiddleware`)."""
+    handlers = request.app.exception_handlers
+    handler = None
+    if isinstance(exc, HTTPException):
+        handler = handlers.get(exc.status_code)
+    if handler is None:
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                break
+            handler = handlers.get(cls)
+            if handler is not None:
+                break
+    return None if handler is None else handler(request, exc)
 
 
 def _submit_problem(exc: JobSubmitError) -> Problem:

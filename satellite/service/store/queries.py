@@ -204,11 +204,17 @@ def queued_upsert(insert: Any, columns: Sequence[str]) -> Any:
 
 
 def queued_record(values: dict[str, Any]) -> JobRecord:
-    """The record of a row just written from `queued_row` values."""
-    blank = dict.fromkeys(
-        ("started_at", "finished_at", "attempt", "redelivered", "worker", "duration_ms", "result")
-    )
-    return JobRecord.model_validate(blank | {k: v for k, v in values.items() if k != "request"})
+    """The record of a row just written from `queued_row` values (built from them as they
+    are: `queued_row` makes them of the record's types from a validated job)."""
+    fields = dict(_BLANK_RESULT, **values)
+    del fields["request"]
+    return JobRecord.model_construct(**fields)
+
+
+#: A `queued` record's fields that only a result fills in.
+_BLANK_RESULT: dict[str, Any] = dict.fromkeys(
+    ("started_at", "finished_at", "attempt", "redelivered", "worker", "duration_ms", "result")
+)
 
 
 def queued_row(job: QueuedJob, now: datetime) -> dict[str, Any]:
@@ -574,10 +580,18 @@ SQLITE_RESULTS_UPSERT = (
 
 def _sqlite_time(value: datetime | None) -> str | None:
     """The text SQLAlchemy's SQLite DATETIME stores for `UtcDateTime` (naive UTC, microseconds
-    always written: the text compares and sorts like the instant)."""
+    always written: the text compares and sorts like the instant).
+
+    SQLAlchemy writes `strftime("%Y-%m-%d %H:%M:%S.%f")`; `isoformat` writes the same text
+    (its first 26 characters, before the offset) in about a fifth of the time, for every year
+    that `%Y` writes with four digits."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    if value.year < 1000:  # `%Y` does not pad the year; isoformat does
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def sqlite_result_params(rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
