@@ -184,6 +184,9 @@ class BrokerOptions:
     #: Consume the lane on a connection of its own (to the same node): its deliveries never
     #: wait behind the bulk channel's in one TCP stream. Off: a channel of the bulk connection.
     lane_connection: bool = False
+    #: The queue consumed is itself an interactive lane (`poller lane`, the lane's own
+    #: process): its deliveries are flagged `interactive`, and acked on the one channel.
+    lane_only: bool = False
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
 
@@ -1051,6 +1054,7 @@ class Broker:
         unacked = self._unacked
         if unacked is not None and not interactive and unacked.generation == generation:
             unacked.add(method.delivery_tag)
+        interactive = interactive or self._opts.lane_only
         # Positional, in field order: this runs once per job.
         self._on_delivery(
             Delivery(
@@ -1283,7 +1287,7 @@ class Broker:
                 return
 
     def _usable(self, delivery: Delivery) -> Any:
-        if delivery.interactive:
+        if delivery.interactive and not self._opts.lane_only:
             channel, generation = self._lane_channel, self._lane_generation
         else:
             channel, generation = self._channel, self.generation
@@ -1309,7 +1313,7 @@ class Broker:
         unacked = self._unacked
         if (
             unacked is not None
-            and not delivery.interactive
+            and (not delivery.interactive or self._opts.lane_only)
             and unacked.generation == delivery.generation
         ):
             unacked.settle(delivery.delivery_tag)
@@ -1333,7 +1337,9 @@ class Broker:
         mine: set[int] = set()
         others: list[Delivery] = []
         for delivery in deliveries:
-            if not delivery.interactive and delivery.generation == unacked.generation:
+            if (
+                not delivery.interactive or self._opts.lane_only
+            ) and delivery.generation == unacked.generation:
                 mine.add(delivery.delivery_tag)
             else:
                 others.append(delivery)
