@@ -98,6 +98,8 @@ class ChannelClosedError(BrokerUnavailableError):
 NACKS_BEFORE_RECONNECT = 5
 NOT_FOUND = 404
 ACCESS_REFUSED = 403
+#: A queue that is not there, or that this user may not read.
+_REFUSED = frozenset({NOT_FOUND, ACCESS_REFUSED})
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
 #: Why a declaration failed, by the reply code the broker closed the channel with (0: no answer).
@@ -338,6 +340,13 @@ class Broker:
                 await self._drop_connection()
                 if self._closing:
                     break  # `close()` gave this attempt up: no failure to report
+                if self._opts.lane_only and _refused(exc):
+                    # A lane process whose lane is missing or forbidden: as in a replica
+                    # that consumes the lane itself, one warning and a try every `lane_retry`.
+                    self._lane_unavailable(self._queue, exc)
+                    attempts = 0
+                    await self._sleep_unless_closing(self._opts.lane_retry)
+                    continue
                 delay = self._retry_delay(attempts, asyncio.get_running_loop().time() - started)
                 log.warning(
                     "broker_connect_failed",
@@ -348,6 +357,9 @@ class Broker:
                 )
                 await self._sleep_unless_closing(delay)
                 continue
+            if self._opts.lane_only and self._lane_warned:
+                self._lane_warned = False
+                log.info("interactive_lane_consuming", queue=self._queue)
             if attempts or self.reconnects:
                 log.info("broker_reconnected", broker=url.masked(), after_attempts=attempts)
             else:
@@ -656,19 +668,7 @@ class Broker:
             if channel is not None and channel.is_open:
                 channel.close()
             self._close_lane_conn()
-            event = "interactive_lane_unavailable"
-            fields = {
-                "queue": queue,
-                "error": _describe(exc),
-                "retry_in_s": self._opts.lane_retry,
-                "hint": "only the bulk queue is consumed; run `satellite declare` and "
-                "`satellite provision` for this satellite (docs/design.md §13)",
-            }
-            if self._lane_warned:
-                log.debug(event, **fields)
-            else:
-                self._lane_warned = True
-                log.warning(event, **fields)
+            self._lane_unavailable(queue, exc)
             self._retry_lane(conn)
             return
         if conn is not self._conn or not self.consuming:
@@ -686,6 +686,22 @@ class Broker:
         if self._lane_warned:
             self._lane_warned = False
             log.info("interactive_lane_consuming", queue=queue)
+
+    def _lane_unavailable(self, queue: str, exc: BaseException) -> None:
+        """Say once (a warning; later tries at debug) that the lane cannot be consumed."""
+        event = "interactive_lane_unavailable"
+        fields = {
+            "queue": queue,
+            "error": _describe(exc),
+            "retry_in_s": self._opts.lane_retry,
+            "hint": "only the bulk queue is consumed; run `satellite declare` and "
+            "`satellite provision` for this satellite (docs/design.md §13)",
+        }
+        if self._lane_warned:
+            log.debug(event, **fields)
+        else:
+            self._lane_warned = True
+            log.warning(event, **fields)
 
     async def _connect_lane(self) -> Any:
         """Open the lane's own connection, to the node the bulk connection is on."""
@@ -1014,7 +1030,7 @@ class Broker:
             self.consuming = False
             self._spare_tag = None
             self._fail_pending(error)
-            if not self._closing:
+            if not self._closing and not (self._opts.lane_only and code in _REFUSED):
                 log.warning("broker_channel_closed", reply_code=code, reply_text=text)
                 # The consuming channel is gone: rebuild everything on a fresh connection.
                 if self._conn is not None and self._conn.is_open:
@@ -1573,6 +1589,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
     ):
         return _causes(exc.args[0])
     return [exc]
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the broker refused the queue itself (404, 403), in `exc` or its causes."""
+    return any(getattr(c, "reply_code", None) in _REFUSED for c in _causes(exc))
 
 
 def _describe(exc: BaseException) -> str:
