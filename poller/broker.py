@@ -298,6 +298,20 @@ class Broker:
             self._state_changed()
 
     @property
+    def queue(self) -> str:
+        """The queue consumed (the bulk queue; a lane process's lane)."""
+        return self._queue
+
+    @property
+    def lane_queue(self) -> str | None:
+        """The interactive lane consumed besides `queue` (None: none)."""
+        return self._lane_queue
+
+    @property
+    def prefetch(self) -> int:
+        return self._opts.prefetch
+
+    @property
     def lane_consuming(self) -> bool:
         """Whether the interactive lane's consumer is confirmed on the current connection."""
         return self._lane_channel is not None

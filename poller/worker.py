@@ -290,10 +290,10 @@ class Worker:
         log.info(
             "poller_started",
             version=__version__,
-            queue=wire.jobs_queue(self._sid),
+            queue=self._broker.queue,
             concurrency=self._settings.concurrency,
-            prefetch=self._settings.effective_prefetch,
-            interactive_queue=wire.interactive_queue(self._sid),
+            prefetch=self._broker.prefetch,
+            interactive_queue=self._broker.lane_queue,
             interactive_slots=self._settings.effective_interactive_slots,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
             bulk_headroom_ms=self._settings.bulk_headroom_ms or None,
