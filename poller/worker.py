@@ -824,6 +824,7 @@ class Worker:
             updated=time.time(),
             in_flight=self.in_flight,
             tasks=len(asyncio.all_tasks()),
+            lane_pid=self._lane_process.pid if self._lane_process is not None else None,
         )
         try:
             await asyncio.get_running_loop().run_in_executor(

@@ -3,6 +3,7 @@ poller/laneproc.py), with the real poller, the real broker and slow devices."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -111,6 +112,11 @@ def test_the_lane_process_overtakes_a_saturating_bulk_backlog(
     client._ch.queue_purge(wire.jobs_queue(sid))
     assert client.queue_depth(wire.interactive_queue(sid)) == 0
     [pid] = lane_pids(poller)
+
+    def health_says_lane_pid() -> bool:
+        return json.loads(poller.health_path.read_text(encoding="utf-8"))["lane_pid"] == pid
+
+    wait_for("the health file names the lane process", health_says_lane_pid, 15)
     assert poller.terminate() == 0
     assert not alive(pid), "the lane process outlived its replica's stop"
     assert not poller.events("broker_channel_closed")
