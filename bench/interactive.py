@@ -505,7 +505,7 @@ def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -
     if any(v.settings.get("interactive_process") == "true" for v in args.variants):
         lines.append(
             "- With `USM_POLLER_INTERACTIVE_PROCESS=true` the lane's jobs run in a process of "
-            "their own beside the poller (docs/operations.md, \"Interactive lane\"): they share "
+            'their own beside the poller (docs/operations.md, "Interactive lane"): they share '
             "no event loop, GIL or thread pool with the backlog, only the broker and the cores, "
             "and bulk work does not pause for them. Their time *to the poller* is then about "
             "the bystander's, and their time *in the poller* about the idle poller's: what is "
