@@ -207,7 +207,7 @@ class LaneProcess:
     def _environment(self) -> dict[str, str]:
         """The replica's environment, with what makes the second process a lane process."""
         s = self._settings
-        slots = s.effective_interactive_slots
+        slots = max(1, s.effective_interactive_slots)
         return os.environ | {
             "USM_POLLER_WORKER_NAME": self._name,
             "USM_POLLER_INTERACTIVE_PROCESS": "false",

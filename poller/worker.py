@@ -164,7 +164,8 @@ class Worker:
             concurrency=settings.concurrency,
             per_device_concurrency=settings.per_device_concurrency,
             max_output_bytes=settings.max_output_bytes,
-            interactive_slots=settings.effective_interactive_slots,
+            # With a lane process, no lane job runs here: bulk jobs may take every slot.
+            interactive_slots=0 if self._lane_process else settings.effective_interactive_slots,
             quarantine=quarantine,
             # Suspect jobs (delivered this often before) run in a child process each.
             sandbox=Sandbox(settings, slots=settings.sandbox_slots, forked=forked)
@@ -294,7 +295,7 @@ class Worker:
             concurrency=self._settings.concurrency,
             prefetch=self._broker.prefetch,
             interactive_queue=self._broker.lane_queue,
-            interactive_slots=self._settings.effective_interactive_slots,
+            interactive_slots=self._runner.admission.reserved,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
             bulk_headroom_ms=self._settings.bulk_headroom_ms or None,
             drivers=sorted(self._drivers),

@@ -114,7 +114,7 @@ def test_the_lane_process_overtakes_a_saturating_bulk_backlog(
     [pid] = lane_pids(poller)
 
     def health_says_lane_pid() -> bool:
-        return json.loads(poller.health_path.read_text(encoding="utf-8"))["lane_pid"] == pid
+        return bool(json.loads(poller.health_path.read_text(encoding="utf-8"))["lane_pid"] == pid)
 
     wait_for("the health file names the lane process", health_says_lane_pid, 15)
     assert poller.terminate() == 0
