@@ -315,6 +315,8 @@ class Worker:
         self._headroom.start()
         if self._lane_link is not None:
             await self._lane_link.start(on_gone=partial(self.request_stop, "replica_gone"))
+        if self._lane_process is not None:
+            self._lane_process.start()
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
         helpers = [
             asyncio.create_task(self._health_loop(), name="health"),
@@ -323,8 +325,6 @@ class Worker:
         if self._lane_link is None:  # a lane process is part of its replica, not one more
             helpers.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
             helpers.append(asyncio.create_task(self._window_loop(), name="window"))
-        if self._lane_process is not None:
-            self._lane_process.start()
         if self._recycler.max_rss_bytes is not None:
             helpers.append(asyncio.create_task(self._recycle_loop(), name="recycle"))
         stop_task = asyncio.create_task(self._stop.wait())
