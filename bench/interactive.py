@@ -4,6 +4,9 @@
     .venv/bin/python bench/interactive.py --no-write --rounds 1 --backlog 2000 --jobs 100
     .venv/bin/python bench/interactive.py --variant pause --variant "off:interactive_pause_ms=0"
 
+Without `--variant`, two: *defaults*, and *lane process* (`USM_POLLER_INTERACTIVE_PROCESS=true`:
+the lane in a process of its own, poller/laneproc.py).
+
 Side by side in one run (every scenario in each of `--rounds` rounds, a fresh poller per
 round and per `--variant` (poller settings), taken in turn, the order swapped every round; the
 table gives medians and ranges), against the real RabbitMQ (a vhost of its own), the real Net-SNMP
@@ -499,6 +502,15 @@ def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -
         "more late when the backlog keeps it busy) and starting the job, which goes ahead of "
         "the bulk work already scheduled."
     )
+    if any(v.settings.get("interactive_process") == "true" for v in args.variants):
+        lines.append(
+            "- With `USM_POLLER_INTERACTIVE_PROCESS=true` the lane's jobs run in a process of "
+            'their own beside the poller (docs/operations.md, "Interactive lane"): they share '
+            "no event loop, GIL or thread pool with the backlog, only the broker and the cores, "
+            "and bulk work does not pause for them. Their time *to the poller* is then about "
+            "the bystander's, and their time *in the poller* about the idle poller's: what is "
+            "left of the difference to the idle rows is the broker's and the host's."
+        )
     rank = args.jobs - int(0.99 * args.jobs)
     nth = f"{rank}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(rank, 'th') }"
     lines.append(
@@ -665,7 +677,10 @@ def main() -> None:
         return
     args.load_start = os.getloadavg()[0]
     args.delay_list = [float(d) for d in args.delays.split(",") if d.strip()]
-    args.variants = args.variants or [Variant("defaults", {})]
+    args.variants = args.variants or [
+        Variant("defaults", {}),
+        Variant("lane process", {"interactive_process": "true"}),
+    ]
     if len({v.label for v in args.variants}) < len(args.variants):
         sys.exit("--variant labels must differ")
     by_variant: dict[str, list[list[Cell]]] = {v.label: [] for v in args.variants}

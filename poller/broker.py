@@ -105,6 +105,8 @@ class ChannelClosedError(BrokerUnavailableError):
 NACKS_BEFORE_RECONNECT = 5
 NOT_FOUND = 404
 ACCESS_REFUSED = 403
+#: A queue that is not there, or that this user may not read.
+_REFUSED = frozenset({NOT_FOUND, ACCESS_REFUSED})
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
 #: Why a declaration failed, by the reply code the broker closed the channel with (0: no answer).
@@ -193,6 +195,9 @@ class BrokerOptions:
     lane_connection: bool = False
     #: Send a write at once when nothing is queued before it (see the module docstring).
     write_through: bool = False
+    #: The queue consumed is itself an interactive lane (`poller lane`, the lane's own
+    #: process): its deliveries are flagged `interactive`, and acked on the one channel.
+    lane_only: bool = False
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
 
@@ -302,6 +307,20 @@ class Broker:
             self._state_changed()
 
     @property
+    def queue(self) -> str:
+        """The queue consumed (the bulk queue; a lane process's lane)."""
+        return self._queue
+
+    @property
+    def lane_queue(self) -> str | None:
+        """The interactive lane consumed besides `queue` (None: none)."""
+        return self._lane_queue
+
+    @property
+    def prefetch(self) -> int:
+        return self._opts.prefetch
+
+    @property
     def lane_consuming(self) -> bool:
         """Whether the interactive lane's consumer is confirmed on the current connection."""
         return self._lane_channel is not None
@@ -344,6 +363,13 @@ class Broker:
                 await self._drop_connection()
                 if self._closing:
                     break  # `close()` gave this attempt up: no failure to report
+                if self._opts.lane_only and _refused(exc):
+                    # A lane process whose lane is missing or forbidden: as in a replica
+                    # that consumes the lane itself, one warning and a try every `lane_retry`.
+                    self._lane_unavailable(self._queue, exc)
+                    attempts = 0
+                    await self._sleep_unless_closing(self._opts.lane_retry)
+                    continue
                 delay = self._retry_delay(attempts, asyncio.get_running_loop().time() - started)
                 log.warning(
                     "broker_connect_failed",
@@ -354,6 +380,9 @@ class Broker:
                 )
                 await self._sleep_unless_closing(delay)
                 continue
+            if self._opts.lane_only and self._lane_warned:
+                self._lane_warned = False
+                log.info("interactive_lane_consuming", queue=self._queue)
             if attempts or self.reconnects:
                 log.info("broker_reconnected", broker=url.masked(), after_attempts=attempts)
             else:
@@ -663,19 +692,7 @@ class Broker:
             if channel is not None and channel.is_open:
                 channel.close()
             self._close_lane_conn()
-            event = "interactive_lane_unavailable"
-            fields = {
-                "queue": queue,
-                "error": _describe(exc),
-                "retry_in_s": self._opts.lane_retry,
-                "hint": "only the bulk queue is consumed; run `satellite declare` and "
-                "`satellite provision` for this satellite (docs/design.md §13)",
-            }
-            if self._lane_warned:
-                log.debug(event, **fields)
-            else:
-                self._lane_warned = True
-                log.warning(event, **fields)
+            self._lane_unavailable(queue, exc)
             self._retry_lane(conn)
             return
         if conn is not self._conn or not self.consuming:
@@ -693,6 +710,22 @@ class Broker:
         if self._lane_warned:
             self._lane_warned = False
             log.info("interactive_lane_consuming", queue=queue)
+
+    def _lane_unavailable(self, queue: str, exc: BaseException) -> None:
+        """Say once (a warning; later tries at debug) that the lane cannot be consumed."""
+        event = "interactive_lane_unavailable"
+        fields = {
+            "queue": queue,
+            "error": _describe(exc),
+            "retry_in_s": self._opts.lane_retry,
+            "hint": "only the bulk queue is consumed; run `satellite declare` and "
+            "`satellite provision` for this satellite (docs/design.md §13)",
+        }
+        if self._lane_warned:
+            log.debug(event, **fields)
+        else:
+            self._lane_warned = True
+            log.warning(event, **fields)
 
     async def _connect_lane(self) -> Any:
         """Open the lane's own connection, to the node the bulk connection is on."""
@@ -1021,7 +1054,7 @@ class Broker:
             self.consuming = False
             self._spare_tag = None
             self._fail_pending(error)
-            if not self._closing:
+            if not self._closing and not (self._opts.lane_only and code in _REFUSED):
                 log.warning("broker_channel_closed", reply_code=code, reply_text=text)
                 # The consuming channel is gone: rebuild everything on a fresh connection.
                 if self._conn is not None and self._conn.is_open:
@@ -1061,6 +1094,7 @@ class Broker:
         unacked = self._unacked
         if unacked is not None and not interactive and unacked.generation == generation:
             unacked.add(method.delivery_tag)
+        interactive = interactive or self._opts.lane_only
         # Positional, in field order: this runs once per job.
         self._on_delivery(
             Delivery(
@@ -1293,7 +1327,7 @@ class Broker:
                 return
 
     def _usable(self, delivery: Delivery) -> Any:
-        if delivery.interactive:
+        if delivery.interactive and not self._opts.lane_only:
             channel, generation = self._lane_channel, self._lane_generation
         else:
             channel, generation = self._channel, self.generation
@@ -1319,7 +1353,7 @@ class Broker:
         unacked = self._unacked
         if (
             unacked is not None
-            and not delivery.interactive
+            and (not delivery.interactive or self._opts.lane_only)
             and unacked.generation == delivery.generation
         ):
             unacked.settle(delivery.delivery_tag)
@@ -1343,7 +1377,9 @@ class Broker:
         mine: set[int] = set()
         others: list[Delivery] = []
         for delivery in deliveries:
-            if not delivery.interactive and delivery.generation == unacked.generation:
+            if (
+                not delivery.interactive or self._opts.lane_only
+            ) and delivery.generation == unacked.generation:
                 mine.add(delivery.delivery_tag)
             else:
                 others.append(delivery)
@@ -1620,6 +1656,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
     ):
         return _causes(exc.args[0])
     return [exc]
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the broker refused the queue itself (404, 403), in `exc` or its causes."""
+    return any(getattr(c, "reply_code", None) in _REFUSED for c in _causes(exc))
 
 
 def _describe(exc: BaseException) -> str:

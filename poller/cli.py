@@ -33,7 +33,7 @@ EXEC_JOB_TIMEOUT = 10.0
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
-    if command == "run":
+    if command in ("run", "lane"):
         # First of all: a SIGTERM while still starting is a requested stop (exit 0), not death.
         stopsignal.install()
     # Only now (pydantic, asyncio): a SIGTERM while they are imported is recorded already.
@@ -71,6 +71,12 @@ def _parser(*, with_exec_kinds: bool = True) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="consume this satellite's job queue (the container command)")
     run.set_defaults(func=_cmd_run)
 
+    # `poller run` starts it with USM_POLLER_INTERACTIVE_PROCESS=true (poller/laneproc.py);
+    # not for people, so not in the help.
+    lane = sub.add_parser("lane")
+    lane.add_argument("--control-fd", type=int, required=True)
+    lane.set_defaults(func=_cmd_run)
+
     check = sub.add_parser("check", help="health probe: exit 0 while connected and consuming")
     check.add_argument("--quiet", "-q", action="store_true", help="print nothing")
     check.set_defaults(func=_cmd_check)
@@ -95,7 +101,7 @@ def _parser(*, with_exec_kinds: bool = True) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- run / check
 
 
-def _cmd_run(_args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace) -> int:
     end = end_after_exit_handlers()  # first: its handler then runs after every other one
     stopsignal.install()  # (again: `main` installs it for `run` already; a caller may not)
     from poller import testhooks  # noqa: PLC0415 - standard library only
@@ -108,6 +114,11 @@ def _cmd_run(_args: argparse.Namespace) -> int:
     from poller.sandbox import close_forked, fork_sandbox  # noqa: PLC0415
     from poller.worker import run_worker, stopped_while_starting  # noqa: PLC0415
 
+    lane_fd: int | None = getattr(args, "control_fd", None)
+    if lane_fd is not None:
+        from poller.laneproc import LaneLink  # noqa: PLC0415
+
+        LaneLink.die_with_parent()
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     _warn_unknown_variables()
@@ -122,7 +133,7 @@ def _cmd_run(_args: argparse.Namespace) -> int:
         return end(stopped_while_starting(settings, "sandbox"))
     # The event loop's own handlers take over in `Worker.run`, which honours a request
     # recorded until then.
-    return end(asyncio.run(run_worker(settings, forked=forked)))
+    return end(asyncio.run(run_worker(settings, forked=forked, lane_fd=lane_fd)))
 
 
 def end_after_exit_handlers() -> Callable[[int], int]:

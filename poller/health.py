@@ -30,6 +30,8 @@ class HealthState:
     in_flight: int = 0
     tasks: int = 0
     """asyncio tasks alive in the replica (a task that outlives its job would show here)."""
+    lane_pid: int | None = None
+    """The replica's lane process while it runs (`USM_POLLER_INTERACTIVE_PROCESS`)."""
 
 
 def write_state(path: Path, state: HealthState) -> None:

@@ -233,6 +233,11 @@ class Quarantine:
         record.until = now + record.cooldown
         return Change.EXTENDED
 
+    def timeouts(self, device: str) -> int:
+        """The device's consecutive timeouts so far (0 when none are counted)."""
+        record = self._records.get(device)
+        return record.timeouts if record is not None else 0
+
     def is_quarantined(self, device: str) -> bool:
         record = self._records.get(device)
         return record is not None and record.since is not None

@@ -127,11 +127,16 @@ class Runner:
         sandbox: Sandbox | None = None,
         sandbox_after: int = 2,
         lane_first: LaneFirst | None = None,
+        on_settle: Callable[[str, Outcome, str, float, float], None] | None = None,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
         """`sandbox`: where suspect jobs run, those delivered `sandbox_after` times before
         (`poller.sandbox`; None: every job runs in this process). `lane_first`: a bulk job
         that has its slots waits while it pauses bulk work, before it contacts its device
-        (`LaneFirst.bulk_turn`: the interactive lane goes first)."""
+        (`LaneFirst.bulk_turn`: the interactive lane goes first). `on_settle(device, outcome,
+        error, silent_for, timeout)`: every job's outcome for its device, as the quarantine got
+        it; `on_change(device)`: the quarantine of `device` began, was extended or ended
+        (`poller.laneproc`: the lane process and the replica tell each other)."""
         self._drivers = dict(drivers)
         self._credentials = credentials
         self.satellite_id = satellite_id
@@ -154,6 +159,8 @@ class Runner:
         self.sandbox = sandbox
         self._sandbox_after = sandbox_after
         self._lane_first = lane_first
+        self._on_settle = on_settle
+        self._on_change = on_change
 
     def close(self) -> int:
         """Start no more idempotent jobs: waiting ones raise `NotStarted`; how many of them.
@@ -350,6 +357,10 @@ class Runner:
         quarantine = self.quarantine
         was_trusted = quarantine.trusted(device)
         change = quarantine.settle(ticket, outcome, error, silent_for=silent_for, timeout=timeout)
+        if self._on_settle is not None:
+            self._on_settle(device, outcome, error, silent_for, timeout)
+        if change is not None and self._on_change is not None:
+            self._on_change(device)
         if quarantine.trusted(device) is not was_trusted:
             self.admission.refile(device)
         if change is Change.QUARANTINED or change is Change.EXTENDED:
@@ -369,6 +380,13 @@ class Runner:
             )
         elif change is Change.RELEASED:
             log.info("device_released", device=device, probe=ticket.probe)
+
+    def settle_reported(
+        self, device: str, outcome: Outcome, error: str, silent_for: float, timeout: float
+    ) -> None:
+        """A job that ran elsewhere (the lane process) ended so for `device`: the quarantine
+        counts it as one of this process's own."""
+        self._settle(Ticket(device), outcome, error, silent_for, timeout)
 
 
 def _time_allowed(job: JobRequest, attempt: Attempt, started_at: datetime) -> float:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from functools import partial
 
 import structlog
 
@@ -38,9 +39,10 @@ from poller.drivers.base import Driver
 from poller.errors import BrokerError, BrokerUnavailableError, WireError, WorkerCrashedError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
+from poller.laneproc import LaneLink, LaneProcess, MirroredQuarantine
 from poller.logging import ContextBinder, get_logger
 from poller.pacing import Headroom, LaneFirst, first_in_line
-from poller.quarantine import Quarantine
+from poller.quarantine import Outcome, Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
 from poller.sandbox import Forked, Sandbox
@@ -133,11 +135,13 @@ class Worker:
         credentials: CredentialStore,
         health_interval: float = WRITE_INTERVAL,
         forked: Forked | None = None,
+        lane_link: LaneLink | None = None,
     ) -> None:
         """`health_interval`: seconds between health-file rewrites besides those on every
         change of the broker state (a test seam; `poller check` allows `health.MAX_AGE`);
         `forked`: the sandbox process forked at start-up for suspect jobs (else the first
-        one starts it)."""
+        one starts it); `lane_link`: this is a replica's lane process (`poller lane`,
+        `poller.laneproc`), consuming only the interactive lane."""
         self._settings = settings
         self.name = _worker_name(settings)
         self._sid = settings.satellite_id
@@ -149,6 +153,9 @@ class Worker:
         self._headroom = Headroom(
             settings.bulk_headroom_ms / 1000, floor=float(settings.concurrency)
         )
+        self._lane_link = lane_link
+        self._lane_process: LaneProcess | None = None
+        quarantine = self._quarantine(settings)
         self._runner = Runner(
             drivers=drivers,
             credentials=credentials,
@@ -157,34 +164,44 @@ class Worker:
             concurrency=settings.concurrency,
             per_device_concurrency=settings.per_device_concurrency,
             max_output_bytes=settings.max_output_bytes,
-            interactive_slots=settings.effective_interactive_slots,
-            quarantine=Quarantine(
-                after=settings.quarantine_after,
-                cooldown=settings.quarantine_seconds,
-                max_cooldown=settings.quarantine_max_seconds,
-            ),
+            # With a lane process, no lane job runs here: bulk jobs may take every slot.
+            interactive_slots=0 if self._lane_process else settings.effective_interactive_slots,
+            quarantine=quarantine,
             # Suspect jobs (delivered this often before) run in a child process each.
             sandbox=Sandbox(settings, slots=settings.sandbox_slots, forked=forked)
             if settings.sandbox_slots
             else None,
             sandbox_after=settings.sandbox_after,
             lane_first=self._lane_first,
+            on_settle=lane_link.outcome if lane_link is not None else None,
+            on_change=self._lane_process.quarantine_changed if self._lane_process else None,
         )
         urls = settings.amqp_urls
+        queue = wire.jobs_queue(self._sid)
+        lane_queue: str | None = wire.interactive_queue(self._sid)
+        connection_name = f"poller {self._sid} {self.name}"
+        prefetch = settings.effective_prefetch
+        if lane_link is not None:  # the lane is this process's one queue
+            queue, lane_queue = wire.interactive_queue(self._sid), None
+            connection_name += " (interactive lane)"
+            prefetch = settings.effective_interactive_prefetch
+        elif self._lane_process is not None:  # the lane process consumes the lane
+            lane_queue = None
         self._broker = Broker(
             urls,
             BrokerOptions(
-                connection_name=f"poller {self._sid} {self.name}",
+                connection_name=connection_name,
                 heartbeat=settings.heartbeat,
-                prefetch=settings.effective_prefetch,
+                prefetch=prefetch,
                 declare=settings.declare,
                 ssl_contexts=settings.ssl_contexts(),
                 lane_prefetch=settings.effective_interactive_prefetch,
                 lane_connection=settings.interactive_connection,
                 publish_timeout=settings.publish_timeout,
+                lane_only=lane_link is not None,
             ),
-            queue=wire.jobs_queue(self._sid),
-            lane_queue=wire.interactive_queue(self._sid),
+            queue=queue,
+            lane_queue=lane_queue,
             topology=build_topology(self._sid, settings.queue_type),
             on_delivery=self._on_delivery,
             on_state=self._health_changed,
@@ -225,6 +242,25 @@ class Worker:
         self._recycled_before = read_record(settings.state_dir)
         self._recycle: RecycleRecord | None = None
 
+    def _quarantine(self, settings: PollerSettings) -> Quarantine:
+        """This process's quarantine; the lane process beside it, when it runs the lane in one
+        (`USM_POLLER_INTERACTIVE_PROCESS`), or the replica's mirror when it is that process."""
+        after, cooldown = settings.quarantine_after, settings.quarantine_seconds
+        longest = settings.quarantine_max_seconds
+        if self._lane_link is not None:
+            mirrored = MirroredQuarantine(after=after, cooldown=cooldown, max_cooldown=longest)
+            self._lane_link.quarantine = mirrored
+            return mirrored
+        quarantine = Quarantine(after=after, cooldown=cooldown, max_cooldown=longest)
+        if settings.interactive_process:
+            self._lane_process = LaneProcess(
+                settings,
+                worker_name=self.name,
+                quarantine=quarantine,
+                on_outcome=self._lane_outcome,
+            )
+        return quarantine
+
     @property
     def broker(self) -> Broker:
         return self._broker
@@ -255,11 +291,11 @@ class Worker:
         log.info(
             "poller_started",
             version=__version__,
-            queue=wire.jobs_queue(self._sid),
+            queue=self._broker.queue,
             concurrency=self._settings.concurrency,
-            prefetch=self._settings.effective_prefetch,
-            interactive_queue=wire.interactive_queue(self._sid),
-            interactive_slots=self._settings.effective_interactive_slots,
+            prefetch=self._broker.prefetch,
+            interactive_queue=self._broker.lane_queue,
+            interactive_slots=self._runner.admission.reserved,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
             bulk_headroom_ms=self._settings.bulk_headroom_ms or None,
             drivers=sorted(self._drivers),
@@ -267,6 +303,8 @@ class Worker:
             max_jobs=self._recycler.max_jobs,
             recycles=self._recycled_before.recycles if self._recycled_before else 0,
             sandbox_pid=self._runner.sandbox.pid if self._runner.sandbox else None,
+            interactive_process=self._lane_process is not None or None,
+            lane_process=self._lane_link is not None or None,
         )
         max_rss, rss = self._recycler.max_rss_bytes, _rss_bytes()
         if max_rss is not None and rss > max_rss:
@@ -275,13 +313,18 @@ class Worker:
                 "max_rss_below_start", rss_mb=round(rss / MIB, 1), max_rss_mb=max_rss // MIB
             )
         self._headroom.start()
+        if self._lane_link is not None:
+            await self._lane_link.start(on_gone=partial(self.request_stop, "replica_gone"))
+        if self._lane_process is not None:
+            self._lane_process.start()
         broker_task = asyncio.create_task(self._broker.run(), name="broker")
         helpers = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._health_loop(), name="health"),
             asyncio.create_task(self._lag_loop(), name="loop-lag"),
-            asyncio.create_task(self._window_loop(), name="window"),
         ]
+        if self._lane_link is None:  # a lane process is part of its replica, not one more
+            helpers.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+            helpers.append(asyncio.create_task(self._window_loop(), name="window"))
         if self._recycler.max_rss_bytes is not None:
             helpers.append(asyncio.create_task(self._recycle_loop(), name="recycle"))
         stop_task = asyncio.create_task(self._stop.wait())
@@ -307,6 +350,12 @@ class Worker:
     async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
         self._draining = True
         self._health_changed()
+        # The lane process drains beside this one.
+        lane_stopped = (
+            asyncio.create_task(self._lane_process.stop(), name="lane-process-stop")
+            if self._lane_process is not None
+            else None
+        )
         await self._broker.stop_consuming()
         waiting = self._runner.close()
         self._headroom.stop()  # bulk jobs waiting for their turn go back to the queue now
@@ -324,6 +373,10 @@ class Worker:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
+        if lane_stopped is not None:
+            await lane_stopped
+        if self._lane_link is not None:
+            await self._lane_link.close()
         await self._broker.close()
         if self._runner.sandbox is not None:
             await self._runner.sandbox.aclose()
@@ -334,6 +387,12 @@ class Worker:
                 log.warning("driver_close_failed", error=repr(exc))
         await self._write_health()
         self._health_writer.shutdown(wait=False)
+
+    def _lane_outcome(
+        self, device: str, outcome: Outcome, error: str, silent_for: float, timeout: float
+    ) -> None:
+        """The lane process reported how a job ended for its device."""
+        self._runner.settle_reported(device, outcome, error, silent_for, timeout)
 
     # ------------------------------------------------------------------ deliveries
 
@@ -355,7 +414,7 @@ class Worker:
 
     def _check_window(self) -> None:
         """Open or close the spare consumer when the jobs waiting for a slot say so."""
-        if self._window_task is not None or self._draining:
+        if self._window_task is not None or self._draining or self._lane_link is not None:
             return
         admission = self._runner.admission
         if self._broker.spare_open:
@@ -766,6 +825,7 @@ class Worker:
             updated=time.time(),
             in_flight=self.in_flight,
             tasks=len(asyncio.all_tasks()),
+            lane_pid=self._lane_process.pid if self._lane_process is not None else None,
         )
         try:
             await asyncio.get_running_loop().run_in_executor(
@@ -795,12 +855,21 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
 
-async def run_worker(settings: PollerSettings, *, forked: Forked | None = None) -> int:
+async def run_worker(
+    settings: PollerSettings, *, forked: Forked | None = None, lane_fd: int | None = None
+) -> int:
     """Build the worker from the settings and run it to completion; `forked`: the sandbox
-    process forked at start-up (poller/sandbox.py)."""
+    process forked at start-up (poller/sandbox.py); `lane_fd`: this is a replica's lane
+    process, talking with it on that socket (poller/laneproc.py)."""
     credentials = CredentialStore.load(settings.credentials_file)
     drivers = build_drivers(settings)
-    worker = Worker(settings, drivers=drivers, credentials=credentials, forked=forked)
+    worker = Worker(
+        settings,
+        drivers=drivers,
+        credentials=credentials,
+        forked=forked,
+        lane_link=LaneLink(lane_fd) if lane_fd is not None else None,
+    )
     return await worker.run()
 
 

@@ -262,8 +262,10 @@ def core(amqp_vhost: AmqpVhost) -> Iterator[Client]:
         yield client
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["in-process", "lane-process"])
 def test_a_user_provisioned_before_the_lane_keeps_consuming_bulk_jobs(
     *,
+    process: bool,
     amqp_vhost: AmqpVhost,
     core: Client,
     management_api: ManagementApi,
@@ -284,39 +286,49 @@ def test_a_user_provisioned_before_the_lane_keeps_consuming_bulk_jobs(
         read=f"^usm_poller-sat-{sid}$",
     )
     start_poller.vhost = replace(amqp_vhost, username=sat.user, password=sat.password)
-    poller = start_poller(sid, declare="false")
+    poller = start_poller(sid, declare="false", interactive_process=str(process).lower())
     for _ in range(3):
         result = bulk_call(core, sid, slow_devices.port)
         assert result.status == "ok", result.error
+    wait_for("the warning", lambda: bool(poller.events("interactive_lane_unavailable")), 20)
     [warning] = poller.events("interactive_lane_unavailable")
     assert warning["level"] == "warning"
     assert "403" in warning["error"] or "ACCESS_REFUSED" in warning["error"]
     assert not poller.events("broker_connection_lost")
+    assert not poller.events("broker_channel_closed")
     assert poller.terminate() == 0
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["in-process", "lane-process"])
 def test_a_broker_without_the_lane_queue_keeps_consuming_bulk_jobs(
+    *,
     core: Client,
     sid: str,
     start_poller: PollerFactory,
     client: JobClient,
     slow_devices: SlowSnmpAgents,
+    process: bool,
 ) -> None:
     # The topology of an older `satellite declare`: no interactive queue.
     client._ch.queue_declare(
         wire.jobs_queue(sid), durable=True, arguments=wire.jobs_queue_arguments(sid)
     )
     client._ch.queue_bind(wire.jobs_queue(sid), wire.jobs_exchange(), wire.jobs_routing_key(sid))
-    poller = start_poller(sid, declare="false")
+    poller = start_poller(sid, declare="false", interactive_process=str(process).lower())
     ids = [str(uuid.uuid4()) for _ in range(5)]
     for job_id in ids:
         client.publish(snmp_job(BULK_HOSTS[1], slow_devices.port, job_id=job_id))
     got = client.by_id(5, timeout=20)
     assert sorted(got) == sorted(ids)
     assert all(r.status == "ok" for r in got.values())
+    # In the lane process (`process`), the same one warning, and no other noise.
+    wait_for("the warning", lambda: bool(poller.events("interactive_lane_unavailable")), 20)
     [warning] = poller.events("interactive_lane_unavailable")
     assert "404" in warning["error"] or "NOT_FOUND" in warning["error"]
+    assert not poller.events("broker_channel_closed")
+    assert not poller.events("broker_connect_failed")
     assert poller.terminate() == 0
+    assert not poller.events("interactive_process_exited")
 
 
 @pytest.mark.parametrize("own_connection", [False, True], ids=["shared", "own-connection"])

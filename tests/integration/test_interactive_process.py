@@ -1,0 +1,197 @@
+"""The interactive lane in a process of its own (`USM_POLLER_INTERACTIVE_PROCESS=true`,
+poller/laneproc.py), with the real poller, the real broker and slow devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from poller import wire
+from tests.integration.test_interactive_lane import (
+    BULK_HOSTS,
+    LANE_HOST,
+    ReplyQueue,
+    publish_bulk,
+    wait_for,
+)
+from tests.support.poller_proc import JobClient, PollerFactory, PollerProcess, snmp_job
+from tests.support.rabbitmq import AmqpVhost
+from tests.support.slow_snmp import SlowSnmpAgents
+
+pytestmark = pytest.mark.integration
+
+#: Dead devices: one made dead by lane jobs, one by bulk jobs.
+LANE_DEAD, BULK_DEAD = "127.0.0.51", "127.0.0.52"
+
+
+@pytest.fixture
+def slow_devices() -> Iterator[SlowSnmpAgents]:
+    with SlowSnmpAgents([*BULK_HOSTS, LANE_HOST], delay=0.05) as agents:
+        yield agents
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A UDP port where nothing ever answers, on the two dead devices' addresses."""
+    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    first.bind((LANE_DEAD, 0))
+    port = first.getsockname()[1]
+    second = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    second.bind((BULK_DEAD, port))
+    yield port
+    first.close()
+    second.close()
+
+
+@pytest.fixture
+def replies(amqp_vhost: AmqpVhost) -> Iterator[ReplyQueue]:
+    queue = ReplyQueue(amqp_vhost.dsn)
+    yield queue
+    queue.close()
+
+
+def lane_pids(poller: PollerProcess) -> list[int]:
+    return [int(e["pid"]) for e in poller.events("interactive_process_started")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent has not reaped it yet).
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(90)
+def test_the_lane_process_overtakes_a_saturating_bulk_backlog(
+    *,
+    amqp_vhost: AmqpVhost,
+    sid: str,
+    start_poller: PollerFactory,
+    client: JobClient,
+    replies: ReplyQueue,
+    slow_devices: SlowSnmpAgents,
+) -> None:
+    poller = start_poller(sid, concurrency=8, interactive_process="true")
+    wait_for("the lane process started", lambda: bool(lane_pids(poller)), 20)
+    publish_bulk(amqp_vhost.dsn, sid, slow_devices.port, 5000)
+    wait_for("the poller saturated", lambda: slow_devices.answered >= 50, 20)
+    latencies = []
+    workers = set()
+    for n in range(20):
+        job = snmp_job(LANE_HOST, slow_devices.port, job_id=f"lane-{n}")
+        sent = time.monotonic()
+        replies.publish(sid, job, interactive=True)
+        got = replies.get(timeout=10)
+        assert got is not None, f"no answer to {job['id']}:\n{poller.log_text()[-3000:]}"
+        latencies.append(time.monotonic() - sent)
+        props, result = got
+        assert result.job_id == job["id"]
+        assert result.status == "ok", result.error
+        assert props.headers[wire.LANE_HEADER] == "interactive"
+        workers.add(result.worker)
+    backlog = client.queue_depth(wire.jobs_queue(sid))
+    assert backlog > 4000, f"the bulk backlog drained too fast to prove anything: {backlog}"
+    assert max(latencies) < 1.0, sorted(latencies)
+    # The lane process answered them; the replica the bulk jobs.
+    assert workers == {f"poller-{sid}-0-lane"}
+    bulk = client.collect(1, timeout=10)
+    assert bulk[0].result.worker == f"poller-{sid}-0"
+    assert bulk[0].props.headers[wire.LANE_HEADER] == "bulk"
+    client._ch.queue_purge(wire.jobs_queue(sid))
+    assert client.queue_depth(wire.interactive_queue(sid)) == 0
+    [pid] = lane_pids(poller)
+
+    def health_says_lane_pid() -> bool:
+        return bool(json.loads(poller.health_path.read_text(encoding="utf-8"))["lane_pid"] == pid)
+
+    wait_for("the health file names the lane process", health_says_lane_pid, 15)
+    assert poller.terminate() == 0
+    assert not alive(pid), "the lane process outlived its replica's stop"
+    assert not poller.events("broker_channel_closed")
+    assert not poller.events("interactive_process_exited")
+
+
+@pytest.mark.timeout(90)
+def test_the_quarantine_is_shared_both_ways(
+    *,
+    sid: str,
+    start_poller: PollerFactory,
+    client: JobClient,
+    silent_port: int,
+) -> None:
+    poller = start_poller(
+        sid, interactive_process="true", quarantine_after=2, quarantine_seconds=60
+    )
+    wait_for("the lane process started", lambda: bool(lane_pids(poller)), 20)
+    # Two lane jobs time out in the lane process, two bulk jobs in the replica.
+    for n in range(2):
+        client.publish(
+            snmp_job(LANE_DEAD, silent_port, job_id=f"lane-dead-{n}", timeout=1.5),
+            interactive=True,
+        )
+        client.publish(snmp_job(BULK_DEAD, silent_port, job_id=f"bulk-dead-{n}", timeout=1.5))
+    client.collect(4, timeout=20)
+
+    def quarantined() -> set[str]:
+        return {str(e["device"]) for e in poller.events("device_quarantined")}
+
+    # The replica quarantined both: the lane's timeouts count there too...
+    wait_for("the replica quarantined both", lambda: quarantined() >= {LANE_DEAD, BULK_DEAD}, 10)
+    assert {e["worker"] for e in poller.events("device_quarantined")} >= {f"poller-{sid}-0"}
+    # ...so a bulk job for the lane's dead device is answered at once, without contacting it,
+    # and a lane job for the bulk jobs' dead device too (the replica told the lane process).
+    client.publish(snmp_job(LANE_DEAD, silent_port, job_id="bulk-refused", timeout=5))
+    client.publish(
+        snmp_job(BULK_DEAD, silent_port, job_id="lane-refused", timeout=5), interactive=True
+    )
+    got = {
+        r.result.job_id: r.result
+        for r in client.collect_ids(["bulk-refused", "lane-refused"], timeout=10)
+    }
+    for job_id, worker in (
+        ("bulk-refused", f"poller-{sid}-0"),
+        ("lane-refused", f"poller-{sid}-0-lane"),
+    ):
+        result = got[job_id]
+        assert result.error is not None, result
+        assert result.error.code == "device_unreachable", result.error
+        assert result.worker == worker
+        assert result.duration_ms < 1000, result.duration_ms
+    assert poller.terminate() == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_lane_process_that_dies_is_started_again_and_dies_with_its_replica(
+    *,
+    sid: str,
+    start_poller: PollerFactory,
+    client: JobClient,
+    slow_devices: SlowSnmpAgents,
+) -> None:
+    poller = start_poller(sid, interactive_process="true")
+    wait_for("the lane process started", lambda: bool(lane_pids(poller)), 20)
+    [first] = lane_pids(poller)
+    os.kill(first, signal.SIGKILL)
+    wait_for("a new lane process", lambda: len(lane_pids(poller)) == 2, 20)
+    [exited] = poller.events("interactive_process_exited")
+    assert exited["exit_code"] == -signal.SIGKILL
+    client.publish(snmp_job(LANE_HOST, slow_devices.port, job_id="after"), interactive=True)
+    [got] = client.collect(1, timeout=30)
+    assert got.result.status == "ok", got.result.error
+    assert got.result.worker == f"poller-{sid}-0-lane"
+    # The replica killed outright: its lane process stops too (it drains and exits).
+    second = lane_pids(poller)[-1]
+    poller.kill()
+    wait_for("the lane process gone", lambda: not alive(second), 20)
