@@ -17,16 +17,7 @@ from poller.laneproc import (
 )
 from poller.quarantine import Outcome, Quarantine, Ticket
 from poller.wire import QuarantineEntry
-
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.test_quarantine import T0, Clock
 
 
 def test_a_device_the_replica_quarantined_is_refused_until_its_cool_down_ends() -> None:
