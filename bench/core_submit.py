@@ -219,28 +219,30 @@ def main() -> int:
     with vhost() as amqp, snmp_agent() as (host, port, _pid), tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         pollers = PollerFactory(amqp, workdir)
-        pollers(sid)
-        served = [start_serve(amqp.dsn, workdir)]
-        if args.base_source is not None:
-            (workdir / "base").mkdir()
-            # Its sources first; then what this run's PYTHONPATH holds (bench/trace/ with --trace).
-            paths = [str(args.base_source.resolve()), os.environ.get("PYTHONPATH", "")]
-            source = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-            base = workdir / "base"
-            served.append(start_serve(amqp.dsn, base, extra_env=source, cwd=base))
-        token = TokensFile(workdir / "state" / "tokens.yaml").create("bench", ["submit"])
-        proc, sock, tcp_port = served[0]
-        scene = Scene(
-            sid,
-            host,
-            port,
-            amqp.dsn,
-            sock,
-            tcp_port,
-            token,
-            served[1][1] if args.base_source else None,
-        )
+        served: list[tuple[subprocess.Popen[bytes], Path, int]] = []
+        # Everything started is stopped, also when a later start fails (`sys.exit`).
         try:
+            pollers(sid)
+            served.append(start_serve(amqp.dsn, workdir))
+            if args.base_source is not None:
+                (workdir / "base").mkdir()
+                # Its sources first; then this run's PYTHONPATH (bench/trace/ with --trace).
+                paths = [str(args.base_source.resolve()), os.environ.get("PYTHONPATH", "")]
+                source = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+                base = workdir / "base"
+                served.append(start_serve(amqp.dsn, base, extra_env=source, cwd=base))
+            token = TokensFile(workdir / "state" / "tokens.yaml").create("bench", ["submit"])
+            proc, sock, tcp_port = served[0]
+            scene = Scene(
+                sid,
+                host,
+                port,
+                amqp.dsn,
+                sock,
+                tcp_port,
+                token,
+                served[1][1] if args.base_source else None,
+            )
             spy = py_spy(proc.pid, n / 100 + 5, args.profile) if args.profile else None
             calls: list[tuple[str, int, int]] | None = [] if args.trace else None
             samples = strict_rounds(scene, n, calls, args.trace)
