@@ -118,6 +118,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if lane_fd is not None:
         from poller.laneproc import LaneLink  # noqa: PLC0415
 
+        if not LaneLink.usable(lane_fd):
+            print(
+                f"poller: --control-fd {lane_fd} is not an open socket (`poller lane` is started"
+                " by `poller run` with USM_POLLER_INTERACTIVE_PROCESS=true)",
+                file=sys.stderr,
+            )
+            return 2
         LaneLink.die_with_parent()
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)

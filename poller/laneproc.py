@@ -39,6 +39,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -315,6 +316,14 @@ class LaneLink:
         self.quarantine: MirroredQuarantine | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def usable(fd: int) -> bool:
+        """Whether `fd` is an open socket (what `poller run` passes)."""
+        try:
+            return stat.S_ISSOCK(os.fstat(fd).st_mode)
+        except OSError:
+            return False
 
     @staticmethod
     def die_with_parent() -> None:

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -184,3 +186,17 @@ def test_a_lane_process_that_dies_is_started_again_and_dies_with_its_replica(
     second = lane_pids(poller)[-1]
     poller.kill()
     wait_for("the lane process gone", lambda: not alive(second), 20)
+
+
+def test_poller_lane_started_by_hand_says_what_it_is_for() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "poller", "lane", "--control-fd", "99"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "--control-fd 99 is not an open socket" in done.stderr
+    assert "USM_POLLER_INTERACTIVE_PROCESS" in done.stderr
