@@ -612,6 +612,11 @@ def check_container(container: str) -> None:
         "ping_not_permitted" not in logs.stdout + logs.stderr,
         f"{short}: the poller says icmp.ping is not permitted",
     )
+    if os.environ.get("USM_E2E_INTERACTIVE_PROCESS") == "true":  # compose.ci.yaml
+        check(
+            '"interactive_process_started"' in logs.stdout + logs.stderr,
+            f"{short}: USM_POLLER_INTERACTIVE_PROCESS=true, but no lane process started",
+        )
     tcp = run(["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], timeout=30).stdout.strip()
     check(not tcp, f"{short}: TCP sockets listening inside the container:\n{tcp}")
     established = run(["nsenter", "-t", str(pid), "-n", "ss", "-Htn"], timeout=30).stdout
