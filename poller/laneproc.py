@@ -12,7 +12,7 @@ What the two processes share goes over a socket pair, one JSON object per line:
 * to the lane process, the replica's quarantine: every device it quarantines, extends or
   releases (`{"device", "until", "since", "timeouts", "last_error"}`, `until` null when
   released), and all of them whenever a lane process starts. A lane job for a quarantined
-  device is answered at once, as in the replica (`MirroredQuarantine`).
+  device is answered at once, as in the replica (`poller.quarantine.MirroredQuarantine`).
 * to the replica, how each lane job ended for its device (`{"device", "outcome", "error",
   "silent_for", "timeout"}`): the replica's quarantine counts the lane's timeouts and signs of
   life like its own jobs'.
@@ -42,18 +42,15 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from poller.config import PollerSettings
-from poller.errors import DeviceQuarantinedError
 from poller.logging import get_logger
-from poller.quarantine import Outcome, Quarantine, Ticket
-from poller.wire import QuarantineEntry, format_timestamp
+from poller.quarantine import MirroredQuarantine, Outcome, Quarantine
+from poller.wire import QuarantineEntry
 
-__all__ = ["LaneLink", "LaneProcess", "MirroredQuarantine", "lane_worker_name"]
+__all__ = ["LaneLink", "LaneProcess", "lane_worker_name"]
 
 log = get_logger("poller.laneproc")
 
@@ -74,6 +71,23 @@ def lane_worker_name(name: str) -> str:
     return f"{name[:59]}-lane"
 
 
+def _line(body: dict[str, Any]) -> bytes:
+    """One message of the socket pair: a JSON object on a line of its own."""
+    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The lines the other end sends, until it closes its end (or an over-long line, a reset)."""
+    while True:
+        try:
+            line = await reader.readline()
+        except (ValueError, OSError):
+            return
+        if not line:
+            return
+        yield line
+
+
 def _entry_message(device: str, entry: QuarantineEntry | None, timeouts: int = 0) -> bytes:
     body: dict[str, Any] = {"device": device, "until": None}
     if entry is not None:
@@ -83,7 +97,7 @@ def _entry_message(device: str, entry: QuarantineEntry | None, timeouts: int = 0
             "timeouts": timeouts,
             "last_error": entry.last_error,
         }
-    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    return _line(body)
 
 
 class LaneProcess:
@@ -223,13 +237,7 @@ class LaneProcess:
         }
 
     async def _listen(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                line = await reader.readline()
-            except (ValueError, OSError):  # an over-long line, a reset: the process restarts
-                return
-            if not line:
-                return
+        async for line in _lines(reader):  # until the process ends (it is then restarted)
             try:
                 message = json.loads(line)
                 device = str(message["device"])
@@ -250,61 +258,6 @@ def _seconds(value: object) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError("not a number")
     return float(value)
-
-
-@dataclass(slots=True)
-class _Remote:
-    since: float
-    until: float
-    timeouts: int
-    last_error: str
-
-
-class MirroredQuarantine(Quarantine):
-    """The lane process's quarantine: its own, and the replica's as the replica reports it.
-
-    A device the replica holds in quarantine is refused here until the replica's cool-down ends;
-    after that the lane's own bookkeeping decides (the replica's probe, or the lane's own jobs,
-    will tell the replica whether the device answers)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._remote: dict[str, _Remote] = {}
-
-    def mirror(self, message: dict[str, Any]) -> None:
-        device = str(message["device"])
-        until = message.get("until")
-        if until is None:
-            self._remote.pop(device, None)
-            return
-        self._remote[device] = _Remote(
-            since=float(message.get("since") or until),
-            until=float(until),
-            timeouts=int(message.get("timeouts") or 0),
-            last_error=str(message.get("last_error") or "")[:500],
-        )
-
-    def _remote_refusal(self, device: str) -> DeviceQuarantinedError | None:
-        remote = self._remote.get(device)
-        if remote is None:
-            return None
-        if self._clock() >= remote.until:
-            return None
-        until = format_timestamp(datetime.fromtimestamp(remote.until, UTC))
-        since = format_timestamp(datetime.fromtimestamp(remote.since, UTC))
-        return DeviceQuarantinedError(
-            f"device {device} is quarantined until {until} (since {since}) after "
-            f"{remote.timeouts} consecutive timeouts; answered without contacting it"
-        )
-
-    def admit(self, device: str) -> Ticket:
-        refusal = self._remote_refusal(device)
-        if refusal is not None:
-            raise refusal
-        return super().admit(device)
-
-    def refusal(self, device: str) -> DeviceQuarantinedError | None:
-        return self._remote_refusal(device) or super().refusal(device)
 
 
 class LaneLink:
@@ -340,21 +293,15 @@ class LaneLink:
         self._task = asyncio.create_task(self._listen(reader, on_gone), name="lane-link")
 
     async def _listen(self, reader: asyncio.StreamReader, on_gone: Callable[[], None]) -> None:
-        while True:
-            try:
-                line = await reader.readline()
-            except (ValueError, OSError):
-                line = b""
-            if not line:
-                log.warning("replica_gone")
-                on_gone()
-                return
+        async for line in _lines(reader):
             if self.quarantine is None:
                 continue
             try:
                 self.quarantine.mirror(json.loads(line))
             except (ValueError, KeyError, TypeError):
                 log.warning("replica_message_ignored")
+        log.warning("replica_gone")
+        on_gone()
 
     def outcome(
         self, device: str, outcome: Outcome, error: str, silent_for: float, timeout: float
@@ -370,7 +317,7 @@ class LaneLink:
             "silent_for": silent_for if math.isfinite(silent_for) else None,
             "timeout": timeout if math.isfinite(timeout) else None,
         }
-        writer.write(json.dumps(body, separators=(",", ":")).encode() + b"\n")
+        writer.write(_line(body))
 
     async def close(self) -> None:
         if self._task is not None:

@@ -20,14 +20,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import JsonValue
 
 from poller.errors import DeviceQuarantinedError
 from poller.wire import QuarantineEntry, format_timestamp
 
-__all__ = ["SILENCE_EVIDENCE", "Change", "Outcome", "Quarantine", "Ticket", "classify", "weigh"]
+__all__ = [
+    "SILENCE_EVIDENCE",
+    "Change",
+    "MirroredQuarantine",
+    "Outcome",
+    "Quarantine",
+    "Ticket",
+    "classify",
+    "weigh",
+]
 
 #: Seconds of silence (at most; half the job's timeout when that is shorter) that make a timeout
 #: count against a device that answered its last job. A job that got its slot just before its
@@ -295,3 +304,45 @@ class Quarantine:
         idle = sorted((r.touched, device) for device, r in self._records.items() if r.since is None)
         for _touched, device in idle[: max(1, len(idle) // 2)]:
             del self._records[device]
+
+
+class MirroredQuarantine(Quarantine):
+    """A lane process's quarantine (poller/laneproc.py): its own, and the replica's as the
+    replica reports it (`mirror`: one message of theirs).
+
+    A device the replica holds in quarantine is refused here until the replica's cool-down ends;
+    after that the lane's own bookkeeping decides (the replica's probe, or the lane's own jobs,
+    will tell the replica whether the device answers)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The replica's quarantined devices, as records of the replica's own kind.
+        self._remote: dict[str, _Record] = {}
+
+    def mirror(self, message: dict[str, Any]) -> None:
+        device = str(message["device"])
+        until = message.get("until")
+        if until is None:
+            self._remote.pop(device, None)
+            return
+        self._remote[device] = _Record(
+            timeouts=int(message.get("timeouts") or 0),
+            last_error=str(message.get("last_error") or "")[:500],
+            since=float(message.get("since") or until),
+            until=float(until),
+        )
+
+    def _remote_refusal(self, device: str) -> DeviceQuarantinedError | None:
+        remote = self._remote.get(device)
+        if remote is None or self._clock() >= remote.until:
+            return None
+        return self._refusal(device, remote)
+
+    def admit(self, device: str) -> Ticket:
+        refusal = self._remote_refusal(device)
+        if refusal is not None:
+            raise refusal
+        return super().admit(device)
+
+    def refusal(self, device: str) -> DeviceQuarantinedError | None:
+        return self._remote_refusal(device) or super().refusal(device)

@@ -39,10 +39,10 @@ from poller.drivers.base import Driver
 from poller.errors import BrokerError, BrokerUnavailableError, WireError, WorkerCrashedError
 from poller.health import WRITE_INTERVAL, HealthState, write_state
 from poller.identity import default_worker_name
-from poller.laneproc import LaneLink, LaneProcess, MirroredQuarantine
+from poller.laneproc import LaneLink, LaneProcess
 from poller.logging import ContextBinder, get_logger
 from poller.pacing import Headroom, LaneFirst, first_in_line
-from poller.quarantine import Outcome, Quarantine
+from poller.quarantine import MirroredQuarantine, Outcome, Quarantine
 from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
 from poller.runner import Attempt, NotStarted, Runner, error_result
 from poller.sandbox import Forked, Sandbox

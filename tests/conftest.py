@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.support.database import db_url, pg_database  # noqa: F401 - history-store databases
+from tests.support.lane import replies, slow_devices  # noqa: F401 - the interactive lane's
 from tests.support.management import management_api, provision  # noqa: F401
 from tests.support.netns import blackhole_netns  # noqa: F401 - a namespace with a black hole
 from tests.support.poller_proc import client, sid, silent_udp_port, start_poller  # noqa: F401

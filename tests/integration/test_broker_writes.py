@@ -98,6 +98,22 @@ async def test_a_published_message_goes_to_the_socket_in_one_write(amqp_vhost: A
         broker.ack(got[0])
 
 
+def record_sends(broker: Broker) -> list[bytes]:
+    """Every buffer the connection's transport send()s from now on (queued writes; not the
+    write-through's own sends), in order."""
+    transport: Any = broker._conn._transport  # the socket writes are the point
+    sends: list[bytes] = []
+    send = transport._sigint_safe_send
+
+    def recording(sock: Any, data: bytes) -> int:
+        sends.append(bytes(data))
+        sent: int = send(sock, data)
+        return sent
+
+    transport._sigint_safe_send = recording
+    return sends
+
+
 async def arrived(got: list[Delivery], count: int) -> None:
     for _ in range(600):
         if len(got) >= count:
@@ -141,16 +157,7 @@ async def test_publishes_of_one_loop_turn_leave_in_one_send(amqp_vhost: AmqpVhos
         on_delivery=lambda _d: None,
     )
     async with running(broker):
-        transport: Any = broker._conn._transport  # the socket writes are the point
-        sends: list[bytes] = []
-        send = transport._sigint_safe_send
-
-        def recording(sock: Any, data: bytes) -> int:
-            sends.append(bytes(data))
-            sent: int = send(sock, data)
-            return sent
-
-        transport._sigint_safe_send = recording
+        sends = record_sends(broker)
         bodies = [b"burst-%03d-" % n + b"y" * 100 for n in range(50)]
         futures = [
             broker.publish_nowait("", queue, body, properties(message_id=f"b{n}"))
@@ -190,16 +197,7 @@ async def test_a_write_through_publish_leaves_in_the_call_and_a_burst_behind_it_
             return send_through(sock, data)
 
         monkeypatch.setattr(broker_module, "_send_through", recording_through)
-        transport: Any = broker._conn._transport  # the socket writes are the point
-        queued: list[bytes] = []
-        send = transport._sigint_safe_send
-
-        def recording(sock: Any, data: bytes) -> int:
-            queued.append(bytes(data))
-            sent: int = send(sock, data)
-            return sent
-
-        transport._sigint_safe_send = recording
+        queued = record_sends(broker)
         bodies = [b"through-%03d-" % n + b"z" * 100 for n in range(21)]
         first = broker.publish_nowait("", queue, bodies[0], properties(message_id="t0"))
         assert len(through) == 1

@@ -11,9 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
 
-import pika
 import pytest
 
 from poller import wire
@@ -21,121 +19,22 @@ from satellite.client import Client
 from satellite.config import CoreSettings
 from satellite.dispatch import build_job
 from satellite.management import ManagementApi
+from tests.support.lane import (
+    BULK_HOSTS,
+    LANE_HOST,
+    ReplyQueue,
+    ask_the_lane,
+    publish_bulk,
+    wait_for,
+)
 from tests.support.management import ProvisionedSatellite
-from tests.support.poller_proc import JobClient, PollerFactory, PollerProcess, snmp_job
+from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.slow_snmp import SlowSnmpAgents
 
 pytestmark = pytest.mark.integration
 
-DELAY = 0.05
-BULK_HOSTS = [f"127.0.0.{n}" for n in range(41, 49)]
-LANE_HOST = "127.0.0.49"
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
-
-
-@pytest.fixture
-def slow_devices() -> Iterator[SlowSnmpAgents]:
-    with SlowSnmpAgents([*BULK_HOSTS, LANE_HOST], delay=DELAY) as agents:
-        yield agents
-
-
-def publish_bulk(dsn: str, sid: str, port: int, count: int, *, prefix: str = "bulk") -> None:
-    """`count` bulk jobs spread over the slow devices, fast (no confirms; depth checked)."""
-    conn = pika.BlockingConnection(pika.URLParameters(dsn))
-    try:
-        channel = conn.channel()
-        props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
-        for n in range(count):
-            job = snmp_job(BULK_HOSTS[n % len(BULK_HOSTS)], port, job_id=f"{prefix}-{n}")
-            channel.basic_publish(
-                wire.jobs_exchange(),
-                wire.jobs_routing_key(sid),
-                wire.encode(wire.decode_job(_json(job))),
-                props,
-            )
-    finally:
-        conn.close()
-
-
-def _json(job: dict[str, Any]) -> bytes:
-    import json  # noqa: PLC0415 - only here
-
-    return json.dumps(job).encode()
-
-
-class ReplyQueue:
-    """An exclusive queue for RPC replies of one satellite (`reply.<id>.<name>`)."""
-
-    def __init__(self, dsn: str) -> None:
-        self.conn = pika.BlockingConnection(pika.URLParameters(dsn))
-        self.channel = self.conn.channel()
-        self.channel.confirm_delivery()
-        self.name = self.channel.queue_declare("", exclusive=True).method.queue
-        self.channel.queue_bind(
-            self.name, wire.results_exchange(), wire.reply_binding_key(self.name)
-        )
-
-    def publish(self, sid: str, job: dict[str, Any], *, interactive: bool) -> None:
-        self.channel.basic_publish(
-            wire.jobs_exchange(),
-            wire.lane_routing_key(sid, "interactive" if interactive else "bulk"),
-            _json(job),
-            pika.BasicProperties(
-                content_type="application/json",
-                delivery_mode=2,
-                message_id=job["id"],
-                reply_to=self.name,
-            ),
-        )
-
-    def get(self, timeout: float) -> tuple[pika.BasicProperties, wire.JobResult] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            method, props, body = self.channel.basic_get(self.name, auto_ack=True)
-            if method is not None:
-                return props, wire.decode_result(body)
-            self.conn.sleep(0.005)
-        return None
-
-    def close(self) -> None:
-        if self.conn.is_open:
-            self.conn.close()
-
-
-@pytest.fixture
-def replies(amqp_vhost: AmqpVhost) -> Iterator[ReplyQueue]:
-    queue = ReplyQueue(amqp_vhost.dsn)
-    yield queue
-    queue.close()
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
-
-
-def ask_the_lane(
-    poller: PollerProcess, replies: ReplyQueue, sid: str, port: int, count: int = 20
-) -> list[tuple[float, wire.JobResult]]:
-    """`count` interactive jobs to `LANE_HOST`, one at a time: (seconds to the answer, the
-    answer) of each; every one answered `ok`, and saying it came from the lane."""
-    out = []
-    for n in range(count):
-        job = snmp_job(LANE_HOST, port, job_id=f"lane-{n}")
-        sent = time.monotonic()
-        replies.publish(sid, job, interactive=True)
-        got = replies.get(timeout=10)
-        assert got is not None, f"no answer to {job['id']}:\n{poller.log_text()[-3000:]}"
-        props, result = got
-        out.append((time.monotonic() - sent, result))
-        assert result.job_id == job["id"]
-        assert result.status == "ok", result.error
-        assert props.headers[wire.LANE_HEADER] == "interactive"
-    return out
 
 
 @pytest.mark.timeout(90)

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from poller import wire
-from tests.integration.test_interactive_lane import (
-    BULK_HOSTS,
+from tests.support.lane import (
     LANE_HOST,
     ReplyQueue,
     ask_the_lane,
@@ -23,6 +22,7 @@ from tests.integration.test_interactive_lane import (
     wait_for,
 )
 from tests.support.poller_proc import JobClient, PollerFactory, PollerProcess, snmp_job
+from tests.support.procs import has_ended
 from tests.support.rabbitmq import AmqpVhost
 from tests.support.slow_snmp import SlowSnmpAgents
 
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.integration
 
 #: Dead devices: one made dead by lane jobs, one by bulk jobs.
 LANE_DEAD, BULK_DEAD = "127.0.0.51", "127.0.0.52"
-
-
-@pytest.fixture
-def slow_devices() -> Iterator[SlowSnmpAgents]:
-    with SlowSnmpAgents([*BULK_HOSTS, LANE_HOST], delay=0.05) as agents:
-        yield agents
 
 
 @pytest.fixture
@@ -51,28 +45,8 @@ def silent_port() -> Iterator[int]:
     second.close()
 
 
-@pytest.fixture
-def replies(amqp_vhost: AmqpVhost) -> Iterator[ReplyQueue]:
-    queue = ReplyQueue(amqp_vhost.dsn)
-    yield queue
-    queue.close()
-
-
 def lane_pids(poller: PollerProcess) -> list[int]:
     return [int(e["pid"]) for e in poller.events("interactive_process_started")]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes (its parent has not reaped it yet).
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.timeout(90)
@@ -109,7 +83,7 @@ def test_the_lane_process_overtakes_a_saturating_bulk_backlog(
 
     wait_for("the health file names the lane process", health_says_lane_pid, 15)
     assert poller.terminate() == 0
-    assert not alive(pid), "the lane process outlived its replica's stop"
+    assert has_ended(pid), "the lane process outlived its replica's stop"
     assert not poller.events("broker_channel_closed")
     assert not poller.events("interactive_process_exited")
 
@@ -185,7 +159,7 @@ def test_a_lane_process_that_dies_is_started_again_and_dies_with_its_replica(
     # The replica killed outright: its lane process stops too (it drains and exits).
     second = lane_pids(poller)[-1]
     poller.kill()
-    wait_for("the lane process gone", lambda: not alive(second), 20)
+    wait_for("the lane process gone", lambda: has_ended(second), 20)
 
 
 def test_poller_lane_started_by_hand_says_what_it_is_for() -> None:

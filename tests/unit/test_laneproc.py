@@ -10,12 +10,11 @@ import pytest
 
 from poller.errors import DeviceQuarantinedError
 from poller.laneproc import (
-    MirroredQuarantine,
     _entry_message,
     _seconds,
     lane_worker_name,
 )
-from poller.quarantine import Outcome, Quarantine, Ticket
+from poller.quarantine import MirroredQuarantine, Outcome, Quarantine, Ticket
 from poller.wire import QuarantineEntry
 from tests.unit.test_quarantine import T0, Clock
 
