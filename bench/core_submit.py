@@ -3,8 +3,8 @@
 One `poller run` for a fresh satellite and a Net-SNMP agent, a `satellite serve` process (SQLite
 history), and three callers taking turns, one `snmp.get` at a time each, N round trips:
 
-* HTTP over the unix socket: `POST /v1/satellites/{id}/jobs` with `Prefer: wait=30` (httpx,
-  keep-alive);
+* HTTP over the unix socket: `POST /v1/satellites/{id}/jobs` with `Prefer: wait=30`
+  (`satellite.apiclient.ApiClient`, what `satellite --api` uses: httpx, keep-alive);
 * HTTP over TCP, the same with a bearer token;
 * HTTP over the unix socket with the standard library's `http.client` (one kept-alive
   connection): the same requests with a client that costs less per request than httpx, to
@@ -51,13 +51,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import py_spy, snmp_agent, start_serve, vhost, write_section  # noqa: E402
 
+from satellite.apiclient import ApiClient, parse_addresses  # noqa: E402
 from satellite.client import Client  # noqa: E402
 from satellite.dispatch import build_job  # noqa: E402
 from satellite.service.tokens import TokensFile  # noqa: E402
@@ -298,17 +297,14 @@ def strict_rounds(
     wait = {"Prefer": "wait=30"}
     with contextlib.ExitStack() as stack:
         unix = stack.enter_context(
-            httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(scene.sock)),
-                base_url="http://localhost",
-                timeout=60,
-            )
+            ApiClient(parse_addresses(f"unix:{scene.sock}"), timeout=60, connect_timeout=10)
         )
         tcp = stack.enter_context(
-            httpx.Client(
-                base_url=f"http://127.0.0.1:{scene.tcp_port}",
-                headers={"Authorization": f"Bearer {scene.token}"},
+            ApiClient(
+                parse_addresses(f"http://127.0.0.1:{scene.tcp_port}"),
+                token=scene.token,
                 timeout=60,
+                connect_timeout=10,
             )
         )
         core = stack.enter_context(Client(scene.dsn))
@@ -317,8 +313,8 @@ def strict_rounds(
             mark_publishes(core, client_marks)
         lean = stack.enter_context(contextlib.closing(UnixHTTPConnection(scene.sock)))
 
-        def over(client: httpx.Client) -> None:
-            response = client.post(scene.url, json=scene.body, headers=wait)
+        def over(api: ApiClient) -> None:
+            response = api.request("POST", scene.url, json_body=scene.body, headers=wait, wait=30)
             if response.status_code != 200:
                 sys.exit(f"HTTP {response.status_code}: {response.text[:300]}")
 
@@ -341,10 +337,8 @@ def strict_rounds(
         }
         if scene.base_sock is not None:
             before = stack.enter_context(
-                httpx.Client(
-                    transport=httpx.HTTPTransport(uds=str(scene.base_sock)),
-                    base_url="http://localhost",
-                    timeout=60,
+                ApiClient(
+                    parse_addresses(f"unix:{scene.base_sock}"), timeout=60, connect_timeout=10
                 )
             )
             callers["base"] = lambda: over(before)
@@ -460,8 +454,8 @@ def render(
     """The `## Core service submit` section of docs/performance.md."""
     amqp_p50 = statistics.median(samples["amqp"])
     rows = [
-        ("HTTP over the unix socket (`Prefer: wait`)", "unix"),
-        ("HTTP over TCP with a token (`Prefer: wait`)", "tcp"),
+        ("HTTP over the unix socket, `ApiClient` (`Prefer: wait`)", "unix"),
+        ("HTTP over TCP with a token, `ApiClient` (`Prefer: wait`)", "tcp"),
         ("HTTP over the unix socket, `http.client` (`Prefer: wait`)", "plain"),
         ("AMQP: `Client.call()` (what `satellite call` does)", "amqp"),
     ]
@@ -492,10 +486,10 @@ def render(
     lines += operator_rows(samples)
     lines += [
         "",
-        "httpx (keep-alive, one pool per transport) for the HTTP rows but one, the standard",
-        "library's `http.client` on one kept-alive unix connection for that one. The AMQP row",
-        "uses the toolkit's own client (kombu); the service's own HTTP client (`satellite",
-        "--api`, `satellite/apiclient.py`) is httpx.",
+        "The toolkit's own HTTP client for the HTTP rows but one: `ApiClient`",
+        "(satellite/apiclient.py, what `satellite --api` uses: httpx, keep-alive, each request",
+        "sent in one write), the standard library's `http.client` on one kept-alive unix",
+        "connection for that one. The AMQP row uses the toolkit's own client (kombu).",
         "",
         *verdict(samples),
         "",
@@ -658,8 +652,8 @@ def verdict(samples: dict[str, list[float]]) -> list[str]:
     amqp_p50 = statistics.median(samples["amqp"])
     parts = []
     for name, key in (
-        ("over the unix socket with httpx", "unix"),
-        ("over TCP with httpx", "tcp"),
+        ("over the unix socket with `ApiClient`", "unix"),
+        ("over TCP with `ApiClient`", "tcp"),
         ("over the unix socket with `http.client`", "plain"),
     ):
         ratio = statistics.median(samples[key]) / amqp_p50

@@ -22,6 +22,7 @@ ApiError
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -93,18 +94,86 @@ class ApiAddress:
 
     def client(self, headers: Mapping[str, str]) -> httpx.Client:
         if self.socket_path is not None:
-            transport = _unix_transport(self.socket_path)
+            transport = _transport(uds=self.socket_path)
             return httpx.Client(transport=transport, base_url="http://localhost", headers=headers)
         assert self.base_url is not None
-        return httpx.Client(base_url=self.base_url, headers=headers)
+        return httpx.Client(base_url=self.base_url, headers=headers, transport=_transport())
 
 
-class _UnixBackend(httpcore.SyncBackend):
-    """httpcore's unix socket connect, closing the socket when the connect fails.
+#: Held request bytes past this size are sent at once (a large batch is not copied whole).
+_HOLD_BYTES = 65_536
 
-    httpcore 1.0 leaves it open (a `ResourceWarning` per dead socket tried): a dead unix socket
-    is the usual case here, the one `--api` falls back from.
+
+class _OneSendStream(httpcore.NetworkStream):
+    """A request's head and body in one `send()`: writes are held until the response is read.
+
+    httpcore writes a request's head and its body separately, two segments on the socket (TCP
+    with `TCP_NODELAY`, or a unix socket): the service wakes up for the head, reads it, goes
+    back to its loop and wakes again for the body; a submit paid that extra wake-up on every
+    round trip. What is held leaves at the first read, or as soon as it reaches `_HOLD_BYTES`.
+    A failed send surfaces from that read as httpcore's `WriteError` / `WriteTimeout`.
     """
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._write_timeout: float | None = None
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        self._held.append(buffer)
+        self._held_bytes += len(buffer)
+        self._write_timeout = timeout
+        if self._held_bytes >= _HOLD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            self._held_bytes = 0
+            self._stream.write(data, self._write_timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._flush()
+        return self._stream.read(max_bytes, timeout)
+
+    def close(self) -> None:
+        self._held.clear()
+        self._held_bytes = 0
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        self._flush()
+        return _OneSendStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _Backend(httpcore.SyncBackend):
+    """httpcore's connects, with each request sent in one piece (`_OneSendStream`), and a unix
+    socket closed when its connect fails (httpcore 1.0 leaves it open: a `ResourceWarning` per
+    dead socket tried, and a dead unix socket is the usual case here, the one `--api` falls
+    back from)."""
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = super().connect_tcp(host, port, timeout, local_address, socket_options)
+        return _OneSendStream(stream)
 
     def connect_unix_socket(
         self,
@@ -124,14 +193,15 @@ class _UnixBackend(httpcore.SyncBackend):
         except OSError as exc:
             sock.close()
             raise httpcore.ConnectError(str(exc)) from exc
-        return _SyncStream(sock)
+        return _OneSendStream(_SyncStream(sock))
 
 
-def _unix_transport(path: str) -> httpx.HTTPTransport:
-    transport = httpx.HTTPTransport(uds=path)
+def _transport(uds: str | None = None) -> httpx.HTTPTransport:
+    """httpx's transport (its TLS defaults, limits and environment) on `_Backend`'s connects."""
+    transport = httpx.HTTPTransport(uds=uds)
     pool = getattr(transport, "_pool", None)
-    if _SyncStream is not None and isinstance(pool, httpcore.ConnectionPool):  # httpx 0.27/0.28
-        transport._pool = httpcore.ConnectionPool(uds=path, network_backend=_UnixBackend())
+    if _SyncStream is not None and type(pool) is httpcore.ConnectionPool:  # httpcore 1.0
+        pool._network_backend = _Backend()
     return transport
 
 
