@@ -1,4 +1,4 @@
-"""The API client sends each request in one piece (`satellite/apiclient.py`, `_OneSendStream`)."""
+"""The API client's HTTP (`satellite/apiclient.py`): one write, URLs parsed once, no cookies."""
 
 from __future__ import annotations
 
@@ -85,7 +85,10 @@ def echo_server(tmp_path: Path) -> Iterator[tuple[str, list[bytes]]]:
     server.listen(4)
     server.settimeout(10)
     firsts: list[bytes] = []
-    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nset-cookie: route=a1; Path=/\r\n"
+        b"content-length: 2\r\n\r\n{}"
+    )
 
     def serve() -> None:
         with server:
@@ -129,3 +132,27 @@ def test_both_kinds_of_address_connect_through_the_one_send_backend(address: str
     with ApiClient(parse_addresses(address)) as api:
         pool = api._client(0)._transport._pool  # type: ignore[attr-defined]
         assert isinstance(pool._network_backend, apiclient._Backend)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["http://core.example:8480", "https://core.example:8480/prefix", "unix:/run/api.sock"],
+)
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs/a%2Fb", "/v1/satellites/7/jobs:batch"])
+def test_a_kept_url_is_the_one_httpx_would_build(address: str, path: str) -> None:
+    with ApiClient(parse_addresses(address)) as api:
+        built = api._client(0).build_request("GET", path).url
+        assert api._url(0, path) == built
+        assert api._url(0, path) is api._url(0, path)  # parsed once
+        assert api._url(0, "/v1/jobs/é") == "/v1/jobs/é"  # left to httpx
+
+
+def test_cookies_set_by_a_proxy_are_not_kept_or_sent_back(
+    echo_server: tuple[str, list[bytes]],
+) -> None:
+    path, firsts = echo_server
+    with ApiClient(parse_addresses(f"unix:{path}"), timeout=5, connect_timeout=5) as api:
+        for _ in range(REQUESTS):
+            api.request("POST", "/v1/satellites/7/jobs", content=b'{"kind": "a"}')
+        assert len(api._client(0).cookies) == 0
+    assert not any(b"cookie:" in data.lower() for data in firsts)
