@@ -171,6 +171,7 @@ class FleetWatch:
                         sid,
                         queue=queue,
                         dlq=queues.get(wire.dead_letter_queue(sid)),
+                        lane=queues.get(wire.interactive_queue(sid)),
                         fleet=self.fleet,
                         core_version=__version__,
                         heartbeat_max_age=HEARTBEAT_MAX_AGE,

@@ -463,6 +463,9 @@ async def test_fleet_status_shows_a_running_poller(
     assert record["satellite_id"] == sid
     assert [r["worker"] for r in record["replicas"]] == [f"poller-{sid}-0"]
     assert record["queue"]["consumers"] >= 1
+    # The interactive lane `satellite declare` made is seen (no "no interactive lane" warning).
+    assert record["lane"]["name"] == f"usm_poller-sat-{sid}.interactive"
+    assert not [w for w in record["warnings"] if "interactive lane" in w], record["warnings"]
     everything = (await api.get("/v1/satellites")).json()
     assert sid in {s["satellite_id"] for s in everything["satellites"]}
     assert_problem(await api.get("/v1/satellites/nosuch-sat"), 404, "unknown_satellite")
