@@ -311,9 +311,9 @@ def dead_letters(letters: Sequence[DeadLetter]) -> None:
         reason = letter.reason or "?"
         if letter.first_reason and letter.first_reason != letter.reason:
             reason += f" (first: {letter.first_reason})"
+        # Not `deliveries`: on a quorum DLQ that is the DLQ's own count (each list, show or
+        # replay that gave the message back adds one), not the job queue's (docs/core.md).
         count = str(letter.count)
-        if letter.deliveries is not None:
-            count += f", {letter.deliveries} deliveries"
         why = f"{letter.error_code}: {letter.why}" if letter.error_code else letter.why
         row = letter.summary()
         table.add_row(
