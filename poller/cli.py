@@ -91,6 +91,7 @@ def _parser(*, with_exec_kinds: bool = True) -> argparse.ArgumentParser:
         "exec",
         help="run one job locally (no broker) and print the result JSON",
         description="Run one job against a device from this machine, like zabbix_get.",
+        epilog="the options of a kind: poller exec KIND --help",
     )
     if with_exec_kinds:
         _add_exec_arguments(exec_)

@@ -225,8 +225,11 @@ def _add_provision(commands: Any, common: _Parser) -> None:
 
 
 def _add_jobs(commands: Any, common: _Parser) -> None:
+    priority_help = "AMQP priority (overtakes nothing on quorum queues: use the lane)"
     submit_opts = _Parser(add_help=False)
-    submit_opts.add_argument("--priority", type=int, choices=range(10), metavar="0-9")
+    submit_opts.add_argument(
+        "--priority", type=int, choices=range(10), metavar="0-9", help=priority_help
+    )
     submit_opts.add_argument(
         "--expiration", type=float, metavar="S", help="drop the job if not taken within S seconds"
     )
@@ -239,7 +242,9 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
         help="send it to the satellite's interactive lane, ahead of the bulk backlog",
     )
     call_opts = _Parser(add_help=False)
-    call_opts.add_argument("--priority", type=int, choices=range(10), metavar="0-9")
+    call_opts.add_argument(
+        "--priority", type=int, choices=range(10), metavar="0-9", help=priority_help
+    )
     call_opts.add_argument(
         "--bulk",
         dest="lane",
@@ -260,7 +265,14 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
         ("call", _call, call_opts, "publish one job and wait for its result"),
     ):
         parents = [common, API_OPTIONS] if name == "submit" else []
-        sub = commands.add_parser(name, help=text, parents=parents)
+        sub = commands.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}.",
+            # The job's options (and --timeout, --bulk, ...) belong to each kind's parser.
+            epilog=f"the job options of a kind: satellite {name} ID KIND --help",
+            parents=parents,
+        )
         sub.add_argument("satellite_id", metavar="ID", type=_satellite_id_not_kind(name))
         if name == "submit":
             sub.add_argument(

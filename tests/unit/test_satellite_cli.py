@@ -110,3 +110,18 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     assert code == 0
     assert out.startswith("satellite ")
+
+
+@pytest.mark.parametrize("command", ["call", "submit"])
+def test_the_help_of_call_and_submit_says_where_the_job_options_are(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """`satellite call --help` lists only the kinds: it points at the kind's own help, which
+    has --host, --timeout, --priority (with a word on what it does) and the rest."""
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert f"satellite {command} ID KIND --help" in out
+    code, out, _ = run(capsys, command, "7", "tcp.connect", "--help")
+    assert code == 0
+    assert "--host HOST" in out
+    assert "AMQP priority" in out
