@@ -215,13 +215,13 @@ def _add_provision(commands: Any, common: _Parser) -> None:
         metavar="N",
         help="over all of the user's connections",
     )
-    provision.set_defaults(handler=_provision, prepare=_prepare_ids)
+    provision.set_defaults(handler=_provision, prepare=_prepare_ids, needs_management=True)
 
     revoke = commands.add_parser(
         "revoke", parents=[common], help="delete a satellite's broker user (closes its connections)"
     )
     revoke.add_argument("satellite_ids", nargs=1, metavar="ID")
-    revoke.set_defaults(handler=_revoke, prepare=_prepare_ids)
+    revoke.set_defaults(handler=_revoke, prepare=_prepare_ids, needs_management=True)
 
 
 def _add_jobs(commands: Any, common: _Parser) -> None:
@@ -362,7 +362,9 @@ def _add_status(commands: Any, common: _Parser) -> None:
         metavar="S",
         help="refresh every S seconds (5) until Ctrl-C",
     )
-    status.set_defaults(handler=_status, prepare=_prepare_ids, api_handler=_status_api)
+    status.set_defaults(
+        handler=_status, prepare=_prepare_ids, api_handler=_status_api, needs_management=True
+    )
 
 
 def _add_dlq(commands: Any, common: _Parser) -> None:
@@ -474,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler = args.api_handler  # through the core service's HTTP API (--api)
         elif getattr(args, "needs_broker", True):
             context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
+            if getattr(args, "needs_management", False):
+                context.api  # noqa: B018 - so is a bad USM_MANAGEMENT_URL (no request yet)
         return handler(args, context)
     except (ConfigError, InvalidJobError, NoResultError, NotDeclaredError, BrokerError) as exc:
         return _failed(args, exc)

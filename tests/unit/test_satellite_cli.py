@@ -125,3 +125,17 @@ def test_the_help_of_call_and_submit_says_where_the_job_options_are(
     assert code == 0
     assert "--host HOST" in out
     assert "AMQP priority" in out
+
+
+@pytest.mark.parametrize("command", [["status", "7"], ["provision", "7"], ["revoke", "7"]])
+def test_a_bad_management_url_is_a_usage_error_before_connecting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """Not after `status` has listened for heartbeats for 12 s: the broker here is unreachable,
+    so a command that connected first would exit 4."""
+    monkeypatch.setenv("USM_MANAGEMENT_URL", "rabbit:15672")
+    code, _, err = run(capsys, *command, "--dsn", "amqp://core:x@127.0.0.1:1/%2f")
+    assert code == EXIT_USAGE
+    assert err.strip().splitlines() == [
+        "satellite: USM_MANAGEMENT_URL: must be an http:// or https:// URL with a host"
+    ]
