@@ -17,6 +17,7 @@ Exit codes (stable, documented in docs/core.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -83,6 +84,7 @@ EXIT_USAGE = 2
 EXIT_NO_RESULT = 3
 EXIT_BROKER = 4
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # as a process killed by SIGPIPE: `| head` took what it wanted
 
 TRUSTED_USERS_ENV = "USM_TRUSTED_USERS"
 JOB_QUEUE_PREFIX = "usm_poller-sat-"
@@ -489,8 +491,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, EXIT_BROKER, "broker", f"the broker refused: {text}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _stdout_closed()
     finally:
         context.close()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`satellite results --json | head`): no traceback, and
+    nothing more written (the interpreter's last flush would raise again); what was not printed
+    was not acknowledged either."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_STDOUT_CLOSED
 
 
 def _failed(args: argparse.Namespace, exc: Exception) -> int:

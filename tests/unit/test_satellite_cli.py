@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import sys
+from pathlib import Path
+
 import pytest
 
-from satellite.cli import EXIT_BROKER, EXIT_USAGE, main
+from satellite.cli import EXIT_BROKER, EXIT_STDOUT_CLOSED, EXIT_USAGE, main
 
 SECRET = "pw-never-printed-7f3a"
 OID = "1.3.6.1.2.1.1.5.0"
@@ -139,3 +143,23 @@ def test_a_bad_management_url_is_a_usage_error_before_connecting(
     assert err.strip().splitlines() == [
         "satellite: USM_MANAGEMENT_URL: must be an http:// or https:// URL with a host"
     ]
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("no file descriptor here")
+
+
+def test_a_closed_stdout_is_exit_141_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`satellite results --json | head -1`: the reader went away; no traceback."""
+    tokens = tmp_path / "tokens.yaml"
+    assert main(["token", "create", "ops", "--scope", "read", "--tokens-file", str(tokens)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["token", "list", "--tokens-file", str(tokens), "--json"]) == EXIT_STDOUT_CLOSED
+    assert "Traceback" not in capsys.readouterr().err
