@@ -275,6 +275,15 @@ def test_a_broker_user_that_may_not_declare_is_told_what_the_service_needs(
         assert "satellite serve" in reason
         assert "usm_poller.core-reply" in reason
         assert "USM_POLLER_DECLARE" not in reason
+        # The fleet's heartbeat listener (an exclusive queue of its own) says what was refused.
+        lost: list[dict[str, Any]] = []
+        for _ in range(200):
+            lost = [e for e in serve.log_lines() if e.get("event") == "heartbeats_lost"]
+            if lost:
+                break
+            time.sleep(0.1)
+        assert lost, serve.log_text()
+        assert "ACCESS_REFUSED" in lost[0]["error"]
         assert serve.terminate() == 0
         assert secret not in serve.log_text()
     finally:
