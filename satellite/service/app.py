@@ -44,7 +44,7 @@ from satellite.service.metrics import ServiceMetrics
 from satellite.service.notify import Sender, SenderCollector
 from satellite.service.replies import Replies
 from satellite.service.scheduler import ScheduleFile, Scheduler
-from satellite.service.settings import CoreSettings
+from satellite.service.settings import CoreSettings, unknown_variables
 from satellite.service.store import Store
 from satellite.service.tokens import TokensFile
 from satellite.service.web import pages as web_pages
@@ -333,6 +333,8 @@ async def run(settings: CoreSettings) -> int:
     that cannot be read, before anything connects.
     """
     configure_logging(settings.log_format, settings.log_level)
+    for name, nearest in unknown_variables():
+        log.warning("unknown_setting_ignored", variable=name, did_you_mean=nearest)
     loop = asyncio.get_running_loop()
     request = _StopRequest()
     for sig in (signal.SIGTERM, signal.SIGINT):

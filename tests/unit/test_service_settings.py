@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from poller.errors import ConfigError
-from satellite.service.settings import load_settings, parse_database_url
+from satellite.service.settings import load_settings, parse_database_url, unknown_variables
 
 SECRET = "s3cr3t-pw"
 BASE = {"US_AMQP_DSN": f"amqp://core:{SECRET}@127.0.0.1:5672/%2F"}
@@ -75,3 +75,24 @@ def test_a_wrong_setting_is_one_line_naming_the_variable(env: dict[str, str], me
     assert text.startswith(message), text
     assert "\n" not in text
     assert SECRET not in text
+
+
+def test_an_unknown_usm_core_variable_is_named_with_the_nearest_setting() -> None:
+    """`USM_CORE_LISTENS` would otherwise be ignored without a word; the CLI's variables
+    (USM_CORE_API, USM_CORE_TOKEN, USM_CORE_TOKEN_FILE) are known."""
+    environ = {
+        "USM_CORE_LISTENS": "tcp:127.0.0.1:1",
+        "usm_core_retention": "3",
+        "USM_CORE_ZZZ": "1",
+        "USM_CORE_LISTEN": "tcp:127.0.0.1:0",
+        "USM_CORE_API": "unix:/run/satellite/api.sock",
+        "USM_CORE_TOKEN": "usm_x",
+        "USM_CORE_TOKEN_FILE": "/etc/satellite/cli.token",
+        "USM_CORE_TOKENS_FILE": "/etc/satellite/tokens.yaml",
+        "US_AMQP_DSN": "amqp://guest:guest@127.0.0.1:5672/%2f",
+    }
+    assert unknown_variables(environ) == [
+        ("USM_CORE_LISTENS", "USM_CORE_LISTEN"),
+        ("USM_CORE_ZZZ", None),
+        ("usm_core_retention", "USM_CORE_RETENTION_DAYS"),
+    ]
