@@ -128,7 +128,10 @@ class ResultPrinter:
             print(json.dumps(received.as_dict()), flush=True)
             return
         if not self._header:
-            print(f"{'finished':<24} {'satellite':<12} {'job id':<36} {'kind':<12} status")
+            print(
+                f"{'finished':<24} {'satellite':<12} {'job id':<36} {'kind':<12} "
+                f"{'status'}{'duration':>11}  summary"
+            )
             self._header = True
         r = received.result
         finished = r.finished_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
