@@ -229,6 +229,12 @@ async def test_unknown_jobs_and_bad_queries_are_problems(api: httpx.AsyncClient)
     assert_problem(await api.get("/v1/jobs/no-such-job"), 404, "job_not_found")
     assert_problem(await api.get("/v1/jobs", params={"limit": 0}), 422, "invalid_request")
     assert_problem(await api.get("/v1/jobs", params={"cursor": "xyz"}), 422, "invalid_cursor")
+    # A source that no job can have (a typo) is refused, not answered with nothing.
+    assert_problem(
+        await api.get("/v1/jobs", params={"source": "shedule:x"}), 422, "invalid_request"
+    )
+    for source in ("api", "cli", "amqp", "schedule:if-table.5m"):
+        assert (await api.get("/v1/jobs", params={"source": source})).status_code == 200
     assert_problem(await api.get("/v1/nothing-here"), 404, "not_found")
 
 
