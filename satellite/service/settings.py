@@ -83,8 +83,39 @@ def parse_database_url(text: str) -> DatabaseUrl:
             raise ValueError(f"PostgreSQL is used through asyncpg, not {driver!r}")
         if not url.database:
             raise ValueError("names no database (postgresql://user@host:port/DATABASE)")
-        return DatabaseUrl("postgresql", url.set(drivername="postgresql+asyncpg"))
+        url = url.set(drivername="postgresql+asyncpg", query=_postgres_query(url))
+        return DatabaseUrl("postgresql", url)
     raise ValueError("must be a sqlite:/// or postgresql:// URL")
+
+
+#: libpq's `sslmode` values, which asyncpg takes as its `ssl` argument.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+#: URL options passed on as they are: SQLAlchemy's asyncpg dialect reads the first (0 behind
+#: pgbouncer in transaction mode), asyncpg's connect() takes the others as strings.
+PASSED_OPTIONS = ("prepared_statement_cache_size", "target_session_attrs", "passfile")
+
+
+def _postgres_query(url: URL) -> dict[str, str | tuple[str, ...]]:
+    """The URL's query as asyncpg takes it: libpq's `sslmode=` becomes `ssl=` (asyncpg would
+    fail on `sslmode`, or on any option it does not know, with a TypeError at the first
+    connection, a traceback instead of one line)."""
+    query = dict(url.query)
+    known = {"sslmode", "ssl", *PASSED_OPTIONS}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise ValueError(
+            f"the URL option {unknown[0]!r} is not supported (sslmode, {', '.join(PASSED_OPTIONS)})"
+        )
+    if "sslmode" in query and "ssl" in query:
+        raise ValueError("give sslmode once")
+    mode = query.pop("sslmode", None) or query.pop("ssl", None)
+    if mode is not None:
+        if not isinstance(mode, str) or mode not in SSL_MODES:
+            raise ValueError(f"sslmode must be one of {', '.join(SSL_MODES)}")
+        query["ssl"] = mode
+    return query
 
 
 class CoreSettings(BaseSettings):

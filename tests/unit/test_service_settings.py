@@ -39,6 +39,16 @@ def test_a_relative_state_dir_is_made_absolute(
         ("postgresql://core@db:5433/history", "postgresql+asyncpg://core@db:5433/history"),
         ("postgres://core@db/history", "postgresql+asyncpg://core@db/history"),
         ("postgresql+asyncpg://core@db/history", "postgresql+asyncpg://core@db/history"),
+        # libpq's sslmode, as operators write it, is asyncpg's ssl (sslmode is a TypeError there)
+        ("postgresql://core@db/h?sslmode=require", "postgresql+asyncpg://core@db/h?ssl=require"),
+        (
+            "postgresql://core@db/h?ssl=verify-full",
+            "postgresql+asyncpg://core@db/h?ssl=verify-full",
+        ),
+        (  # behind pgbouncer in transaction mode
+            "postgresql://core@db/h?prepared_statement_cache_size=0",
+            "postgresql+asyncpg://core@db/h?prepared_statement_cache_size=0",
+        ),
     ],
 )
 def test_plain_database_urls_get_the_async_driver(given: str, driver: str) -> None:
@@ -62,6 +72,8 @@ def test_the_database_password_is_masked_everywhere() -> None:
         ({"USM_CORE_DB": "sqlite://"}, "USM_CORE_DB: needs a file"),
         ({"USM_CORE_DB": "postgresql+psycopg2://h/d"}, "USM_CORE_DB: PostgreSQL is used through"),
         ({"USM_CORE_DB": "postgresql://h"}, "USM_CORE_DB: names no database"),
+        ({"USM_CORE_DB": "postgresql://h/d?sslmode=on"}, "USM_CORE_DB: sslmode must be one of"),
+        ({"USM_CORE_DB": "postgresql://h/d?timeout=5"}, "USM_CORE_DB: the URL option 'timeout'"),
         ({"USM_CORE_RETENTION_DAYS": "0"}, "USM_CORE_RETENTION_DAYS: Input should be greater"),
         ({"USM_CORE_UNIX_AUTH": "open"}, "USM_CORE_UNIX_AUTH: Input should be 'trust' or"),
         ({"USM_MANAGEMENT_URL": "ftp://x"}, "USM_MANAGEMENT_URL: must be an http:// or https://"),
