@@ -198,6 +198,12 @@ class BrokerOptions:
     #: The queue consumed is itself an interactive lane (`poller lane`, the lane's own
     #: process): its deliveries are flagged `interactive`, and acked on the one channel.
     lane_only: bool = False
+    #: What a `declare_refused` warning tells the operator to do (the poller's advice by default).
+    declare_refused_hint: str = (
+        "this broker user may not declare (403): the poller consumes without declaring and "
+        "does not try again; set USM_POLLER_DECLARE=false to skip the attempt, and declare "
+        "from the core (satellite declare)"
+    )
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
 
 
@@ -973,11 +979,7 @@ class Broker:
                 object=what,
                 name=name,
                 broker_says=says,
-                reason=(
-                    "this broker user may not declare (403): the poller consumes without "
-                    "declaring and does not try again; set USM_POLLER_DECLARE=false to skip "
-                    "the attempt, and declare from the core (satellite declare)"
-                ),
+                reason=self._opts.declare_refused_hint,
             )
         else:
             extra = {"bindings_skipped": skipped} if skipped and code != PRECONDITION_FAILED else {}

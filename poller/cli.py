@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `poller exec snmp.walk ... | head`: the reader went away
+        with contextlib.suppress(OSError, ValueError):  # the last flush must not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
     return code
 
 
@@ -91,6 +95,7 @@ def _parser(*, with_exec_kinds: bool = True) -> argparse.ArgumentParser:
         "exec",
         help="run one job locally (no broker) and print the result JSON",
         description="Run one job against a device from this machine, like zabbix_get.",
+        epilog="the options of a kind: poller exec KIND --help",
     )
     if with_exec_kinds:
         _add_exec_arguments(exec_)

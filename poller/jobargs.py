@@ -170,6 +170,15 @@ def add_job_arguments(
 def job_parts(kind: JobKind | str, ns: argparse.Namespace, environ: Environ) -> JobParts:
     """The `auth` (None with a credential_ref) and `params` of `kind` from its options."""
     parts = KIND_OPTIONS[JobKind(kind)].build(ns, environ)
+    if JobKind(kind) in _SSH_KINDS and not ns.credential_ref:
+        auth = parts.auth or {}
+        if not auth.get("password") and not auth.get("private_key"):
+            # The driver would refuse it as `auth_failed` after a trip to the device.
+            raise ConfigError(
+                f"--password-file: an SSH login needs a password or a private key "
+                f"(--password-file, ${PASSWORD.env}, --private-key-file, ${PRIVATE_KEY.env} "
+                "or --credential-ref)"
+            )
     return JobParts(params=parts.params, auth=None if ns.credential_ref else parts.auth)
 
 
@@ -472,6 +481,7 @@ def _build_tcp(ns: argparse.Namespace, environ: Environ) -> JobParts:
     return JobParts(params={"port": ns.port})
 
 
+_SSH_KINDS = frozenset({JobKind.SSH_EXEC, JobKind.SSH_CLI})
 _SNMP_OIDS = KindOptions("SNMP get/getnext of OIDs", _add_snmp_oids, _build_snmp_oids)
 _CLI = KindOptions("commands in an interactive CLI session", _add_cli, _build_cli)
 

@@ -17,6 +17,7 @@ Exit codes (stable, documented in docs/core.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -83,6 +84,7 @@ EXIT_USAGE = 2
 EXIT_NO_RESULT = 3
 EXIT_BROKER = 4
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # as a process killed by SIGPIPE: `| head` took what it wanted
 
 TRUSTED_USERS_ENV = "USM_TRUSTED_USERS"
 JOB_QUEUE_PREFIX = "usm_poller-sat-"
@@ -215,18 +217,21 @@ def _add_provision(commands: Any, common: _Parser) -> None:
         metavar="N",
         help="over all of the user's connections",
     )
-    provision.set_defaults(handler=_provision, prepare=_prepare_ids)
+    provision.set_defaults(handler=_provision, prepare=_prepare_ids, needs_management=True)
 
     revoke = commands.add_parser(
         "revoke", parents=[common], help="delete a satellite's broker user (closes its connections)"
     )
     revoke.add_argument("satellite_ids", nargs=1, metavar="ID")
-    revoke.set_defaults(handler=_revoke, prepare=_prepare_ids)
+    revoke.set_defaults(handler=_revoke, prepare=_prepare_ids, needs_management=True)
 
 
 def _add_jobs(commands: Any, common: _Parser) -> None:
+    priority_help = "AMQP priority (overtakes nothing on quorum queues: use the lane)"
     submit_opts = _Parser(add_help=False)
-    submit_opts.add_argument("--priority", type=int, choices=range(10), metavar="0-9")
+    submit_opts.add_argument(
+        "--priority", type=int, choices=range(10), metavar="0-9", help=priority_help
+    )
     submit_opts.add_argument(
         "--expiration", type=float, metavar="S", help="drop the job if not taken within S seconds"
     )
@@ -239,7 +244,9 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
         help="send it to the satellite's interactive lane, ahead of the bulk backlog",
     )
     call_opts = _Parser(add_help=False)
-    call_opts.add_argument("--priority", type=int, choices=range(10), metavar="0-9")
+    call_opts.add_argument(
+        "--priority", type=int, choices=range(10), metavar="0-9", help=priority_help
+    )
     call_opts.add_argument(
         "--bulk",
         dest="lane",
@@ -260,7 +267,14 @@ def _add_jobs(commands: Any, common: _Parser) -> None:
         ("call", _call, call_opts, "publish one job and wait for its result"),
     ):
         parents = [common, API_OPTIONS] if name == "submit" else []
-        sub = commands.add_parser(name, help=text, parents=parents)
+        sub = commands.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}.",
+            # The job's options (and --timeout, --bulk, ...) belong to each kind's parser.
+            epilog=f"the job options of a kind: satellite {name} ID KIND --help",
+            parents=parents,
+        )
         sub.add_argument("satellite_id", metavar="ID", type=_satellite_id_not_kind(name))
         if name == "submit":
             sub.add_argument(
@@ -350,7 +364,9 @@ def _add_status(commands: Any, common: _Parser) -> None:
         metavar="S",
         help="refresh every S seconds (5) until Ctrl-C",
     )
-    status.set_defaults(handler=_status, prepare=_prepare_ids, api_handler=_status_api)
+    status.set_defaults(
+        handler=_status, prepare=_prepare_ids, api_handler=_status_api, needs_management=True
+    )
 
 
 def _add_dlq(commands: Any, common: _Parser) -> None:
@@ -462,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler = args.api_handler  # through the core service's HTTP API (--api)
         elif getattr(args, "needs_broker", True):
             context.settings  # noqa: B018 - a bad DSN is a usage error before anything else
+            if getattr(args, "needs_management", False):
+                context.api  # noqa: B018 - so is a bad USM_MANAGEMENT_URL (no request yet)
         return handler(args, context)
     except (ConfigError, InvalidJobError, NoResultError, NotDeclaredError, BrokerError) as exc:
         return _failed(args, exc)
@@ -473,8 +491,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, EXIT_BROKER, "broker", f"the broker refused: {text}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _stdout_closed()
     finally:
         context.close()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`satellite results --json | head`): no traceback, and
+    nothing more written (the interpreter's last flush would raise again); what was not printed
+    was not acknowledged either."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_STDOUT_CLOSED
 
 
 def _failed(args: argparse.Namespace, exc: Exception) -> int:

@@ -74,6 +74,8 @@ _JOB_ADAPTER: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 REPLY_QUEUE_PREFIX = "satellite-reply-"
+#: AMQP 403: the broker user lacks a permission (configure, write or read) for the object.
+ACCESS_REFUSED_CODE = 403
 #: Broker users of provisioned satellites are `sat-<id>` (see `satellite.provision`).
 USER_PREFIX = "sat-"
 
@@ -251,7 +253,7 @@ class JobPublisher:
             text = getattr(exc, "reply_text", None) or str(exc)
             raise PublishNotConfirmedError(
                 f"the broker refused job {job.id} for satellite {satellite_id}: {text} "
-                "(run `satellite declare` first?)"
+                f"({_refusal_hint(exc, 'write on usm_poller.jobs')})"
             ) from exc
         except MessageNacked:
             raise PublishNotConfirmedError(
@@ -360,9 +362,8 @@ class ReplyQueue:
             self._consumer.consume()
         except channel_errors as exc:
             text = getattr(exc, "reply_text", None) or str(exc)
-            raise BrokerError(
-                f"cannot set up the reply queue: {text} (run `satellite declare` first?)"
-            ) from exc
+            hint = _refusal_hint(exc, f"configure and read on {REPLY_QUEUE_PREFIX}*")
+            raise BrokerError(f"cannot set up the reply queue: {text} ({hint})") from exc
 
     def expect(self, correlation_id: str, *, satellite_id: str, job_id: str) -> None:
         self._expected[correlation_id] = _Expected(satellite_id, job_id)
@@ -425,3 +426,11 @@ class ReplyQueue:
 
     def cancel(self) -> None:
         self._consumer.cancel()
+
+
+def _refusal_hint(exc: BaseException, needs: str) -> str:
+    """What to do about a channel error: a 403 is a permission of this broker user (the objects
+    exist: declaring them again changes nothing), anything else most likely a missing object."""
+    if getattr(exc, "reply_code", None) == ACCESS_REFUSED_CODE:
+        return f"this broker user lacks a permission: it needs {needs}"
+    return "run `satellite declare` first?"

@@ -133,7 +133,9 @@ class DeadLetter:
     first_reason: str | None
     """`x-first-death-reason`: why it was dead-lettered the first time."""
     deliveries: int | None
-    """`x-delivery-count` when the message carries it (quorum queues), else None."""
+    """`x-delivery-count` when the message carries it, else None. On a quorum DLQ this is the
+    DLQ's own count: how often this dead letter was read and given back (`dlq list`, `show`,
+    a replay that failed), not how often a poller got the job (RabbitMQ 3.10, measured)."""
     error_code: str | None
     """The error code the poller answered with (see `diagnose`), None when it did not."""
     why: str

@@ -161,7 +161,7 @@ class ManagementApi:
         if response.status_code == 401:
             raise ManagementError(
                 f"{where}: 401 unauthorized as {self.settings.username!r} "
-                "(the management API needs a user tagged administrator or monitoring)",
+                f"({self._why_401(response)})",
                 status=401,
             )
         if response.status_code >= 400 and response.status_code != NOT_FOUND:
@@ -184,6 +184,21 @@ class ManagementApi:
     def _delete(self, path: str) -> bool:
         """Delete; False when it did not exist."""
         return self._request("DELETE", path).status_code != NOT_FOUND
+
+    @staticmethod
+    def _why_401(response: httpx.Response) -> str:
+        """RabbitMQ answers 401 both to a wrong password and to a user without a management tag;
+        its `reason` tells which (`Login failed`, `Not management user`)."""
+        try:
+            reason = str(response.json().get("reason", ""))
+        except (ValueError, AttributeError):
+            reason = ""
+        if reason.lower().startswith("login failed"):
+            return (
+                "the login was refused: wrong user or password; the management API uses the "
+                f"DSN's unless {MANAGEMENT_ENV} (or --management-url) names its own"
+            )
+        return "the management API needs a user tagged administrator or monitoring"
 
     def _scrub(self, text: str) -> str:
         secret = self.settings.password.get_secret_value()

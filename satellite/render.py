@@ -128,7 +128,10 @@ class ResultPrinter:
             print(json.dumps(received.as_dict()), flush=True)
             return
         if not self._header:
-            print(f"{'finished':<24} {'satellite':<12} {'job id':<36} {'kind':<12} status")
+            print(
+                f"{'finished':<24} {'satellite':<12} {'job id':<36} {'kind':<12} "
+                f"{'status'}{'duration':>11}  summary"
+            )
             self._header = True
         r = received.result
         finished = r.finished_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -311,9 +314,9 @@ def dead_letters(letters: Sequence[DeadLetter]) -> None:
         reason = letter.reason or "?"
         if letter.first_reason and letter.first_reason != letter.reason:
             reason += f" (first: {letter.first_reason})"
+        # Not `deliveries`: on a quorum DLQ that is the DLQ's own count (each list, show or
+        # replay that gave the message back adds one), not the job queue's (docs/core.md).
         count = str(letter.count)
-        if letter.deliveries is not None:
-            count += f", {letter.deliveries} deliveries"
         why = f"{letter.error_code}: {letter.why}" if letter.error_code else letter.why
         row = letter.summary()
         table.add_row(

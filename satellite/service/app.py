@@ -44,7 +44,7 @@ from satellite.service.metrics import ServiceMetrics
 from satellite.service.notify import Sender, SenderCollector
 from satellite.service.replies import Replies
 from satellite.service.scheduler import ScheduleFile, Scheduler
-from satellite.service.settings import CoreSettings
+from satellite.service.settings import CoreSettings, unknown_variables
 from satellite.service.store import Store
 from satellite.service.tokens import TokensFile
 from satellite.service.web import pages as web_pages
@@ -65,6 +65,15 @@ SENDER_DRAIN_SECONDS = 10.0
 #: On SIGTERM while the store is being opened and migrated: how long that may go on before it
 #: is cancelled (as `migrate`'s own timeout would: the migration's transaction is rolled back).
 START_STOP_SECONDS = 2.0
+#: The `declare_refused` advice for the service's own broker user (the poller's says
+#: USM_POLLER_DECLARE, which means nothing here): without its queues it can neither ingest
+#: nor answer `Prefer: wait`, and it declares nothing more until it is restarted.
+DECLARE_REFUSED_HINT = (
+    "the core's broker user may not declare (403): satellite serve declares its own queues "
+    "(usm_poller.history, usm_poller.core-reply.<replica>) and binds them to the exchanges; "
+    "give this user the core's permissions on the vhost (configure, write and read: "
+    "rabbitmqctl set_permissions -p <vhost> <user> '.*' '.*' '.*'), then restart the service"
+)
 
 
 def replica_name() -> str:
@@ -125,6 +134,7 @@ class Core:
             BrokerOptions(
                 connection_name=f"satellite-serve {replica} ingest",
                 prefetch=ingest_prefetch(settings.ingest_batch),
+                declare_refused_hint=DECLARE_REFUSED_HINT,
                 ssl_contexts=contexts,
             ),
             batch=settings.ingest_batch,
@@ -140,6 +150,7 @@ class Core:
             BrokerOptions(
                 connection_name=f"satellite-serve {replica} api",
                 prefetch=256,
+                declare_refused_hint=DECLARE_REFUSED_HINT,
                 ssl_contexts=contexts,
             ),
             replica=replica,
@@ -322,6 +333,8 @@ async def run(settings: CoreSettings) -> int:
     that cannot be read, before anything connects.
     """
     configure_logging(settings.log_format, settings.log_level)
+    for name, nearest in unknown_variables():
+        log.warning("unknown_setting_ignored", variable=name, did_you_mean=nearest)
     loop = asyncio.get_running_loop()
     request = _StopRequest()
     for sig in (signal.SIGTERM, signal.SIGINT):

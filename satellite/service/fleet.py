@@ -118,13 +118,25 @@ class FleetWatch:
                 self.connected = False
                 attempt += 1
                 delay = random.uniform(0.5, min(30.0, 2.0**attempt))  # noqa: S311 - jitter
-                log.warning("heartbeats_lost", error=f"{type(exc).__name__}", retry_in_s=delay)
+                log.warning(
+                    "heartbeats_lost",
+                    error=f"{type(exc).__name__}: {self._scrub(str(exc))}"[:300],
+                    retry_in_s=round(delay, 2),
+                )
                 self._stop.wait(delay)
                 continue
             attempt = 0
             if missing:  # bind again once a poller or `satellite declare` has made it
                 self._stop.wait(EXCHANGE_RETRY_SECONDS)
         self.connected = False
+
+    def _scrub(self, text: str) -> str:
+        """The broker's words (e.g. which permission it refused), never a DSN password."""
+        for url in self.broker.urls:
+            secret = url.password.get_secret_value()
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def _listen_once(self) -> bool:
         """Take heartbeats until `stop()`; True at once when the events exchange is missing
@@ -171,6 +183,7 @@ class FleetWatch:
                         sid,
                         queue=queue,
                         dlq=queues.get(wire.dead_letter_queue(sid)),
+                        lane=queues.get(wire.interactive_queue(sid)),
                         fleet=self.fleet,
                         core_version=__version__,
                         heartbeat_max_age=HEARTBEAT_MAX_AGE,

@@ -199,8 +199,12 @@ class ScheduleFile:
             )
             return False
         self._stamp = stamp
+        # A file fixed after a refusal is said to be taken, even when it is the last good one
+        # again: else the newest line in the log would still be `schedules_file_refused`.
+        changed = (
+            self.current is None or loaded.digest != self.current.digest or bool(self.problems)
+        )
         self.problems = []
-        changed = self.current is None or loaded.digest != self.current.digest
         self.current = loaded
         if changed:
             log.info(

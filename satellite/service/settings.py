@@ -12,6 +12,7 @@ and the service picks its own async driver: aiosqlite for SQLite, asyncpg for Po
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +31,14 @@ from satellite.config import CoreSettings as BrokerSettings
 from satellite.management import MANAGEMENT_ENV, ManagementSettings
 from satellite.service.listen import parse_listen
 
-__all__ = ["ENV_PREFIX", "CoreSettings", "DatabaseUrl", "load_settings", "parse_database_url"]
+__all__ = [
+    "ENV_PREFIX",
+    "CoreSettings",
+    "DatabaseUrl",
+    "load_settings",
+    "parse_database_url",
+    "unknown_variables",
+]
 
 ENV_PREFIX = "USM_CORE_"
 DEFAULT_STATE_DIR = Path("/var/lib/satellite")
@@ -75,8 +83,39 @@ def parse_database_url(text: str) -> DatabaseUrl:
             raise ValueError(f"PostgreSQL is used through asyncpg, not {driver!r}")
         if not url.database:
             raise ValueError("names no database (postgresql://user@host:port/DATABASE)")
-        return DatabaseUrl("postgresql", url.set(drivername="postgresql+asyncpg"))
+        url = url.set(drivername="postgresql+asyncpg", query=_postgres_query(url))
+        return DatabaseUrl("postgresql", url)
     raise ValueError("must be a sqlite:/// or postgresql:// URL")
+
+
+#: libpq's `sslmode` values, which asyncpg takes as its `ssl` argument.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+#: URL options passed on as they are: SQLAlchemy's asyncpg dialect reads the first (0 behind
+#: pgbouncer in transaction mode), asyncpg's connect() takes the others as strings.
+PASSED_OPTIONS = ("prepared_statement_cache_size", "target_session_attrs", "passfile")
+
+
+def _postgres_query(url: URL) -> dict[str, str | tuple[str, ...]]:
+    """The URL's query as asyncpg takes it: libpq's `sslmode=` becomes `ssl=` (asyncpg would
+    fail on `sslmode`, or on any option it does not know, with a TypeError at the first
+    connection, a traceback instead of one line)."""
+    query = dict(url.query)
+    known = {"sslmode", "ssl", *PASSED_OPTIONS}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise ValueError(
+            f"the URL option {unknown[0]!r} is not supported (sslmode, {', '.join(PASSED_OPTIONS)})"
+        )
+    if "sslmode" in query and "ssl" in query:
+        raise ValueError("give sslmode once")
+    mode = query.pop("sslmode", None) or query.pop("ssl", None)
+    if mode is not None:
+        if not isinstance(mode, str) or mode not in SSL_MODES:
+            raise ValueError(f"sslmode must be one of {', '.join(SSL_MODES)}")
+        query["ssl"] = mode
+    return query
 
 
 class CoreSettings(BaseSettings):
@@ -199,6 +238,26 @@ def load_settings(environ: Mapping[str, str] | None = None) -> CoreSettings:
     settings.management()
     parse_listen(settings.listen)  # ListenError: one line naming USM_CORE_LISTEN
     return settings
+
+
+#: `USM_CORE_*` variables the `satellite` command line reads (the API client), not the service.
+CLIENT_VARIABLES = frozenset({"USM_CORE_API", "USM_CORE_TOKEN", "USM_CORE_TOKEN_FILE"})
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The `USM_CORE_*` variables set that neither the service nor the CLI reads (a typo such
+    as `USM_CORE_LISTENS` is otherwise silently ignored), each with the nearest known name."""
+    env = os.environ if environ is None else environ
+    known = {env_name(field) for field in CoreSettings.model_fields} | CLIENT_VARIABLES
+    suffixes = {n.removeprefix(ENV_PREFIX): n for n in known if n.startswith(ENV_PREFIX)}
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1)
+        out.append((name, suffixes[close[0]] if close else None))
+    return out
 
 
 def _as_fields(values: Mapping[str, str]) -> dict[str, str]:

@@ -133,3 +133,25 @@ def test_exec_argument_errors_print_that_kinds_usage(argv: list[str], error: str
     assert proc.stdout == ""
     assert proc.stderr.startswith(f"usage: poller exec {argv[0]} [-h] --host HOST")
     assert proc.stderr.endswith(f"poller exec {argv[0]}: error: {error}\n")
+
+
+def test_exec_whose_reader_went_away_exits_141_without_a_traceback() -> None:
+    """`poller exec snmp.walk ... | head -1`: stdout is a pipe nobody reads any more."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_POLLER_", "US_AMQP"))}
+    argv = ["tcp.connect", "--host", "127.0.0.1", "--port", "1"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the result is printed
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "poller", "exec", *argv],
+            env=env | {"USM_POLLER_LOG_FORMAT": "json"},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -27,7 +27,7 @@ from poller import wire
 from satellite.cli import main as satellite_cli
 from satellite.service.tokens import TokensFile
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
-from tests.support.rabbitmq import AmqpVhost
+from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.responder import bare_result
 from tests.support.serve_proc import ServeFactory
 from tests.support.snmpd import Snmpd
@@ -251,3 +251,40 @@ def test_sigterm_answers_a_waiting_request_at_once_and_exits_0(
         assert response.json()["status"] == "queued"
     assert serve.proc.wait(timeout=30) == 0
     assert time.monotonic() - started < 15
+
+
+def test_a_broker_user_that_may_not_declare_is_told_what_the_service_needs(
+    start_serve: ServeFactory, amqp_vhost: AmqpVhost
+) -> None:
+    """The core's user without configure permission: the warning names the service's own
+    queues and permissions, not the poller's USM_POLLER_DECLARE; the password never shows."""
+    user, secret = f"core-ro-{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex
+    rabbitmqctl("add_user", user, secret)
+    try:
+        rabbitmqctl("set_permissions", "-p", amqp_vhost.name, user, "^$", ".*", ".*")
+        serve = start_serve(US_AMQP_DSN=amqp_vhost.dsn_for(user, secret))
+        refused: list[dict[str, Any]] = []
+        for _ in range(200):
+            refused = [e for e in serve.log_lines() if e.get("event") == "declare_refused"]
+            if refused:
+                break
+            time.sleep(0.1)
+        assert refused, serve.log_text()
+        assert "ACCESS_REFUSED" in refused[0]["broker_says"]
+        reason = refused[0]["reason"]
+        assert "satellite serve" in reason
+        assert "usm_poller.core-reply" in reason
+        assert "USM_POLLER_DECLARE" not in reason
+        # The fleet's heartbeat listener (an exclusive queue of its own) says what was refused.
+        lost: list[dict[str, Any]] = []
+        for _ in range(200):
+            lost = [e for e in serve.log_lines() if e.get("event") == "heartbeats_lost"]
+            if lost:
+                break
+            time.sleep(0.1)
+        assert lost, serve.log_text()
+        assert "ACCESS_REFUSED" in lost[0]["error"]
+        assert serve.terminate() == 0
+        assert secret not in serve.log_text()
+    finally:
+        rabbitmqctl("delete_user", user)

@@ -229,6 +229,12 @@ async def test_unknown_jobs_and_bad_queries_are_problems(api: httpx.AsyncClient)
     assert_problem(await api.get("/v1/jobs/no-such-job"), 404, "job_not_found")
     assert_problem(await api.get("/v1/jobs", params={"limit": 0}), 422, "invalid_request")
     assert_problem(await api.get("/v1/jobs", params={"cursor": "xyz"}), 422, "invalid_cursor")
+    # A source that no job can have (a typo) is refused, not answered with nothing.
+    assert_problem(
+        await api.get("/v1/jobs", params={"source": "shedule:x"}), 422, "invalid_request"
+    )
+    for source in ("api", "cli", "amqp", "schedule:if-table.5m"):
+        assert (await api.get("/v1/jobs", params={"source": source})).status_code == 200
     assert_problem(await api.get("/v1/nothing-here"), 404, "not_found")
 
 
@@ -463,6 +469,9 @@ async def test_fleet_status_shows_a_running_poller(
     assert record["satellite_id"] == sid
     assert [r["worker"] for r in record["replicas"]] == [f"poller-{sid}-0"]
     assert record["queue"]["consumers"] >= 1
+    # The interactive lane `satellite declare` made is seen (no "no interactive lane" warning).
+    assert record["lane"]["name"] == f"usm_poller-sat-{sid}.interactive"
+    assert not [w for w in record["warnings"] if "interactive lane" in w], record["warnings"]
     everything = (await api.get("/v1/satellites")).json()
     assert sid in {s["satellite_id"] for s in everything["satellites"]}
     assert_problem(await api.get("/v1/satellites/nosuch-sat"), 404, "unknown_satellite")

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from poller import cli as poller_cli
+from poller.errors import ConfigError
 from poller.jobargs import KIND_OPTIONS, job_body
 from poller.wire import JobKind, decode_job
 from satellite.cli import build_parser
@@ -151,3 +152,20 @@ def test_exec_secrets_come_from_files_and_the_environment_as_on_satellite(tmp_pa
 
 def test_every_kind_is_offered() -> None:
     assert set(KIND_OPTIONS) == set(JobKind)
+
+
+@pytest.mark.parametrize("kind", ["ssh.exec", "ssh.cli"])
+def test_an_ssh_login_without_password_or_key_is_refused_on_both(kind: str) -> None:
+    """As a missing community is: exit 2 before anything is sent, not `auth_failed` from the
+    device. Telnet logins may have no password; a credential_ref brings its own."""
+    rest = ["--host", "h", "--username", "ops", "--command", "show version"]
+    exec_ns = poller_cli._parser().parse_args(["exec", kind, *rest])
+    call_ns = build_parser().parse_args(["call", "7", kind, *rest])
+    for build in (lambda: _exec_body(exec_ns, {}), lambda: job_from_args(kind, call_ns, {})):
+        with pytest.raises(ConfigError, match=r"^--password-file: an SSH login needs a password"):
+            build()
+    assert _exec_body(exec_ns, {"USM_SSH_PRIVATE_KEY": "key"})["auth"]["private_key"] == "key"
+    ref_ns = build_parser().parse_args(["call", "7", kind, *rest, "--credential-ref", "sw"])
+    assert job_from_args(kind, ref_ns, {}).credential_ref == "sw"
+    telnet_ns = build_parser().parse_args(["call", "7", "telnet.cli", *rest])
+    assert job_from_args("telnet.cli", telnet_ns, {}).auth is not None

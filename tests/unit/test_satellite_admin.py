@@ -23,10 +23,11 @@ from satellite.provision import (
     satellite_permissions,
     satellite_user,
 )
+from satellite.results import ReceivedResult
 from satellite.status import FleetView, QueueView, SatelliteStatus, advise, satellite_status
+from tests.support.responder import bare_result
 
 SECRET = "pw-never-shown-93b1"
-
 
 # ------------------------------------------------------------------------------ provisioning
 
@@ -331,3 +332,13 @@ def test_status_shows_how_often_a_replica_recycled(capsys: pytest.CaptureFixture
     assert "recycled" in out
     [old] = [line for line in out.splitlines() if "w-old" in line]
     assert "3 (rss)" in old
+
+
+def test_the_results_table_header_names_every_column(capsys: pytest.CaptureFixture[str]) -> None:
+    """`satellite results`: the header names the duration and summary columns too, aligned."""
+    result = bare_result("0b5c6a0e-7d7f-4a7c-9a51-7c2d3e4f5a6b", "7")
+    printer = render.ResultPrinter(json_lines=False)
+    printer.print(ReceivedResult(result, "result.7.snmp.get", "core", redelivered=False))
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[-3:] == ["status", "duration", "summary"]
+    assert header.index("duration") + len("duration") == row.index(" ms") + len(" ms")

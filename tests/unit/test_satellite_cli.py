@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import sys
+from pathlib import Path
+
 import pytest
 
-from satellite.cli import EXIT_BROKER, EXIT_USAGE, main
+from satellite.cli import EXIT_BROKER, EXIT_STDOUT_CLOSED, EXIT_USAGE, main
 
 SECRET = "pw-never-printed-7f3a"
 OID = "1.3.6.1.2.1.1.5.0"
@@ -110,3 +114,52 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     assert code == 0
     assert out.startswith("satellite ")
+
+
+@pytest.mark.parametrize("command", ["call", "submit"])
+def test_the_help_of_call_and_submit_says_where_the_job_options_are(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """`satellite call --help` lists only the kinds: it points at the kind's own help, which
+    has --host, --timeout, --priority (with a word on what it does) and the rest."""
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert f"satellite {command} ID KIND --help" in out
+    code, out, _ = run(capsys, command, "7", "tcp.connect", "--help")
+    assert code == 0
+    assert "--host HOST" in out
+    assert "AMQP priority" in out
+
+
+@pytest.mark.parametrize("command", [["status", "7"], ["provision", "7"], ["revoke", "7"]])
+def test_a_bad_management_url_is_a_usage_error_before_connecting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """Not after `status` has listened for heartbeats for 12 s: the broker here is unreachable,
+    so a command that connected first would exit 4."""
+    monkeypatch.setenv("USM_MANAGEMENT_URL", "rabbit:15672")
+    code, _, err = run(capsys, *command, "--dsn", "amqp://core:x@127.0.0.1:1/%2f")
+    assert code == EXIT_USAGE
+    assert err.strip().splitlines() == [
+        "satellite: USM_MANAGEMENT_URL: must be an http:// or https:// URL with a host"
+    ]
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("no file descriptor here")
+
+
+def test_a_closed_stdout_is_exit_141_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`satellite results --json | head -1`: the reader went away; no traceback."""
+    tokens = tmp_path / "tokens.yaml"
+    assert main(["token", "create", "ops", "--scope", "read", "--tokens-file", str(tokens)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["token", "list", "--tokens-file", str(tokens), "--json"]) == EXIT_STDOUT_CLOSED
+    assert "Traceback" not in capsys.readouterr().err

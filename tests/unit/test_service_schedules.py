@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from poller import wire
+from satellite.service.scheduler import ScheduleFile
 from satellite.service.schedules import ScheduleFileError, Target, load_schedules
 
 GOOD = """
@@ -180,3 +182,23 @@ def test_the_job_built_is_a_wire_job_with_not_after(tmp_path: Path) -> None:
     job = wire.decode_job(json.dumps(body).encode())
     assert job.not_after == datetime.fromtimestamp(1_800_000_000, UTC)
     assert "auth" not in walk.job("x", target, 0.0, auth=False)
+
+
+def test_a_file_fixed_after_a_refusal_is_said_to_be_taken_again(tmp_path: Path) -> None:
+    """Bad, then the last good file back: the newest line says it is taken, not refused."""
+    path = write(tmp_path, GOOD)
+    watched = ScheduleFile(path)
+    with capture_logs() as logs:
+        assert watched.load()
+        path.write_text(GOOD.replace("every: 60", "every: 0"))
+        assert not watched.load()
+        path.write_text(GOOD)
+        watched.check()
+    events = [line["event"] for line in logs if line["event"].startswith("schedules_")]
+    assert events == [
+        "schedules_loaded",
+        "schedules_refused",
+        "schedules_file_refused",
+        "schedules_loaded",
+    ]
+    assert watched.problems == []

@@ -48,6 +48,9 @@ from satellite.service.store import JobFilter, JobRecord
 
 __all__ = ["JobPage", "LeanSubmitApp", "install_lean_submit", "parse_prefer_wait", "router"]
 
+#: A job's `source`: api, cli, amqp, or schedule:<a schedule's name>.
+SOURCE_PATTERN = r"^(api|cli|amqp|schedule:[A-Za-z0-9_.-]{1,64})$"
+
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 _PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "a problem document (RFC 9457)"}
@@ -391,7 +394,8 @@ async def search_jobs(
     kind: Annotated[str | None, Query(max_length=32)] = None,
     status: Literal["queued", "ok", "error", "overdue"] | None = None,
     code: Annotated[str | None, Query(max_length=64)] = None,
-    source: Annotated[str | None, Query(max_length=80)] = None,
+    # The sources there are (a typo would find nothing, silently): docs/core-service.md.
+    source: Annotated[str | None, Query(max_length=80, pattern=SOURCE_PATTERN)] = None,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

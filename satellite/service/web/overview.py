@@ -157,15 +157,16 @@ def _collect(fleet: FleetWatch, only: str | None) -> list[tuple[SatelliteStatus,
             ids &= {only}
         out = []
         for sid in sorted(ids):
+            lane = queues.get(wire.interactive_queue(sid))
             status = satellite_status(
                 sid,
                 queue=queues.get(wire.jobs_queue(sid)),
                 dlq=queues.get(wire.dead_letter_queue(sid)),
+                lane=lane,
                 fleet=fleet.fleet,
                 core_version=__version__,
                 heartbeat_max_age=HEARTBEAT_MAX_AGE,
             )
-            lane = queues.get(wire.interactive_queue(sid))
             out.append((status, QueueView.from_management(lane) if lane is not None else None))
         return out
 
