@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import cached_property
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from amqp.exceptions import AMQPError  # type: ignore[import-untyped]
 from kombu.exceptions import KombuError
@@ -75,6 +75,9 @@ from satellite.service.tokens import (
 )
 from satellite.status import FleetView, SatelliteStatus, satellite_status
 from satellite.topology import DeclareReport, NotDeclaredError, Outcome, core_topology
+
+if TYPE_CHECKING:
+    from satellite.service.settings import DatabaseUrl
 
 __all__ = ["EXIT_BROKER", "EXIT_ERROR", "EXIT_NO_RESULT", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dlq(commands, common)
     _add_token(commands)
     _add_serve(commands)
+    _add_store(commands)
     _add_history(commands, common)
     _add_schedule(commands, common)
     _add_alerts(commands, common)
@@ -959,11 +963,16 @@ def _prepare_serve(args: argparse.Namespace) -> None:
     from poller import stopsignal  # noqa: PLC0415 - standard library only
 
     stopsignal.install()
+    _needs_core_extra(args)
+
+
+def _needs_core_extra(args: argparse.Namespace) -> None:
     try:
         import satellite.service.app  # noqa: F401, PLC0415 - the `core` extra, checked early
     except ImportError as exc:
+        command = f"satellite {args.command}" if getattr(args, "command", None) else "this"
         raise ConfigError(
-            f"satellite serve needs the core extra: pip install 'satellite-poller[core]' ({exc})"
+            f"{command} needs the core extra: pip install 'satellite-poller[core]' ({exc})"
         ) from None
 
 
@@ -977,6 +986,78 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     settings = load_settings(ctx.environ)
     testhooks.hold_start("serve")
     return asyncio.run(run(settings))
+
+
+def _add_store(commands: Any) -> None:
+    store = commands.add_parser("store", help="the core service's history store: copy it")
+    actions = store.add_subparsers(dest="action", metavar="ACTION", required=True)
+    copy = actions.add_parser(
+        "copy",
+        help="copy the job history into another store (SQLite to PostgreSQL)",
+        description=(
+            "Copy the jobs, the schedules' state and the alert silences still on from the store "
+            "at --from into the one at --to (default: USM_CORE_DB), which is migrated first. "
+            "Rows the target holds already are kept: a copy can be run again. "
+            "See docs/core-service.md, 'From SQLite to PostgreSQL'."
+        ),
+    )
+    copy.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="sqlite:///path or postgresql://",
+    )
+    copy.add_argument("--to", dest="target", metavar="URL", help="default: $USM_CORE_DB")
+    copy.add_argument("--json", action="store_true", help="machine-readable output")
+    copy.set_defaults(handler=_store_copy, prepare=_needs_core_extra, needs_broker=False)
+
+
+def _store_copy(args: argparse.Namespace, ctx: Context) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from satellite.service.settings import parse_database_url, store_from_env  # noqa: PLC0415
+    from satellite.service.store.copy import CopyError, copy_store  # noqa: PLC0415
+
+    def url(text: str, option: str) -> DatabaseUrl:
+        try:
+            return parse_database_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
+
+    source = url(args.source, "--from")
+    target = url(args.target, "--to") if args.target else store_from_env(ctx.environ)
+
+    def progress(table: str, rows: int) -> None:
+        if not args.json and rows % 10_000 == 0:
+            print(f"{table}: {rows:,} rows read", file=sys.stderr, flush=True)
+
+    try:
+        report = asyncio.run(copy_store(source, target, progress=progress))
+    except CopyError as exc:
+        raise ConfigError(str(exc)) from None
+    except (OSError, sqlalchemy_error()) as exc:
+        return _fail(args, EXIT_ERROR, "store", f"the copy stopped: {_db_reason(exc)}")
+    if args.json:
+        _print_json({"ok": True, "to": target.masked, "tables": report.as_dict()})
+        return EXIT_OK
+    for name, table in report.tables.items():
+        print(f"{name}: {table.copied:,} copied, {table.present:,} already there")
+    print(f"into {target.masked}")
+    return EXIT_OK
+
+
+def sqlalchemy_error() -> type[Exception]:
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - the `core` extra
+
+    return SQLAlchemyError
+
+
+def _db_reason(exc: BaseException) -> str:
+    """One line about a database failure, without statement parameters or a password."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).strip()
+    return (text.splitlines()[0] if text else type(cause).__name__)[:300]
 
 
 # ------------------------------------------------------------------------------------ core API

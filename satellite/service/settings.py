@@ -240,6 +240,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> CoreSettings:
     return settings
 
 
+def store_from_env(environ: Mapping[str, str] | None = None) -> DatabaseUrl:
+    """The history store the service would open (`USM_CORE_DB`, else `history.sqlite3` in
+    `USM_CORE_STATE_DIR`), read without the service's other settings (no broker needed);
+    `ConfigError` naming the variable."""
+    env = os.environ if environ is None else environ
+    names = {env_name(name) for name in ("db", "state_dir")}
+    fields = _as_fields({k: v for k, v in env.items() if k in names})
+    try:
+        # The broker's DSN is required by the model and not used here: a placeholder.
+        settings = CoreSettings.model_validate({"amqp_dsn": "amqp://localhost", **fields})
+    except ValidationError as exc:
+        raise ConfigError(_first_problem(exc)) from None
+    return settings.database
+
+
 #: `USM_CORE_*` variables the `satellite` command line reads (the API client), not the service.
 CLIENT_VARIABLES = frozenset({"USM_CORE_API", "USM_CORE_TOKEN", "USM_CORE_TOKEN_FILE"})
 
