@@ -39,7 +39,7 @@ _LEVELS = {
 }
 #: Libraries that are chatty at INFO; their warnings and errors still come through.
 #: httpx and httpcore log each request's URL at info, and a Telegram URL holds the bot token.
-_QUIET = ("asyncssh", "scrapli", "pysnmp", "telnetlib3", "httpx", "httpcore")
+_QUIET = ("asyncssh", "scrapli", "pysnmp", "telnetlib3", "httpx", "httpcore", "alembic")
 #: Libraries whose warnings and errors are written as debug lines, and only at level debug:
 #: pika logs each failed connection attempt as several errors, with tracebacks, where the
 #: poller logs one `broker_connect_failed` warning that names the cause (poller/broker.py).

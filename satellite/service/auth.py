@@ -62,13 +62,21 @@ class AuthProblem(Exception):  # noqa: N818 - it is a problem document (RFC 9457
     """A refused request: HTTP `status`, a stable `code`, a `detail` line and response headers."""
 
     def __init__(
-        self, status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        caller: str | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
         self.headers: dict[str, str] = dict(headers or {})
+        #: The valid token's name when only its scope was missing (for the access log).
+        self.caller = caller
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +135,7 @@ def authorize(
                     f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scope}"'
                 )
             },
+            caller=found.name,
         )
     return Principal(found.name, found.scopes, transport, token=True)
 
@@ -163,13 +172,18 @@ def require(scope: Scope) -> Callable[[Request], Awaitable[Principal]]:
         unix_auth: UnixAuth = (
             "trust" if getattr(state, "unix_auth", "token") == "trust" else "token"
         )
-        principal = authorize(
-            transport=transport(request.scope),
-            authorization=request.headers.get("authorization"),
-            scope=scope,
-            tokens=getattr(state, "tokens", None),
-            unix_auth=unix_auth,
-        )
+        try:
+            principal = authorize(
+                transport=transport(request.scope),
+                authorization=request.headers.get("authorization"),
+                scope=scope,
+                tokens=getattr(state, "tokens", None),
+                unix_auth=unix_auth,
+            )
+        except AuthProblem as exc:
+            if exc.caller is not None:
+                request.state.caller = exc.caller  # `request_finished` names who was refused
+            raise
         request.state.principal = principal
         return principal
 

@@ -744,6 +744,13 @@ async def test_the_lean_submit_route_answers_as_fastapis_route_does(
             seen.append(
                 [(e["status"], e["caller"]) for e in logs if e["event"] == "request_finished"]
             )
+            with capture_logs() as logs:  # a valid token without the scope: named, on both
+                reader = {"Authorization": f"Bearer {tokens.reader}"}
+                assert (await client.post(url, json=job(), headers=reader)).status_code == 403
+            finished = [
+                (e["status"], e["caller"]) for e in logs if e["event"] == "request_finished"
+            ]
+            assert finished == [(403, "reader")]
             seen.append((await client.get("/v1/openapi.json")).json())
         answers.append(seen)
     assert answers[0] == answers[1]

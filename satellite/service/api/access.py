@@ -2,7 +2,8 @@
 
 A plain ASGI middleware (no body buffering). The query string is left out (it may name hosts
 an operator searched for, which is fine, but keep lines short) and so is every header: tokens
-never reach a log. The caller is the token's name or `unix-socket`, once auth has run.
+never reach a log. The caller is the token's name or `unix-socket`, once auth has run (also
+when the token lacked the route's scope: a 403).
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ class AccessLog:
         finally:
             state: Any = scope.get("state") or {}
             principal = state.get("principal") if isinstance(state, dict) else None
+            refused = state.get("caller") if isinstance(state, dict) else None
             log.info(
                 "request_finished",
                 method=scope.get("method"),
                 path=str(scope.get("path", ""))[:300],
                 status=status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                caller=getattr(principal, "name", None),
+                caller=getattr(principal, "name", None) or refused,
             )
