@@ -150,10 +150,10 @@ class Worker:
         #: While an interactive job is in flight, bulk work waits (for a bounded while).
         self._lane_first = LaneFirst(settings.interactive_pause_ms / 1000)
         #: While the loop is saturated, bulk jobs start at a capped rate (never below one run
-        #: slot's worth per second per slot: `concurrency` a second).
-        self._headroom = Headroom(
-            settings.bulk_headroom_ms / 1000, floor=float(settings.concurrency)
-        )
+        #: slot's worth per second per slot: `concurrency` a second). Not in a replica whose
+        #: lane runs in a process of its own: its loop reads no lane delivery to make room for.
+        headroom_ms = 0.0 if settings.interactive_process else settings.bulk_headroom_ms
+        self._headroom = Headroom(headroom_ms / 1000, floor=float(settings.concurrency))
         self._lane_link = lane_link
         self._lane_process: LaneProcess | None = None
         quarantine = self._quarantine(settings)
@@ -303,7 +303,7 @@ class Worker:
             interactive_queue=self._broker.lane_queue,
             interactive_slots=self._runner.admission.reserved,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
-            bulk_headroom_ms=self._settings.bulk_headroom_ms or None,
+            bulk_headroom_ms=round(self._headroom.target * 1000, 3) or None,
             drivers=sorted(self._drivers),
             max_rss_mb=(self._recycler.max_rss_bytes or 0) // MIB or None,
             max_jobs=self._recycler.max_jobs,
