@@ -56,7 +56,9 @@ CI runs the short version of every scenario (`bash scripts/test.sh`, marker `fau
 6 minutes of the run on this 2-core machine). Scenarios 4, 8 and 9 share one private RabbitMQ
 node (tests/faults/node.py), scenario 5 loses its four kinds of node in turn on one fleet of
 the session's 3-node cluster. `bench/faults.py --long` runs the long versions of every scenario
-(`USM_FAULTS_LONG=1`) and writes this page; `bench/faults.py` alone, the short ones.
+(`USM_FAULTS_LONG=1`) and writes this page; `bench/faults.py` alone, the short ones. The
+scenarios send bulk jobs only, and run their pollers with the in-process lane
+(`USM_POLLER_INTERACTIVE_PROCESS=false`; the lane process, the default, has tests of its own).
 """
 
 MEANING = """\

@@ -4,8 +4,9 @@
     .venv/bin/python bench/interactive.py --no-write --rounds 1 --backlog 2000 --jobs 100
     .venv/bin/python bench/interactive.py --variant pause --variant "off:interactive_pause_ms=0"
 
-Without `--variant`, two: *defaults*, and *lane process* (`USM_POLLER_INTERACTIVE_PROCESS=true`:
-the lane in a process of its own, poller/laneproc.py).
+Without `--variant`, two: *defaults* (the lane in a process of its own beside each replica,
+`USM_POLLER_INTERACTIVE_PROCESS=true`, poller/laneproc.py), and *in-process lane*
+(`USM_POLLER_INTERACTIVE_PROCESS=false`: the replica consumes and runs the lane itself).
 
 Side by side in one run (every scenario in each of `--rounds` rounds, a fresh poller per
 round and per `--variant` (poller settings), taken in turn, the order swapped every round; the
@@ -484,27 +485,35 @@ def section(by_variant: dict[str, list[list[Cell]]], args: argparse.Namespace) -
         lines.extend(_verdicts(group, args, label if several else None))
     if several:
         lines.extend(_variant_effect(by_variant, args))
+    modes = {v.settings.get("interactive_process", "true").lower() for v in args.variants}
+    if "false" in modes:
+        lines.append(
+            "- With the in-process lane (`USM_POLLER_INTERACTIVE_PROCESS=false`) the lane's jobs "
+            "never queue behind the bulk backlog or the bulk window (their own "
+            "queue, channel and window) and take one of the 8 run slots bulk jobs may not use. "
+            "What they share with the backlog is the event loop, the broker and the cores: with "
+            "50 ms devices the poller runs about 1,100 bulk jobs/s, each a delivery, a result, a "
+            "confirm, an ack and a log line, on the 2 cores it shares with the broker, this "
+            "benchmark and its slow devices. From an interactive job's delivery until its result "
+            "is confirmed, bulk jobs start nothing and publish nothing "
+            '(`USM_POLLER_INTERACTIVE_PAUSE_MS`, docs/operations.md, "Interactive lane"): that '
+            "shortens the time *in the poller* and *back*. The rest of the time *to the poller* "
+            "is the poller's loop reading the delivery (a turn or more late when the backlog "
+            "keeps it busy) and starting the job, which goes ahead of the bulk work already "
+            "scheduled."
+        )
     lines.append(
-        "- The lane's jobs never queue behind the bulk backlog or the bulk window (their own "
-        "queue, channel and window) and take one of the 8 run slots bulk jobs may not use. "
-        "What they share with the backlog is the event loop, the broker and the cores: with "
-        "50 ms devices the poller runs about 1,100 bulk jobs/s, each a delivery, a result, a "
-        "confirm, an ack and a log line, on the 2 cores it shares with the broker, this "
-        "benchmark and its slow devices. From an interactive job's delivery until its result "
-        "is confirmed, bulk jobs start nothing and publish nothing "
-        '(`USM_POLLER_INTERACTIVE_PAUSE_MS`, docs/operations.md, "Interactive lane"): that '
-        "shortens the time *in the poller* and *back*. Part of the time *to the poller* (the "
+        "- Part of the time *to the poller* (the "
         "broker committing the job to the lane's quorum queue and sending it) passes before "
         "the poller knows the job exists: the *bystander* column is that share, a copy of "
         "every lane job (a quorum queue of its own bound to the lane's key) delivered by the "
         "same broker on the same host to a process that does nothing else; no change in the "
-        "poller can shorten it. The rest is the poller's loop reading the delivery (a turn or "
-        "more late when the backlog keeps it busy) and starting the job, which goes ahead of "
-        "the bulk work already scheduled."
+        "poller can shorten it."
     )
-    if any(v.settings.get("interactive_process") == "true" for v in args.variants):
+    if "true" in modes:
         lines.append(
-            "- With `USM_POLLER_INTERACTIVE_PROCESS=true` the lane's jobs run in a process of "
+            "- With the lane process (`USM_POLLER_INTERACTIVE_PROCESS=true`, the default) the "
+            "lane's jobs run in a process of "
             'their own beside the poller (docs/operations.md, "Interactive lane"): they share '
             "no event loop, GIL or thread pool with the backlog, only the broker and the cores, "
             "and bulk work does not pause for them. Their time *to the poller* is then about "
@@ -657,7 +666,10 @@ def main() -> None:
         action="append",
         type=Variant.parse,
         metavar="LABEL[:SETTING=VALUE,...]",
-        help="poller settings to compare (repeat; a poller each per round); default: defaults",
+        help=(
+            "poller settings to compare (repeat; a poller each per round); default: "
+            '"defaults" (the lane process) and "in-process lane:interactive_process=false"'
+        ),
     )
     parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
     parser.add_argument(
@@ -679,7 +691,7 @@ def main() -> None:
     args.delay_list = [float(d) for d in args.delays.split(",") if d.strip()]
     args.variants = args.variants or [
         Variant("defaults", {}),
-        Variant("lane process", {"interactive_process": "true"}),
+        Variant("in-process lane", {"interactive_process": "false"}),
     ]
     if len({v.label for v in args.variants}) < len(args.variants):
         sys.exit("--variant labels must differ")

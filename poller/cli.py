@@ -75,7 +75,7 @@ def _parser(*, with_exec_kinds: bool = True) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="consume this satellite's job queue (the container command)")
     run.set_defaults(func=_cmd_run)
 
-    # `poller run` starts it with USM_POLLER_INTERACTIVE_PROCESS=true (poller/laneproc.py);
+    # `poller run` starts it (USM_POLLER_INTERACTIVE_PROCESS, on by default; poller/laneproc.py);
     # not for people, so not in the help.
     lane = sub.add_parser("lane")
     lane.add_argument("--control-fd", type=int, required=True)
@@ -126,14 +126,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not LaneLink.usable(lane_fd):
             print(
                 f"poller: --control-fd {lane_fd} is not an open socket (`poller lane` is started"
-                " by `poller run` with USM_POLLER_INTERACTIVE_PROCESS=true)",
+                " by `poller run`, unless USM_POLLER_INTERACTIVE_PROCESS=false)",
                 file=sys.stderr,
             )
             return 2
         LaneLink.die_with_parent()
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    _warn_unknown_variables()
+    if lane_fd is None:  # a lane process has its replica's environment: said once, there
+        _warn_unknown_variables()
     if stopsignal.requested():
         return end(stopped_while_starting(settings, "settings"))
     # Before the event loop and any thread: the sandbox process for suspect jobs is a fork.

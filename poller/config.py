@@ -167,8 +167,9 @@ class PollerSettings(BaseSettings):
     #: bulk connection).
     interactive_connection: bool = False
     #: Run the interactive lane in a process of its own (`poller lane`, started and watched by
-    #: this one): its jobs share no event loop, GIL or thread pool with the bulk backlog.
-    interactive_process: bool = False
+    #: this one): its jobs share no event loop, GIL or thread pool with the bulk backlog
+    #: (false: the lane is consumed and run in this process, beside the bulk queue).
+    interactive_process: bool = True
     #: The event-loop lag (mean, in ms) above which bulk job starts are slowed, so that the
     #: loop keeps room to read an interactive delivery (0: off; docs/operations.md).
     bulk_headroom_ms: float = Field(default=0, ge=0, le=1000)

@@ -15,7 +15,9 @@ What the two processes share goes over a socket pair, one JSON object per line:
   device is answered at once, as in the replica (`poller.quarantine.MirroredQuarantine`).
 * to the replica, how each lane job ended for its device (`{"device", "outcome", "error",
   "silent_for", "timeout"}`): the replica's quarantine counts the lane's timeouts and signs of
-  life like its own jobs'.
+  life like its own jobs'; and once, `{"started": <pid>}` when the lane process has built its
+  worker (its memory is then about what it keeps: the replica's recycling counts it,
+  `poller.recycle.MemoryUse`).
 
 The per-device limit (`USM_POLLER_PER_DEVICE_CONCURRENCY`) applies in each process to its own
 jobs: an interactive job no longer waits for the bulk jobs already talking to its device (a
@@ -110,12 +112,15 @@ class LaneProcess:
         worker_name: str,
         quarantine: Quarantine,
         on_outcome: Callable[[str, Outcome, str, float, float], None],
+        on_started: Callable[[], None] | None = None,
     ) -> None:
-        """`on_outcome(device, outcome, error, silent_for, timeout)`: a lane job ended."""
+        """`on_outcome(device, outcome, error, silent_for, timeout)`: a lane job ended;
+        `on_started()`: a lane process has started its worker (after each start)."""
         self._settings = settings
         self._name = lane_worker_name(worker_name)
         self._quarantine = quarantine
         self._on_outcome = on_outcome
+        self._on_started = on_started
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -240,6 +245,10 @@ class LaneProcess:
         async for line in _lines(reader):  # until the process ends (it is then restarted)
             try:
                 message = json.loads(line)
+                if "started" in message:
+                    if self._on_started is not None:
+                        self._on_started()
+                    continue
                 device = str(message["device"])
                 outcome = Outcome[str(message["outcome"])]
                 error = str(message.get("error") or "")
@@ -290,6 +299,7 @@ class LaneLink:
         """Listen to the replica; `on_gone()` when it closes its end (it stopped or died)."""
         sock = socket.socket(fileno=self._fd)
         reader, self._writer = await asyncio.open_connection(sock=sock, limit=_MAX_LINE)
+        self._writer.write(_line({"started": os.getpid()}))
         self._task = asyncio.create_task(self._listen(reader, on_gone), name="lane-link")
 
     async def _listen(self, reader: asyncio.StreamReader, on_gone: Callable[[], None]) -> None:

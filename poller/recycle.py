@@ -7,6 +7,9 @@ and its supervisor starts a fresh process. This module holds what does not need 
 
 - the container's memory limit, read from its cgroup (v2 `memory.max` and `memory.high`, v1
   `memory.limit_in_bytes`), and the default RSS limit derived from it;
+- what the decision counts (`MemoryUse`): the process's RSS, plus, when the replica runs the
+  interactive lane in a process of its own (`USM_POLLER_INTERACTIVE_PROCESS`, the default),
+  the memory that lane process holds for itself: both count against the container's limit;
 - the decision, `Recycler.reason()`;
 - the small record a recycling process leaves in the state dir, so that its successor can say
   in its heartbeats how many times this replica recycled and why the last time.
@@ -24,11 +27,14 @@ from typing import Literal
 __all__ = [
     "DEFAULT_RSS_FRACTION",
     "MIB",
+    "MemoryUse",
     "RecycleRecord",
     "Recycler",
     "cgroup_memory_limit",
     "default_max_rss_mb",
+    "private_bytes",
     "read_record",
+    "rss_bytes",
     "write_record",
 ]
 
@@ -143,9 +149,67 @@ def default_max_rss_mb(limit_bytes: int | None) -> int | None:
     return max(1, int(limit_bytes * DEFAULT_RSS_FRACTION) // MIB)
 
 
+def rss_bytes(proc: Path = Path("/proc/self")) -> int:
+    """The resident memory of the process at `proc` (`statm`), 0 when it cannot be read."""
+    try:
+        text = (proc / "statm").read_text(encoding="ascii")
+        return int(text.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def private_bytes(pid: int | None, proc: Path = Path("/proc")) -> int:
+    """The resident memory process `pid` holds for itself: `RssAnon` + `RssShmem` of
+    /proc/<pid>/status. 0 for None, a process that is gone (or a zombie) or an unreadable file.
+
+    Its file-backed pages (`RssFile`: the interpreter, the libraries, the same files the
+    replica maps) are in the page cache once and charged to the container once, so they are
+    left out: the replica's own RSS counts them already.
+    """
+    if pid is None:
+        return 0
+    try:
+        text = (proc / str(pid) / "status").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return 0
+    total = 0
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssShmem"):
+            number, _, unit = value.strip().partition(" ")
+            try:
+                total += int(number) * (1024 if unit.strip() == "kB" else 1)
+            except ValueError:
+                return 0
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryUse:
+    """What a replica's recycling counts: its own RSS, and what its lane process (when it
+    runs one) holds for itself (`private_bytes`)."""
+
+    replica_bytes: int
+    lane_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.replica_bytes + self.lane_bytes
+
+    def log_fields(self, *, lane: bool) -> dict[str, float]:
+        """`rss_mb` (what is compared with `USM_POLLER_MAX_RSS_MB`) and, with a lane process,
+        the two parts: `replica_rss_mb` and `lane_private_mb`."""
+        fields = {"rss_mb": round(self.total / MIB, 1)}
+        if lane:
+            fields["replica_rss_mb"] = round(self.replica_bytes / MIB, 1)
+            fields["lane_private_mb"] = round(self.lane_bytes / MIB, 1)
+        return fields
+
+
 @dataclass(frozen=True, slots=True)
 class Recycler:
-    """When to recycle: RSS above `max_rss_bytes` or `max_jobs` jobs answered (None: never)."""
+    """When to recycle: memory (`MemoryUse.total`) above `max_rss_bytes` or `max_jobs` jobs
+    answered (None: never)."""
 
     max_rss_bytes: int | None
     max_jobs: int | None

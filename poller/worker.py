@@ -43,7 +43,16 @@ from poller.laneproc import LaneLink, LaneProcess
 from poller.logging import ContextBinder, get_logger
 from poller.pacing import Headroom, LaneFirst, first_in_line
 from poller.quarantine import MirroredQuarantine, Outcome, Quarantine
-from poller.recycle import MIB, Recycler, RecycleRecord, read_record, write_record
+from poller.recycle import (
+    MIB,
+    MemoryUse,
+    Recycler,
+    RecycleRecord,
+    private_bytes,
+    read_record,
+    rss_bytes,
+    write_record,
+)
 from poller.runner import Attempt, NotStarted, Runner, error_result
 from poller.sandbox import Forked, Sandbox
 
@@ -116,14 +125,6 @@ def _worker_name(settings: PollerSettings) -> str:
     return settings.worker_name or default_worker_name()
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 class Worker:
     """One poller process: a broker connection, a runner, heartbeats, health and signals."""
 
@@ -149,10 +150,10 @@ class Worker:
         #: While an interactive job is in flight, bulk work waits (for a bounded while).
         self._lane_first = LaneFirst(settings.interactive_pause_ms / 1000)
         #: While the loop is saturated, bulk jobs start at a capped rate (never below one run
-        #: slot's worth per second per slot: `concurrency` a second).
-        self._headroom = Headroom(
-            settings.bulk_headroom_ms / 1000, floor=float(settings.concurrency)
-        )
+        #: slot's worth per second per slot: `concurrency` a second). Not in a replica whose
+        #: lane runs in a process of its own: its loop reads no lane delivery to make room for.
+        headroom_ms = 0.0 if settings.interactive_process else settings.bulk_headroom_ms
+        self._headroom = Headroom(headroom_ms / 1000, floor=float(settings.concurrency))
         self._lane_link = lane_link
         self._lane_process: LaneProcess | None = None
         quarantine = self._quarantine(settings)
@@ -241,6 +242,10 @@ class Worker:
         #: "Memory and recycling"), and this process's own once it decides to recycle.
         self._recycled_before = read_record(settings.state_dir)
         self._recycle: RecycleRecord | None = None
+        #: What the memory was when this process decided to recycle (for its log line).
+        self._recycle_memory: MemoryUse | None = None
+        #: `max_rss_below_start` was logged (once per process).
+        self._memory_warned = False
 
     def _quarantine(self, settings: PollerSettings) -> Quarantine:
         """This process's quarantine; the lane process beside it, when it runs the lane in one
@@ -258,6 +263,7 @@ class Worker:
                 worker_name=self.name,
                 quarantine=quarantine,
                 on_outcome=self._lane_outcome,
+                on_started=self._warn_if_memory_above_limit,
             )
         return quarantine
 
@@ -297,7 +303,7 @@ class Worker:
             interactive_queue=self._broker.lane_queue,
             interactive_slots=self._runner.admission.reserved,
             interactive_prefetch=self._settings.effective_interactive_prefetch,
-            bulk_headroom_ms=self._settings.bulk_headroom_ms or None,
+            bulk_headroom_ms=round(self._headroom.target * 1000, 3) or None,
             drivers=sorted(self._drivers),
             max_rss_mb=(self._recycler.max_rss_bytes or 0) // MIB or None,
             max_jobs=self._recycler.max_jobs,
@@ -306,12 +312,8 @@ class Worker:
             interactive_process=self._lane_process is not None or None,
             lane_process=self._lane_link is not None or None,
         )
-        max_rss, rss = self._recycler.max_rss_bytes, _rss_bytes()
-        if max_rss is not None and rss > max_rss:
-            # Every process will recycle right after its first job: say so once, at start.
-            log.warning(
-                "max_rss_below_start", rss_mb=round(rss / MIB, 1), max_rss_mb=max_rss // MIB
-            )
+        # Again once the lane process has started (`on_started`): the limit covers both.
+        self._warn_if_memory_above_limit()
         self._headroom.start()
         if self._lane_link is not None:
             await self._lane_link.start(on_gone=partial(self.request_stop, "replica_gone"))
@@ -740,7 +742,7 @@ class Worker:
             jobs_error=self.jobs_error,
             jobs_per_s=round(jobs_per_s, 2),
             loop_lag_ms=round(self._loop_lag_ms, 2),
-            rss_bytes=_rss_bytes(),
+            rss_bytes=self._memory().total,
             quarantine=self._runner.quarantine.entries(),
             recycles=self._recycled_before.recycles if self._recycled_before else 0,
             last_recycle=self._recycled_before.reason if self._recycled_before else None,
@@ -770,7 +772,7 @@ class Worker:
         while not self._stop.is_set():
             await asyncio.sleep(RECYCLE_CHECK_INTERVAL)
             reason = self._recycler.reason(
-                rss_bytes=_rss_bytes(), jobs=self.jobs_ok + self.jobs_error
+                rss_bytes=self._memory().total, jobs=self.jobs_ok + self.jobs_error
             )
             if reason is not None:
                 self._begin_recycle(reason)
@@ -779,17 +781,40 @@ class Worker:
         """Stop as on SIGTERM: `run` says why, drains and returns 0."""
         if self._stop.is_set():
             return
-        rss, jobs = _rss_bytes(), self.jobs_ok + self.jobs_error
-        self._recycle = RecycleRecord.next(self._recycled_before, reason, rss, jobs)
+        memory, jobs = self._memory(), self.jobs_ok + self.jobs_error
+        self._recycle = RecycleRecord.next(self._recycled_before, reason, memory.total, jobs)
+        self._recycle_memory = memory
         self._stop.set()
+
+    def _memory(self) -> MemoryUse:
+        """What recycling counts: this process's RSS and what its lane process (when this
+        replica runs one) holds for itself; both are charged to the container's limit."""
+        lane = self._lane_process
+        return MemoryUse(rss_bytes(), private_bytes(lane.pid) if lane is not None else 0)
+
+    def _warn_if_memory_above_limit(self) -> None:
+        """`max_rss_below_start`, once: this replica would recycle right after its first job,
+        every time. Looked at when it starts, and when its lane process has started."""
+        max_rss = self._recycler.max_rss_bytes
+        if max_rss is None or self._memory_warned:
+            return
+        memory = self._memory()
+        if memory.total > max_rss:
+            self._memory_warned = True
+            log.warning(
+                "max_rss_below_start",
+                max_rss_mb=max_rss // MIB,
+                **memory.log_fields(lane=self._lane_process is not None),
+            )
 
     async def _recycling(self, record: RecycleRecord) -> None:
         """The one line that says why, and the record for this replica's next process."""
         max_rss = self._recycler.max_rss_bytes
+        memory = self._recycle_memory or MemoryUse(record.rss_bytes)
         log.info(
             "recycling",
             reason=record.reason,
-            rss_mb=round(record.rss_bytes / MIB, 1),
+            **memory.log_fields(lane=self._lane_process is not None),
             max_rss_mb=max_rss // MIB if max_rss else None,
             jobs=record.jobs,
             max_jobs=self._recycler.max_jobs,

@@ -14,8 +14,12 @@ What it does, in order, failing loudly (with `docker compose logs`) at the first
    with 3 replicas (scripts/container/compose.ci.yaml: slirp4netns, where 10.0.2.2 is the
    host's loopback).
 4. 3 consumers on the satellite queue; 30 `snmp.get` jobs answered, by at least 2 replicas.
-5. In every container: `poller check` exits 0, the processes run as uid 10001 without
-   capabilities and with no-new-privileges, the root is read-only, nothing listens on TCP.
+5. In every container: `poller check` exits 0, the processes (all of them: the init, `poller
+   run`, its lane process `poller lane` and the sandboxes) run as uid 10001 without
+   capabilities and with no-new-privileges, the root is read-only, nothing listens on TCP; one
+   `poller lane` process runs and the replica logged `interactive_process_started` (the
+   default; `USM_E2E_INTERACTIVE_PROCESS=false bash scripts/container/e2e.sh` runs the whole
+   tier with the in-process lane, and then checks there is no lane process).
 6. One container's main process SIGKILLed from the host while it runs a job (for a device that
    never answers, so the job lasts its whole deadline) and others flow: it is restarted by the
    restart policy and consumes again, its job is redelivered and answered by another replica,
@@ -578,6 +582,42 @@ def check_image(image: str) -> None:
     passed(f"image {image}: {info['Size'] / 1e6:.0f} MB, user {UID}, HEALTHCHECK {health[1:]}")
 
 
+#: `USM_E2E_INTERACTIVE_PROCESS=false` runs the tier with the in-process lane (compose.ci.yaml);
+#: by default each replica runs its lane process, as USM_POLLER_INTERACTIVE_PROCESS's default.
+LANE_PROCESS = os.environ.get("USM_E2E_INTERACTIVE_PROCESS", "true") != "false"
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process under it (the init, the poller, its lane process, sandboxes)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 100:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            todo.extend(int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split())
+    return found
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def is_lane(pid: int) -> bool:
+    return command_line(pid)[-3:-1] == ["lane", "--control-fd"]
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def check_container(container: str) -> None:
     short = container[:12]
     pid = int(inspect(container, "{{.State.Pid}}"))
@@ -591,8 +631,8 @@ def check_container(container: str) -> None:
     wait_for(f"`poller check` to exit 0 in {short}", healthy, timeout=20, interval=1)
     uid = run(["docker", "exec", container, "id", "-u"], timeout=30).stdout.strip()
     check(uid == str(UID), f"{short} runs as uid {uid}")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    for p in [pid, *map(int, children)]:
+    tree = descendants(pid)
+    for p in tree:
         status = dict(
             line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines()
         )
@@ -612,11 +652,14 @@ def check_container(container: str) -> None:
         "ping_not_permitted" not in logs.stdout + logs.stderr,
         f"{short}: the poller says icmp.ping is not permitted",
     )
-    if os.environ.get("USM_E2E_INTERACTIVE_PROCESS") == "true":  # compose.ci.yaml
-        check(
-            '"interactive_process_started"' in logs.stdout + logs.stderr,
-            f"{short}: USM_POLLER_INTERACTIVE_PROCESS=true, but no lane process started",
-        )
+    # `poller lane` processes; their sandbox children (forks) have the same command line
+    lanes = [p for p in tree if is_lane(p) and not is_lane(parent(p))]
+    started = '"interactive_process_started"' in logs.stdout + logs.stderr
+    if LANE_PROCESS:  # the default
+        check(started, f"{short}: no lane process started (USM_POLLER_INTERACTIVE_PROCESS)")
+        check(len(lanes) == 1, f"{short}: {len(lanes)} `poller lane` processes, not 1")
+    else:
+        check(not started and not lanes, f"{short}: a lane process with it off")
     tcp = run(["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], timeout=30).stdout.strip()
     check(not tcp, f"{short}: TCP sockets listening inside the container:\n{tcp}")
     established = run(["nsenter", "-t", str(pid), "-n", "ss", "-Htn"], timeout=30).stdout
@@ -926,7 +969,8 @@ def replicas_serve(compose: Compose, core: Core, targets: Targets) -> list[str]:
         check_container(container)
     passed(
         f"every replica: `poller check` 0, uid {UID}, no capabilities, "
-        "no-new-privileges, read-only root, unprivileged ICMP, no TCP listener"
+        "no-new-privileges, read-only root, unprivileged ICMP, no TCP listener, "
+        + ("its lane process running" if LANE_PROCESS else "no lane process (in-process lane)")
     )
     return names
 

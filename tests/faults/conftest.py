@@ -1,6 +1,7 @@
 """Fault scenarios (issue 17): real pollers, the machine's broker, the shared checker.
 
-Every scenario test is marked `faults` (CI runs the short version of every one); its `Report`
+Every scenario test is marked `faults` (CI runs the short version of every one) and runs its
+pollers with the in-process lane (`IN_PROCESS_LANE`: no interactive jobs here); its `Report`
 goes through the `fault_report` fixture, which prints the table at the end of the session and,
 when `USM_FAULTS_REPORT` names a file, appends one JSON line per scenario to it
 (bench/faults.py reads it for docs/reliability.md). `fault_node` is the private RabbitMQ node
@@ -21,6 +22,7 @@ from tests.faults.checker import Report, header
 from tests.faults.device import CountingAgent
 from tests.faults.node import ADVANCED, FaultNode
 from tests.support.netns import broker_link  # noqa: F401 - scenarios 6, 7: a poller's link
+from tests.support.poller_proc import IN_PROCESS_LANE
 from tests.support.rabbitmq_cluster import private_broker
 
 _REPORTS: list[Report] = []
@@ -32,6 +34,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = Path(str(item.fspath))
         if here in path.parents and path.name != "test_checker.py":
             item.add_marker(pytest.mark.faults)
+            # The scenarios are about bulk jobs under faults: a lane process beside every
+            # replica (restarted many times) would only cost time.
+            item.add_marker(IN_PROCESS_LANE)
 
 
 @pytest.fixture

@@ -106,10 +106,13 @@ def _logged_at(line: dict[str, object]) -> float:
 
 
 def _wait_connected(poller: PollerProcess, deadline: float) -> dict[str, object]:
-    """The poller's first connection line (the health file can say ready a moment before it is
-    logged; a first attempt that failed under load makes it `broker_reconnected`)."""
+    """The replica's first connection line, not its lane process's (the health file can say
+    ready a moment before it is logged; a first attempt that failed under load makes it
+    `broker_reconnected`)."""
     while time.monotonic() < deadline:
-        lines = poller.events("broker_connected") + poller.events("broker_reconnected")
+        lines = poller.replica_events("broker_connected") + poller.replica_events(
+            "broker_reconnected"
+        )
         if lines:
             return lines[0]
         time.sleep(0.1)
@@ -119,7 +122,7 @@ def _wait_connected(poller: PollerProcess, deadline: float) -> dict[str, object]
 def _wait_reconnected(poller: PollerProcess, since: float, deadline: float) -> dict[str, object]:
     """The poller's first `broker_reconnected` line logged after `since` (wall clock)."""
     while time.monotonic() < deadline:
-        for line in poller.events("broker_reconnected"):
+        for line in poller.replica_events("broker_reconnected"):
             if _logged_at(line) >= since:
                 return line
         time.sleep(0.2)
@@ -216,8 +219,8 @@ def test_losing_the_node_of_the_dead_letter_queues_and_of_the_connection(
 
     # Fresh: nothing to skip. Legacy: its classic DLQ, once as "other arguments" before the
     # loss and once per reconnect as "not found" (its node is down), and consumption went on.
-    assert not running[fresh].events("declare_skipped")
-    skipped = running[legacy].events("declare_skipped")
+    assert not running[fresh].replica_events("declare_skipped")
+    skipped = running[legacy].replica_events("declare_skipped")
     assert {line["name"] for line in skipped} == {wire.dead_letter_queue(legacy)}
     after = [line for line in skipped if _logged_at(line) >= killed_at]
     assert after, skipped

@@ -18,8 +18,12 @@ from typing import Any
 import pytest
 
 from poller import wire
-from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
+from tests.support.poller_proc import IN_PROCESS_LANE, JobClient, PollerFactory, snmp_job
 from tests.support.snmpd import Snmpd
+
+#: The replica's bulk admission, window and quarantine: no interactive jobs, so a lane process
+#: beside it would only cost time.
+pytestmark = IN_PROCESS_LANE
 
 DEAD_SNMP = [f"127.0.0.{n}" for n in range(11, 19)]
 DEAD_TCP = [f"127.0.0.{n}" for n in range(21, 23)]

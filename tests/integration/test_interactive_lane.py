@@ -28,11 +28,14 @@ from tests.support.lane import (
     wait_for,
 )
 from tests.support.management import ProvisionedSatellite
-from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
+from tests.support.poller_proc import IN_PROCESS_LANE, JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.slow_snmp import SlowSnmpAgents
 
-pytestmark = pytest.mark.integration
+#: What the lane does inside a replica (admission, run slots, the bulk pause, one log): the
+#: in-process lane. The lane process has tests/integration/test_interactive_process.py; the
+#: tests here that cover both modes say `interactive_process=` themselves.
+pytestmark = [pytest.mark.integration, IN_PROCESS_LANE]
 
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
 

@@ -1,5 +1,5 @@
-"""The interactive lane in a process of its own (`USM_POLLER_INTERACTIVE_PROCESS=true`,
-poller/laneproc.py), with the real poller, the real broker and slow devices."""
+"""The interactive lane in a process of its own (`USM_POLLER_INTERACTIVE_PROCESS=true`, the
+default; poller/laneproc.py), with the real poller, the real broker and slow devices."""
 
 from __future__ import annotations
 
@@ -160,6 +160,57 @@ def test_a_lane_process_that_dies_is_started_again_and_dies_with_its_replica(
     second = lane_pids(poller)[-1]
     poller.kill()
     wait_for("the lane process gone", lambda: has_ended(second), 20)
+
+
+MIB = 2**20
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """VmRSS and RssAnon of process `pid`, in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon")}
+
+
+@pytest.mark.timeout(120)
+def test_the_replica_counts_its_lane_process_memory(
+    *, sid: str, start_poller: PollerFactory, client: JobClient
+) -> None:
+    """Heartbeats' `rss_bytes` (what recycling compares with USM_POLLER_MAX_RSS_MB) are the
+    replica's RSS plus its lane process's private memory, and `max_rss_below_start` comes
+    when only the sum is above the limit."""
+    beats = client.bind_heartbeats()
+    poller = start_poller(sid, max_rss_mb=100_000)  # on, never reached
+    wait_for("the lane process started", lambda: bool(poller.lane_events("poller_started")), 30)
+    [lane] = lane_pids(poller)
+    replica, lane_memory = _memory(poller.pid), _memory(lane)
+    assert lane_memory["RssAnon"] > 10 * MIB, lane_memory
+    counted: list[int] = []
+
+    def counted_with_the_lane() -> bool:
+        body = client.get(beats)
+        if body is not None:
+            counted.append(wire.Heartbeat.model_validate_json(body).rss_bytes)
+        return bool(counted) and counted[-1] > replica["VmRSS"] + lane_memory["RssAnon"] // 2
+
+    wait_for("a heartbeat counting the lane process", counted_with_the_lane, 20)
+    assert counted[-1] < replica["VmRSS"] + lane_memory["VmRSS"], "its files counted twice"
+    assert not poller.events("max_rss_below_start")
+    assert poller.terminate() == 0
+
+    # A limit between an idle replica alone and an idle replica with its lane process (the
+    # lane's private memory halved on each side): the warning comes once the lane has started.
+    limit_mb = (replica["VmRSS"] + lane_memory["RssAnon"] // 2) // MIB
+    second = start_poller(sid, max_rss_mb=limit_mb)
+    wait_for("the warning", lambda: bool(second.events("max_rss_below_start")), 30)
+    [warning] = second.events("max_rss_below_start")
+    assert warning["max_rss_mb"] == limit_mb
+    assert warning["rss_mb"] > limit_mb
+    assert warning["lane_private_mb"] > 0
+    assert warning["rss_mb"] == pytest.approx(
+        warning["replica_rss_mb"] + warning["lane_private_mb"], abs=0.2
+    )
+    assert second.terminate() == 0
 
 
 def test_poller_lane_started_by_hand_says_what_it_is_for() -> None:

@@ -23,11 +23,13 @@ from satellite.client import Client
 from satellite.config import CoreSettings
 from satellite.dispatch import build_job
 from tests.support.management import ProvisionedSatellite
-from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
+from tests.support.poller_proc import IN_PROCESS_LANE, JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.snmpd import Snmpd
 
-pytestmark = pytest.mark.integration
+#: The replica's own connection: one line per attempt, once per process (a lane process
+#: would make its own attempts and lines).
+pytestmark = [pytest.mark.integration, IN_PROCESS_LANE]
 
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
 #: How long the poller with the wrong password is watched.

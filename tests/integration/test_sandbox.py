@@ -22,13 +22,14 @@ from poller.config import PollerSettings
 from poller.drivers.base import JobContext
 from poller.sandbox import Sandbox
 from tests.support import fake_devices
-from tests.support.poller_proc import JobClient, PollerFactory, data, snmp_job
+from tests.support.poller_proc import IN_PROCESS_LANE, JobClient, PollerFactory, data, snmp_job
 from tests.support.snmpd import Snmpd
 from tests.support.sshd import SshdServer
 
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
 
-pytestmark = pytest.mark.timeout(180)
+#: The replica's sandbox process (its lane process would fork one more, and log again).
+pytestmark = [pytest.mark.timeout(180), IN_PROCESS_LANE]
 
 
 def test_a_job_that_kills_its_sandbox_child_is_answered_worker_crashed_and_the_poller_lives(

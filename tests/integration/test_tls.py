@@ -65,11 +65,17 @@ def _connection_name(row: dict[str, Any]) -> str:
     return ""
 
 
-def poller_connection(broker: TlsBroker, sid: str) -> dict[str, Any]:
-    """The broker's view of the one connection of satellite `sid`'s poller."""
-    rows = [row for name, row in tls_connections(broker).items() if f"poller {sid} " in name]
-    assert len(rows) == 1, rows
-    return rows[0]
+def poller_connections(broker: TlsBroker, sid: str, count: int) -> list[dict[str, Any]]:
+    """The broker's view of the `count` connections of satellite `sid`'s pollers (waited for,
+    up to 20 s: a lane process connects a moment after its replica)."""
+    deadline = time.monotonic() + 20
+    while True:
+        rows = [row for name, row in tls_connections(broker).items() if f"poller {sid} " in name]
+        if len(rows) >= count or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(rows) == count, rows
+    return rows
 
 
 def answer_one_job(client: JobClient, sid: str, udp_port: int) -> None:
@@ -194,9 +200,15 @@ def test_mutual_tls_with_the_tls_settings(
         tls_key_file=str(tls_broker.client_key),
     )
     answer_one_job(client, sid, silent_udp_port)
-    conn = poller_connection(tls_broker, sid)
-    assert conn["ssl"] is True
-    assert conn["peer_cert_subject"] == "CN=usm-poller"
+    # The replica's and its lane process's: both with the client certificate.
+    conns = poller_connections(tls_broker, sid, 2)
+    assert sorted(_connection_name(c).endswith("(interactive lane)") for c in conns) == [
+        False,
+        True,
+    ]
+    for conn in conns:
+        assert conn["ssl"] is True
+        assert conn["peer_cert_subject"] == "CN=usm-poller"
 
 
 def test_server_certificate_from_another_ca_is_refused(

@@ -23,6 +23,7 @@ from poller.health import HealthState, check
 from poller.identity import container_id
 from poller.worker import Worker
 from satellite.status import FleetView, satellite_status
+from tests.support.lane import wait_for
 from tests.support.poller_proc import JobClient, PollerFactory, snmp_job
 from tests.support.rabbitmq import AmqpVhost, rabbitmqctl
 from tests.support.snmpd import Snmpd
@@ -86,7 +87,7 @@ def test_replicas_with_one_hostname_and_pid_get_distinct_names(
     cid = container_id()
     prefix = f"{HOSTNAME}-{cid[:12] if cid else 1}-"
     assert all(name.startswith(prefix) for name in names), names
-    started = {e["worker"] for p in (first, second) for e in p.events("poller_started")}
+    started = {e["worker"] for p in (first, second) for e in p.replica_events("poller_started")}
     assert sorted(started) == names
     status = satellite_status(
         sid, queue={"name": wire.jobs_queue(sid)}, dlq=None, fleet=fleet, core_version=__version__
@@ -158,6 +159,9 @@ async def test_health_file_is_written_when_the_broker_state_changes(
             health_file=health,
             state_dir=tmp_path,
             heartbeat_interval=60,
+            # The health file of this process; a lane process (started from this test's
+            # environment, without the DSN) would only fail and be restarted beside it.
+            interactive_process=False,
         )
         worker = Worker(
             settings, drivers={}, credentials=CredentialStore.load(None), health_interval=3600
@@ -205,11 +209,13 @@ def test_poller_run_warns_once_about_a_misspelt_variable_and_runs(
     start_poller: PollerFactory, sid: str
 ) -> None:
     poller = start_poller(sid, concurency="secret-looking-value")
+    # Once per replica: its lane process (same environment) does not say it again.
+    wait_for("the lane process", lambda: bool(poller.lane_events("poller_started")), 30)
     [warning] = poller.events("unknown_setting_ignored")
     assert warning["level"] == "warning"
     assert warning["variable"] == "USM_POLLER_CONCURENCY"
     assert warning["did_you_mean"] == "USM_POLLER_CONCURRENCY"
     assert "secret-looking-value" not in poller.log_text()
-    [started] = poller.events("poller_started")
+    [started] = poller.replica_events("poller_started")
     assert started["concurrency"] == 64
     assert poller.terminate() == 0

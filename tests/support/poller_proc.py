@@ -68,7 +68,17 @@ class PollerProcess:
         return lines
 
     def events(self, name: str) -> list[dict[str, Any]]:
+        """Lines `name` of the replica and of its lane process (`poller lane`, started by
+        default: the same output, `worker` ending in `-lane`)."""
         return [line for line in self.log_lines() if line.get("event") == name]
+
+    def replica_events(self, name: str) -> list[dict[str, Any]]:
+        """Lines `name` of the replica itself, not of its lane process."""
+        return [e for e in self.events(name) if not str(e.get("worker", "")).endswith("-lane")]
+
+    def lane_events(self, name: str) -> list[dict[str, Any]]:
+        """Lines `name` of the replica's lane process."""
+        return [e for e in self.events(name) if str(e.get("worker", "")).endswith("-lane")]
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait: the exit code."""
@@ -87,6 +97,8 @@ class PollerFactory:
     vhost: AmqpVhost
     tmp_path: Path
     started: list[PollerProcess] = field(default_factory=list)
+    #: Settings every poller gets unless the call passes them (`poller_defaults` marker).
+    defaults: dict[str, str | int | float] = field(default_factory=dict)
 
     def __call__(
         self,
@@ -115,7 +127,7 @@ class PollerFactory:
             env["USM_POLLER_WORKER_NAME"] = f"poller-{satellite_id}-{n}"
         if "amqp_dsn" in settings:
             env["US_AMQP_DSN"] = str(settings.pop("amqp_dsn"))
-        env |= {f"USM_POLLER_{k.upper()}": str(v) for k, v in settings.items()}
+        env |= {f"USM_POLLER_{k.upper()}": str(v) for k, v in (self.defaults | settings).items()}
         with log_path.open("ab") as log_file:
             proc = subprocess.Popen(
                 [*wrap, sys.executable, "-m", "poller", "run"],
@@ -131,10 +143,22 @@ class PollerFactory:
         return poller
 
 
+#: Pin the in-process interactive lane (`pytestmark = IN_PROCESS_LANE`, or on one test): for
+#: tests of what the lane does inside a replica (admission, the bulk pause, one log), and for
+#: tests of the replica's bulk work, where a lane process beside it would only cost start-up
+#: time. End-to-end tests (the CLI, the demo, the container tier) keep the default: the lane
+#: process.
+IN_PROCESS_LANE = pytest.mark.poller_defaults(interactive_process="false")
+
+
 @pytest.fixture
-def start_poller(amqp_vhost: AmqpVhost, tmp_path: Path) -> Iterator[PollerFactory]:
-    """Start real poller processes; any still running at the end are killed (by PID)."""
-    factory = PollerFactory(amqp_vhost, tmp_path)
+def start_poller(
+    amqp_vhost: AmqpVhost, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[PollerFactory]:
+    """Start real poller processes; any still running at the end are killed (by PID). The
+    `poller_defaults` marker nearest to the test gives settings for all of them."""
+    marker = request.node.get_closest_marker("poller_defaults")
+    factory = PollerFactory(amqp_vhost, tmp_path, defaults=dict(marker.kwargs) if marker else {})
     yield factory
     for poller in factory.started:
         poller.kill()

@@ -52,6 +52,16 @@ def test_interactive_lane_defaults_follow_the_concurrency(monkeypatch: pytest.Mo
     assert (view["USM_POLLER_INTERACTIVE_SLOTS"], view["USM_POLLER_INTERACTIVE_PREFETCH"]) == (0, 2)
 
 
+def test_the_lane_process_is_on_by_default_and_can_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().interactive_process is True
+    assert load_settings().public_view()["USM_POLLER_INTERACTIVE_PROCESS"] is True
+    monkeypatch.setenv("USM_POLLER_INTERACTIVE_PROCESS", "false")
+    assert load_settings().interactive_process is False
+    assert load_settings().public_view()["USM_POLLER_INTERACTIVE_PROCESS"] is False
+
+
 def test_alternative_dsn_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("US_AMQP_DSN")
     monkeypatch.setenv("USM_POLLER_AMQP_DSN", "amqp://u:p@h/")
@@ -216,6 +226,8 @@ def test_config_show_masks_the_password() -> None:
     assert "US_AMQP_DSN" in proc.stdout
     assert "amqp://sat7:***@broker.example" in proc.stdout
     assert "pa55-w0rd-xyz" not in proc.stdout + proc.stderr
+    [lane] = [line for line in proc.stdout.splitlines() if "INTERACTIVE_PROCESS" in line]
+    assert lane.split() == ["USM_POLLER_INTERACTIVE_PROCESS", "True"]  # the default
 
 
 def test_version() -> None:

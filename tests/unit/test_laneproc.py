@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import os
+import socket
 from datetime import UTC, datetime
 
 import pytest
 
+from poller.config import PollerSettings
 from poller.errors import DeviceQuarantinedError
 from poller.laneproc import (
+    LaneLink,
+    LaneProcess,
     _entry_message,
+    _line,
     _seconds,
     lane_worker_name,
 )
@@ -76,3 +83,39 @@ def test_durations_from_the_socket_are_numbers_or_infinite() -> None:
 def test_the_lane_worker_name_stays_a_valid_worker_name() -> None:
     assert lane_worker_name("poller-a-0") == "poller-a-0-lane"
     assert len(lane_worker_name("x" * 64)) == 64
+
+
+async def test_the_lane_process_says_when_it_has_started() -> None:
+    # The replica then looks at the memory of both (max_rss_below_start, poller/recycle.py).
+    mine, theirs = socket.socketpair()
+    link = LaneLink(theirs.detach())
+    try:
+        await link.start(on_gone=lambda: None)
+        reader, writer = await asyncio.open_connection(sock=mine)
+        async with asyncio.timeout(5):
+            line = await reader.readline()
+        assert json.loads(line) == {"started": os.getpid()}
+        writer.close()
+    finally:
+        await link.close()
+
+
+async def test_the_replica_hears_the_start_and_the_outcomes() -> None:
+    started: list[int] = []
+    outcomes: list[tuple[str, Outcome]] = []
+    lane = LaneProcess(
+        PollerSettings(amqp_dsn="amqp://127.0.0.1/", satellite_id="t"),
+        worker_name="w",
+        quarantine=Quarantine(after=3, cooldown=30, max_cooldown=100, clock=Clock()),
+        on_outcome=lambda device, outcome, *_: outcomes.append((device, outcome)),
+        on_started=lambda: started.append(1),
+    )
+    reader = asyncio.StreamReader()
+    reader.feed_data(_line({"started": 123}))
+    reader.feed_data(_line({"device": "10.0.0.6", "outcome": "TIMEOUT", "silent_for": 2.0}))
+    reader.feed_data(_line({"started": 124}))  # a restarted lane process
+    reader.feed_eof()
+    async with asyncio.timeout(5):
+        await lane._listen(reader)
+    assert started == [1, 1]
+    assert outcomes == [("10.0.0.6", Outcome.TIMEOUT)]

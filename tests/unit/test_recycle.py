@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from poller.recycle import (
     MIB,
+    MemoryUse,
     Recycler,
     RecycleRecord,
     cgroup_memory_limit,
     default_max_rss_mb,
+    private_bytes,
     read_record,
+    rss_bytes,
     write_record,
 )
 
@@ -124,6 +130,81 @@ def test_rss_counts_only_after_a_job() -> None:
     assert recycler.reason(rss_bytes=150 * MIB, jobs=0) is None
     assert recycler.reason(rss_bytes=150 * MIB, jobs=1) == "rss"
     assert recycler.reason(rss_bytes=100 * MIB, jobs=1) is None
+
+
+def test_the_lane_process_counts_with_the_replica() -> None:
+    # The container's limit covers the replica and its lane process: each alone is below the
+    # limit, together they are above it.
+    recycler = Recycler(max_rss_bytes=100 * MIB, max_jobs=None)
+    memory = MemoryUse(replica_bytes=70 * MIB, lane_bytes=40 * MIB)
+    assert memory.total == 110 * MIB
+    assert recycler.reason(rss_bytes=MemoryUse(70 * MIB).total, jobs=1) is None
+    assert recycler.reason(rss_bytes=memory.total, jobs=1) == "rss"
+
+
+def test_memory_log_fields_say_both_parts() -> None:
+    memory = MemoryUse(replica_bytes=70 * MIB, lane_bytes=MIB * 41 // 2)
+    assert memory.log_fields(lane=True) == {
+        "rss_mb": 90.5,
+        "replica_rss_mb": 70.0,
+        "lane_private_mb": 20.5,
+    }
+    assert MemoryUse(70 * MIB).log_fields(lane=False) == {"rss_mb": 70.0}
+
+
+STATUS = """Name:\tpython
+VmRSS:\t   82676 kB
+RssAnon:\t   50716 kB
+RssFile:\t   31960 kB
+RssShmem:\t     100 kB
+Threads:\t4
+"""
+
+
+def fake_proc(tmp_path: Path, pid: int, status: str) -> Path:
+    (tmp_path / str(pid)).mkdir()
+    (tmp_path / str(pid) / "status").write_text(status)
+    return tmp_path
+
+
+def test_private_bytes_are_anonymous_and_shared_memory_not_files(tmp_path: Path) -> None:
+    # The lane's files (the interpreter, the libraries) are the replica's too, charged once.
+    proc = fake_proc(tmp_path, 42, STATUS)
+    assert private_bytes(42, proc) == (50716 + 100) * 1024
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        "Name:\tpython\nState:\tZ (zombie)\n",  # a zombie has no Rss lines
+        "RssAnon:\tlots kB\n",
+        "",
+    ],
+)
+def test_private_bytes_of_a_zombie_or_a_garbled_status_are_zero(
+    tmp_path: Path, status: str
+) -> None:
+    assert private_bytes(7, fake_proc(tmp_path, 7, status)) == 0
+
+
+def test_private_bytes_of_no_or_a_gone_process_are_zero(tmp_path: Path) -> None:
+    assert private_bytes(None) == 0
+    assert private_bytes(99, tmp_path) == 0  # no /proc/99
+
+
+def test_private_bytes_and_rss_of_real_processes() -> None:
+    assert 0 < private_bytes(os.getpid()) < rss_bytes()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert private_bytes(child.pid) > 0
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert private_bytes(child.pid) == 0  # reaped: gone
+    assert rss_bytes(Path("/nonexistent")) == 0
 
 
 def test_jobs_limit() -> None:
