@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,56 +77,132 @@ def test_tls_starts_after_what_is_held_and_keeps_sending_in_one_piece() -> None:
     assert tls.get_extra_info("is_readable") == "info:is_readable"
 
 
-@pytest.fixture
-def echo_server(tmp_path: Path) -> Iterator[tuple[str, list[bytes]]]:
-    """A unix socket answering each request of one kept-alive connection with 200 and `{}`;
-    what the first recv() of each request got, read as soon as anything arrived."""
-    path = str(tmp_path / "api.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(4)
-    server.settimeout(10)
-    firsts: list[bytes] = []
-    answer = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nset-cookie: route=a1; Path=/\r\n"
-        b"content-length: 2\r\n\r\n{}"
-    )
+@dataclass
+class EchoServer:
+    """Answers each request with 200 and `{}` (and a cookie); keeps what the first recv() of
+    each request got, read as soon as anything arrived, and how many connections it took."""
 
-    def serve() -> None:
-        with server:
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(10)
-                for _ in range(REQUESTS):
-                    data = conn.recv(65536)
-                    firsts.append(data)
-                    while not data.endswith(b"}"):  # the rest of a request sent in pieces
-                        data += conn.recv(65536)
-                    conn.sendall(answer)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield path, firsts
-    thread.join(timeout=10)
+    address: str
+    firsts: list[bytes]
+    connections: int = 0
 
 
 REQUESTS = 20
+ANSWER = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nset-cookie: route=a1; Path=/\r\n"
+    b"content-length: 2\r\n\r\n{}"
+)
 
 
-def test_the_client_sends_each_post_over_a_unix_socket_in_one_write(
-    echo_server: tuple[str, list[bytes]],
-) -> None:
-    path, firsts = echo_server
-    with ApiClient(parse_addresses(f"unix:{path}"), timeout=5, connect_timeout=5) as api:
+def _whole(data: bytes) -> bool:
+    head, found, body = data.partition(b"\r\n\r\n")
+    lengths = [
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    ]
+    return bool(found) and len(body) >= (lengths[0] if lengths else 0)
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def echo_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EchoServer]:
+    """On a unix socket or on 127.0.0.1; `?close=N` in a request's path: the server closes the
+    connection N ms after answering it (as a keep-alive timeout does)."""
+    if request.param == "unix":
+        path = str(tmp_path / "api.sock")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        address = f"unix:{path}"
+    else:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.listen(4)
+    server.settimeout(0.1)
+    echo = EchoServer(address, [])
+    stop = threading.Event()
+    deadline = time.monotonic() + 30
+
+    def serve() -> None:
+        with server:
+            while not stop.is_set() and echo.connections < REQUESTS:
+                if time.monotonic() > deadline:
+                    return
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                echo.connections += 1
+                with conn:
+                    conn.settimeout(10)
+                    while len(echo.firsts) < REQUESTS * 2:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        echo.firsts.append(data)
+                        while not _whole(data):  # the rest of a request sent in pieces
+                            data += conn.recv(65536)
+                        conn.sendall(ANSWER)
+                        if b"?close=" in data.split(b"\r\n", 1)[0]:
+                            break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield echo
+    stop.set()
+    thread.join(timeout=15)
+
+
+@pytest.fixture(params=["plain", "httpx"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The client's own connection (`_Plain`), or httpx (what https and proxies go through)."""
+    if request.param == "httpx":
+        monkeypatch.setattr(apiclient._Plain, "fits", staticmethod(lambda address: False))
+    return str(request.param)
+
+
+def test_the_client_sends_each_post_in_one_write(echo_server: EchoServer, way: str) -> None:
+    with ApiClient(parse_addresses(echo_server.address), timeout=5, connect_timeout=5) as api:
         for _ in range(REQUESTS):
             response = api.request("POST", "/v1/satellites/7/jobs", content=b'{"kind": "a"}')
             assert response.json() == {}
+            assert response.headers["content-type"] == "application/json"
+        assert (way == "plain") == (0 in api._plain)
     # Sent in one piece, each request is whole in the server's first recv(); sent as head and
     # body, some of the 20 first recv()s (the server reads as soon as bytes arrive) hold the head.
-    assert len(firsts) == REQUESTS
-    for data in firsts:
+    assert len(echo_server.firsts) == REQUESTS
+    assert echo_server.connections == 1  # kept alive
+    for data in echo_server.firsts:
         assert data.startswith(b"POST /v1/satellites/7/jobs HTTP/1.1\r\n")
         assert data.endswith(b'\r\n\r\n{"kind": "a"}')
+        assert b"cookie" not in data.lower()  # the answer's cookie is not sent back
+
+
+def test_a_connection_the_service_closed_while_idle_is_replaced(
+    echo_server: EchoServer, way: str
+) -> None:
+    with ApiClient(parse_addresses(echo_server.address), timeout=5, connect_timeout=5) as api:
+        for _ in range(3):
+            assert api.request("GET", "/v1/jobs", params={"close": 1}).json() == {}
+            time.sleep(0.05)  # the server has closed it by now
+    assert echo_server.connections == 3
+    assert all(b"GET /v1/jobs?close=1 HTTP/1.1\r\n" in d for d in echo_server.firsts)
+
+
+def test_a_proxy_variable_sends_http_addresses_through_httpx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    tcp, unix, tls = parse_addresses("http://10.1.2.3:8480,unix:/run/api.sock,https://c.example")
+    assert apiclient._Plain.fits(tcp)
+    assert apiclient._Plain.fits(unix)
+    assert not apiclient._Plain.fits(tls)  # TLS: httpx (its CA bundle, SSL_CERT_FILE)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert not apiclient._Plain.fits(tcp)
+    assert apiclient._Plain.fits(unix)
+    monkeypatch.setenv("NO_PROXY", "10.1.2.3")
+    assert apiclient._Plain.fits(tcp)
 
 
 @pytest.mark.parametrize("address", ["unix:/nonexistent/api.sock", "http://127.0.0.1:9"])
@@ -145,14 +223,3 @@ def test_a_kept_url_is_the_one_httpx_would_build(address: str, path: str) -> Non
         assert api._url(0, path) == built
         assert api._url(0, path) is api._url(0, path)  # parsed once
         assert api._url(0, "/v1/jobs/é") == "/v1/jobs/é"  # left to httpx
-
-
-def test_cookies_set_by_a_proxy_are_not_kept_or_sent_back(
-    echo_server: tuple[str, list[bytes]],
-) -> None:
-    path, firsts = echo_server
-    with ApiClient(parse_addresses(f"unix:{path}"), timeout=5, connect_timeout=5) as api:
-        for _ in range(REQUESTS):
-            api.request("POST", "/v1/satellites/7/jobs", content=b'{"kind": "a"}')
-        assert len(api._client(0).cookies) == 0
-    assert not any(b"cookie:" in data.lower() for data in firsts)
