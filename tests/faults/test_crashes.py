@@ -229,7 +229,9 @@ def test_hung_poller_is_dropped_its_jobs_redelivered_and_it_consumes_again(
         start_poller=start_poller,
         agent=agent,
         sid=sid,
-        jobs=(hang + 15) * 60,
+        # The stream runs on for 6 s after the SIGCONT (the sixth fault, at ~18 s): the poller
+        # reconnects within a second (0.5 s backoff; it answered again 0.5 s after it here).
+        jobs=(hang + scale(12, 15)) * 60,
         rate=60,
         every=3.0,
         fault=hang_one,
