@@ -41,6 +41,12 @@ def wait_for(
     raise AssertionError(f"wanted {states} for {sid}; got {[r.json() for r in found]}")
 
 
+#: satellite_down's `after` and the evaluation interval of the killed-poller test: short (the
+#: test pollers send a heartbeat a second), so that firing and resolving take a few seconds.
+DOWN_AFTER = 4
+INTERVAL = 1
+
+
 @pytest.mark.timeout(300)  # two serve replicas and two pollers start: slow on a loaded machine
 def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
     *,
@@ -70,18 +76,18 @@ def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
             json.dumps(
                 {
                     "channels": [{"name": "hook", "type": "webhook", "url": hook.url + "/a"}],
-                    "rules": {"satellite_down": {"after": 6}},
+                    "rules": {"satellite_down": {"after": DOWN_AFTER}},
                 }
             )
         )
         env = {
             "USM_CORE_DB": pg_database,
             "USM_CORE_ALERTS_FILE": str(alerts),
-            "USM_CORE_ALERT_INTERVAL": "2",
+            "USM_CORE_ALERT_INTERVAL": str(INTERVAL),
             "USM_CORE_ALERT_RETRY_BASE": "0.5",
         }
         replicas = [start_serve(env=env), start_serve(env=env)]
-        time.sleep(9)  # past the start-up grace, with the poller up: nothing fires
+        time.sleep(DOWN_AFTER + 3)  # past the start-up grace, with the poller up: nothing fires
         assert [r for r in hook.requests if r.json()["satellite"] == sid] == []
         poller.kill()  # SIGKILL
         fired = wait_for(hook, sid, ["firing"])[0].json()
@@ -101,7 +107,7 @@ def test_a_killed_poller_fires_and_resolves_once_across_two_replicas(
         assert "satellite_down" in capsys.readouterr().out
         start_poller(sid)
         wait_for(hook, sid, ["firing", "resolved"])
-        time.sleep(6)  # three more evaluations: nothing more is sent
+        time.sleep(4 * INTERVAL)  # four more evaluations: nothing more is sent
         got = [r.json() for r in hook.requests if r.json()["satellite"] == sid]
         assert [(g["alert"], g["state"]) for g in got] == [
             ("satellite_down", "firing"),

@@ -147,17 +147,20 @@ async def test_three_replicas_one_killed_one_stopped_every_slot_once(
 async def test_spread_publishes_evenly_through_the_interval(
     serve: ServeFactory, collector: Collector, tmp_path: Path, sid: str
 ) -> None:
-    path = schedule_file(tmp_path / "schedules.yaml", sid, every=10)
+    # 5 s: one whole interval of 5 one-second buckets, 10 targets each when spread evenly
+    # (without the spread all 50 leave in one second); a longer one only waits longer.
+    every = 5
+    path = schedule_file(tmp_path / "schedules.yaml", sid, every=every)
     await asyncio.to_thread(serve, env={"USM_CORE_SCHEDULES_FILE": str(path)})
     start = time.time()
-    first_whole = int(start // 10 * 10) + 10
-    await asyncio.sleep(first_whole + 10 - time.time() + 1)
+    first_whole = int(start // every * every) + every
+    await asyncio.sleep(first_whole + every - time.time() + 1)
     collector.stop()
     per_second = Counter(
-        int(at) for job_id, at in collector.seen if first_whole <= int(at) < first_whole + 10
+        int(at) for job_id, at in collector.seen if first_whole <= int(at) < first_whole + every
     )
-    rates = [per_second.get(first_whole + n, 0) for n in range(10)]
-    mean = TARGETS / 10
+    rates = [per_second.get(first_whole + n, 0) for n in range(every)]
+    mean = TARGETS / every
     print(f"per-second publish counts: {rates} (mean {mean})")
     assert sum(rates) >= TARGETS - 2  # the window's edges cut by arrival time
     assert all(0.5 * mean <= r <= 1.5 * mean for r in rates), rates
