@@ -525,14 +525,9 @@ def _failed(args: argparse.Namespace, exc: Exception) -> int:
 
 def _mask_secrets(context: Context, text: str) -> str:
     try:
-        urls = context.settings.urls
+        return context.settings.scrub(text)
     except ConfigError:
         return text
-    for url in urls:
-        secret = url.password.get_secret_value()
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def _fail(args: argparse.Namespace, code: int, kind: str, message: str, **extra: str) -> int:

@@ -572,8 +572,4 @@ class Client:
 
     def _scrub(self, text: str) -> str:
         """Library messages with any password of the DSN masked, to be safe."""
-        for url in self.settings.urls:
-            secret = url.password.get_secret_value()
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return self.settings.scrub(text)

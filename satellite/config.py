@@ -65,6 +65,14 @@ class CoreSettings:
             _dsn=dsn,
         )
 
+    def scrub(self, text: str) -> str:
+        """`text` (a library's or the broker's message) with every password of the DSN masked."""
+        for url in self.urls:
+            secret = url.password.get_secret_value()
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
     @property
     def masked_dsn(self) -> str:
         """The DSN for display: every password replaced by `***`."""

@@ -120,7 +120,7 @@ class FleetWatch:
                 delay = random.uniform(0.5, min(30.0, 2.0**attempt))  # noqa: S311 - jitter
                 log.warning(
                     "heartbeats_lost",
-                    error=f"{type(exc).__name__}: {self._scrub(str(exc))}"[:300],
+                    error=f"{type(exc).__name__}: {self.broker.scrub(str(exc))}"[:300],
                     retry_in_s=round(delay, 2),
                 )
                 self._stop.wait(delay)
@@ -129,14 +129,6 @@ class FleetWatch:
             if missing:  # bind again once a poller or `satellite declare` has made it
                 self._stop.wait(EXCHANGE_RETRY_SECONDS)
         self.connected = False
-
-    def _scrub(self, text: str) -> str:
-        """The broker's words (e.g. which permission it refused), never a DSN password."""
-        for url in self.broker.urls:
-            secret = url.password.get_secret_value()
-            if secret:
-                text = text.replace(secret, "***")
-        return text
 
     def _listen_once(self) -> bool:
         """Take heartbeats until `stop()`; True at once when the events exchange is missing

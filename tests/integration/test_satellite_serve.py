@@ -263,26 +263,26 @@ def test_a_broker_user_that_may_not_declare_is_told_what_the_service_needs(
     try:
         rabbitmqctl("set_permissions", "-p", amqp_vhost.name, user, "^$", ".*", ".*")
         serve = start_serve(US_AMQP_DSN=amqp_vhost.dsn_for(user, secret))
-        refused: list[dict[str, Any]] = []
-        for _ in range(200):
-            refused = [e for e in serve.log_lines() if e.get("event") == "declare_refused"]
-            if refused:
-                break
-            time.sleep(0.1)
-        assert refused, serve.log_text()
+
+        def lines_of(event: str) -> list[dict[str, Any]]:
+            """The service's `event` lines, waiting up to 20 s for the first."""
+            found: list[dict[str, Any]] = []
+            for _ in range(200):
+                found = [e for e in serve.log_lines() if e.get("event") == event]
+                if found:
+                    break
+                time.sleep(0.1)
+            assert found, serve.log_text()
+            return found
+
+        refused = lines_of("declare_refused")
         assert "ACCESS_REFUSED" in refused[0]["broker_says"]
         reason = refused[0]["reason"]
         assert "satellite serve" in reason
         assert "usm_poller.core-reply" in reason
         assert "USM_POLLER_DECLARE" not in reason
         # The fleet's heartbeat listener (an exclusive queue of its own) says what was refused.
-        lost: list[dict[str, Any]] = []
-        for _ in range(200):
-            lost = [e for e in serve.log_lines() if e.get("event") == "heartbeats_lost"]
-            if lost:
-                break
-            time.sleep(0.1)
-        assert lost, serve.log_text()
+        lost = lines_of("heartbeats_lost")
         assert "ACCESS_REFUSED" in lost[0]["error"]
         assert serve.terminate() == 0
         assert secret not in serve.log_text()
