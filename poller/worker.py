@@ -30,7 +30,15 @@ from functools import partial
 import structlog
 
 from poller import __version__, stopsignal, testhooks, wire
-from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, UnroutableError
+from poller.broker import (
+    Broker,
+    BrokerOptions,
+    Delivery,
+    QueueSpec,
+    Refusal,
+    Topology,
+    UnroutableError,
+)
 from poller.broker import properties as amqp_properties
 from poller.config import PollerSettings
 from poller.credentials import CredentialStore
@@ -199,6 +207,7 @@ class Worker:
                 lane_connection=settings.interactive_connection,
                 publish_timeout=settings.publish_timeout,
                 lane_only=lane_link is not None,
+                refused_hint=partial(refused_hint, self._sid, declare=settings.declare),
             ),
             queue=queue,
             lane_queue=lane_queue,
@@ -887,3 +896,32 @@ def stopped_while_starting(settings: PollerSettings, phase: str) -> int:
         step=phase,
     )
     return 0
+
+
+def refused_hint(satellite_id: str, refusal: Refusal, *, declare: bool) -> str:
+    """What an operator checks when the broker refuses this poller (`broker_refused`)."""
+    sid = f"USM_POLLER_SATELLITE_ID={satellite_id} (its queue is {refusal.queue})"
+    if refusal.login:
+        return (
+            f"the user name ({refusal.user!r}) and password in US_AMQP_DSN: the broker refused "
+            "the login (its log says why)"
+        )
+    if refusal.vhost_refused:
+        return (
+            f"the vhost in US_AMQP_DSN ({refusal.vhost!r}: the path after the port, %2F for "
+            f"'/'): it must exist, and user {refusal.user!r} needs permissions on it "
+            f"(satellite provision {satellite_id} on the core)"
+        )
+    if refusal.code == 404:
+        fix = (
+            "declare it from the core (satellite declare "
+            f"{satellite_id}) or let the poller declare it (USM_POLLER_DECLARE=true)"
+            if not declare
+            else f"declare it from the core (satellite declare {satellite_id})"
+        )
+        return f"{sid}: is this the satellite id the core declared? The queue is missing: {fix}"
+    return (
+        f"{sid}: is this the satellite id this broker user was provisioned for? And may user "
+        f"{refusal.user!r} read that queue (satellite provision {satellite_id} on the core gives "
+        "a satellite's user its permissions)"
+    )
