@@ -115,6 +115,8 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
     )
 
 
+#: Seconds between two `health_file_not_written` warnings while writes keep failing.
+HEALTH_WARN_INTERVAL = 60.0
 #: Exit code of a test-only crash (poller/testhooks.py).
 TEST_CRASH_EXIT = testhooks.CRASH_EXIT
 
@@ -216,6 +218,9 @@ class Worker:
             on_state=self._health_changed,
         )
         self._health_interval = health_interval
+        #: Health-file writes failed in a row, and when that was last logged (monotonic).
+        self._health_failures = 0
+        self._health_warned = 0.0
         #: Set when the health file is out of date; the health loop writes it (one write at a
         #: time: changes during a write make one more write, not a pile of them).
         self._health_dirty = asyncio.Event()
@@ -841,9 +846,30 @@ class Worker:
                 self._health_writer, write_state, self._settings.health_path, state
             )
         except OSError as exc:
-            log.warning(
-                "health_file_not_written", path=str(self._settings.health_path), error=exc.strerror
-            )
+            self._health_failed(exc)
+        else:
+            if self._health_failures:
+                log.info(
+                    "health_file_written_again",
+                    path=str(self._settings.health_path),
+                    failures=self._health_failures,
+                )
+                self._health_failures = 0
+
+    def _health_failed(self, exc: OSError) -> None:
+        """`health_file_not_written` at the first failure, then once a minute while it lasts
+        (the file is rewritten every 2 s: a full disk would be a warning every 2 s)."""
+        self._health_failures += 1
+        now = time.monotonic()
+        if self._health_failures > 1 and now - self._health_warned < HEALTH_WARN_INTERVAL:
+            return
+        self._health_warned = now
+        log.warning(
+            "health_file_not_written",
+            path=str(self._settings.health_path),
+            error=exc.strerror,
+            failures=self._health_failures,
+        )
 
     async def _lag_loop(self) -> None:
         """Event-loop lag: how late a short sleep wakes up (reported in heartbeats)."""
