@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from structlog.testing import capture_logs
 
 from poller.config import PollerSettings
 from satellite.dispatch import build_job
+from tests.support.fake_devices import fake_ssh_device
 from tests.support.snmpd import Snmpd
 
 
@@ -180,3 +182,35 @@ async def test_exec_starts_only_the_driver_its_job_needs(monkeypatch: pytest.Mon
     assert result.error is not None
     assert result.error.code == "ping_not_permitted"
     assert [e["event"] for e in logs].count("ping_not_permitted") == 1
+
+
+async def test_a_refused_cli_login_is_the_result_not_a_critical_log_line() -> None:
+    """scrapli logs a refused login as `critical`; the job's result says `auth_failed`."""
+    async with fake_ssh_device("cisco_ios") as device:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+        env |= {"USM_POLLER_LOG_FORMAT": "json", "USM_SSH_PASSWORD": "not-the-password"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "poller",
+            "exec",
+            "ssh.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(device.port),
+            "--username",
+            "admin",
+            "--platform",
+            "cisco_ios",
+            "--command",
+            "show version",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    assert json.loads(out)["error"]["code"] == "auth_failed"
+    levels = [json.loads(line)["level"] for line in err.decode().splitlines() if line[:1] == "{"]
+    assert not [level for level in levels if level in ("error", "critical")], err.decode()
