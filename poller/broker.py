@@ -358,6 +358,8 @@ class Broker:
         self.reconnects = 0
         #: False once the broker refused a declaration for permissions (403): not tried again.
         self.may_declare = True
+        #: Whether the job queue's existence was asked before declaring it (once per process).
+        self._queue_checked = False
         self._nacked_in_row = 0
         #: Reconnects for nacked publishes since the last ack (each waits longer).
         self.nack_rebuilds = 0
@@ -1034,6 +1036,9 @@ class Broker:
                 if code == ACCESS_REFUSED:
                     return
             for spec in self._topology.queues:
+                new = False
+                if spec.name == self._queue and not self._queue_checked:
+                    channel, new = await self._queue_missing(channel, spec.name)
                 channel, code = await self._declare_one(
                     channel,
                     "queue",
@@ -1046,6 +1051,15 @@ class Broker:
                 )
                 if code == ACCESS_REFUSED:
                     return
+                if new and code is None:
+                    log.warning(
+                        "job_queue_created",
+                        queue=spec.name,
+                        hint="the queue did not exist: this poller made it, and it holds no "
+                        "job yet. Right for a new satellite on a lab broker; otherwise the core "
+                        "sends this satellite's jobs elsewhere: check the satellite id "
+                        "(satellite status on the core lists the queues that have jobs)",
+                    )
                 if code not in (None, PRECONDITION_FAILED):
                     continue  # no queue to bind (the warning said so)
                 for exchange, key in spec.bindings:
@@ -1063,6 +1077,24 @@ class Broker:
         finally:
             if channel.is_open:
                 channel.close()
+
+    async def _queue_missing(self, channel: Any, name: str) -> tuple[Any, bool]:
+        """(the channel to go on with, whether queue `name` does not exist yet), once per process.
+
+        A passive declaration: the first connect of a process asks whether its job queue is
+        there before declaring it, so that a mistyped satellite id (which would make, and
+        consume, an empty queue of its own) is told (`job_queue_created`).
+        """
+        self._queue_checked = True
+        try:
+            await self._rpc(channel, channel.queue_declare, queue=name, passive=True)
+        except ChannelClosedError as exc:
+            return await self._open_channel(), exc.reply_code == NOT_FOUND
+        except TimeoutError:
+            if channel.is_open:
+                channel.close()
+            return await self._open_channel(), False
+        return channel, False
 
     async def _declare_one(
         self, channel: Any, what: str, name: str, method: str, *, skipped: int = 0, **kwargs: Any

@@ -232,3 +232,26 @@ def test_a_dead_letter_queue_that_cannot_be_declared_does_not_stop_consumption(
     assert (skipped["object"], skipped["name"]) == ("queue", wire.dead_letter_queue(sid))
     assert "RESOURCE_LOCKED" in skipped["broker_says"]
     assert skipped["bindings_skipped"] == 1
+
+
+def test_a_job_queue_the_poller_had_to_create_is_a_warning(
+    core: Client, start_poller: PollerFactory, sid: str
+) -> None:
+    """A mistyped satellite id with a user that may declare: the poller makes an empty queue
+    of its own and consumes it, and says so. A satellite the core declared: no such line."""
+    typo = sid + "x"
+    poller = start_poller(typo)  # waits until it consumes
+    assert poller.terminate() == 0
+    [created] = poller.events("job_queue_created")
+    assert created["level"] == "warning"
+    assert created["queue"] == wire.jobs_queue(typo)
+    assert "check the satellite id" in created["hint"]
+    assert not [line for line in poller.log_lines() if line.get("level") == "error"]
+    # The same id again (its queue exists now), and a satellite the core declared: silent.
+    again = start_poller(typo)
+    assert core.declare([sid]).ok
+    declared = start_poller(sid)
+    for started in (again, declared):
+        assert started.terminate() == 0
+        assert not started.events("job_queue_created"), started.log_text()
+        assert started.events("broker_connected")
