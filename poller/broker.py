@@ -360,6 +360,8 @@ class Broker:
         self.may_declare = True
         #: Whether the job queue's existence was asked before declaring it (once per process).
         self._queue_checked = False
+        #: Why the last connection attempt failed (secret-free); None once connected.
+        self.last_error: str | None = None
         self._nacked_in_row = 0
         #: Reconnects for nacked publishes since the last ack (each waits longer).
         self.nack_rebuilds = 0
@@ -460,10 +462,15 @@ class Broker:
                     retry_in_s=round(delay, 2),
                     attempt=attempts,
                 )
-                self._warn_refused(find_refusal(exc, url, self._queue), url)
+                refusal = find_refusal(exc, url, self._queue)
+                self._warn_refused(refusal, url)
+                self.last_error = (
+                    f"the broker refused: {refusal.text}" if refusal else _describe(exc)
+                )
                 await self._sleep_unless_closing(delay)
                 continue
             self._refused = None
+            self.last_error = None
             if self._opts.lane_only and self._lane_warned:
                 self._lane_warned = False
                 log.info("interactive_lane_consuming", queue=self._queue)

@@ -32,6 +32,9 @@ class HealthState:
     """asyncio tasks alive in the replica (a task that outlives its job would show here)."""
     lane_pid: int | None = None
     """The replica's lane process while it runs (`USM_POLLER_INTERACTIVE_PROCESS`)."""
+    broker_error: str | None = None
+    """While not connected: why the last attempt failed (what the broker refused, or the
+    network error), so that `poller check` says it without a look at the logs."""
 
 
 def write_state(path: Path, state: HealthState) -> None:
@@ -91,7 +94,8 @@ def check(path: Path, *, max_age: float = MAX_AGE) -> tuple[bool, str]:  # noqa:
     except PermissionError:
         pass  # exists, owned by someone else
     if not state.connected:
-        return False, f"not connected to the broker {where}"
+        why = f": {state.broker_error}" if state.broker_error else ""
+        return False, f"not connected to the broker {where}{why}"
     if not state.consuming:
         return False, f"connected but not consuming {where}"
     return True, f"ok: connected and consuming, {state.in_flight} jobs in flight {where}"

@@ -840,6 +840,7 @@ class Worker:
             in_flight=self.in_flight,
             tasks=len(asyncio.all_tasks()),
             lane_pid=self._lane_process.pid if self._lane_process is not None else None,
+            broker_error=None if self._broker.connected else self._broker.last_error,
         )
         try:
             await asyncio.get_running_loop().run_in_executor(

@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from poller import wire
 from poller.broker import Broker, BrokerOptions, Topology
 from poller.config import parse_dsn
+from poller.health import check as health_check
 from satellite.client import Client
 from satellite.config import CoreSettings
 from satellite.dispatch import build_job
@@ -143,6 +144,13 @@ def test_a_mistyped_satellite_id_is_told_what_the_broker_refused_and_what_to_che
     deadline = time.monotonic() + 3  # a few more attempts: still the one warning
     while time.monotonic() < deadline and poller.proc.poll() is None:
         time.sleep(0.2)
+    # `poller check` (the container's health check) says why, not only "not connected".
+    healthy, reason = health_check(poller.health_path)
+    assert not healthy
+    assert "not connected to the broker" in reason
+    assert f"the broker refused: ACCESS_REFUSED - access to queue '{wire.jobs_queue(typo)}'" in (
+        reason
+    )
     poller.kill()
     [refused] = poller.events("broker_refused")
     assert refused["level"] == "warning"
