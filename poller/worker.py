@@ -947,6 +947,14 @@ def refused_hint(satellite_id: str, refusal: Refusal, *, declare: bool) -> str:
             else f"declare it from the core (satellite declare {satellite_id})"
         )
         return f"{sid}: is this the satellite id the core declared? The queue is missing: {fix}"
+    owner = refusal.user.removeprefix("sat-") if refusal.user.startswith("sat-") else None
+    if owner and owner != satellite_id:
+        # `satellite provision ID` names the user sat-ID: this one belongs to another satellite.
+        return (
+            f"{sid}: user {refusal.user!r} is the user `satellite provision` made for satellite "
+            f"{owner!r}: is USM_POLLER_SATELLITE_ID mistyped (={owner}?), or is US_AMQP_DSN "
+            "another satellite's?"
+        )
     return (
         f"{sid}: is this the satellite id this broker user was provisioned for? And may user "
         f"{refusal.user!r} read that queue (satellite provision {satellite_id} on the core gives "

@@ -159,7 +159,9 @@ def test_a_mistyped_satellite_id_is_told_what_the_broker_refused_and_what_to_che
     check = refused["check"]
     assert f"USM_POLLER_SATELLITE_ID={typo}" in check
     assert repr(sat.user) in check
-    assert f"satellite provision {typo}" in check
+    # The provisioned user's name says which satellite it belongs to: the id to check.
+    assert f"made for satellite {sat.satellite_id!r}" in check
+    assert f"(={sat.satellite_id}?)" in check
     assert len(poller.events("broker_connect_failed")) >= 2
     assert sat.password not in poller.log_text()
 
