@@ -223,11 +223,8 @@ class Refusal(NamedTuple):
     user: str
     vhost: str
     queue: str
-
-    @property
-    def login(self) -> bool:
-        """The login itself was refused (user name or password)."""
-        return self.code == ACCESS_REFUSED and "access to queue" not in self.text.lower()
+    #: The login itself was refused (user name or password), not something after it.
+    login: bool = False
 
     @property
     def vhost_refused(self) -> bool:
@@ -264,13 +261,14 @@ def find_refusal(exc: BaseException, url: AmqpUrl, queue: str) -> Refusal | None
             code = getattr(cause, "reply_code", None)
             # pika turns a close during the handshake into these, with the broker's
             # close (code and text) only as text.
-            if isinstance(cause, pika.exceptions.ProbableAuthenticationError):
+            login = isinstance(cause, pika.exceptions.ProbableAuthenticationError)
+            if login:
                 code = ACCESS_REFUSED
             elif isinstance(cause, pika.exceptions.ProbableAccessDeniedError):
                 code = NOT_ALLOWED
             if code in (ACCESS_REFUSED, NOT_FOUND, NOT_ALLOWED):
-                text = str(getattr(cause, "reply_text", "") or cause)
-                return Refusal(int(code), text[:300], url.username, url.vhost, queue)
+                text = str(getattr(cause, "reply_text", "") or cause)[:300]
+                return Refusal(int(code), text, url.username, url.vhost, queue, login=login)
             if cause.__cause__ is not None:
                 todo.append(cause.__cause__)
         if current.__cause__ is not None:
