@@ -107,6 +107,10 @@ NOT_FOUND = 404
 ACCESS_REFUSED = 403
 #: A queue that is not there, or that this user may not read.
 _REFUSED = frozenset({NOT_FOUND, ACCESS_REFUSED})
+#: The connection's vhost does not exist, or this user may not use it.
+NOT_ALLOWED = 530
+#: Seconds between two `broker_refused` warnings while the broker keeps refusing the same thing.
+REFUSED_WARN_INTERVAL = 60.0
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
 #: Why a declaration failed, by the reply code the broker closed the channel with (0: no answer).
@@ -205,6 +209,71 @@ class BrokerOptions:
         "from the core (satellite declare)"
     )
     ssl_contexts: Mapping[int, Any] = field(default_factory=dict)  # URL index → SSLContext
+    #: What a `broker_refused` warning tells the operator to check, from the refusal (reply
+    #: code and text, the URL's user and vhost, the queue); None: `refusal_check`'s advice.
+    refused_hint: Callable[[Refusal], str] | None = None
+    refused_warn_interval: float = REFUSED_WARN_INTERVAL
+
+
+class Refusal(NamedTuple):
+    """Something the broker refused this connection's user: not a network failure."""
+
+    code: int
+    text: str
+    user: str
+    vhost: str
+    queue: str
+    #: The login itself was refused (user name or password), not something after it.
+    login: bool = False
+
+    @property
+    def vhost_refused(self) -> bool:
+        return self.code == NOT_ALLOWED
+
+
+def refusal_check(refusal: Refusal) -> str:
+    """What to check about a refusal, without naming any one program's settings."""
+    if refusal.login:
+        return (
+            f"the user name ({refusal.user!r}) and password in the broker URL; the broker's log "
+            "says why it refused the login"
+        )
+    if refusal.vhost_refused:
+        return (
+            f"the vhost in the broker URL ({refusal.vhost!r}: the path after the port, %2F for "
+            f"'/'), and that user {refusal.user!r} has permissions on it"
+        )
+    if refusal.code == NOT_FOUND:
+        return f"that queue {refusal.queue!r} is declared on this vhost ({refusal.vhost!r})"
+    return f"that user {refusal.user!r} may read queue {refusal.queue!r} on vhost {refusal.vhost!r}"
+
+
+def find_refusal(exc: BaseException, url: AmqpUrl, queue: str) -> Refusal | None:
+    """The refusal behind a failed connection attempt, if the broker refused something."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 32:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for cause in _causes(current):
+            code = getattr(cause, "reply_code", None)
+            # pika turns a close during the handshake into these, with the broker's
+            # close (code and text) only as text.
+            login = isinstance(cause, pika.exceptions.ProbableAuthenticationError)
+            if login:
+                code = ACCESS_REFUSED
+            elif isinstance(cause, pika.exceptions.ProbableAccessDeniedError):
+                code = NOT_ALLOWED
+            if code in (ACCESS_REFUSED, NOT_FOUND, NOT_ALLOWED):
+                text = str(getattr(cause, "reply_text", "") or cause)[:300]
+                return Refusal(int(code), text, url.username, url.vhost, queue, login=login)
+            if cause.__cause__ is not None:
+                todo.append(cause.__cause__)
+        if current.__cause__ is not None:
+            todo.append(current.__cause__)
+    return None
 
 
 @dataclass(slots=True)
@@ -274,6 +343,9 @@ class Broker:
         self._lane_generations = itertools.count(1)
         self._lane_task: asyncio.Task[None] | None = None
         self._lane_warned = False
+        #: The refusal last warned about, and when (loop time): `broker_refused` repeats it
+        #: every `refused_warn_interval` s while it lasts, and at once when it changes.
+        self._refused: tuple[Refusal, float, int] | None = None
         self._lost: asyncio.Event = asyncio.Event()
         self._ready: asyncio.Event = asyncio.Event()
         self._closing = False
@@ -284,6 +356,10 @@ class Broker:
         self.reconnects = 0
         #: False once the broker refused a declaration for permissions (403): not tried again.
         self.may_declare = True
+        #: Whether the job queue's existence was asked before declaring it (once per process).
+        self._queue_checked = False
+        #: Why the last connection attempt failed (secret-free); None once connected.
+        self.last_error: str | None = None
         self._nacked_in_row = 0
         #: Reconnects for nacked publishes since the last ack (each waits longer).
         self.nack_rebuilds = 0
@@ -384,8 +460,15 @@ class Broker:
                     retry_in_s=round(delay, 2),
                     attempt=attempts,
                 )
+                refusal = find_refusal(exc, url, self._queue)
+                self._warn_refused(refusal, url)
+                self.last_error = (
+                    f"the broker refused: {refusal.text}" if refusal else _describe(exc)
+                )
                 await self._sleep_unless_closing(delay)
                 continue
+            self._refused = None
+            self.last_error = None
             if self._opts.lane_only and self._lane_warned:
                 self._lane_warned = False
                 log.info("interactive_lane_consuming", queue=self._queue)
@@ -401,6 +484,36 @@ class Broker:
                 break
             self.reconnects += 1
             await self._sleep_unless_closing(self._backoff(1 + self.nack_rebuilds))
+
+    def _warn_refused(self, refusal: Refusal | None, url: AmqpUrl) -> None:
+        """`broker_refused`: what the broker refused and what to check, now and then.
+
+        A refusal is not an outage: retrying never cures it, a person must change the
+        settings or the broker's permissions. Said at the first refusal, again every
+        `refused_warn_interval` s while it lasts (with how many attempts it refused since),
+        and at once when the broker refuses something else.
+        """
+        if refusal is None:
+            return
+        now = asyncio.get_running_loop().time()
+        last = self._refused
+        if last is not None and last[0] == refusal:
+            if now - last[1] < self._opts.refused_warn_interval:
+                self._refused = (last[0], last[1], last[2] + 1)
+                return
+            refused_times = last[2] + 1
+        else:
+            refused_times = 1
+        self._refused = (refusal, now, 0)
+        hint = self._opts.refused_hint or refusal_check
+        log.warning(
+            "broker_refused",
+            broker=url.masked(),
+            code=refusal.code,
+            refused=refusal.text,
+            check=hint(refusal),
+            refused_attempts=refused_times,
+        )
 
     def _url_cycle(self) -> Iterator[tuple[int, AmqpUrl]]:
         return itertools.cycle(enumerate(self._urls))
@@ -577,7 +690,9 @@ class Broker:
 
         def on_open_error(_conn: Any, exc: BaseException) -> None:
             if not opened.done():
-                opened.set_exception(BrokerUnavailableError(_describe(exc)))
+                error = BrokerUnavailableError(_describe(exc))
+                error.__cause__ = exc  # a refusal (login, vhost) is found in it
+                opened.set_exception(error)
 
         self._conn = _Connection(
             self._parameters(url_index, url),
@@ -745,7 +860,9 @@ class Broker:
 
         def on_open_error(_conn: Any, exc: BaseException) -> None:
             if not opened.done():
-                opened.set_exception(BrokerUnavailableError(_describe(exc)))
+                error = BrokerUnavailableError(_describe(exc))
+                error.__cause__ = exc  # a refusal (login, vhost) is found in it
+                opened.set_exception(error)
 
         conn = _Connection(
             self._parameters(
@@ -924,6 +1041,11 @@ class Broker:
                 if code == ACCESS_REFUSED:
                     return
             for spec in self._topology.queues:
+                new = False
+                # The replica asks about its job queue; a lane process (`lane_only`) does not
+                # ask about the lane, which its replica declares beside it at the same start.
+                if spec.name == self._queue and not (self._queue_checked or self._opts.lane_only):
+                    channel, new = await self._queue_missing(channel, spec.name)
                 channel, code = await self._declare_one(
                     channel,
                     "queue",
@@ -936,6 +1058,15 @@ class Broker:
                 )
                 if code == ACCESS_REFUSED:
                     return
+                if new and code is None:
+                    log.warning(
+                        "job_queue_created",
+                        queue=spec.name,
+                        hint="the queue did not exist: this poller made it, and it holds no "
+                        "job yet. Right for a new satellite on a lab broker; otherwise the core "
+                        "sends this satellite's jobs elsewhere: check the satellite id "
+                        "(satellite status on the core lists the queues that have jobs)",
+                    )
                 if code not in (None, PRECONDITION_FAILED):
                     continue  # no queue to bind (the warning said so)
                 for exchange, key in spec.bindings:
@@ -953,6 +1084,24 @@ class Broker:
         finally:
             if channel.is_open:
                 channel.close()
+
+    async def _queue_missing(self, channel: Any, name: str) -> tuple[Any, bool]:
+        """(the channel to go on with, whether queue `name` does not exist yet), once per process.
+
+        A passive declaration: the first connect of a process asks whether its job queue is
+        there before declaring it, so that a mistyped satellite id (which would make, and
+        consume, an empty queue of its own) is told (`job_queue_created`).
+        """
+        self._queue_checked = True
+        try:
+            await self._rpc(channel, channel.queue_declare, queue=name, passive=True)
+        except ChannelClosedError as exc:
+            return await self._open_channel(), exc.reply_code == NOT_FOUND
+        except TimeoutError:
+            if channel.is_open:
+                channel.close()
+            return await self._open_channel(), False
+        return channel, False
 
     async def _declare_one(
         self, channel: Any, what: str, name: str, method: str, *, skipped: int = 0, **kwargs: Any

@@ -277,7 +277,7 @@ async def _exec(settings: PollerSettings, job: JobRequest) -> JobResult:
     from poller.drivers import build_drivers  # noqa: PLC0415
     from poller.runner import Runner  # noqa: PLC0415
 
-    drivers = build_drivers(settings)
+    drivers = build_drivers(settings, kinds={job.kind})
     runner = Runner(
         drivers=drivers,
         credentials=CredentialStore.load(settings.credentials_file),

@@ -32,6 +32,9 @@ class HealthState:
     """asyncio tasks alive in the replica (a task that outlives its job would show here)."""
     lane_pid: int | None = None
     """The replica's lane process while it runs (`USM_POLLER_INTERACTIVE_PROCESS`)."""
+    broker_error: str | None = None
+    """While not connected: why the last attempt failed (what the broker refused, or the
+    network error), so that `poller check` says it without a look at the logs."""
 
 
 def write_state(path: Path, state: HealthState) -> None:
@@ -67,6 +70,9 @@ def check(path: Path, *, max_age: float = MAX_AGE) -> tuple[bool, str]:  # noqa:
         raw = json.loads(path.read_text(encoding="utf-8"))
         state = HealthState(**raw)
     except FileNotFoundError:
+        full = _full(path)
+        if full:
+            return False, f"no health file at {path}: {full}"
         return False, f"no health file at {path}: poller not running or not started yet{_HINT}"
     except (OSError, ValueError, TypeError):
         return False, f"health file {path} is unreadable"
@@ -74,6 +80,9 @@ def check(path: Path, *, max_age: float = MAX_AGE) -> tuple[bool, str]:  # noqa:
     written = "just now" if age < 1 else f"{_duration(age)} ago"
     where = f"(health file {path}, written {written})"
     if age > max_age:
+        full = _full(path)
+        if full:
+            return False, f"health file {path} is {_duration(age)} old: {full}"
         return (
             False,
             f"health file {path} is {_duration(age)} old: the poller is stuck or gone{_HINT}",
@@ -85,7 +94,8 @@ def check(path: Path, *, max_age: float = MAX_AGE) -> tuple[bool, str]:  # noqa:
     except PermissionError:
         pass  # exists, owned by someone else
     if not state.connected:
-        return False, f"not connected to the broker {where}"
+        why = f": {state.broker_error}" if state.broker_error else ""
+        return False, f"not connected to the broker {where}{why}"
     if not state.consuming:
         return False, f"connected but not consuming {where}"
     return True, f"ok: connected and consuming, {state.in_flight} jobs in flight {where}"
@@ -95,6 +105,29 @@ _HINT = (
     f"; a poller started with {HEALTH_FILE_ENV} or {STATE_DIR_ENV} writes elsewhere: "
     "set the same here"
 )
+
+
+#: Below this many free bytes the health file's file system counts as full (a rewrite of the
+#: file needs a few hundred).
+FULL_BELOW = 4096
+
+
+def _full(path: Path) -> str:
+    """Why the poller cannot write `path` when its file system is full; "" otherwise."""
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent  # the state dir itself could not be made on a full disk
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return ""
+    free = stat.f_bavail * stat.f_frsize
+    if free >= FULL_BELOW and stat.f_favail != 0:
+        return ""
+    return (
+        f"its file system is full ({free} bytes free in {where}): the poller cannot write "
+        f"it; free space there (the state dir, {STATE_DIR_ENV}; a tmpfs in the container)"
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -1,9 +1,10 @@
 """structlog configuration: JSON lines in containers, a readable console on a TTY.
 
 Configured once, by the CLI, before anything else logs. Standard-library loggers (pika, pysnmp,
-asyncssh) go through the same renderer; pika's warnings and errors become debug lines (the
-poller's own `broker_*` warnings say what went wrong, once per attempt). Secrets never reach a
-log: settings and wire models keep them in `SecretStr`, and job bodies are never logged.
+asyncssh) go through the same renderer; pika's and scrapli's warnings and errors become debug
+lines (the poller's own `broker_*` warnings and each job's result say what went wrong).
+Secrets never reach a log: settings and wire models keep them in `SecretStr`, and job bodies
+are never logged.
 
 The JSON lines of structlog loggers are rendered by one fused processor, `JsonLineRenderer`: it
 does in one call what the chain `merge_contextvars` → `add_log_level` → `TimeStamper(iso, utc)` →
@@ -39,11 +40,14 @@ _LEVELS = {
 }
 #: Libraries that are chatty at INFO; their warnings and errors still come through.
 #: httpx and httpcore log each request's URL at info, and a Telegram URL holds the bot token.
-_QUIET = ("asyncssh", "scrapli", "pysnmp", "telnetlib3", "httpx", "httpcore", "alembic")
+_QUIET = ("asyncssh", "pysnmp", "telnetlib3", "httpx", "httpcore", "alembic")
 #: Libraries whose warnings and errors are written as debug lines, and only at level debug:
 #: pika logs each failed connection attempt as several errors, with tracebacks, where the
-#: poller logs one `broker_connect_failed` warning that names the cause (poller/broker.py).
-_DEMOTED = ("pika",)
+#: poller logs one `broker_connect_failed` warning that names the cause (poller/broker.py);
+#: scrapli logs a device's refused login or a timeout as `critical`, where the job's result
+#: and its `job_finished` line say it (`auth_failed`, `device_timeout`): a wrong password is
+#: no critical event of the poller.
+_DEMOTED = ("pika", "scrapli")
 
 
 def configure_logging(

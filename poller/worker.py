@@ -30,7 +30,15 @@ from functools import partial
 import structlog
 
 from poller import __version__, stopsignal, testhooks, wire
-from poller.broker import Broker, BrokerOptions, Delivery, QueueSpec, Topology, UnroutableError
+from poller.broker import (
+    Broker,
+    BrokerOptions,
+    Delivery,
+    QueueSpec,
+    Refusal,
+    Topology,
+    UnroutableError,
+)
 from poller.broker import properties as amqp_properties
 from poller.config import PollerSettings
 from poller.credentials import CredentialStore
@@ -116,6 +124,8 @@ def build_topology(satellite_id: str, queue_type: str) -> Topology:
     )
 
 
+#: Seconds between two `health_file_not_written` warnings while writes keep failing.
+HEALTH_WARN_INTERVAL = 60.0
 #: Exit code of a test-only crash (poller/testhooks.py).
 TEST_CRASH_EXIT = testhooks.CRASH_EXIT
 
@@ -200,6 +210,7 @@ class Worker:
                 lane_connection=settings.interactive_connection,
                 publish_timeout=settings.publish_timeout,
                 lane_only=lane_link is not None,
+                refused_hint=partial(refused_hint, self._sid, declare=settings.declare),
             ),
             queue=queue,
             lane_queue=lane_queue,
@@ -208,6 +219,9 @@ class Worker:
             on_state=self._health_changed,
         )
         self._health_interval = health_interval
+        #: Health-file writes failed in a row, and when that was last logged (monotonic).
+        self._health_failures = 0
+        self._health_warned = 0.0
         #: Set when the health file is out of date; the health loop writes it (one write at a
         #: time: changes during a write make one more write, not a pile of them).
         self._health_dirty = asyncio.Event()
@@ -851,15 +865,37 @@ class Worker:
             in_flight=self.in_flight,
             tasks=len(asyncio.all_tasks()),
             lane_pid=self._lane_process.pid if self._lane_process is not None else None,
+            broker_error=None if self._broker.connected else self._broker.last_error,
         )
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._health_writer, write_state, self._settings.health_path, state
             )
         except OSError as exc:
-            log.warning(
-                "health_file_not_written", path=str(self._settings.health_path), error=exc.strerror
-            )
+            self._health_failed(exc)
+        else:
+            if self._health_failures:
+                log.info(
+                    "health_file_written_again",
+                    path=str(self._settings.health_path),
+                    failures=self._health_failures,
+                )
+                self._health_failures = 0
+
+    def _health_failed(self, exc: OSError) -> None:
+        """`health_file_not_written` at the first failure, then once a minute while it lasts
+        (the file is rewritten every 2 s: a full disk would be a warning every 2 s)."""
+        self._health_failures += 1
+        now = time.monotonic()
+        if self._health_failures > 1 and now - self._health_warned < HEALTH_WARN_INTERVAL:
+            return
+        self._health_warned = now
+        log.warning(
+            "health_file_not_written",
+            path=str(self._settings.health_path),
+            error=exc.strerror,
+            failures=self._health_failures,
+        )
 
     async def _lag_loop(self) -> None:
         """Event-loop lag: how late a short sleep wakes up (reported in heartbeats)."""
@@ -912,3 +948,40 @@ def stopped_while_starting(settings: PollerSettings, phase: str) -> int:
         step=phase,
     )
     return 0
+
+
+def refused_hint(satellite_id: str, refusal: Refusal, *, declare: bool) -> str:
+    """What an operator checks when the broker refuses this poller (`broker_refused`)."""
+    sid = f"USM_POLLER_SATELLITE_ID={satellite_id} (its queue is {refusal.queue})"
+    if refusal.login:
+        return (
+            f"the user name ({refusal.user!r}) and password in US_AMQP_DSN: the broker refused "
+            "the login (its log says why)"
+        )
+    if refusal.vhost_refused:
+        return (
+            f"the vhost in US_AMQP_DSN ({refusal.vhost!r}: the path after the port, %2F for "
+            f"'/'): it must exist, and user {refusal.user!r} needs permissions on it "
+            f"(satellite provision {satellite_id} on the core)"
+        )
+    if refusal.code == 404:
+        fix = (
+            "declare it from the core (satellite declare "
+            f"{satellite_id}) or let the poller declare it (USM_POLLER_DECLARE=true)"
+            if not declare
+            else f"declare it from the core (satellite declare {satellite_id})"
+        )
+        return f"{sid}: is this the satellite id the core declared? The queue is missing: {fix}"
+    owner = refusal.user.removeprefix("sat-") if refusal.user.startswith("sat-") else None
+    if owner and owner != satellite_id:
+        # `satellite provision ID` names the user sat-ID: this one belongs to another satellite.
+        return (
+            f"{sid}: user {refusal.user!r} is the user `satellite provision` made for satellite "
+            f"{owner!r}: is USM_POLLER_SATELLITE_ID mistyped (={owner}?), or is US_AMQP_DSN "
+            "another satellite's?"
+        )
+    return (
+        f"{sid}: is this the satellite id this broker user was provisioned for? And may user "
+        f"{refusal.user!r} read that queue (satellite provision {satellite_id} on the core gives "
+        "a satellite's user its permissions)"
+    )

@@ -267,11 +267,19 @@ def advise(
     target_utilisation: float = TARGET_UTILISATION,
     drain_seconds: float = DRAIN_SECONDS,
     min_replicas: int = 1,
+    lane: QueueView | None = None,
 ) -> Advice:
-    """How many replicas keep the queue near empty, with headroom; a plain-language verdict."""
+    """How many replicas keep the queue near empty, with headroom; a plain-language verdict.
+
+    Jobs of the interactive `lane` are run by the same replicas: they count as arrivals and
+    backlog as the job queue's do.
+    """
     now = len(replicas)
     arrival = max(queue.publish_rate, 0.0)
     backlog = queue.ready
+    if lane is not None:
+        arrival += max(lane.publish_rate, 0.0)
+        backlog += lane.ready
     throughput = sum(b.jobs_per_s for b in replicas)
     in_flight = sum(b.in_flight for b in replicas)
     # A snapshot of 0 in flight while jobs complete means fast jobs: count half a job.
@@ -386,7 +394,8 @@ def satellite_status(
     skew = _version_warning(core_version, replicas)
     if skew:
         warnings.append(skew)
-    advice = advise(view, [r.heartbeat for r in replicas]) if view is not None else None
+    beats = [r.heartbeat for r in replicas]
+    advice = advise(view, beats, lane=lane_view) if view is not None else None
     return SatelliteStatus(satellite_id, view, replicas, advice, problems, warnings, lane_view)
 
 

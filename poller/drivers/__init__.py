@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from poller.drivers.base import Driver, DriverFactory
@@ -52,12 +53,21 @@ def driver_classes() -> dict[JobKind, type[DriverFactory]]:
     return DRIVERS
 
 
-def build_drivers(settings: PollerSettings) -> dict[str, Driver]:
-    """One instance of every driver class, keyed by each job kind it runs."""
+def build_drivers(
+    settings: PollerSettings, kinds: Collection[str] | None = None
+) -> dict[str, Driver]:
+    """One instance of every driver class, keyed by each job kind it runs.
+
+    `kinds`: only the classes that run one of these (`poller exec` runs one job: a driver it
+    does not need is neither started nor heard from, e.g. `ping_not_permitted` for an SNMP job).
+    """
     driver_classes()
     instances: dict[type[DriverFactory], Driver] = {}
     out: dict[str, Driver] = {}
+    wanted = None if kinds is None else {DRIVERS[k] for k in DRIVERS if k.value in kinds}
     for kind, cls in DRIVERS.items():
+        if wanted is not None and cls not in wanted:
+            continue
         if cls not in instances:
             instances[cls] = cls.from_settings(settings)
         out[kind.value] = instances[cls]

@@ -337,6 +337,8 @@ class JobService:
         futures: dict[str, asyncio.Future[None]] = {}
         failed: list[str] = []
         unroutable = False
+        unroutable_lanes: set[wire.Lane] = set()
+        lane_of = {job.id: lane for job, lane in batch}
         keys = {lane: wire.lane_routing_key(satellite_id, lane) for lane in LANES}
         for job, lane in batch:
             try:
@@ -356,7 +358,9 @@ class JobService:
                 future.cancel()
                 failed.append(job_id)
             elif future.cancelled() or future.exception() is not None:
-                unroutable = unroutable or isinstance(future.exception(), UnroutableError)
+                if isinstance(future.exception(), UnroutableError):
+                    unroutable = True
+                    unroutable_lanes.add(lane_of[job_id])
                 failed.append(job_id)
             else:
                 published.append(job_id)
@@ -368,7 +372,7 @@ class JobService:
         jobs = [job for job, _ in batch]
         self._count_batch(satellite_id, jobs, published, failed, unroutable=unroutable)
         if not published:
-            raise _not_published(satellite_id, unroutable=unroutable)
+            raise _not_published(satellite_id, unroutable=unroutable, lanes=unroutable_lanes)
         return BatchOutcome(published, failed)
 
     def _count_batch(
@@ -417,7 +421,10 @@ class JobService:
                 reason=str(exc)[:200],
             )
             raise _not_published(
-                satellite_id, unroutable=isinstance(exc, UnroutableError), reason=str(exc)
+                satellite_id,
+                unroutable=isinstance(exc, UnroutableError),
+                lanes=(lane,),
+                reason=str(exc),
             ) from None
         if self.metrics is not None:
             self.metrics.submitted.labels(satellite_id, job.kind).inc()
@@ -536,14 +543,24 @@ def default_lane(wait: float | None) -> wire.Lane:
     return "interactive" if wait is not None and wait > 0 else "bulk"
 
 
-def _not_published(satellite_id: str, *, unroutable: bool, reason: str = "") -> JobSubmitError:
+def _not_published(
+    satellite_id: str, *, unroutable: bool, lanes: Iterable[wire.Lane] = (), reason: str = ""
+) -> JobSubmitError:
     if unroutable:
+        if set(lanes) == {"interactive"}:
+            where = (
+                f"no queue is bound for the interactive lane of satellite {satellite_id!r} "
+                f"({wire.interactive_queue(satellite_id)})"
+            )
+        else:
+            where = (
+                f"no queue is bound for satellite {satellite_id!r} "
+                f"({wire.jobs_queue(satellite_id)})"
+            )
         return JobSubmitError(
             404,
             "unknown_satellite",
-            f"no queue is bound for satellite {satellite_id!r} (or for its interactive lane, "
-            "for a job that is waited for or asks for it): declare it with `satellite declare`, "
-            "or start its pollers",
+            f"{where}: declare it with `satellite declare`, or start its pollers",
         )
     detail = f"the broker did not take the job: {reason}" if reason else "the broker is down"
     return JobSubmitError(503, "broker_unavailable", detail, retry_after=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -9,7 +10,11 @@ import sys
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from poller.config import PollerSettings
+from satellite.dispatch import build_job
+from tests.support.fake_devices import fake_ssh_device
 from tests.support.snmpd import Snmpd
 
 
@@ -155,3 +160,57 @@ def test_exec_whose_reader_went_away_exits_141_without_a_traceback() -> None:
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_exec_starts_only_the_driver_its_job_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host where nothing may ping, `poller exec` of another kind says nothing about ping
+    (it printed a `ping_not_permitted` warning before every result); an `icmp.ping` still does."""
+    from poller import cli  # noqa: PLC0415 - the exec coroutine, in-process
+    from poller.drivers import icmp  # noqa: PLC0415
+
+    monkeypatch.setattr(icmp, "probe_mode", lambda _family: icmp.PingMode.NOT_PERMITTED)
+    settings = PollerSettings(amqp_dsn="amqp://guest:guest@127.0.0.1/", satellite_id="local")
+    tcp = build_job("tcp.connect", target={"host": "127.0.0.1"}, params={"port": 1}, timeout=5)
+    with capture_logs() as logs:
+        result = await cli._exec(settings, tcp)
+    assert result.error is not None
+    assert result.error.code == "device_unreachable"
+    assert not [e for e in logs if e["event"] == "ping_not_permitted"]
+    ping = build_job("icmp.ping", target={"host": "127.0.0.1"}, params={"count": 1}, timeout=5)
+    with capture_logs() as logs:
+        result = await cli._exec(settings, ping)
+    assert result.error is not None
+    assert result.error.code == "ping_not_permitted"
+    assert [e["event"] for e in logs].count("ping_not_permitted") == 1
+
+
+async def test_a_refused_cli_login_is_the_result_not_a_critical_log_line() -> None:
+    """scrapli logs a refused login as `critical`; the job's result says `auth_failed`."""
+    async with fake_ssh_device("cisco_ios") as device:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("USM_", "US_AMQP"))}
+        env |= {"USM_POLLER_LOG_FORMAT": "json", "USM_SSH_PASSWORD": "not-the-password"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "poller",
+            "exec",
+            "ssh.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(device.port),
+            "--username",
+            "admin",
+            "--platform",
+            "cisco_ios",
+            "--command",
+            "show version",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    assert json.loads(out)["error"]["code"] == "auth_failed"
+    levels = [json.loads(line)["level"] for line in err.decode().splitlines() if line[:1] == "{"]
+    assert not [level for level in levels if level in ("error", "critical")], err.decode()

@@ -311,6 +311,24 @@ def test_status_exits_1_without_consumer_or_heartbeat(
     assert "no heartbeat" in problems
 
 
+def test_status_advises_starting_a_replica_for_jobs_waiting_only_in_the_lane(
+    satellite: Any, core: Client, sid: str
+) -> None:
+    job = build_job(
+        "snmp.get",
+        target={"host": "192.0.2.1"},
+        credential_ref="c",
+        params={"oids": [SYS_NAME]},
+    )
+    core.submit(sid, job, lane="interactive")
+    run = satellite("status", sid, "--listen", "0.3", "--json")
+    [status] = run.json()["satellites"]
+    assert status["lane"]["ready"] == 1
+    assert status["queue"]["ready"] == 0
+    assert status["advice"]["verdict"] == "no replica is running: start one"
+    assert status["advice"]["needed"] == 1
+
+
 # ------------------------------------------------------------------------------ end to end
 
 

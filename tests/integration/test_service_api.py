@@ -168,7 +168,10 @@ async def test_a_satellite_without_a_queue_is_404_and_the_job_is_not_left_queued
     core: Core, api: httpx.AsyncClient, sid: str
 ) -> None:
     response = await api.post(f"/v1/satellites/{sid}/jobs", json=job(job_id="nowhere-" + sid))
-    assert_problem(response, 404, "unknown_satellite")
+    detail = assert_problem(response, 404, "unknown_satellite")["detail"]
+    # A bulk job: the detail names the job queue, not the interactive lane it did not use.
+    assert f"(usm_poller-sat-{sid})" in detail
+    assert "interactive" not in detail
     record = await core.store.get_job("nowhere-" + sid)
     assert record is not None
     assert (record.status, record.error_code) == ("error", NOT_PUBLISHED)
@@ -355,13 +358,24 @@ async def test_a_bad_batch_is_refused_whole_with_each_problem_indexed(
     assert "limit is 1000" in problem["detail"]
 
 
+async def test_a_waited_job_for_a_satellite_without_a_queue_names_its_interactive_lane(
+    api: httpx.AsyncClient, sid: str
+) -> None:
+    response = await api.post(
+        f"/v1/satellites/{sid}/jobs", json=job(), headers={"Prefer": "wait=2"}
+    )
+    detail = assert_problem(response, 404, "unknown_satellite")["detail"]
+    assert f"usm_poller-sat-{sid}.interactive" in detail
+
+
 async def test_a_batch_for_a_satellite_without_a_queue_is_404_and_not_left_queued(
     core: Core, api: httpx.AsyncClient, sid: str
 ) -> None:
     response = await api.post(
         f"/v1/satellites/{sid}/jobs:batch", json=[job(job_id=f"{sid}-x{n}") for n in range(3)]
     )
-    assert_problem(response, 404, "unknown_satellite")
+    detail = assert_problem(response, 404, "unknown_satellite")["detail"]
+    assert "interactive" not in detail
     for n in range(3):
         record = await core.store.get_job(f"{sid}-x{n}")
         assert record is not None

@@ -276,6 +276,20 @@ def test_advice_without_measurements() -> None:
     assert advise(queue(1, ready=3), []).verdict == "no replica is running: start one"
 
 
+def test_advice_counts_the_interactive_lane() -> None:
+    # Jobs waiting only in the lane need a replica as much as bulk ones do.
+    assert advise(queue(0), [], lane=queue(0, ready=2)).verdict == (
+        "no replica is running: start one"
+    )
+    assert advise(queue(0), [], lane=queue(0)).verdict == "no replica"
+    stuck = advise(queue(0), [beat("a", jobs_per_s=0, in_flight=0)], lane=queue(0, ready=4))
+    assert stuck.verdict == "4 jobs waiting but no replica is taking jobs"
+    # capacity 10/s per replica; 10 + 10 jobs/s across both lanes needs ceil(20/7) = 3
+    replicas = [beat(w, jobs_per_s=1, in_flight=1) for w in "ab"]
+    advice = advise(queue(publish_rate=10), replicas, lane=queue(publish_rate=10))
+    assert (advice.needed, advice.verdict) == (3, "add 1 replica")
+
+
 def test_growing_queue() -> None:
     assert queue(5, ready=100, growth=2.0).growing
     assert not queue(5, ready=5, growth=2.0).growing
