@@ -4,7 +4,7 @@ One `poller run` for a fresh satellite and a Net-SNMP agent, a `satellite serve`
 history), and three callers taking turns, one `snmp.get` at a time each, N round trips:
 
 * HTTP over the unix socket: `POST /v1/satellites/{id}/jobs` with `Prefer: wait=30`
-  (`satellite.apiclient.ApiClient`, what `satellite --api` uses: httpx, keep-alive);
+  (`satellite.apiclient.ApiClient`, what `satellite --api` uses; keep-alive);
 * HTTP over TCP, the same with a bearer token;
 * HTTP over the unix socket with the standard library's `http.client` (one kept-alive
   connection): the same requests with a client that costs less per request than httpx, to
@@ -487,9 +487,10 @@ def render(
     lines += [
         "",
         "The toolkit's own HTTP client for the HTTP rows but one: `ApiClient`",
-        "(satellite/apiclient.py, what `satellite --api` uses: httpx, keep-alive, each request",
-        "sent in one write), the standard library's `http.client` on one kept-alive unix",
-        "connection for that one. The AMQP row uses the toolkit's own client (kombu).",
+        "(satellite/apiclient.py, what `satellite --api` uses: a kept-alive connection of its",
+        "own to a unix socket or a proxy-less `http://` address, each request in one write),",
+        "the standard library's `http.client` on one kept-alive unix connection for that one.",
+        "The AMQP row uses the toolkit's own client (kombu).",
         "",
         *verdict(samples),
         "",
@@ -503,7 +504,10 @@ def render(
         "the client's send to the service reading the request 0.13 ms (0.45 ms with httpx in",
         "a run an hour before), the answer ready to the client having it 0.29 ms (0.55); the",
         "round trip's p50 1.26x the AMQP call's in that run (`http.client`, which writes a",
-        "request's head and body apart: 1.21x).",
+        "request's head and body apart: 1.21x). On a quiet host, two `--calls 400` runs (load",
+        "0.2-0.8): `ApiClient` over the unix socket 1.21x and 1.27x the AMQP call's p50, over TCP",
+        "1.22x and 1.24x, `http.client` 1.22x and 1.23x (rounds' medians 1.20-1.25x); the same day",
+        "at load 1.3-1.6, with httpx still in `ApiClient`: 1.45x / 1.48x / 1.27x.",
         "",
         "Where the time goes (`--trace DIR`: bench/trace/sitecustomize.py timestamps each step",
         "in every process, on one clock; `--calls 300 --base-source` of the commit before this",
