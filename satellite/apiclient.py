@@ -37,11 +37,6 @@ from urllib.parse import quote, urlencode, urlsplit
 import httpcore
 import httpx
 
-try:  # httpcore 1.x; without it, unix sockets use httpcore's own connect (see _UnixBackend)
-    from httpcore._backends.sync import SyncStream as _SyncStream
-except ImportError:  # pragma: no cover
-    _SyncStream = None  # type: ignore[assignment,misc]
-
 from poller.errors import ConfigError
 
 __all__ = [
@@ -97,12 +92,9 @@ class ApiAddress:
     base_url: str | None = None
 
     def client(self, headers: Mapping[str, str]) -> httpx.Client:
-        if self.socket_path is not None:
-            transport = _transport(uds=self.socket_path)
-            client = httpx.Client(transport=transport, base_url="http://localhost", headers=headers)
-        else:
-            assert self.base_url is not None
-            client = httpx.Client(base_url=self.base_url, headers=headers, transport=_transport())
+        """httpx, for the TCP addresses `_Plain` does not take (https, proxies)."""
+        assert self.base_url is not None  # a unix socket always goes through `_Plain`
+        client = httpx.Client(base_url=self.base_url, headers=headers, transport=_transport())
         client._cookies = _NoCookies()  # the API sets none (see `_NoCookies`)
         return client
 
@@ -177,10 +169,7 @@ class _OneSendStream(httpcore.NetworkStream):
 
 
 class _Backend(httpcore.SyncBackend):
-    """httpcore's connects, with each request sent in one piece (`_OneSendStream`), and a unix
-    socket closed when its connect fails (httpcore 1.0 leaves it open: a `ResourceWarning` per
-    dead socket tried, and a dead unix socket is the usual case here, the one `--api` falls
-    back from)."""
+    """httpcore's TCP connects, with each request sent in one piece (`_OneSendStream`)."""
 
     def connect_tcp(
         self,
@@ -193,32 +182,12 @@ class _Backend(httpcore.SyncBackend):
         stream = super().connect_tcp(host, port, timeout, local_address, socket_options)
         return _OneSendStream(stream)
 
-    def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            for option in socket_options or ():
-                sock.setsockopt(*option)
-            sock.settimeout(timeout)
-            sock.connect(path)
-        except TimeoutError as exc:
-            sock.close()
-            raise httpcore.ConnectTimeout(str(exc)) from exc
-        except OSError as exc:
-            sock.close()
-            raise httpcore.ConnectError(str(exc)) from exc
-        return _OneSendStream(_SyncStream(sock))
 
-
-def _transport(uds: str | None = None) -> httpx.HTTPTransport:
+def _transport() -> httpx.HTTPTransport:
     """httpx's transport (its TLS defaults, limits and environment) on `_Backend`'s connects."""
-    transport = httpx.HTTPTransport(uds=uds)
+    transport = httpx.HTTPTransport()
     pool = getattr(transport, "_pool", None)
-    if _SyncStream is not None and type(pool) is httpcore.ConnectionPool:  # httpcore 1.0
+    if type(pool) is httpcore.ConnectionPool:  # httpcore 1.0
         pool._network_backend = _Backend()
     return transport
 
